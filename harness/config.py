@@ -1,0 +1,187 @@
+"""The trial config: everything one grid point needs to train, evaluate and benchmark a variant.
+
+A grid (``ablations/``) sets dotted keys of this dataclass tree (``model.spa.ratio``,
+``train.steps``, ``resources.workers``); the resolved config is saved with every result row and its
+content hash keys the results store, so a row can be re-run and a finished trial is never run twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from spa_core.config import BackboneConfig, ConfigError, backbone_preset, config_from_dict, config_to_dict
+
+__all__ = [
+    "DataConfig",
+    "HeadConfig",
+    "TrainConfig",
+    "BenchConfig",
+    "ResourcesConfig",
+    "TrialConfig",
+    "trial_from_dict",
+    "trial_to_dict",
+    "config_hash",
+    "set_dotted",
+    "get_dotted",
+    "smoke_overrides",
+    "ConfigError",
+]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin"  # "builtin" (generated from scikit-learn's digits + photos) or "coco"
+    root: str | None = None  # coco: folder holding the files below
+    train_images: str = "train"  # coco: image folder, relative to root
+    train_ann: str = "annotations/instances_train.json"
+    val_images: str = "val"
+    val_ann: str = "annotations/instances_val.json"
+    image_size: int = 128  # images are resized (keeping aspect, padded) to this square size
+    num_train: int = 1200  # builtin: images generated for train / val
+    num_val: int = 200
+    data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
+    cache_dir: str | None = None  # builtin: where generated sets live (default ~/.cache/spa-harness)
+    skip_bad_annotations: bool = False  # False: a bad box/file raises; True: skipped and counted
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class HeadConfig:
+    type: str = "fcos"  # small anchor-free head
+    num_classes: int = 10
+    in_stages: tuple[int, ...] = (2, 3)  # 1-based backbone stages the head reads
+    channels: int = 64
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.6
+    max_detections: int = 100
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16  # micro-batch per worker
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    zero_stage: int = 0  # DeepSpeed ZeRO stage
+    precision: str = "auto"  # auto: bf16 where the device supports it (never fp16 on CPU), else fp32
+    grad_clip: float = 1.0
+    eval_images: int | None = None  # None: the whole val split
+    log_every: int = 10
+
+
+@dataclass
+class BenchConfig:
+    batch_size: int = 8  # the fixed evaluation batch for FLOPs and timings
+    warmup: int = 2
+    repeats: int = 7
+    train_step: bool = True  # also time a training step
+
+
+@dataclass
+class ResourcesConfig:
+    workers: int = 1  # Ray Train workers (data-parallel DeepSpeed ranks)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    timeout_s: float = 1800.0  # a trial past this is recorded as "timeout"
+    retries: int = 0  # re-runs of a failed trial
+
+
+@dataclass
+class TrialConfig:
+    name: str = "trial"
+    preset: str = "tiny"  # backbone size (spa_core.config.BACKBONE_PRESETS); model.* overrides it
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    seed: int = 0
+    plugins: list[str] = field(default_factory=list)  # modules / files to import before building
+
+
+# Keys that do not change what a trial computes: left out of the content hash.
+_UNHASHED = ("name", "resources.timeout_s", "resources.retries", "plugins", "data.num_workers", "data.cache_dir")
+
+
+def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
+    """A ``TrialConfig`` from a (possibly partial) dict; ``model`` keys override the preset's."""
+    data = copy.deepcopy(data or {})
+    preset = data.get("preset", TrialConfig.preset)
+    model = data.pop("model", {}) or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {model!r}")
+    base = config_to_dict(backbone_preset(preset))
+    if "spa" in model and model["spa"] is not None and base.get("spa") is not None:
+        model["spa"] = {**base["spa"], **model["spa"]}
+    cfg = config_from_dict(TrialConfig, data)
+    cfg.model = config_from_dict(BackboneConfig, {**base, **model}, "model")
+    if cfg.model.variant == "dense":
+        cfg.model.spa = None
+    return cfg
+
+
+def trial_to_dict(cfg: TrialConfig) -> dict[str, Any]:
+    return config_to_dict(cfg)
+
+
+def config_hash(cfg: TrialConfig | dict[str, Any], length: int = 12) -> str:
+    """Content hash of what a trial computes (canonical JSON, sha256), the results store's key."""
+    d = trial_to_dict(cfg) if isinstance(cfg, TrialConfig) else copy.deepcopy(cfg)
+    for key in _UNHASHED:
+        _pop_dotted(d, key)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def get_dotted(d: dict[str, Any], key: str) -> Any:
+    cur: Any = d
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(key)
+        cur = cur[part]
+    return cur
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating intermediate mappings."""
+    parts = key.split(".")
+    cur = d
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _pop_dotted(d: dict[str, Any], key: str) -> None:
+    parts = key.split(".")
+    cur = d
+    for part in parts[:-1]:
+        cur = cur.get(part)
+        if not isinstance(cur, dict):
+            return
+    cur.pop(parts[-1], None)
+
+
+def smoke_overrides() -> dict[str, Any]:
+    """What ``--smoke`` changes: few steps, little data, small benchmark (a quick end-to-end check)."""
+    return {
+        "train.steps": 4,
+        "train.batch_size": 4,
+        "train.log_every": 2,
+        "data.num_train": 48,
+        "data.num_val": 16,
+        "data.image_size": 64,
+        "bench.batch_size": 2,
+        "bench.warmup": 1,
+        "bench.repeats": 3,
+    }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Make (or reuse) the virtual environment at .venv in this checkout and install the project into it.
+# torch is installed first, pinned to the CPU build on this machine's disk; with it present, the
+# project's torch range installs nothing more (a bare `torch` would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
+# DeepSpeed's setup.py imports torch: build it against the torch installed above.
+.venv/bin/python -c "import deepspeed" 2>/dev/null || \
+    DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+.venv/bin/python -m pip install -q -e ".[test]"

@@ -1,0 +1,166 @@
+"""Typed configs of the SPA backbone (nanoGPT's ``GPTConfig`` habit) and strict dict <-> dataclass.
+
+``SPAConfig`` says how an SPA block selects, packs and supervises; ``BackboneConfig`` the Swin-style
+hierarchy around it. ``spa=None`` (or empty ``spa_stages``) is the dense Swin baseline: the same
+network with plain windowed-attention blocks and no gates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "SPAConfig",
+    "BackboneConfig",
+    "BACKBONE_PRESETS",
+    "backbone_preset",
+    "config_from_dict",
+    "config_to_dict",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A config dict does not fit its dataclass; the message names the dotted key."""
+
+
+@dataclass
+class SPAConfig:
+    selection: str = "gate"  # SELECTION_POLICIES: gate | topk | random (plugins add more)
+    ratio: float = 0.5  # kept fraction per image for ratio policies (topk, random)
+    threshold: float = 0.5  # gate: keep a token when sigmoid(score) > threshold
+    gumbel_tau: float = 1.0  # temperature of the Gumbel-sigmoid in training
+    pack: str = "containers"  # PACK_STRATEGIES: containers | varlen | pad | mask
+    container_len: int | None = None  # containers' L; None -> window_size ** 2 (the paper)
+    mlp_on: str = "all"  # "all" tokens (default) or only the "selected" ones
+    gate: str = "linear"  # GATES
+    supervision: str = "labels"  # SUPERVISION_MODES: labels | none
+    alpha: float = 0.01  # weight of the gate loss (paper: 0.01)
+    label_coverage: float | None = None  # None: positive if any object pixel; else covered fraction >=
+    attn_impl: str = "auto"  # kernels dispatcher: auto | torch | triton | ref
+
+
+@dataclass
+class BackboneConfig:
+    variant: str = "spa"  # MODEL_VARIANTS: "spa" | "dense" (plugins add more)
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.2
+    spa_stages: tuple[int, ...] = (3, 4)  # 1-based stages built from SPA blocks
+    extra_stage3_blocks: int = 0  # the paper adds 4, paid for by the savings
+    spa: SPAConfig | None = field(default_factory=SPAConfig)  # None -> dense baseline
+
+    @property
+    def is_dense(self) -> bool:
+        return self.variant == "dense" or self.spa is None or not self.spa_stages
+
+
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's Swin-T-sized SPT (for GPUs): 28M-parameter class, window 7.
+    "swin_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    # Tiny sizes that train on a CPU in minutes.
+    "tiny": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0),
+    "micro": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4, drop_path_rate=0.0),
+}
+
+
+def backbone_preset(name: str, **overrides: Any) -> BackboneConfig:
+    """A ``BackboneConfig`` from a named size, with overrides (``spa=None`` for the dense baseline)."""
+    if name not in BACKBONE_PRESETS:
+        raise KeyError(f"unknown backbone preset {name!r}; known: {sorted(BACKBONE_PRESETS)}")
+    return BackboneConfig(**{**BACKBONE_PRESETS[name], **overrides})
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Dataclass -> plain JSON-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def config_from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, strictly: unknown keys and wrong types raise ``ConfigError``
+    naming the dotted key and what was expected. Missing keys take the dataclass defaults."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} for {cls.__name__}; expected one of: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) == 1:  # Optional[X]: X's own message is the useful one
+            return _coerce(choices[0], value, path)
+        for a in choices:
+            try:
+                return _coerce(a, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} does not fit {_tname(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return config_from_dict(tp, value, path)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list ({_tname(tp)}), got {value!r}")
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _tname(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,156 @@
+"""Registries: the extension points of SPA, in the manner of fvcore's ``Registry``.
+
+Each registry maps a name to an object (a function or a class) that meets the contract written in
+that registry's docstring. Built-in variants register themselves with the decorator at import; plugins
+(``harness.plugins``) register theirs the same way, so a grid can name either.
+
+    @SELECTION_POLICIES.register("topk")
+    def select_topk(...): ...
+
+A duplicate name raises ``KeyError``; an unknown name raises ``KeyError`` naming the registry and
+listing what it holds. ``origin(name)`` tells where an entry came from (module and plugin source).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+__all__ = [
+    "Registry",
+    "SELECTION_POLICIES",
+    "PACK_STRATEGIES",
+    "GATES",
+    "SUPERVISION_MODES",
+    "MODEL_VARIANTS",
+    "ALL_REGISTRIES",
+]
+
+T = TypeVar("T")
+
+
+class Registry:
+    """A name -> object map that rejects duplicates and is loud about unknown names."""
+
+    def __init__(self, name: str, doc: str = "") -> None:
+        self._name = name
+        self._obj: dict[str, Any] = {}
+        self._origin: dict[str, str] = {}
+        self.__doc__ = doc
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def register(self, name: str | None = None, obj: Any = None, *, origin: str | None = None):
+        """Register ``obj`` under ``name``; usable as ``@REG.register("x")`` or ``REG.register("x", f)``."""
+
+        def _do(o: T) -> T:
+            key = name or getattr(o, "__name__", None)
+            if not key or not isinstance(key, str):
+                raise ValueError(f"registry {self._name!r}: a name is required for {o!r}")
+            if key in self._obj:
+                raise KeyError(
+                    f"registry {self._name!r}: {key!r} is already registered "
+                    f"(by {self._origin[key]}); choose another name"
+                )
+            self._obj[key] = o
+            self._origin[key] = origin or getattr(o, "__module__", "?")
+            return o
+
+        if obj is not None:
+            return _do(obj)
+        return _do
+
+    def get(self, name: str) -> Any:
+        try:
+            return self._obj[name]
+        except KeyError:
+            held = ", ".join(sorted(self._obj)) or "nothing"
+            raise KeyError(f"no {name!r} in registry {self._name!r}; it holds: {held}") from None
+
+    def origin(self, name: str) -> str:
+        self.get(name)
+        return self._origin[name]
+
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests and plugin reloads)."""
+        self.get(name)
+        del self._obj[name]
+        del self._origin[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._obj
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._obj))
+
+    def __len__(self) -> int:
+        return len(self._obj)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, self._obj[k]) for k in sorted(self._obj)]
+
+    def __repr__(self) -> str:
+        return f"Registry({self._name!r}, {sorted(self._obj)})"
+
+
+SELECTION_POLICIES = Registry(
+    "selection_policy",
+    """Selection policies: which tokens of each image an SPA block keeps.
+
+    Contract: ``fn(scores, *, cfg, training, generator=None) -> Selection``
+      - ``scores``: (B, N) float gate logits (for policies that ignore the gate, still the logits
+        of the block's gate, or token features' scores if the policy computes its own);
+      - ``cfg``: the block's ``SPAConfig`` (ratio, threshold, gumbel_tau, ...);
+      - returns ``spa_core.select.Selection`` with ``mask`` (B, N) bool, ``counts`` (B,) int64 (a
+        different count per image allowed, 0 and N included) and ``weight`` (B, N) float, the
+        straight-through multiplier applied to kept tokens (ones when not differentiable).
+    """,
+)
+
+PACK_STRATEGIES = Registry(
+    "pack_strategy",
+    """Pack strategies: how the selected tokens of a batch are laid out for attention.
+
+    Contract: ``fn(x, mask, *, cfg) -> spa_core.pack.PackedTokens``
+      - ``x``: (B, N, C) tokens; ``mask``: (B, N) bool selection; ``cfg``: ``SPAConfig``;
+      - the result carries ``tokens (T, C)``, ``cu_seqlens (S+1,) int32``, ``max_seqlen``,
+        ``indices (T,)`` into the flattened (B*N) grid and ``seq_image (S,)``; attention runs
+        within each sequence; ``spa_core.pack.unpack`` scatters back.
+    """,
+)
+
+GATES = Registry(
+    "gate",
+    """Gates: modules that score every token of an SPA block.
+
+    Contract: a ``torch.nn.Module`` class constructed as ``cls(dim, cfg)`` whose forward is
+    ``(x (B, N, C), prev_scores (B, N) | None) -> scores (B, N)`` logits; ``prev_scores`` is the
+    previous SPA block's score map already resized to this block's resolution.
+    """,
+)
+
+SUPERVISION_MODES = Registry(
+    "supervision_mode",
+    """Gate supervision modes: the auxiliary loss on the gate logits.
+
+    Contract: ``fn(blocks, labels, *, alpha) -> scalar tensor``
+      - ``blocks``: the backbone output's per-SPA-block infos (gate logits (B, N), grid (H, W));
+      - ``labels``: dict mapping a grid (H, W) to (B, H, W) float selection labels, or None;
+      - returns the weighted loss to add to the task loss (zero for ``none``).
+    """,
+)
+
+MODEL_VARIANTS = Registry(
+    "model_variant",
+    """Model variants: builders of a backbone from a ``BackboneConfig``.
+
+    Contract: ``fn(cfg: BackboneConfig) -> torch.nn.Module`` whose forward is
+    ``images (B, 3, H, W) -> spa_core.backbone.BackboneOutput`` (stage features and per-SPA-block infos).
+    """,
+)
+
+ALL_REGISTRIES: dict[str, Registry] = {
+    r.name: r for r in (SELECTION_POLICIES, PACK_STRATEGIES, GATES, SUPERVISION_MODES, MODEL_VARIANTS)
+}
