@@ -8,12 +8,16 @@ that registry's docstring. Built-in variants register themselves with the decora
     def select_topk(...): ...
 
 A duplicate name raises ``KeyError``; an unknown name raises ``KeyError`` naming the registry and
-listing what it holds. ``origin(name)`` tells where an entry came from (module and plugin source).
+listing what it holds. ``origin(name)`` tells where an entry came from: ``"builtin"`` for spa_core's
+own variants, else the plugin source that ``registering_as`` names while a plugin is imported (an
+entry point, a file, a module), else the registering object's module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 __all__ = [
@@ -24,9 +28,28 @@ __all__ = [
     "SUPERVISION_MODES",
     "MODEL_VARIANTS",
     "ALL_REGISTRIES",
+    "registering_as",
 ]
 
 T = TypeVar("T")
+
+# Where entries registered right now come from (set by harness.plugins while it imports a plugin).
+_ORIGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("spa_registry_origin", default=None)
+
+
+@contextlib.contextmanager
+def registering_as(origin: str) -> Iterator[None]:
+    """Entries registered inside this block record ``origin`` (unless they pass their own)."""
+    token = _ORIGIN.set(origin)
+    try:
+        yield
+    finally:
+        _ORIGIN.reset(token)
+
+
+def _builtin(obj: Any) -> str | None:
+    module = getattr(obj, "__module__", None) or ""
+    return "builtin" if module.split(".")[0] == "spa_core" else None
 
 
 class Registry:
@@ -55,7 +78,8 @@ class Registry:
                     f"(by {self._origin[key]}); choose another name"
                 )
             self._obj[key] = o
-            self._origin[key] = origin or getattr(o, "__module__", "?")
+            # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
+            self._origin[key] = origin or _builtin(o) or _ORIGIN.get() or getattr(o, "__module__", "?")
             return o
 
         if obj is not None:

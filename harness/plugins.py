@@ -1,0 +1,211 @@
+"""Plugins: modules that register new variants in ``spa_core.registry`` without editing the package.
+
+A plugin is a Python module whose import registers entries, e.g.
+
+    from spa_core.registry import SELECTION_POLICIES
+
+    @SELECTION_POLICIES.register("feature_norm")
+    def select_feature_norm(scores, *, cfg, training, generator=None): ...
+
+It is named in one of three ways, all loaded by this module:
+
+- a Python entry point in the group ``spa_harness.plugins`` of an installed distribution
+  (``[project.entry-points."spa_harness.plugins"] mine = "my_pkg.spa_variants"``); the entry point
+  may name a module (imported) or a callable (called with no arguments after import);
+- ``plugins:`` in a grid file, a dotted module (``my_pkg.spa_variants``) or a file path
+  (``plugins/feature_norm.py``, relative to the grid file);
+- ``--plugin FILE`` on the command line (a file path or dotted module, relative to the working dir).
+
+The built-in variants are registered the same way: spa_core's modules register theirs at import,
+``load_builtins`` imports them, and their origin reads ``builtin``. Loading is idempotent (a plugin
+named twice, or by file and by module, is imported once), so a trial worker can call
+``load_plugins(cfg.plugins)`` whatever its process has already loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import pkgutil
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from spa_core.registry import ALL_REGISTRIES, registering_as
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginError",
+    "load_builtins",
+    "load_plugin",
+    "load_plugins",
+    "load_entry_point_plugins",
+    "resolve_plugin_spec",
+    "is_file_spec",
+    "list_variants",
+]
+
+ENTRY_POINT_GROUP = "spa_harness.plugins"
+
+# Loaded plugins, keyed by resolved file path (or module name when it has no file): import once.
+_LOADED: dict[str, ModuleType | Any] = {}
+_ENTRY_POINTS_DONE: set[str] = set()
+
+
+class PluginError(ImportError):
+    """A plugin could not be found or imported, or its registration failed; names the plugin."""
+
+
+def is_file_spec(spec: str) -> bool:
+    """A file path (``x.py``, anything with a path separator) rather than a dotted module name."""
+    return spec.endswith(".py") or "/" in spec or "\\" in spec
+
+
+def resolve_plugin_spec(spec: str, base_dir: str | Path | None = None) -> str:
+    """A file spec made absolute (relative to ``base_dir``, else the working directory); a dotted
+    module name unchanged. Raises ``PluginError`` for a file that does not exist."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise PluginError(f"plugin: expected a dotted module name or a .py file path, got {spec!r}")
+    spec = spec.strip()
+    if not is_file_spec(spec):
+        return spec
+    path = Path(spec).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(base_dir or ".") / path, Path.cwd() / path]
+    for cand in candidates:
+        if cand.is_file():
+            return str(cand.resolve())
+    tried = ", ".join(str(c.resolve()) for c in candidates)
+    raise PluginError(f"plugin file {spec!r} does not exist (looked at: {tried})")
+
+
+def load_builtins() -> None:
+    """Import every spa_core module, so the built-in variants are registered (origin ``builtin``)."""
+    import spa_core
+
+    for info in pkgutil.iter_modules(spa_core.__path__, "spa_core."):
+        importlib.import_module(info.name)
+
+
+def load_plugin(spec: str, *, base_dir: str | Path | None = None, origin: str | None = None) -> ModuleType:
+    """Import one plugin (dotted module or file path) with its registrations attributed to ``origin``
+    (default: ``plugin <spec>``). Idempotent. Raises ``PluginError`` naming the plugin."""
+    load_builtins()  # a plugin may register next to (or on top of) the built-ins: have them first
+    resolved = resolve_plugin_spec(spec, base_dir)
+    origin = origin or f"plugin {resolved}"
+    if is_file_spec(resolved):
+        return _load_file(resolved, origin)
+    return _load_module(resolved, origin)
+
+
+def load_plugins(specs: Iterable[str], *, base_dir: str | Path | None = None) -> list[ModuleType]:
+    """``load_plugin`` for each spec, in order."""
+    return [load_plugin(s, base_dir=base_dir) for s in specs]
+
+
+def load_entry_point_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Load every entry point of ``group`` (once per process); returns the names loaded now."""
+    load_builtins()
+    done = []
+    for ep in importlib.metadata.entry_points(group=group):
+        key = f"{group}:{ep.name}={ep.value}"
+        if key in _ENTRY_POINTS_DONE:
+            continue
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        origin = f"entry point {ep.name} ({dist})" if dist else f"entry point {ep.name}"
+        try:
+            with registering_as(origin):
+                obj = ep.load()
+                if callable(obj) and not isinstance(obj, ModuleType):
+                    obj()
+        except Exception as e:  # noqa: BLE001 - re-raised with the entry point named
+            raise PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group!r}: {e}") from e
+        _ENTRY_POINTS_DONE.add(key)
+        done.append(ep.name)
+    return done
+
+
+def list_variants() -> Any:
+    """Everything registered (built-ins, entry points and plugins loaded so far), as a DataFrame with
+    columns ``registry``, ``name``, ``origin`` (``builtin``, ``entry point ...``, ``plugin ...``) and
+    ``object`` (its module and qualified name)."""
+    import pandas as pd
+
+    load_builtins()
+    load_entry_point_plugins()
+    rows = []
+    for reg_name, reg in ALL_REGISTRIES.items():
+        for name, obj in reg.items():
+            qual = getattr(obj, "__qualname__", type(obj).__name__)
+            rows.append(
+                {
+                    "registry": reg_name,
+                    "name": name,
+                    "origin": reg.origin(name),
+                    "object": f"{getattr(obj, '__module__', '?')}.{qual}",
+                }
+            )
+    return pd.DataFrame(rows, columns=["registry", "name", "origin", "object"])
+
+
+def _already_loaded(path: str) -> ModuleType | None:
+    if path in _LOADED:
+        return _LOADED[path]
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and _same_file(f, path):
+            _LOADED[path] = mod
+            return mod
+    return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _load_file(path: str, origin: str) -> ModuleType:
+    mod = _already_loaded(path)
+    if mod is not None:
+        return mod
+    digest = hashlib.sha1(path.encode()).hexdigest()[:8]
+    mod_name = f"spa_harness_plugin_{Path(path).stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"plugin file {path!r} cannot be imported as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod  # dataclasses and pickling look the module up by name
+    try:
+        with registering_as(origin):
+            spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - re-raised with the plugin named
+        sys.modules.pop(mod_name, None)
+        raise PluginError(f"plugin file {path!r} failed to load: {type(e).__name__}: {e}") from e
+    _LOADED[path] = mod
+    return mod
+
+
+def _load_module(name: str, origin: str) -> ModuleType:
+    if name in _LOADED:
+        return _LOADED[name]
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as e:
+        raise PluginError(f"plugin module {name!r} cannot be found: {e}") from e
+    if spec is None:
+        raise PluginError(f"plugin module {name!r} cannot be found (not importable from sys.path)")
+    key = spec.origin if spec.origin and spec.origin not in ("built-in", "frozen", "namespace") else name
+    mod = _already_loaded(key) if key != name else None
+    if mod is None:
+        try:
+            with registering_as(origin):
+                mod = importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - re-raised with the plugin named
+            raise PluginError(f"plugin module {name!r} failed to load: {type(e).__name__}: {e}") from e
+    _LOADED[name] = _LOADED[key] = mod
+    return mod
