@@ -1,0 +1,169 @@
+"""The SPA backbone (SPT, arXiv 2410.23608) and its dense baseline: a four-stage Swin-style hierarchy.
+
+Patch embedding (stride ``patch_size``), then four stages of blocks at strides 4/8/16/32 (patch 4)
+with patch merging between them. Stages named in ``spa_stages`` are built from SPA blocks, the others
+from Swin blocks (shifted windows every second block in both); ``extra_stage3_blocks`` deepens stage 3
+(the paper adds 4, paid for by the savings). The dense baseline (``variant="dense"``, ``spa=None`` or
+no ``spa_stages``) is the same network with Swin blocks everywhere. Any image size works: the image
+is padded to the patch size, odd maps are padded before merging, windows are padded or clipped.
+
+``forward(images) -> BackboneOutput(features, blocks)``: the four stage maps (each layer-normed, as
+Swin for detection) and one ``SPABlockInfo`` per SPA block in forward order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spa_core.block import SPABlock, SPABlockInfo, SwinBlock
+from spa_core.config import BackboneConfig
+from spa_core.registry import MODEL_VARIANTS
+
+__all__ = ["BackboneOutput", "SPABackbone", "PatchEmbed", "PatchMerging", "build_backbone", "stage_grids"]
+
+
+@dataclass
+class BackboneOutput:
+    """features: 4 maps (B, C_i, H_i, W_i) at strides 4/8/16/32 (patch 4); blocks: SPA block infos."""
+
+    features: list[Tensor]
+    blocks: list[SPABlockInfo]
+
+
+class PatchEmbed(nn.Module):
+    """images (B, 3, H, W) -> tokens (B, ceil(H/p), ceil(W/p), C): a stride-p conv, then LayerNorm."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch_size
+        ph, pw = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+
+
+class PatchMerging(nn.Module):
+    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C): 2x2 neighbours concatenated, LayerNorm, Linear."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[1:3]
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)  # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+def stage_grids(image_hw: tuple[int, int], patch_size: int, num_stages: int = 4) -> list[tuple[int, int]]:
+    """Token grid (H_i, W_i) of every stage for an image of ``image_hw``."""
+    h, w = -(-image_hw[0] // patch_size), -(-image_hw[1] // patch_size)
+    grids = [(h, w)]
+    for _ in range(num_stages - 1):
+        h, w = -(-h // 2), -(-w // 2)
+        grids.append((h, w))
+    return grids
+
+
+class SPABackbone(nn.Module):
+    """Swin-style hierarchy with SPA blocks in ``cfg.spa_stages``; see the module docstring.
+
+    Attributes: ``stage_channels: list[int]``, ``cfg``. ``label_grids(image_hw)`` gives the grids at
+    which the SPA blocks need selection labels.
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        if len(cfg.depths) != 4 or len(cfg.num_heads) != 4:
+            raise ValueError(f"depths and num_heads must have 4 entries, got {cfg.depths}, {cfg.num_heads}")
+        bad = [s for s in cfg.spa_stages if s not in (1, 2, 3, 4)]
+        if bad:
+            raise ValueError(f"spa_stages are 1-based stage numbers in 1..4, got {cfg.spa_stages}")
+        self.cfg = cfg
+        spa_stages = () if cfg.is_dense else tuple(cfg.spa_stages)
+        depths = list(cfg.depths)
+        depths[2] += cfg.extra_stage3_blocks
+        self.stage_channels = [cfg.embed_dim * 2**i for i in range(4)]
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        k = 0
+        for i, (depth, heads, dim) in enumerate(zip(depths, cfg.num_heads, self.stage_channels)):
+            blocks = nn.ModuleList()
+            for j in range(depth):
+                shift = 0 if j % 2 == 0 else cfg.window_size // 2
+                common = dict(dim=dim, num_heads=heads, window_size=cfg.window_size, shift=shift,
+                              mlp_ratio=cfg.mlp_ratio, drop_path=dpr[k])
+                if i + 1 in spa_stages:
+                    blocks.append(SPABlock(cfg=cfg.spa, stage=i + 1, index=j, **common))
+                else:
+                    blocks.append(SwinBlock(**common))
+                k += 1
+            self.stages.append(blocks)
+            self.merges.append(PatchMerging(dim) if i < 3 else nn.Identity())
+            self.norms.append(nn.LayerNorm(dim))
+        self.spa_stages = spa_stages
+        self.apply(_init_weights)
+
+    def label_grids(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """The distinct grids (H, W) of the SPA blocks for an image of ``image_hw``, in stage order."""
+        grids = stage_grids(image_hw, self.cfg.patch_size)
+        return [grids[s - 1] for s in sorted(self.spa_stages)]
+
+    def forward(self, images: Tensor) -> BackboneOutput:
+        x = self.patch_embed(images)  # (B, H1, W1, C1)
+        features, infos = [], []
+        prev = None  # previous SPA block's score map (B, h, w)
+        for i, blocks in enumerate(self.stages):
+            for blk in blocks:
+                if isinstance(blk, SPABlock):
+                    x, info = blk(x, prev)
+                    prev = info.logits.view(x.shape[0], *info.grid)
+                    infos.append(info)
+                else:
+                    x = blk(x)
+            features.append(self.norms[i](x).permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
+            x = self.merges[i](x)
+        return BackboneOutput(features=features, blocks=infos)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+@MODEL_VARIANTS.register("spa")
+def build_spa(cfg: BackboneConfig) -> SPABackbone:
+    """SPA blocks in ``cfg.spa_stages`` (dense if ``cfg.spa`` is None or no stages are named)."""
+    return SPABackbone(cfg)
+
+
+@MODEL_VARIANTS.register("dense")
+def build_dense(cfg: BackboneConfig) -> SPABackbone:
+    """The dense Swin baseline: the same network with Swin blocks everywhere and no gates."""
+    return SPABackbone(dataclasses.replace(cfg, variant="dense", spa_stages=()))
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The backbone ``MODEL_VARIANTS[cfg.variant]`` builds from ``cfg``."""
+    return MODEL_VARIANTS.get(cfg.variant)(cfg)

@@ -1,0 +1,62 @@
+"""The gate of an SPA block (Select and Pack Attention, arXiv 2410.23608): a linear token scorer.
+
+For tokens ``r: (B, N, C)`` the gate scores ``s = max(f(r), s_up)``, where ``f`` is a linear layer
+``C -> 1`` and ``s_up`` is the previous SPA block's score map resized to this block's grid (the
+element-wise max lets a region that an earlier block found relevant stay selected). The block then
+scales the tokens ``r_g = sigmoid(s) * r``, which is how the task loss reaches the gate.
+
+Cost, next to the attention it serves (multiply-adds per image, N tokens, C channels, T kept, M the
+window): the gate is ``N*C`` (the scorer) ``+ N*C`` (the scaling); the Swin window attention it
+replaces is ``4*N*C^2 + 2*M^2*N*C``, the SPA attention it enables ``4*T*C^2 + 2*sum_i n_i^2*C``
+(``n_i`` the packed sequence lengths; ``<= 2*L*T*C`` for containers of L). At Swin-T's stage 3
+(N=196, C=384, M=7) the gate is 0.05% of the window attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spa_core.config import SPAConfig
+from spa_core.registry import GATES
+
+__all__ = ["LinearGate", "resize_scores"]
+
+
+@GATES.register("linear")
+class LinearGate(nn.Module):
+    """The paper's scorer: ``s = max(linear(r), prev)``.
+
+    forward(x: (B, N, C), prev_scores: (B, N) | None) -> scores: (B, N) logits.
+    """
+
+    def __init__(self, dim: int, cfg: SPAConfig | None = None) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+        nn.init.trunc_normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)  # sigmoid(0) = 0.5: tokens start half-scaled, selection unbiased
+
+    def forward(self, x: Tensor, prev_scores: Tensor | None = None) -> Tensor:
+        s = self.score(x).squeeze(-1)  # (B, N)
+        if prev_scores is not None:
+            s = torch.maximum(s, prev_scores.to(s.dtype))
+        return s
+
+
+def resize_scores(scores: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A score map ``(B, h, w)`` resized to ``grid = (H, W)``, returned flat ``(B, H*W)``.
+
+    Coarser target (the next stage): max over the covered cells (``adaptive_max_pool2d``: a token is as
+    relevant as its most relevant part, the same rule as the labels). Finer target: nearest upsampling.
+    """
+    B, h, w = scores.shape
+    H, W = grid
+    if (h, w) == (H, W):
+        return scores.reshape(B, H * W)
+    s = scores[:, None]  # (B, 1, h, w)
+    if H <= h and W <= w:
+        s = F.adaptive_max_pool2d(s, (H, W))
+    else:
+        s = F.interpolate(s, size=(H, W), mode="nearest")
+    return s.reshape(B, H * W)

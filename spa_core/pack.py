@@ -1,0 +1,214 @@
+"""Packing the selected tokens of a batch (the "pack" of Select and Pack Attention, arXiv 2410.23608).
+
+One data structure, ``PackedTokens``, in flash-attention's varlen form: the kept tokens of all images
+written one after another (image by image, each image's tokens in the order given to ``pack``), with
+``cu_seqlens`` saying where each attention sequence starts. The strategies of the design differ only in
+how the sequences are cut and how attention is laid out (``layout``):
+
+- ``containers`` (the paper): the stream is poured into containers of ``L`` slots (only the last one
+  partly empty), block-diagonal inside; as varlen it is cut at image boundaries and at multiples of L
+  (``kernels.container_seqlens``). ``containers_dense`` gives the paper's ``(B', L, C)`` + mask form.
+- ``varlen``: one sequence per image: each image's kept tokens attend to all of that image's kept tokens.
+- ``pad``: the same sequences, run padded to the batch's largest count (same result, padded compute).
+- ``mask``: the same sequences, run densely over all N tokens with the unselected ones masked out
+  (no saving; the correctness control).
+
+``unpack`` scatters attention outputs back to their places; unselected tokens are left unchanged.
+Gradients flow through both (``kernels.pack_tokens`` / ``kernels.unpack_tokens``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.pack import pack_tokens, unpack_tokens
+from kernels.seqlens import container_seqlens, cu_seqlens_from_counts
+from spa_core.config import SPAConfig
+from spa_core.registry import PACK_STRATEGIES
+
+__all__ = [
+    "PackedTokens",
+    "pack",
+    "unpack",
+    "containers_dense",
+    "containers_from_dense",
+    "pack_containers",
+    "pack_varlen",
+    "pack_pad",
+    "pack_mask",
+    "DEFAULT_CONTAINER_LEN",
+]
+
+DEFAULT_CONTAINER_LEN = 49  # 7 * 7, Swin-T's window; blocks pass window_size ** 2
+
+
+@dataclass
+class PackedTokens:
+    """Selected tokens of a batch in varlen form.
+
+    tokens: (T, C) kept tokens, image-major; cu_seqlens: (S+1,) int32 sequence offsets into tokens;
+    max_seqlen: longest sequence (int); indices: (T,) int64 row of each token in the flattened
+    ``(B*N)`` grid; seq_image: (S,) int64 image of each sequence; counts: (B,) int64 kept per image;
+    num_tokens: N, tokens per image before selection; strategy: the pack strategy's name; layout: how
+    attention runs over the sequences (``"varlen"``, ``"pad"`` or ``"mask"``); container_len and
+    seq_container (S,) for containers.
+    """
+
+    tokens: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    indices: Tensor
+    seq_image: Tensor
+    counts: Tensor
+    num_tokens: int
+    strategy: str
+    layout: str = "varlen"
+    container_len: int | None = None
+    seq_container: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_containers(self) -> int:
+        """B' of the paper (containers only): ``ceil(T / L)``."""
+        if self.container_len is None:
+            raise ValueError(f"strategy {self.strategy!r} has no containers")
+        return -(-self.tokens.shape[0] // self.container_len)
+
+    def with_tokens(self, tokens: Tensor) -> PackedTokens:
+        """The same layout over other per-token values (e.g. attention outputs): tokens (T, C')."""
+        if tokens.shape[0] != self.tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} rows for a pack of {self.tokens.shape[0]} tokens")
+        return dataclasses.replace(self, tokens=tokens)
+
+
+def _selected(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if x.dim() != 3 or mask.shape != x.shape[:2]:
+        raise ValueError(f"pack expects x (B, N, C) and mask (B, N), got {tuple(x.shape)} and {tuple(mask.shape)}")
+    B, N, C = x.shape
+    indices = mask.reshape(-1).nonzero().squeeze(1)  # (T,) image-major, ascending within an image
+    tokens = pack_tokens(x.reshape(B * N, C), indices)  # (T, C)
+    counts = mask.sum(1, dtype=torch.int64)  # (B,)
+    return tokens, indices, counts
+
+
+def _per_image(x: Tensor, mask: Tensor, strategy: str, layout: str) -> PackedTokens:
+    tokens, indices, counts = _selected(x, mask)
+    cu, max_seqlen = cu_seqlens_from_counts(counts)
+    seq_image = torch.arange(counts.numel(), device=x.device)
+    return PackedTokens(tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], strategy, layout)
+
+
+@PACK_STRATEGIES.register("containers")
+def pack_containers(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+    """The paper's containers of ``cfg.container_len`` slots (None -> ``DEFAULT_CONTAINER_LEN``), as
+    varlen sequences cut at image and container boundaries."""
+    L = (cfg.container_len if cfg is not None else None) or DEFAULT_CONTAINER_LEN
+    tokens, indices, counts = _selected(x, mask)
+    cu, max_seqlen, seq_image, seq_container = container_seqlens(counts, L)
+    return PackedTokens(
+        tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], "containers", "varlen", L, seq_container
+    )
+
+
+@PACK_STRATEGIES.register("varlen")
+def pack_varlen(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+    """One sequence per image (empty images give empty sequences)."""
+    return _per_image(x, mask, "varlen", "varlen")
+
+
+@PACK_STRATEGIES.register("pad")
+def pack_pad(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+    """One sequence per image, attention padded to the batch's largest count."""
+    return _per_image(x, mask, "pad", "pad")
+
+
+@PACK_STRATEGIES.register("mask")
+def pack_mask(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+    """One sequence per image, attention dense over all N tokens with the unselected masked."""
+    return _per_image(x, mask, "mask", "mask")
+
+
+def pack(
+    x: Tensor,
+    mask: Tensor,
+    strategy: str = "varlen",
+    *,
+    cfg: SPAConfig | None = None,
+    order: Tensor | None = None,
+) -> PackedTokens:
+    """Pack the kept tokens of ``x: (B, N, C)`` (``mask: (B, N)`` bool) by ``PACK_STRATEGIES[strategy]``.
+
+    ``order: (N,)`` a permutation of the token positions: each image's tokens are packed in this order
+    (the SPA block passes the shifted-window order, so containers hold neighbours); ``indices`` always
+    point into the raster ``(B*N)`` grid of ``x``.
+    """
+    fn = PACK_STRATEGIES.get(strategy)
+    if order is None:
+        return fn(x, mask, cfg=cfg)
+    N = x.shape[1]
+    packed = fn(x[:, order], mask[:, order], cfg=cfg)  # indices into the permuted grid
+    raster = (packed.indices // N) * N + order[packed.indices % N]  # (T,) back to raster rows
+    return dataclasses.replace(packed, indices=raster)
+
+
+def unpack(packed: PackedTokens, tokens: Tensor | None = None, base: Tensor | None = None, *, add: bool = False):
+    """Scatter per-token values back to ``(B, N, C)``.
+
+    tokens: (T, C) (default ``packed.tokens``); base: (B, N, C) the values of the other positions
+    (default zeros). Kept positions get ``tokens`` (``base + tokens`` when ``add``); the rest keep
+    ``base``. Differentiable in tokens and base.
+    """
+    tokens = packed.tokens if tokens is None else tokens
+    B, N, C = packed.batch_size, packed.num_tokens, tokens.shape[1]
+    if base is None:
+        base = tokens.new_zeros(B, N, C)
+    if base.shape != (B, N, C):
+        raise ValueError(f"base must be (B, N, C) = {(B, N, C)}, got {tuple(base.shape)}")
+    return unpack_tokens(tokens, packed.indices, base.reshape(B * N, C), add=add).view(B, N, C)
+
+
+def _slots(packed: PackedTokens) -> tuple[Tensor, Tensor]:
+    """Container and slot of every packed token: (T,), (T,) int64."""
+    L = packed.container_len
+    t = torch.arange(packed.tokens.shape[0], device=packed.tokens.device)
+    return torch.div(t, L, rounding_mode="floor"), t % L
+
+
+def containers_dense(packed: PackedTokens, tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The paper's form of a containers pack: ``p: (B', L, *F)`` (tokens (T, *F), default
+    ``packed.tokens``, poured into containers; empty slots zero) and ``attn_mask: (B', L, L)`` bool,
+    True where query slot i may attend to key slot j: both filled and of the same image (block-diagonal).
+    An empty slot attends to nothing; its output is meaningless and dropped by ``containers_from_dense``.
+    """
+    if packed.container_len is None:
+        raise ValueError(f"containers_dense needs a containers pack, got strategy {packed.strategy!r}")
+    tokens = packed.tokens if tokens is None else tokens
+    L, T = packed.container_len, tokens.shape[0]
+    Bc = packed.num_containers
+    cont, slot = _slots(packed)
+    p = tokens.new_zeros(Bc * L, *tokens.shape[1:]).index_copy(0, cont * L + slot, tokens)
+    image = torch.full((Bc * L,), -1, dtype=torch.int64, device=tokens.device)
+    image[cont * L + slot] = torch.repeat_interleave(
+        torch.arange(packed.batch_size, device=tokens.device), packed.counts, output_size=T
+    )
+    image = image.view(Bc, L)
+    attn_mask = (image[:, :, None] == image[:, None, :]) & (image[:, None, :] >= 0)  # (B', L, L)
+    return p.view(Bc, L, *tokens.shape[1:]), attn_mask
+
+
+def containers_from_dense(packed: PackedTokens, p: Tensor) -> Tensor:
+    """Inverse of ``containers_dense`` on the token values: p (B', L, *F) -> (T, *F)."""
+    cont, slot = _slots(packed)
+    L = packed.container_len
+    return p.reshape(-1, *p.shape[2:]).index_select(0, cont * L + slot)

@@ -1,0 +1,87 @@
+"""Window geometry of Swin (Liu et al., 2021) as used by the SPA backbone (arXiv 2410.23608).
+
+A feature map ``(B, H, W, C)`` is cut into ``Mh x Mw`` windows after an optional cyclic shift. When
+the map is smaller than the window in a dimension, the window is clipped to the map there and that
+dimension is not shifted (timm's rule, per dimension; Swin's original applies it to both at once).
+Maps not divisible by the window are padded at the bottom/right, as Swin does for detection.
+
+``window_order`` gives the same grouping as a permutation of the (unpadded) tokens: SPA packs the
+selected tokens in this order, so a container of ``L = M*M`` slots holds spatial neighbours, and the
+shift of every second block changes which neighbours share a container.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+__all__ = ["effective_window", "window_partition", "window_reverse", "window_order", "shifted_window_mask"]
+
+
+def effective_window(hw: tuple[int, int], window: int, shift: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The window ``(Mh, Mw)`` and shift ``(sh, sw)`` used on a map of size ``hw``: clipped to the map,
+    no shift in a dimension the window already covers."""
+    H, W = hw
+    win = (min(window, H), min(window, W))
+    sft = (shift if H > window else 0, shift if W > window else 0)
+    return win, sft
+
+
+def window_partition(x: Tensor, win: tuple[int, int]) -> Tensor:
+    """x: (B, H, W, C) with H % Mh == W % Mw == 0 -> (B * nW, Mh * Mw, C)."""
+    B, H, W, C = x.shape
+    Mh, Mw = win
+    x = x.view(B, H // Mh, Mh, W // Mw, Mw, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, Mh * Mw, C)  # (B*nW, Mh*Mw, C)
+
+
+def window_reverse(windows: Tensor, win: tuple[int, int], hw: tuple[int, int]) -> Tensor:
+    """windows: (B * nW, Mh * Mw, C) -> (B, H, W, C); inverse of ``window_partition``."""
+    Mh, Mw = win
+    H, W = hw
+    C = windows.shape[-1]
+    x = windows.view(-1, H // Mh, W // Mw, Mh, Mw, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+@lru_cache(maxsize=256)
+def _window_order_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
+    (Mh, Mw), (sh, sw) = effective_window((H, W), window, shift)
+    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
+    idx = torch.full((Hp, Wp), -1, dtype=torch.int64)
+    idx[:H, :W] = torch.arange(H * W).view(H, W)
+    if sh or sw:
+        idx = torch.roll(idx, shifts=(-sh, -sw), dims=(0, 1))  # as Swin rolls the features
+    order = window_partition(idx[None, :, :, None], (Mh, Mw)).reshape(-1)
+    return order[order >= 0].contiguous()
+
+
+def window_order(hw: tuple[int, int], window: int, shift: int = 0, device=None) -> Tensor:
+    """Raster token ids ``(N,) int64`` (``N = H*W``) listed window by window (each window in raster
+    order) after the cyclic shift; padding positions are left out, so this is a permutation of
+    ``range(N)``."""
+    order = _window_order_cpu(int(hw[0]), int(hw[1]), int(window), int(shift))
+    return order.to(device) if device is not None else order
+
+
+@lru_cache(maxsize=64)
+def _shifted_window_mask_cpu(Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int) -> Tensor:
+    img = torch.zeros(1, Hp, Wp, 1)
+    cnt = 0
+    for hs in (slice(0, -Mh), slice(-Mh, -sh), slice(-sh, None)) if sh else (slice(None),):
+        for ws in (slice(0, -Mw), slice(-Mw, -sw), slice(-sw, None)) if sw else (slice(None),):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    win = window_partition(img, (Mh, Mw)).squeeze(-1)  # (nW, Mh*Mw)
+    return win[:, None, :] != win[:, :, None]  # (nW, L, L) True where attention is blocked
+
+
+def shifted_window_mask(padded_hw: tuple[int, int], win: tuple[int, int], sft: tuple[int, int], device=None):
+    """Swin's mask for shifted windows: ``(nW, L, L) bool``, True between tokens that the cyclic shift
+    brought together from different regions (they must not attend). None when not shifted."""
+    if not any(sft):
+        return None
+    m = _shifted_window_mask_cpu(*padded_hw, *win, *sft)
+    return m.to(device) if device is not None else m
