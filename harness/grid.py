@@ -90,8 +90,9 @@ _CHOICES = {
 class GridError(ValueError):
     """A grid file is wrong; the message reads ``file:line: key: what was expected``."""
 
-    def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None,
-                 key: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | Path | None = None, line: int | None = None, key: str | None = None
+    ) -> None:
         self.file, self.line, self.key, self.detail = (str(file) if file else None), line, key, message
         where = f"{file}:{line}" if file and line else str(file or "<grid>")
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
@@ -124,15 +125,22 @@ class Grid:
         rows = []
         for t in self.trials:
             r = t.resources
-            row = {"name": t.name, "seed": t.seed, "config_hash": config_hash(t), "workers": r.workers,
-                   "cpus": r.workers * r.cpus_per_worker, "gpus": r.workers * r.gpus_per_worker}
+            row = {
+                "name": t.name,
+                "seed": t.seed,
+                "config_hash": config_hash(t),
+                "workers": r.workers,
+                "cpus": r.workers * r.cpus_per_worker,
+                "gpus": r.workers * r.gpus_per_worker,
+            }
             row.update(self.labels.get(t.name, {}))
             rows.append(row)
         return pd.DataFrame(rows)
 
 
-def load_grid(path: str | Path, *, extra_plugins: Iterable[str] = (),
-              overrides: Mapping[str, Any] | None = None) -> Grid:
+def load_grid(
+    path: str | Path, *, extra_plugins: Iterable[str] = (), overrides: Mapping[str, Any] | None = None
+) -> Grid:
     """Read, validate and expand a grid file.
 
     ``extra_plugins``: more plugin specs (``--plugin``), relative to the working directory.
@@ -237,8 +245,9 @@ class _Doc:
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             problem = getattr(e, "problem", None) or str(e)
-            raise GridError(f"not valid YAML: {problem}", file=file,
-                            line=mark.line + 1 if mark else None) from None
+            raise GridError(
+                f"not valid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
+            ) from None
         finally:
             loader.dispose()
 
@@ -250,11 +259,19 @@ class _Doc:
                 key = loader.construct_object(k_node, deep=True)
                 line = k_node.start_mark.line + 1
                 if not isinstance(key, str):
-                    raise GridError(f"keys must be strings, got {key!r}", file=self.file, line=line,
-                                    key=_dotted(path) or "<top level>")
+                    raise GridError(
+                        f"keys must be strings, got {key!r}",
+                        file=self.file,
+                        line=line,
+                        key=_dotted(path) or "<top level>",
+                    )
                 if key in out:
-                    raise GridError("duplicate key (YAML keeps only the last one; write it once)",
-                                    file=self.file, line=line, key=_dotted(path + (key,)))
+                    raise GridError(
+                        "duplicate key (YAML keeps only the last one; write it once)",
+                        file=self.file,
+                        line=line,
+                        key=_dotted(path + (key,)),
+                    )
                 self.lines[path + (key,)] = line
                 out[key] = self._construct(loader, v_node, path + (key,))
             return out
@@ -306,11 +323,16 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
     doc = _Doc(file)
     data = doc.data
     if not isinstance(data, dict):
-        raise GridError(f"a grid is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}; got {type(data).__name__}",
-                        file=file, line=1)
+        raise GridError(
+            f"a grid is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}; got {type(data).__name__}",
+            file=file,
+            line=1,
+        )
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise doc.loc((key,)).error(f"unknown top-level key; expected one of: {', '.join(TOP_LEVEL_KEYS)}")
+            raise doc.loc((key,)).error(
+                f"unknown top-level key; expected one of: {', '.join(TOP_LEVEL_KEYS)}"
+            )
     spec = _Spec(loc=_Loc(file, 1, "<grid>"))
 
     for key in ("name", "description"):
@@ -437,11 +459,14 @@ def _axis(doc: _Doc, key: str, values: Any) -> _Axis | None:
             vpath = path + (label,)
             if not isinstance(diff, dict) or not diff:
                 raise doc.loc(vpath, f"{key}.{label}").error(
-                    f"a named axis value is a non-empty mapping of config keys, got {diff!r}")
+                    f"a named axis value is a non-empty mapping of config keys, got {diff!r}"
+                )
             vals.append(_AxisValue(str(label), _diff(doc, diff, vpath)))
         return _Axis(key, vals, loc, named=True)
-    raise loc.error(f"expected a list of values (config key axis) or a mapping label -> config diff "
-                    f"(named axis), got {values!r}")
+    raise loc.error(
+        f"expected a list of values (config key axis) or a mapping label -> config diff "
+        f"(named axis), got {values!r}"
+    )
 
 
 def _label(v: Any) -> str:
@@ -510,8 +535,11 @@ def _check(key: str, v: _Val) -> None:
     if key in _NAMED_VALUES:
         reg = _NAMED_VALUES[key]
         if len(reg) and v.value not in reg:  # an empty registry: spa_core has not registered yet
-            raise v.loc.error(f"unknown {reg.name} {v.value!r}; registered: {', '.join(reg) or 'nothing'} "
-                              f"(plugins add more: `plugins:` in the grid, --plugin, or an entry point)", key)
+            raise v.loc.error(
+                f"unknown {reg.name} {v.value!r}; registered: {', '.join(reg) or 'nothing'} "
+                f"(plugins add more: `plugins:` in the grid, --plugin, or an entry point)",
+                key,
+            )
     if key in _CHOICES:
         what, choices = _CHOICES[key]
         if v.value not in choices:
@@ -529,7 +557,9 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
                 if not a.named and not _is_config_key(key):
                     raise v.loc.error(
                         "unknown config key for an axis; an axis key is a dotted path into the trial "
-                        "config (e.g. model.spa.ratio), or a name whose values are labelled diffs", key)
+                        "config (e.g. model.spa.ratio), or a name whose values are labelled diffs",
+                        key,
+                    )
                 _check(key, v)
     for p in spec.points or []:
         for key, v in p.diff.items():
@@ -564,13 +594,18 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
     for rloc, rule in spec.exclude or []:
         for key, v in rule.items():
             if key not in spec.axes and not _is_config_key(key):
-                raise v.loc.error(f"unknown key in an exclude rule; expected a config key or an axis name "
-                                  f"({', '.join(a.key for a in axes) or 'no axes'})", key)
+                raise v.loc.error(
+                    f"unknown key in an exclude rule; expected a config key or an axis name "
+                    f"({', '.join(a.key for a in axes) or 'no axes'})",
+                    key,
+                )
         matched = [r for r in resolved if _matches(rule, r[1], r[2])]
         if not matched:
             desc = ", ".join(f"{k}={v.value!r}" for k, v in rule.items())
-            raise rloc.error(f"this exclude rule ({desc}) matches no trial of the axes; check its keys and values",
-                             "exclude")
+            raise rloc.error(
+                f"this exclude rule ({desc}) matches no trial of the axes; check its keys and values",
+                "exclude",
+            )
         kept = [r for r in kept if r not in matched]
 
     for i, p in enumerate(spec.points or []):
@@ -581,7 +616,9 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         kept.append((name, {}, _resolve(diff, over, name, p.loc), p.loc))
 
     if not kept:
-        raise spec.loc.error("the grid has no trials (every crossed point is excluded and there are no points)")
+        raise spec.loc.error(
+            "the grid has no trials (every crossed point is excluded and there are no points)"
+        )
     seen: dict[str, _Loc] = {}
     for name, _, _, loc in kept:
         if name in seen:
@@ -597,8 +634,11 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
             t.plugins = list(plugins)
             h = config_hash(t)
             if h in hashes:
-                raise loc.error(f"variants {hashes[h]!r} and {name!r} resolve to the same config (hash {h}); "
-                                "drop one (exclude, or remove the point)", "name")
+                raise loc.error(
+                    f"variants {hashes[h]!r} and {name!r} resolve to the same config (hash {h}); "
+                    "drop one (exclude, or remove the point)",
+                    "name",
+                )
             hashes[h] = name
             trials.append(t)
     return Grid(

@@ -24,13 +24,14 @@ named twice, or by file and by module, is imported once), so a trial worker can 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import pkgutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "resolve_plugin_spec",
     "is_file_spec",
     "list_variants",
+    "isolated_registries",
 ]
 
 ENTRY_POINT_GROUP = "spa_harness.plugins"
@@ -92,13 +94,12 @@ def load_builtins() -> None:
 
 def load_plugin(spec: str, *, base_dir: str | Path | None = None, origin: str | None = None) -> ModuleType:
     """Import one plugin (dotted module or file path) with its registrations attributed to ``origin``
-    (default: ``plugin <spec>``). Idempotent. Raises ``PluginError`` naming the plugin."""
+    (default: ``file <path>`` or ``module <name>``). Idempotent. Raises ``PluginError`` naming the plugin."""
     load_builtins()  # a plugin may register next to (or on top of) the built-ins: have them first
     resolved = resolve_plugin_spec(spec, base_dir)
-    origin = origin or f"plugin {resolved}"
     if is_file_spec(resolved):
-        return _load_file(resolved, origin)
-    return _load_module(resolved, origin)
+        return _load_file(resolved, origin or f"file {resolved}")
+    return _load_module(resolved, origin or f"module {resolved}")
 
 
 def load_plugins(specs: Iterable[str], *, base_dir: str | Path | None = None) -> list[ModuleType]:
@@ -130,7 +131,8 @@ def load_entry_point_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
 
 def list_variants() -> Any:
     """Everything registered (built-ins, entry points and plugins loaded so far), as a DataFrame with
-    columns ``registry``, ``name``, ``origin`` (``builtin``, ``entry point ...``, ``plugin ...``) and
+    columns ``registry``, ``name``, ``origin`` (``builtin``, ``entry point NAME (DIST)``, ``file PATH``,
+    ``module NAME``) and
     ``object`` (its module and qualified name)."""
     import pandas as pd
 
@@ -149,6 +151,28 @@ def list_variants() -> Any:
                 }
             )
     return pd.DataFrame(rows, columns=["registry", "name", "origin", "object"])
+
+
+@contextlib.contextmanager
+def isolated_registries() -> Iterator[None]:
+    """Entries registered (and plugins loaded) inside the block are forgotten on exit (for tests)."""
+    load_builtins()
+    before = {name: set(reg) for name, reg in ALL_REGISTRIES.items()}
+    loaded, eps, modules = dict(_LOADED), set(_ENTRY_POINTS_DONE), set(sys.modules)
+    try:
+        yield
+    finally:
+        for name, reg in ALL_REGISTRIES.items():
+            for entry in set(reg) - before[name]:
+                reg.unregister(entry)
+        plugin_modules = {id(m) for k, m in _LOADED.items() if k not in loaded}
+        for mod in set(sys.modules) - modules:  # so the next load imports (and registers) again
+            if id(sys.modules[mod]) in plugin_modules or mod.startswith("spa_harness_plugin_"):
+                del sys.modules[mod]
+        _LOADED.clear()
+        _LOADED.update(loaded)
+        _ENTRY_POINTS_DONE.clear()
+        _ENTRY_POINTS_DONE.update(eps)
 
 
 def _already_loaded(path: str) -> ModuleType | None:

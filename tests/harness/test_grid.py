@@ -1,0 +1,354 @@
+"""harness/grid.py: expansion (cross product, excludes, points, seeds, extends, named axes) and one
+clear error for every kind of bad grid, naming the file, the line and the key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.config import config_hash
+from harness.grid import BUILTIN_GRIDS_DIR, GridError, load_grid
+from harness.plugins import isolated_registries
+
+BASE = """\
+base:
+  preset: micro
+  train.steps: 2
+"""
+
+
+@pytest.fixture
+def clean_registries():
+    with isolated_registries():
+        yield
+
+
+def _write(tmp_path: Path, text: str, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path, **kw) -> GridError:
+    with pytest.raises(GridError) as info:
+        load_grid(path, **kw)
+    return info.value
+
+
+# --- expansion -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(BUILTIN_GRIDS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_builtin_grids_load(path):
+    grid = load_grid(path)
+    assert grid.trials and grid.source == path.resolve()
+    names = {t.name for t in grid.trials}
+    assert "dense" in names, "every built-in grid carries the dense baseline"
+    assert len({config_hash(t) for t in grid.trials}) == len(grid.trials)
+
+
+def test_smoke_grid():
+    grid = load_grid(BUILTIN_GRIDS_DIR / "smoke.yaml")
+    assert grid.name == "smoke" and grid.description
+    by_name = {t.name: t for t in grid.trials}
+    assert set(by_name) == {"ratio=0.25", "ratio=0.5", "dense"}
+    assert by_name["dense"].model.variant == "dense" and by_name["dense"].model.spa is None
+    assert by_name["ratio=0.25"].model.spa.selection == "topk"
+    assert [by_name[n].model.spa.ratio for n in ("ratio=0.25", "ratio=0.5")] == [0.25, 0.5]
+    assert sorted(t.resources.workers for t in grid.trials) == [1, 1, 2]
+    for t in grid.trials:
+        assert t.preset == "micro" and t.data.image_size == 64 and t.train.steps <= 10
+        assert t.model.embed_dim == 16  # the micro preset resolved
+
+
+def test_cross_product_exclude_points_seeds(tmp_path):
+    path = _write(
+        tmp_path,
+        BASE
+        + textwrap.dedent("""\
+        axes:
+          model.spa.selection: [topk, random]
+          model.spa.ratio: [0.25, 0.5, 0.75]
+        exclude:
+          - {model.spa.selection: random, model.spa.ratio: [0.25, 0.75]}
+        points:
+          - {name: dense, model.variant: dense}
+        seeds: 2
+        resources: {workers: 1, cpus_per_worker: 2}
+        """),
+    )
+    grid = load_grid(path)
+    variants = list(dict.fromkeys(t.name for t in grid.trials))
+    assert variants == [
+        "selection=topk,ratio=0.25",
+        "selection=topk,ratio=0.5",
+        "selection=topk,ratio=0.75",
+        "selection=random,ratio=0.5",
+        "dense",
+    ]
+    assert len(grid.trials) == 5 * 2
+    assert [t.seed for t in grid.trials[:2]] == [0, 1]
+    assert all(t.resources.cpus_per_worker == 2.0 for t in grid.trials)
+    assert grid.axes == {
+        "model.spa.selection": ["topk", "random"],
+        "model.spa.ratio": ["0.25", "0.5", "0.75"],
+    }
+    assert grid.labels["selection=random,ratio=0.5"] == {
+        "model.spa.selection": "random",
+        "model.spa.ratio": "0.5",
+    }
+    table = grid.table()
+    assert len(table) == 10 and {"name", "seed", "config_hash", "cpus", "model.spa.ratio"} <= set(
+        table.columns
+    )
+
+
+def test_named_axis_and_list_values(tmp_path):
+    path = _write(
+        tmp_path,
+        BASE
+        + textwrap.dedent("""\
+        axes:
+          selection:
+            topk50: {model.spa.selection: topk, model.spa.ratio: 0.5}
+            gate_nosup: {model.spa: {selection: gate, supervision: none}}
+          model.spa_stages: [[4], [3, 4]]
+        exclude:
+          - {selection: gate_nosup, model.spa_stages: [4]}
+        """),
+    )
+    grid = load_grid(path)
+    names = [t.name for t in grid.trials]
+    assert names == [
+        "selection=topk50,spa_stages=4",
+        "selection=topk50,spa_stages=3-4",
+        "selection=gate_nosup,spa_stages=3-4",
+    ]
+    assert grid.trials[2].model.spa.supervision == "none" and grid.trials[2].model.spa_stages == (3, 4)
+
+
+def test_extends_changes_only_what_differs(tmp_path):
+    _write(
+        tmp_path,
+        BASE
+        + textwrap.dedent("""\
+        name: parent
+        description: the parent
+        axes:
+          model.spa.ratio: [0.25, 0.5]
+          model.spa.pack: [containers, varlen]
+        points:
+          - {name: dense, model.variant: dense}
+        seeds: [3]
+        """),
+        "parent.yaml",
+    )
+    path = _write(
+        tmp_path,
+        textwrap.dedent("""\
+        extends: parent.yaml
+        base:
+          train: {steps: 5}
+        axes:
+          model.spa.pack: null
+          model.spa.selection: [topk]
+        """),
+        "child.yaml",
+    )
+    grid = load_grid(path)
+    assert grid.name == "child" and grid.description == "the parent"
+    assert list(grid.axes) == ["model.spa.ratio", "model.spa.selection"]
+    assert [t.name for t in grid.trials] == ["ratio=0.25,selection=topk", "ratio=0.5,selection=topk", "dense"]
+    assert all(t.train.steps == 5 and t.preset == "micro" and t.seed == 3 for t in grid.trials)
+
+
+def test_overrides_apply_last(tmp_path):
+    path = _write(tmp_path, BASE + "axes:\n  model.spa.ratio: [0.5]\n")
+    grid = load_grid(path, overrides={"train.steps": 1, "data.num_train": 8})
+    assert grid.trials[0].train.steps == 1 and grid.trials[0].data.num_train == 8
+
+
+def test_plugins_named_in_grid_are_loaded_and_recorded(tmp_path, clean_registries):
+    (tmp_path / "plug.py").write_text(
+        "from spa_core.registry import SELECTION_POLICIES\n"
+        "from spa_core.select import select_topk\n"
+        "SELECTION_POLICIES.register('tp_grid_policy', select_topk)\n"
+    )
+    path = _write(
+        tmp_path,
+        BASE
+        + textwrap.dedent("""\
+        plugins: [plug.py]
+        axes:
+          model.spa.selection: [topk, tp_grid_policy]
+        """),
+    )
+    grid = load_grid(path)
+    assert grid.plugins == [str((tmp_path / "plug.py").resolve())]
+    assert all(t.plugins == grid.plugins for t in grid.trials)
+
+
+# --- bad grids: one error naming file, line, key and what was expected ------------------------------
+
+BAD = {
+    "unknown top-level key": (
+        BASE + "axis:\n  model.spa.ratio: [0.5]\n",
+        4,
+        "axis",
+        "unknown top-level key; expected one of",
+    ),
+    "unknown config key": (
+        "base:\n  preset: micro\n  model:\n    spa:\n      ratoi: 0.5\n",
+        5,
+        "model.spa.ratoi",
+        "unknown key model.spa.ratoi for SPAConfig; expected one of: alpha",
+    ),
+    "wrong type in base": (
+        BASE + "  train.batch_size: big\n",
+        4,
+        "train.batch_size",
+        "expected an integer, got 'big'",
+    ),
+    "wrong type of an axis value": (
+        BASE + "axes:\n  model.spa.ratio:\n    - 0.5\n    - half\n",
+        7,
+        "model.spa.ratio",
+        "expected a number, got 'half'",
+    ),
+    "unknown variant": (
+        BASE + "points:\n  - {name: x, model.variant: swin_xl}\n",
+        5,
+        "model.variant",
+        "unknown model_variant 'swin_xl'; registered: dense, spa",
+    ),
+    "unknown selection policy on an axis": (
+        BASE + "axes:\n  model.spa.selection: [topk, magic]\n",
+        5,
+        "model.spa.selection",
+        "unknown selection_policy 'magic'; registered:",
+    ),
+    "unknown pack strategy": (
+        BASE + "  model.spa.pack: zip\n",
+        4,
+        "model.spa.pack",
+        "unknown pack_strategy 'zip'; registered:",
+    ),
+    "unknown preset": (BASE.replace("micro", "huge"), 2, "preset", "unknown backbone preset 'huge'"),
+    "unknown axis key": (
+        BASE + "axes:\n  model.spa.ratios: [0.5]\n",
+        5,
+        "model.spa.ratios",
+        "unknown config key for an axis",
+    ),
+    "config-key axis given a mapping": (
+        BASE + "axes:\n  model.spa.ratio: {a: 0.5}\n",
+        5,
+        "model.spa.ratio",
+        "expected a list of its values",
+    ),
+    "empty axis": (BASE + "axes:\n  model.spa.ratio: []\n", 5, "model.spa.ratio", "at least one value"),
+    "repeated axis values": (
+        BASE + "axes:\n  model.spa.ratio: [0.5, 0.5]\n",
+        5,
+        "model.spa.ratio",
+        "values repeat",
+    ),
+    "axes not a mapping": (BASE + "axes: [model.spa.ratio]\n", 4, "axes", "expected a mapping"),
+    "point not a mapping": (BASE + "points:\n  - dense\n", 5, "points[0]", "non-empty mapping"),
+    "missing extends file": (
+        "extends: nowhere.yaml\n",
+        1,
+        "extends",
+        "grid file 'nowhere.yaml' does not exist",
+    ),
+    "missing plugin file": (
+        BASE + "plugins: [nothere.py]\n",
+        4,
+        "plugins",
+        "plugin file 'nothere.py' does not exist",
+    ),
+    "missing plugin module": (BASE + "plugins: [tp_no_such.module]\n", 4, "plugins", "cannot be found"),
+    "exclude matching nothing": (
+        BASE + "axes:\n  model.spa.ratio: [0.25, 0.5]\nexclude:\n  - {model.spa.ratio: 0.3}\n",
+        7,
+        "exclude",
+        "matches no trial",
+    ),
+    "exclude with an unknown key": (
+        BASE + "axes:\n  model.spa.ratio: [0.5]\nexclude:\n  - {ratio: 0.5}\n",
+        7,
+        "ratio",
+        "expected a config key or an axis name (model.spa.ratio)",
+    ),
+    "bad seeds": (BASE + "seeds: 0\n", 4, "seeds", "expected a positive count"),
+    "repeated seeds": (BASE + "seeds: [1, 1]\n", 4, "seeds", "seeds repeat"),
+    "seed in base": (BASE + "  seed: 3\n", 4, "seed", "top-level `seeds:`"),
+    "unknown resources key": (
+        BASE + "resources: {gpus: 1}\n",
+        4,
+        "resources.gpus",
+        "unknown key resources.gpus",
+    ),
+    "duplicate variant names": (
+        BASE + "points:\n  - {name: d, model.variant: dense}\n  - {name: d, model.spa.ratio: 0.1}\n",
+        6,
+        "name",
+        "two variants are named 'd'",
+    ),
+    "two trials with one config": (
+        BASE + "axes:\n  model.variant: [dense]\npoints:\n  - {name: dense, model.variant: dense}\n",
+        7,
+        "name",
+        "resolve to the same config",
+    ),
+    "duplicate YAML key": (BASE + "  preset: tiny\n", 4, "base.preset", "duplicate key"),
+    "YAML syntax": (BASE + "axes: {model.spa.ratio: [0.5}\n", 4, None, "not valid YAML"),
+    "not a mapping": ("- a\n- b\n", 1, None, "a grid is a mapping"),
+    "name not a string": (BASE + "name: [a]\n", 4, "name", "expected a string"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_grid(tmp_path, case):
+    text, line, key, expected = BAD[case]
+    path = _write(tmp_path, text)
+    err = _error(path)
+    assert err.file == str(path.resolve())
+    assert err.line == line, str(err)
+    assert err.key == key, str(err)
+    assert expected in str(err), str(err)
+    prefix = f"{path.resolve()}:{line}: " + (f"{key}: " if key else "")
+    assert str(err).startswith(prefix), str(err)
+
+
+def test_missing_grid_file(tmp_path):
+    err = _error(tmp_path / "absent.yaml")
+    assert "does not exist" in str(err) and "absent.yaml" in str(err)
+
+
+def test_extends_cycle(tmp_path):
+    _write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    _write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    err = _error(tmp_path / "a.yaml")
+    assert err.key == "extends" and "cycle" in str(err) and err.line == 1
+
+
+def test_error_in_parent_names_the_parent(tmp_path):
+    parent = _write(tmp_path, BASE + "  train.lr: fast\n", "parent.yaml")
+    child = _write(tmp_path, "extends: parent.yaml\n", "child.yaml")
+    err = _error(child)
+    assert err.file == str(parent.resolve()) and err.line == 4 and err.key == "train.lr"
+
+
+def test_bad_extra_plugin(tmp_path):
+    path = _write(tmp_path, BASE)
+    err = _error(path, extra_plugins=["missing_plugin.py"])
+    assert err.key == "--plugin" and "does not exist" in str(err)
+
+
+def test_bad_override(tmp_path):
+    path = _write(tmp_path, BASE)
+    err = _error(path, overrides={"train.stepz": 1})
+    assert "unknown key train.stepz" in str(err)
