@@ -1,0 +1,169 @@
+"""Plots of a comparison report (matplotlib, Agg: no display needed), returned as PNG bytes.
+
+- ``accuracy_vs_gmacs``: mAP against GMACs per variant (95% CI bars), the Pareto front (no other
+  variant is both cheaper and more accurate) drawn as a step line, the dense baseline marked;
+- ``speedup_vs_ratio``: measured inference speedup over the baseline against the kept fraction
+  (or the configured selection ratio), with the speedup the GMACs alone predict (the ideal FLOP line);
+- ``gate_pr_vs_ratio``: gate precision and recall against the kept fraction.
+
+A plot whose columns the results lack is left out.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from harness.report import Report
+
+__all__ = ["render_plots", "pareto_front"]
+
+
+def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both (lower ``cost``, higher ``value``), by cost."""
+    order = np.lexsort((-value, cost))
+    front, best = [], -math.inf
+    for i in order:
+        if np.isfinite(cost[i]) and np.isfinite(value[i]) and value[i] > best:
+            front.append(i)
+            best = value[i]
+    return np.array(front, dtype=int)
+
+
+def render_plots(report: Report) -> dict[str, bytes]:
+    """Plot name -> PNG bytes, for the plots the report's columns allow."""
+    out = {}
+    for name, fn in (
+        ("accuracy_vs_gmacs", _accuracy_vs_gmacs),
+        ("speedup_vs_ratio", _speedup_vs_ratio),
+        ("gate_pr_vs_ratio", _gate_pr_vs_ratio),
+    ):
+        fig = fn(report)
+        if fig is not None:
+            buf = io.BytesIO()
+            FigureCanvasAgg(fig)
+            fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+            out[name] = buf.getvalue()
+    return out
+
+
+def _gmacs(report: Report) -> str | None:
+    cols = [m for m, k in report.metrics.items() if k == "compute"]
+    for pref in ("fvcore", "measured", ""):
+        hit = [c for c in cols if pref in c and "delta" not in c]
+        if hit:
+            return hit[0]
+    return None
+
+
+def _x_ratio(report: Report, t: pd.DataFrame) -> tuple[pd.Series, str] | None:
+    if "kept_fraction" in t and t["kept_fraction"].notna().any():
+        return t["kept_fraction"], "kept fraction (measured, SPA blocks)"
+    if "model.spa.ratio" in t:
+        return t["model.spa.ratio"].astype(float), "selection ratio (configured)"
+    return None
+
+
+def _fig(title: str) -> Figure:
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _err(t: pd.DataFrame, col: str) -> np.ndarray | None:
+    ci = t.get(f"{col}_ci95")
+    return None if ci is None or ci.isna().all() else ci.fillna(0).to_numpy(float)
+
+
+def _accuracy_vs_gmacs(report: Report) -> Figure | None:
+    t, acc, g = report.table, report.primary_accuracy, _gmacs(report)
+    if acc is None or g is None or t[[acc, g]].dropna().empty:
+        return None
+    fig = _fig(f"{acc} vs compute")
+    ax = fig.axes[0]
+    x, y = t[g].to_numpy(float), t[acc].to_numpy(float)
+    ax.errorbar(x, y, xerr=_err(t, g), yerr=_err(t, acc), fmt="o", color="tab:blue", ecolor="0.6",
+                capsize=3, label="variant")  # fmt: skip
+    for xi, yi, name in zip(x, y, t.index):
+        if np.isfinite(xi) and np.isfinite(yi):
+            ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front(x, y)
+    if len(front):
+        ax.step(x[front], y[front], where="post", color="tab:green", lw=1.5, label="Pareto front")
+        ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="tab:green")
+    if report.baseline is not None:
+        b = t.loc[report.baseline]
+        ax.scatter(
+            [b[g]],
+            [b[acc]],
+            marker="s",
+            s=80,
+            color="tab:red",
+            zorder=3,
+            label=f"baseline ({report.baseline})",
+        )
+    ax.set_xlabel(f"{g} (GMACs: one multiply-add counted once)")
+    ax.set_ylabel(acc)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _speedup_vs_ratio(report: Report) -> Figure | None:
+    t = report.table
+    if "speedup" not in t or report.baseline is None:
+        return None
+    t = t.drop(index=report.baseline)
+    xr = _x_ratio(report, t)
+    if xr is None or t["speedup"].isna().all():
+        return None
+    x, xlabel = xr
+    fig = _fig("inference speedup over the dense baseline")
+    ax = fig.axes[0]
+    ax.scatter(x, t["speedup"], color="tab:blue", zorder=3, label="measured speedup")
+    for xi, yi, name in zip(x, t["speedup"], t.index):
+        if np.isfinite(xi) and np.isfinite(yi):
+            ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    g = _gmacs(report)
+    if g is not None:
+        ideal = report.table.loc[report.baseline, g] / t[g]
+        order = np.argsort(x.to_numpy(float))
+        ax.plot(x.to_numpy(float)[order], ideal.to_numpy(float)[order], "--", color="tab:orange",
+                marker="x", label="ideal (GMACs ratio)")  # fmt: skip
+    ax.axhline(1.0, color="0.5", lw=1, label="dense")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("speedup (x)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _gate_pr_vs_ratio(report: Report) -> Figure | None:
+    t = report.table
+    cols = [c for c in ("gate_precision", "gate_recall") if c in t and t[c].notna().any()]
+    if not cols:
+        return None
+    t = t[t[cols].notna().any(axis=1)]
+    xr = _x_ratio(report, t)
+    if xr is None:
+        return None
+    x, xlabel = xr
+    fig = _fig("gate precision / recall vs selection")
+    ax = fig.axes[0]
+    for c, color in zip(cols, ("tab:purple", "tab:olive")):
+        ax.errorbar(x, t[c], yerr=_err(t, c), fmt="o", color=color, capsize=3, label=c.replace("_", " "))
+    for xi, yi, name in zip(x, t[cols[0]], t.index):
+        if np.isfinite(xi) and np.isfinite(yi):
+            ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("vs selection labels")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,182 @@
+"""harness/report.py and harness/plots.py on a hand-made results store: aggregation over seeds with the
+95% CI, deltas vs the dense baseline, per-axis tables, failures and notes, every output format."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.plots import pareto_front
+from harness.report import build_report, compare, report_command, write_report
+
+T975 = {2: 12.706204736174698, 3: 4.302652729911275}  # Student's t, 97.5% quantile, by number of seeds
+
+
+def _row(name, seed, variant="spa", selection="topk", ratio=0.5, status="done", **metrics):
+    spa = variant != "dense"
+    return {
+        "name": name,
+        "seed": seed,
+        "status": status,
+        "config_hash": f"{name}-{seed}",
+        "config.model.variant": variant,
+        "config.model.spa.selection": selection if spa else None,
+        "config.model.spa.ratio": ratio if spa else None,
+        "config.train.steps": 10,
+        "error": None,
+        **metrics,
+    }
+
+
+def _store() -> pd.DataFrame:
+    m = dict  # metric columns, named as the run path names them
+    rows = [
+        _row(
+            "dense",
+            0,
+            "dense",
+            map=0.30,
+            map_50=0.50,
+            fvcore_gmacs=2.0,
+            infer_ms_median=10.0,
+            peak_mem_mb=100.0,
+        ),
+        _row(
+            "dense",
+            1,
+            "dense",
+            map=0.32,
+            map_50=0.52,
+            fvcore_gmacs=2.0,
+            infer_ms_median=11.0,
+            peak_mem_mb=100.0,
+        ),
+        _row(
+            "dense",
+            2,
+            "dense",
+            map=0.34,
+            map_50=0.54,
+            fvcore_gmacs=2.0,
+            infer_ms_median=12.0,
+            peak_mem_mb=100.0,
+        ),
+    ]
+    for sel, ratio, maps, gmacs, ms in [
+        ("topk", 0.5, (0.31, 0.33, 0.35), 1.5, (8.0, 9.0, 10.0)),
+        ("topk", 0.25, (0.28, 0.30, None), 1.2, (6.0, 7.0, None)),  # third seed failed
+        ("random", 0.5, (0.20, 0.22, 0.24), 1.5, (8.0, 8.0, 8.0)),
+    ]:
+        name = f"selection={sel},ratio={ratio}"
+        for seed, (mp, t) in enumerate(zip(maps, ms)):
+            if mp is None:
+                rows.append(_row(name, seed, selection=sel, ratio=ratio, status="failed",
+                                 error="Traceback (most recent call last):\n  File x\nFloatingPointError: NaN loss at step 7"))  # fmt: skip
+                continue
+            rows.append(_row(name, seed, selection=sel, ratio=ratio, **m(
+                map=mp, map_50=mp + 0.2, fvcore_gmacs=gmacs, infer_ms_median=t, peak_mem_mb=80.0,
+                kept_fraction=ratio, gate_precision=0.6, gate_recall=0.4 + seed * 0.1, infer_ms_iqr=1.0)))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _ci(values):
+    v = np.array(values, dtype=float)
+    return T975[len(v)] * v.std(ddof=1) / math.sqrt(len(v))
+
+
+def test_compare_numbers_by_hand():
+    table = compare(_store())
+    assert list(table.index) == ["dense", "selection=topk,ratio=0.5", "selection=topk,ratio=0.25",
+                                 "selection=random,ratio=0.5"]  # fmt: skip
+    dense, topk = table.loc["dense"], table.loc["selection=topk,ratio=0.5"]
+    assert dense["n_seeds"] == 3 and table.loc["selection=topk,ratio=0.25", "n_seeds"] == 2
+    assert dense["map"] == pytest.approx(0.32)
+    assert dense["map_ci95"] == pytest.approx(_ci([0.30, 0.32, 0.34]))  # 4.3027 * 0.02 / sqrt(3)
+    assert dense["map_ci95"] == pytest.approx(0.0496828, rel=1e-5)
+    assert table.loc["selection=topk,ratio=0.25", "map_ci95"] == pytest.approx(_ci([0.28, 0.30]))
+    # deltas: absolute for mAP, percent for compute / time / memory, speedup from the inference time
+    assert topk["map_delta"] == pytest.approx(0.33 - 0.32)
+    assert table.loc["selection=random,ratio=0.5", "map_delta"] == pytest.approx(0.22 - 0.32)
+    assert topk["fvcore_gmacs_delta_pct"] == pytest.approx(-25.0)
+    assert table.loc["selection=topk,ratio=0.25", "fvcore_gmacs_delta_pct"] == pytest.approx(-40.0)
+    assert topk["infer_ms_median_delta_pct"] == pytest.approx(100 * (9.0 - 11.0) / 11.0)
+    assert topk["speedup"] == pytest.approx(11.0 / 9.0)
+    assert topk["peak_mem_mb_delta_pct"] == pytest.approx(-20.0)
+    assert dense["map_delta"] == 0 and dense["speedup"] == 1
+    assert math.isnan(dense["gate_precision"]) and topk["gate_recall"] == pytest.approx(0.5)
+    assert "infer_ms_iqr" not in table  # a single trial's spread is not a comparison column
+    assert table.loc["selection=random,ratio=0.5", "infer_ms_median_ci95"] == 0.0
+
+
+def test_failures_notes_and_axes():
+    report = build_report(_store(), base={"model.spa.selection": "topk", "model.spa.ratio": 0.5})
+    assert report.baseline == "dense"
+    f = report.failures
+    assert len(f) == 1 and f.iloc[0]["status"] == "failed"
+    assert f.iloc[0]["error"] == "FloatingPointError: NaN loss at step 7"
+    assert f.iloc[0]["variant"] == "selection=topk,ratio=0.25"
+    assert any("selection=topk,ratio=0.25 has 2 seed(s), others up to 3" in n for n in report.notes)
+    assert any("1 trial(s) failed" in n for n in report.notes)
+    assert set(report.axes) == {"model.spa.selection", "model.spa.ratio"}
+    ratio = report.axes["model.spa.ratio"]  # selection held at topk
+    assert list(ratio.index) == ["dense", "selection=topk,ratio=0.25", "selection=topk,ratio=0.5"]
+    sel = report.axes["model.spa.selection"]  # ratio held at 0.5
+    assert list(sel.index) == ["dense", "selection=random,ratio=0.5", "selection=topk,ratio=0.5"]
+    assert sel["map_delta"].tolist() == pytest.approx([0.0, -0.10, 0.01])
+
+
+def test_baseline_choice():
+    table = compare(_store(), baseline="selection=topk,ratio=0.5")
+    assert table.loc["dense", "map_delta"] == pytest.approx(-0.01)
+    with pytest.raises(ValueError, match="baseline 'nope' is not a variant"):
+        compare(_store(), baseline="nope")
+    no_dense = _store().query("name != 'dense'")
+    report = build_report(no_dense)
+    assert report.baseline is None and "map_delta" not in report.table
+    assert any("No dense baseline" in n for n in report.notes)
+
+
+def test_same_name_different_configs_are_two_variants():
+    df = _store()
+    df.loc[(df["name"] == "dense") & (df["seed"] == 2), "config.train.steps"] = 20
+    table = compare(df)
+    dense = [v for v in table.index if v.startswith("dense")]
+    assert len(dense) == 2 and all("[" in v for v in dense)
+
+
+def test_report_formats(tmp_path):
+    df = _store()
+    md = report_command(df, fmt="md", out=tmp_path)
+    assert "| variant" in md and "Δ mAP" in md and "FloatingPointError: NaN loss" in md
+    assert "0.3200 ± 0.0497" in md  # dense mAP with its CI
+    assert "## Axis `model.spa.ratio`" in md and "![accuracy_vs_gmacs](plots/accuracy_vs_gmacs.png)" in md
+    for name in ("accuracy_vs_gmacs", "speedup_vs_ratio", "gate_pr_vs_ratio"):
+        png = (tmp_path / "plots" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+    page = report_command(df, fmt="html", out=tmp_path)
+    assert page.count("src='data:image/png;base64,") == 3 and "<table" in page and "NaN loss" in page
+    data = json.loads(report_command(df, fmt="json"))
+    assert data["baseline"] == "dense" and len(data["table"]) == 4 and len(data["failures"]) == 1
+    table = pd.read_csv(io.StringIO(report_command(df, fmt="csv", out=tmp_path)), index_col=0)
+    assert table.loc["dense", "map"] == pytest.approx(0.32)
+    assert (tmp_path / "failures.csv").exists() and (tmp_path / "axis_model.spa.ratio.csv").exists()
+    with pytest.raises(ValueError, match="unknown report format"):
+        report_command(df, fmt="pdf")
+    out = write_report(df, tmp_path / "all")
+    assert sorted(p.name for p in out.glob("report.*")) == [
+        "report.csv",
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
+
+
+def test_pareto_front():
+    cost = np.array([1.0, 2.0, 3.0, 1.5, 4.0])
+    value = np.array([0.1, 0.3, 0.2, 0.05, 0.4])
+    assert pareto_front(cost, value).tolist() == [0, 1, 4]
