@@ -6,7 +6,7 @@ backbone family with its dense baseline. Imports neither Ray nor DeepSpeed; the 
 """
 
 from spa_core.attention import PackedAttention, containers_dense_attention, packed_attention
-from spa_core.backbone import BackboneOutput, SPABackbone, build_backbone, stage_grids
+from spa_core.backbone import BackboneFeatures, BackboneOutput, SPABackbone, build_backbone, stage_grids
 from spa_core.block import SPABlock, SPABlockInfo, SwinBlock
 from spa_core.config import BACKBONE_PRESETS, BackboneConfig, ConfigError, SPAConfig, backbone_preset
 from spa_core.gate import LinearGate, resize_scores
@@ -26,6 +26,7 @@ from spa_core.windows import window_order
 __all__ = [
     "BACKBONE_PRESETS",
     "BackboneConfig",
+    "BackboneFeatures",
     "BackboneOutput",
     "ConfigError",
     "GATES",

@@ -24,7 +24,7 @@ from spa_core.block import SPABlock, SPABlockInfo, SwinBlock
 from spa_core.config import BackboneConfig
 from spa_core.registry import MODEL_VARIANTS
 
-__all__ = ["BackboneOutput", "SPABackbone", "PatchEmbed", "PatchMerging", "build_backbone", "stage_grids"]
+__all__ = ["BackboneOutput", "BackboneFeatures", "SPABackbone", "PatchEmbed", "PatchMerging", "build_backbone", "stage_grids"]
 
 
 @dataclass
@@ -140,6 +140,18 @@ class SPABackbone(nn.Module):
             features.append(self.norms[i](x).permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
             x = self.merges[i](x)
         return BackboneOutput(features=features, blocks=infos)
+
+
+class BackboneFeatures(nn.Module):
+    """A backbone whose forward returns only ``tuple(features)``: what ``torch.jit.trace`` (and so
+    fvcore's ``FlopCountAnalysis``) accepts as an output."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.backbone(images).features)
 
 
 def _init_weights(m: nn.Module) -> None:

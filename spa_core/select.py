@@ -51,13 +51,15 @@ def _from_mask(mask: Tensor, weight: Tensor | None = None) -> Selection:
 def _ratio_count(n: int, ratio: float) -> int:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"selection ratio must be in [0, 1], got {ratio}")
+    n = int(n)
     return min(n, max(0, round(ratio * n)))
 
 
 def _top_mask(values: Tensor, k: int) -> Tensor:
     mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     if k > 0:
-        mask.scatter_(1, values.topk(k, dim=1).indices, True)
+        idx = values.topk(k, dim=1).indices  # (B, k)
+        mask = mask.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))
     return mask
 
 

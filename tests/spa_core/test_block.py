@@ -1,0 +1,247 @@
+"""spa_core/block.py: the SPA block against its definitions (dense attention, per-image and
+per-container loops), strategies against each other, gradients; the Swin block's windows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from spa_core.block import SPABlock, SwinBlock
+from spa_core.config import SPAConfig
+from spa_core.windows import window_order
+
+PER_IMAGE = ["varlen", "pad", "mask"]
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-10)}
+
+
+def _block(strategy, *, dim=24, heads=2, window=2, shift=0, selection="topk", ratio=1.0, mlp_on="all",
+           dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = SPAConfig(selection=selection, ratio=ratio, pack=strategy, mlp_on=mlp_on)
+    blk = SPABlock(dim, heads, window, cfg, shift=shift).to(dtype).eval()
+    with torch.no_grad():  # non-trivial gate and norms, so a wrong scaling would show
+        blk.gate.score.weight.normal_(0, 0.5)
+        blk.gate.score.bias.fill_(0.3)
+        blk.norm1.weight.uniform_(0.5, 1.5)
+    return blk
+
+
+def _attend(attn, t):
+    """Reference attention of one sequence with the block's weights: t (n, C) -> (n, C); explicit softmax."""
+    n, C = t.shape
+    H, D = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(t).view(n, 3, H, D).permute(1, 2, 0, 3)  # (H, n, D) each
+    p = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+    return attn.proj((p @ v).transpose(0, 1).reshape(n, C))
+
+
+def _reference(blk, x, mask, runs):
+    """The SPA block by definition: ``runs(b, kept)`` lists the groups of image b's kept token ids
+    that attend among themselves. x (B, H, W, C), mask (B, N) -> (B, H, W, C)."""
+    B, H, W, C = x.shape
+    xf = x.reshape(B, H * W, C)
+    r = blk.norm1(xf)
+    s = blk.gate(r, None)
+    r_g = torch.sigmoid(s)[..., None] * r
+    out = torch.zeros_like(xf)
+    for b in range(B):
+        for run in runs(b, mask[b]):
+            if len(run):
+                out[b, run] = _attend(blk.attn, r_g[b, run])
+    y = xf + out
+    if blk.cfg.mlp_on == "all":
+        y = y + blk.mlp(blk.norm2(y))
+    else:
+        y = y + mask[..., None] * blk.mlp(blk.norm2(y))
+    return y.view(B, H, W, C)
+
+
+def _per_image_runs(b, kept):
+    return [kept.nonzero().squeeze(1)]
+
+
+def _container_runs(hw, window, shift, L, mask):
+    """Runs of the paper's containers: the kept tokens of all images in shifted-window order, poured
+    into containers of L slots; within a container a token attends to its own image's tokens."""
+    order = window_order(hw, window, shift)
+    stream = [(b, int(j)) for b in range(mask.shape[0]) for j in order if mask[b, j]]
+    runs = {}
+    for c in range(0, len(stream), L):
+        for b, j in stream[c : c + L]:
+            runs.setdefault((c, b), []).append(j)
+    return lambda b, kept: [torch.tensor(v) for (c, bb), v in runs.items() if bb == b]
+
+
+@pytest.mark.parametrize("strategy", PER_IMAGE)
+@pytest.mark.parametrize("hw", [(4, 4), (3, 5)])
+def test_all_selected_equals_dense_global_attention(strategy, hw):
+    blk = _block(strategy)
+    x = torch.randn(2, *hw, 24)
+    with torch.no_grad():
+        y, info = blk(x)
+        ref = _reference(blk, x, torch.ones(2, hw[0] * hw[1], dtype=torch.bool), _per_image_runs)
+    assert info.counts.tolist() == [hw[0] * hw[1]] * 2 and float(info.kept_fraction) == 1.0
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("hw,window,shift", [((5, 5), 2, 0), ((5, 5), 2, 1), ((3, 3), 4, 2), ((7, 6), 3, 1)])
+@pytest.mark.parametrize("counts", ["all", "ragged"])
+def test_containers_equal_per_container_loop(fixed_policy, mask_with_counts, hw, window, shift, counts):
+    N = hw[0] * hw[1]
+    blk = _block("containers", window=window, shift=shift, selection=fixed_policy.name)
+    fixed_policy.mask = mask_with_counts([N, N, N] if counts == "all" else [0, N, N // 3], N)
+    x = torch.randn(3, *hw, 24)
+    with torch.no_grad():
+        y, _ = blk(x)
+        runs = _container_runs(hw, window, blk.shift, blk.cfg.container_len, fixed_policy.mask)
+        ref = _reference(blk, x, fixed_policy.mask, runs)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("mlp_on", ["all", "selected"])
+def test_any_selection_strategies_agree_with_per_image_loop(fixed_policy, mask_with_counts, mlp_on):
+    hw, N = (5, 4), 20
+    fixed_policy.mask = mask_with_counts([0, N, 1, 7], N, seed=3)
+    x = torch.randn(4, *hw, 24)
+    outs = {}
+    for strategy in PER_IMAGE:
+        blk = _block(strategy, selection=fixed_policy.name, mlp_on=mlp_on)  # same seed: same weights
+        with torch.no_grad():
+            outs[strategy], info = blk(x)
+            ref = _reference(blk, x, fixed_policy.mask, _per_image_runs)
+        assert info.counts.tolist() == [0, N, 1, 7]
+        torch.testing.assert_close(outs[strategy], ref, **TOL[torch.float32])
+    torch.testing.assert_close(outs["varlen"], outs["pad"], **TOL[torch.float32])
+    torch.testing.assert_close(outs["varlen"], outs["mask"], **TOL[torch.float32])
+    # an image that keeps nothing only goes through the MLP (or, with mlp_on="selected", is unchanged)
+    if mlp_on == "selected":
+        assert torch.equal(outs["varlen"][0], x[0])
+
+
+def test_containers_dense_form_equals_varlen_form(fixed_policy, mask_with_counts):
+    hw, N = (6, 5), 30
+    fixed_policy.mask = mask_with_counts([30, 0, 11, 29], N, seed=1)
+    blk = _block("containers", window=3, shift=1, selection=fixed_policy.name)
+    x = torch.randn(4, *hw, 24)
+    with torch.no_grad():
+        y_varlen, _ = blk(x)
+        blk.attn.container_form = "dense"
+        y_dense, _ = blk(x)
+    torch.testing.assert_close(y_dense, y_varlen, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("strategy", ["containers", *PER_IMAGE])
+def test_gradcheck_block(fixed_policy, mask_with_counts, strategy):
+    hw, N = (3, 3), 9
+    fixed_policy.mask = mask_with_counts([0, N, 4], N, seed=2)
+    blk = _block(strategy, dim=8, heads=2, window=2, shift=1, selection=fixed_policy.name, dtype=torch.float64)
+    x = torch.randn(3, *hw, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: blk(t)[0], (x,), eps=1e-6, atol=1e-5, fast_mode=True)
+    # and the parameters (the gate among them) receive gradients
+    blk(x)[0].pow(2).sum().backward()
+    assert blk.gate.score.weight.grad is not None and blk.gate.score.weight.grad.abs().sum() > 0
+    assert blk.attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_gate_training_straight_through_reaches_gate():
+    blk = _block("varlen", selection="gate").train()
+    blk.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 4, 24)
+    y, info = blk(x)
+    assert 0 < int(info.counts.sum()) < 32
+    y.sum().backward()
+    assert blk.gate.score.weight.grad.abs().sum() > 0
+
+
+def test_attn_impl_switch_gives_same_result(monkeypatch, fixed_policy, mask_with_counts):
+    fixed_policy.mask = mask_with_counts([3, 16], 16)
+    blk = _block("varlen", window=4, selection=fixed_policy.name)
+    x = torch.randn(2, 4, 4, 24)
+    outs = []
+    for impl in ("torch", "ref"):
+        monkeypatch.setenv("SPA_ATTN_IMPL", impl)
+        with torch.no_grad():
+            outs.append(blk(x)[0])
+    monkeypatch.setenv("SPA_ATTN_IMPL", "torch")
+    blk.attn.attn_impl = "ref"  # the module attribute wins over the environment
+    with torch.no_grad():
+        outs.append(blk(x)[0])
+    torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float32])
+    torch.testing.assert_close(outs[0], outs[2], **TOL[torch.float32])
+    monkeypatch.setenv("SPA_ATTN_IMPL", "nonsense")
+    blk.attn.attn_impl = "auto"
+    with pytest.raises(ValueError, match="nonsense"):
+        blk(x)
+
+
+def test_prev_scores_fused_by_max():
+    blk = _block("varlen", selection="topk", ratio=0.5)
+    x = torch.randn(1, 4, 4, 24)
+    with torch.no_grad():
+        _, own = blk(x)
+        prev = torch.full((1, 2, 2), 50.0)
+        prev[0, 0, 0] = -50.0  # the top-left quarter keeps its own scores
+        _, fused = blk(x, prev)
+    s = fused.logits.view(4, 4)
+    assert torch.equal(s[:2, :2], own.logits.view(4, 4)[:2, :2])
+    assert (s.flatten()[torch.tensor([2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])] == 50.0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Swin block
+
+
+def _swin(shift):
+    torch.manual_seed(0)
+    blk = SwinBlock(16, 2, window_size=4, shift=shift).double().eval()
+    with torch.no_grad():  # weights large enough for one token to visibly move its window
+        for p in blk.parameters():
+            p.normal_(0, 0.1)
+    return blk
+
+
+@pytest.mark.parametrize("hw,window,shift", [((8, 8), 4, 0), ((8, 8), 4, 2), ((5, 7), 4, 2), ((3, 2), 7, 3)])
+def test_window_order_is_a_permutation(hw, window, shift):
+    order = window_order(hw, window, shift)
+    assert sorted(order.tolist()) == list(range(hw[0] * hw[1]))
+
+
+def test_swin_block_windows_are_local():
+    blk = _swin(0)
+    x = torch.randn(1, 8, 8, 16, dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, 0, 0] += torch.randn(16, dtype=torch.float64)  # a token of the top-left window (not a constant: LayerNorm)
+    with torch.no_grad():
+        y, y2 = blk(x), blk(x2)
+    changed = (y - y2).abs().amax(-1)[0] > 1e-12
+    assert changed[:4, :4].all() and not changed[4:].any() and not changed[:, 4:].any()
+
+
+def test_swin_block_shift_mixes_windows_and_handles_odd_sizes():
+    blk = _swin(2)
+    x = torch.randn(2, 8, 8, 16, dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, 3, 3] += torch.randn(16, dtype=torch.float64)
+    with torch.no_grad():
+        changed = (blk(x) - blk(x2)).abs().amax(-1)[0] > 1e-12
+    assert changed[2:6, 2:6].all() and changed.sum() == 16  # the shifted window around (3, 3)
+    for hw in [(5, 7), (3, 2), (1, 1)]:
+        with torch.no_grad():
+            assert blk(torch.randn(2, *hw, 16, dtype=torch.float64)).shape == (2, *hw, 16)
+
+
+def test_spa_block_on_maps_smaller_than_a_container():
+    for strategy in ["containers", *PER_IMAGE]:
+        blk = _block(strategy, window=7, selection="topk", ratio=0.5)  # L = 49 > N
+        for hw in [(1, 1), (2, 3)]:
+            x = torch.randn(2, *hw, 24)
+            with torch.no_grad():
+                y, info = blk(x)
+            assert y.shape == x.shape and info.grid == hw
+
+
+def test_block_copy_is_independent():
+    blk = _block("varlen")
+    assert copy.deepcopy(blk).cfg == blk.cfg
