@@ -28,8 +28,9 @@ key and anything under or over it), ``axes`` by axis (``null`` removes a parent'
 appended, ``points``/``exclude``/``seeds``/``name``/``description`` replaced when given.
 
 Every trial is ``base`` + one value per axis (or one point) + its seed, resolved with
-``harness.config.trial_from_dict``; its ``name`` is the point's name or ``axis=value,...`` (the same
-for all seeds of a variant, so a report groups by it), its ``plugins`` the absolute specs to load
+``harness.config.trial_from_dict``; its ``name`` is the point's name, or one part per axis joined by
+commas (``ratio=0.25`` for a config key, the bare label for a named axis), the same for all seeds of
+a variant, so a report groups by it, its ``plugins`` the absolute specs to load
 before building it. Anything wrong (an unknown top-level key or config key, a wrong type, a name no
 registry holds, a file that does not exist, an exclude rule that matches nothing, two trials with the
 same config) raises ``GridError`` naming the file, the line and the key and what was expected, before
@@ -580,7 +581,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
             for a, av in zip(axes, combo):
                 diff = _merge_diff(diff, av.diff)
                 labels[a.key] = av.label
-            name = ",".join(f"{short[a.key]}={labels[a.key]}" for a in axes)
+            name = ",".join(labels[a.key] if a.named else f"{short[a.key]}={labels[a.key]}" for a in axes)
             variants.append((name, labels, diff, axes[-1].loc))
     elif not spec.points:
         variants.append((grid_name, {}, dict(spec.base), spec.loc))
@@ -612,6 +613,10 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         name = p.name if p.name is not None else f"point{i}"
         if not isinstance(name, str):
             raise p.loc.error(f"expected a string name, got {name!r}", "name")
+        if not name.strip() or any(c in name for c in "/\\\n"):
+            raise p.loc.error(
+                f"a trial name is a non-empty string without '/', '\\' or newlines, got {name!r}", "name"
+            )
         diff = _merge_diff(spec.base, p.diff)
         kept.append((name, {}, _resolve(diff, over, name, p.loc), p.loc))
 

@@ -121,11 +121,7 @@ def test_named_axis_and_list_values(tmp_path):
     )
     grid = load_grid(path)
     names = [t.name for t in grid.trials]
-    assert names == [
-        "selection=topk50,spa_stages=4",
-        "selection=topk50,spa_stages=3-4",
-        "selection=gate_nosup,spa_stages=3-4",
-    ]
+    assert names == ["topk50,spa_stages=4", "topk50,spa_stages=3-4", "gate_nosup,spa_stages=3-4"]
     assert grid.trials[2].model.spa.supervision == "none" and grid.trials[2].model.spa_stages == (3, 4)
 
 
@@ -306,6 +302,12 @@ BAD = {
     "duplicate YAML key": (BASE + "  preset: tiny\n", 4, "base.preset", "duplicate key"),
     "YAML syntax": (BASE + "axes: {model.spa.ratio: [0.5}\n", 4, None, "not valid YAML"),
     "not a mapping": ("- a\n- b\n", 1, None, "a grid is a mapping"),
+    "trial name with a slash": (
+        BASE + "points:\n  - {name: a/b, model.variant: dense}\n",
+        5,
+        "name",
+        "without '/'",
+    ),
     "name not a string": (BASE + "name: [a]\n", 4, "name", "expected a string"),
 }
 
