@@ -58,11 +58,12 @@ def select_feature_norm(scores: Tensor, *, cfg: SPAConfig, training: bool, gener
     """scores (B, N) -> the ``round(cfg.ratio * N)`` best of every image; weight undoes sigmoid(s)."""
     if not 0.0 <= cfg.ratio <= 1.0:
         raise ValueError(f"selection ratio must be in [0, 1], got {cfg.ratio}")
-    B, N = scores.shape
+    N = int(scores.shape[1])  # int(): under fvcore's tracer the shape may be a tensor
     k = min(N, max(0, round(cfg.ratio * N)))
     s = scores.detach()
-    mask = torch.zeros((B, N), dtype=torch.bool, device=s.device)
+    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
     if k > 0:
-        mask.scatter_(1, s.topk(k, dim=1).indices, True)
+        idx = s.topk(k, dim=1).indices  # (B, k)
+        mask = mask.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))
     weight = torch.where(mask, 1.0 / torch.sigmoid(s.float()), torch.ones_like(s, dtype=torch.float32))
     return Selection(mask=mask, counts=mask.sum(1, dtype=torch.int64), weight=weight)
