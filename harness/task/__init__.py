@@ -1,0 +1,1 @@
+"""The detection task the harness trains and evaluates variants on: data, head, metrics, training."""

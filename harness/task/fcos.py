@@ -1,0 +1,245 @@
+"""A small FCOS head (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", 2019).
+
+Anchor-free: every location of every level predicts class scores (sigmoid, focal loss), the
+distances to the four sides of its box (GIoU loss) and a centerness (BCE) that down-weights
+off-centre predictions at test time. The levels are the backbone stages the head reads, merged
+top-down as in an FPN. Targets use FCOS's size ranges per level (a level of stride ``s`` takes
+boxes whose largest side distance lies in ``(4s, 8s]``; the first level takes everything smaller,
+the last everything larger) and centre sampling (radius 1.5 strides); a box that no location
+would learn from (smaller than a stride) gets the location nearest its centre.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FCOSHead", "fcos_targets", "fcos_loss", "fcos_postprocess", "level_points", "nms", "box_iou"]
+
+
+def _groups(c: int) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
+
+
+class FCOSHead(nn.Module):
+    """``forward(features: list[(B, C_l, H_l, W_l)]) -> (cls [(B, K, H_l, W_l)], ltrb [(B, 4, H_l, W_l)]
+    in pixels, centerness [(B, 1, H_l, W_l)])``, levels ordered fine to coarse."""
+
+    def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, channels: int = 64,
+                 num_convs: int = 2, prior_prob: float = 0.01) -> None:
+        super().__init__()
+        if len(in_channels) != len(strides):
+            raise ValueError(f"one stride per input level: got {len(in_channels)} levels, {len(strides)} strides")
+        self.strides = list(strides)
+        self.num_classes = num_classes
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+
+        def tower() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for _ in range(num_convs):
+                layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels),
+                           nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers)
+
+        self.cls_tower, self.reg_tower = tower(), tower()
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
+        self.scales = nn.Parameter(torch.ones(len(strides)))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        for lat in self.lateral:  # lateral convs see backbone features of any scale: keep their gain
+            nn.init.kaiming_uniform_(lat.weight, a=1)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        lat = [conv(f) for conv, f in zip(self.lateral, features)]
+        for i in range(len(lat) - 2, -1, -1):  # top-down: coarse context into finer levels
+            lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
+        cls, ltrb, ctr = [], [], []
+        for i, p in enumerate(lat):
+            p = self.smooth[i](p)
+            c, r = self.cls_tower(p), self.reg_tower(p)
+            cls.append(self.cls_logits(c))
+            # Distances in units of the stride, exp keeps them positive; clamped so a bad step cannot overflow.
+            ltrb.append(torch.exp((self.scales[i] * self.bbox_pred(r)).float().clamp(max=10.0)) * self.strides[i])
+            ctr.append(self.centerness(r))
+        return cls, ltrb, ctr
+
+
+def level_points(shapes: list[tuple[int, int]], strides: list[int], device: torch.device) -> list[torch.Tensor]:
+    """Centres of every location per level: ``[(H_l * W_l, 2)]`` (x, y) pixels, row-major."""
+    out = []
+    for (h, w), s in zip(shapes, strides):
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        out.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], 1))
+    return out
+
+
+def _ranges(strides: list[int]) -> list[tuple[float, float]]:
+    his = [8.0 * s for s in strides[:-1]] + [math.inf]
+    los = [0.0] + his[:-1]
+    return list(zip(los, his))
+
+
+def fcos_targets(points: list[torch.Tensor], strides: list[int], boxes: torch.Tensor, labels: torch.Tensor,
+                 radius: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's targets over all levels' points (concatenated, ``P`` in all).
+
+    ``boxes (M, 4)`` xyxy pixels, ``labels (M,)``. Returns ``cls (P,)`` int64 (-1 background) and
+    ``box (P, 4)`` the assigned ground-truth box (xyxy) of each location (zeros for background)."""
+    pts = torch.cat(points)  # (P, 2)
+    p = pts.shape[0]
+    if boxes.numel() == 0:
+        return torch.full((p,), -1, dtype=torch.int64, device=pts.device), pts.new_zeros(p, 4)
+    boxes = boxes.to(pts)
+    per_level = [len(x) for x in points]
+    stride = torch.cat([pts.new_full((n,), float(s)) for n, s in zip(per_level, strides)])  # (P,)
+    lo_hi = torch.cat([pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, _ranges(strides))])  # (P, 2)
+    x, y = pts[:, 0:1], pts[:, 1:2]  # (P, 1)
+    ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], -1)  # (P, M, 4)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2  # (M,)
+    r = radius * stride[:, None]  # (P, 1)
+    in_centre = ((x > torch.maximum(boxes[:, 0], cx - r)) & (x < torch.minimum(boxes[:, 2], cx + r))
+                 & (y > torch.maximum(boxes[:, 1], cy - r)) & (y < torch.minimum(boxes[:, 3], cy + r)))  # (P, M)
+    reach = ltrb.max(-1).values  # (P, M)
+    in_range = (reach > lo_hi[:, 0:1]) & (reach <= lo_hi[:, 1:2])
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand(p, -1)  # (P, M)
+    cand = in_centre & in_range
+
+    # A box no location learns from (smaller than a stride, or between points) gets the location
+    # nearest its centre on the level its size belongs to.
+    orphans = (~cand.any(0)).nonzero().flatten().tolist()
+    if orphans:
+        half = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
+        offsets = np.cumsum([0] + per_level)
+        for m in orphans:
+            lvl = next(i for i, (lo, hi) in enumerate(_ranges(strides)) if half[m] <= hi)
+            a, b = int(offsets[lvl]), int(offsets[lvl + 1])
+            d = (pts[a:b, 0] - cx[m]) ** 2 + (pts[a:b, 1] - cy[m]) ** 2
+            cand[a + int(d.argmin()), m] = True
+
+    area = torch.where(cand, area, torch.full_like(area, math.inf))
+    best, idx = area.min(1)  # the smallest box wins an ambiguous location
+    pos = torch.isfinite(best)
+    cls = torch.where(pos, labels.to(pts.device)[idx], torch.full_like(idx, -1))
+    box = torch.where(pos[:, None], boxes[idx], torch.zeros_like(boxes[idx]))
+    return cls, box
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes ``a (N, 4)``, ``b (M, 4)`` -> ``(N, M)``."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None] - inter).clamp(min=1e-9)
+
+
+def _giou_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """``1 - GIoU`` of matched xyxy boxes ``(n, 4)`` -> ``(n,)``."""
+    lt = torch.maximum(pred[:, :2], gt[:, :2])
+    rb = torch.minimum(pred[:, 2:], gt[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = (pred[:, 2:] - pred[:, :2]).prod(-1) + (gt[:, 2:] - gt[:, :2]).prod(-1) - inter
+    iou = inter / union.clamp(min=1e-6)
+    hull = (torch.maximum(pred[:, 2:], gt[:, 2:]) - torch.minimum(pred[:, :2], gt[:, :2])).prod(-1)
+    return 1 - iou + (hull - union) / hull.clamp(min=1e-6)
+
+
+def _focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    return (ce * (1 - p_t) ** gamma * (alpha * target + (1 - alpha) * (1 - target))).sum()
+
+
+def _flatten(levels: list[torch.Tensor]) -> torch.Tensor:
+    """``[(B, D, H_l, W_l)] -> (B, P, D)``, row-major within a level, levels in order."""
+    return torch.cat([x.flatten(2).transpose(1, 2) for x in levels], 1)
+
+
+def fcos_loss(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: list[torch.Tensor], strides: list[int],
+              targets: list[dict]) -> dict[str, torch.Tensor]:
+    """Focal (classes) + GIoU (boxes) + BCE (centerness), each normalised by the number of positive
+    locations in the batch. ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
+    points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
+    pts = torch.cat(points)
+    cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
+    tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"]) for t in targets))
+    tcls, tbox = torch.stack(tc), torch.stack(tb)  # (B, P), (B, P, 4)
+    pos = tcls >= 0
+    num_pos = max(1.0, float(pos.sum()))
+    onehot = torch.zeros_like(cls_f)
+    onehot[pos] = F.one_hot(tcls[pos], cls_f.shape[-1]).to(onehot)
+    loss_cls = _focal_loss(cls_f, onehot) / num_pos
+    if not pos.any():
+        zero = cls_f.sum() * 0 + ltrb_f.sum() * 0 + ctr_f.sum() * 0  # keeps every output in the graph
+        return {"cls": loss_cls, "box": zero, "ctr": zero, "num_pos": torch.tensor(0.0)}
+    p_xy = pts[None].expand(len(targets), -1, -1)[pos]  # (n, 2)
+    d = ltrb_f[pos]  # (n, 4)
+    pred_box = torch.cat([p_xy - d[:, :2], p_xy + d[:, 2:]], 1)
+    gt = tbox[pos]
+    loss_box = _giou_loss(pred_box, gt).sum() / num_pos
+    lr_ = torch.stack([p_xy[:, 0] - gt[:, 0], gt[:, 2] - p_xy[:, 0]], 1).clamp(min=0)
+    tb_ = torch.stack([p_xy[:, 1] - gt[:, 1], gt[:, 3] - p_xy[:, 1]], 1).clamp(min=0)
+    centerness = torch.sqrt((lr_.min(1).values / lr_.max(1).values.clamp(min=1e-6))
+                            * (tb_.min(1).values / tb_.max(1).values.clamp(min=1e-6)))
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr_f[pos], centerness, reduction="sum") / num_pos
+    return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr, "num_pos": torch.tensor(num_pos)}
+
+
+@torch.no_grad()
+def fcos_postprocess(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: list[torch.Tensor], strides: list[int],
+                     image_size: tuple[int, int], *, score_thresh: float = 0.05, nms_thresh: float = 0.6,
+                     max_detections: int = 100, pre_nms: int = 1000) -> list[dict[str, torch.Tensor]]:
+    """Per image: ``boxes (n, 4)`` xyxy pixels of the network's input (clipped to ``image_size``
+    (h, w)), ``scores (n,)`` = sqrt(class prob * centerness), ``labels (n,)`` 0-based; class-wise NMS."""
+    points = torch.cat(level_points([x.shape[-2:] for x in cls], strides, cls[0].device))
+    prob = torch.sqrt(torch.sigmoid(_flatten(cls).float()) * torch.sigmoid(_flatten(ctr).float()))  # (B, P, K)
+    dist = _flatten(ltrb).float()  # (B, P, 4)
+    h, w = image_size
+    num_classes = prob.shape[-1]
+    out = []
+    for b in range(prob.shape[0]):
+        scores = prob[b].flatten()  # (P * K,)
+        keep = (scores > score_thresh).nonzero().flatten()
+        if keep.numel() > pre_nms:
+            keep = keep[scores[keep].topk(pre_nms).indices]
+        s = scores[keep]
+        loc, label = keep // num_classes, keep % num_classes
+        p, d = points[loc], dist[b, loc]
+        boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        idx = nms(boxes, s, nms_thresh, groups=label)[:max_detections]
+        out.append({"boxes": boxes[idx], "scores": s[idx], "labels": label[idx]})
+    return out
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy non-maximum suppression (within each group, e.g. class): indices kept, by falling score."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if groups is not None:  # push each group's boxes apart so they never overlap another group's
+        boxes = boxes + (groups.to(boxes) * (boxes.max() + 1))[:, None]
+    order = scores.argsort(descending=True)
+    iou = box_iou(boxes[order], boxes[order]).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i] > iou_thresh
+    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]
