@@ -533,18 +533,33 @@ def _check(key: str, v: _Val) -> None:
         raise v.loc.error(str(e), key) from None
     except KeyError as e:
         raise v.loc.error(str(e.args[0]) if e.args else str(e), key) from None
+    if isinstance(v.value, dict):  # e.g. an axis over ``model.spa`` mappings: check the names inside
+        for sub, value in _flat(v.value, key).items():
+            _check_name(sub, _Val(value, v.loc), key)
+    _check_name(key, v, key)
+
+
+def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) and v else {f"{prefix}.{k}": v})
+    return out
+
+
+def _check_name(key: str, v: _Val, where: str) -> None:
+    """A value that names a registry entry (or one of a fixed set of choices) names one that exists."""
     if key in _NAMED_VALUES:
         reg = _NAMED_VALUES[key]
         if len(reg) and v.value not in reg:  # an empty registry: spa_core has not registered yet
             raise v.loc.error(
                 f"unknown {reg.name} {v.value!r}; registered: {', '.join(reg) or 'nothing'} "
                 f"(plugins add more: `plugins:` in the grid, --plugin, or an entry point)",
-                key,
+                where,
             )
     if key in _CHOICES:
         what, choices = _CHOICES[key]
         if v.value not in choices:
-            raise v.loc.error(f"unknown {what} {v.value!r}; expected one of: {', '.join(choices)}", key)
+            raise v.loc.error(f"unknown {what} {v.value!r}; expected one of: {', '.join(choices)}", where)
 
 
 def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:

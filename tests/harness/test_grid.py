@@ -225,6 +225,12 @@ BAD = {
         "model.spa.selection",
         "unknown selection_policy 'magic'; registered:",
     ),
+    "unknown gate inside a mapping value": (
+        BASE + "axes:\n  model.spa:\n    - {gate: linear}\n    - {gate: mlp}\n",
+        7,
+        "model.spa",
+        "unknown gate 'mlp'; registered:",
+    ),
     "unknown pack strategy": (
         BASE + "  model.spa.pack: zip\n",
         4,
