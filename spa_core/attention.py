@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.varlen_attention import varlen_attention
+from kernels import varlen_attention
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 
 __all__ = ["packed_attention", "containers_dense_attention", "PackedAttention"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.pack import pack_tokens, unpack_tokens
+from kernels import pack_tokens, unpack_tokens
 from spa_core.attention import PackedAttention
 from spa_core.config import SPAConfig
 from spa_core.gate import resize_scores

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.pack import pack_tokens, unpack_tokens
-from kernels.seqlens import container_seqlens, cu_seqlens_from_counts
+from kernels import container_seqlens, cu_seqlens_from_counts, pack_tokens, unpack_tokens
 from spa_core.config import SPAConfig
 from spa_core.registry import PACK_STRATEGIES
 

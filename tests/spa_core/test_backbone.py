@@ -1,0 +1,124 @@
+"""spa_core/backbone.py: shapes of SPA vs dense for the presets, per-block infos, odd image sizes,
+multiply-adds falling with fewer kept tokens, and an import that stays free of Ray and DeepSpeed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from spa_core.backbone import BackboneFeatures, SPABackbone, build_backbone, stage_grids
+from spa_core.block import SPABlock, SwinBlock
+from spa_core.config import SPAConfig, backbone_preset
+from spa_core.registry import MODEL_VARIANTS
+
+
+def _build(name="tiny", **kw):
+    torch.manual_seed(0)
+    return build_backbone(backbone_preset(name, **kw)).eval()
+
+
+def _shapes(out):
+    return [tuple(f.shape) for f in out.features]
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (70, 45)])
+def test_tiny_spa_and_dense_shapes(hw):
+    x = torch.randn(2, 3, *hw)
+    spa, dense = _build(variant="spa"), _build(variant="dense")
+    with torch.no_grad():
+        o_spa, o_dense = spa(x), dense(x)
+    grids = stage_grids(hw, 4)
+    expect = [(2, c, *g) for c, g in zip(spa.stage_channels, grids)]
+    assert _shapes(o_spa) == _shapes(o_dense) == expect
+    assert spa.stage_channels == dense.stage_channels == [32, 64, 128, 256]
+    assert o_dense.blocks == []
+    # tiny: depths (1, 1, 2, 1), SPA stages 3-4 -> 3 SPA blocks in forward order
+    assert [(b.stage, b.index, b.grid) for b in o_spa.blocks] == [(3, 0, grids[2]), (3, 1, grids[2]), (4, 0, grids[3])]
+    assert spa.label_grids(hw) == [grids[2], grids[3]]
+    for b in o_spa.blocks:
+        N = b.grid[0] * b.grid[1]
+        assert b.logits.shape == b.mask.shape == (2, N) and b.mask.dtype == torch.bool
+        assert torch.equal(b.counts, b.mask.sum(1))
+        torch.testing.assert_close(b.kept_fraction, b.mask.float().mean())
+
+
+def test_swin_t_forward_224():
+    x = torch.randn(1, 3, 224, 224)
+    for variant in ("spa", "dense"):
+        model = _build("swin_t", variant=variant)
+        with torch.no_grad():
+            out = model(x)
+        assert _shapes(out) == [(1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+        assert len(out.blocks) == (8 if variant == "spa" else 0)  # 6 in stage 3, 2 in stage 4
+
+
+def test_config_places_spa_blocks():
+    def kinds(model):
+        return [[type(b).__name__[0] for b in stage] for stage in model.stages]  # S(PA) / S(win) initials
+
+    m = _build(spa_stages=(2, 3, 4), extra_stage3_blocks=2)
+    assert [[isinstance(b, SPABlock) for b in s] for s in m.stages] == [[False], [True], [True] * 4, [True]]
+    assert [[b.shift for b in s] for s in m.stages] == [[0], [0], [0, 2, 0, 2], [0]]
+    m = _build(spa_stages=(4,))
+    assert all(isinstance(b, SwinBlock) for s in m.stages[:3] for b in s) and isinstance(m.stages[3][0], SPABlock)
+    for dense in (_build(variant="dense"), _build(spa=None), _build(spa_stages=())):
+        assert not any(isinstance(b, SPABlock) for b in dense.modules())
+    assert kinds(m)
+
+
+def test_registered_variants_build():
+    assert {"spa", "dense"} <= set(MODEL_VARIANTS)
+    for name in MODEL_VARIANTS:
+        assert isinstance(MODEL_VARIANTS.get(name)(backbone_preset("micro")), SPABackbone)
+    with pytest.raises(KeyError, match="model_variant"):
+        build_backbone(backbone_preset("micro", variant="nope"))
+
+
+def test_training_forward_backward_with_drop_path():
+    torch.manual_seed(0)
+    model = build_backbone(backbone_preset("micro", drop_path_rate=0.3)).train()
+    out = model(torch.randn(2, 3, 48, 40))
+    sum(f.mean() for f in out.features).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "gate" in n)
+
+
+def _macs(model, x):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() // 2  # torch counts 2 flops per multiply-add
+
+
+def test_multiply_adds_fall_as_fewer_tokens_are_kept():
+    x = torch.randn(2, 3, 128, 128)
+    macs = [_macs(_build(spa=SPAConfig(selection="topk", ratio=r)), x) for r in (1.0, 0.5, 0.1, 0.0)]
+    assert macs[0] > macs[1] > macs[2] > macs[3], macs
+    # the gate's own threshold: a stricter threshold keeps fewer tokens and costs less
+    macs_gate = [_macs(_build(spa=SPAConfig(selection="gate", threshold=t)), x) for t in (0.01, 0.99)]
+    assert macs_gate[0] > macs_gate[1], macs_gate
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fvcore_traces_the_backbone():
+    from fvcore.nn import FlopCountAnalysis
+
+    x = torch.randn(1, 3, 64, 64)
+    totals = []
+    for r in (1.0, 0.25):
+        model = BackboneFeatures(_build("micro", spa=SPAConfig(selection="topk", ratio=r)))
+        fa = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        totals.append(fa.total())
+    assert totals[0] > totals[1] > 0
+
+
+def test_import_does_not_pull_ray_or_deepspeed():
+    code = (
+        "import sys, spa_core, spa_core.backbone, spa_core.loss; "
+        "bad = [m for m in ('ray', 'deepspeed', 'harness') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))

@@ -1,0 +1,30 @@
+"""spa_core/gate.py: the linear scorer and its fusion with the previous block's scores."""
+
+from __future__ import annotations
+
+import torch
+
+from spa_core.config import SPAConfig
+from spa_core.gate import LinearGate, resize_scores
+from spa_core.registry import GATES
+
+
+def test_linear_gate_fuses_by_elementwise_max():
+    assert GATES.get("linear") is LinearGate
+    g = LinearGate(8, SPAConfig())
+    x = torch.randn(2, 5, 8)
+    own = g(x)
+    assert own.shape == (2, 5)
+    torch.testing.assert_close(own, x @ g.score.weight[0] + g.score.bias)
+    prev = torch.zeros(2, 5)
+    torch.testing.assert_close(g(x, prev), torch.maximum(own, prev))
+
+
+def test_resize_scores_down_by_max_and_up_by_nearest():
+    s = torch.arange(16.0).view(1, 4, 4)
+    assert resize_scores(s, (4, 4)).shape == (1, 16)
+    assert resize_scores(s, (2, 2)).view(2, 2).tolist() == [[5.0, 7.0], [13.0, 15.0]]
+    up = resize_scores(torch.tensor([[[1.0, 2.0]]]), (2, 4)).view(2, 4)
+    assert up.tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
+    odd = resize_scores(torch.arange(9.0).view(1, 3, 3), (2, 2)).view(2, 2)  # a padded-merge grid
+    assert odd.tolist() == [[4.0, 5.0], [7.0, 8.0]]
