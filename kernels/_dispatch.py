@@ -1,0 +1,58 @@
+"""Which implementation runs an op: one switch for every op in ``kernels``.
+
+``impl`` argument > ``SPA_ATTN_IMPL`` environment variable > ``"auto"``.
+
+- ``"auto"``: Triton for CUDA tensors when Triton imports, else the fast torch path;
+- ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests);
+- ``"torch"``: the fast torch path (the CPU path; also runs on GPU);
+- ``"ref"``: the plain reference (per-sequence loops, explicit softmax), for tests and debugging.
+
+Triton is imported lazily, only when a Triton implementation runs, so ``import kernels`` needs neither
+Triton nor a GPU, and ``TRITON_INTERPRET`` can still be set after ``import kernels``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["IMPLS", "ENV_VAR", "resolve_impl", "triton_available"]
+
+IMPLS = ("auto", "triton", "torch", "ref")
+ENV_VAR = "SPA_ATTN_IMPL"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str | None, *tensors: torch.Tensor) -> str:
+    """Resolve ``impl`` to one of ``"triton"``, ``"torch"``, ``"ref"`` for the given tensors."""
+    name = impl if impl is not None else os.environ.get(ENV_VAR, "auto")
+    name = name.strip().lower()
+    if name not in IMPLS:
+        src = "impl argument" if impl is not None else f"environment variable {ENV_VAR}"
+        raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
+    on_cuda = any(t.is_cuda for t in tensors)
+    if name == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' requested but triton is not importable; use 'torch' or 'auto'")
+        if not on_cuda and not _interpret():
+            raise RuntimeError(
+                "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+    return name

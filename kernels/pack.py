@@ -1,0 +1,155 @@
+"""Pack (gather the selected tokens of a batch into one packed tensor) and unpack (scatter them back,
+optionally adding to a residual), forward and backward: SPA's "pack" step (arXiv 2410.23608).
+
+Layering as in ../shared/STYLE.md: ``*_ref`` (also the torch path) -> Triton kernel and checked
+launcher (``kernels/pack_triton.py``, imported lazily) -> ``torch.library.custom_op`` with its autograd
+formula (the ``autograd.Function``; a custom op also shows up by name, ``spa::pack_tokens``, in
+``torch.jit.trace`` graphs, which fvcore counts) -> public function.
+
+Token indices are flat row ids into ``x.view(B * N, C)``; they must be unique (they name selected
+tokens), which makes unpack a plain scatter with no write conflicts and pack's gradient an unpack.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._dispatch import resolve_impl
+
+__all__ = ["pack_tokens", "unpack_tokens", "pack_tokens_ref", "unpack_tokens_ref"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference (this is also the torch path: index_select / index_copy are already single fused kernels)
+
+
+def pack_tokens_ref(x: Tensor, indices: Tensor) -> Tensor:
+    """x: (R, C); indices: (T,) int64 -> (T, C) = x[indices]."""
+    return x.index_select(0, indices)
+
+
+def unpack_tokens_ref(packed: Tensor, indices: Tensor, base: Tensor, add: bool = False) -> Tensor:
+    """packed: (T, C); indices: (T,) unique int64; base: (R, C) -> (R, C), out of place."""
+    if add:
+        return base.index_add(0, indices, packed)
+    return base.index_copy(0, indices, packed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops (the autograd layer)
+
+
+@torch.library.custom_op("spa::pack_tokens", mutates_args=())
+def _pack_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
+    if impl == "triton":
+        from kernels.pack_triton import pack_tokens_triton
+
+        return pack_tokens_triton(x, indices)
+    return pack_tokens_ref(x, indices)
+
+
+@_pack_op.register_fake
+def _(x, indices, impl):
+    return x.new_empty(indices.shape[0], x.shape[1])
+
+
+def _pack_setup(ctx, inputs, output):
+    x, indices, impl = inputs
+    ctx.save_for_backward(indices)
+    ctx.x_shape = x.shape
+    ctx.impl = impl
+
+
+def _pack_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    zeros = grad.new_zeros(ctx.x_shape)
+    return _unpack_op(grad, indices, zeros, False, ctx.impl), None, None
+
+
+_pack_op.register_autograd(_pack_backward, setup_context=_pack_setup)
+
+
+@torch.library.custom_op("spa::unpack_tokens", mutates_args=())
+def _unpack_op(packed: Tensor, indices: Tensor, base: Tensor, add: bool, impl: str) -> Tensor:
+    if impl == "triton":
+        from kernels.pack_triton import unpack_tokens_triton
+
+        return unpack_tokens_triton(packed, indices, base, add)
+    return unpack_tokens_ref(packed, indices, base, add)
+
+
+@_unpack_op.register_fake
+def _(packed, indices, base, add, impl):
+    return torch.empty_like(base)
+
+
+def _unpack_setup(ctx, inputs, output):
+    packed, indices, base, add, impl = inputs
+    ctx.save_for_backward(indices)
+    ctx.add = add
+    ctx.impl = impl
+    ctx.packed_shape = packed.shape
+
+
+def _unpack_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    d_packed = _pack_op(grad, indices, ctx.impl)
+    if ctx.add:
+        d_base = grad
+    else:  # replaced rows did not come from base
+        d_base = _unpack_op(grad.new_zeros(ctx.packed_shape), indices, grad, False, ctx.impl)
+    return d_packed, None, d_base, None, None
+
+
+_unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public functions
+
+
+def _check_indices(indices: Tensor, device: torch.device) -> Tensor:
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be 1-D (T,), got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"indices on {indices.device} but tokens on {device}")
+    return indices.to(torch.int64)
+
+
+def pack_tokens(x: Tensor, indices: Tensor, *, impl: str | None = None) -> Tensor:
+    """Gather selected token rows.
+
+    x: (B*N, C) tokens; indices: (T,) int64 unique row ids into x (image-major order gives the
+    varlen / container layouts of ``kernels.seqlens``). Returns packed: (T, C). Differentiable in x.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be (B*N, C), got shape {tuple(x.shape)}")
+    indices = _check_indices(indices, x.device)
+    return _pack_op(x, indices, resolve_impl(impl, x))
+
+
+def unpack_tokens(
+    packed: Tensor, indices: Tensor, base: Tensor, *, add: bool = False, impl: str | None = None
+) -> Tensor:
+    """Scatter packed rows back, out of place.
+
+    packed: (T, C); indices: (T,) int64 unique row ids into base; base: (B*N, C).
+    Returns (B*N, C): ``base`` with rows ``indices`` replaced by ``packed`` (``base[indices] + packed``
+    when ``add``), all other rows unchanged (unselected tokens pass through). Differentiable in packed
+    and base. ``packed`` is cast to ``base.dtype``.
+    """
+    if packed.dim() != 2 or base.dim() != 2:
+        raise ValueError(f"packed and base must be 2-D, got {tuple(packed.shape)} and {tuple(base.shape)}")
+    if packed.shape[1] != base.shape[1]:
+        raise ValueError(f"channel mismatch: packed {tuple(packed.shape)} vs base {tuple(base.shape)}")
+    indices = _check_indices(indices, base.device)
+    if indices.numel() != packed.shape[0]:
+        raise ValueError(f"{indices.numel()} indices for {packed.shape[0]} packed rows")
+    if packed.device != base.device:
+        raise ValueError(f"packed on {packed.device} but base on {base.device}")
+    if packed.dtype != base.dtype:
+        packed = packed.to(base.dtype)
+    return _unpack_op(packed, indices, base, bool(add), resolve_impl(impl, packed, base))

@@ -1,0 +1,82 @@
+"""Sequence layouts of packed tokens: ``cu_seqlens`` for one sequence per image, and the paper's
+containers (SPA, arXiv 2410.23608) expressed as varlen sequences.
+
+Packed tokens are the selected tokens of all images written one after another, image by image
+(``kernels.pack.pack_tokens``). A container of length ``L`` with its block-diagonal mask is exactly a
+varlen batch whose sequences are the runs of one image's tokens inside one container, so both layouts
+are only different ``cu_seqlens`` over the same packed tensor (../shared/DESIGN.md, "Equivalence").
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
+
+
+def _as_counts(counts) -> torch.Tensor:
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 1:
+        raise ValueError(f"counts must be 1-D (one count per image), got shape {tuple(counts.shape)}")
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
+    if counts.numel() and bool((counts < 0).any()):
+        raise ValueError("counts must be non-negative")
+    return counts.to(torch.int64)
+
+
+def cu_seqlens_from_counts(counts) -> tuple[torch.Tensor, int]:
+    """One sequence per image.
+
+    counts: (B,) integer, tokens kept per image (0 allowed).
+    Returns ``cu_seqlens: (B+1,) int32`` on the device of ``counts`` and ``max_seqlen`` (a Python
+    int, 0 for an empty batch).
+    """
+    counts = _as_counts(counts)
+    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    if counts.numel():
+        torch.cumsum(counts, 0, out=cu[1:])  # cumsum casts into the int32 output
+    max_seqlen = int(counts.max()) if counts.numel() else 0
+    return cu, max_seqlen
+
+
+def container_seqlens(counts, container_len: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """The paper's containers as varlen sequences.
+
+    The kept tokens of the images are written one after another into containers of ``container_len``
+    (L) slots; a sequence is a run of one image's tokens inside one container, i.e. the packed token
+    stream is cut at every image boundary and at every multiple of L. Images that keep nothing produce
+    no sequence.
+
+    counts: (B,) integer; container_len: L >= 1.
+    Returns ``cu_seqlens: (S+1,) int32``, ``max_seqlen`` (int, <= L), ``seq_image: (S,) int64`` (the
+    image of each sequence) and ``seq_container: (S,) int64`` (its container, ``start // L``). The
+    number of containers is ``ceil(T / L)``; only the last one is partly empty.
+    """
+    if int(container_len) < 1:
+        raise ValueError(f"container_len must be >= 1, got {container_len}")
+    L = int(container_len)
+    counts = _as_counts(counts)
+    device = counts.device
+    ends = torch.cumsum(counts, 0)  # (B,) image end offsets in the packed stream
+    total = int(ends[-1]) if counts.numel() else 0
+    cuts = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.int64, device=device),
+            ends,
+            torch.arange(0, total, L, dtype=torch.int64, device=device),
+        ]
+    )
+    cuts = torch.unique(cuts)  # sorted; an empty image only repeats a cut
+    starts = cuts[:-1]
+    lengths = cuts[1:] - starts
+    seq_image = torch.searchsorted(ends, starts, right=True)  # first image whose end is past start
+    seq_container = torch.div(starts, L, rounding_mode="floor")
+    max_seqlen = int(lengths.max()) if lengths.numel() else 0
+    return cuts.to(torch.int32), max_seqlen, seq_image, seq_container
+
+
+def seqlen_sq_sum(cu_seqlens: torch.Tensor) -> int:
+    """Sum over sequences of n_i^2 (what attention FLOPs scale with). Syncs when on a GPU."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return int((lengths * lengths).sum()) if lengths.numel() else 0
