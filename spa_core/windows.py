@@ -58,12 +58,16 @@ def _window_order_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
     return order[order >= 0].contiguous()
 
 
+@lru_cache(maxsize=256)
+def _window_order_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
+    return _window_order_cpu(H, W, window, shift).to(device)
+
+
 def window_order(hw: tuple[int, int], window: int, shift: int = 0, device=None) -> Tensor:
     """Raster token ids ``(N,) int64`` (``N = H*W``) listed window by window (each window in raster
     order) after the cyclic shift; padding positions are left out, so this is a permutation of
-    ``range(N)``."""
-    order = _window_order_cpu(int(hw[0]), int(hw[1]), int(window), int(shift))
-    return order.to(device) if device is not None else order
+    ``range(N)``. Cached per geometry and device (do not modify the result in place)."""
+    return _window_order_on(int(hw[0]), int(hw[1]), int(window), int(shift), torch.device(device or "cpu"))
 
 
 @lru_cache(maxsize=64)
@@ -83,5 +87,9 @@ def shifted_window_mask(padded_hw: tuple[int, int], win: tuple[int, int], sft: t
     brought together from different regions (they must not attend). None when not shifted."""
     if not any(sft):
         return None
-    m = _shifted_window_mask_cpu(*padded_hw, *win, *sft)
-    return m.to(device) if device is not None else m
+    return _shifted_window_mask_on(*padded_hw, *win, *sft, torch.device(device or "cpu"))
+
+
+@lru_cache(maxsize=64)
+def _shifted_window_mask_on(Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int, device: torch.device) -> Tensor:
+    return _shifted_window_mask_cpu(Hp, Wp, Mh, Mw, sh, sw).to(device)

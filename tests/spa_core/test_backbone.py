@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import kernels
 from spa_core.backbone import BackboneFeatures, SPABackbone, build_backbone, stage_grids
 from spa_core.block import SPABlock, SwinBlock
 from spa_core.config import SPAConfig, backbone_preset
@@ -86,20 +87,36 @@ def test_training_forward_backward_with_drop_path():
     assert all(p.grad is not None for n, p in model.named_parameters() if "gate" in n)
 
 
-def _macs(model, x):
+def _macs(model, x, op=None):
+    kernels.register_flop_handles()  # varlen attention and CPU SDPA formulas for flop_counter
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
-    return counter.get_total_flops() // 2  # torch counts 2 flops per multiply-add
+    if op is None:
+        return counter.get_total_flops() // 2  # torch counts 2 flops per multiply-add
+    return sum(v for k, v in counter.get_flop_counts()["Global"].items() if op in str(k)) // 2
 
 
 def test_multiply_adds_fall_as_fewer_tokens_are_kept():
     x = torch.randn(2, 3, 128, 128)
-    macs = [_macs(_build(spa=SPAConfig(selection="topk", ratio=r)), x) for r in (1.0, 0.5, 0.1, 0.0)]
+    models = [_build(spa=SPAConfig(selection="topk", ratio=r)) for r in (1.0, 0.5, 0.1, 0.0)]
+    macs = [_macs(m, x) for m in models]
     assert macs[0] > macs[1] > macs[2] > macs[3], macs
+    attn = [_macs(m, x, "varlen_attention") for m in models]  # the SPA attention itself
+    assert attn[0] > attn[1] > attn[2] > attn[3] == 0, attn
     # the gate's own threshold: a stricter threshold keeps fewer tokens and costs less
     macs_gate = [_macs(_build(spa=SPAConfig(selection="gate", threshold=t)), x) for t in (0.01, 0.99)]
     assert macs_gate[0] > macs_gate[1], macs_gate
+    # the dense baseline costs about what SPA keeping everything costs (tiny: stage-3/4 maps fit a window)
+    assert abs(_macs(_build(variant="dense"), x) - macs[0]) < 0.01 * macs[0]
+
+
+def test_mask_strategy_saves_nothing_in_attention():
+    x = torch.randn(2, 3, 128, 128)
+    full, half = (_build(spa=SPAConfig(selection="topk", ratio=r, pack="mask")) for r in (1.0, 0.5))
+    sdpa = "scaled_dot_product"  # mask runs SDPA densely over all N tokens, as do the Swin blocks
+    assert _macs(half, x, sdpa) == _macs(full, x, sdpa)
+    assert _macs(half, x) < _macs(full, x)  # only the projections shrink with the kept tokens
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
