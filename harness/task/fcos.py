@@ -222,24 +222,30 @@ def fcos_postprocess(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: lis
         boxes = torch.cat([p - d[:, :2], p + d[:, 2:]], 1)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        idx = nms(boxes, s, nms_thresh, groups=label)[:max_detections]
+        idx = nms(boxes, s, nms_thresh, groups=label, max_keep=max_detections)
         out.append({"boxes": boxes[idx], "scores": s[idx], "labels": label[idx]})
     return out
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy non-maximum suppression (within each group, e.g. class): indices kept, by falling score."""
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, groups: torch.Tensor | None = None,
+        max_keep: int | None = None) -> torch.Tensor:
+    """Greedy non-maximum suppression within each group (e.g. class): the indices kept, by falling
+    score, at most ``max_keep`` (it stops there, which is what makes it cheap)."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    b = boxes.detach().double().cpu().numpy()
     if groups is not None:  # push each group's boxes apart so they never overlap another group's
-        boxes = boxes + (groups.to(boxes) * (boxes.max() + 1))[:, None]
-    order = scores.argsort(descending=True)
-    iou = box_iou(boxes[order], boxes[order]).cpu().numpy()
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i] > iou_thresh
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=order.device)]
+        b = b + (groups.detach().cpu().numpy().astype(np.float64) * (b.max() + 1))[:, None]
+    order = scores.detach().float().cpu().numpy().argsort(kind="stable")[::-1]
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    keep: list[int] = []
+    while order.size and (max_keep is None or len(keep) < max_keep):
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        iw = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        ih = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = iw * ih
+        iou = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
+        order = rest[iou <= iou_thresh]
+    return torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)
