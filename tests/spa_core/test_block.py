@@ -3,14 +3,12 @@ per-container loops), strategies against each other, gradients; the Swin block's
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from spa_core.block import SPABlock, SwinBlock
 from spa_core.config import SPAConfig
-from spa_core.windows import window_order
+from spa_core.windows import effective_window, window_order
 
 PER_IMAGE = ["varlen", "pad", "mask"]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-10)}
@@ -242,6 +240,40 @@ def test_spa_block_on_maps_smaller_than_a_container():
             assert y.shape == x.shape and info.grid == hw
 
 
-def test_block_copy_is_independent():
-    blk = _block("varlen")
-    assert copy.deepcopy(blk).cfg == blk.cfg
+def _swin_reference(blk, x):
+    """Swin's shifted-window block by its definition, densely: token p attends to token q iff, after
+    the cyclic shift of the zero-padded map, both fall in the same window and came from the same
+    region; the bias is the relative position inside the window."""
+    B, H, W, C = x.shape
+    M = blk.window_size
+    (Mh, Mw), (sh, sw) = effective_window((H, W), M, blk.shift)
+    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
+    h = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
+    h[:, :H, :W] = blk.norm1(x)
+    i, j = torch.meshgrid(torch.arange(Hp), torch.arange(Wp), indexing="ij")
+    ri, rj = ((i - sh) % Hp).flatten(), ((j - sw) % Wp).flatten()  # coordinates after the shift
+
+    def region(r, size, m, s):
+        return torch.zeros_like(r) if s == 0 else (r >= size - m).long() + (r >= size - s).long()
+
+    key = torch.stack([ri // Mh, rj // Mw, region(ri, Hp, Mh, sh), region(rj, Wp, Mw, sw)], 1)
+    allowed = (key[:, None] == key[None]).all(-1)  # (P, P)
+    dy = (ri % Mh)[:, None] - (ri % Mh)[None]
+    dx = (rj % Mw)[:, None] - (rj % Mw)[None]
+    bias = blk.attn.relative_position_bias_table[(dy + M - 1) * (2 * M - 1) + dx + M - 1].permute(2, 0, 1)
+    a = blk.attn
+    nh = a.num_heads
+    q, k, v = a.qkv(h.reshape(B, Hp * Wp, C)).view(B, -1, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-1, -2)) * a.scale + bias
+    out = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ v  # (B, nh, P, D)
+    out = a.proj(out.transpose(1, 2).reshape(B, Hp, Wp, C))[:, :H, :W]
+    y = x + out
+    return y + blk.mlp(blk.norm2(y))
+
+
+@pytest.mark.parametrize("hw,shift", [((8, 8), 0), ((8, 8), 2), ((6, 10), 2), ((5, 7), 2), ((3, 9), 2)])
+def test_swin_block_equals_its_definition(hw, shift):
+    blk = _swin(shift)
+    x = torch.randn(2, *hw, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), _swin_reference(blk, x), **TOL[torch.float64])
