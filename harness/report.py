@@ -44,6 +44,7 @@ _METRICS = [
     ("params", re.compile(r"param", re.I), "pct"),
     ("selection", re.compile(r"^(kept_fraction|label_fraction)$", re.I), None),
     ("gate", re.compile(r"^gate_(precision|recall|f1)$", re.I), None),
+    ("loss", re.compile(r"(^|_)loss$", re.I), None),
 ]
 # Not comparison metrics: spreads of a single trial, per-block details, bookkeeping.
 _SKIP = re.compile(
@@ -197,7 +198,7 @@ def _delta_kind(kind: str) -> str | None:
 
 def _inference_time_column(metrics: Mapping[str, str]) -> str | None:
     times = [m for m, k in metrics.items() if k == "time"]
-    for pat in (r"(infer|forward|eval).*(median)", r"(infer|forward|eval)", r"median"):
+    for pat in (r"(infer|forward).*median", r"(infer|forward)", r"median"):
         hit = [m for m in times if re.search(pat, m, re.I) and not re.search(r"train|wall|overhead", m, re.I)]
         if hit:
             return hit[0]
@@ -494,7 +495,8 @@ def _failures_md(report: Report) -> list[str]:
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}
+.wide{overflow-x:auto}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .plots img{max-width:560px;margin:0 1em 1em 0;border:1px solid #ddd}
 .note{color:#8a4b00}
@@ -508,11 +510,11 @@ def _html(report: Report, images: Mapping[str, bytes]) -> str:
         f"<style>{_CSS}</style></head><body>",
         "<h1>SPA vs dense: comparison</h1>",
         f"<p>{esc(_baseline_line(report))}</p>",
-        _display(report, report.table).to_html(border=0),
+        _table_html(_display(report, report.table)),
     ]
     for axis, t in report.axes.items():
         parts += [f"<h2>Axis <code>{esc(axis)}</code> (others at their base value)</h2>",
-                  _display(report, t, axis).to_html(border=0)]  # fmt: skip
+                  _table_html(_display(report, t, axis))]  # fmt: skip
     if images:
         parts.append("<h2>Plots</h2><div class='plots'>")
         for name, png in images.items():
@@ -527,6 +529,10 @@ def _html(report: Report, images: Mapping[str, bytes]) -> str:
         )
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _table_html(t: pd.DataFrame) -> str:
+    return f"<div class='wide'>{t.reset_index().to_html(index=False, border=0)}</div>"
 
 
 def _json(report: Report) -> str:
