@@ -33,7 +33,8 @@ def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, row: Tensor, col: Tensor, shap
     T, H, D = q.shape
     flat = row * P + col  # (T,)
     grid = [t.new_zeros(R * P, H, D).index_copy(0, flat, t).view(R, P, H, D).transpose(1, 2) for t in (q, k, v)]
-    filled = torch.zeros(R * P, dtype=torch.bool, device=q.device).index_fill(0, flat, True).view(R, P)
+    filled = torch.zeros(R * P, dtype=torch.bool, device=q.device)
+    filled = filled.scatter(0, flat, torch.ones_like(flat, dtype=torch.bool)).view(R, P)  # traceable
     attn_mask = filled[:, None, None, :] | ~filled[:, None, :, None]  # (R, 1, P, P) query x key
     out = F.scaled_dot_product_attention(*grid, attn_mask=attn_mask, scale=scale)  # (R, H, P, D)
     return out.transpose(1, 2).reshape(R * P, H, D).index_select(0, flat)

@@ -14,7 +14,7 @@ import kernels
 from spa_core.backbone import BackboneFeatures, SPABackbone, build_backbone, stage_grids
 from spa_core.block import SPABlock, SwinBlock
 from spa_core.config import SPAConfig, backbone_preset
-from spa_core.registry import MODEL_VARIANTS
+from spa_core.registry import MODEL_VARIANTS, PACK_STRATEGIES
 
 
 def _build(name="tiny", **kw):
@@ -116,15 +116,16 @@ def test_mask_strategy_saves_nothing_in_attention():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_fvcore_traces_the_backbone():
+@pytest.mark.parametrize("strategy", list(PACK_STRATEGIES))
+def test_fvcore_traces_the_backbone(strategy):
     from fvcore.nn import FlopCountAnalysis
 
     x = torch.randn(1, 3, 64, 64)
     totals = []
     for r in (1.0, 0.25):
-        model = BackboneFeatures(_build("micro", spa=SPAConfig(selection="topk", ratio=r)))
-        fa = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        totals.append(fa.total())
+        model = BackboneFeatures(_build("micro", spa=SPAConfig(selection="topk", ratio=r, pack=strategy)))
+        fa = FlopCountAnalysis(model, x).set_op_handle(**kernels.FVCORE_HANDLES)
+        totals.append(fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total())
     assert totals[0] > totals[1] > 0
 
 
