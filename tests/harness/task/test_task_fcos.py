@@ -1,0 +1,95 @@
+"""harness/task/fcos.py and detector.py: target assignment, NMS, decoding, the detector's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.config import trial_from_dict
+from harness.task.detector import build_detector
+from harness.task.fcos import FCOSHead, fcos_loss, fcos_postprocess, fcos_targets, level_points, nms
+from spa_core import MODEL_VARIANTS
+
+
+def test_targets_assign_by_size_centre_and_orphans():
+    strides = [8, 16]
+    points = level_points([(8, 8), (4, 4)], strides, torch.device("cpu"))
+    boxes = torch.tensor([[8.0, 8, 40, 40],  # reach <= 64: level 0, centre region of 1.5 strides
+                          [50.0, 50, 53, 53],  # 3 px: between points -> nearest location only
+                          [0.0, 0, 64, 64]])  # 32 px reach from its centre... still level 0
+    labels = torch.tensor([1, 2, 0])
+    cls, box = fcos_targets(points, strides, boxes, labels)
+    assert cls.shape == (64 + 16,) and box.shape == (80, 4)
+    assert (cls == 2).sum() == 1  # the orphan got exactly one location
+    where = (cls == 2).nonzero().item()
+    assert torch.allclose(torch.cat(points)[where], torch.tensor([52.0, 52.0]))
+    assert (cls == 1).sum() > 0 and (cls[64:] == -1).all()  # nothing big enough for stride 16
+    assert torch.equal(box[cls == 1][0], boxes[0])
+    big = torch.tensor([[0.0, 0, 200, 200]])
+    cls, _ = fcos_targets(points, strides, big, torch.tensor([4]))
+    assert (cls[:64] == -1).all() and (cls[64:] == 4).any()  # a box reaching past 64 px goes to stride 16
+    cls, box = fcos_targets(points, strides, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    assert (cls == -1).all() and box.abs().sum() == 0
+
+
+def test_nms_within_groups_and_cap():
+    b = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10.0]])
+    s = torch.tensor([0.9, 0.8, 0.7, 0.95])
+    assert nms(b, s, 0.5).tolist() == [3, 2]
+    assert nms(b, s, 0.5, groups=torch.tensor([0, 0, 0, 1])).tolist() == [3, 0, 2]
+    assert nms(b, s, 0.5, groups=torch.tensor([0, 0, 0, 1]), max_keep=2).tolist() == [3, 0]
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
+
+
+def test_head_learns_one_box_and_decodes_it():
+    """A head over fixed random features overfits one box; post-processing finds it, in input pixels."""
+    torch.manual_seed(0)
+    feats = [torch.randn(1, 8, 8, 8), torch.randn(1, 16, 4, 4)]
+    head = FCOSHead([8, 16], [8, 16], num_classes=3, channels=16)
+    target = [{"boxes": torch.tensor([[12.0, 20, 36, 44]]), "labels": torch.tensor([2])}]
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(150):
+        parts = fcos_loss(*head(feats), [8, 16], target)
+        loss = parts["cls"] + parts["box"] + parts["ctr"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    det = fcos_postprocess(*head(feats), [8, 16], (64, 64), score_thresh=0.3)[0]
+    assert det["labels"][0] == 2 and det["scores"][0] > 0.5
+    iou_box = det["boxes"][0]
+    inter = (torch.minimum(iou_box[2:], target[0]["boxes"][0, 2:]) - torch.maximum(iou_box[:2], target[0]["boxes"][0, :2])).clamp(min=0).prod()
+    union = (iou_box[2:] - iou_box[:2]).prod() + 24 * 24 - inter
+    assert inter / union > 0.7
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_detector_outputs(variant):
+    cfg = trial_from_dict({"preset": "micro", "model": {"variant": variant}, "head": {"in_stages": [2, 3]}})
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    images = torch.randn(2, 3, 64, 64)
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 40]]), "labels": torch.tensor([3])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    out = model(images, targets)
+    assert {"loss", "task_loss", "gate_loss", "backbone", "selection_labels"} <= set(out)
+    assert "detections" not in out  # training mode with targets: no post-processing
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    if out["backbone"].blocks:
+        assert set(out["selection_labels"]) == {b.grid for b in out["backbone"].blocks}
+    else:
+        assert out["selection_labels"] is None and out["gate_loss"] == 0
+    model.eval()
+    with torch.no_grad():
+        dets = model(images)["detections"]
+    assert len(dets) == 2
+    for d in dets:
+        assert d["boxes"].shape[1] == 4 and len(d["boxes"]) <= cfg.head.max_detections
+        assert (d["boxes"] >= 0).all() and (d["boxes"] <= 64).all() and (d["labels"] < 10).all()
+
+
+def test_detector_rejects_bad_head_config():
+    with pytest.raises(ValueError, match="in_stages"):
+        build_detector(trial_from_dict({"preset": "micro", "head": {"in_stages": [3, 2]}}))
+    with pytest.raises(ValueError, match="head.type"):
+        build_detector(trial_from_dict({"preset": "micro", "head": {"type": "yolo"}}))
