@@ -81,3 +81,13 @@ def test_policy_contract():
         x[0, 3] *= 10  # a token far from its image's mean scores highest
         s = gate(x)
         assert s.shape == (2, 5) and s[0].argmax() == 3 and list(gate.parameters()) == []
+
+
+def test_trains_and_evaluates_with_the_task(grid):
+    """One trial of the grid end to end through the task (train, evaluate): the plugin in real use."""
+    from harness.task.train import train_variant
+
+    trial = grid.trials[1]  # ratio=0.5
+    metrics = train_variant(trial, progress=False)
+    assert metrics["steps"] == 2 and metrics["kept_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert 0.0 <= metrics["gate_precision"] <= 1.0 and "map" in metrics
