@@ -180,3 +180,20 @@ def test_pareto_front():
     cost = np.array([1.0, 2.0, 3.0, 1.5, 4.0])
     value = np.array([0.1, 0.3, 0.2, 0.05, 0.4])
     assert pareto_front(cost, value).tolist() == [0, 1, 4]
+
+
+def test_report_from_a_results_store(tmp_path):
+    """The same numbers through the run path's store (rows as JSON files, dotted config keys)."""
+    from harness.results import ResultsStore
+
+    exp = ResultsStore(str(tmp_path)).experiment("demo")
+    exp.write_manifest({"name": "demo"})
+    for i, row in enumerate(_store().to_dict("records")):
+        row = {k.removeprefix("config."): v for k, v in row.items()}
+        row["config_hash"] = f"h{i:02d}"
+        row["gmacs"] = row.pop("fvcore_gmacs", None)
+        exp.write_row(row["config_hash"], row)
+    table = compare(tmp_path)
+    assert table.loc["dense", "map_ci95"] == pytest.approx(_ci([0.30, 0.32, 0.34]))
+    assert table.loc["selection=topk,ratio=0.5", "gmacs_delta_pct"] == pytest.approx(-25.0)
+    assert len(build_report(tmp_path / "demo").failures) == 1
