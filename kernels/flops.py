@@ -6,7 +6,7 @@ flop (so it reports MACs), ``torch.utils.flop_counter`` counts 2 flops per multi
 
 - ``spa::varlen_attention`` (q, k, v: (T, H, D), sequences of lengths n_i):
   ``2 * H * D * sum_i n_i^2`` MACs (QK^T and PV, ``H * D * n_i^2`` each); flop_counter: twice that.
-  Its backward (Triton) is five such matmuls: ``5 * H * D * sum_i n_i^2`` MACs, as torch counts SDPA's.
+  Its backward (Triton and torch paths) is five such matmuls: ``5 * H * D * sum_i n_i^2`` MACs, as torch counts SDPA's.
 - ``aten::scaled_dot_product_attention`` (q: (..., L, E), k: (..., S, E), v: (..., S, Ev)):
   ``prod(...) * L * S * (E + Ev)`` MACs; masks do not reduce it (SDPA computes densely).
   (flop_counter counts SDPA already.)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -106,54 +107,113 @@ def _plan_groups(lengths: tuple[int, ...], hd: int) -> tuple[tuple[tuple[int, ..
     return tuple(reversed(groups))
 
 
-def _varlen_attention_torch(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float
-) -> Tensor:
-    """Same result as the reference, in a few batched ``scaled_dot_product_attention`` calls.
+class _Group(NamedTuple):
+    """One batched call: G sequences padded to P. ``start`` >= 0: a single sequence at rows
+    ``start:start+P`` (views, no copies); otherwise ``idx`` (G*P,) gathers the padded batch, ``mask``
+    (G, 1, 1, P) marks real keys (None when nothing is padded), and ``keep`` selects the real rows of
+    the flattened (G*P) output (None when nothing is padded)."""
 
-    Differentiable through torch autograd (the custom op's backward recomputes through it).
-    """
-    T, H, D = q.shape
+    start: int
+    G: int
+    P: int
+    idx: Tensor | None
+    mask: Tensor | None
+    keep: Tensor | None
+
+
+def _groups(cu_seqlens: Tensor, hd: int, device: torch.device) -> list[_Group]:
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
-    out = q.new_zeros(T, H, D) if bounds[-1] < T or bounds[0] > 0 else q.new_empty(T, H, D)
-    pieces, rows = [], []
-    for ids, pad in _plan_groups(lengths, H * D):
-        if len(ids) == 1:  # one sequence: views, no copies
-            s = starts[ids[0]]
-            qi, ki, vi = (t[s : s + pad].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, n, D)
-            o = F.scaled_dot_product_attention(qi, ki, vi, scale=softmax_scale)
-            out[s : s + pad] = o[0].transpose(0, 1)
+    groups = []
+    for ids, pad in _plan_groups(lengths, hd):
+        if len(ids) == 1:
+            groups.append(_Group(starts[ids[0]], 1, pad, None, None, None))
             continue
-        G = len(ids)
         st = torch.tensor([starts[i] for i in ids], dtype=torch.int64)  # (G,)
         ln = torch.tensor([lengths[i] for i in ids], dtype=torch.int64)  # (G,)
         pos = torch.arange(pad, dtype=torch.int64)
         valid = pos[None, :] < ln[:, None]  # (G, P)
         # padded slots read their sequence's first row: finite values, masked out as keys
-        idx = (st[:, None] + torch.where(valid, pos[None, :], 0)).reshape(-1).to(q.device)
-        qg, kg, vg = (
-            t.index_select(0, idx).view(G, pad, H, D).transpose(1, 2) for t in (q, k, v)
-        )  # (G, H, P, D)
-        mask = None
-        if not bool(valid.all()):
-            mask = valid.to(q.device)[:, None, None, :]  # (G, 1, 1, P) keys
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=softmax_scale)
-        o = o.transpose(1, 2).reshape(G * pad, H, D)  # (G*P, H, D)
-        if mask is None:
-            pieces.append(o)
-            rows.append(idx)
+        idx = (st[:, None] + torch.where(valid, pos[None, :], 0)).reshape(-1)
+        if bool(valid.all()):
+            mask = keep = None
         else:
-            keep = valid.reshape(-1).nonzero().squeeze(1).to(q.device)
-            pieces.append(o.index_select(0, keep))
-            rows.append(idx.index_select(0, keep))
-    if pieces:
-        out = (
-            out.index_copy(0, torch.cat(rows), torch.cat(pieces))
-            if len(pieces) > 1
-            else out.index_copy(0, rows[0], pieces[0])
-        )
-    return out
+            mask = valid[:, None, None, :].to(device)
+            keep = valid.reshape(-1).nonzero().squeeze(1).to(device)
+        groups.append(_Group(-1, len(ids), pad, idx.to(device), mask, keep))
+    return groups
+
+
+def _gather(t: Tensor, g: _Group) -> Tensor:
+    """(T, H, D) -> (G, H, P, D), a view when possible."""
+    if g.start >= 0:
+        return t[g.start : g.start + g.P].transpose(0, 1).unsqueeze(0)
+    return t.index_select(0, g.idx).view(g.G, g.P, *t.shape[1:]).transpose(1, 2)
+
+
+class _Scatter:
+    """Collects per-group (G, H, P, D) results into one (T, H, D) tensor with one index_copy."""
+
+    def __init__(self, like: Tensor, cu_seqlens: Tensor):
+        covered = cu_seqlens[0] == 0 and cu_seqlens[-1] == like.shape[0]
+        self.out = torch.empty_like(like) if bool(covered) else torch.zeros_like(like)
+        self.rows: list[Tensor] = []
+        self.pieces: list[Tensor] = []
+
+    def add(self, g: _Group, res: Tensor) -> None:
+        if g.start >= 0:
+            self.out[g.start : g.start + g.P] = res[0].transpose(0, 1)
+            return
+        res = res.transpose(1, 2).reshape(g.G * g.P, res.shape[1], res.shape[3])  # (G*P, H, D)
+        if g.keep is None:
+            self.rows.append(g.idx)
+            self.pieces.append(res)
+        else:
+            self.rows.append(g.idx.index_select(0, g.keep))
+            self.pieces.append(res.index_select(0, g.keep))
+
+    def result(self) -> Tensor:
+        if not self.pieces:
+            return self.out
+        if len(self.pieces) == 1:
+            return self.out.index_copy(0, self.rows[0], self.pieces[0])
+        return self.out.index_copy(0, torch.cat(self.rows), torch.cat(self.pieces))
+
+
+def _varlen_attention_torch(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float
+) -> Tensor:
+    """Same result as the reference, in a few batched ``scaled_dot_product_attention`` calls."""
+    T, H, D = q.shape
+    out = _Scatter(q, cu_seqlens)
+    for g in _groups(cu_seqlens, H * D, q.device):
+        qg, kg, vg = (_gather(t, g) for t in (q, k, v))  # (G, H, P, D)
+        out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=softmax_scale))
+    return out.result()
+
+
+def _varlen_attention_torch_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of ``_varlen_attention_torch``: explicit softmax backward per group (batched
+    matmuls). As accurate as torch's own math; SDPA's fused CPU backward on padded, masked batches
+    errs several times more in fp32."""
+    T, H, D = q.shape
+    dq, dk, dv = _Scatter(q, cu_seqlens), _Scatter(k, cu_seqlens), _Scatter(v, cu_seqlens)
+    for g in _groups(cu_seqlens, H * D, q.device):
+        qg, kg, vg, dog = (_gather(t, g) for t in (q, k, v, dout))  # (G, H, P, D)
+        s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
+        if g.mask is not None:
+            s = s.masked_fill(~g.mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if g.mask is not None:  # padded query slots (garbage dO) must not reach dK, dV
+            p = p.masked_fill(~g.mask.transpose(-1, -2), 0.0)
+        dp = dog @ vg.transpose(-1, -2)  # (G, H, P, P)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        dv.add(g, p.transpose(-1, -2) @ dog)
+        dq.add(g, (ds @ kg) * softmax_scale)
+        dk.add(g, (ds.transpose(-1, -2) @ qg) * softmax_scale)
+    return dq.result(), dk.result(), dv.result()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +240,7 @@ def _varlen_attention_op(
     impl: str,
     seqlen_sq_sum: int,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out (T, H, D), lse). ``lse: (H, T) float32`` for Triton (the backward needs it),
+    """Returns (out (T, H, D), lse). ``lse: (2, H, T) float32`` softmax statistics for Triton (the backward needs it),
     empty for the torch paths (their backward recomputes). ``seqlen_sq_sum`` (sum n_i^2, or -1 when
     unknown) is not used by the computation: it is recorded in traces so that FLOP counters that
     cannot read ``cu_seqlens`` (fvcore's jit handles) still count exactly."""
@@ -190,7 +250,7 @@ def _varlen_attention_op(
 
 @_varlen_attention_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, seqlen_sq_sum):
-    lse_shape = (q.shape[1], q.shape[0]) if impl == "triton" else (0,)
+    lse_shape = (2, q.shape[1], q.shape[0]) if impl == "triton" else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
@@ -208,12 +268,14 @@ def _varlen_attention_backward_op(
     impl: str,
     seqlen_sq_sum: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton backward (dq, dk, dv); the torch paths differentiate a recomputation instead."""
-    if impl != "triton":
-        raise ValueError(f"spa::varlen_attention_backward serves impl='triton' only, got {impl!r}")
-    from kernels.varlen_attention_triton import varlen_attention_bwd_triton
+    """(dq, dk, dv) for impl "triton" and "torch" ("ref" differentiates a recomputation instead)."""
+    if impl == "triton":
+        from kernels.varlen_attention_triton import varlen_attention_bwd_triton
 
-    return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale)
+        return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale)
+    if impl == "torch":
+        return _varlen_attention_torch_backward(dout, q, k, v, cu_seqlens, softmax_scale)
+    raise ValueError(f"spa::varlen_attention_backward serves impl 'triton' and 'torch', got {impl!r}")
 
 
 @_varlen_attention_backward_op.register_fake
@@ -231,14 +293,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     max_seqlen, softmax_scale, impl, sq = ctx.args
-    if impl == "triton":
+    if impl in ("triton", "torch"):
         dq, dk, dv = _varlen_attention_backward_op(
             dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, impl, sq
         )
     else:
-        # torch paths: differentiate a recomputation (SDPA's own backward kernels do the work); this
-        # runs in the autograd engine, outside the op, where autograd can record.
-        fn = varlen_attention_ref if impl == "ref" else _varlen_attention_torch
+        # the reference: differentiate a recomputation; this runs in the autograd engine, outside
+        # the op, where autograd can record
+        fn = varlen_attention_ref
         with torch.enable_grad():
             qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
             o = fn(qr, kr, vr, cu_seqlens, softmax_scale)

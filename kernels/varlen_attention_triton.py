@@ -1,11 +1,15 @@
 """Triton kernels and checked launchers for ``kernels.varlen_attention`` (flash-attention style:
-online softmax forward saving the log-sum-exp, backward as one dK/dV kernel over key blocks and one dQ
-kernel over query blocks, no atomics).
+online softmax forward saving the softmax statistics, backward as one dQ kernel over query blocks
+(which in fp32 also recomputes the statistics exactly) then one dK/dV kernel over key blocks; no
+atomics).
 
 One program per (block of rows, sequence, head); a sequence's rows are ``cu_seqlens[s]:cu_seqlens[s+1]``
 and the grid spans ``max_seqlen``, so programs past a short sequence's end do nothing. Head dims that
 are not powers of two are padded to ``BLOCK_D`` inside the kernel (masked loads, zeros). Softmax runs
-in base 2 (``exp2``) with the scale folded in; the saved ``lse`` is in those base-2 units.
+in base 2 (``exp2``) with the scale folded in. The forward saves, per row, the running max ``m`` and
+``1 / l`` (the softmax denominator) rather than one log-sum-exp: the backward recomputes
+``P = exp2(S - m) / l`` as torch's softmax does, where ``exp2(S - lse)`` would add the rounding of a
+large ``lse`` to every probability of the row.
 
 Imported lazily by ``kernels.varlen_attention``; importing this module imports Triton.
 """
@@ -27,7 +31,8 @@ def _fwd_kernel(
     K,
     V,
     O,
-    LSE,
+    M,
+    INVL,
     CU,
     qk_scale,
     stride_qt,
@@ -98,7 +103,8 @@ def _fwd_kernel(
         acc.to(O.dtype.element_ty),
         mask=mask_m[:, None] & mask_d[None, :],
     )
-    tl.store(LSE + h * stride_lh + rows, m_i + tl.log2(l_safe), mask=mask_m)
+    tl.store(M + h * stride_lh + rows, m_i, mask=mask_m)
+    tl.store(INVL + h * stride_lh + rows, 1.0 / l_safe, mask=mask_m)
 
 
 @triton.jit
@@ -107,7 +113,8 @@ def _bwd_dkdv_kernel(
     K,
     V,
     DO,
-    LSE,
+    M,
+    INVL,
     DELTA,
     DK,
     DV,
@@ -159,11 +166,12 @@ def _bwd_dkdv_kernel(
         do = tl.load(
             DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask_md, other=0.0
         )
-        lse = tl.load(LSE + h * stride_lh + rows, mask=mask_m, other=0.0)
+        m = tl.load(M + h * stride_lh + rows, mask=mask_m, other=0.0)
+        inv_l = tl.load(INVL + h * stride_lh + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + h * stride_lh + rows, mask=mask_m, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -189,7 +197,8 @@ def _bwd_dq_kernel(
     K,
     V,
     DO,
-    LSE,
+    M,
+    INVL,
     DELTA,
     DQ,
     CU,
@@ -209,6 +218,7 @@ def _bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
+    EXACT_STATS: tl.constexpr,
 ):
     # dQ of one block of queries: loop over the sequence's key blocks
     pid_m = tl.program_id(0)
@@ -227,11 +237,40 @@ def _bwd_dq_kernel(
 
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=mask_md, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask_md, other=0.0)
-    lse = tl.load(LSE + h * stride_lh + rows, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + h * stride_lh + rows, mask=mask_m, other=0.0)
+    m = tl.load(M + h * stride_lh + rows, mask=mask_m, other=0.0)
+    hi = tl.where(pid_m * BLOCK_M < n, n, 0)
+    if EXACT_STATS:
+        # Recompute the softmax denominator l and delta = rowsum(P * dP) from P itself, rather than
+        # the forward's l (rounded at every online-softmax rescale) and rowsum(dO * O) (with O
+        # rounded): in fp32 those roughly double the error of dQ, dK, dV against torch's.
+        den = tl.zeros([BLOCK_M], dtype=tl.float32)
+        num = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, hi, BLOCK_N):
+            cols_n = start_n + offs_n
+            mask_n = cols_n < n
+            cols = start + cols_n
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(
+                K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask_nd, other=0.0
+            )
+            v = tl.load(
+                V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask_nd, other=0.0
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            e = tl.exp2(s - m[:, None])
+            e = tl.where(mask_m[:, None] & mask_n[None, :], e, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            den += tl.sum(e, 1)
+            num += tl.sum(e * dp, 1)
+        inv_l = 1.0 / tl.where(den > 0.0, den, 1.0)
+        delta = num * inv_l
+        tl.store(INVL + h * stride_lh + rows, inv_l, mask=mask_m)  # both read by the dK/dV kernel
+        tl.store(DELTA + h * stride_lh + rows, delta, mask=mask_m)
+    else:
+        inv_l = tl.load(INVL + h * stride_lh + rows, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + h * stride_lh + rows, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    hi = tl.where(pid_m * BLOCK_M < n, n, 0)
     for start_n in range(0, hi, BLOCK_N):
         cols_n = start_n + offs_n
         mask_n = cols_n < n
@@ -240,7 +279,7 @@ def _bwd_dq_kernel(
         k = tl.load(K + cols[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=mask_nd, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=mask_nd, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -291,22 +330,22 @@ def varlen_attention_fwd_triton(
     max_seqlen: int,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v: (T, H, D); cu_seqlens: (S+1,) int32 -> out (T, H, D), lse (H, T) float32 (base 2, scaled)."""
+    """q, k, v: (T, H, D); cu_seqlens: (S+1,) int32 -> out (T, H, D), softmax stats (2, H, T) float32."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
     cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
     T, H, D = q.shape
     out = torch.zeros_like(q)  # rows of no sequence stay zero
-    lse = torch.zeros(H, T, device=q.device, dtype=torch.float32)
+    lse = torch.zeros(2, H, T, device=q.device, dtype=torch.float32)  # [0]: row max m, [1]: 1 / l
     S = cu_seqlens.numel() - 1
     if T == 0 or S == 0 or max_seqlen == 0:
         return out, lse
     block_m, block_n, block_d, precision, num_warps = _config(q)
     grid = (triton.cdiv(max_seqlen, block_m), S, H)
     _fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, softmax_scale * _LOG2E,
+        q, k, v, out, lse[0], lse[1], cu_seqlens, softmax_scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), D,
+        out.stride(0), out.stride(1), lse.stride(1), D,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps,
     )  # fmt: skip
     return out, lse
@@ -332,20 +371,30 @@ def varlen_attention_bwd_triton(
     S = cu_seqlens.numel() - 1
     if T == 0 or S == 0 or max_seqlen == 0:
         return dq, dk, dv
-    # delta_i = sum_d dO_id * O_id = rowsum(P * dP): the softmax backward's correction term
-    delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (H, T)
+    # delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id, the softmax backward's correction term, and 1/l.
+    # In fp32 the dQ kernel recomputes both from P; in fp16/bf16 the forward's l and the O form
+    # (flash-attention's) suffice.
     lse = lse.contiguous()
+    m = lse[0]  # (H, T) row max, base 2
+    exact = q.dtype == torch.float32
+    if exact:
+        inv_l = torch.empty(H, T, device=q.device, dtype=torch.float32)  # written by the dQ kernel
+        delta = torch.empty(H, T, device=q.device, dtype=torch.float32)
+    else:
+        inv_l = lse[1]
+        delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # (H, T)
     block_m, block_n, block_d, precision, num_warps = _config(q)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, num_warps=num_warps)
     strides = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), lse.stride(0), D,
+        dout.stride(0), dout.stride(1), m.stride(0), D,
     )  # fmt: skip
     qk_scale = softmax_scale * _LOG2E
-    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), S, H)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, qk_scale, softmax_scale, *strides, **common
-    )
     _bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), S, H)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, qk_scale, softmax_scale, *strides, **common
+        q, k, v, dout, m, inv_l, delta, dq, cu_seqlens, qk_scale, softmax_scale, *strides,
+        EXACT_STATS=exact, **common,
+    )  # fmt: skip
+    _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), S, H)](
+        q, k, v, dout, m, inv_l, delta, dk, dv, cu_seqlens, qk_scale, softmax_scale, *strides, **common
     )
     return dq, dk, dv

@@ -1,0 +1,95 @@
+"""kernels/pack.py: pack (gather) and unpack (scatter, optionally adding) against the reference,
+forward and backward, for every implementation."""
+
+import pytest
+import torch
+
+from kernels import pack_tokens, pack_tokens_ref, unpack_tokens, unpack_tokens_ref
+from tests.kernels.conftest import skip_unless_triton
+
+IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "torch", "ref"]
+
+
+def _case(device, B=3, N=37, C=40, keep=(0, 37, 11), seed=0):
+    """An awkward pack: one image keeps nothing, one everything, one a random subset."""
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for b, n in enumerate(keep):
+        idx.append(b * N + torch.randperm(N, generator=g)[:n].sort().values)
+    indices = torch.cat(idx).to(device)
+    x = torch.randn(B * N, C, generator=g).to(device)
+    return x, indices
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("C", [1, 24, 40, 130])
+def test_pack_forward_backward(impl, C, device):
+    skip_unless_triton(impl, device)
+    x, indices = _case(device, C=C)
+    x.requires_grad_(True)
+    out = pack_tokens(x, indices, impl=impl)
+    assert out.shape == (indices.numel(), C)
+    torch.testing.assert_close(out, pack_tokens_ref(x, indices), rtol=0, atol=0)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, g)
+    expect = torch.zeros_like(x).index_put_((indices,), g)
+    torch.testing.assert_close(dx, expect, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("C", [24, 130])
+def test_unpack_forward_backward(impl, add, C, device):
+    skip_unless_triton(impl, device)
+    base, indices = _case(device, C=C, seed=1)
+    packed = torch.randn(indices.numel(), C, device=device)
+    base.requires_grad_(True)
+    packed.requires_grad_(True)
+    base_before = base.detach().clone()
+    out = unpack_tokens(packed, indices, base, add=add, impl=impl)
+    torch.testing.assert_close(base, base_before, rtol=0, atol=0)  # out of place
+    ref = unpack_tokens_ref(packed, indices, base, add)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    unselected = torch.ones(base.shape[0], dtype=torch.bool, device=device)
+    unselected[indices] = False
+    torch.testing.assert_close(out[unselected], base[unselected], rtol=0, atol=0)
+
+    g = torch.randn_like(out)
+    d_packed, d_base = torch.autograd.grad(out, (packed, base), g)
+    d_packed_ref, d_base_ref = torch.autograd.grad(ref, (packed, base), g)
+    torch.testing.assert_close(d_packed, d_packed_ref, rtol=0, atol=0)
+    torch.testing.assert_close(d_base, d_base_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ref"])
+def test_pack_unpack_gradcheck(impl):
+    x, indices = _case(torch.device("cpu"), B=2, N=6, C=3, keep=(0, 4))
+    x = x.double().requires_grad_(True)
+    base = torch.randn_like(x).requires_grad_(True)
+
+    def f(x, base):
+        return unpack_tokens(pack_tokens(x, indices, impl=impl) * 3.0, indices, base, add=True, impl=impl)
+
+    assert torch.autograd.gradcheck(f, (x, base))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_pack(impl, device):
+    skip_unless_triton(impl, device)
+    x = torch.randn(10, 8, device=device)
+    indices = torch.empty(0, dtype=torch.int64, device=device)
+    assert pack_tokens(x, indices, impl=impl).shape == (0, 8)
+    out = unpack_tokens(x[:0], indices, x, impl=impl)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+def test_checks():
+    x = torch.randn(10, 8)
+    with pytest.raises(ValueError):
+        pack_tokens(x.view(2, 5, 8), torch.tensor([0]))
+    with pytest.raises(TypeError):
+        pack_tokens(x, torch.tensor([0.0]))
+    with pytest.raises(ValueError):
+        unpack_tokens(torch.randn(2, 8), torch.tensor([0]), x)
+    with pytest.raises(ValueError):
+        unpack_tokens(torch.randn(1, 7), torch.tensor([0]), x)

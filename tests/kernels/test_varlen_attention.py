@@ -1,0 +1,213 @@
+"""kernels/varlen_attention.py: every implementation against a float64 reference, forward and
+backward, on ragged packs (empty sequences, length-1 sequences, sequences spanning several kernel
+blocks), head dims that are not powers of two; plus the dispatcher and import hygiene.
+
+Error bound (flash-attention's): ``|out - out_ref| <= 2 * |out_pt - out_ref| + floor`` (max over
+elements), where ``out_ref`` is the reference in float64 and ``out_pt`` torch itself in the test dtype:
+a kernel may err at most twice as much as torch does. Torch computes attention two ways (explicit
+softmax math, and its SDPA kernels, whose CPU backward rounds differently); ``|out_pt - out_ref|`` is
+the larger of the two errors.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import (
+    IMPLS,
+    container_seqlens,
+    cu_seqlens_from_counts,
+    resolve_impl,
+    varlen_attention,
+    varlen_attention_ref,
+)
+from tests.kernels.conftest import skip_unless_triton
+
+_MARKS = {"triton": [pytest.mark.triton]}
+# every registered implementation but "auto" (which resolves to one of them)
+IMPL_PARAMS = [pytest.param(name, marks=_MARKS.get(name, [])) for name in IMPLS if name != "auto"]
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+# ragged packs: empty sequences (first, middle, last), a length-1 sequence, sequences longer than a
+# kernel block (the interpreter uses 16), a total T of a few hundred
+COUNTS = {
+    "ragged": [5, 0, 1, 37, 16, 3, 0],
+    "long": [113, 0, 1, 64, 90],
+    "single1": [1],
+}
+
+
+def _inputs(counts, H, D, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cu, max_seqlen = cu_seqlens_from_counts(torch.tensor(counts))
+    T = int(cu[-1])
+    q, k, v, do = (torch.randn(T, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    return q, k, v, do, cu.to(device), max_seqlen
+
+
+def _max_err(got, ref) -> float:
+    return (got.double() - ref).abs().max().item() if got.numel() else 0.0
+
+
+def _sdpa_per_sequence(q, k, v, cu_seqlens, scale=None):
+    """Torch's SDPA kernel, one call per sequence: (T, H, D) -> (T, H, D)."""
+    bounds = cu_seqlens.tolist()
+    outs = [q[:0]]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _check_against_reference(impl, counts, H, D, device, dtype=torch.float32, scale=None):
+    q, k, v, do, cu, max_seqlen = _inputs(counts, H, D, device, dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = varlen_attention(*leaves, cu, max_seqlen, scale, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    grads = torch.autograd.grad(out, leaves, do) if out.numel() else [torch.zeros_like(q)] * 3
+
+    ref_leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    out_ref = varlen_attention_ref(*ref_leaves, cu, scale)
+    if out.numel():
+        grads_ref = torch.autograd.grad(out_ref, ref_leaves, do.double())
+    else:
+        grads_ref = [torch.zeros_like(q)] * 3
+    torch_err = [0.0] * 4  # out, dq, dk, dv
+    for fn in (varlen_attention_ref, _sdpa_per_sequence):
+        pt_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out_pt = fn(*pt_leaves, cu, scale)
+        grads_pt = torch.autograd.grad(out_pt, pt_leaves, do) if out.numel() else [torch.zeros_like(q)] * 3
+        for i, (a, r) in enumerate(zip((out_pt, *grads_pt), (out_ref, *grads_ref))):
+            torch_err[i] = max(torch_err[i], _max_err(a, r))
+
+    for i, (name, got, ref) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref))):
+        err = _max_err(got, ref)
+        bound = 2 * torch_err[i] + FLOOR[dtype]
+        assert err <= bound, f"{impl} {name}: max error {err:.3g} > 2 * torch's {torch_err[i]:.3g} + floor"
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("D", [24, 40, 64])
+def test_forward_backward_ragged(impl, D, device):
+    skip_unless_triton(impl, device)
+    _check_against_reference(impl, COUNTS["ragged"], 2, D, device)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("name", ["long", "single1"])
+def test_forward_backward_shapes(impl, name, device):
+    skip_unless_triton(impl, device)
+    _check_against_reference(impl, COUNTS[name], 2, 40, device, scale=0.3)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_containers_equal_block_diagonal_attention(impl, device):
+    """Containers of L = 16 as varlen == the paper's form: (B', L) containers, block-diagonal mask."""
+    skip_unless_triton(impl, device)
+    counts, L, H, D = [10, 0, 23, 1, 30], 16, 2, 24
+    cu, max_seqlen, seq_image, seq_container = container_seqlens(torch.tensor(counts), L)
+    T = sum(counts)
+    q, k, v = (torch.randn(T, H, D, device=device) for _ in range(3))
+    out = varlen_attention(q, k, v, cu.to(device), max_seqlen, impl=impl)
+
+    n_cont = -(-T // L)
+    image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # (T,)
+    slot_image = torch.full((n_cont * L,), -1, dtype=torch.long)
+    slot_image[:T] = image
+    slot_image = slot_image.view(n_cont, L)
+    mask = (slot_image[:, :, None] == slot_image[:, None, :]) & (slot_image[:, None, :] >= 0)
+    mask |= ~mask.any(-1, keepdim=True)  # empty slots attend anywhere; dropped below
+    grid = [F.pad(t, (0, 0, 0, 0, 0, n_cont * L - T)).view(n_cont, L, H, D).transpose(1, 2) for t in (q, k, v)]
+    dense = F.scaled_dot_product_attention(*grid, attn_mask=mask[:, None].to(device))  # (B', H, L, D)
+    dense = dense.transpose(1, 2).reshape(n_cont * L, H, D)[:T]
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_no_tokens(impl, device):
+    skip_unless_triton(impl, device)
+    cu, m = cu_seqlens_from_counts(torch.tensor([0, 0]))
+    q = torch.randn(0, 2, 24, device=device, requires_grad=True)
+    out = varlen_attention(q, q, q, cu.to(device), m, impl=impl)
+    assert out.shape == (0, 2, 24)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ref"])
+def test_gradcheck(impl):
+    q, k, v, _, cu, m = _inputs([3, 0, 1, 5], 2, 5, torch.device("cpu"), torch.float64)
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda q, k, v: varlen_attention(q, k, v, cu, m, impl=impl), leaves)
+
+
+def test_torch_path_groups_many_lengths():
+    """The torch path's planner mixes single calls, equal-length batches and padded batches."""
+    counts = [49] * 9 + [48, 47, 3, 2, 2, 1, 0, 17, 18, 20, 196, 190]
+    _check_against_reference("torch", counts, 2, 16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_on_gpu(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("fp16/bf16 Triton runs on CUDA only (the interpreter tests fp32)")
+    _check_against_reference("triton", COUNTS["ragged"], 2, 40, torch.device("cuda"), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dispatcher
+
+
+def test_dispatch_auto_and_env(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("SPA_ATTN_IMPL", raising=False)
+    assert resolve_impl(None, cpu) == "torch"
+    assert resolve_impl("auto", cpu) == "torch"
+    monkeypatch.setenv("SPA_ATTN_IMPL", "ref")
+    assert resolve_impl(None, cpu) == "ref"
+    assert resolve_impl("torch", cpu) == "torch"  # the argument wins over the environment
+    monkeypatch.setenv("SPA_ATTN_IMPL", "nope")
+    with pytest.raises(ValueError, match="SPA_ATTN_IMPL"):
+        resolve_impl(None, cpu)
+    with pytest.raises(ValueError, match="known: auto, triton, torch, ref"):
+        resolve_impl("flash", cpu)
+
+
+def test_env_var_switches_the_path(monkeypatch):
+    """The env var reaches the op: a 'ref' run differs from a 'torch' run only by rounding."""
+    q, k, v, _, cu, m = _inputs(COUNTS["ragged"], 2, 24, torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("SPA_ATTN_IMPL", "ref")
+    a = varlen_attention(q, k, v, cu, m)
+    torch.testing.assert_close(a, varlen_attention_ref(q, k, v, cu), rtol=0, atol=0)
+
+
+def test_checks():
+    q = torch.randn(6, 2, 8)
+    cu, m = cu_seqlens_from_counts(torch.tensor([2, 4]))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        varlen_attention(q, q, q, cu, 3)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        varlen_attention(q, q, q, torch.tensor([0, 4, 2], dtype=torch.int32), 4)
+    with pytest.raises(ValueError):
+        varlen_attention(q, q[:5], q, cu, m)
+
+
+def test_import_needs_no_triton_and_no_cuda():
+    """``import kernels`` and the CPU path work with triton unimportable and never touch torch.cuda."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert not kernels.triton_available()\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "q = torch.randn(5, 2, 8)\n"
+        "cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 0, 3]))\n"
+        "kernels.varlen_attention(q, q, q, cu, m)\n"
+        "for forbidden in ('triton', 'ray', 'deepspeed', 'spa_core', 'harness'):\n"
+        "    assert sys.modules.get(forbidden) is None, forbidden\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SPA_ATTN_IMPL"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
