@@ -187,6 +187,17 @@ def test_prev_scores_fused_by_max():
     assert (s.flatten()[torch.tensor([2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])] == 50.0).all()
 
 
+@pytest.mark.parametrize(
+    "field,value,error",
+    [("pack", "nope", KeyError), ("selection", "nope", KeyError), ("gate", "nope", KeyError),
+     ("mlp_on", "some", ValueError), ("threshold", 1.0, ValueError), ("ratio", -0.1, ValueError),
+     ("gumbel_tau", 0.0, ValueError), ("container_len", 0, ValueError)],
+)
+def test_bad_config_fails_at_build_naming_the_field(field, value, error):
+    with pytest.raises(error, match=field.split("_")[0] if error is ValueError else "registry"):
+        SPABlock(8, 2, 2, SPAConfig(**{field: value}))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Swin block
 
