@@ -330,16 +330,31 @@ def _axis_tables(
             base_vals[k] = counts.index[int(np.argmax(counts.to_numpy()))]
     out = {}
     for axis in axes:
+        # The slice of the grid this axis is read on: the variants that agree on every other axis,
+        # choosing the agreeing group with the most values of this axis (ties: the one closest to
+        # the base). A one-factor grid (points) and a crossed one both give every axis its table.
         others = [k for k in axes if k != axis]
-        keep = [v for v in variants.index if all(varying[k][v] == base_vals[k] for k in others)]
-        if len(keep) < 2:
+        slices: dict[tuple, list[str]] = {}
+        for v in variants.index:
+            slices.setdefault(tuple(varying[k][v] for k in others), []).append(v)
+
+        def score(
+            item: tuple[tuple, list[str]], axis: str = axis, others: list[str] = others
+        ) -> tuple[int, int]:
+            held, members = item
+            return (varying[axis][members].nunique(), sum(h == base_vals[k] for h, k in zip(held, others)))
+
+        held, keep = max(slices.items(), key=score)
+        if varying[axis][keep].nunique() < 2:
             continue
         rows = ([base_label] if base_label is not None else []) + sorted(
             keep, key=lambda v: _sort_key(varying[axis][v])
         )
         t = table.loc[rows].copy()
         t[axis] = [None if r == base_label else varying[axis][r] for r in rows]
-        out[axis] = t[[axis, *[c for c in t.columns if c != axis]]]
+        t = t[[axis, *[c for c in t.columns if c != axis]]]
+        t.attrs["held"] = {k: h for k, h in zip(others, held)}
+        out[axis] = t
     return out
 
 
@@ -463,7 +478,7 @@ def _markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
     parts += ["", _display(report, report.table).to_markdown(), ""]
     for axis, t in report.axes.items():
         parts += [
-            f"## Axis `{axis}` (others at their base value)",
+            f"## Axis `{axis}` ({_held(t)})",
             "",
             _display(report, t, axis).to_markdown(),
             "",
@@ -474,6 +489,13 @@ def _markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
     if report.notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     return "\n".join(parts)
+
+
+def _held(t: pd.DataFrame) -> str:
+    held = t.attrs.get("held") or {}
+    if not held:
+        return "the only axis"
+    return "others held at " + ", ".join(f"{k}={_fmt_value(v)}" for k, v in held.items())
 
 
 def _baseline_line(report: Report) -> str:
@@ -513,7 +535,7 @@ def _html(report: Report, images: Mapping[str, bytes]) -> str:
         _table_html(_display(report, report.table)),
     ]
     for axis, t in report.axes.items():
-        parts += [f"<h2>Axis <code>{esc(axis)}</code> (others at their base value)</h2>",
+        parts += [f"<h2>Axis <code>{esc(axis)}</code> ({esc(_held(t))})</h2>",
                   _table_html(_display(report, t, axis))]  # fmt: skip
     if images:
         parts.append("<h2>Plots</h2><div class='plots'>")

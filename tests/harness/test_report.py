@@ -197,3 +197,30 @@ def test_report_from_a_results_store(tmp_path):
     assert table.loc["dense", "map_ci95"] == pytest.approx(_ci([0.30, 0.32, 0.34]))
     assert table.loc["selection=topk,ratio=0.5", "gmacs_delta_pct"] == pytest.approx(-25.0)
     assert len(build_report(tmp_path / "demo").failures) == 1
+
+
+def test_axis_tables_of_the_default_grid_layout():
+    """Named-axis / one-factor grids: every axis gets the slice where the others agree."""
+    rows = [_row("dense", 0, "dense", map=0.3)]
+    for name, sel, ratio, sup in [
+        ("topk-0.25", "topk", 0.25, "labels"), ("topk-0.5", "topk", 0.5, "labels"),
+        ("topk-0.75", "topk", 0.75, "labels"), ("random-0.5", "random", 0.5, "labels"),
+        ("gate", "gate", 0.5, "labels"), ("gate-nosup", "gate", 0.5, "none"),
+    ]:  # fmt: skip
+        rows.append(
+            {**_row(name, 0, selection=sel, ratio=ratio, map=0.2), "config.model.spa.supervision": sup}
+        )
+    report = build_report(pd.DataFrame(rows))
+    assert {k: list(t.index) for k, t in report.axes.items()} == {
+        "model.spa.selection": ["dense", "gate", "random-0.5", "topk-0.5"],
+        "model.spa.ratio": ["dense", "topk-0.25", "topk-0.5", "topk-0.75"],
+        "model.spa.supervision": ["dense", "gate", "gate-nosup"],
+    }
+    assert report.axes["model.spa.ratio"].attrs["held"] == {
+        "model.spa.selection": "topk",
+        "model.spa.supervision": "labels",
+    }
+    assert (
+        "## Axis `model.spa.supervision` (others held at model.spa.selection=gate, model.spa.ratio=0.5)"
+        in (report_command(pd.DataFrame(rows)))
+    )
