@@ -401,7 +401,9 @@ def _display_metrics(report: Report) -> list[str]:
     for m, k in report.metrics.items():
         by_kind.setdefault(k, []).append(m)
     acc = [m for m in ("map", "map_50") if m in report.metrics] or by_kind.get("accuracy", [])[:2]
-    compute = sorted(by_kind.get("compute", []), key=lambda m: ("fvcore" not in m, "analytic" in m))[:1]
+    compute = [m for m in ("gmacs", "backbone_gmacs") if m in report.metrics] or by_kind.get("compute", [])[
+        :1
+    ]
     times = by_kind.get("time", [])
     train = [m for m in times if "train" in m and m != report.inference_time][:1]
     timing = ([report.inference_time] if report.inference_time else []) + train
@@ -412,8 +414,10 @@ def _display_metrics(report: Report) -> list[str]:
 def _nice(m: str) -> str:
     if m in _NICE:
         return _NICE[m]
+    if m.lower() == "gmacs":
+        return "GMACs"
     if "gmacs" in m.lower():
-        return "GMACs" if "analytic" not in m else "GMACs (analytic)"
+        return m.lower().replace("_gmacs", " GMACs").replace("_", " ")
     return m.replace("_median", "").replace("_", " ")
 
 
