@@ -28,7 +28,7 @@ from kernels import pack_tokens, unpack_tokens
 from spa_core.attention import PackedAttention
 from spa_core.config import SPAConfig
 from spa_core.gate import resize_scores
-from spa_core.pack import DEFAULT_CONTAINER_LEN, pack, unpack
+from spa_core.pack import pack, unpack
 from spa_core.registry import GATES, PACK_STRATEGIES, SELECTION_POLICIES
 from spa_core.select import select_tokens
 from spa_core.windows import (
@@ -202,7 +202,7 @@ class SPABlock(nn.Module):
         super().__init__()
         _check_spa_config(cfg)
         if cfg.container_len is None:
-            cfg = dataclasses.replace(cfg, container_len=window_size**2 or DEFAULT_CONTAINER_LEN)
+            cfg = dataclasses.replace(cfg, container_len=window_size**2)  # the paper: L = M * M
         self.cfg = cfg
         self.window_size, self.shift = window_size, shift
         self.stage, self.index = stage, index

@@ -47,8 +47,10 @@ class LinearGate(nn.Module):
 def resize_scores(scores: Tensor, grid: tuple[int, int]) -> Tensor:
     """A score map ``(B, h, w)`` resized to ``grid = (H, W)``, returned flat ``(B, H*W)``.
 
-    Coarser target (the next stage): max over the covered cells (``adaptive_max_pool2d``: a token is as
-    relevant as its most relevant part, the same rule as the labels). Finer target: nearest upsampling.
+    Coarser target (the next stage): the max over the cells each token was merged from (a token is as
+    relevant as its most relevant part, the same rule as the labels). With the backbone's geometry
+    (``H == ceil(h / k)``: odd maps padded before merging) that is a ``k x k`` max pool over the padded
+    map; other sizes fall back to ``adaptive_max_pool2d``. Finer target: nearest upsampling.
     """
     B, h, w = scores.shape
     H, W = grid
@@ -56,7 +58,12 @@ def resize_scores(scores: Tensor, grid: tuple[int, int]) -> Tensor:
         return scores.reshape(B, H * W)
     s = scores[:, None]  # (B, 1, h, w)
     if H <= h and W <= w:
-        s = F.adaptive_max_pool2d(s, (H, W))
+        kh, kw = -(-h // H), -(-w // W)
+        if -(-h // kh) == H and -(-w // kw) == W:
+            s = F.pad(s, (0, W * kw - w, 0, H * kh - h), value=float("-inf"))
+            s = F.max_pool2d(s, (kh, kw))
+        else:
+            s = F.adaptive_max_pool2d(s, (H, W))
     else:
         s = F.interpolate(s, size=(H, W), mode="nearest")
     return s.reshape(B, H * W)

@@ -26,5 +26,6 @@ def test_resize_scores_down_by_max_and_up_by_nearest():
     assert resize_scores(s, (2, 2)).view(2, 2).tolist() == [[5.0, 7.0], [13.0, 15.0]]
     up = resize_scores(torch.tensor([[[1.0, 2.0]]]), (2, 4)).view(2, 4)
     assert up.tolist() == [[1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]
-    odd = resize_scores(torch.arange(9.0).view(1, 3, 3), (2, 2)).view(2, 2)  # a padded-merge grid
-    assert odd.tolist() == [[4.0, 5.0], [7.0, 8.0]]
+    # an odd map merged after padding: cell (i, j) holds rows 2i..2i+1 and columns 2j..2j+1 only
+    odd = resize_scores(24.0 - torch.arange(25.0).view(1, 5, 5), (3, 3)).view(3, 3)
+    assert odd.tolist() == [[24.0, 22.0, 20.0], [14.0, 12.0, 10.0], [4.0, 2.0, 0.0]]
