@@ -143,6 +143,15 @@ def test_gradcheck_block(fixed_policy, mask_with_counts, strategy):
     assert blk.attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_gradcheck_containers_every_jacobian_entry(fixed_policy):
+    # full (not fast-mode) gradcheck on the smallest map whose containers cut at image and container
+    # boundaries: counts 0, 6, 3 with L = 4 -> sequences [4 | 2, 2 | 1] tokens
+    fixed_policy.mask = torch.tensor([[False] * 6, [True] * 6, [True, False, True, True, False, False]])
+    blk = _block("containers", dim=4, heads=2, window=2, shift=1, selection=fixed_policy.name, dtype=torch.float64)
+    x = torch.randn(3, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: blk(t)[0], (x,), eps=1e-6, atol=1e-5)
+
+
 def test_gate_training_straight_through_reaches_gate():
     blk = _block("varlen", selection="gate").train()
     blk.generator = torch.Generator().manual_seed(0)
