@@ -9,7 +9,7 @@ Cost, next to the attention it serves (multiply-adds per image, N tokens, C chan
 window): the gate is ``N*C`` (the scorer) ``+ N*C`` (the scaling); the Swin window attention it
 replaces is ``4*N*C^2 + 2*M^2*N*C``, the SPA attention it enables ``4*T*C^2 + 2*sum_i n_i^2*C``
 (``n_i`` the packed sequence lengths; ``<= 2*L*T*C`` for containers of L). At Swin-T's stage 3
-(N=196, C=384, M=7) the gate is 0.05% of the window attention.
+(N=196, C=384, M=7) the gate is 0.12% of the window attention (2NC = 0.15M vs 123M).
 """
 
 from __future__ import annotations

@@ -57,6 +57,20 @@ def test_swin_t_forward_224():
         assert len(out.blocks) == (8 if variant == "spa" else 0)  # 6 in stage 3, 2 in stage 4
 
 
+def test_gate_scores_chain_through_blocks_and_stages():
+    # s = max(f(r), s_prev): at inference every block keeps at least what the previous one kept,
+    # and a stage-4 token is kept if any stage-3 token merged into it was
+    model = _build(spa=SPAConfig(selection="gate"), extra_stage3_blocks=1)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 72, 56))
+    (a, b, c, d) = out.blocks
+    assert [x.stage for x in out.blocks] == [3, 3, 3, 4]
+    for prev, nxt in ((a, b), (b, c)):
+        assert (nxt.logits >= prev.logits).all() and (nxt.mask >= prev.mask).all()
+    merged = torch.nn.functional.max_pool2d(c.mask.view(2, 1, *c.grid).float(), 2, ceil_mode=True)
+    assert (d.mask.view(2, 1, *d.grid) >= merged.bool()).all()
+
+
 def test_config_places_spa_blocks():
     m = _build(spa_stages=(2, 3, 4), extra_stage3_blocks=2)
     assert [[isinstance(b, SPABlock) for b in s] for s in m.stages] == [[False], [True], [True] * 4, [True]]
