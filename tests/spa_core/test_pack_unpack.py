@@ -1,4 +1,7 @@
-"""spa_core/pack.py: pack/unpack round trips for every registered strategy, and the container layout."""
+"""spa_core/pack.py: pack/unpack round trips for every registered strategy, and the container layout.
+
+(Named test_pack_unpack.py, not test_pack.py: tests/kernels/test_pack.py holds that basename and the
+test folders are not packages.)"""
 
 from __future__ import annotations
 
