@@ -1,0 +1,163 @@
+"""``spa-harness``: run a grid on Ray, see where it stands, report on it, list the variants.
+
+    spa-harness run GRID [--results DIR|URI] [--address ADDR] [--max-concurrent N] [--smoke]
+                         [--dry-run] [--rerun] [--plugin FILE] [--name NAME]
+    spa-harness status RESULTS
+    spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR]
+    spa-harness variants
+
+``run`` expands GRID (``harness.grid.load_grid``), runs the trials that have no finished row yet
+(``harness.runner.run_grid``) into ``RESULTS/<grid name>``, and prints the comparison table.
+Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa-harness", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a grid of trials (each a DeepSpeed job) on Ray Tune")
+    r.add_argument("grid", help="grid file (YAML), e.g. ablations/grids/smoke.yaml")
+    r.add_argument("--results", default=os.environ.get("SPA_HARNESS_RESULTS", "results"),
+                   help="results store: a folder or a pyarrow filesystem URI such as s3://bucket/spa "
+                        "(default: ./results); the experiment goes to RESULTS/<grid name>")
+    r.add_argument("--name", default=None, help="experiment name (default: the grid's name)")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local Ray)")
+    r.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
+    r.add_argument("--dry-run", action="store_true", help="print the expanded trials and their resources; run nothing")
+    r.add_argument("--smoke", action="store_true", help="few steps, little data: a quick end-to-end check")
+    r.add_argument("--rerun", action="store_true", help="run every trial again, even those with a finished row")
+    r.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="plugin module or .py file registering variants (repeatable)")
+    r.add_argument("--no-progress", action="store_true", help="no live progress view")
+    r.add_argument("--no-report", action="store_true", help="do not print the comparison table at the end")
+
+    s = sub.add_parser("status", help="done / running / failed / pending per trial")
+    s.add_argument("results", help="a results store or one experiment's folder (or URI)")
+
+    rep = sub.add_parser("report", help="comparison tables and plots of a results store")
+    rep.add_argument("results")
+    rep.add_argument("--baseline", default=None)
+    rep.add_argument("--format", default="md", choices=("md", "csv", "html", "json"))
+    rep.add_argument("--out", default=None)
+
+    sub.add_parser("variants", help="every registered variant and where it came from")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": _run, "status": _status, "report": _report, "variants": _variants}[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; finished trials are kept: run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from harness.config import smoke_overrides
+    from harness.grid import GridError, load_grid
+    from harness.runner import plan, run_grid, trial_resources
+
+    console = _console()
+    try:
+        grid = load_grid(args.grid, extra_plugins=args.plugin, overrides=smoke_overrides() if args.smoke else None)
+    except GridError as e:
+        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        return 2
+    experiment = args.name or grid.name
+    if args.dry_run:
+        from harness.results import ResultsStore
+
+        _print_dry_run(console, grid, plan(grid.trials, ResultsStore(args.results), experiment, rerun=args.rerun),
+                       trial_resources, args)
+        return 0
+    summary = run_grid(grid.trials, results=args.results, experiment=experiment, address=args.address,
+                       max_concurrent=args.max_concurrent, rerun=args.rerun, progress=not args.no_progress,
+                       source=str(grid.source))
+    counts: dict[str, int] = {}
+    for s in summary.states.values():
+        counts[s] = counts.get(s, 0) + 1
+    console.print(f"{experiment}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                  + f" in {summary.wall_s:.0f} s" + (" (resumed)" if summary.restored else "")
+                  + f"\nresults: {summary.uri}")
+    if not args.no_report:
+        try:
+            from harness.report import report_command
+
+            console.print(report_command(summary.uri, fmt="md"), markup=False, highlight=False)
+        except Exception as e:  # the report is a convenience here; the rows are what matter
+            console.print(f"(no report: {type(e).__name__}: {e})", markup=False)
+    return 0 if summary.ok else 1
+
+
+def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{grid.name}: {len(planned)} trials ({grid.source})")
+    for col in ("trial", "seed", "config hash", "workers", "CPUs", "GPUs", "timeout s", "retries", "state"):
+        table.add_column(col)
+    for p in planned:
+        r = p.cfg.resources
+        state = {"done": "done (kept)", "reused": f"reused from {p.reused_from}"}.get(p.state, "would run")
+        table.add_row(p.name, str(p.cfg.seed), p.config_hash, str(r.workers), f"{r.workers * r.cpus_per_worker:g}",
+                      f"{r.workers * r.gpus_per_worker:g}", f"{r.timeout_s:g}", str(r.retries), state)
+    console.print(table)
+    if args.smoke:
+        console.print("--smoke: steps, data and benchmark shrunk (harness.config.smoke_overrides)")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from harness.progress import render_states
+    from harness.results import trial_states
+
+    states = trial_states(args.results)
+    console = _console()
+    if not states:
+        console.print(f"no experiments at {args.results}")
+        return 1
+    console.print(render_states(states))
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s["state"]] = counts.get(s["state"], 0) + 1
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.report import report_command
+
+    text = report_command(args.results, baseline=args.baseline, fmt=args.format, out=args.out)
+    if args.out is None:
+        print(text)
+    else:
+        print(f"report written to {args.out}")
+    return 0
+
+
+def _variants(args: argparse.Namespace) -> int:
+    from harness.plugins import list_variants
+
+    df = list_variants()
+    print(df.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

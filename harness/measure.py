@@ -1,0 +1,215 @@
+"""Per-trial measurements beyond the task metrics: FLOPs, timings, memory, parameters.
+
+All on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
+variant), after training, with the trial's real selection (the trained gate, or top-k / random):
+
+- ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
+  image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
+- ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
+  kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
+  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences);
+- ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward and of one training
+  micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
+  runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
+  (a training step counts the samples of every worker);
+- ``peak_mem_mb``: peak resident set of the process (CPU; reset at the trial's start where Linux
+  allows) or ``torch.cuda.max_memory_allocated`` (CUDA), ``peak_mem_kind`` says which;
+- ``backbone_params`` (the task reports ``num_params`` for the whole detector).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["measure", "reset_peak_memory", "peak_memory", "fvcore_macs", "analytic_attention_macs", "timed"]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory window (CUDA stats; on Linux, VmHWM via /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # no reset: the peak then covers the process's life
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(peak MiB, kind) since ``reset_peak_memory``."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "rss_peak"
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_peak"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median and IQR (ms) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    q25, q50, q75 = np.percentile(times, [25, 50, 75])
+    return {"median": float(q50), "iqr": float(q75 - q25)}
+
+
+class _InferenceGraph(nn.Module):
+    """The detector's inference forward as a traceable graph: backbone, head; tensors out (NMS, a
+    data-dependent numpy loop, is left out: it does no multiply-adds worth counting)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bb = self.detector.backbone(images)
+        feats = [bb.features[s - 1] for s in self.detector.in_stages]
+        cls, ltrb, ctr = self.detector.head(feats)
+        return (*cls, *ltrb, *ctr)
+
+
+def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """fvcore multiply-adds of the inference forward on ``images``: total, backbone, attention+gates
+    (summed over the batch), and the ops fvcore could not count."""
+    import warnings
+
+    from fvcore.nn import FlopCountAnalysis
+
+    import kernels
+
+    graph = _InferenceGraph(detector).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about data-dependent shapes
+        fca = FlopCountAnalysis(graph, (images,)).set_op_handle(**kernels.FVCORE_HANDLES)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        fca.tracer_warnings("none")
+        total = fca.total()
+        by_module = fca.by_module()
+        unsupported: Counter[str] = Counter(fca.unsupported_ops())
+    attn = sum(v for k, v in by_module.items()
+               if k.startswith("detector.backbone.") and (k.endswith(".attn") or k.endswith(".gate")))
+    return {"total": total, "backbone": by_module.get("detector.backbone", 0), "attn": attn,
+            "unsupported": ",".join(f"{k}:{n}" for k, n in sorted(unsupported.items()))}
+
+
+def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
+    """The paper's attention formulas summed over the backbone's blocks, for a batch of ``batch``
+    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list)."""
+    from spa_core.backbone import stage_grids
+
+    m = cfg.model
+    depths = list(m.depths)
+    depths[2] += m.extra_stage3_blocks
+    grids = stage_grids(image_hw, m.patch_size)
+    spa_stages = () if m.is_dense else tuple(m.spa_stages)
+    counts = {(b.stage, b.index): b.counts.detach().cpu().long().tolist() for b in blocks}
+    spa = m.spa
+    total = 0.0
+    for i, depth in enumerate(depths):
+        h, w = grids[i]
+        n = h * w
+        c = m.embed_dim * 2**i
+        mh, mw = min(m.window_size, h), min(m.window_size, w)
+        n_pad = math.ceil(h / mh) * mh * math.ceil(w / mw) * mw
+        for j in range(depth):
+            if i + 1 not in spa_stages:  # W-MSA: B(4NC^2 + 2 M^2 N C)
+                total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
+                continue
+            k = counts.get((i + 1, j), [n] * batch)
+            total += batch * (n * c + n * c * c)  # gate + output projection over all N tokens
+            kept = sum(k)
+            if spa.pack == "containers":
+                # containers of L tokens; only the last one is padded
+                L = spa.container_len or m.window_size**2
+                n_cont = math.ceil(kept / L)
+                total += n_cont * (3 * L * c * c + 2 * L * L * c)
+            elif spa.pack == "varlen":
+                total += 3 * kept * c * c + 2 * c * sum(x * x for x in k)
+            elif spa.pack == "pad":
+                longest = max(k) if k else 0
+                total += batch * (3 * longest * c * c + 2 * longest * longest * c)
+            else:  # mask: dense attention over all N tokens
+                total += batch * (3 * n * c * c + 2 * n * n * c)
+    return total
+
+
+def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
+    """The measurement columns of a trial (see the module docstring). Every rank calls it (a
+    training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
+    from harness.task.data import build_datasets, fixed_batch
+    from harness.task.train import to_device
+
+    bc = cfg.bench
+    device = backend.device
+    engine = backend.engine
+    t0 = time.perf_counter()
+    train_ds, val_ds = build_datasets(cfg.data, progress=False)
+    images, targets = fixed_batch(val_ds, bc.batch_size)
+    images, targets = images.to(device), to_device(targets, device)
+    out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
+
+    engine.eval()
+    with torch.no_grad():
+        infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
+    out.update(infer_ms=infer["median"], infer_ms_iqr=infer["iqr"],
+               infer_samples_per_s=images.shape[0] / infer["median"] * 1e3)
+
+    with backend.gathered_parameters():
+        with torch.no_grad():
+            blocks = detector.eval()(images)["backbone"].blocks
+        macs = fvcore_macs(detector, images)
+    b = images.shape[0]
+    out.update(
+        gmacs=macs["total"] / b / 1e9,
+        backbone_gmacs=macs["backbone"] / b / 1e9,
+        fvcore_attn_gmacs=macs["attn"] / b / 1e9,
+        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
+        fvcore_unsupported_ops=macs["unsupported"],
+        backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
+    )
+
+    if bc.train_step:
+        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size)
+        t_images, t_targets = t_images.to(device), to_device(t_targets, device)
+        engine.train()
+
+        def _step() -> None:
+            with backend.autocast():
+                loss = engine(t_images, t_targets)["loss"]
+            backend.backward(loss)
+            backend.step()
+
+        step = timed(_step, bc.warmup, bc.repeats, device)
+        out.update(train_step_ms=step["median"], train_step_ms_iqr=step["iqr"],
+                   train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3)
+        engine.eval()
+    out["bench_time_s"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,177 @@
+"""The driver's view of a running grid, fed by Ray Tune callbacks.
+
+``GridCallback`` (a ``ray.tune.Callback``) follows every trial of the experiment: it shows a live
+rich table (trials done / running / failed / pending, elapsed time and an ETA from the mean duration
+of finished trials) and records, for a trial whose process died before it could write its own row
+(the Linux OOM killer, Ray's memory monitor, a segfault), a ``failed`` row with Tune's error.
+
+It holds only the store URI and the experiment name: Tune pickles it with the experiment state,
+and ``Tuner.restore`` brings it back; everything else is read from the store in ``setup``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from harness.results import Experiment
+
+__all__ = ["GridCallback", "render_states"]
+
+_STYLE = {"done": "green", "reused": "green", "failed": "red", "timeout": "red", "running": "yellow",
+          "pending": "dim", "interrupted": "magenta"}
+
+
+def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
+    """A rich table of trial states (``harness.results.trial_states`` entries or the live view's)."""
+    from rich.table import Table
+
+    table = Table(title=title or None, show_lines=False)
+    for col in ("trial", "hash", "workers", "state", "detail"):
+        table.add_column(col, overflow="fold")
+    for s in states:
+        st = s["state"]
+        table.add_row(str(s.get("name")), s["config_hash"], str(s.get("workers") or ""),
+                      f"[{_STYLE.get(st, 'white')}]{st}[/]", s.get("detail", ""))
+    return table
+
+
+class GridCallback(Callback):
+    def __init__(self, store_uri: str, experiment: str, show: bool = True) -> None:
+        self.store_uri, self.experiment, self.show = store_uri, experiment, show
+        self._live: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store_uri": self.store_uri, "experiment": self.experiment, "show": self.show}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._live = None
+
+    # --- Tune hooks ------------------------------------------------------------------------------
+    def setup(self, **info: Any) -> None:
+        self._exp = Experiment(self.store_uri, self.experiment)
+        manifest = self._exp.read_manifest() or {}
+        self.run_id = manifest.get("run_id")
+        self._t0 = time.time()
+        self._states: dict[str, dict[str, Any]] = {}
+        for t in manifest.get("trials", []):
+            state = t.get("state", "pending")
+            self._states[t["config_hash"]] = {"name": t["name"], "config_hash": t["config_hash"],
+                                              "workers": t.get("workers"), "state": state, "detail": "",
+                                              "started": None}
+        self._durations: list[float] = []
+        if self.show:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(self._render(), console=Console(stderr=True), refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        s = self._state(trial)
+        if s is not None:
+            s.update(state="running", started=time.time(), detail="")
+        self._refresh()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        s = self._state(trial)
+        if s is None or "status" not in result:
+            return
+        if result.get("skipped"):
+            s.update(state="reused" if result["status"] == "done" else result["status"], detail="row already stored")
+        else:
+            s["state"] = result["status"]
+            if result.get("wall_s") is not None:
+                self._durations.append(float(result["wall_s"]))
+                s["detail"] = f"{result['wall_s']:.1f} s"
+            if result["status"] != "done":
+                row = self._exp.read_row(s["config_hash"]) or {}
+                s["detail"] = (row.get("error") or "").splitlines()[0][:90] if row.get("error") else ""
+        self._refresh()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """The trial's process died (or its function raised outside the trial's own handling)."""
+        s = self._state(trial)
+        if s is None:
+            return
+        h = s["config_hash"]
+        row = self._exp.read_row(h)
+        if row is None or (row.get("status") != "done" and row.get("run_id") != self.run_id):
+            from harness.trial import TrialContext, failure_row
+
+            err = _tune_error(trial)
+            first = err.strip().splitlines()[-1] if err.strip() else "trial process died"
+            oom = "OutOfMemory" in err or "out of memory" in err.lower() or "memory" in first.lower()
+            cfg = trial.config["trial"]["config"]
+            context = TrialContext(self.store_uri, self.experiment, self.run_id or "?", "?")
+            tail = "\n".join(err.splitlines()[-40:])
+            self._exp.write_text(h, "error.txt", err)
+            self._exp.write_row(h, failure_row(cfg, h, context, status="failed", error=first[:2000],
+                                               error_type="OutOfMemoryError" if oom else "TrialProcessDied",
+                                               tb=tail, attempt=0, start=s.get("started") or time.time()))
+            row = self._exp.read_row(h)
+        s["state"] = row.get("status", "failed") if row else "failed"
+        s["detail"] = ((row or {}).get("error") or "").splitlines()[0][:90] if row and row.get("error") else ""
+        self._refresh()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._refresh()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    # --- view --------------------------------------------------------------------------------------
+    def _state(self, trial: Any) -> dict[str, Any] | None:
+        try:
+            return self._states.get(trial.config["trial"]["config_hash"])
+        except (KeyError, TypeError):
+            return None
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        states = list(self._states.values())
+        counts: dict[str, int] = {}
+        for s in states:
+            counts[s["state"]] = counts.get(s["state"], 0) + 1
+        done = counts.get("done", 0) + counts.get("reused", 0)
+        failed = counts.get("failed", 0) + counts.get("timeout", 0)
+        running = counts.get("running", 0)
+        pending = counts.get("pending", 0)
+        elapsed = time.time() - self._t0
+        eta = "?"
+        if self._durations and (running or pending):
+            mean = sum(self._durations) / len(self._durations)
+            eta = f"{mean * (pending + running) / max(1, running):.0f} s"
+        elif not (running or pending):
+            eta = "0 s"
+        now = time.time()
+        view = []
+        for s in states:
+            v = dict(s)
+            if s["state"] == "running" and s.get("started"):
+                v["detail"] = f"{now - s['started']:.0f} s"
+            view.append(v)
+        head = Text.from_markup(
+            f"[bold]{self.experiment}[/]: [green]{done} done[/], [yellow]{running} running[/], "
+            f"[red]{failed} failed[/], {pending} pending; elapsed {elapsed:.0f} s, ETA {eta}")
+        return Group(head, render_states(view))
+
+
+def _tune_error(trial: Any) -> str:
+    for getter in ("get_error", "get_pickled_error"):
+        try:
+            err = getattr(trial, getter)()
+        except Exception:
+            err = None
+        if err:
+            return str(err)
+    return "the trial's process died without an error report"

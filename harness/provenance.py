@@ -1,0 +1,69 @@
+"""Provenance columns of a result row: where and with what a trial ran.
+
+``project_commit()`` runs in the driver (a cluster node running the trial may hold the code without
+its ``.git``); ``environment(device, workers)`` runs in the trial and reads package versions from
+their metadata, so it imports none of them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PACKAGES", "project_commit", "package_versions", "device_name", "environment"]
+
+PACKAGES = ("torch", "deepspeed", "ray", "fvcore", "triton")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_commit() -> str:
+    """``git rev-parse HEAD`` of the project checkout, ``+dirty`` when tracked files differ;
+    ``unknown`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_name(device: Any) -> str:
+    """``cuda:0 (NVIDIA A100-SXM4-40GB)`` or ``cpu (<model name>, <n> threads)``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: Any, workers: int) -> dict[str, Any]:
+    """Versions, device, host and worker count: the environment columns of a row."""
+    row: dict[str, Any] = {f"{name}_version": v for name, v in package_versions().items()}
+    row.update(python_version=platform.python_version(), device=device_name(device), workers=workers,
+               hostname=socket.gethostname())
+    return row

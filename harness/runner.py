@@ -1,0 +1,248 @@
+"""Run a grid of trials on Ray Tune: plan against the results store, schedule, resume.
+
+``run_grid(trials, results=..., experiment=...)``:
+
+1. plans: every trial is keyed by its config hash; one with a ``done`` row in this experiment is
+   kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte),
+   the rest are pending (``rerun=True``: all pending, old rows replaced when the new ones land);
+2. writes ``experiment.json`` (the trial list) and each trial's ``config.json``;
+3. connects to Ray (``address`` / ``RAY_ADDRESS``: an existing cluster; otherwise an embedded local
+   Ray bound to 127.0.0.1 with the dashboard off) and runs one Tune trial per pending grid point
+   (``harness.trial.trial_trainable``) with that trial's resources, at most ``max_concurrent`` at a
+   time. If the previous run of this experiment was interrupted (Ctrl-C, a killed driver) and
+   its pending trials are a subset of that run's, its Tune state is restored (``Tuner.restore``);
+   finished trials are never re-run, whichever way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.config import TrialConfig, config_hash, trial_to_dict
+from harness.results import Experiment, ResultsStore
+
+__all__ = ["PlannedTrial", "RunSummary", "plan", "trial_resources", "init_ray", "run_grid"]
+
+log = logging.getLogger(__name__)
+
+# A multi-worker trial's Tune function only waits for its Ray Train workers (which reserve the CPUs
+# and GPUs); Tune needs a non-empty request, so it reserves this sliver of memory and no CPU.
+_DRIVER_MEMORY = 64 * 2**20
+
+
+@dataclass
+class PlannedTrial:
+    cfg: TrialConfig
+    config_hash: str
+    state: str  # "pending", "done" (already in this experiment) or "reused" (copied from another)
+    reused_from: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+@dataclass
+class RunSummary:
+    experiment: str
+    uri: str
+    trials: list[PlannedTrial]
+    states: dict[str, str] = field(default_factory=dict)  # config hash -> done / failed / timeout / ...
+    restored: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(s == "done" for s in self.states.values())
+
+
+def trial_resources(cfg: TrialConfig) -> dict[str, float]:
+    """What the Tune trial reserves: the worker's CPUs/GPUs for a trial run in its own process; for
+    a multi-worker trial nothing but a sliver of memory (Ray Train reserves the workers' resources)."""
+    r = cfg.resources
+    if r.workers <= 1:
+        out = {"CPU": float(r.cpus_per_worker)}
+        if r.gpus_per_worker:
+            out["GPU"] = float(r.gpus_per_worker)
+        return out
+    return {"memory": float(_DRIVER_MEMORY)}
+
+
+def plan(trials: list[TrialConfig], store: ResultsStore, experiment: str, *, rerun: bool = False) -> list[PlannedTrial]:
+    """Key the trials by config hash and decide what runs (see the module docstring)."""
+    exp = store.experiment(experiment)
+    out: list[PlannedTrial] = []
+    seen: dict[str, str] = {}
+    for cfg in trials:
+        h = config_hash(cfg)
+        if h in seen:
+            log.warning("trial %r computes the same as %r (config hash %s); running it once", cfg.name, seen[h], h)
+            continue
+        seen[h] = cfg.name
+        if rerun:
+            out.append(PlannedTrial(cfg, h, "pending"))
+            continue
+        row = exp.read_row(h)
+        if row is not None and row.get("status") == "done":
+            out.append(PlannedTrial(cfg, h, "done"))
+            continue
+        other = store.find_done(h, exclude=experiment)
+        if other is not None:
+            out.append(PlannedTrial(cfg, h, "reused", reused_from=other.name))
+        else:
+            out.append(PlannedTrial(cfg, h, "pending"))
+    return out
+
+
+def init_ray(address: str | None = None) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start an embedded local Ray bound to 127.0.0.1
+    with the dashboard off. Returns whether this call started Ray (so the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
+        return True
+    # Ray resolves 127.0.0.1 to the machine's routable address unless told this is a local-only
+    # node (the switch it uses on macOS/Windows); its servers then bind to the loopback address.
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": env}, **quiet)
+    return True
+
+
+def _quiet_tune() -> None:
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard per trial
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _trial_dirname(trial: Any) -> str:
+    t = trial.config["trial"]
+    return f"{t['config'].get('name', 'trial')}-{t['config_hash']}"[:100]
+
+
+def run_grid(
+    trials: list[TrialConfig],
+    *,
+    results: str = "results",
+    experiment: str = "default",
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    rerun: bool = False,
+    progress: bool = True,
+    source: str | None = None,
+) -> RunSummary:
+    """Run ``trials`` into ``results/<experiment>`` (see the module docstring)."""
+    t_start = time.time()
+    _quiet_tune()
+    store = ResultsStore(results)
+    exp = store.experiment(experiment)
+    planned = plan(trials, store, experiment, rerun=rerun)
+    for p in planned:
+        if p.state == "reused":
+            exp.copy_trial_from(store.experiment(p.reused_from), p.config_hash)
+    pending = [p for p in planned if p.state == "pending"]
+    for p in pending:
+        exp.write_config(p.config_hash, trial_to_dict(p.cfg))
+
+    from harness.provenance import project_commit
+
+    previous = exp.read_manifest() or {}
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    prev_tune = previous.get("tune") or {}
+    pending_hashes = sorted(p.config_hash for p in pending)
+    restorable = bool(pending_hashes) and not rerun and bool(prev_tune.get("name")) and not prev_tune.get(
+        "finished") and set(pending_hashes) <= set(prev_tune.get("trials", []))
+    tune_name = prev_tune["name"] if restorable else f"tune-{run_id}"
+    manifest = {
+        "name": experiment,
+        "source": source,
+        "run_id": run_id,
+        "git_commit": project_commit(),
+        "created": previous.get("created", t_start),
+        "updated": t_start,
+        "trials": [{"name": p.name, "config_hash": p.config_hash, "workers": p.cfg.resources.workers,
+                    "state": p.state} for p in planned],
+        "tune": {"name": tune_name, "trials": prev_tune.get("trials") if restorable else pending_hashes,
+                 "finished": False},
+    }
+    exp.write_manifest(manifest)
+    summary = RunSummary(experiment, exp.uri, planned)
+    if pending:
+        summary.restored = _run_tune(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable)
+        manifest["tune"]["finished"] = True
+        exp.write_manifest(manifest)
+    for p in planned:
+        row = exp.read_row(p.config_hash)
+        summary.states[p.config_hash] = row.get("status", "?") if row else "pending"
+    summary.wall_s = time.time() - t_start
+    return summary
+
+
+def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, Any], address: str | None,
+              max_concurrent: int | None, progress: bool, tune_name: str, restorable: bool) -> bool:
+    import ray
+    from ray import tune
+
+    from harness.progress import GridCallback
+    from harness.trial import TrialContext, trial_trainable
+
+    started = init_ray(address)
+    try:
+        context = TrialContext(exp.store_uri, exp.name, manifest["run_id"], manifest["git_commit"])
+        by_hash = {p.config_hash: p.cfg for p in pending}
+
+        def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
+            return tune.PlacementGroupFactory([trial_resources(by_hash.get(config["trial"]["config_hash"])
+                                                              or _cfg_of(config))])
+
+        trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
+        tune_path = f"{exp.uri}/{tune_name}"
+        restored = False
+        if restorable and tune.Tuner.can_restore(tune_path):
+            log.info("resuming the interrupted run from %s", tune_path)
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=True)
+            restored = True
+        else:
+            payloads = [{"config": trial_to_dict(p.cfg), "config_hash": p.config_hash} for p in pending]
+            retries = max((p.cfg.resources.retries for p in pending), default=0)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(payloads)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
+                                            trial_dirname_creator=_trial_dirname),
+                run_config=tune.RunConfig(
+                    name=tune_name, storage_path=exp.uri, verbose=0, log_to_file=True,
+                    failure_config=tune.FailureConfig(max_failures=retries),
+                    callbacks=[GridCallback(exp.store_uri, exp.name, show=progress)],
+                ),
+            )
+        tuner.fit()
+        return restored
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _cfg_of(config: dict[str, Any]) -> TrialConfig:
+    from harness.config import trial_from_dict
+
+    return trial_from_dict(config["trial"]["config"])

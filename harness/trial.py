@@ -1,0 +1,363 @@
+"""One trial: a Ray Tune trial that runs a DeepSpeed job under Ray Train and writes one result row.
+
+``trial_trainable(config, context)`` is the Tune function (one call per grid point). It skips a
+trial whose row is already in the store, then runs up to ``resources.retries + 1`` attempts of
+``train_worker``:
+
+- ``resources.workers > 1``: a Ray Train ``TorchTrainer`` starts that many workers (``ScalingConfig``;
+  gloo on CPU, nccl on GPU via ``TorchConfig``), each runs ``train_worker`` data-parallel under DeepSpeed;
+- one worker: ``train_worker`` runs in the Tune trial's own process on a one-process group kept for
+  the life of the process (Tune reuses it for the next trial with the same resources), which saves
+  the ~15 s of starting a worker group and most of DeepSpeed's import and setup.
+
+``train_worker`` trains and evaluates (``harness.task.train.train_variant`` with a
+``DeepSpeedBackend``), measures (``harness.measure``) and returns, on rank 0, the metric columns.
+The trial adds provenance and timing columns and writes the row: ``done``, or ``failed`` with the
+error and the traceback's tail (an exception, a NaN loss, an out-of-memory error, a worker that
+died), or ``timeout`` (a watchdog writes the row and ends the trial's process past
+``resources.timeout_s``). Overhead = wall time - (training + evaluation + benchmark time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from harness.results import HEARTBEAT_S, Experiment
+
+__all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "flatten_config", "error_tail"]
+
+_TRACEBACK_LINES = 40
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one ``run`` shares (passed with ``tune.with_parameters``)."""
+
+    store_uri: str
+    experiment: str
+    run_id: str
+    git_commit: str
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key columns of a config dict (``model.spa.ratio``); ``model.spa`` is None when dense."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def error_tail(exc: BaseException, lines: int = _TRACEBACK_LINES) -> str:
+    tb = "".join(traceback.format_exception(exc))
+    return "\n".join(tb.rstrip().splitlines()[-lines:])
+
+
+def _error_type(exc: BaseException) -> str:
+    """The root cause's type name (Ray wraps a worker's exception in a TrainingFailedError)."""
+    seen = exc
+    for _ in range(8):
+        nxt = seen.__cause__ or getattr(seen, "cause", None)
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    return type(seen).__name__
+
+
+def _error_message(exc: BaseException) -> str:
+    msg = str(exc).strip() or type(exc).__name__
+    if _is_oom(exc):
+        msg = f"out of memory: {msg}"
+    return msg
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return isinstance(exc, MemoryError) or "OutOfMemory" in text or "out of memory" in text.lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# rows
+
+
+def _base_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext, attempt: int) -> dict[str, Any]:
+    from harness.provenance import package_versions
+
+    row: dict[str, Any] = {
+        "name": cfg_dict.get("name"),
+        "config_hash": config_hash,
+        "seed": cfg_dict.get("seed"),
+        "run_id": context.run_id,
+        "attempt": attempt,
+        "git_commit": context.git_commit,
+        "config_json": json.dumps(cfg_dict, sort_keys=True),
+        "workers": cfg_dict.get("resources", {}).get("workers"),
+    }
+    row.update({f"{k}_version": v for k, v in package_versions().items()})
+    row.update(flatten_config(cfg_dict))
+    return row
+
+
+def failure_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext, *, status: str, error: str,
+                error_type: str, tb: str, attempt: int, start: float, end: float | None = None) -> dict[str, Any]:
+    end = end if end is not None else time.time()
+    row = _base_row(cfg_dict, config_hash, context, attempt)
+    row.update(status=status, error=error, error_type=error_type, traceback=tb, start_time=start, end_time=end,
+               wall_s=end - start, gmacs=None)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# the Tune function
+
+
+def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
+    """Ray Tune function of one grid point; ``config["trial"]`` holds ``config`` (the resolved trial
+    config dict) and ``config_hash``."""
+    from ray import tune
+
+    payload = config["trial"]
+    cfg_dict, h = payload["config"], payload["config_hash"]
+    exp = Experiment(context.store_uri, context.experiment)
+    existing = exp.read_row(h)
+    if existing is not None and (existing.get("status") == "done" or existing.get("run_id") == context.run_id):
+        tune.report({"status": existing.get("status"), "skipped": True})  # restored / re-scheduled
+        return
+
+    retries = int(cfg_dict.get("resources", {}).get("retries", 0))
+    row: dict[str, Any] = {}
+    for attempt in range(1, retries + 2):
+        row = _run_attempt(cfg_dict, h, context, exp, attempt)
+        if row["status"] == "done":
+            break
+    exp.write_row(h, row)
+    tune.report({"status": row["status"], "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s")})
+
+
+class _Watchdog:
+    """Heartbeat to the store while the trial runs; past the deadline, writes a ``timeout`` row and
+    ends the process (a stuck forward cannot be interrupted from Python; killing the Tune trial's
+    process also ends the Ray Train workers it owns)."""
+
+    def __init__(self, exp: Experiment, h: str, timeout_s: float, on_timeout, info: dict[str, Any]) -> None:
+        self.exp, self.h, self.timeout_s, self.on_timeout, self.info = exp, h, timeout_s, on_timeout, info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="trial-watchdog")
+
+    def __enter__(self) -> _Watchdog:
+        self._start = time.monotonic()
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        with contextlib.suppress(Exception):
+            self.exp.heartbeat(self.h, self.info)
+
+    def _run(self) -> None:
+        while True:
+            remaining = self.timeout_s - (time.monotonic() - self._start)
+            if self._stop.wait(max(0.0, min(HEARTBEAT_S, remaining))):
+                return
+            if time.monotonic() - self._start >= self.timeout_s:
+                try:
+                    self.on_timeout()
+                finally:
+                    os._exit(3)
+            self._beat()
+
+
+def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: Experiment,
+                 attempt: int) -> dict[str, Any]:
+    res = cfg_dict.get("resources", {})
+    timeout_s = float(res.get("timeout_s") or math.inf)
+    start = time.time()
+    t0 = time.perf_counter()
+
+    def _timeout() -> None:
+        msg = f"trial {cfg_dict.get('name')!r} exceeded resources.timeout_s={timeout_s:g} s (attempt {attempt})"
+        stack = "".join(traceback.format_stack(sys._current_frames().get(threading.main_thread().ident)))
+        tail = "\n".join(stack.splitlines()[-_TRACEBACK_LINES:])
+        exp.write_text(h, "error.txt", f"{msg}\n\n{tail}\n")
+        exp.write_row(h, failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout",
+                                     tb=tail, attempt=attempt, start=start))
+
+    info = {"attempt": attempt, "start_time": start, "run_id": context.run_id, "pid": os.getpid()}
+    with _Watchdog(exp, h, timeout_s, _timeout, info):
+        try:
+            result, startup_s = _fit(cfg_dict, h, context, attempt)
+        except Exception as e:  # the trial failed; the grid goes on
+            tb = error_tail(e)
+            exp.write_text(h, "error.txt", tb + "\n")
+            return failure_row(cfg_dict, h, context, status="failed", error=_error_message(e),
+                               error_type=_error_type(e), tb=tb, attempt=attempt, start=start)
+    wall = time.perf_counter() - t0
+    end = time.time()
+    work = sum(float(result.get(k) or 0.0) for k in ("train_time_s", "eval_time_s", "bench_time_s"))
+    row = _base_row(cfg_dict, h, context, attempt)
+    row.update(result)
+    row.update(status="done", error=None, error_type=None, traceback=None, start_time=start, end_time=end,
+               wall_s=wall, work_s=work, overhead_s=wall - work, startup_s=startup_s)
+    exp.delete(exp.trial_path(h, "error.txt"))
+    return row
+
+
+def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int) -> tuple[dict[str, Any], float]:
+    """Run ``train_worker``: in this process for one worker, under Ray Train's ``TorchTrainer`` for
+    several; rank 0's columns and the time from launch until the worker function started."""
+    res = cfg_dict.get("resources", {})
+    workers = int(res.get("workers", 1))
+    loop_config = {"config": cfg_dict, "config_hash": h, "store_uri": context.store_uri,
+                   "experiment": context.experiment, "launched": time.time()}
+    if workers <= 1:
+        row = train_worker(loop_config)
+    else:
+        row = _fit_ray_train(loop_config, res, context, attempt)
+    if not isinstance(row, dict):
+        raise RuntimeError(f"rank 0 returned no result row (got {type(row).__name__})")
+    startup = row.pop("_worker_started") - row.pop("_launched")
+    return row, startup
+
+
+def _fit_ray_train(loop_config: dict[str, Any], res: dict[str, Any], context: TrialContext, attempt: int) -> Any:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = float(res.get("gpus_per_worker", 0)) > 0
+    per_worker = {"CPU": float(res.get("cpus_per_worker", 1))}
+    if use_gpu:
+        per_worker["GPU"] = float(res["gpus_per_worker"])
+    exp = Experiment(context.store_uri, context.experiment)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"train-{loop_config['config_hash']}-{context.run_id}-a{attempt}",
+                             storage_path=exp.uri + "/train", failure_config=FailureConfig(max_failures=0)),
+    )
+    result = trainer.fit()  # raises TrainingFailedError (with the worker's traceback) if a worker failed
+    return result.return_value
+
+
+# --------------------------------------------------------------------------------------------------
+# the Ray Train worker
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Per-worker function: train, evaluate and measure under DeepSpeed; rank 0 returns its columns."""
+    started = time.time()
+    from harness.distributed import init_process_group, prepare_accelerator
+
+    device = prepare_accelerator()  # before deepspeed is imported: DS_ACCELERATOR=cpu without CUDA
+    # In the Tune trial's own process: a one-process group, made once and kept for the trials that
+    # Tune runs next in this process (DeepSpeed caches its groups); Ray Train made one otherwise.
+    init_process_group(device)
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    exp = Experiment(config["store_uri"], config["experiment"])
+    h = config["config_hash"]
+    log_name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
+    with tempfile.TemporaryDirectory() as tmp, _captured_log(os.path.join(tmp, "log.txt")) as log_path:
+        try:
+            return _train_and_measure(config["config"], rank, world, device, started, config["launched"])
+        finally:
+            with contextlib.suppress(Exception):
+                with open(log_path, encoding="utf-8", errors="replace") as f:
+                    exp.write_text(h, log_name, f.read())
+
+
+def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, started: float,
+                       launched: float) -> dict[str, Any] | None:
+    from harness.config import trial_from_dict
+    from harness.distributed import DeepSpeedBackend
+    from harness.measure import measure, peak_memory, reset_peak_memory
+    from harness.plugins import load_plugins
+    from harness.provenance import environment
+    from harness.task.train import train_variant
+
+    cfg = trial_from_dict(cfg_dict)
+    load_plugins(cfg.plugins)
+    reset_peak_memory(device)
+    logging.getLogger("harness").info("trial %s on rank %d of %d, device %s", cfg.name, rank, world, device)
+    backend = DeepSpeedBackend(device)
+    t_ready = time.time()
+    metrics = train_variant(cfg, backend=backend, progress=False)
+    # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
+    prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
+    metrics.update(measure(cfg, backend, backend.model))
+    peak, kind = peak_memory(device)
+    if rank != 0:
+        return None
+    metrics.update(environment(device, world))
+    metrics.update(world_size=world, peak_mem_mb=peak, peak_mem_kind=kind, deepspeed_setup_s=backend.setup_s,
+                   worker_import_s=t_ready - started, prep_s=prep - backend.setup_s,
+                   zero_stage=backend.ds_config["zero_optimization"]["stage"],
+                   precision=("bf16" if "torch_autocast" in backend.ds_config else
+                              "fp16" if "fp16" in backend.ds_config else "fp32"),
+                   _worker_started=started, _launched=launched)
+    return metrics
+
+
+@contextlib.contextmanager
+def _captured_log(path: str):
+    """Python logging, warnings and prints of this worker into ``path`` (uploaded to the store)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(), logging.getLogger("DeepSpeed")]  # DeepSpeed's does not propagate
+    old_levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+    logging.getLogger("harness").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed below)
+    tee = _Tee(stream, sys.stdout)
+    try:
+        with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(_Tee(stream, sys.stderr)):
+            yield path
+    finally:
+        for lg, lvl in zip(loggers, old_levels):
+            lg.removeHandler(handler)
+            lg.setLevel(lvl)
+        logging.captureWarnings(False)
+        handler.close()
+        stream.close()
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, s: str) -> int:
+        for st in self.streams:
+            with contextlib.suppress(Exception):
+                st.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        for st in self.streams:
+            with contextlib.suppress(Exception):
+                st.flush()
+
+
+def context_dict(context: TrialContext) -> dict[str, Any]:
+    return asdict(context)
