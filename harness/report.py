@@ -113,6 +113,8 @@ def build_report(
 
     table = _aggregate(done, metrics, key_cols)
     base_label = _pick_baseline(table, baseline, notes)
+    order = sorted(table.index, key=lambda v: (v != base_label, _natural(v)))
+    table = table.loc[order]
     inference_time = _inference_time_column(metrics)
     if base_label is not None:
         _add_deltas(table, base_label, metrics, inference_time)
@@ -358,6 +360,15 @@ def _axis_tables(
     return out
 
 
+def _natural(s: str) -> list:
+    """``topk-0.25 < topk-0.5 < topk-0.75``, ``stage 2 < stage 10``."""
+    return [
+        (0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+        for t in re.split(r"(\d+(?:\.\d+)?)", s)
+        if t
+    ]
+
+
 def _sort_key(v: Any) -> tuple:
     return (0, v, "") if isinstance(v, int | float) else (1, 0, str(v))
 
@@ -387,6 +398,9 @@ _NICE = {
     "map_small": "mAP_S",
     "map_medium": "mAP_M",
     "map_large": "mAP_L",
+    "infer_ms": "infer ms",
+    "train_step_ms": "train step ms",
+    "peak_mem_mb": "peak mem MB",
     "kept_fraction": "kept",
     "gate_precision": "gate P",
     "gate_recall": "gate R",
@@ -394,21 +408,33 @@ _NICE = {
 }
 
 
-def _display_metrics(report: Report) -> list[str]:
-    """The columns people read: mAP and mAP50, one GMACs, inference and training time, memory, kept
-    fraction, gate precision/recall (everything else stays in csv/json)."""
+def _display_metrics(report: Report) -> list[tuple[str, bool, bool]]:
+    """The columns people read, as (metric, show the value, show the delta): mAP (and its delta),
+    mAP50, GMACs (and the backbone's change), inference time with the speedup, training step time,
+    memory, kept fraction, gate precision/recall. Everything else stays in csv/json."""
     by_kind: dict[str, list[str]] = {}
     for m, k in report.metrics.items():
         by_kind.setdefault(k, []).append(m)
     acc = [m for m in ("map", "map_50") if m in report.metrics] or by_kind.get("accuracy", [])[:2]
-    compute = [m for m in ("gmacs", "backbone_gmacs") if m in report.metrics] or by_kind.get("compute", [])[
-        :1
+    out = [(m, True, i == 0) for i, m in enumerate(acc)]
+    compute = by_kind.get("compute", [])
+    main = "gmacs" if "gmacs" in compute else (compute[0] if compute else None)
+    if main:
+        out.append((main, True, True))
+    if "backbone_gmacs" in compute:
+        out.append(("backbone_gmacs", False, True))
+    if report.inference_time:
+        out.append((report.inference_time, True, False))
+    train = [m for m in by_kind.get("time", []) if "train" in m and "step" in m] or [
+        m for m in by_kind.get("time", []) if "train" in m
     ]
-    times = by_kind.get("time", [])
-    train = [m for m in times if "train" in m and m != report.inference_time][:1]
-    timing = ([report.inference_time] if report.inference_time else []) + train
+    out += [(m, True, True) for m in train[:1]]
     memory = sorted(by_kind.get("memory", []), key=lambda m: "peak" not in m)[:1]
-    return [*acc, *compute, *timing, *memory, *by_kind.get("selection", []), *by_kind.get("gate", [])]
+    out += [(m, True, True) for m in memory]
+    out += [
+        (m, True, False) for m in ("kept_fraction", "gate_precision", "gate_recall") if m in report.metrics
+    ]
+    return out
 
 
 def _nice(m: str) -> str:
@@ -427,16 +453,18 @@ def _display(report: Report, table: pd.DataFrame, axis: str | None = None) -> pd
     if axis is not None:
         out[axis] = table[axis].map(lambda v: "(baseline)" if _missing(v) else _fmt_value(v))
     out["seeds"] = table["n_seeds"]
-    for m in _display_metrics(report):
+    for m, value, delta in _display_metrics(report):
         if m not in table or table[m].isna().all():
             continue
-        out[_nice(m)] = [_pm(a, b) for a, b in zip(table[m], table[f"{m}_ci95"])]
-        if f"{m}_delta" in table:
+        if value:
+            d = _decimals(table[m])
+            out[_nice(m)] = [_pm(a, b, d) for a, b in zip(table[m], table[f"{m}_ci95"])]
+        if delta and f"{m}_delta" in table:
             out[f"Δ {_nice(m)}"] = table[f"{m}_delta"].map(lambda x: _signed(x, "{:+.4f}"))
-        if f"{m}_delta_pct" in table:
+        if delta and f"{m}_delta_pct" in table:
             out[f"Δ {_nice(m)} %"] = table[f"{m}_delta_pct"].map(lambda x: _signed(x, "{:+.1f}%"))
-    if "speedup" in table:
-        out["speedup"] = table["speedup"].map(lambda x: _signed(x, "{:.2f}x"))
+        if m == report.inference_time and "speedup" in table:
+            out["speedup"] = table["speedup"].map(lambda x: _signed(x, "{:.2f}x"))
     out.index.name = "variant"
     return out
 
@@ -451,25 +479,19 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _num(x: float) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    ax = abs(x)
-    if ax >= 1000:
-        return f"{x:,.0f}"
-    if ax >= 100:
-        return f"{x:.1f}"
-    if ax >= 10:
-        return f"{x:.2f}"
-    if ax >= 1:
-        return f"{x:.3f}"
-    return "0" if x == 0 else f"{x:.4f}"
+def _decimals(col: pd.Series) -> int:
+    """Decimals for a column: about four significant digits on its largest value, at most four."""
+    v = col.abs().replace([np.inf, -np.inf], np.nan).max()
+    if v is None or not np.isfinite(v) or v == 0:
+        return 4
+    return int(min(4, max(0, 3 - math.floor(math.log10(v)))))
 
 
-def _pm(mean: float, ci: float) -> str:
+def _pm(mean: float, ci: float, decimals: int = 4) -> str:
     if mean is None or not math.isfinite(mean):
         return "n/a"
-    return _num(mean) if ci is None or not math.isfinite(ci) else f"{_num(mean)} ± {_num(ci)}"
+    m = f"{mean:,.{decimals}f}"
+    return m if ci is None or not math.isfinite(ci) else f"{m} ± {ci:,.{decimals}f}"
 
 
 def _signed(x: float, fmt: str) -> str:
@@ -479,12 +501,12 @@ def _signed(x: float, fmt: str) -> str:
 def _markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
     parts = ["# SPA vs dense: comparison", ""]
     parts.append(_baseline_line(report))
-    parts += ["", _display(report, report.table).to_markdown(), ""]
+    parts += ["", _md_table(_display(report, report.table)), ""]
     for axis, t in report.axes.items():
         parts += [
             f"## Axis `{axis}` ({_held(t)})",
             "",
-            _display(report, t, axis).to_markdown(),
+            _md_table(_display(report, t, axis)),
             "",
         ]
     if images:
@@ -493,6 +515,10 @@ def _markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
     if report.notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     return "\n".join(parts)
+
+
+def _md_table(t: pd.DataFrame) -> str:
+    return t.to_markdown(disable_numparse=True, colalign=["left"] + ["right"] * len(t.columns))
 
 
 def _held(t: pd.DataFrame) -> str:
