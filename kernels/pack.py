@@ -31,8 +31,8 @@ def pack_tokens_ref(x: Tensor, indices: Tensor) -> Tensor:
 
 def unpack_tokens_ref(packed: Tensor, indices: Tensor, base: Tensor, add: bool = False) -> Tensor:
     """packed: (T, C); indices: (T,) unique int64; base: (R, C) -> (R, C), out of place."""
-    if add:
-        return base.index_add(0, indices, packed)
+    if add:  # indices are unique: a gather, an add and a copy beat index_add's scatter-add (~2x on CPU)
+        packed = base.index_select(0, indices).add_(packed)
     return base.index_copy(0, indices, packed)
 
 

@@ -59,24 +59,45 @@ def varlen_attention_ref(
 # ----------------------------------------------------------------------------------------------------
 # fast torch path (CPU): group sequences of similar length into batched SDPA calls
 
-# Cost model of one batched SDPA call of G sequences padded to P (microseconds, 2-core CPU, fp32):
-# fixed call cost + per-token cost (gathers, copies) + per key-query pair cost; calibrated with
-# kernels.bench --calibrate. Only the ratios matter for the plan.
-_CALL_US = 40.0
-_TOKEN_US_PER_HD = 0.0006
-_PAIR_US_PER_HD = 0.000035
+# How the CPU path runs a set of ragged sequences. Two kinds of SDPA call:
+# - "view": one sequence, straight on views of q, k, v (no copies in; one copy of its output);
+# - "batch": G sequences gathered into a (G, H, P, D) batch padded to P (multiple of _ALIGN) with a
+#   key mask, and scattered back.
+# Measured on this project's 2-core CPU (fp32, H*D = 384): a gather + scatter of the batch costs more
+# than the per-call overhead it saves unless sequences are short (below ~13 tokens), so long
+# sequences run as views (at ratio 0.25 of 196 tokens x 32 images: 4.5 ms looping over views vs 9.5
+# ms in two padded batches) and only short ones are batched. The cost model (microseconds, per unit
+# of H*D where it scales) lets a dynamic programme choose; only its ratios matter.
+_VIEW_CALL_US = 20.0  # one SDPA call + output copy, fixed part
+_BATCH_CALL_US = 50.0  # one batched call incl. building its index tensors, fixed part
+_TOKEN_US_PER_HD = 0.004  # per padded token slot of a batch: 3 gathers + 1 scatter
+_OUT_US_PER_HD = 0.0005  # per token of a view call: its output copy
+_PAIR_US_PER_HD = 0.000055  # per (query, key) pair, either kind
+# Batches are padded to multiples of 16: torch's CPU flash attention is much faster there than just
+# below (1 thread, 16 x 6 heads x 64: P=60 127 us per sequence, P=64 89; P=124 434, P=128 341).
+_ALIGN = 16
 
 
-def _group_cost(n_seq: int, pad_len: int, hd: int) -> float:
-    return _CALL_US + n_seq * hd * (_TOKEN_US_PER_HD * pad_len + _PAIR_US_PER_HD * pad_len * pad_len)
+def _aligned(n: int) -> int:
+    return n if n < 2 * _ALIGN else -(-n // _ALIGN) * _ALIGN  # short batches: padding would dominate
+
+
+def _view_cost(n: int, hd: int) -> float:
+    return _VIEW_CALL_US + hd * (_OUT_US_PER_HD * n + _PAIR_US_PER_HD * n * n)
+
+
+def _batch_cost(n_seq: int, pad_len: int, hd: int) -> float:
+    return _BATCH_CALL_US + n_seq * hd * (_TOKEN_US_PER_HD * pad_len + _PAIR_US_PER_HD * pad_len * pad_len)
 
 
 @lru_cache(maxsize=512)
 def _plan_groups(lengths: tuple[int, ...], hd: int) -> tuple[tuple[tuple[int, ...], int], ...]:
-    """Partition the non-empty sequences into groups, each run as one SDPA call padded to its longest.
+    """Partition the non-empty sequences into calls: ((seq ids), pad_len) pairs; a single id with
+    ``pad_len`` equal to its length is a view call.
 
-    Sequences sorted by length; a group is a run of consecutive distinct lengths; dynamic programming
-    over the distinct lengths minimises the summed ``_group_cost``. Returns ((seq ids), pad_len) pairs.
+    Sequences sorted by length; dynamic programming over the distinct lengths: the sequences of one
+    distinct length run as view calls, or a run of consecutive distinct lengths forms one batch
+    padded to its longest (rounded up to ``_ALIGN``); the summed cost model is minimised.
     """
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
@@ -88,96 +109,114 @@ def _plan_groups(lengths: tuple[int, ...], hd: int) -> tuple[tuple[tuple[int, ..
     mult = [len(by_len[n]) for n in distinct]
     K = len(distinct)
     best = [0.0] + [math.inf] * K  # best[j]: cost of the first j distinct lengths
-    cut = [0] * (K + 1)
+    cut = [0] * (K + 1)  # cut[j] = i: distinct[i:j] batched; cut[j] = -1: distinct[j-1] as views
     for j in range(1, K + 1):
+        best[j], cut[j] = best[j - 1] + mult[j - 1] * _view_cost(distinct[j - 1], hd), -1
         n_seq = 0
-        pad = distinct[j - 1]
-        for i in range(j, 0, -1):  # group = distinct[i-1 .. j-1], padded to distinct[j-1]
+        pad = _aligned(distinct[j - 1])
+        for i in range(j, 0, -1):  # batch = distinct[i-1 .. j-1], padded to distinct[j-1]
             n_seq += mult[i - 1]
-            c = best[i - 1] + _group_cost(n_seq, pad, hd)
+            c = best[i - 1] + _batch_cost(n_seq, pad, hd)
             if c < best[j]:
                 best[j], cut[j] = c, i - 1
     groups = []
     j = K
     while j > 0:
+        if cut[j] < 0:
+            groups.extend(((s,), distinct[j - 1]) for s in by_len[distinct[j - 1]])
+            j -= 1
+            continue
         i = cut[j]
         ids = tuple(s for n in distinct[i:j] for s in by_len[n])
-        groups.append((ids, distinct[j - 1]))
+        groups.append((ids, _aligned(distinct[j - 1])))
         j = i
     return tuple(reversed(groups))
 
 
 class _Group(NamedTuple):
     """One batched call: G sequences padded to P. ``start`` >= 0: a single sequence at rows
-    ``start:start+P`` (views, no copies); otherwise ``idx`` (G*P,) gathers the padded batch, ``mask``
-    (G, 1, 1, P) marks real keys (None when nothing is padded), and ``keep`` selects the real rows of
-    the flattened (G*P) output (None when nothing is padded)."""
+    ``start:start+P`` (views, no copies). Otherwise ``idx`` (G*P,) gathers the padded batch (padded
+    slots read their sequence's first row: finite values), ``idx_out`` (G*P,) scatters it back
+    (padded slots to a dummy row T), and ``mask`` (G, 1, 1, P) marks real keys (None: no padding)."""
 
     start: int
     G: int
     P: int
     idx: Tensor | None
+    idx_out: Tensor | None
     mask: Tensor | None
-    keep: Tensor | None
 
 
-def _groups(cu_seqlens: Tensor, hd: int, device: torch.device) -> list[_Group]:
+def _groups(cu_seqlens: Tensor, T: int, hd: int, device: torch.device) -> list[_Group]:
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     groups = []
     for ids, pad in _plan_groups(lengths, hd):
-        if len(ids) == 1:
+        if len(ids) == 1 and lengths[ids[0]] == pad:  # one unpadded sequence: views
             groups.append(_Group(starts[ids[0]], 1, pad, None, None, None))
             continue
         st = torch.tensor([starts[i] for i in ids], dtype=torch.int64)  # (G,)
         ln = torch.tensor([lengths[i] for i in ids], dtype=torch.int64)  # (G,)
         pos = torch.arange(pad, dtype=torch.int64)
         valid = pos[None, :] < ln[:, None]  # (G, P)
-        # padded slots read their sequence's first row: finite values, masked out as keys
-        idx = (st[:, None] + torch.where(valid, pos[None, :], 0)).reshape(-1)
+        src = st[:, None] + pos[None, :]
+        idx = torch.where(valid, src, st[:, None]).reshape(-1)
         if bool(valid.all()):
-            mask = keep = None
+            idx_out, mask = idx, None
         else:
+            idx_out = torch.where(valid, src, T).reshape(-1)
             mask = valid[:, None, None, :].to(device)
-            keep = valid.reshape(-1).nonzero().squeeze(1).to(device)
-        groups.append(_Group(-1, len(ids), pad, idx.to(device), mask, keep))
+        groups.append(_Group(-1, len(ids), pad, idx.to(device), idx_out.to(device), mask))
     return groups
 
 
-def _gather(t: Tensor, g: _Group) -> Tensor:
-    """(T, H, D) -> (G, H, P, D), a view when possible."""
+def _packed_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """(T, 3*H*D) view when q, k, v are the unbound thirds of one (T, 3, H, D) tensor (the usual
+    ``qkv(x).view(T, 3, H, D).unbind(1)``): then one gather serves all three."""
+    T, H, D = q.shape
+    hd, e = H * D, q.element_size()
+    if (
+        q.stride() == k.stride() == v.stride() == (3 * hd, D, 1)
+        and k.data_ptr() - q.data_ptr() == hd * e
+        and v.data_ptr() - k.data_ptr() == hd * e
+        and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    ):
+        return q.as_strided((T, 3 * hd), (3 * hd, 1))
+    return None
+
+
+def _gather(ts: tuple[Tensor, ...], g: _Group, packed: Tensor | None = None) -> list[Tensor]:
+    """Each (T, H, D) -> (G, H, P, D): views for a single sequence, else gathered rows (one gather
+    for all three when ``packed`` is their (T, 3*H*D) storage)."""
     if g.start >= 0:
-        return t[g.start : g.start + g.P].transpose(0, 1).unsqueeze(0)
-    return t.index_select(0, g.idx).view(g.G, g.P, *t.shape[1:]).transpose(1, 2)
+        return [t[g.start : g.start + g.P].transpose(0, 1).unsqueeze(0) for t in ts]
+    H, D = ts[0].shape[1:]
+    if packed is not None:
+        rows = packed.index_select(0, g.idx).view(g.G, g.P, 3, H, D)
+        return [rows[:, :, i].transpose(1, 2) for i in range(3)]
+    return [t.index_select(0, g.idx).view(g.G, g.P, H, D).transpose(1, 2) for t in ts]
 
 
 class _Scatter:
-    """Collects per-group (G, H, P, D) results into one (T, H, D) tensor with one index_copy."""
+    """Writes per-group (G, H, P, D) results into one (T, H, D) tensor; padded slots land in a dummy
+    row T that is dropped at the end."""
 
     def __init__(self, like: Tensor, cu_seqlens: Tensor):
-        covered = cu_seqlens[0] == 0 and cu_seqlens[-1] == like.shape[0]
-        self.out = torch.empty_like(like) if bool(covered) else torch.zeros_like(like)
-        self.rows: list[Tensor] = []
-        self.pieces: list[Tensor] = []
+        T = like.shape[0]
+        covered = cu_seqlens[0] == 0 and cu_seqlens[-1] == T
+        alloc = torch.empty if bool(covered) else torch.zeros
+        self.T = T
+        self.out = alloc((T + 1, *like.shape[1:]), dtype=like.dtype, device=like.device)
 
     def add(self, g: _Group, res: Tensor) -> None:
+        res = res.transpose(1, 2)  # (G, P, H, D); SDPA's CPU output is laid out like this already
         if g.start >= 0:
-            self.out[g.start : g.start + g.P] = res[0].transpose(0, 1)
-            return
-        res = res.transpose(1, 2).reshape(g.G * g.P, res.shape[1], res.shape[3])  # (G*P, H, D)
-        if g.keep is None:
-            self.rows.append(g.idx)
-            self.pieces.append(res)
+            self.out[g.start : g.start + g.P] = res[0]
         else:
-            self.rows.append(g.idx.index_select(0, g.keep))
-            self.pieces.append(res.index_select(0, g.keep))
+            self.out.index_copy_(0, g.idx_out, res.reshape(g.G * g.P, *res.shape[2:]))
 
     def result(self) -> Tensor:
-        if not self.pieces:
-            return self.out
-        if len(self.pieces) == 1:
-            return self.out.index_copy(0, self.rows[0], self.pieces[0])
-        return self.out.index_copy(0, torch.cat(self.rows), torch.cat(self.pieces))
+        return self.out[: self.T]
 
 
 def _varlen_attention_torch(
@@ -186,8 +225,9 @@ def _varlen_attention_torch(
     """Same result as the reference, in a few batched ``scaled_dot_product_attention`` calls."""
     T, H, D = q.shape
     out = _Scatter(q, cu_seqlens)
-    for g in _groups(cu_seqlens, H * D, q.device):
-        qg, kg, vg = (_gather(t, g) for t in (q, k, v))  # (G, H, P, D)
+    packed = _packed_qkv(q, k, v)
+    for g in _groups(cu_seqlens, T, H * D, q.device):
+        qg, kg, vg = _gather((q, k, v), g, packed)  # (G, H, P, D)
         out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=softmax_scale))
     return out.result()
 
@@ -200,8 +240,8 @@ def _varlen_attention_torch_backward(
     errs several times more in fp32."""
     T, H, D = q.shape
     dq, dk, dv = _Scatter(q, cu_seqlens), _Scatter(k, cu_seqlens), _Scatter(v, cu_seqlens)
-    for g in _groups(cu_seqlens, H * D, q.device):
-        qg, kg, vg, dog = (_gather(t, g) for t in (q, k, v, dout))  # (G, H, P, D)
+    for g in _groups(cu_seqlens, T, H * D, q.device):
+        qg, kg, vg, dog = _gather((q, k, v, dout), g)  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
         if g.mask is not None:
             s = s.masked_fill(~g.mask, float("-inf"))

@@ -25,6 +25,7 @@ from kernels import (
     varlen_attention,
     varlen_attention_ref,
 )
+from kernels.varlen_attention import _plan_groups  # noqa: E402  (the module, not the function)
 from tests.kernels.conftest import skip_unless_triton
 
 _MARKS = {"triton": [pytest.mark.triton]}
@@ -85,7 +86,9 @@ def _check_against_reference(impl, counts, H, D, device, dtype=torch.float32, sc
         for i, (a, r) in enumerate(zip((out_pt, *grads_pt), (out_ref, *grads_ref))):
             torch_err[i] = max(torch_err[i], _max_err(a, r))
 
-    for i, (name, got, ref) in enumerate(zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref))):
+    for i, (name, got, ref) in enumerate(
+        zip(("out", "dq", "dk", "dv"), (out, *grads), (out_ref, *grads_ref))
+    ):
         err = _max_err(got, ref)
         bound = 2 * torch_err[i] + FLOOR[dtype]
         assert err <= bound, f"{impl} {name}: max error {err:.3g} > 2 * torch's {torch_err[i]:.3g} + floor"
@@ -122,7 +125,9 @@ def test_containers_equal_block_diagonal_attention(impl, device):
     slot_image = slot_image.view(n_cont, L)
     mask = (slot_image[:, :, None] == slot_image[:, None, :]) & (slot_image[:, None, :] >= 0)
     mask |= ~mask.any(-1, keepdim=True)  # empty slots attend anywhere; dropped below
-    grid = [F.pad(t, (0, 0, 0, 0, 0, n_cont * L - T)).view(n_cont, L, H, D).transpose(1, 2) for t in (q, k, v)]
+    grid = [
+        F.pad(t, (0, 0, 0, 0, 0, n_cont * L - T)).view(n_cont, L, H, D).transpose(1, 2) for t in (q, k, v)
+    ]
     dense = F.scaled_dot_product_attention(*grid, attn_mask=mask[:, None].to(device))  # (B', H, L, D)
     dense = dense.transpose(1, 2).reshape(n_cont * L, H, D)[:T]
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
@@ -144,10 +149,26 @@ def test_gradcheck(impl):
     assert torch.autograd.gradcheck(lambda q, k, v: varlen_attention(q, k, v, cu, m, impl=impl), leaves)
 
 
-def test_torch_path_groups_many_lengths():
-    """The torch path's planner mixes single calls, equal-length batches and padded batches."""
-    counts = [49] * 9 + [48, 47, 3, 2, 2, 1, 0, 17, 18, 20, 196, 190]
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [49] * 9 + [48, 47, 3, 2, 2, 1, 0, 17, 18, 20, 196, 190],  # mostly view calls
+        [2] * 40 + [1] * 30 + [3] * 20 + [0, 5, 4, 37],  # many short sequences: padded batches
+        [3] * 50 + [2] * 50,  # equal-length batches without padding
+    ],
+)
+def test_torch_path_plans(counts):
+    """The torch path's planner: view calls, padded batches, unpadded batches, mixed."""
+    lengths = tuple(counts)
+    plan = _plan_groups(lengths, 2 * 16)
+    assert sorted(i for ids, _ in plan for i in ids) == [i for i, n in enumerate(counts) if n > 0]
+    assert all(pad >= max(lengths[i] for i in ids) for ids, pad in plan)
     _check_against_reference("torch", counts, 2, 16, torch.device("cpu"))
+
+
+def test_torch_path_batches_short_sequences():
+    plan = _plan_groups((2,) * 40 + (1,) * 30, 384)
+    assert len(plan) < 10  # not 70 view calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

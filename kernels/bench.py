@@ -1,0 +1,335 @@
+"""Benchmark of the SPA attention block (Select and Pack Attention, arXiv 2410.23608) on CPU against its
+dense counterpart, per pack strategy and kept ratio: ``python -m kernels.bench [--json]``.
+
+One block = gate score (Linear C->1) + top-k per image (counts vary per image around the ratio) +
+pack + qkv Linear + attention + proj Linear + unpack onto the residual. Strategies (DESIGN.md):
+
+- ``varlen``: one sequence per image (``kernels.varlen_attention``); dense counterpart: global attention;
+- ``containers``: the paper's containers of L = M*M = 49 slots as varlen sequences; dense counterpart:
+  Swin window attention, M = 7 (14x14 tokens = 4 windows of 49);
+- ``pad``: each image padded to the batch's largest count, one SDPA with a key mask; vs global;
+- ``mask``: dense compute over all tokens, unselected keys masked (no saving; the control); vs global.
+
+Reported per strategy and ratio: kept fraction, time ratio (dense / SPA time), FLOP ratio (dense / SPA
+multiply-adds, fvcore with ``kernels.FVCORE_HANDLES``) and packing efficiency = time ratio / FLOP ratio
+(1.0: time falls exactly as FLOPs do). Times are forward passes in inference mode; dense and SPA runs
+alternate in one process and the ratio is taken per pair, so machine load affects both alike; the
+table shows medians and the interquartile range of the per-pair ratios.
+
+This module builds its blocks from ``kernels``' own ops only (it must not import spa_core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import (
+    FVCORE_HANDLES,
+    container_seqlens,
+    cu_seqlens_from_counts,
+    pack_tokens,
+    unpack_tokens,
+    varlen_attention,
+)
+
+__all__ = ["SPAAttentionBlock", "GlobalAttentionBlock", "WindowAttentionBlock", "STRATEGIES", "run", "main"]
+
+STRATEGIES = ("varlen", "containers", "pad", "mask")
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., C) -> q, k, v: (..., H, D) each."""
+        *lead, C = x.shape
+        return self.qkv(x).view(*lead, 3, self.num_heads, C // self.num_heads).unbind(-3)
+
+
+class GlobalAttentionBlock(_Attention):
+    """Dense global attention over all N tokens: x (B, N, C) -> x + proj(attn(x))."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.split(x))  # (B, H, N, D)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return x + self.proj(o)
+
+
+class WindowAttentionBlock(_Attention):
+    """Swin window attention (no shift, no position bias) with M x M windows on an (h, w) grid."""
+
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int], window: int = 7):
+        super().__init__(dim, num_heads)
+        self.grid, self.window = grid, window
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        (h, w), M = self.grid, self.window
+        win = x.view(B, h // M, M, w // M, M, C).transpose(2, 3).reshape(-1, M * M, C)  # (B*nW, M*M, C)
+        q, k, v = (t.transpose(1, 2) for t in self.split(win))  # (B*nW, H, M*M, D)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, M * M, C)
+        o = self.proj(o).view(B, h // M, w // M, M, M, C).transpose(2, 3).reshape(B, N, C)
+        return x + o
+
+
+class SPAAttentionBlock(_Attention):
+    """Gate, top-k per image, pack, attention within the strategy's sequences, unpack.
+
+    x: (B, N, C); counts: (B,) tokens kept per image. Unselected tokens pass through unchanged.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, strategy: str, container_len: int = 49, impl: str | None = None
+    ):
+        super().__init__(dim, num_heads)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        self.strategy, self.container_len, self.impl = strategy, container_len, impl
+        self.gate = nn.Linear(dim, 1)
+
+    def select(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Top-``counts[b]`` tokens of image b by gate score -> flat row ids (T,), image-major, each
+        image's in token order."""
+        B, N, _ = x.shape
+        score = self.gate(x).squeeze(-1)  # (B, N)
+        order = score.argsort(dim=1, descending=True)
+        ranked = torch.arange(N, device=x.device)[None, :] < counts[:, None]  # (B, N) in rank order
+        keep = torch.zeros_like(ranked).scatter_(1, order, ranked)  # (B, N) in token order
+        return keep.view(-1).nonzero().squeeze(1)
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        B, N, C = x.shape
+        flat = x.reshape(B * N, C)
+        indices = self.select(x, counts)  # (T,)
+        if self.strategy == "mask":
+            return self._forward_mask(x, indices)
+        packed = pack_tokens(flat, indices, impl=self.impl)  # (T, C)
+        if self.strategy == "pad":
+            o = self._attend_pad(packed, counts)
+        else:
+            if self.strategy == "varlen":
+                cu, max_seqlen = cu_seqlens_from_counts(counts)
+            else:
+                cu, max_seqlen, _, _ = container_seqlens(counts, self.container_len)
+            q, k, v = self.split(packed)  # (T, H, D)
+            o = varlen_attention(q, k, v, cu, max_seqlen, impl=self.impl).reshape(-1, C)
+        return unpack_tokens(self.proj(o), indices, flat, add=True, impl=self.impl).view(B, N, C)
+
+    def _attend_pad(self, packed: Tensor, counts: Tensor) -> Tensor:
+        """Every image padded to the largest count P: (B, P) slots, key mask. qkv runs on the padding
+        too (the strategy's cost)."""
+        B, C = counts.numel(), packed.shape[1]
+        P = int(counts.max()) if B else 0
+        cu, _ = cu_seqlens_from_counts(counts)
+        slot = torch.arange(P, device=packed.device)[None, :]  # (1, P)
+        valid = slot < counts[:, None]  # (B, P)
+        src = (cu[:-1, None].long() + slot).clamp(max=max(packed.shape[0] - 1, 0))  # (B, P)
+        grid = pack_tokens(packed, src.reshape(-1), impl=self.impl).view(B, P, C)
+        q, k, v = (t.transpose(1, 2) for t in self.split(grid))  # (B, H, P, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        return o.transpose(1, 2).reshape(B * P, C)[valid.view(-1)]  # (T, C)
+
+    def _forward_mask(self, x: Tensor, indices: Tensor) -> Tensor:
+        B, N, C = x.shape
+        flat = x.reshape(B * N, C)
+        keep = torch.zeros(B * N, device=x.device).index_fill(0, indices, 1.0).view(B, N) > 0
+        q, k, v = (t.transpose(1, 2) for t in self.split(x))  # (B, H, N, D)
+        mask = keep[:, None, None, :] | ~keep.any(1)[:, None, None, None]  # images keeping nothing: any key
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B * N, C)
+        o = pack_tokens(self.proj(o), indices, impl=self.impl)
+        return unpack_tokens(o, indices, flat, add=True, impl=self.impl).view(B, N, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# measurement
+
+
+def make_counts(
+    batch: int, num_tokens: int, ratio: float, spread: float, generator: torch.Generator
+) -> Tensor:
+    """Per-image kept counts around ``ratio * N``: uniform within +-spread (relative), clamped to [1, N]."""
+    u = torch.rand(batch, generator=generator) * 2 - 1
+    counts = torch.round(num_tokens * ratio * (1 + spread * u)).long()
+    return counts.clamp(1, num_tokens)
+
+
+def fvcore_macs(module: nn.Module, inputs: tuple) -> int:
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fca = FlopCountAnalysis(module, inputs).set_op_handle(**FVCORE_HANDLES)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return int(fca.total())
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_pairs(dense, spa, reps: int, warmup: int, clock=time.perf_counter) -> list[float]:
+    """Alternate dense and SPA calls (which goes first alternates too); per-pair ratios dense / SPA."""
+    for _ in range(warmup):
+        dense()
+        spa()
+    ratios = []
+    for i in range(reps):
+        first, second = (dense, spa) if i % 2 == 0 else (spa, dense)
+        t0 = clock()
+        first()
+        t1 = clock()
+        second()
+        t2 = clock()
+        td, ts = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(td / ts)
+    return ratios
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return q[0], statistics.median(xs), q[2]
+
+
+def run(
+    strategies=STRATEGIES,
+    ratios=(0.1, 0.25, 0.5, 0.75, 1.0),
+    batch: int = 32,
+    grid: tuple[int, int] = (14, 14),
+    dim: int = 384,
+    num_heads: int = 6,
+    window: int = 7,
+    spread: float = 0.3,
+    reps: int = 15,
+    warmup: int = 2,
+    seed: int = 0,
+    impl: str | None = None,
+    clock: str = "wall",
+    log=None,
+) -> list[dict]:
+    """Measure every (strategy, ratio); one flat dict per pair."""
+    torch.manual_seed(seed)
+    N = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, N, dim, generator=g)
+    global_block = GlobalAttentionBlock(dim, num_heads).eval()
+    window_block = WindowAttentionBlock(dim, num_heads, grid, window).eval()
+    dense_macs = {
+        "global": fvcore_macs(global_block, (x,)),
+        "window": fvcore_macs(window_block, (x,)),
+    }
+    rows = []
+    for strategy in strategies:
+        spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=impl).eval()
+        dense_name = "window" if strategy == "containers" else "global"
+        dense = window_block if dense_name == "window" else global_block
+        for ratio in ratios:
+            counts = make_counts(batch, N, ratio, spread, g)
+            spa_macs = fvcore_macs(spa, (x, counts))
+            with torch.inference_mode():
+                ratios_t = _time_pairs(
+                    partial(dense, x), partial(spa, x, counts), reps, warmup, CLOCKS[clock]
+                )
+            q1, med, q3 = _quartiles(ratios_t)
+            flop_ratio = dense_macs[dense_name] / spa_macs
+            row = {
+                "strategy": strategy,
+                "ratio": ratio,
+                "kept_fraction": round(float(counts.sum()) / (batch * N), 4),
+                "time_ratio": round(med, 4),
+                "time_ratio_q1": round(q1, 4),
+                "time_ratio_q3": round(q3, 4),
+                "flop_ratio": round(flop_ratio, 4),
+                "efficiency": round(med / flop_ratio, 4),
+                "efficiency_q1": round(q1 / flop_ratio, 4),
+                "efficiency_q3": round(q3 / flop_ratio, 4),
+                "dense": dense_name,
+                "dense_gmacs": round(dense_macs[dense_name] / 1e9, 4),
+                "spa_gmacs": round(spa_macs / 1e9, 4),
+                "reps": reps,
+                "threads": torch.get_num_threads(),
+                "clock": clock,
+            }
+            rows.append(row)
+            if log is not None:
+                log(_format_row(row))
+    return rows
+
+
+_HEADER = "| strategy | dense | ratio | kept | time ratio (IQR) | FLOP ratio | efficiency (IQR) |"
+
+
+def _format_row(r: dict) -> str:
+    return (
+        f"| {r['strategy']} | {r['dense']} | {r['ratio']:.2f} | {r['kept_fraction']:.3f} | "
+        f"{r['time_ratio']:.2f} ({r['time_ratio_q1']:.2f}-{r['time_ratio_q3']:.2f}) | {r['flop_ratio']:.2f} | "
+        f"{r['efficiency']:.2f} ({r['efficiency_q1']:.2f}-{r['efficiency_q3']:.2f}) |"
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--ratios", default="0.1,0.25,0.5,0.75,1.0")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--grid", type=int, default=14, help="tokens per side (N = grid^2)")
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--window", type=int, default=7)
+    p.add_argument("--spread", type=float, default=0.3, help="relative spread of per-image counts")
+    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; cpu: process CPU time, robust to other load on a shared machine "
+        "when used with --threads 1",
+    )
+    p.add_argument("--impl", default=None, help="kernel implementation (default: SPA_ATTN_IMPL or auto)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    strategies = [s for s in a.strategies.split(",") if s]
+    for s in strategies:
+        if s not in STRATEGIES:
+            p.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
+    ratios = [float(r) for r in a.ratios.split(",") if r]
+    log = None
+    if not a.json:
+        print(
+            f"SPA attention block vs dense, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads: "
+            f"B={a.batch}, N={a.grid}x{a.grid}, C={a.dim}, heads={a.heads}, L={a.window}^2, "
+            f"reps={a.reps}, {a.clock} clock; medians (interquartile range) of per-pair ratios"
+        )
+        print(_HEADER)
+        print("|---|---|---|---|---|---|---|")
+        log = print
+    rows = run(
+        strategies, ratios, a.batch, (a.grid, a.grid), a.dim, a.heads, a.window, a.spread, a.reps,
+        a.warmup, a.seed, a.impl, a.clock, log,
+    )  # fmt: skip
+    if a.json:
+        json.dump(rows, sys.stdout)
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
