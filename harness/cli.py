@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="md", choices=("md", "csv", "html", "json"))
     rep.add_argument("--out", default=None)
 
-    sub.add_parser("variants", help="every registered variant and where it came from")
+    v = sub.add_parser("variants", help="every registered variant and where it came from")
+    v.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load this plugin")
     return p
 
 
@@ -62,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished trials are kept: run the same command again to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        return 0
 
 
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -101,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             from harness.report import report_command
 
-            console.print(report_command(summary.uri, fmt="md"), markup=False, highlight=False)
+            print(report_command(summary.uri, fmt="md"))
         except Exception as e:  # the report is a convenience here; the rows are what matter
             console.print(f"(no report: {type(e).__name__}: {e})", markup=False)
     return 0 if summary.ok else 1
@@ -152,8 +156,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> int:
-    from harness.plugins import list_variants
+    from harness.plugins import list_variants, load_entry_point_plugins, load_plugins
 
+    load_entry_point_plugins()
+    load_plugins(args.plugin)
     df = list_variants()
     print(df.to_string(index=False))
     return 0

@@ -291,11 +291,12 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     from harness.config import trial_from_dict
     from harness.distributed import DeepSpeedBackend
     from harness.measure import measure, peak_memory, reset_peak_memory
-    from harness.plugins import load_plugins
+    from harness.plugins import load_entry_point_plugins, load_plugins
     from harness.provenance import environment
     from harness.task.train import train_variant
 
     cfg = trial_from_dict(cfg_dict)
+    load_entry_point_plugins()  # idempotent: what the driver loaded to expand the grid, here too
     load_plugins(cfg.plugins)
     reset_peak_memory(device)
     logging.getLogger("harness").info("trial %s on rank %d of %d, device %s", cfg.name, rank, world, device)

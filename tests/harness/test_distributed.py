@@ -1,0 +1,93 @@
+"""DeepSpeed config builder and DeepSpeedBackend on a one-process gloo group (CPU)."""
+
+import os
+
+import pytest
+import torch
+
+from harness.config import trial_from_dict
+from harness.distributed import comm_backend, deepspeed_config, resolve_precision
+
+
+def _cfg(**train):
+    return trial_from_dict({"preset": "micro", "train": train})
+
+
+def test_batch_sizes_accumulation_clipping_and_zero_stage():
+    cfg = _cfg(batch_size=6, grad_accum=3, grad_clip=0.5, zero_stage=2)
+    ds = deepspeed_config(cfg, "cpu", world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 6
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 6 * 3 * 4  # DeepSpeed checks micro * accumulation * world
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2}
+
+
+@pytest.mark.parametrize("stage", [-1, 4])
+def test_unknown_zero_stage_is_refused(stage):
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(_cfg(zero_stage=stage), "cpu")
+
+
+def test_precision_on_cpu_never_fp16():
+    assert resolve_precision("auto", "cpu") == "fp32"  # bf16 autocast is slow on most CPUs
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="fp16.*CPU"):
+        deepspeed_config(_cfg(precision="fp16"), "cpu")
+    fp32 = deepspeed_config(_cfg(precision="auto"), "cpu")
+    assert "fp16" not in fp32 and "bf16" not in fp32 and "torch_autocast" not in fp32
+    bf16 = deepspeed_config(_cfg(precision="bf16"), "cpu")
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "fp16" not in bf16
+
+
+def test_precision_and_backend_on_cuda_are_chosen_by_the_code(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "cuda") == "fp32"
+    assert deepspeed_config(_cfg(precision="fp16"), "cuda")["fp16"]["enabled"] is True
+    assert comm_backend("cuda") == "nccl" and comm_backend("cpu") == "gloo"
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    from harness.distributed import init_process_group, prepare_accelerator
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    made = init_process_group(prepare_accelerator())
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    yield
+    if made:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_backend_trains_with_accumulation_and_the_task_schedule(one_process_group):
+    from harness.distributed import DeepSpeedBackend
+    from harness.task.backend import TrainBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    cfg = _cfg(steps=3, grad_accum=2, batch_size=2, lr=0.05, warmup_steps=1)
+    backend = DeepSpeedBackend()
+    assert isinstance(backend, TrainBackend) and backend.is_main and backend.world_size == 1
+    engine = backend.setup(model, cfg)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = []
+    for step in range(6):  # 6 micro-batches = 3 optimizer steps
+        with backend.autocast():
+            loss = torch.nn.functional.mse_loss(engine(x), y)
+        backend.backward(loss)
+        backend.step()
+        losses.append(float(loss))
+        if step == 0:  # no optimizer step before the accumulation boundary
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert engine.global_steps == 3
+    assert losses[-1] < losses[0]
+    assert backend.all_reduce_mean(2.0) == 2.0
+    assert backend.sampler(list(range(10)), shuffle=False, seed=0) is None
+    assert backend.setup_s > 0

@@ -1,0 +1,69 @@
+"""Measurements: the paper's formulas by hand, fvcore counts with the real selection, timings, memory."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.config import trial_from_dict
+from harness.measure import analytic_attention_macs, fvcore_macs, peak_memory, reset_peak_memory, timed
+
+
+def _cfg(**model):
+    return trial_from_dict({"preset": "micro", "model": model, "data": {"image_size": 64}})
+
+
+def test_dense_formula_by_hand():
+    cfg = _cfg(variant="dense")  # micro: embed 16, depths (1, 1, 1, 1), window 4
+    # 64x64 images, patch 4: grids 16x16, 8x8, 4x4, 2x2 (the last clips the window to 2x2)
+    expect = 0
+    for (h, w), c in zip([(16, 16), (8, 8), (4, 4), (2, 2)], [16, 32, 64, 128]):
+        m2 = min(4, h) * min(4, w)
+        expect += 4 * h * w * c * c + 2 * m2 * h * w * c
+    assert analytic_attention_macs(cfg, [], (64, 64), batch=1) == expect
+    assert analytic_attention_macs(cfg, [], (64, 64), batch=3) == 3 * expect
+
+
+def test_spa_containers_formula_by_hand():
+    cfg = _cfg(spa_stages=[3], spa={"pack": "containers", "container_len": 8})
+    counts = torch.tensor([5, 9])  # two images keep 14 of 16 tokens at stage 3: two containers of 8
+    block = SimpleNamespace(stage=3, index=0, counts=counts)
+    dense_part = sum(2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
+                     for (h, w), c in [((16, 16), 16), ((8, 8), 32), ((2, 2), 128)])
+    n, c, L = 16, 64, 8
+    spa_part = 2 * (n * c + n * c * c) + math.ceil(14 / L) * (3 * L * c * c + 2 * L * L * c)
+    assert analytic_attention_macs(cfg, [block], (64, 64), batch=2) == dense_part + spa_part
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fvcore_counts_the_real_selection_spa_below_dense():
+    from harness.task.detector import build_detector
+
+    images = torch.randn(2, 3, 64, 64)
+    macs = {}
+    for name, model in (("dense", {"variant": "dense"}), ("half", {"spa": {"selection": "topk", "ratio": 0.5}}),
+                        ("tenth", {"spa": {"selection": "topk", "ratio": 0.1}})):
+        torch.manual_seed(0)
+        det = build_detector(_cfg(**model)).eval()
+        macs[name] = fvcore_macs(det, images)
+    assert macs["tenth"]["backbone"] < macs["half"]["backbone"] < macs["dense"]["backbone"]
+    assert macs["tenth"]["total"] < macs["half"]["total"] < macs["dense"]["total"]
+    assert 0 < macs["half"]["attn"] < macs["half"]["backbone"] < macs["half"]["total"]
+    assert "varlen_attention" not in macs["half"]["unsupported"]  # kernels' handle counts it
+
+
+def test_timed_reports_median_and_iqr():
+    calls = []
+    out = timed(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
+    assert len(calls) == 7 and out["median"] >= 0 and out["iqr"] >= 0
+
+
+def test_peak_memory_sees_a_big_allocation():
+    device = torch.device("cpu")
+    reset_peak_memory(device)
+    base, kind = peak_memory(device)
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    x += 1
+    peak, _ = peak_memory(device)
+    assert kind == "rss_peak" and peak >= base + 48
