@@ -55,7 +55,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _BUILTIN_VERSION = 1
 _MIN_SIDE, _MAX_SIDE = 64, 224  # image height and width, drawn independently
 _MIN_OBJECTS, _MAX_OBJECTS = 1, 6
-_DIGIT_SCALE = (0.15, 0.5)  # digit side as a fraction of the image's shorter side
+_DIGIT_SCALE = (0.12, 0.4)  # digit side as a fraction of the image's shorter side
 _MIN_DIGIT_PX = 12
 _MAX_OVERLAP = 0.1  # a pasted digit covers at most this fraction of the smaller box: none is hidden
 _INK = 0.2  # alpha above this is the digit; its extent is the box
@@ -263,8 +263,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
         anns_by_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
         kept_anns = []
+        missing = {int(img["id"]) for img in data["images"]} - set(images)
         for ann in data["annotations"]:
-            ok = self._check_annotation(ann, images, data["images"])
+            ok = self._check_annotation(ann, images, missing)
             if ok is None:
                 continue
             kept_anns.append(ok)
@@ -305,15 +306,14 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(message + " (skip_bad=True skips and counts such input)")
         self.skipped[reason] += 1
 
-    def _check_annotation(self, ann: Any, images: dict[int, dict[str, Any]],
-                          all_images: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def _check_annotation(self, ann: Any, images: dict[int, dict[str, Any]], missing: set[int]) -> dict[str, Any] | None:
         where = f"{self.ann_file}: annotation id {ann.get('id') if isinstance(ann, dict) else ann!r}"
         if not isinstance(ann, dict) or "id" not in ann:
             self._bad("malformed_annotation", f"{where}: not an object with an id")
             return None
         image_id = ann.get("image_id")
-        if image_id not in images:
-            if any(img.get("id") == image_id for img in all_images):  # its image was skipped as missing
+        if not isinstance(image_id, int) or image_id not in images:
+            if isinstance(image_id, int) and image_id in missing:  # its image was skipped (skip_bad) as missing
                 self.skipped["annotation_of_missing_image"] += 1
                 return None
             self._bad("unknown_image", f"{where}: image_id {image_id!r} is not in 'images'")
