@@ -107,9 +107,10 @@ class SPAAttentionBlock(_Attention):
         image's in token order."""
         B, N, _ = x.shape
         score = self.gate(x).squeeze(-1)  # (B, N)
-        order = score.argsort(dim=1, descending=True)
-        ranked = torch.arange(N, device=x.device)[None, :] < counts[:, None]  # (B, N) in rank order
-        keep = torch.zeros_like(ranked).scatter_(1, order, ranked)  # (B, N) in token order
+        k = int(counts.max()) if B else 0
+        top = score.topk(k, dim=1).indices  # (B, k), best first
+        ranked = torch.arange(k, device=x.device)[None, :] < counts[:, None]  # (B, k)
+        keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, top, ranked)  # (B, N)
         return keep.view(-1).nonzero().squeeze(1)
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:

@@ -1,0 +1,52 @@
+"""kernels/bench.py: the benchmark command runs (tiny sizes; this is not a timed test), prints the
+JSON that scripts read, and builds its blocks without importing spa_core."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from kernels.bench import SPAAttentionBlock, main
+
+KEYS = {"strategy", "ratio", "kept_fraction", "time_ratio", "flop_ratio", "efficiency"}
+
+
+def test_bench_json(capsys):
+    argv = "--json --batch 2 --grid 7 --dim 32 --heads 2 --reps 2 --warmup 0 --ratios 0.5,1.0".split()
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 * 2
+    for r in rows:
+        assert KEYS <= set(r)
+        assert abs(r["efficiency"] - r["time_ratio"] / r["flop_ratio"]) < 1e-3
+        assert 0 < r["kept_fraction"] <= 1
+
+
+def test_bench_table(capsys):
+    assert (
+        main(
+            "--batch 2 --grid 7 --dim 32 --heads 2 --reps 1 --warmup 0 --ratios 0.5 --strategies varlen".split()
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| varlen | global | 0.50 |" in out
+
+
+def test_spa_block_strategies_agree():
+    """varlen and pad compute the same function; mask too (it attends over the same keys)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 49, 32)
+    counts = torch.tensor([0, 20, 49])
+    ref = SPAAttentionBlock(32, 2, "varlen").eval()
+    for strategy in ("pad", "mask"):
+        other = SPAAttentionBlock(32, 2, strategy).eval()
+        other.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(other(x, counts), ref(x, counts), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_does_not_import_spa_core():
+    code = "import sys, kernels.bench; assert 'spa_core' not in sys.modules and 'harness' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
