@@ -1,0 +1,156 @@
+"""End to end: ``spa-harness run`` on an embedded local Ray (a subprocess, as a user runs it).
+
+Smoke-sized grids on CPU: the built-in 3-trial smoke grid (dense on 2 workers, SPA at two ratios),
+reuse of finished trials, resume after the driver is SIGKILLed, and failure isolation.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.results import load
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "ablations" / "grids" / "smoke.yaml"
+OVERHEAD8 = Path(__file__).parent / "grids" / "overhead8.yaml"
+FAILING = Path(__file__).parent / "plugins" / "failing_variants.py"
+
+pytestmark = pytest.mark.slow
+
+# What every finished row carries (task metrics, measurements, provenance, config).
+DONE_COLUMNS = [
+    "task_loss", "gate_loss", "map", "map_50", "kept_fraction", "num_params", "backbone_params",
+    "gmacs", "backbone_gmacs", "analytic_attn_gmacs", "fvcore_attn_gmacs",
+    "infer_ms", "infer_ms_iqr", "infer_samples_per_s", "train_step_ms", "train_step_ms_iqr",
+    "train_step_samples_per_s", "train_samples_per_s", "peak_mem_mb", "peak_mem_kind",
+    "wall_s", "work_s", "overhead_s", "start_time", "end_time",
+    "config_json", "config_hash", "git_commit", "torch_version", "deepspeed_version", "ray_version",
+    "fvcore_version", "triton_version", "device", "workers", "world_size", "model.variant", "model.depths",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.pop("RAY_ADDRESS", None)
+    e["SPA_HARNESS_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    e["DS_ACCELERATOR"] = "cpu"
+    return e
+
+
+def _cli(*args, env, timeout=600, check=True):
+    cmd = [sys.executable, "-m", "harness.cli", *map(str, args)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
+def _rows(store, experiment):
+    folder = Path(store) / experiment / "trials"
+    return {p.parent.name: p.read_bytes() for p in sorted(folder.glob("*/row.json"))}
+
+
+def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
+    store = tmp_path / "results"
+    _cli("run", SMOKE, "--smoke", "--results", store, "--no-progress", env=env)
+    df = load(store / "smoke")
+    assert len(df) == 3 and set(df["status"]) == {"done"}, df[["name", "status", "error"]]
+    missing = [c for c in DONE_COLUMNS if c not in df.columns or df[c].isna().any()]
+    assert not missing, missing
+    assert "model.spa.ratio" in df.columns and "model.spa" in df.columns  # null for the dense baseline
+    assert all(c.startswith("kept_fraction_s") for c in df.columns if c.startswith("kept_fraction_s"))
+    by = df.set_index("name")
+    dense = by.loc["dense"]
+    spa = by[by["model.variant"] == "spa"]
+    assert len(spa) == 2
+    assert (spa["gmacs"] < dense["gmacs"]).all() and (spa["backbone_gmacs"] < dense["backbone_gmacs"]).all()
+    assert dense["world_size"] == 2 and dense["workers"] == 2  # data-parallel on 2 Ray Train workers
+    assert (spa["world_size"] == 1).all()
+    assert (df["overhead_s"] >= 0).all() and (df["wall_s"] >= df["work_s"]).all()
+    for h in df["config_hash"]:
+        files = {p.name for p in (store / "smoke" / "trials" / h).iterdir()}
+        assert {"row.json", "config.json", "log.txt"} <= files
+    assert (store / "smoke" / "trials" / dense["config_hash"] / "log.rank1.txt").is_file()
+
+    # Running the grid again runs nothing: every row stays byte-identical.
+    before = _rows(store, "smoke")
+    again = _cli("run", SMOKE, "--smoke", "--results", store, "--no-progress", "--no-report", env=env, timeout=120)
+    assert "3 done" in again.stdout
+    assert _rows(store, "smoke") == before
+    # An overlapping grid under another experiment name reuses them too (copied, not re-run).
+    _cli("run", SMOKE, "--smoke", "--results", store, "--name", "copy", "--no-progress", "--no-report",
+         env=env, timeout=120)
+    assert _rows(store, "copy") == before
+    status = _cli("status", store / "copy", env=env, timeout=60)
+    assert "3 done" in status.stdout
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, env):
+    store = tmp_path / "results"
+    args = [sys.executable, "-m", "harness.cli", "run", OVERHEAD8, "--smoke", "--results", store,
+            "--max-concurrent", "1", "--no-progress", "--no-report"]
+    trials = store / "overhead8" / "trials"
+    driver = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and len(list(trials.glob("*/row.json"))) < 2:
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGKILL)  # no chance to clean up
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    time.sleep(2)  # the trial process that was running dies with the driver's Ray
+    finished = _rows(store, "overhead8")
+    assert 2 <= len(finished) < 8
+    done_before = {h for h, b in finished.items() if json.loads(b)["status"] == "done"}
+
+    out = _cli("run", OVERHEAD8, "--smoke", "--results", store, "--max-concurrent", "1", "--no-progress",
+               "--no-report", env=env)
+    assert "(resumed)" in out.stdout  # Tuner.restore of the interrupted run
+    after = _rows(store, "overhead8")
+    assert len(after) == 8 and all(json.loads(b)["status"] == "done" for b in after.values())
+    assert {h: after[h] for h in done_before} == {h: finished[h] for h in done_before}  # not re-run
+    df = load(store)
+    assert len(df) == 8 and df["config_hash"].is_unique
+
+
+def test_failures_are_recorded_and_the_grid_goes_on(tmp_path, env):
+    grid = tmp_path / "failing.yaml"
+    grid.write_text(f"""
+name: failing
+plugins: [{FAILING}]
+base:
+  preset: micro
+  model.spa.selection: topk
+resources: {{workers: 1, cpus_per_worker: 1, timeout_s: 300}}
+points:
+  - {{name: ok}}
+  - {{name: explode, model.variant: explode}}
+  - {{name: nan, model.variant: nan_features}}
+  - {{name: slow, train.grad_accum: 5000, resources.timeout_s: 8}}  # --smoke sets train.steps
+""")
+    store = tmp_path / "results"
+    p = _cli("run", grid, "--smoke", "--results", store, "--no-progress", "--no-report", env=env, check=False)
+    assert p.returncode == 1, p.stderr[-3000:]  # some trials failed: not a success
+    df = load(store).set_index("name")
+    assert df.loc["ok", "status"] == "done" and df.loc["ok", "gmacs"] > 0
+    explode = df.loc["explode"]
+    assert explode["status"] == "failed" and "boom: the explode variant fails" in explode["error"]
+    assert explode["error_type"] == "RuntimeError" and "failing_variants.py" in explode["traceback"]
+    assert (store / "failing" / "trials" / explode["config_hash"] / "error.txt").is_file()
+    nan = df.loc["nan"]
+    assert nan["status"] == "failed" and nan["error_type"] == "NonFiniteLossError" and "non-finite" in nan["error"]
+    slow = df.loc["slow"]
+    assert slow["status"] == "timeout" and "timeout_s=8" in slow["error"]
+    status = _cli("status", store, env=env, timeout=60).stdout
+    assert "timeout" in status and "failed" in status and "done" in status
