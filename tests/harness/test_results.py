@@ -39,7 +39,7 @@ def test_rows_are_written_atomically_and_read_back(tmp_path):
 
 
 def test_nan_becomes_null_so_rows_are_strict_json(tmp_path):
-    exp = _experiment(tmp_path, "e", [_row("aaa", map=math.nan, inf=math.inf)])
+    _experiment(tmp_path, "e", [_row("aaa", map=math.nan, inf=math.inf)])
     data = json.loads((tmp_path / "e" / "trials" / "aaa" / "row.json").read_text())
     assert data["map"] is None and data["inf"] is None
 
