@@ -25,7 +25,7 @@ from kernels import (
     varlen_attention,
     varlen_attention_ref,
 )
-from kernels.varlen_attention import _plan_groups  # noqa: E402  (the module, not the function)
+from kernels.varlen_attention import _container_rows, _plan_groups
 from tests.kernels.conftest import skip_unless_triton
 
 _MARKS = {"triton": [pytest.mark.triton]}
@@ -164,6 +164,17 @@ def test_torch_path_plans(counts):
     assert sorted(i for ids, _ in plan for i in ids) == [i for i, n in enumerate(counts) if n > 0]
     assert all(pad >= max(lengths[i] for i in ids) for ids, pad in plan)
     _check_against_reference("torch", counts, 2, 16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("counts", [[10, 0, 23, 1, 30, 49, 49, 5], [16] * 6, [40, 41, 39, 7]])
+def test_torch_path_container_rows(counts):
+    """Container layouts run as rows of L with a block-diagonal mask (views, one call)."""
+    L = 16
+    cu, _, _, _ = container_seqlens(torch.tensor(counts), L)
+    assert _container_rows(cu.tolist(), 2 * 16) == L
+    q, k, v, do, _, _ = _inputs(counts, 2, 16, torch.device("cpu"), torch.float32)
+    out = varlen_attention(q, k, v, cu, L, impl="torch")
+    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_path_batches_short_sequences():
