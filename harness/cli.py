@@ -141,6 +141,14 @@ def _status(args: argparse.Namespace) -> int:
     for s in states:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
     console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    from harness.results import load
+
+    df = load(args.results)
+    done = df[df["status"] == "done"]
+    if len(done) and "overhead_s" in done.columns:
+        console.print(f"per done trial, median: wall {done['wall_s'].median():.2f} s, measured work "
+                      f"{done['work_s'].median():.2f} s, harness overhead {done['overhead_s'].median():.2f} s "
+                      f"(over {len(done)} trials)")
     return 0
 
 

@@ -110,7 +110,9 @@ def init_ray(address: str | None = None) -> bool:
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
+        # No runtime_env here: under `ray job submit` it would replace the job's (its working_dir);
+        # the workers choose their accelerator themselves (harness.distributed.prepare_accelerator).
+        ray.init(address=address, **quiet)
         return True
     # Ray resolves 127.0.0.1 to the machine's routable address unless told this is a local-only
     # node (the switch it uses on macOS/Windows); its servers then bind to the loopback address.

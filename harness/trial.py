@@ -182,6 +182,7 @@ class _Watchdog:
                     self.on_timeout()
                 finally:
                     os._exit(3)
+                return  # not reached (os._exit does not return)
             self._beat()
 
 

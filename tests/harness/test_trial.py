@@ -1,0 +1,120 @@
+"""The Tune function's bookkeeping without Ray: skip, retries, failure rows, timeouts, dead processes."""
+
+import os
+import threading
+import time
+
+import pytest
+import ray.tune
+
+from harness import trial as trial_mod
+from harness.config import config_hash, trial_from_dict, trial_to_dict
+from harness.progress import GridCallback
+from harness.results import Experiment, ResultsStore
+from harness.trial import TrialContext, _Watchdog, flatten_config, trial_trainable
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    reports = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **kw: reports.append(metrics))
+    cfg = trial_from_dict({"name": "t", "preset": "micro", "resources": {"retries": 1}})
+    cfg_dict, h = trial_to_dict(cfg), config_hash(cfg)
+    ctx = TrialContext(str(tmp_path), "exp", "run-1", "abc123")
+    exp = ResultsStore(str(tmp_path)).experiment("exp")
+    return cfg_dict, h, ctx, exp, reports
+
+
+def _ok(*a, **k):
+    return {"train_time_s": 1.0, "eval_time_s": 0.5, "bench_time_s": 0.25, "gmacs": 0.1, "world_size": 1}, 0.01
+
+
+def test_a_retry_after_an_exception_finishes_the_trial(setup, monkeypatch):
+    cfg_dict, h, ctx, exp, reports = setup
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return _ok()
+
+    monkeypatch.setattr(trial_mod, "_fit", flaky)
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    row = exp.read_row(h)
+    assert row["status"] == "done" and row["attempt"] == 2 and len(calls) == 2
+    assert row["work_s"] == 1.75 and row["overhead_s"] == pytest.approx(row["wall_s"] - 1.75)
+    assert row["git_commit"] == "abc123" and row["config_hash"] == h and row["preset"] == "micro"
+    assert reports == [{"status": "done", "wall_s": row["wall_s"], "overhead_s": row["overhead_s"]}]
+    assert not os.path.exists(exp.trial_path(h, "error.txt"))
+
+
+def test_exhausted_retries_leave_a_failed_row_with_the_error(setup, monkeypatch):
+    cfg_dict, h, ctx, exp, reports = setup
+
+    def oom(*a, **k):
+        raise MemoryError("cannot allocate 40 GiB")
+
+    monkeypatch.setattr(trial_mod, "_fit", oom)
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    row = exp.read_row(h)
+    assert row["status"] == "failed" and row["attempt"] == 2
+    assert row["error"].startswith("out of memory") and row["error_type"] == "MemoryError"
+    assert "MemoryError: cannot allocate" in row["traceback"] and row["gmacs"] is None
+    assert "MemoryError" in open(exp.trial_path(h, "error.txt")).read()
+
+
+def test_a_stored_row_is_not_run_again(setup, monkeypatch):
+    cfg_dict, h, ctx, exp, reports = setup
+    monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: pytest.fail("must not run"))
+    exp.write_row(h, {"status": "done", "config_hash": h, "run_id": "older"})
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    exp.write_row(h, {"status": "timeout", "config_hash": h, "run_id": "run-1"})  # this run's (Tune retried it)
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    assert [r["skipped"] for r in reports] == [True, True]
+
+
+def test_watchdog_beats_then_times_out(tmp_path, monkeypatch):
+    exp = Experiment(str(tmp_path), "exp")
+    exits, fired = [], threading.Event()
+    monkeypatch.setattr(trial_mod, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(os, "_exit", lambda code: (exits.append(code), fired.set()))
+    with _Watchdog(exp, "h", 0.3, lambda: exp.write_text("h", "timed-out", "yes"), {"attempt": 1}):
+        assert exp.read_json(exp.trial_path("h", "running.json"))["attempt"] == 1
+        assert fired.wait(5)
+    assert exits == [3] and exp.read_bytes(exp.trial_path("h", "timed-out")) == b"yes"
+    with _Watchdog(exp, "h2", 60, lambda: pytest.fail("no timeout"), {}):
+        time.sleep(0.1)  # leaving the block stops the watchdog
+
+
+def test_flatten_config_keeps_dense_spa_as_null():
+    cfg = trial_to_dict(trial_from_dict({"preset": "micro", "model": {"variant": "dense"}}))
+    flat = flatten_config(cfg)
+    assert flat["model.spa"] is None and flat["model.variant"] == "dense" and flat["train.steps"] == 300
+
+
+class _DeadTrial:
+    def __init__(self, cfg_dict, h, error):
+        self.config = {"trial": {"config": cfg_dict, "config_hash": h}}
+        self._error = error
+
+    def get_error(self):
+        return self._error
+
+
+def test_a_trial_process_that_died_gets_a_failed_row(setup):
+    cfg_dict, h, ctx, exp, reports = setup
+    exp.write_manifest({"run_id": "run-2", "trials": [{"name": "t", "config_hash": h, "workers": 1}]})
+    cb = GridCallback(ctx.store_uri, "exp", show=False)
+    cb.setup()
+    cb.on_trial_start(0, [], _DeadTrial(cfg_dict, h, None))
+    err = "Traceback ...\nray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+    cb.on_trial_error(0, [], _DeadTrial(cfg_dict, h, err))
+    row = exp.read_row(h)
+    assert row["status"] == "failed" and row["error_type"] == "OutOfMemoryError"
+    assert "running low on memory" in row["error"] and row["run_id"] == "run-2"
+    # a row the trial wrote itself in this run (its timeout) is kept
+    exp.write_row(h, {"status": "timeout", "config_hash": h, "run_id": "run-2"})
+    cb.on_trial_error(0, [], _DeadTrial(cfg_dict, h, err))
+    assert exp.read_row(h)["status"] == "timeout"
+    cb.on_experiment_end([])
