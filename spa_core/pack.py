@@ -161,7 +161,9 @@ def pack(
     return dataclasses.replace(packed, indices=raster)
 
 
-def unpack(packed: PackedTokens, tokens: Tensor | None = None, base: Tensor | None = None, *, add: bool = False):
+def unpack(
+    packed: PackedTokens, tokens: Tensor | None = None, base: Tensor | None = None, *, add: bool = False
+) -> Tensor:
     """Scatter per-token values back to ``(B, N, C)``.
 
     tokens: (T, C) (default ``packed.tokens``); base: (B, N, C) the values of the other positions
