@@ -112,6 +112,10 @@ def build_report(
             )
 
     table = _aggregate(done, metrics, key_cols)
+    if baseline is not None and baseline not in table.index and "config_hash" in done:
+        by_hash = done.loc[done["config_hash"].astype(str).str.startswith(baseline), "_variant"].unique()
+        if len(by_hash) == 1:  # a trial's config hash (or a prefix of it) names its variant
+            baseline = by_hash[0]
     base_label = _pick_baseline(table, baseline, notes)
     order = sorted(table.index, key=lambda v: (v != base_label, _natural(v)))
     table = table.loc[order]

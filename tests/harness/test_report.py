@@ -134,6 +134,8 @@ def test_failures_notes_and_axes():
 def test_baseline_choice():
     table = compare(_store(), baseline="selection=topk,ratio=0.5")
     assert table.loc["dense", "map_delta"] == pytest.approx(-0.01)
+    by_hash = compare(_store(), baseline="selection=topk,ratio=0.5-1")  # a trial's config hash
+    assert by_hash.loc["dense", "map_delta"] == pytest.approx(-0.01)
     with pytest.raises(ValueError, match="baseline 'nope' is not a variant"):
         compare(_store(), baseline="nope")
     no_dense = _store().query("name != 'dense'")
