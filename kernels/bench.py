@@ -237,8 +237,9 @@ def run(
         spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=impl).eval()
         dense_name = "window" if strategy == "containers" else "global"
         dense = window_block if dense_name == "window" else global_block
-        for ratio in ratios:
-            counts = make_counts(batch, N, ratio, spread, g)
+        for i, ratio in enumerate(ratios):
+            # the same counts for every strategy at a ratio
+            counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
             spa_macs = fvcore_macs(spa, (x, counts))
             with torch.inference_mode():
                 ratios_t = _time_pairs(

@@ -9,7 +9,8 @@ containers are the same call with ``cu_seqlens`` cut at image and container boun
 
 Layering (../shared/STYLE.md): ``varlen_attention_ref`` -> Triton kernels and checked launchers
 (``kernels/varlen_attention_triton.py``, imported lazily) -> the fast torch path for CPU
-(``_varlen_attention_torch``: sequences grouped by length into a few batched SDPA calls) ->
+(``_varlen_attention_torch``: container rows in one masked SDPA call, long sequences as SDPA calls on
+views, short ones in padded batches, chosen by a measured cost model) ->
 ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula -> ``varlen_attention``.
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
@@ -57,7 +58,7 @@ def varlen_attention_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
-# fast torch path (CPU): group sequences of similar length into batched SDPA calls
+# fast torch path (CPU): as few SDPA calls, copies and ragged key lengths as pay off
 
 # How the CPU path runs a set of ragged sequences. Two kinds of SDPA call:
 # - "view": one sequence, straight on views of q, k, v (no copies in; one copy of its output);

@@ -182,11 +182,15 @@ def test_torch_path_batches_short_sequences():
     assert len(plan) < 10  # not 70 view calls
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_low_precision_on_gpu(dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("fp16/bf16 Triton runs on CUDA only (the interpreter tests fp32)")
-    _check_against_reference("triton", COUNTS["ragged"], 2, 40, torch.device("cuda"), dtype=dtype)
+def test_triton_low_precision(dtype, device):
+    """fp16/bf16 take the other branch of the kernels (softmax statistics from the forward, the
+    correction term from dO * O). The interpreter runs fp16 (numpy has no bf16); CUDA runs both."""
+    skip_unless_triton("triton", device)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("numpy, under the Triton interpreter, has no bfloat16")
+    _check_against_reference("triton", COUNTS["ragged"], 2, 40, device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
