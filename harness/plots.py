@@ -55,10 +55,9 @@ def render_plots(report: Report) -> dict[str, bytes]:
 
 
 def _gmacs(report: Report) -> str | None:
-    cols = [m for m, k in report.metrics.items() if k == "compute"]
-    if "gmacs" in cols:  # the run path's whole-model fvcore count
-        return "gmacs"
-    return cols[0] if cols else None
+    from harness.report import _main_gmacs
+
+    return _main_gmacs(report.metrics)
 
 
 def _x_ratio(report: Report, t: pd.DataFrame) -> tuple[pd.Series, str] | None:
@@ -98,17 +97,10 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
     if len(front):
         ax.step(x[front], y[front], where="post", color="tab:green", lw=1.5, label="Pareto front")
         ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="tab:green")
-    if report.baseline is not None:
-        b = t.loc[report.baseline]
-        ax.scatter(
-            [b[g]],
-            [b[acc]],
-            marker="s",
-            s=80,
-            color="tab:red",
-            zorder=3,
-            label=f"baseline ({report.baseline})",
-        )
+    if report.baselines:
+        b = t.loc[report.baselines]
+        ax.scatter(b[g], b[acc], marker="s", s=80, color="tab:red", zorder=3,
+                   label=f"dense baseline{'s' if len(b) > 1 else ''}")  # fmt: skip
     ax.set_xlabel(f"{g} per image (fvcore: one multiply-add counted once)")
     ax.set_ylabel(acc)
     ax.legend(fontsize=8)
@@ -117,11 +109,12 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
 
 def _speedup_vs_ratio(report: Report) -> Figure | None:
     t = report.table
-    if "speedup" not in t or report.baseline is None:
+    if "speedup" not in t:
         return None
-    t = t.drop(index=report.baseline)
+    t = t.drop(index=report.baselines)
+    t = t[t["speedup"].notna()]
     xr = _x_ratio(report, t)
-    if xr is None or t["speedup"].isna().all():
+    if xr is None or t.empty:
         return None
     x, xlabel = xr
     fig = _fig("inference speedup over the dense baseline")
@@ -130,11 +123,9 @@ def _speedup_vs_ratio(report: Report) -> Figure | None:
     for xi, yi, name in zip(x, t["speedup"], t.index):
         if np.isfinite(xi) and np.isfinite(yi):
             ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    g = _gmacs(report)
-    if g is not None:
-        ideal = report.table.loc[report.baseline, g] / t[g]
+    if "flop_speedup" in t:
         order = np.argsort(x.to_numpy(float))
-        ax.plot(x.to_numpy(float)[order], ideal.to_numpy(float)[order], "--", color="tab:orange",
+        ax.plot(x.to_numpy(float)[order], t["flop_speedup"].to_numpy(float)[order], "--", color="tab:orange",
                 marker="x", label="ideal (GMACs ratio)")  # fmt: skip
     ax.axhline(1.0, color="0.5", lw=1, label="dense")
     ax.set_xlabel(xlabel)

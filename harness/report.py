@@ -67,7 +67,8 @@ class Report:
     axes: dict[str, pd.DataFrame] = field(default_factory=dict)  # axis key -> its table
     failures: pd.DataFrame = field(default_factory=pd.DataFrame)  # failed / timed-out trials with errors
     notes: list[str] = field(default_factory=list)
-    baseline: str | None = None  # the baseline variant's label
+    baseline: str | None = None  # the baseline variant's label (when one serves every variant)
+    baselines: list[str] = field(default_factory=list)  # every comparison group's baseline
     metrics: dict[str, str] = field(default_factory=dict)  # metric column -> kind
     primary_accuracy: str | None = None  # the mAP column the plots use
     inference_time: str | None = None  # the timing column speedup is computed from
@@ -116,28 +117,50 @@ def build_report(
         by_hash = done.loc[done["config_hash"].astype(str).str.startswith(baseline), "_variant"].unique()
         if len(by_hash) == 1:  # a trial's config hash (or a prefix of it) names its variant
             baseline = by_hash[0]
-    base_label = _pick_baseline(table, baseline, notes)
-    order = sorted(table.index, key=lambda v: (v != base_label, _natural(v)))
-    table = table.loc[order]
     inference_time = _inference_time_column(metrics)
-    if base_label is not None:
-        _add_deltas(table, base_label, metrics, inference_time)
+    if baseline is not None:  # the user's baseline serves every variant
+        groups = [list(table.index)]
+        bases = [_pick_baseline(table, baseline, notes)]
+    else:  # each variant against the dense variant of its own context (size, data, training, bench)
+        groups = _comparison_groups(table, key_cols)
+        bases = [_pick_baseline(table.loc[g], None, notes if len(groups) == 1 else None) for g in groups]
+        missing = [v for g, b in zip(groups, bases) if b is None for v in g]
+        if len(groups) > 1 and missing:
+            notes.append(
+                f"No dense variant shares the settings of {', '.join(missing)}: no deltas for them "
+                "(--baseline names one for all)."
+            )
+    order: list[str] = []
+    for g, b in sorted(zip(groups, bases), key=lambda gb: _natural(gb[1] or gb[0][0])):
+        members = sorted(g, key=lambda v: (v != b, _natural(v)))
+        order += members
+        if b is not None:
+            _add_deltas(table, b, members, metrics, inference_time)
+    table = table.loc[order]
+    if len(groups) > 1:
+        table.insert(1, "baseline", pd.Series([None] * len(table), index=table.index, dtype=object))
+        for g, b in zip(groups, bases):
+            table.loc[g, "baseline"] = b
     if len(table) and "n_seeds" in table:
         most = int(table["n_seeds"].max())
         for v, n in table["n_seeds"].items():
             if n < most:
                 notes.append(f"{v} has {n} seed(s), others up to {most}: its mean and CI rest on fewer runs.")
     accuracy = [m for m, k in metrics.items() if k == "accuracy"]
+    present = [b for b in bases if b is not None]
     report = Report(
         table=table,
         failures=failures,
         notes=notes,
-        baseline=base_label,
+        baseline=present[0] if len(present) == 1 and len(groups) == 1 else None,
+        baselines=present,
         metrics=metrics,
         primary_accuracy=("map" if "map" in accuracy else (accuracy[0] if accuracy else None)),
         inference_time=inference_time,
     )
-    report.axes = _axis_tables(table, key_cols, base_label, base)
+    for g, b in zip(groups, bases):
+        for axis, t in _axis_tables(table.loc[[v for v in order if v in g]], key_cols, b, base).items():
+            report.axes[axis if len(groups) == 1 else f"{axis} (vs {b or 'no baseline'})"] = t
     return report
 
 
@@ -271,7 +294,7 @@ def _is_dense(row: pd.Series) -> bool:
     return isinstance(stages, list | tuple) and len(stages) == 0
 
 
-def _pick_baseline(table: pd.DataFrame, baseline: str | None, notes: list[str]) -> str | None:
+def _pick_baseline(table: pd.DataFrame, baseline: str | None, notes: list[str] | None) -> str | None:
     if not len(table):
         return None
     if baseline is not None:
@@ -282,12 +305,14 @@ def _pick_baseline(table: pd.DataFrame, baseline: str | None, notes: list[str]) 
         )
     dense = [v for v, row in table.iterrows() if _is_dense(row)]
     if not dense:
+        if notes is None:
+            return None
         notes.append(
             "No dense baseline in these results: deltas and speedups are left out (--baseline names one)."
         )
         return None
     pick = "dense" if "dense" in dense else dense[0]
-    if len(dense) > 1:
+    if len(dense) > 1 and notes is not None:
         notes.append(
             f"Several dense variants ({', '.join(dense)}); deltas are against {pick!r} (--baseline to choose)."
         )
@@ -295,17 +320,49 @@ def _pick_baseline(table: pd.DataFrame, baseline: str | None, notes: list[str]) 
 
 
 def _add_deltas(
-    table: pd.DataFrame, base: str, metrics: Mapping[str, str], inference_time: str | None
+    table: pd.DataFrame, base: str, rows: list[str], metrics: Mapping[str, str], inference_time: str | None
 ) -> None:
+    """Deltas of ``rows`` against ``base``: absolute for scores, percent for costs; the measured
+    ``speedup`` and the one the GMACs predict (``flop_speedup``)."""
     b = table.loc[base]
     for m, kind in metrics.items():
         d = _delta_kind(kind)
         if d == "abs":
-            table[f"{m}_delta"] = table[m] - b[m]
+            table.loc[rows, f"{m}_delta"] = table.loc[rows, m] - b[m]
         elif d == "pct":
-            table[f"{m}_delta_pct"] = 100.0 * (table[m] - b[m]) / b[m] if b[m] else math.nan
+            table.loc[rows, f"{m}_delta_pct"] = (
+                100.0 * (table.loc[rows, m] - b[m]) / b[m] if b[m] else math.nan
+            )
     if inference_time is not None:
-        table["speedup"] = b[inference_time] / table[inference_time]
+        table.loc[rows, "speedup"] = b[inference_time] / table.loc[rows, inference_time]
+    gmacs = _main_gmacs(metrics)
+    if gmacs is not None:
+        table.loc[rows, "flop_speedup"] = b[gmacs] / table.loc[rows, gmacs]
+
+
+def _main_gmacs(metrics: Mapping[str, str]) -> str | None:
+    """The whole-model GMACs column (the run path's ``gmacs``), else the first compute column."""
+    cols = [m for m, k in metrics.items() if k == "compute"]
+    return "gmacs" if "gmacs" in cols else (cols[0] if cols else None)
+
+
+# Config keys SPA ablates: a variant differs from its dense baseline in these. Every other config key
+# is the context of a comparison (backbone size, data, training, benchmark settings), and a variant is
+# compared only with a dense baseline of the same context.
+_ABLATED = re.compile(
+    r"^(model\.variant|model\.spa(\..*)?|model\.spa_stages|model\.extra_stage3_blocks|resources\..*)$"
+)
+
+
+def _comparison_groups(table: pd.DataFrame, key_cols: Mapping[str, str]) -> list[list[str]]:
+    ctx = [k for k in key_cols if k in table and not _ABLATED.match(k)]
+    if not ctx or not len(table):
+        return [list(table.index)]
+    keys = table[ctx].apply(lambda r: repr(tuple(_hashable(v) for v in r)), axis=1)
+    groups: dict[str, list[str]] = {}
+    for v, k in keys.items():
+        groups.setdefault(k, []).append(v)
+    return list(groups.values())
 
 
 # --- axis tables ----------------------------------------------------------------------------------------
@@ -360,6 +417,7 @@ def _axis_tables(
         t[axis] = [None if r == base_label else varying[axis][r] for r in rows]
         t = t[[axis, *[c for c in t.columns if c != axis]]]
         t.attrs["held"] = {k: h for k, h in zip(others, held)}
+        t.attrs["axis"] = axis
         out[axis] = t
     return out
 
@@ -456,6 +514,8 @@ def _display(report: Report, table: pd.DataFrame, axis: str | None = None) -> pd
     out = pd.DataFrame(index=table.index)
     if axis is not None:
         out[axis] = table[axis].map(lambda v: "(baseline)" if _missing(v) else _fmt_value(v))
+    if "baseline" in table:  # several comparison groups: whom each row is compared with
+        out["vs"] = table["baseline"].map(lambda v: "n/a" if _missing(v) else v)
     out["seeds"] = table["n_seeds"]
     for m, value, delta in _display_metrics(report):
         if m not in table or table[m].isna().all():
@@ -510,7 +570,7 @@ def _markdown(report: Report, images: Mapping[str, str] | None = None) -> str:
         parts += [
             f"## Axis `{axis}` ({_held(t)})",
             "",
-            _md_table(_display(report, t, axis)),
+            _md_table(_display(report, t, t.attrs.get("axis", axis))),
             "",
         ]
     if images:
@@ -534,12 +594,15 @@ def _held(t: pd.DataFrame) -> str:
 
 def _baseline_line(report: Report) -> str:
     ci = "mean ± 95% CI over seeds (Student's t)"
-    if report.baseline is None:
-        return f"Values: {ci}. No baseline: no deltas."
-    return (
-        f"Values: {ci}. Deltas vs the baseline `{report.baseline}`: absolute for mAP, percent for compute, time "
-        f"and memory; speedup = baseline inference time / variant's."
-    )
+    how = "absolute for mAP, percent for compute, time and memory; speedup = baseline inference time / variant's"
+    if report.baseline is not None:
+        return f"Values: {ci}. Deltas vs the baseline `{report.baseline}`: {how}."
+    if report.baselines:
+        return (
+            f"Values: {ci}. Deltas vs the dense variant with the same backbone size, data, training and "
+            f"benchmark settings (column `baseline`): {how}."
+        )
+    return f"Values: {ci}. No baseline: no deltas."
 
 
 def _failures_md(report: Report) -> list[str]:
@@ -570,7 +633,7 @@ def _html(report: Report, images: Mapping[str, bytes]) -> str:
     ]
     for axis, t in report.axes.items():
         parts += [f"<h2>Axis <code>{esc(axis)}</code> ({esc(_held(t))})</h2>",
-                  _table_html(_display(report, t, axis))]  # fmt: skip
+                  _table_html(_display(report, t, t.attrs.get("axis", axis)))]  # fmt: skip
     if images:
         parts.append("<h2>Plots</h2><div class='plots'>")
         for name, png in images.items():
@@ -598,6 +661,7 @@ def _json(report: Report) -> str:
     return json.dumps(
         {
             "baseline": report.baseline,
+            "baselines": report.baselines,
             "table": frame(report.table),
             "axes": {k: frame(t) for k, t in report.axes.items()},
             "failures": json.loads(report.failures.to_json(orient="records")) if len(report.failures) else [],

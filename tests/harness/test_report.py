@@ -227,3 +227,29 @@ def test_axis_tables_of_the_default_grid_layout():
         "## Axis `model.spa.supervision` (others held at model.spa.selection=gate, model.spa.ratio=0.5)"
         in (report_command(pd.DataFrame(rows)))
     )
+
+
+def test_each_variant_compared_with_the_dense_of_its_own_context():
+    """A store holding two grids (different data sizes): deltas never cross between them."""
+    rows = []
+    for size, dense_map, spa_map, dense_g, spa_g in [(64, 0.10, 0.12, 1.0, 0.8), (128, 0.30, 0.27, 4.0, 3.0)]:
+        for name, variant, m, g in [("dense", "dense", dense_map, dense_g), ("spa", "spa", spa_map, spa_g)]:
+            rows.append(
+                {**_row(name, 0, variant, map=m, gmacs=g, infer_ms=g * 10), "config.data.image_size": size}
+            )
+    report = build_report(pd.DataFrame(rows))
+    t = report.table
+    assert report.baseline is None and len(report.baselines) == 2
+    spa = t[t.index.str.startswith("spa")]
+    small, large = spa.index[spa["data.image_size"] == 64][0], spa.index[spa["data.image_size"] == 128][0]
+    assert t.loc[small, "map_delta"] == pytest.approx(0.02) and t.loc[large, "map_delta"] == pytest.approx(
+        -0.03
+    )
+    assert t.loc[small, "gmacs_delta_pct"] == pytest.approx(-20.0) and t.loc[
+        large, "flop_speedup"
+    ] == pytest.approx(4 / 3)
+    assert t.loc[small, "baseline"] != t.loc[large, "baseline"]
+    assert "column `baseline`" in report_command(pd.DataFrame(rows))
+    # an explicit baseline serves every variant
+    forced = compare(pd.DataFrame(rows), baseline=t.loc[small, "baseline"])
+    assert forced.loc[large, "map_delta"] == pytest.approx(0.27 - 0.10)
