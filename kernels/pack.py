@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._dispatch import resolve_impl
+from kernels._dispatch import cpu_op_threads, resolve_impl
 
 __all__ = ["pack_tokens", "unpack_tokens", "pack_tokens_ref", "unpack_tokens_ref"]
 
@@ -49,7 +49,8 @@ def _pack_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
         from kernels.pack_triton import pack_tokens_triton
 
         return pack_tokens_triton(x, indices)
-    return pack_tokens_ref(x, indices)
+    with cpu_op_threads(x):
+        return pack_tokens_ref(x, indices)
 
 
 @_pack_op.register_fake
@@ -79,7 +80,8 @@ def _unpack_op(packed: Tensor, indices: Tensor, base: Tensor, add: bool, impl: s
         from kernels.pack_triton import unpack_tokens_triton
 
         return unpack_tokens_triton(packed, indices, base, add)
-    return unpack_tokens_ref(packed, indices, base, add)
+    with cpu_op_threads(base):
+        return unpack_tokens_ref(packed, indices, base, add)
 
 
 @_unpack_op.register_fake

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import resolve_impl
+from kernels._dispatch import cpu_op_threads, resolve_impl
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -288,7 +288,8 @@ def _varlen_attention_torch(
         out.out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
         bounds = [b for b in bounds if b >= n_rows * R]  # the last, partial row
     packed = _packed_qkv(q, k, v)
-    for g in _groups(bounds, T, H * D, q.device, pad_keys=True):
+    groups = _groups(bounds, T, H * D, q.device, pad_keys=True)
+    for g in groups:
         qg, kg, vg = _gather((q, k, v), g, packed)  # (G, H, P, D)
         out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=softmax_scale))
     return out.result()
@@ -303,7 +304,8 @@ def _varlen_attention_torch_backward(
     T, H, D = q.shape
     bounds = cu_seqlens.tolist()
     dq, dk, dv = _Scatter(q, bounds), _Scatter(k, bounds), _Scatter(v, bounds)
-    for g in _groups(bounds, T, H * D, q.device):
+    groups = _groups(bounds, T, H * D, q.device)
+    for g in groups:
         qg, kg, vg, dog = _gather((q, k, v, dout), g)  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
         if g.mask is not None:
@@ -329,7 +331,8 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, impl):
 
         return varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
     fn = varlen_attention_ref if impl == "ref" else _varlen_attention_torch
-    return fn(q, k, v, cu_seqlens, scale), q.new_empty(0, dtype=torch.float32)
+    with cpu_op_threads(q):
+        return fn(q, k, v, cu_seqlens, scale), q.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("spa::varlen_attention", mutates_args=())
@@ -377,7 +380,8 @@ def _varlen_attention_backward_op(
 
         return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale)
     if impl == "torch":
-        return _varlen_attention_torch_backward(dout, q, k, v, cu_seqlens, softmax_scale)
+        with cpu_op_threads(q):
+            return _varlen_attention_torch_backward(dout, q, k, v, cu_seqlens, softmax_scale)
     raise ValueError(f"spa::varlen_attention_backward serves impl 'triton' and 'torch', got {impl!r}")
 
 

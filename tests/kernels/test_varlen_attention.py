@@ -247,3 +247,19 @@ def test_import_needs_no_triton_and_no_cuda():
     env = {k: v for k, v in os.environ.items() if k != "SPA_ATTN_IMPL"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_cpu_op_threads_restores(monkeypatch):
+    from kernels._dispatch import cpu_op_threads
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_op_threads(torch.zeros(1)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("SPA_CPU_OP_THREADS", "0")
+        with cpu_op_threads(torch.zeros(1)):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
