@@ -41,7 +41,7 @@ def _error(path: Path, **kw) -> GridError:
 
 
 @pytest.mark.parametrize("path", sorted(BUILTIN_GRIDS_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_builtin_grids_load(path):
+def test_builtin_grids_load(path, clean_registries):
     grid = load_grid(path)
     assert grid.trials and grid.source == path.resolve()
     names = {t.name for t in grid.trials}
