@@ -663,11 +663,15 @@ def _json(report: Report) -> str:
             "baseline": report.baseline,
             "baselines": report.baselines,
             "table": frame(report.table),
-            "axes": {k: frame(t) for k, t in report.axes.items()},
+            "axes": {
+                k: {"axis": t.attrs.get("axis", k), "held": t.attrs.get("held", {}), "rows": frame(t)}
+                for k, t in report.axes.items()
+            },
             "failures": json.loads(report.failures.to_json(orient="records")) if len(report.failures) else [],
             "notes": report.notes,
         },
         indent=2,
+        default=lambda o: o.item() if hasattr(o, "item") else str(o),  # numpy scalars in held values
     )
 
 

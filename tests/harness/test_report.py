@@ -165,6 +165,8 @@ def test_report_formats(tmp_path):
     assert page.count("src='data:image/png;base64,") == 3 and "<table" in page and "NaN loss" in page
     data = json.loads(report_command(df, fmt="json"))
     assert data["baseline"] == "dense" and len(data["table"]) == 4 and len(data["failures"]) == 1
+    assert data["axes"]["model.spa.ratio"]["held"] == {"model.spa.selection": "topk"}
+    assert [r["variant"] for r in data["axes"]["model.spa.ratio"]["rows"]][0] == "dense"
     table = pd.read_csv(io.StringIO(report_command(df, fmt="csv", out=tmp_path)), index_col=0)
     assert table.loc["dense", "map"] == pytest.approx(0.32)
     assert (tmp_path / "failures.csv").exists() and (tmp_path / "axis_model.spa.ratio.csv").exists()
