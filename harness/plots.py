@@ -125,8 +125,10 @@ def _speedup_vs_ratio(report: Report) -> Figure | None:
             ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if "flop_speedup" in t:
         order = np.argsort(x.to_numpy(float))
-        ax.plot(x.to_numpy(float)[order], t["flop_speedup"].to_numpy(float)[order], "--", color="tab:orange",
-                marker="x", label="ideal (GMACs ratio)")  # fmt: skip
+        # one baseline: a line through the ideal points; several (one per context): the points alone
+        style = "--" if len(report.baselines) <= 1 else "none"
+        ax.plot(x.to_numpy(float)[order], t["flop_speedup"].to_numpy(float)[order], linestyle=style,
+                color="tab:orange", marker="x", label="ideal (GMACs ratio)")  # fmt: skip
     ax.axhline(1.0, color="0.5", lw=1, label="dense")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("speedup (x)")
