@@ -107,6 +107,7 @@ def builtin_dataset(cfg: DataConfig, *, progress: bool = True) -> Path:
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-builtin-", dir=root))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would follow the folder through the rename
     try:
         _generate(tmp, params, progress=progress)
         (tmp / "params.json").write_text(json.dumps(params, indent=1, sort_keys=True))
