@@ -83,8 +83,31 @@ _NAMED_VALUES = {
 _CHOICES = {
     "preset": ("backbone preset", sorted(BACKBONE_PRESETS)),
     "data.dataset": ("dataset", ["builtin", "coco"]),
-    "train.precision": ("precision", ["auto", "bf16", "fp32"]),
+    "train.precision": ("precision", ["auto", "bf16", "fp16", "fp32"]),  # fp16: CUDA only
     "model.spa.mlp_on": ("mlp_on", ["all", "selected"]),
+}
+
+# Numeric keys with a valid range: key -> (low, high, low inclusive, high inclusive).
+_RANGES = {
+    "model.spa.ratio": (0.0, 1.0, True, True),
+    "model.spa.threshold": (0.0, 1.0, False, False),
+    "model.spa.alpha": (0.0, None, True, None),
+    "model.spa.gumbel_tau": (0.0, None, False, None),
+    "model.spa.container_len": (1, None, True, None),
+    "model.extra_stage3_blocks": (0, None, True, None),
+    "train.steps": (1, None, True, None),
+    "train.batch_size": (1, None, True, None),
+    "train.grad_accum": (1, None, True, None),
+    "train.lr": (0.0, None, False, None),
+    "train.zero_stage": (0, 3, True, True),
+    "data.image_size": (1, None, True, None),
+    "bench.batch_size": (1, None, True, None),
+    "bench.repeats": (1, None, True, None),
+    "resources.workers": (1, None, True, None),
+    "resources.cpus_per_worker": (0.0, None, False, None),
+    "resources.gpus_per_worker": (0.0, None, True, None),
+    "resources.timeout_s": (0.0, None, False, None),
+    "resources.retries": (0, None, True, None),
 }
 
 
@@ -560,6 +583,17 @@ def _check_name(key: str, v: _Val, where: str) -> None:
         what, choices = _CHOICES[key]
         if v.value not in choices:
             raise v.loc.error(f"unknown {what} {v.value!r}; expected one of: {', '.join(choices)}", where)
+    if key in _RANGES and isinstance(v.value, int | float) and not isinstance(v.value, bool):
+        lo, hi, lo_in, hi_in = _RANGES[key]
+        ok = (lo is None or v.value > lo or (lo_in and v.value == lo)) and (
+            hi is None or v.value < hi or (hi_in and v.value == hi)
+        )
+        if not ok:
+            left = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
+            right = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
+            raise v.loc.error(
+                f"expected a value {' and '.join(x for x in (left, right) if x)}, got {v.value!r}", where
+            )
 
 
 def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:

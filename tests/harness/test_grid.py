@@ -237,6 +237,18 @@ BAD = {
         "model.spa.pack",
         "unknown pack_strategy 'zip'; registered:",
     ),
+    "ratio out of range": (
+        BASE + "axes:\n  model.spa.ratio: [0.5, 1.5]\n",
+        5,
+        "model.spa.ratio",
+        "expected a value >= 0.0 and <= 1.0, got 1.5",
+    ),
+    "no workers": (
+        BASE + "resources: {workers: 0}\n",
+        4,
+        "resources.workers",
+        "expected a value >= 1, got 0",
+    ),
     "unknown preset": (BASE.replace("micro", "huge"), 2, "preset", "unknown backbone preset 'huge'"),
     "unknown axis key": (
         BASE + "axes:\n  model.spa.ratios: [0.5]\n",
