@@ -110,19 +110,25 @@ def init_ray(address: str | None = None) -> bool:
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     if address:
+        if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+            _loopback_only()  # a cluster started on this machine with --node-ip-address=127.0.0.1
         # No runtime_env here: under `ray job submit` it would replace the job's (its working_dir);
         # the workers choose their accelerator themselves (harness.distributed.prepare_accelerator).
         ray.init(address=address, **quiet)
         return True
-    # Ray resolves 127.0.0.1 to the machine's routable address unless told this is a local-only
-    # node (the switch it uses on macOS/Windows); its servers then bind to the loopback address.
+    _loopback_only()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": env}, **quiet)
+    return True
+
+
+def _loopback_only() -> None:
+    """Ray resolves 127.0.0.1 to the machine's routable address unless told this is a local-only
+    node (the switch it uses on macOS/Windows); its servers then bind to the loopback address."""
     import ray._private.ray_constants as ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env}, **quiet)
-    return True
 
 
 def _quiet_tune() -> None:
