@@ -158,7 +158,9 @@ def _view_call(start: int, n: int, T: int, pad_keys: bool, device: torch.device)
     kv_len = _aligned(n) if pad_keys else n
     if kv_len == n or kv_len > T:
         return _Group(start, 1, n, None, None, None, start, n)
-    # borrow rows after the sequence (or before it, at the end of the tensor) and mask them out
+    # borrow rows after the sequence (or before it, at the end of the tensor) and mask them out.
+    # Masked keys get probability exactly 0, so finite neighbours change nothing (a non-finite value
+    # in a neighbour would: 0 * inf; activations that are not finite have failed anyway).
     kv_start = min(start, T - kv_len)
     mask = torch.zeros(1, 1, 1, kv_len, dtype=torch.bool)
     mask[..., start - kv_start : start - kv_start + n] = True
