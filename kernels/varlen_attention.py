@@ -60,10 +60,11 @@ def varlen_attention_ref(
 # ----------------------------------------------------------------------------------------------------
 # fast torch path (CPU): as few SDPA calls, copies and ragged key lengths as pay off
 
-# How the CPU path runs a set of ragged sequences. Two kinds of SDPA call:
-# - "view": one sequence, straight on views of q, k, v (no copies in; one copy of its output);
+# How the CPU path runs a set of ragged sequences. Two kinds of call:
+# - "view": one sequence, explicit softmax attention (bmm, softmax, bmm) straight on views of q, k, v
+#   (no copies in; one copy of its output);
 # - "batch": G sequences gathered into a (G, H, P, D) batch padded to P (multiple of _ALIGN) with a
-#   key mask, and scattered back.
+#   key mask, one SDPA call, scattered back.
 # Measured on this project's 2-core CPU (fp32, H*D = 384): a gather + scatter of the batch costs more
 # than the per-call overhead it saves unless sequences are short (below ~13 tokens), so long
 # sequences run as views (at ratio 0.25 of 196 tokens x 32 images: 4.5 ms looping over views vs 9.5
@@ -135,14 +136,12 @@ def _plan_groups(lengths: tuple[int, ...], hd: int) -> tuple[tuple[tuple[int, ..
 
 
 class _Group(NamedTuple):
-    """One SDPA call.
+    """One attention call.
 
-    View call (``start`` >= 0): one sequence, queries rows ``start:start+P`` of q; keys and values
-    rows ``kv_start:kv_start+kv_len`` of k, v, which may extend into neighbouring rows so that the
-    key length is a multiple of ``_ALIGN`` (then ``mask`` (1, 1, 1, kv_len) marks the sequence's own
-    keys). Batch call: G sequences padded to P; ``idx`` (G*P,) gathers the batch (padded slots read
-    their sequence's first row: finite values), ``idx_out`` (G*P,) scatters it back (padded slots to a
-    dummy row T), and ``mask`` (G, 1, 1, P) marks real keys (None: no padding)."""
+    View call (``start`` >= 0): one sequence, rows ``start:start+P`` of q, k, v (views, no copies in).
+    Batch call: G sequences padded to P; ``idx`` (G*P,) gathers the batch (padded slots read their
+    sequence's first row: finite values), ``idx_out`` (G*P,) scatters it back (padded slots to a dummy
+    row T), and ``mask`` (G, 1, 1, P) marks real keys (None: no padding)."""
 
     start: int
     G: int
@@ -150,35 +149,15 @@ class _Group(NamedTuple):
     idx: Tensor | None
     idx_out: Tensor | None
     mask: Tensor | None
-    kv_start: int = -1
-    kv_len: int = 0
 
 
-def _view_call(start: int, n: int, T: int, pad_keys: bool, device: torch.device) -> _Group:
-    kv_len = _aligned(n) if pad_keys else n
-    if kv_len == n or kv_len > T:
-        return _Group(start, 1, n, None, None, None, start, n)
-    # borrow rows after the sequence (or before it, at the end of the tensor) and mask them out.
-    # Masked keys get probability exactly 0, so finite neighbours change nothing (a non-finite value
-    # in a neighbour would: 0 * inf; activations that are not finite have failed anyway).
-    kv_start = min(start, T - kv_len)
-    mask = torch.zeros(1, 1, 1, kv_len, dtype=torch.bool)
-    mask[..., start - kv_start : start - kv_start + n] = True
-    return _Group(start, 1, n, None, None, mask.to(device), kv_start, kv_len)
-
-
-def _groups(bounds: list[int], T: int, hd: int, device: torch.device, pad_keys: bool = False) -> list[_Group]:
-    """The calls of ``_plan_groups`` for the sequences ``bounds[i]:bounds[i+1]`` of tensors of T rows.
-
-    ``pad_keys``: view calls take extra keys up to a multiple of ``_ALIGN`` (masked): torch's CPU
-    flash attention runs much faster at such key lengths (1 thread, 16 x 6 heads x 64, per sequence:
-    79 queries x 79 keys 306 us, x 80 keys 184 us; 125 x 125 457 us, 125 x 128 344 us). Forward only:
-    the backward's gradients for borrowed keys would land on their neighbours' rows."""
+def _groups(bounds: list[int], T: int, hd: int, device: torch.device) -> list[_Group]:
+    """The calls of ``_plan_groups`` for the sequences ``bounds[i]:bounds[i+1]`` of tensors of T rows."""
     starts, lengths = bounds[:-1], tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     groups = []
     for ids, pad in _plan_groups(lengths, hd):
         if len(ids) == 1 and lengths[ids[0]] == pad:  # one unpadded sequence: views
-            groups.append(_view_call(starts[ids[0]], pad, T, pad_keys, device))
+            groups.append(_Group(starts[ids[0]], 1, pad, None, None, None))
             continue
         st = torch.tensor([starts[i] for i in ids], dtype=torch.int64)  # (G,)
         ln = torch.tensor([lengths[i] for i in ids], dtype=torch.int64)  # (G,)
@@ -213,12 +192,8 @@ def _packed_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
 def _gather(ts: tuple[Tensor, ...], g: _Group, packed: Tensor | None = None) -> list[Tensor]:
     """Each (T, H, D) -> (G, H, P, D): views for a single sequence, else gathered rows (one gather
     for all three when ``packed`` is their (T, 3*H*D) storage)."""
-    if g.start >= 0:  # (1, H, n, D) views: 4-D, since 3-D inputs take a 2x slower CPU kernel
-        return [
-            t[s : s + n].transpose(0, 1).unsqueeze(0)
-            for i, t in enumerate(ts)
-            for s, n in [(g.start, g.P) if i in (0, 3) else (g.kv_start, g.kv_len)]  # q, dout | k, v
-        ]
+    if g.start >= 0:
+        return [t[g.start : g.start + g.P].transpose(0, 1).unsqueeze(0) for t in ts]
     H, D = ts[0].shape[1:]
     if packed is not None:
         rows = packed.index_select(0, g.idx).view(g.G, g.P, 3, H, D)
@@ -290,8 +265,15 @@ def _varlen_attention_torch(
         out.out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
         bounds = [b for b in bounds if b >= n_rows * R]  # the last, partial row
     packed = _packed_qkv(q, k, v)
-    groups = _groups(bounds, T, H * D, q.device, pad_keys=True)
-    for g in groups:
+    for g in _groups(bounds, T, H * D, q.device):
+        if g.start >= 0:
+            # one sequence: explicit softmax attention on views. At these sizes (H x n x n scores in
+            # cache) it beats SDPA's CPU flash kernel: 32 sequences of ~49 (~98) tokens, 1 thread,
+            # 3.1 (7.0) ms vs 4.5 (8.3) ms.
+            qi, ki, vi = (t[g.start : g.start + g.P].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+            p = torch.softmax(torch.bmm(qi, ki.transpose(1, 2)).mul_(softmax_scale), dim=-1)  # (H, n, n)
+            out.out[g.start : g.start + g.P] = torch.bmm(p, vi).transpose(0, 1)
+            continue
         qg, kg, vg = _gather((q, k, v), g, packed)  # (G, H, P, D)
         out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=softmax_scale))
     return out.result()
@@ -306,8 +288,7 @@ def _varlen_attention_torch_backward(
     T, H, D = q.shape
     bounds = cu_seqlens.tolist()
     dq, dk, dv = _Scatter(q, bounds), _Scatter(k, bounds), _Scatter(v, bounds)
-    groups = _groups(bounds, T, H * D, q.device)
-    for g in groups:
+    for g in _groups(bounds, T, H * D, q.device):
         qg, kg, vg, dog = _gather((q, k, v, dout), g)  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
         if g.mask is not None:
