@@ -183,6 +183,7 @@ def run_grid(
         "name": experiment,
         "source": source,
         "run_id": run_id,
+        "rerun": rerun,
         "git_commit": project_commit(),
         "created": previous.get("created", t_start),
         "updated": t_start,
@@ -214,7 +215,8 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
 
     started = init_ray(address)
     try:
-        context = TrialContext(exp.store_uri, exp.name, manifest["run_id"], manifest["git_commit"])
+        context = TrialContext(exp.store_uri, exp.name, manifest["run_id"], manifest["git_commit"],
+                               rerun=manifest["rerun"])
         by_hash = {p.config_hash: p.cfg for p in pending}
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:

@@ -49,6 +49,7 @@ class TrialContext:
     experiment: str
     run_id: str
     git_commit: str
+    rerun: bool = False  # --rerun: a done row of an earlier run does not count
 
 
 def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -135,7 +136,8 @@ def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
     cfg_dict, h = payload["config"], payload["config_hash"]
     exp = Experiment(context.store_uri, context.experiment)
     existing = exp.read_row(h)
-    if existing is not None and (existing.get("status") == "done" or existing.get("run_id") == context.run_id):
+    if existing is not None and ((existing.get("status") == "done" and not context.rerun)
+                                 or existing.get("run_id") == context.run_id):
         tune.report({"status": existing.get("status"), "skipped": True})  # restored / re-scheduled
         return
 

@@ -74,6 +74,16 @@ def test_a_stored_row_is_not_run_again(setup, monkeypatch):
     assert [r["skipped"] for r in reports] == [True, True]
 
 
+def test_rerun_replaces_a_done_row_of_an_earlier_run(setup, monkeypatch):
+    cfg_dict, h, ctx, exp, reports = setup
+    monkeypatch.setattr(trial_mod, "_fit", _ok)
+    exp.write_row(h, {"status": "done", "config_hash": h, "run_id": "older", "gmacs": 9.0})
+    ctx.rerun = True
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    row = exp.read_row(h)
+    assert row["run_id"] == "run-1" and row["gmacs"] == 0.1
+
+
 def test_watchdog_beats_then_times_out(tmp_path, monkeypatch):
     exp = Experiment(str(tmp_path), "exp")
     exits, fired = [], threading.Event()
