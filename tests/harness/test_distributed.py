@@ -49,19 +49,21 @@ def test_precision_and_backend_on_cuda_are_chosen_by_the_code(monkeypatch):
     assert comm_backend("cuda") == "nccl" and comm_backend("cpu") == "gloo"
 
 
-@pytest.fixture
-def one_process_group(monkeypatch):
+@pytest.fixture(scope="module")
+def one_process_group():
+    """One group for the module, as in a trial process: DeepSpeed caches its groups, so a group is
+    made once per process and kept (harness.trial does the same)."""
     import torch.distributed as dist
 
     from harness.distributed import init_process_group, prepare_accelerator
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    saved = {k: os.environ.pop(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE") if k in os.environ}
     made = init_process_group(prepare_accelerator())
     assert os.environ["DS_ACCELERATOR"] == "cpu"
     yield
     if made:
         dist.destroy_process_group()
+    os.environ.update(saved)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -91,3 +93,26 @@ def test_backend_trains_with_accumulation_and_the_task_schedule(one_process_grou
     assert backend.all_reduce_mean(2.0) == 2.0
     assert backend.sampler(list(range(10)), shuffle=False, seed=0) is None
     assert backend.setup_s > 0
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (2, "fp32"), (3, "bf16")])
+def test_zero_stages_train_on_cpu(one_process_group, stage, precision):
+    from harness.distributed import DeepSpeedBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    backend = DeepSpeedBackend()
+    engine = backend.setup(model, _cfg(steps=4, batch_size=8, lr=0.05, warmup_steps=1, zero_stage=stage,
+                                       precision=precision))
+    assert engine.zero_optimization_stage() == stage
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.mse_loss(engine(x).float(), y)
+        backend.backward(loss)
+        backend.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    with backend.gathered_parameters():  # ZeRO-3 partitions parameters; gathered they are whole
+        assert sum(p.numel() for p in model.parameters()) == 4 * 8 + 8 + 8 + 1
