@@ -29,12 +29,14 @@ def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
     from rich.table import Table
 
     table = Table(title=title or None, show_lines=False)
-    for col in ("trial", "hash", "workers", "state", "detail"):
+    several = len({s.get("experiment") for s in states}) > 1
+    for col in (["experiment"] if several else []) + ["trial", "hash", "workers", "state", "detail"]:
         table.add_column(col, overflow="fold")
     for s in states:
         st = s["state"]
-        table.add_row(str(s.get("name")), s["config_hash"], str(s.get("workers") or ""),
-                      f"[{_STYLE.get(st, 'white')}]{st}[/]", s.get("detail", ""))
+        cells = [str(s.get("name")), s["config_hash"], str(s.get("workers") or ""),
+                 f"[{_STYLE.get(st, 'white')}]{st}[/]", s.get("detail", "")]
+        table.add_row(*([str(s.get("experiment"))] if several else []), *cells)
     return table
 
 

@@ -196,7 +196,8 @@ def run_grid(
     summary = RunSummary(experiment, exp.uri, planned)
     if pending:
         summary.restored = _run_tune(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable)
-        manifest["tune"]["finished"] = True
+        # Stopped early (Ctrl-C: Tune saves its state and returns)? Then the next run restores it.
+        manifest["tune"]["finished"] = all(exp.read_row(p.config_hash) is not None for p in pending)
         exp.write_manifest(manifest)
     for p in planned:
         row = exp.read_row(p.config_hash)

@@ -308,18 +308,35 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     metrics = train_variant(cfg, backend=backend, progress=False)
     # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
     prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
+    dp_diff = _replica_divergence(backend)
     metrics.update(measure(cfg, backend, backend.model))
     peak, kind = peak_memory(device)
     if rank != 0:
         return None
     metrics.update(environment(device, world))
-    metrics.update(world_size=world, peak_mem_mb=peak, peak_mem_kind=kind, deepspeed_setup_s=backend.setup_s,
+    metrics.update(world_size=world, dp_param_max_diff=dp_diff, peak_mem_mb=peak, peak_mem_kind=kind, deepspeed_setup_s=backend.setup_s,
                    worker_import_s=t_ready - started, prep_s=prep - backend.setup_s,
                    zero_stage=backend.ds_config["zero_optimization"]["stage"],
                    precision=("bf16" if "torch_autocast" in backend.ds_config else
                               "fp16" if "fp16" in backend.ds_config else "fp32"),
                    _worker_started=started, _launched=launched)
     return metrics
+
+
+def _replica_divergence(backend) -> float:
+    """Largest difference between ranks of a parameter checksum after training: 0 when the
+    data-parallel replicas stayed in step (each rank saw its own share of the data)."""
+    import torch
+    import torch.distributed as dist
+
+    with backend.gathered_parameters(), torch.no_grad():
+        checksum = sum(p.detach().double().sum() for p in backend.model.parameters()).reshape(1).to(backend.device)
+    if backend.world_size == 1:
+        return 0.0
+    sums = [torch.zeros_like(checksum) for _ in range(backend.world_size)]
+    dist.all_gather(sums, checksum)
+    values = torch.cat(sums)
+    return float(values.max() - values.min())
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
     assert len(spa) == 2
     assert (spa["gmacs"] < dense["gmacs"]).all() and (spa["backbone_gmacs"] < dense["backbone_gmacs"]).all()
     assert dense["world_size"] == 2 and dense["workers"] == 2  # data-parallel on 2 Ray Train workers
+    assert dense["dp_param_max_diff"] == 0  # ... whose replicas stayed in step
     assert (spa["world_size"] == 1).all()
     assert (df["overhead_s"] >= 0).all() and (df["wall_s"] >= df["work_s"]).all()
     for h in df["config_hash"]:
