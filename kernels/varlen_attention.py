@@ -9,8 +9,8 @@ containers are the same call with ``cu_seqlens`` cut at image and container boun
 
 Layering (../shared/STYLE.md): ``varlen_attention_ref`` -> Triton kernels and checked launchers
 (``kernels/varlen_attention_triton.py``, imported lazily) -> the fast torch path for CPU
-(``_varlen_attention_torch``: container rows in one masked SDPA call, long sequences as SDPA calls on
-views, short ones in padded batches, chosen by a measured cost model) ->
+(``_varlen_attention_torch``: container rows in one masked SDPA call, other sequences as explicit
+softmax attention on views, short ones in padded SDPA batches, chosen by a measured cost model) ->
 ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula -> ``varlen_attention``.
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
@@ -58,7 +58,7 @@ def varlen_attention_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
-# fast torch path (CPU): as few SDPA calls, copies and ragged key lengths as pay off
+# fast torch path (CPU): as few calls and copies as pay off
 
 # How the CPU path runs a set of ragged sequences. Two kinds of call:
 # - "view": one sequence, explicit softmax attention (bmm, softmax, bmm) straight on views of q, k, v
@@ -67,10 +67,10 @@ def varlen_attention_ref(
 #   key mask, one SDPA call, scattered back.
 # Measured on this project's 2-core CPU (fp32, H*D = 384): a gather + scatter of the batch costs more
 # than the per-call overhead it saves unless sequences are short (below ~13 tokens), so long
-# sequences run as views (at ratio 0.25 of 196 tokens x 32 images: 4.5 ms looping over views vs 9.5
-# ms in two padded batches) and only short ones are batched. The cost model (microseconds, per unit
+# sequences run as views (at ratio 0.25 of 196 tokens x 32 images: 4.5 ms looping over SDPA on views
+# vs 9.5 ms in two padded batches; explicit softmax on views: 3.1 ms) and only short ones are batched. The cost model (microseconds, per unit
 # of H*D where it scales) lets a dynamic programme choose; only its ratios matter.
-_VIEW_CALL_US = 20.0  # one SDPA call + output copy, fixed part
+_VIEW_CALL_US = 20.0  # one view call (bmm, softmax, bmm) + output copy, fixed part
 _BATCH_CALL_US = 50.0  # one batched call incl. building its index tensors, fixed part
 _TOKEN_US_PER_HD = 0.004  # per padded token slot of a batch: 3 gathers + 1 scatter
 _OUT_US_PER_HD = 0.0005  # per token of a view call: its output copy
