@@ -78,6 +78,7 @@ _PAIR_US_PER_HD = 0.000055  # per (query, key) pair, either kind
 # Batches are padded to multiples of 16: torch's CPU flash attention is much faster there than just
 # below (1 thread, 16 x 6 heads x 64: P=60 127 us per sequence, P=64 89; P=124 434, P=128 341).
 _ALIGN = 16
+_MAX_BATCH_LEN = 64
 
 
 def _aligned(n: int) -> int:
@@ -114,6 +115,8 @@ def _plan_groups(lengths: tuple[int, ...], hd: int) -> tuple[tuple[tuple[int, ..
     cut = [0] * (K + 1)  # cut[j] = i: distinct[i:j] batched; cut[j] = -1: distinct[j-1] as views
     for j in range(1, K + 1):
         best[j], cut[j] = best[j - 1] + mult[j - 1] * _view_cost(distinct[j - 1], hd), -1
+        if distinct[j - 1] > _MAX_BATCH_LEN:  # long sequences never batch: keep the search O(K) there
+            continue
         n_seq = 0
         pad = _aligned(distinct[j - 1])
         for i in range(j, 0, -1):  # batch = distinct[i-1 .. j-1], padded to distinct[j-1]
