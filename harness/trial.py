@@ -188,28 +188,42 @@ class _Watchdog:
             self._beat()
 
 
+# A multi-worker trial is stopped by its workers (each ends its process at the deadline, so Ray
+# Train tears the worker group and its placement group down); the trial's own watchdog waits this
+# much longer before it ends the trial's process as a last resort.
+_WORKER_STOP_GRACE_S = 60.0
+
+
 def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: Experiment,
                  attempt: int) -> dict[str, Any]:
     res = cfg_dict.get("resources", {})
     timeout_s = float(res.get("timeout_s") or math.inf)
+    workers = int(res.get("workers", 1))
     start = time.time()
+    deadline = start + timeout_s
     t0 = time.perf_counter()
+    msg = f"trial {cfg_dict.get('name')!r} exceeded resources.timeout_s={timeout_s:g} s (attempt {attempt})"
+    thread = threading.get_ident()
 
     def _timeout() -> None:
-        msg = f"trial {cfg_dict.get('name')!r} exceeded resources.timeout_s={timeout_s:g} s (attempt {attempt})"
-        stack = "".join(traceback.format_stack(sys._current_frames().get(threading.main_thread().ident)))
+        stack = "".join(traceback.format_stack(sys._current_frames().get(thread)))
         tail = "\n".join(stack.splitlines()[-_TRACEBACK_LINES:])
         exp.write_text(h, "error.txt", f"{msg}\n\n{tail}\n")
         exp.write_row(h, failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout",
                                      tb=tail, attempt=attempt, start=start))
 
     info = {"attempt": attempt, "start_time": start, "run_id": context.run_id, "pid": os.getpid()}
-    with _Watchdog(exp, h, timeout_s, _timeout, info):
+    backstop = timeout_s if workers <= 1 else timeout_s + _WORKER_STOP_GRACE_S
+    with _Watchdog(exp, h, backstop, _timeout, info):
         try:
-            result, startup_s = _fit(cfg_dict, h, context, attempt)
+            result, startup_s = _fit(cfg_dict, h, context, attempt, deadline)
         except Exception as e:  # the trial failed; the grid goes on
             tb = error_tail(e)
-            exp.write_text(h, "error.txt", tb + "\n")
+            timed_out = time.time() >= deadline  # the workers ended themselves at the deadline
+            exp.write_text(h, "error.txt", (f"{msg}\n\n" if timed_out else "") + tb + "\n")
+            if timed_out:
+                return failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout",
+                                   tb=tb, attempt=attempt, start=start)
             return failure_row(cfg_dict, h, context, status="failed", error=_error_message(e),
                                error_type=_error_type(e), tb=tb, attempt=attempt, start=start)
     wall = time.perf_counter() - t0
@@ -223,7 +237,8 @@ def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: E
     return row
 
 
-def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int) -> tuple[dict[str, Any], float]:
+def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int,
+         deadline: float = math.inf) -> tuple[dict[str, Any], float]:
     """Run ``train_worker``: in this process for one worker, under Ray Train's ``TorchTrainer`` for
     several; rank 0's columns and the time from launch until the worker function started."""
     res = cfg_dict.get("resources", {})
@@ -233,7 +248,7 @@ def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int) 
     if workers <= 1:
         row = train_worker(loop_config)
     else:
-        row = _fit_ray_train(loop_config, res, context, attempt)
+        row = _fit_ray_train({**loop_config, "deadline": deadline}, res, context, attempt)
     if not isinstance(row, dict):
         raise RuntimeError(f"rank 0 returned no result row (got {type(row).__name__})")
     startup = row.pop("_worker_started") - row.pop("_launched")
@@ -277,6 +292,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    if math.isfinite(config.get("deadline", math.inf)):
+        _end_process_at(config["deadline"])
     exp = Experiment(config["store_uri"], config["experiment"])
     h = config["config_hash"]
     log_name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
@@ -321,6 +338,18 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
                               "fp16" if "fp16" in backend.ds_config else "fp32"),
                    _worker_started=started, _launched=launched)
     return metrics
+
+
+def _end_process_at(deadline: float) -> None:
+    """A Ray Train worker past its trial's deadline ends its process; the controller sees the worker
+    die and shuts the group down cleanly (releasing its placement group), and the trial records
+    the timeout."""
+
+    def _run() -> None:
+        time.sleep(max(0.0, deadline - time.time()))
+        os._exit(3)
+
+    threading.Thread(target=_run, daemon=True, name="trial-deadline").start()
 
 
 def _replica_divergence(backend) -> float:
