@@ -126,6 +126,8 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
 
 
 def test_failures_are_recorded_and_the_grid_goes_on(tmp_path, env):
+    # Run one at a time, in this order: the 2-worker trial after the stuck 2-worker one only gets its
+    # CPUs if the timed-out trial's Ray Train workers and placement group were released.
     grid = tmp_path / "failing.yaml"
     grid.write_text(f"""
 name: failing
@@ -135,23 +137,25 @@ base:
   model.spa.selection: topk
 resources: {{workers: 1, cpus_per_worker: 1, timeout_s: 300}}
 points:
-  - {{name: ok}}
   - {{name: explode, model.variant: explode}}
   - {{name: nan, model.variant: nan_features}}
   - {{name: slow, train.grad_accum: 5000, resources.timeout_s: 8}}  # --smoke sets train.steps
+  - {{name: stuck2, train.grad_accum: 5000, resources.workers: 2, resources.timeout_s: 30}}
+  - {{name: ok2, resources.workers: 2}}
 """)
     store = tmp_path / "results"
-    p = _cli("run", grid, "--smoke", "--results", store, "--no-progress", "--no-report", env=env, check=False)
+    p = _cli("run", grid, "--smoke", "--results", store, "--max-concurrent", "1", "--no-progress", "--no-report",
+             env=env, check=False)
     assert p.returncode == 1, p.stderr[-3000:]  # some trials failed: not a success
     df = load(store).set_index("name")
-    assert df.loc["ok", "status"] == "done" and df.loc["ok", "gmacs"] > 0
+    assert df.loc["ok2", "status"] == "done" and df.loc["ok2", "world_size"] == 2 and df.loc["ok2", "gmacs"] > 0
     explode = df.loc["explode"]
     assert explode["status"] == "failed" and "boom: the explode variant fails" in explode["error"]
     assert explode["error_type"] == "RuntimeError" and "failing_variants.py" in explode["traceback"]
     assert (store / "failing" / "trials" / explode["config_hash"] / "error.txt").is_file()
     nan = df.loc["nan"]
     assert nan["status"] == "failed" and nan["error_type"] == "NonFiniteLossError" and "non-finite" in nan["error"]
-    slow = df.loc["slow"]
-    assert slow["status"] == "timeout" and "timeout_s=8" in slow["error"]
+    for name, limit in (("slow", 8), ("stuck2", 30)):
+        assert df.loc[name, "status"] == "timeout" and f"timeout_s={limit}" in df.loc[name, "error"]
     status = _cli("status", store, env=env, timeout=60).stdout
     assert "timeout" in status and "failed" in status and "done" in status
