@@ -235,6 +235,8 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
         else:
             payloads = [{"config": trial_to_dict(p.cfg), "config_hash": p.config_hash} for p in pending]
             retries = max((p.cfg.resources.retries for p in pending), default=0)
+            if max_concurrent is None:
+                max_concurrent = _default_concurrency(pending, ray.cluster_resources())
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(payloads)},
@@ -251,6 +253,21 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
     finally:
         if started:
             ray.shutdown()
+
+
+def _default_concurrency(pending: list[PlannedTrial], cluster: dict[str, float]) -> int | None:
+    """A multi-worker trial's Tune function reserves no CPU (its Ray Train workers do), so Tune alone
+    would start every such trial at once and leave most waiting for workers while their time limits
+    run. Cap the trials in flight at what the cluster could run side by side if each were the
+    smallest of them; ``None`` (Tune's own accounting) when every trial runs in one process."""
+    if all(p.cfg.resources.workers <= 1 for p in pending):
+        return None
+    limits = []
+    for key, per in (("CPU", lambda r: r.workers * r.cpus_per_worker), ("GPU", lambda r: r.workers * r.gpus_per_worker)):
+        need = min(per(p.cfg.resources) for p in pending)
+        if need > 0:
+            limits.append(int(cluster.get(key, 0) // need))
+    return max(1, min(limits)) if limits else None
 
 
 def _cfg_of(config: dict[str, Any]) -> TrialConfig:

@@ -128,3 +128,18 @@ def test_a_trial_process_that_died_gets_a_failed_row(setup):
     cb.on_trial_error(0, [], _DeadTrial(cfg_dict, h, err))
     assert exp.read_row(h)["status"] == "timeout"
     cb.on_experiment_end([])
+
+
+def test_default_concurrency_caps_multi_worker_trials():
+    from harness.runner import PlannedTrial, _default_concurrency
+
+    def planned(workers, cpus=1.0, gpus=0.0):
+        cfg = trial_from_dict({"preset": "micro", "resources": {"workers": workers, "cpus_per_worker": cpus,
+                                                                "gpus_per_worker": gpus}})
+        return PlannedTrial(cfg, config_hash(cfg), "pending")
+
+    assert _default_concurrency([planned(1), planned(1)], {"CPU": 2}) is None  # Tune counts these itself
+    assert _default_concurrency([planned(2)] * 5, {"CPU": 2}) == 1
+    assert _default_concurrency([planned(2), planned(1)], {"CPU": 2}) == 2
+    assert _default_concurrency([planned(4, gpus=1)] * 3, {"CPU": 64, "GPU": 8}) == 2
+    assert _default_concurrency([planned(2)], {"CPU": 1}) == 1  # never 0
