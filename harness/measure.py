@@ -8,7 +8,10 @@ variant), after training, with the trial's real selection (the trained gate, or 
   ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
 - ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
   kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
-  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences);
+  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences). It is an
+  upper bound of what this implementation does: the formula counts each container's L x L scores
+  densely and the output projection over all N tokens, while the varlen kernel computes only the
+  blocks of one image inside a container and the projection runs on the kept tokens;
 - ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward and of one training
   micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
   runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
