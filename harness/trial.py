@@ -153,8 +153,8 @@ def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
 
 class _Watchdog:
     """Heartbeat to the store while the trial runs; past the deadline, writes a ``timeout`` row and
-    ends the process (a stuck forward cannot be interrupted from Python; killing the Tune trial's
-    process also ends the Ray Train workers it owns)."""
+    ends the Tune trial's process (a stuck forward cannot be interrupted from Python). A multi-worker
+    trial's workers stop themselves first (``_end_process_at``); this is its last resort."""
 
     def __init__(self, exp: Experiment, h: str, timeout_s: float, on_timeout, info: dict[str, Any]) -> None:
         self.exp, self.h, self.timeout_s, self.on_timeout, self.info = exp, h, timeout_s, on_timeout, info
@@ -331,8 +331,9 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     if rank != 0:
         return None
     metrics.update(environment(device, world))
-    metrics.update(world_size=world, dp_param_max_diff=dp_diff, peak_mem_mb=peak, peak_mem_kind=kind, deepspeed_setup_s=backend.setup_s,
-                   worker_import_s=t_ready - started, prep_s=prep - backend.setup_s,
+    metrics.update(world_size=world, dp_param_max_diff=dp_diff, peak_mem_mb=peak, peak_mem_kind=kind,
+                   deepspeed_setup_s=backend.setup_s, worker_import_s=t_ready - started,
+                   prep_s=prep - backend.setup_s,
                    zero_stage=backend.ds_config["zero_optimization"]["stage"],
                    precision=("bf16" if "torch_autocast" in backend.ds_config else
                               "fp16" if "fp16" in backend.ds_config else "fp32"),
