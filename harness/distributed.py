@@ -65,7 +65,10 @@ def deepspeed_config(cfg: TrialConfig, device: torch.device | str, world_size: i
         "gradient_accumulation_steps": tc.grad_accum,
         "train_batch_size": tc.batch_size * tc.grad_accum * world_size,
         "gradient_clipping": float(tc.grad_clip or 0.0),
-        "zero_optimization": {"stage": tc.zero_stage},
+        # memory_efficient_linear=False: otherwise ZeRO-3 replaces torch.nn.functional.linear for the
+        # rest of the process, which hides every Linear from fvcore's trace (and from later trials
+        # that reuse this process).
+        "zero_optimization": {"stage": tc.zero_stage, "memory_efficient_linear": False},
         # The optimizer is the task's AdamW (the same as TorchBackend's), not a DeepSpeed one.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

@@ -20,7 +20,7 @@ def test_batch_sizes_accumulation_clipping_and_zero_stage():
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 6 * 3 * 4  # DeepSpeed checks micro * accumulation * world
     assert ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False}
 
 
 @pytest.mark.parametrize("stage", [-1, 4])
@@ -101,11 +101,14 @@ def test_zero_stages_train_on_cpu(one_process_group, stage, precision):
     from harness.distributed import DeepSpeedBackend
 
     torch.manual_seed(0)
+    linear = torch.nn.functional.linear
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     backend = DeepSpeedBackend()
     engine = backend.setup(model, _cfg(steps=4, batch_size=8, lr=0.05, warmup_steps=1, zero_stage=stage,
                                        precision=precision))
     assert engine.zero_optimization_stage() == stage
+    # ZeRO-3 must not patch F.linear for the whole process (it would hide Linears from fvcore)
+    assert torch.nn.functional.linear is linear
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     losses = []
     for _ in range(4):
