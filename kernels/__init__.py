@@ -8,7 +8,7 @@ needs neither Triton nor a GPU. The ops are ``torch.library`` custom ops in the 
 (``spa::varlen_attention``, ``spa::pack_tokens``, ``spa::unpack_tokens``), so traces name them.
 """
 
-from kernels._dispatch import ENV_VAR, IMPLS, resolve_impl, triton_available
+from kernels._dispatch import ENV_VAR, IMPLS, cpu_op_thread_count, resolve_impl, triton_available
 from kernels.flops import FVCORE_HANDLES, register_flop_handles, sdpa_macs, varlen_attention_macs
 from kernels.pack import pack_tokens, pack_tokens_ref, unpack_tokens, unpack_tokens_ref
 from kernels.seqlens import container_seqlens, cu_seqlens_from_counts, seqlen_sq_sum
@@ -19,6 +19,7 @@ __all__ = [
     "FVCORE_HANDLES",
     "IMPLS",
     "container_seqlens",
+    "cpu_op_thread_count",
     "cu_seqlens_from_counts",
     "pack_tokens",
     "pack_tokens_ref",

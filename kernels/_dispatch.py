@@ -19,7 +19,10 @@ import os
 
 import torch
 
-__all__ = ["IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "triton_available", "cpu_op_threads"]
+__all__ = [
+    "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "triton_available", "cpu_op_threads",
+    "cpu_op_thread_count",
+]  # fmt: skip
 
 IMPLS = ("auto", "triton", "torch", "ref")
 ENV_VAR = "SPA_ATTN_IMPL"
@@ -73,9 +76,9 @@ def cpu_op_threads(*tensors: torch.Tensor):
     vs 8 ms. On an idle machine one thread costs at most the second core on these small ops; the
     large ops around them (the block's Linear layers) keep torch's threads.
     """
-    n = int(os.environ.get(THREADS_ENV_VAR, "1"))
+    n = cpu_op_thread_count()
     prev = torch.get_num_threads()
-    if n <= 0 or n >= prev or any(t.is_cuda for t in tensors):
+    if n >= prev or any(t.is_cuda for t in tensors):
         yield
         return
     torch.set_num_threads(n)
@@ -83,3 +86,11 @@ def cpu_op_threads(*tensors: torch.Tensor):
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def cpu_op_thread_count() -> int:
+    """Intra-op threads the torch CPU path of an op runs with now: ``SPA_CPU_OP_THREADS`` (default 1;
+    0: torch's setting), never more than ``torch.get_num_threads()``. Benchmarks report it, since the
+    layers around the ops (Linear) run on torch's setting."""
+    n, total = int(os.environ.get(THREADS_ENV_VAR, "1")), torch.get_num_threads()
+    return total if n <= 0 else min(n, total)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from kernels import (
     FVCORE_HANDLES,
     container_seqlens,
+    cpu_op_thread_count,
     cu_seqlens_from_counts,
     pack_tokens,
     unpack_tokens,
@@ -263,6 +264,7 @@ def run(
                 "spa_gmacs": round(spa_macs / 1e9, 4),
                 "reps": reps,
                 "threads": torch.get_num_threads(),
+                "op_threads": cpu_op_thread_count(),
                 "clock": clock,
             }
             rows.append(row)
@@ -316,7 +318,8 @@ def main(argv=None) -> int:
     log = None
     if not a.json:
         print(
-            f"SPA attention block vs dense, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads: "
+            f"SPA attention block vs dense, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads "
+            f"(SPA's attention, pack and unpack ops: {cpu_op_thread_count()}, SPA_CPU_OP_THREADS): "
             f"B={a.batch}, N={a.grid}x{a.grid}, C={a.dim}, heads={a.heads}, L={a.window}^2, "
             f"reps={a.reps}, {a.clock} clock; medians (interquartile range) of per-pair ratios"
         )

@@ -21,6 +21,7 @@ def test_bench_json(capsys):
         assert KEYS <= set(r)
         assert abs(r["efficiency"] - r["time_ratio"] / r["flop_ratio"]) < 1e-3
         assert 0 < r["kept_fraction"] <= 1
+        assert 1 <= r["op_threads"] <= r["threads"]
 
 
 def test_bench_table(capsys):
