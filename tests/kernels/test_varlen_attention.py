@@ -155,6 +155,7 @@ def test_gradcheck(impl):
         [49] * 9 + [48, 47, 3, 2, 2, 1, 0, 17, 18, 20, 196, 190],  # mostly view calls
         [2] * 40 + [1] * 30 + [3] * 20 + [0, 5, 4, 37],  # many short sequences: padded batches
         [3] * 50 + [2] * 50,  # equal-length batches without padding
+        [0, 70, 0, 0, 41, 0, 55, 1, 0],  # view calls next to empty sequences that share their start
     ],
 )
 def test_torch_path_plans(counts):
