@@ -27,6 +27,7 @@ __all__ = [
     "config_hash",
     "set_dotted",
     "get_dotted",
+    "flatten_config",
     "smoke_overrides",
     "ConfigError",
 ]
@@ -147,6 +148,18 @@ def get_dotted(d: dict[str, Any], key: str) -> Any:
             raise KeyError(key)
         cur = cur[part]
     return cur
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key columns of a config dict (``model.spa.ratio``); ``model.spa`` is None when dense."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:

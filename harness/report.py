@@ -177,9 +177,9 @@ def _load(results: pd.DataFrame | str | Path) -> pd.DataFrame:
 
 def _config_columns(df: pd.DataFrame) -> dict[str, str]:
     """Dotted config key -> its column in the store (``model.spa.ratio`` or ``config.model.spa.ratio``)."""
-    from harness.config import TrialConfig, trial_to_dict
+    from harness.config import TrialConfig, flatten_config, trial_to_dict
 
-    keys = set(_flatten(trial_to_dict(TrialConfig())))
+    keys = set(flatten_config(trial_to_dict(TrialConfig())))
     keys.add("model.spa")  # null for the dense baseline
     out: dict[str, str] = {}
     for col in df.columns:
@@ -189,17 +189,6 @@ def _config_columns(df: pd.DataFrame) -> dict[str, str]:
                 key = key[len(p) :]
         if key in keys and key not in out:
             out[key] = col
-    return out
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
     return out
 
 

@@ -34,9 +34,10 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from harness.config import flatten_config
 from harness.results import HEARTBEAT_S, Experiment
 
-__all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "flatten_config", "error_tail"]
+__all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "error_tail"]
 
 _TRACEBACK_LINES = 40
 
@@ -50,18 +51,6 @@ class TrialContext:
     run_id: str
     git_commit: str
     rerun: bool = False  # --rerun: a done row of an earlier run does not count
-
-
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted-key columns of a config dict (``model.spa.ratio``); ``model.spa`` is None when dense."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def error_tail(exc: BaseException, lines: int = _TRACEBACK_LINES) -> str:

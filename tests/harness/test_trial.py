@@ -8,10 +8,10 @@ import pytest
 import ray.tune
 
 from harness import trial as trial_mod
-from harness.config import config_hash, trial_from_dict, trial_to_dict
+from harness.config import config_hash, flatten_config, trial_from_dict, trial_to_dict
 from harness.progress import GridCallback
 from harness.results import Experiment, ResultsStore
-from harness.trial import TrialContext, _Watchdog, flatten_config, trial_trainable
+from harness.trial import TrialContext, _Watchdog, trial_trainable
 
 
 @pytest.fixture
