@@ -2,13 +2,17 @@
 
 ``impl`` argument > ``SPA_ATTN_IMPL`` environment variable > ``"auto"``.
 
-- ``"auto"``: Triton for CUDA tensors when Triton imports, else the fast torch path;
+- ``"auto"``: Triton for CUDA tensors when Triton imports; on CPU the C++ kernel where the op has one
+  that serves the tensors (varlen attention, float32) and it builds (``kernels.cpu_ext``), else the
+  torch path;
 - ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests);
-- ``"torch"``: the fast torch path (the CPU path; also runs on GPU);
+- ``"cpp"``: the C++ CPU kernel (``kernels/csrc``); ops without one (pack, unpack: single torch
+  calls already) run their torch path;
+- ``"torch"``: the fast torch path (also runs on GPU);
 - ``"ref"``: the plain reference (per-sequence loops, explicit softmax), for tests and debugging.
 
-Triton is imported lazily, only when a Triton implementation runs, so ``import kernels`` needs neither
-Triton nor a GPU, and ``TRITON_INTERPRET`` can still be set after ``import kernels``.
+Triton and the C++ kernels are loaded lazily, only when they run, so ``import kernels`` needs neither
+Triton, a compiler nor a GPU, and ``TRITON_INTERPRET`` can still be set after ``import kernels``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ __all__ = [
     "cpu_op_thread_count",
 ]  # fmt: skip
 
-IMPLS = ("auto", "triton", "torch", "ref")
+IMPLS = ("auto", "triton", "cpp", "torch", "ref")
 ENV_VAR = "SPA_ATTN_IMPL"
 THREADS_ENV_VAR = "SPA_CPU_OP_THREADS"
 
@@ -43,8 +47,12 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_impl(impl: str | None, *tensors: torch.Tensor) -> str:
-    """Resolve ``impl`` to one of ``"triton"``, ``"torch"``, ``"ref"`` for the given tensors."""
+def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) -> str:
+    """Resolve ``impl`` to one of ``"triton"``, ``"cpp"``, ``"torch"``, ``"ref"`` for the given tensors.
+
+    ``cpp``: the op has a C++ CPU kernel for these tensors (the op checks dtype and layout); without
+    one, ``"cpp"`` resolves to ``"torch"``. With one, ``"auto"`` on CPU picks it when it loads (else
+    warns once and runs the torch path) and an explicit ``"cpp"`` raises when it cannot load."""
     name = impl if impl is not None else os.environ.get(ENV_VAR, "auto")
     name = name.strip().lower()
     if name not in IMPLS:
@@ -52,7 +60,27 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor) -> str:
         raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
     on_cuda = any(t.is_cuda for t in tensors)
     if name == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+        if on_cuda:
+            return "triton" if triton_available() else "torch"
+        if not cpp:
+            return "torch"
+        from kernels import cpu_ext
+
+        if cpu_ext.load() is None:
+            cpu_ext.warn_fallback()
+            return "torch"
+        return "cpp"
+    if name == "cpp":
+        if on_cuda:
+            raise RuntimeError("impl='cpp' is the CPU kernel; these tensors are on CUDA (use 'triton' or 'auto')")
+        if not cpp:
+            return "torch"
+        from kernels import cpu_ext
+
+        if cpu_ext.load() is None:
+            raise RuntimeError(f"impl='cpp' requested but the C++ CPU kernels are unavailable: "
+                               f"{cpu_ext.unavailable_reason()}")  # fmt: skip
+        return name
     if name == "triton":
         if not triton_available():
             raise RuntimeError("impl='triton' requested but triton is not importable; use 'torch' or 'auto'")

@@ -8,10 +8,12 @@ containers are the same call with ``cu_seqlens`` cut at image and container boun
 (``kernels.seqlens.container_seqlens``).
 
 Layering (../shared/STYLE.md): ``varlen_attention_ref`` -> Triton kernels and checked launchers
-(``kernels/varlen_attention_triton.py``, imported lazily) -> the fast torch path for CPU
-(``_varlen_attention_torch``: container rows in one masked SDPA call, other sequences as explicit
-softmax attention on views, short ones in padded SDPA batches, chosen by a measured cost model) ->
-``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula -> ``varlen_attention``.
+(``kernels/varlen_attention_triton.py``, imported lazily) -> the C++ CPU kernel
+(``kernels/csrc/varlen_attention_cpu.cpp``, built on first use by ``kernels.cpu_ext``; float32
+forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked SDPA call, other
+sequences as explicit softmax attention on views, short ones in padded SDPA batches, chosen by a
+measured cost model; every dtype, and the backward of the CPU paths) -> ``torch.library.custom_op``
+``spa::varlen_attention`` with its autograd formula -> ``varlen_attention``.
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
 PV, ``n_i`` the length of sequence i).
@@ -321,12 +323,29 @@ def _varlen_attention_torch_backward(
 # custom op (the autograd layer)
 
 
+def _cpp_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """The C++ kernel takes float32 CPU tensors (any strides over T and H; the launcher makes the last
+    dim contiguous)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+
+
+def _varlen_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float) -> Tensor:
+    """Checked launcher of the C++ kernel: (T, H, D) float32 CPU -> (T, H, D) contiguous."""
+    from kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    if ext is None:
+        raise RuntimeError(f"the C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return ext.varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
+
+
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, impl):
     if impl == "triton":
         from kernels.varlen_attention_triton import varlen_attention_fwd_triton
 
         return varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
-    fn = varlen_attention_ref if impl == "ref" else _varlen_attention_torch
+    fn = {"ref": varlen_attention_ref, "cpp": _varlen_attention_cpp}.get(impl, _varlen_attention_torch)
     with cpu_op_threads(q):
         return fn(q, k, v, cu_seqlens, scale), q.new_empty(0, dtype=torch.float32)
 
@@ -370,15 +389,16 @@ def _varlen_attention_backward_op(
     impl: str,
     seqlen_sq_sum: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for impl "triton" and "torch" ("ref" differentiates a recomputation instead)."""
+    """(dq, dk, dv) for impl "triton", "cpp" and "torch" (the two CPU paths share the torch backward;
+    "ref" differentiates a recomputation instead)."""
     if impl == "triton":
         from kernels.varlen_attention_triton import varlen_attention_bwd_triton
 
         return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale)
-    if impl == "torch":
+    if impl in ("cpp", "torch"):
         with cpu_op_threads(q):
             return _varlen_attention_torch_backward(dout, q, k, v, cu_seqlens, softmax_scale)
-    raise ValueError(f"spa::varlen_attention_backward serves impl 'triton' and 'torch', got {impl!r}")
+    raise ValueError(f"spa::varlen_attention_backward serves impl 'triton', 'cpp' and 'torch', got {impl!r}")
 
 
 @_varlen_attention_backward_op.register_fake
@@ -396,7 +416,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     max_seqlen, softmax_scale, impl, sq = ctx.args
-    if impl in ("triton", "torch"):
+    if impl in ("triton", "cpp", "torch"):
         dq, dk, dv = _varlen_attention_backward_op(
             dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, impl, sq
         )
@@ -444,7 +464,8 @@ def varlen_attention(
     q, k, v: (T, H, D) (same shapes; any head dim); cu_seqlens: (S+1,) int32, non-decreasing, from 0
     to T (empty sequences allowed); max_seqlen: the longest sequence (an upper bound is fine; the
     Triton kernel launches over it); softmax_scale: default ``D ** -0.5``; impl: see
-    ``kernels._dispatch`` ("auto" | "triton" | "torch" | "ref"; default env ``SPA_ATTN_IMPL`` or auto).
+    ``kernels._dispatch`` ("auto" | "triton" | "cpp" | "torch" | "ref"; default env ``SPA_ATTN_IMPL``
+    or auto: Triton on CUDA, the C++ kernel for float32 on CPU, else the torch path).
     Returns out: (T, H, D) in the dtype of q. Differentiable in q, k, v.
     """
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
@@ -461,7 +482,7 @@ def varlen_attention(
         raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
     cu_seqlens = cu_seqlens.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    name = resolve_impl(impl, q, k, v)
+    name = resolve_impl(impl, q, k, v, cpp=_cpp_serves(q, k, v))
     if cu_seqlens.is_cuda and not torch.jit.is_tracing():
         sq = -1  # reading cu_seqlens would sync the GPU; only a trace needs the number
     else:

@@ -201,16 +201,33 @@ def test_triton_low_precision(dtype, device):
 def test_dispatch_auto_and_env(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("SPA_ATTN_IMPL", raising=False)
-    assert resolve_impl(None, cpu) == "torch"
+    assert resolve_impl(None, cpu) == "torch"  # an op without a C++ kernel (pack, unpack)
     assert resolve_impl("auto", cpu) == "torch"
+    assert resolve_impl("auto", cpu, cpp=True) == "cpp"  # one with (the kernels build on this machine)
+    assert resolve_impl("cpp", cpu) == "torch"  # "cpp" on an op without one: its torch path
     monkeypatch.setenv("SPA_ATTN_IMPL", "ref")
     assert resolve_impl(None, cpu) == "ref"
+    assert resolve_impl(None, cpu, cpp=True) == "ref"
     assert resolve_impl("torch", cpu) == "torch"  # the argument wins over the environment
     monkeypatch.setenv("SPA_ATTN_IMPL", "nope")
     with pytest.raises(ValueError, match="SPA_ATTN_IMPL"):
         resolve_impl(None, cpu)
-    with pytest.raises(ValueError, match="known: auto, triton, torch, ref"):
+    with pytest.raises(ValueError, match="known: auto, triton, cpp, torch, ref"):
         resolve_impl("flash", cpu)
+
+
+def test_auto_runs_the_cpp_kernel_for_float32_on_cpu(monkeypatch):
+    """What ``auto`` picks reaches the op: float32 CPU -> "cpp", float64 -> "torch" (the C++ kernel
+    is float32 only)."""
+    va = sys.modules["kernels.varlen_attention"]  # the module (``kernels.varlen_attention`` is the function)
+    seen = []
+    real = va._forward_impl
+    monkeypatch.setattr(va, "_forward_impl", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.delenv("SPA_ATTN_IMPL", raising=False)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, _, cu, m = _inputs(COUNTS["ragged"], 2, 24, torch.device("cpu"), dtype)
+        varlen_attention(q, k, v, cu, m)
+    assert seen == ["cpp", "torch"]
 
 
 def test_env_var_switches_the_path(monkeypatch):

@@ -1,0 +1,139 @@
+"""The C++ CPU kernels of ``kernels`` (``kernels/csrc/*.cpp``): built on first use with torch's JIT
+extension builder, as DeepSpeed builds its ops, and cached per machine, Python, torch version and CPU
+capability (under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+
+``python -m kernels.cpu_ext`` builds them ahead of time (``scripts/setup.sh`` does; on a cluster, run it
+on every node, or let the first trial on a node build them, about a minute on 2 cores). A build needs a
+C++ compiler and ``ninja`` (a dependency of DeepSpeed). When the build fails, or
+``SPA_CPU_KERNELS=0``, the ops fall back to their torch path with one warning (``impl="auto"``) or
+raise (``impl="cpp"``).
+
+The code is vectorised with torch's own ``at::vec`` at the CPU capability torch itself dispatches to
+(``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, or the portable default, which is what
+other architectures get).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["ENV_VAR", "load", "unavailable_reason", "build_name", "main"]
+
+ENV_VAR = "SPA_CPU_KERNELS"
+SOURCES = (Path(__file__).parent / "csrc" / "varlen_attention_cpu.cpp",)
+_STALE_LOCK_S = 15 * 60  # a build lock this old was left by a killed build
+
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}  # fmt: skip
+
+_state: dict[str, object] = {}
+
+
+def _capability() -> str:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap if cap in _CAPABILITY_FLAGS else "DEFAULT"
+
+
+def build_name(capability: str | None = None) -> str:
+    """Extension name: one build per torch version and capability (a build for another torch would
+    load against the wrong libtorch)."""
+    cap = (capability or _capability()).lower()
+    version = re.sub(r"[^0-9a-zA-Z]+", "_", torch.__version__)
+    return f"spa_kernels_cpu_{cap}_torch{version}"
+
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _build_dir(name: str) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+def _build(capability: str, verbose: bool):
+    from torch.utils.cpp_extension import load as jit_load
+
+    name = build_name(capability)
+    build_dir = _build_dir(name)
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)  # torch's FileBaton would wait for it forever
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(
+            f"spa-harness: building the C++ CPU kernels ({capability}) in {build_dir}; once per machine "
+            "and torch version, about a minute",
+            file=sys.stderr,
+            flush=True,
+        )
+    flags = ["-O3", *_CAPABILITY_FLAGS.get(capability, [])]
+    return jit_load(name, [str(s) for s in SOURCES], extra_cflags=flags, build_directory=str(build_dir),
+                    verbose=verbose)  # fmt: skip
+
+
+def load(verbose: bool = False):
+    """The built extension module, or None when it is disabled or cannot be built (see
+    ``unavailable_reason``). Builds on the first call of a process if needed; thread-safe enough for
+    the op's use (the first caller builds, torch's file lock serialises processes)."""
+    if "module" in _state:
+        return _state["module"]
+    module, reason = None, None
+    if not _enabled():
+        reason = f"disabled by {ENV_VAR}={os.environ.get(ENV_VAR)}"
+    else:
+        cap = _capability()
+        try:
+            module = _build(cap, verbose)
+        except Exception as e:  # compiler missing, headers broken, ...
+            reason = f"building the {cap} C++ CPU kernels failed: {type(e).__name__}: {str(e).strip()[-800:]}"
+            if cap != "DEFAULT":
+                try:
+                    module, reason = _build("DEFAULT", verbose), None
+                except Exception:
+                    pass
+    _state["module"], _state["reason"] = module, reason
+    return module
+
+
+def unavailable_reason() -> str | None:
+    """Why ``load()`` returned None (None when the kernels loaded)."""
+    load()
+    return _state["reason"]  # type: ignore[return-value]
+
+
+@functools.cache
+def warn_fallback() -> None:
+    """Warn once per process that the CPU ops run their slower torch path."""
+    warnings.warn(
+        f"spa kernels: the C++ CPU kernels are unavailable ({unavailable_reason()}); varlen attention runs "
+        "its torch path, about 2x slower at SPA's sequence lengths",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def main(argv=None) -> int:
+    """``python -m kernels.cpu_ext``: build (or find) the kernels, print where; exit 1 on failure."""
+    t0 = time.perf_counter()
+    module = load(verbose="-v" in (argv if argv is not None else sys.argv[1:]))
+    if module is None:
+        print(f"spa-harness: C++ CPU kernels unavailable: {unavailable_reason()}", file=sys.stderr)
+        return 1
+    print(f"spa-harness: C++ CPU kernels ready ({module.__file__}, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""kernels/csrc/varlen_attention_cpu.cpp (built by kernels/cpu_ext.py): the C++ CPU kernel against a
+float64 reference on awkward shapes, its own input checks, threads, and the fallback when it cannot
+be built. The shared forward/backward tests of every implementation are in test_varlen_attention.py.
+
+Error bound as there (flash-attention's): ``|out - ref64| <= 2 * |out_torch32 - ref64| + 1e-6``.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import cpu_ext, cu_seqlens_from_counts, varlen_attention, varlen_attention_ref
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu_ext.load()
+    assert module is not None, f"the C++ CPU kernels did not build: {cpu_ext.unavailable_reason()}"
+    return module
+
+
+def _check(out, q, k, v, cu, scale):
+    ref = varlen_attention_ref(q.double(), k.double(), v.double(), cu, scale)
+    torch_err = (varlen_attention_ref(q, k, v, cu, scale).double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6, f"max error {err:.3g} > 2 * torch's {torch_err:.3g} + 1e-6"
+
+
+@pytest.mark.parametrize(
+    "counts, H, D",
+    [
+        ([5, 0, 1, 37, 16, 3, 0], 3, 24),  # empty first/middle/last, length 1, D not a multiple of 16
+        ([113, 0, 1, 64, 90], 2, 40),  # several row blocks, one vector tail
+        ([7, 6, 12, 1], 1, 7),  # D below one vector
+        ([49, 48, 50, 1, 2], 6, 64),  # SPA's sizes
+        ([20, 33], 2, 128),
+        ([1023], 1, 24),  # long: scores are never held as n x n
+    ],
+)
+def test_matches_reference(ext, counts, H, D):
+    g = torch.Generator().manual_seed(sum(counts) + D)
+    cu, _ = cu_seqlens_from_counts(torch.tensor(counts))
+    T = sum(counts)
+    q, k, v = torch.randn(T, 3, H, D, generator=g).unbind(1)  # strided views, as from one qkv Linear
+    scale = 0.7 / D**0.5
+    out = ext.varlen_attention_fwd(q, k, v, cu, scale)
+    assert out.shape == (T, H, D) and out.is_contiguous()
+    _check(out, q, k, v, cu, scale)
+    contiguous = ext.varlen_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu.long(), scale)
+    assert torch.equal(out, contiguous)  # strides and the dtype of cu_seqlens change nothing
+
+
+def test_rows_of_no_sequence_are_zero(ext):
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)  # rows 7.. belong to no sequence
+    out = ext.varlen_attention_fwd(q, q, q, cu, 0.25)
+    assert torch.equal(out[7:], torch.zeros(3, 2, 16))
+    _check(out[:7], q[:7], q[:7], q[:7], cu, 0.25)
+
+
+def test_large_scores_stay_finite(ext):
+    """Softmax subtracts the row max: logits of ~1e4 neither overflow nor lose the winner."""
+    q = torch.randn(40, 2, 32) * 30
+    cu = torch.tensor([0, 17, 40], dtype=torch.int32)
+    out = ext.varlen_attention_fwd(q, q, q, cu, 1.0)
+    assert torch.isfinite(out).all()
+    _check(out, q, q, q, cu, 1.0)
+
+
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        ([1, 4], "start at 0"),
+        ([0, 5, 3], "non-decreasing"),
+        ([0, 4, 12], "> T = 10"),
+    ],
+)
+def test_kernel_checks_cu_seqlens(ext, cu, match):
+    """The kernel reads memory by cu_seqlens: it checks them itself, not only the Python wrapper."""
+    q = torch.randn(10, 2, 8)
+    with pytest.raises(RuntimeError, match=match):
+        ext.varlen_attention_fwd(q, q, q, torch.tensor(cu, dtype=torch.int32), 1.0)
+
+
+def test_kernel_checks_operands(ext):
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.varlen_attention_fwd(q.double(), q.double(), q.double(), cu, 1.0)
+    with pytest.raises(RuntimeError, match="like q"):
+        ext.varlen_attention_fwd(q, q[:9], q, cu, 1.0)
+    with pytest.raises(RuntimeError, match="last dim"):
+        ext.varlen_attention_fwd(q, q.transpose(1, 2).contiguous().transpose(1, 2), q, cu, 1.0)
+
+
+def test_threads_give_the_same_result(ext, monkeypatch):
+    """Tasks (sequence, head) are independent: two threads write exactly what one writes."""
+    counts = [30, 1, 0, 64, 12, 50, 7, 33]
+    cu, m = cu_seqlens_from_counts(torch.tensor(counts))
+    q, k, v = torch.randn(sum(counts), 3, 4, 40).unbind(1)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.varlen_attention_fwd(q, k, v, cu, 0.2)
+        torch.set_num_threads(2)
+        monkeypatch.setenv("SPA_CPU_OP_THREADS", "0")  # the op keeps torch's 2 threads
+        two = varlen_attention(q, k, v, cu, m, 0.2, impl="cpp")
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two)
+
+
+def test_disabled_kernels_fall_back_loudly():
+    """SPA_CPU_KERNELS=0: auto warns once and runs the torch path; an explicit impl='cpp' raises."""
+    code = (
+        "import warnings, torch, kernels\n"
+        "q = torch.randn(6, 2, 8); cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 4]))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = kernels.varlen_attention(q, q, q, cu, m)\n"
+        "    kernels.varlen_attention(q, q, q, cu, m)\n"
+        "msgs = [str(x.message) for x in w if 'C++ CPU kernels are unavailable' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'SPA_CPU_KERNELS=0' in msgs[0], [str(x.message) for x in w]\n"
+        "torch.testing.assert_close(a, kernels.varlen_attention(q, q, q, cu, m, impl='torch'), rtol=0, atol=0)\n"
+        "try:\n"
+        "    kernels.varlen_attention(q, q, q, cu, m, impl='cpp')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'SPA_CPU_KERNELS=0' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('impl=cpp ran with the kernels disabled')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SPA_ATTN_IMPL"} | {"SPA_CPU_KERNELS": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_portable_build_matches_reference():
+    """The DEFAULT-capability build (plain at::vec: what non-x86 machines get) compiles and is exact.
+    Builds a second copy of the kernels, about a minute."""
+    module = cpu_ext._build("DEFAULT", verbose=False)
+    counts = [5, 0, 1, 37, 16, 3, 0, 70]
+    cu, _ = cu_seqlens_from_counts(torch.tensor(counts))
+    q, k, v = torch.randn(sum(counts), 3, 2, 40).unbind(1)
+    _check(module.varlen_attention_fwd(q, k, v, cu, 0.15), q, k, v, cu, 0.15)
