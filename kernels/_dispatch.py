@@ -92,19 +92,20 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
 
 
 @contextlib.contextmanager
-def cpu_op_threads(*tensors: torch.Tensor):
-    """Run the torch CPU path of an op with ``SPA_CPU_OP_THREADS`` intra-op threads (default 1;
-    0 keeps torch's setting). No effect for CUDA tensors.
+def cpu_op_threads(*tensors: torch.Tensor, single_region: bool = False):
+    """Run the CPU path of an op with ``cpu_op_thread_count(single_region)`` intra-op threads. No
+    effect for CUDA tensors.
 
-    The ops of this package are memory-bound gathers and scatters, or many small attention calls;
-    each multi-threaded torch op ends in an OpenMP barrier, and when other processes compete for the
-    cores (concurrent Ray trials, other jobs) a barrier waits a scheduler tick for a descheduled
-    thread. Measured on this project's 2-core machine under load (wall clock, 2 threads vs 1):
-    ``clone + index_add_`` of a (6272, 384) tensor 82 ms vs 1.0 ms; 32 per-sequence SDPA calls 340 ms
-    vs 8 ms. On an idle machine one thread costs at most the second core on these small ops; the
-    large ops around them (the block's Linear layers) keep torch's threads.
+    ``single_region``: the op's CPU path is one parallel region (a C++ kernel, or one torch call such
+    as pack's ``index_select``), as against many small torch calls (the torch attention path: three
+    per sequence; the torch unpack: a clone, then a scatter). Why it matters: every multi-threaded
+    torch op ends in an OpenMP barrier, and when other processes compete for the cores (concurrent
+    Ray trials, other jobs) a barrier waits a scheduler tick for a descheduled thread. Measured on
+    this project's 2-core machine under load (wall clock, 2 threads vs 1): ``clone + index_add_`` of a
+    (6272, 384) tensor 82 ms vs 1.0 ms; 32 per-sequence SDPA calls 340 ms vs 8 ms. A single region
+    pays that at most once per call, as the block's Linear layers do.
     """
-    n = cpu_op_thread_count()
+    n = cpu_op_thread_count(single_region)
     prev = torch.get_num_threads()
     if n >= prev or any(t.is_cuda for t in tensors):
         yield
@@ -116,9 +117,23 @@ def cpu_op_threads(*tensors: torch.Tensor):
         torch.set_num_threads(prev)
 
 
-def cpu_op_thread_count() -> int:
-    """Intra-op threads the torch CPU path of an op runs with now: ``SPA_CPU_OP_THREADS`` (default 1;
-    0: torch's setting), never more than ``torch.get_num_threads()``. Benchmarks report it, since the
-    layers around the ops (Linear) run on torch's setting."""
-    n, total = int(os.environ.get(THREADS_ENV_VAR, "1")), torch.get_num_threads()
+def cpu_op_thread_count(single_region: bool = False) -> int:
+    """Intra-op threads the CPU path of an op runs with now, never more than torch's
+    (``torch.get_num_threads()``), set by ``SPA_CPU_OP_THREADS``:
+
+    - unset (default): ops that are one parallel region (``single_region``: the C++ kernels, pack)
+      use torch's setting; paths of many small torch calls use 1;
+    - ``N >= 1``: every op uses ``min(N, torch's)`` (1: nothing of SPA's ops multi-threads, the
+      setting for a machine shared with other jobs);
+    - ``0``: every op uses torch's setting.
+
+    Benchmarks report both counts, since the layers around the ops (Linear) run on torch's setting."""
+    total = torch.get_num_threads()
+    setting = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not setting:
+        return total if single_region else 1
+    try:
+        n = int(setting)
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV_VAR} must be an integer (0: torch's setting), got {setting!r}") from None
     return total if n <= 0 else min(n, total)

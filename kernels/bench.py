@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import (
+    ENV_VAR,
     FVCORE_HANDLES,
     container_seqlens,
     cpu_op_thread_count,
@@ -265,6 +267,8 @@ def run(
                 "reps": reps,
                 "threads": torch.get_num_threads(),
                 "op_threads": cpu_op_thread_count(),
+                "kernel_threads": cpu_op_thread_count(single_region=True),
+                "impl": impl or os.environ.get(ENV_VAR, "auto"),
                 "clock": clock,
             }
             rows.append(row)
@@ -319,7 +323,8 @@ def main(argv=None) -> int:
     if not a.json:
         print(
             f"SPA attention block vs dense, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads "
-            f"(SPA's attention, pack and unpack ops: {cpu_op_thread_count()}, SPA_CPU_OP_THREADS): "
+            f"(SPA's ops, SPA_CPU_OP_THREADS: {cpu_op_thread_count(single_region=True)} for one-region kernels, "
+            f"{cpu_op_thread_count()} for many-call torch paths), impl {a.impl or os.environ.get(ENV_VAR, 'auto')}: "
             f"B={a.batch}, N={a.grid}x{a.grid}, C={a.dim}, heads={a.heads}, L={a.window}^2, "
             f"reps={a.reps}, {a.clock} clock; medians (interquartile range) of per-pair ratios"
         )

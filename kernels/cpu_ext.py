@@ -16,6 +16,7 @@ other architectures get).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import sys
@@ -28,8 +29,10 @@ import torch
 __all__ = ["ENV_VAR", "load", "unavailable_reason", "build_name", "main"]
 
 ENV_VAR = "SPA_CPU_KERNELS"
-SOURCES = (Path(__file__).parent / "csrc" / "varlen_attention_cpu.cpp",)
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(_CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp"))
 _STALE_LOCK_S = 15 * 60  # a build lock this old was left by a killed build
+_FAILED = "spa_build_failed.txt"  # fingerprint of a failed build's sources and flags, and its error
 
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
@@ -63,14 +66,34 @@ def _build_dir(name: str) -> Path:
     return Path(_get_build_directory(name, verbose=False))
 
 
-def _build(capability: str, verbose: bool):
+def _flags(capability: str) -> list[str]:
+    # -fopenmp: at::parallel_for is inlined around `#pragma omp parallel`; without it the kernels run
+    # on one thread. The extension then needs libgomp.so.1, which resolves to the copy torch loaded,
+    # so torch.set_num_threads governs it.
+    return ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, [])]
+
+
+def _fingerprint(capability: str) -> str:
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join(_flags(capability)).encode())
+    return h.hexdigest()[:16]
+
+
+def _build(capability: str, verbose: bool, force: bool = False):
     from torch.utils.cpp_extension import load as jit_load
 
     name = build_name(capability)
     build_dir = _build_dir(name)
-    lock = build_dir / "lock"
+    lock, failed = build_dir / "lock", build_dir / _FAILED
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # torch's FileBaton would wait for it forever
+    fingerprint = _fingerprint(capability)
+    if failed.exists() and not force:
+        first, _, error = failed.read_text().partition("\n")
+        if first == fingerprint:  # these sources and flags failed here before: don't spend a minute again
+            raise RuntimeError(f"{error.strip()} (recorded in {failed}; `python -m kernels.cpu_ext --rebuild` retries)")
     if not any(build_dir.glob(f"{name}*.so")):
         print(
             f"spa-harness: building the C++ CPU kernels ({capability}) in {build_dir}; once per machine "
@@ -78,16 +101,22 @@ def _build(capability: str, verbose: bool):
             file=sys.stderr,
             flush=True,
         )
-    flags = ["-O3", *_CAPABILITY_FLAGS.get(capability, [])]
-    return jit_load(name, [str(s) for s in SOURCES], extra_cflags=flags, build_directory=str(build_dir),
-                    verbose=verbose)  # fmt: skip
+    try:
+        module = jit_load(name, [str(s) for s in SOURCES], extra_cflags=_flags(capability),
+                          extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=verbose)  # fmt: skip
+    except Exception as e:
+        failed.write_text(f"{fingerprint}\n{type(e).__name__}: {str(e).strip()[-800:]}")
+        raise
+    failed.unlink(missing_ok=True)
+    return module
 
 
-def load(verbose: bool = False):
+def load(verbose: bool = False, force: bool = False):
     """The built extension module, or None when it is disabled or cannot be built (see
     ``unavailable_reason``). Builds on the first call of a process if needed; thread-safe enough for
-    the op's use (the first caller builds, torch's file lock serialises processes)."""
-    if "module" in _state:
+    the op's use (the first caller builds, torch's file lock serialises processes). ``force``: retry
+    a build that failed before on this machine."""
+    if "module" in _state and not force:
         return _state["module"]
     module, reason = None, None
     if not _enabled():
@@ -95,12 +124,12 @@ def load(verbose: bool = False):
     else:
         cap = _capability()
         try:
-            module = _build(cap, verbose)
+            module = _build(cap, verbose, force)
         except Exception as e:  # compiler missing, headers broken, ...
             reason = f"building the {cap} C++ CPU kernels failed: {type(e).__name__}: {str(e).strip()[-800:]}"
-            if cap != "DEFAULT":
+            if cap != "DEFAULT":  # the portable build: plain at::vec, no ISA flags
                 try:
-                    module, reason = _build("DEFAULT", verbose), None
+                    module, reason = _build("DEFAULT", verbose, force), None
                 except Exception:
                     pass
     _state["module"], _state["reason"] = module, reason
@@ -125,9 +154,11 @@ def warn_fallback() -> None:
 
 
 def main(argv=None) -> int:
-    """``python -m kernels.cpu_ext``: build (or find) the kernels, print where; exit 1 on failure."""
+    """``python -m kernels.cpu_ext [-v] [--rebuild]``: build (or find) the kernels, print where; exit 1
+    on failure. ``--rebuild`` retries a build that failed before on this machine."""
+    args = argv if argv is not None else sys.argv[1:]
     t0 = time.perf_counter()
-    module = load(verbose="-v" in (argv if argv is not None else sys.argv[1:]))
+    module = load(verbose="-v" in args, force="--rebuild" in args)
     if module is None:
         print(f"spa-harness: C++ CPU kernels unavailable: {unavailable_reason()}", file=sys.stderr)
         return 1

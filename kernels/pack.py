@@ -2,9 +2,12 @@
 optionally adding to a residual), forward and backward: SPA's "pack" step (arXiv 2410.23608).
 
 Layering as in ../shared/STYLE.md: ``*_ref`` (also the torch path) -> Triton kernel and checked
-launcher (``kernels/pack_triton.py``, imported lazily) -> ``torch.library.custom_op`` with its autograd
-formula (the ``autograd.Function``; a custom op also shows up by name, ``spa::pack_tokens``, in
-``torch.jit.trace`` graphs, which fvcore counts) -> public function.
+launcher (``kernels/pack_triton.py``, imported lazily) -> for unpack, the C++ CPU kernel
+(``kernels/csrc/pack_cpu.cpp``, float32: one pass writing every output row once, where the torch path
+clones, then scatters) -> ``torch.library.custom_op`` with its autograd formula (the
+``autograd.Function``; a custom op also shows up by name, ``spa::pack_tokens``, in
+``torch.jit.trace`` graphs, which fvcore counts) -> public function. Pack is one ``index_select``
+on CPU: no kernel of ours beats it.
 
 Token indices are flat row ids into ``x.view(B * N, C)``; they must be unique (they name selected
 tokens), which makes unpack a plain scatter with no write conflicts and pack's gradient an unpack.
@@ -49,7 +52,7 @@ def _pack_op(x: Tensor, indices: Tensor, impl: str) -> Tensor:
         from kernels.pack_triton import pack_tokens_triton
 
         return pack_tokens_triton(x, indices)
-    with cpu_op_threads(x):
+    with cpu_op_threads(x, single_region=True):
         return pack_tokens_ref(x, indices)
 
 
@@ -80,6 +83,11 @@ def _unpack_op(packed: Tensor, indices: Tensor, base: Tensor, add: bool, impl: s
         from kernels.pack_triton import unpack_tokens_triton
 
         return unpack_tokens_triton(packed, indices, base, add)
+    if impl == "cpp":
+        from kernels import cpu_ext
+
+        with cpu_op_threads(base, single_region=True):
+            return cpu_ext.load().unpack_tokens_fwd(packed, indices, base, add)
     with cpu_op_threads(base):
         return unpack_tokens_ref(packed, indices, base, add)
 
@@ -157,4 +165,5 @@ def unpack_tokens(
         raise ValueError(f"packed on {packed.device} but base on {base.device}")
     if packed.dtype != base.dtype:
         packed = packed.to(base.dtype)
-    return _unpack_op(packed, indices, base, bool(add), resolve_impl(impl, packed, base))
+    cpp = base.device.type == "cpu" and base.dtype == torch.float32
+    return _unpack_op(packed, indices, base, bool(add), resolve_impl(impl, packed, base, cpp=cpp))

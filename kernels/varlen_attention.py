@@ -346,7 +346,7 @@ def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, impl):
 
         return varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
     fn = {"ref": varlen_attention_ref, "cpp": _varlen_attention_cpp}.get(impl, _varlen_attention_torch)
-    with cpu_op_threads(q):
+    with cpu_op_threads(q, single_region=impl == "cpp"):
         return fn(q, k, v, cu_seqlens, scale), q.new_empty(0, dtype=torch.float32)
 
 

@@ -1,5 +1,6 @@
 // Varlen (ragged) non-causal attention, forward, for CPU float32 tensors: the CPU kernel of SPA's
-// attention (Select and Pack Attention, arXiv 2410.23608). Built and loaded by kernels/cpu_ext.py;
+// attention (Select and Pack Attention, arXiv 2410.23608). Built by kernels/cpu_ext.py (bindings in
+// bindings.cpp);
 // called by kernels/varlen_attention.py (impl "cpp"), which also holds the reference it is tested
 // against.
 //
@@ -20,8 +21,7 @@
 // never n x n. The register tile is kMR x kNV vectors of accumulators (6 x 2 = 12 of AVX2's 16
 // registers); a tile loads kNV vectors of B and broadcasts kMR values of A per step.
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -163,9 +163,9 @@ void attend(const float* q, int64_t sq, const float* k, int64_t sk, const float*
   }
 }
 
-void check_operand(const torch::Tensor& t, const char* name, const torch::Tensor& q) {
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.device().is_cpu(), "spa varlen attention (cpp): ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "spa varlen attention (cpp): ", name, " must be float32, got ",
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "spa varlen attention (cpp): ", name, " must be float32, got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == 3 && t.sizes() == q.sizes(), "spa varlen attention (cpp): ", name,
               " must be (T, H, D) like q, got ", t.sizes());
@@ -176,15 +176,15 @@ void check_operand(const torch::Tensor& t, const char* name, const torch::Tensor
 
 // q, k, v: (T, H, D) float32 CPU, last dim contiguous; cu_seqlens: (S+1,) int32/int64, non-decreasing
 // from 0 to at most T. Returns out: (T, H, D) contiguous float32.
-torch::Tensor varlen_attention_fwd(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                   const torch::Tensor& cu_seqlens, double softmax_scale) {
+at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& cu_seqlens, double softmax_scale) {
   check_operand(q, "q", q);
   check_operand(k, "k", q);
   check_operand(v, "v", q);
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1 && cu_seqlens.device().is_cpu(),
               "spa varlen attention (cpp): cu_seqlens must be a 1-D CPU tensor (S+1,)");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
-  const auto cu = cu_seqlens.to(torch::kInt64).contiguous();
+  const auto cu = cu_seqlens.to(at::kLong).contiguous();
   const int64_t S = cu.numel() - 1;
   const int64_t* b = cu.data_ptr<int64_t>();
   TORCH_CHECK(b[0] == 0, "spa varlen attention (cpp): cu_seqlens must start at 0");
@@ -195,7 +195,7 @@ torch::Tensor varlen_attention_fwd(const torch::Tensor& q, const torch::Tensor& 
   }
   TORCH_CHECK(b[S] <= T, "spa varlen attention (cpp): cu_seqlens ends at ", b[S], " > T = ", T);
 
-  auto out = torch::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = at::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (b[S] < T) out.narrow(0, b[S], T - b[S]).zero_();
   if (max_n == 0 || H == 0 || D == 0) return out;
   const float* qp = q.data_ptr<float>();
@@ -216,9 +216,4 @@ torch::Tensor varlen_attention_fwd(const torch::Tensor& q, const torch::Tensor& 
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("varlen_attention_fwd", &varlen_attention_fwd,
-        "Varlen non-causal attention forward over (T, H, D) float32 CPU tensors (cu_seqlens convention)");
 }

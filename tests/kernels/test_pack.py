@@ -7,7 +7,13 @@ import torch
 from kernels import pack_tokens, pack_tokens_ref, unpack_tokens, unpack_tokens_ref
 from tests.kernels.conftest import skip_unless_triton
 
-IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "torch", "ref"]
+IMPLS = [pytest.param("triton", marks=pytest.mark.triton), "cpp", "torch", "ref"]
+
+
+def _skip(impl, device):
+    skip_unless_triton(impl, device)
+    if impl == "cpp" and device.type != "cpu":
+        pytest.skip("the C++ kernels take CPU tensors")
 
 
 def _case(device, B=3, N=37, C=40, keep=(0, 37, 11), seed=0):
@@ -24,7 +30,7 @@ def _case(device, B=3, N=37, C=40, keep=(0, 37, 11), seed=0):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("C", [1, 24, 40, 130])
 def test_pack_forward_backward(impl, C, device):
-    skip_unless_triton(impl, device)
+    _skip(impl, device)
     x, indices = _case(device, C=C)
     x.requires_grad_(True)
     out = pack_tokens(x, indices, impl=impl)
@@ -40,7 +46,7 @@ def test_pack_forward_backward(impl, C, device):
 @pytest.mark.parametrize("add", [False, True])
 @pytest.mark.parametrize("C", [24, 130])
 def test_unpack_forward_backward(impl, add, C, device):
-    skip_unless_triton(impl, device)
+    _skip(impl, device)
     base, indices = _case(device, C=C, seed=1)
     packed = torch.randn(indices.numel(), C, device=device)
     base.requires_grad_(True)
@@ -61,7 +67,7 @@ def test_unpack_forward_backward(impl, add, C, device):
     torch.testing.assert_close(d_base, d_base_ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("impl", ["torch", "ref"])
+@pytest.mark.parametrize("impl", ["cpp", "torch", "ref"])
 def test_pack_unpack_gradcheck(impl):
     x, indices = _case(torch.device("cpu"), B=2, N=6, C=3, keep=(0, 4))
     x = x.double().requires_grad_(True)
@@ -75,12 +81,35 @@ def test_pack_unpack_gradcheck(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_pack(impl, device):
-    skip_unless_triton(impl, device)
+    _skip(impl, device)
     x = torch.randn(10, 8, device=device)
     indices = torch.empty(0, dtype=torch.int64, device=device)
     assert pack_tokens(x, indices, impl=impl).shape == (0, 8)
     out = unpack_tokens(x[:0], indices, x, impl=impl)
     torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+def test_unpack_cpp_kernel_is_the_one_that_runs(monkeypatch):
+    """float32 on CPU with auto: the C++ unpack (it rejects duplicate indices, which index_add_ would
+    silently sum); float64: the torch path."""
+    monkeypatch.delenv("SPA_ATTN_IMPL", raising=False)
+    base = torch.randn(10, 8)
+    dup = torch.tensor([3, 3])
+    with pytest.raises(RuntimeError, match="unique"):
+        unpack_tokens(torch.randn(2, 8), dup, base, add=True)
+    unpack_tokens(torch.randn(2, 8).double(), dup, base.double(), add=True)  # torch path: no check
+    with pytest.raises(RuntimeError, match="out of range"):
+        unpack_tokens(torch.randn(1, 8), torch.tensor([10]), base, impl="cpp")
+
+
+def test_unpack_cpp_strided_inputs():
+    """Non-contiguous base and packed (a transposed view, a column slice) give the reference's result."""
+    base = torch.randn(8, 30).t()  # (30, 8), strided
+    packed = torch.randn(4, 16)[:, ::2]  # (4, 8), strided
+    indices = torch.tensor([29, 0, 7, 3])
+    for add in (False, True):
+        out = unpack_tokens(packed, indices, base, add=add, impl="cpp")
+        torch.testing.assert_close(out, unpack_tokens_ref(packed, indices, base, add), rtol=0, atol=0)
 
 
 def test_checks():

@@ -1,0 +1,15 @@
+// Python bindings of the C++ CPU kernels of spa-harness (kernels/csrc/*.cpp), one extension module
+// built by kernels/cpu_ext.py.
+
+#include <torch/extension.h>
+
+torch::Tensor varlen_attention_fwd(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const torch::Tensor& cu_seqlens, double softmax_scale);
+at::Tensor unpack_tokens_fwd(const at::Tensor& packed, const at::Tensor& indices, const at::Tensor& base, bool add);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("varlen_attention_fwd", &varlen_attention_fwd,
+        "Varlen non-causal attention forward over (T, H, D) float32 CPU tensors (cu_seqlens convention)");
+  m.def("unpack_tokens_fwd", &unpack_tokens_fwd,
+        "Scatter packed (T, C) rows into a copy of base (R, C) at unique indices, added or replacing");
+}
