@@ -15,10 +15,13 @@ other architectures get).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -33,6 +36,7 @@ _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(_CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp"))
 _STALE_LOCK_S = 15 * 60  # a build lock this old was left by a killed build
 _FAILED = "spa_build_failed.txt"  # fingerprint of a failed build's sources and flags, and its error
+_BUILT = "spa_build_ok.txt"  # fingerprint of the last good build, its .so and module name
 
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
@@ -74,11 +78,40 @@ def _flags(capability: str) -> list[str]:
 
 
 def _fingerprint(capability: str) -> str:
+    """Sources, flags, torch and Python: what a build depends on."""
     h = hashlib.sha256()
     for src in SOURCES:
         h.update(src.read_bytes())
-    h.update(" ".join(_flags(capability)).encode())
+    h.update(" ".join([*_flags(capability), torch.__version__, sys.version]).encode())
     return h.hexdigest()[:16]
+
+
+def _import_built(build_dir: Path, fingerprint: str):
+    """The module of an earlier build of these sources and flags, imported straight from its .so (no
+    ninja run, no lock: what every process after the first does), or None."""
+    try:
+        fp, so_path, module_name = (build_dir / _BUILT).read_text().split("\n")[:3]
+    except (OSError, ValueError):
+        return None
+    if fp != fingerprint or not Path(so_path).is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(module_name, so_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's builder runs `ninja`; pip's ninja (a DeepSpeed dependency) sits beside this Python,
+    which is not on PATH when the venv is used without activating it."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _build(capability: str, verbose: bool, force: bool = False):
@@ -86,10 +119,14 @@ def _build(capability: str, verbose: bool, force: bool = False):
 
     name = build_name(capability)
     build_dir = _build_dir(name)
+    fingerprint = _fingerprint(capability)
+    if not force:
+        module = _import_built(build_dir, fingerprint)
+        if module is not None:
+            return module
     lock, failed = build_dir / "lock", build_dir / _FAILED
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)  # torch's FileBaton would wait for it forever
-    fingerprint = _fingerprint(capability)
     if failed.exists() and not force:
         first, _, error = failed.read_text().partition("\n")
         if first == fingerprint:  # these sources and flags failed here before: don't spend a minute again
@@ -102,12 +139,17 @@ def _build(capability: str, verbose: bool, force: bool = False):
             flush=True,
         )
     try:
-        module = jit_load(name, [str(s) for s in SOURCES], extra_cflags=_flags(capability),
-                          extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=verbose)  # fmt: skip
+        with _ninja_on_path():
+            module = jit_load(name, [str(s) for s in SOURCES], extra_cflags=_flags(capability),
+                              extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=verbose)  # fmt: skip
     except Exception as e:
         failed.write_text(f"{fingerprint}\n{type(e).__name__}: {str(e).strip()[-800:]}")
         raise
     failed.unlink(missing_ok=True)
+    built = build_dir / _BUILT
+    tmp = built.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(f"{fingerprint}\n{module.__file__}\n{module.__name__}\n")
+    tmp.replace(built)  # atomic: a concurrent reader sees the old record or the new one
     return module
 
 
@@ -149,7 +191,7 @@ def warn_fallback() -> None:
         f"spa kernels: the C++ CPU kernels are unavailable ({unavailable_reason()}); varlen attention runs "
         "its torch path, about 2x slower at SPA's sequence lengths",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # warn_fallback <- resolve_impl <- the op <- its caller
     )
 
 

@@ -7,7 +7,7 @@ positions with the unselected keys masked (the correctness control: no saving).
 
 One switch picks the kernel implementation (../shared/STYLE.md, timm's ``TIMM_FUSED_ATTN`` habit): the
 module attribute ``PackedAttention.attn_impl`` (set from ``SPAConfig.attn_impl``) when not ``"auto"``,
-else the environment variable ``SPA_ATTN_IMPL`` (``auto | torch | triton | ref``, read by ``kernels``).
+else the environment variable ``SPA_ATTN_IMPL`` (``auto | triton | cpp | torch | ref``, read by ``kernels``).
 
 Cost per block (multiply-adds; T kept tokens, C channels, n_i sequence lengths): projections
 ``4*T*C^2``, attention ``2*C*sum_i n_i^2`` (``varlen``/``containers``), ``2*C*S*max_i n_i^2`` (``pad``),
@@ -88,7 +88,7 @@ class PackedAttention(nn.Module):
     """Multi-head self-attention over packed tokens: qkv projection on the T kept tokens, attention
     within each sequence, output projection. forward(packed) -> (T, C).
 
-    ``attn_impl``: ``"auto"`` (defer to ``SPA_ATTN_IMPL``) or ``torch | triton | ref``;
+    ``attn_impl``: ``"auto"`` (defer to ``SPA_ATTN_IMPL``) or ``triton | cpp | torch | ref``;
     ``container_form``: ``"varlen"`` (default) or ``"dense"`` (containers run as ``(B', L)`` + mask).
     """
 

@@ -41,7 +41,7 @@ class SPAConfig:
     supervision: str = "labels"  # SUPERVISION_MODES: labels | none
     alpha: float = 0.01  # weight of the gate loss (paper: 0.01)
     label_coverage: float | None = None  # None: positive if any object pixel; else covered fraction >=
-    attn_impl: str = "auto"  # kernels dispatcher: auto | torch | triton | ref
+    attn_impl: str = "auto"  # kernels dispatcher: auto | triton | cpp | torch | ref
 
 
 @dataclass

@@ -146,3 +146,34 @@ def test_portable_build_matches_reference():
     cu, _ = cu_seqlens_from_counts(torch.tensor(counts))
     q, k, v = torch.randn(sum(counts), 3, 2, 40).unbind(1)
     _check(module.varlen_attention_fwd(q, k, v, cu, 0.15), q, k, v, cu, 0.15)
+
+
+def test_failed_build_falls_back_and_is_not_retried(tmp_path):
+    """A compiler that fails: auto warns with the build error and runs the torch path; the failure is
+    recorded, so the next process does not spend the build time again (the compiler is not called)."""
+    log = tmp_path / "cxx.log"
+    cxx = tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho "no compiler here" >&2\nexit 1\n')
+    cxx.chmod(0o755)
+    code = (
+        "import warnings, torch, kernels\n"
+        "q = torch.randn(6, 2, 8); cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 4]))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = kernels.varlen_attention(q, q, q, cu, m)\n"
+        "msgs = [str(x.message) for x in w if 'C++ CPU kernels are unavailable' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'failed' in msgs[0], [str(x.message) for x in w]\n"
+        "torch.testing.assert_close(out, kernels.varlen_attention_ref(q, q, q, cu))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("SPA_ATTN_IMPL", "SPA_CPU_KERNELS")}
+    env |= {"CXX": str(cxx), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    for attempt in range(2):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        calls = log.read_text().count("\n") if log.exists() else 0
+        if attempt == 0:
+            assert calls > 0  # the first process tried to build
+            first_calls = calls
+        else:
+            assert calls == first_calls  # the second did not
+    assert list((tmp_path / "ext").rglob(cpu_ext._FAILED))
