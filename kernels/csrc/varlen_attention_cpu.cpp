@@ -14,8 +14,9 @@
 // over T and H (so the unbound thirds of one qkv projection are read in place); sequence i is rows
 // cu_seqlens[i]:cu_seqlens[i+1]. out: (T, H, D) contiguous; rows of no sequence are zero.
 //
-// One task per (sequence, head), spread over torch's intra-op threads (at::parallel_for). A task
-// packs K^T (D x n) and V (n x D), both zero-padded to whole vectors, then walks blocks of kMR query
+// One task per (group, head), spread over torch's intra-op threads (at::parallel_for); a group is one
+// sequence, or consecutive short ones (up to kGroupRows rows). A task packs K^T (D x G) and V (G x D)
+// of its group, both zero-padded to whole vectors, then walks each sequence in blocks of kMR query
 // rows: scores S = scale * Q K^T for the block (kMR x n), softmax of each row (exp_u20: torch's own
 // CPU flash attention uses it), O = P V written straight into out. Memory per thread is O(n * D),
 // never n x n. The register tile is kMR x kNV vectors of accumulators (6 x 2 = 12 of AVX2's 16
@@ -123,43 +124,51 @@ inline float softmax_row(float* row, int64_t n) {
   return 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
 }
 
+constexpr int64_t kGroupRows = 64;  // consecutive short sequences up to this many rows share one task
+
 struct Buffers {
   std::vector<float> kt, v, s, alpha, inv;
-  Buffers(int64_t max_n, int64_t D)
-      : kt(D * round_up(max_n, kW)), v(max_n * round_up(D, kW)), s(kMR * round_up(max_n, kW)),
+  Buffers(int64_t max_rows, int64_t D)
+      : kt(D * (round_up(max_rows, kW) + kW)), v(max_rows * round_up(D, kW)), s(kMR * (round_up(max_rows, kW) + kW)),
         alpha(kMR), inv(kMR) {}
 };
 
-// One (sequence, head): q, k, v point at the sequence's first row of this head; o likewise into out.
-void attend(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, float* o,
-            int64_t so, int64_t n, int64_t D, float scale, Buffers& buf) {
-  const int64_t ldk = round_up(n, kW);  // K^T: (D, ldk), columns n.. zero
-  const int64_t ldv = round_up(D, kW);  // V: (n, ldv), columns D.. zero
+// One head of a group of consecutive sequences (rows 0..G of the group, pieces[p] = (offset, length)
+// within it): q, k, v, o point at the group's first row of this head. K^T and V are packed once for
+// the group; each sequence then attends to its own columns / rows of them. A group is one sequence
+// when sequences are long; short ones (the paper's container pieces, images keeping few tokens) share
+// the packing.
+void attend_group(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, float* o,
+                  int64_t so, int64_t G, const std::vector<std::pair<int64_t, int64_t>>& pieces, int64_t D,
+                  float scale, Buffers& buf) {
+  // K^T: (D, ldk); a piece at column c reads up to round_up(n, kW) columns from c, so kW spare columns
+  const int64_t ldk = round_up(G, kW) + kW;
+  const int64_t ldv = round_up(D, kW);  // V: (G, ldv), columns D.. zero
   float* kt = buf.kt.data();
   float* vp = buf.v.data();
-  for (int64_t d = 0; d < D; ++d) {
-    std::fill(kt + d * ldk + n, kt + (d + 1) * ldk, 0.f);
-  }
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + G, kt + (d + 1) * ldk, 0.f);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {  // 8 x 8 blocks (an AVX2 register transpose; scalar elsewhere)
+  for (; j + 8 <= G; j += 8) {  // 8 x 8 blocks (an AVX2 register transpose; scalar elsewhere)
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) at::vec::transpose_mxn<float, 8, 8>(k + j * sk + d, sk, kt + d * ldk + j, ldk);
     for (; d < D; ++d)
       for (int64_t jj = j; jj < j + 8; ++jj) kt[d * ldk + jj] = k[jj * sk + d];
   }
-  for (; j < n; ++j)
+  for (; j < G; ++j)
     for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = k[j * sk + d];
-  for (j = 0; j < n; ++j) {
+  for (j = 0; j < G; ++j) {
     std::copy(v + j * sv, v + j * sv + D, vp + j * ldv);
     std::fill(vp + j * ldv + D, vp + (j + 1) * ldv, 0.f);
   }
   std::fill(buf.alpha.begin(), buf.alpha.end(), scale);
   float* s = buf.s.data();
-  for (int64_t i = 0; i < n; i += kMR) {
-    const int64_t rows = std::min<int64_t>(kMR, n - i);
-    block_gemm(rows, n, D, q + i * sq, sq, kt, ldk, buf.alpha.data(), s, ldk);  // (rows, n) scores
-    for (int64_t r = 0; r < rows; ++r) buf.inv[r] = softmax_row(s + r * ldk, n);
-    block_gemm(rows, D, n, s, ldk, vp, ldv, buf.inv.data(), o + i * so, so);  // (rows, D) outputs
+  for (const auto& [c, n] : pieces) {
+    for (int64_t i = 0; i < n; i += kMR) {
+      const int64_t rows = std::min<int64_t>(kMR, n - i);
+      block_gemm(rows, n, D, q + (c + i) * sq, sq, kt + c, ldk, buf.alpha.data(), s, ldk);  // (rows, n) scores
+      for (int64_t r = 0; r < rows; ++r) buf.inv[r] = softmax_row(s + r * ldk, n);
+      block_gemm(rows, D, n, s, ldk, vp + c * ldv, ldv, buf.inv.data(), o + (c + i) * so, so);  // (rows, D)
+    }
   }
 }
 
@@ -198,6 +207,17 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
   auto out = at::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (b[S] < T) out.narrow(0, b[S], T - b[S]).zero_();
   if (max_n == 0 || H == 0 || D == 0) return out;
+  // groups of consecutive sequences: [first, last) sequence ids, at most kGroupRows rows unless one
+  // sequence alone is longer
+  std::vector<std::pair<int64_t, int64_t>> groups;
+  int64_t max_rows = 0;
+  for (int64_t i = 0; i < S;) {
+    int64_t j = i + 1;
+    while (j < S && b[j + 1] - b[i] <= kGroupRows) ++j;
+    if (b[j] > b[i]) groups.emplace_back(i, j);
+    max_rows = std::max(max_rows, b[j] - b[i]);
+    i = j;
+  }
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -205,14 +225,18 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t sqt = q.stride(0), sqh = q.stride(1), skt = k.stride(0), skh = k.stride(1);
   const int64_t svt = v.stride(0), svh = v.stride(1), so = H * D;
   const float scale = static_cast<float>(softmax_scale);
-  at::parallel_for(0, S * H, 1, [&](int64_t begin, int64_t end) {
-    Buffers buf(max_n, D);
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
+  at::parallel_for(0, n_groups * H, 1, [&](int64_t begin, int64_t end) {
+    Buffers buf(max_rows, D);
+    std::vector<std::pair<int64_t, int64_t>> pieces;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / H, h = task % H;
-      const int64_t start = b[i], n = b[i + 1] - start;
-      if (n == 0) continue;
-      attend(qp + start * sqt + h * sqh, sqt, kp + start * skt + h * skh, skt, vp + start * svt + h * svh, svt,
-             op + start * so + h * D, so, n, D, scale, buf);
+      const auto [first, last] = groups[task / H];
+      const int64_t h = task % H, start = b[first];
+      pieces.clear();
+      for (int64_t i = first; i < last; ++i)
+        if (b[i + 1] > b[i]) pieces.emplace_back(b[i] - start, b[i + 1] - b[i]);
+      attend_group(qp + start * sqt + h * sqh, sqt, kp + start * skt + h * skh, skt, vp + start * svt + h * svh,
+                   svt, op + start * so + h * D, so, b[last] - start, pieces, D, scale, buf);
     }
   });
   return out;

@@ -53,6 +53,21 @@ def test_matches_reference(ext, counts, H, D):
     assert torch.equal(out, contiguous)  # strides and the dtype of cu_seqlens change nothing
 
 
+@pytest.mark.parametrize("L, H, D", [(49, 6, 64), (7, 2, 40), (16, 3, 24)])
+def test_container_pieces_match_reference(ext, L, H, D):
+    """Container layouts: many short pieces, which the kernel groups (up to 64 rows per task) and
+    attends to at offsets that are not multiples of the vector width."""
+    from kernels import container_seqlens
+
+    g = torch.Generator().manual_seed(L * D)
+    counts = torch.randint(0, 60, (12,), generator=g)
+    counts[3] = 0
+    cu, _, _, _ = container_seqlens(counts, L)
+    T = int(counts.sum())
+    q, k, v = torch.randn(T, 3, H, D, generator=g).unbind(1)
+    _check(ext.varlen_attention_fwd(q, k, v, cu, D**-0.5), q, k, v, cu, D**-0.5)
+
+
 def test_rows_of_no_sequence_are_zero(ext):
     q = torch.randn(10, 2, 16)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)  # rows 7.. belong to no sequence
