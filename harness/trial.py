@@ -288,7 +288,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     log_name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
     with tempfile.TemporaryDirectory() as tmp, _captured_log(os.path.join(tmp, "log.txt")) as log_path:
         try:
-            return _train_and_measure(config["config"], rank, world, device, started, config["launched"])
+            with torch_threads(config["config"].get("resources", {})):
+                return _train_and_measure(config["config"], rank, world, device, started, config["launched"])
         finally:
             with contextlib.suppress(Exception):
                 with open(log_path, encoding="utf-8", errors="replace") as f:
@@ -328,6 +329,23 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
                               "fp16" if "fp16" in backend.ds_config else "fp32"),
                    _worker_started=started, _launched=launched)
     return metrics
+
+
+@contextlib.contextmanager
+def torch_threads(resources: dict[str, Any]):
+    """torch's intra-op threads = the worker's CPUs (``cpus_per_worker``, at least 1) for the trial,
+    restored after. Ray sets ``OMP_NUM_THREADS`` per task, but torch reads it once, when a process
+    first imports it, and Tune reuses trial processes: measured here, a ``num_cpus=2`` task in a
+    reused worker ran on 1 torch thread."""
+    import torch
+
+    prev = torch.get_num_threads()
+    n = max(1, int(float(resources.get("cpus_per_worker", 1))))
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _end_process_at(deadline: float) -> None:

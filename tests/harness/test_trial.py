@@ -143,3 +143,22 @@ def test_default_concurrency_caps_multi_worker_trials():
     assert _default_concurrency([planned(2), planned(1)], {"CPU": 2}) == 2
     assert _default_concurrency([planned(4, gpus=1)] * 3, {"CPU": 64, "GPU": 8}) == 2
     assert _default_concurrency([planned(2)], {"CPU": 1}) == 1  # never 0
+
+
+@pytest.mark.parametrize("cpus, expected", [(2, 2), (1, 1), (0.5, 1), (None, 1)])
+def test_trial_runs_on_its_cpus_as_torch_threads(cpus, expected):
+    """A trial's torch threads follow its cpus_per_worker whatever the (reused) process had before,
+    and the process's setting comes back after."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(3 if expected != 3 else 1)
+    before = torch.get_num_threads()
+    try:
+        res = {} if cpus is None else {"cpus_per_worker": cpus}
+        with trial_mod.torch_threads(res) as n:
+            assert n == expected == torch.get_num_threads()
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(prev)
+
