@@ -50,37 +50,31 @@ def _interpret() -> bool:
 def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) -> str:
     """Resolve ``impl`` to one of ``"triton"``, ``"cpp"``, ``"torch"``, ``"ref"`` for the given tensors.
 
-    ``cpp``: the op has a C++ CPU kernel for these tensors (the op checks dtype and layout); without
-    one, ``"cpp"`` resolves to ``"torch"``. With one, ``"auto"`` on CPU picks it when it loads (else
-    warns once and runs the torch path) and an explicit ``"cpp"`` raises when it cannot load."""
+    ``cpp``: the op has a C++ CPU kernel (they take float32 CPU tensors). For an op without one, or
+    tensors it does not take, ``"cpp"`` resolves to ``"torch"``. Otherwise ``"auto"`` on CPU picks it
+    when it loads (else warns once and runs the torch path) and an explicit ``"cpp"`` raises when it
+    cannot load."""
     name = impl if impl is not None else os.environ.get(ENV_VAR, "auto")
     name = name.strip().lower()
     if name not in IMPLS:
         src = "impl argument" if impl is not None else f"environment variable {ENV_VAR}"
         raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
     on_cuda = any(t.is_cuda for t in tensors)
-    if name == "auto":
+    if name == "auto" and on_cuda:
+        return "triton" if triton_available() else "torch"
+    if name in ("auto", "cpp"):
         if on_cuda:
-            return "triton" if triton_available() else "torch"
-        if not cpp:
+            raise RuntimeError("impl='cpp' is the CPU kernel; these tensors are on CUDA (use 'triton' or 'auto')")
+        if not (cpp and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
             return "torch"
         from kernels import cpu_ext
 
-        if cpu_ext.load() is None:
+        if name == "cpp":
+            cpu_ext.module()  # raises, with the reason, when the kernels cannot load
+        elif cpu_ext.load() is None:
             cpu_ext.warn_fallback()
             return "torch"
         return "cpp"
-    if name == "cpp":
-        if on_cuda:
-            raise RuntimeError("impl='cpp' is the CPU kernel; these tensors are on CUDA (use 'triton' or 'auto')")
-        if not cpp:
-            return "torch"
-        from kernels import cpu_ext
-
-        if cpu_ext.load() is None:
-            raise RuntimeError(f"impl='cpp' requested but the C++ CPU kernels are unavailable: "
-                               f"{cpu_ext.unavailable_reason()}")  # fmt: skip
-        return name
     if name == "triton":
         if not triton_available():
             raise RuntimeError("impl='triton' requested but triton is not importable; use 'torch' or 'auto'")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_VAR", "load", "unavailable_reason", "build_name", "main"]
+__all__ = ["ENV_VAR", "load", "module", "unavailable_reason", "build_name", "main"]
 
 ENV_VAR = "SPA_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
@@ -176,6 +176,14 @@ def load(verbose: bool = False, force: bool = False):
                     pass
     _state["module"], _state["reason"] = module, reason
     return module
+
+
+def module():
+    """The built extension module; raises RuntimeError with the reason when it cannot load."""
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"the C++ CPU kernels are unavailable: {unavailable_reason()}")
+    return ext
 
 
 def unavailable_reason() -> str | None:

@@ -87,7 +87,7 @@ def _unpack_op(packed: Tensor, indices: Tensor, base: Tensor, add: bool, impl: s
         from kernels import cpu_ext
 
         with cpu_op_threads(base, single_region=True):
-            return cpu_ext.load().unpack_tokens_fwd(packed, indices, base, add)
+            return cpu_ext.module().unpack_tokens_fwd(packed, indices, base, add)
     with cpu_op_threads(base):
         return unpack_tokens_ref(packed, indices, base, add)
 
@@ -165,5 +165,4 @@ def unpack_tokens(
         raise ValueError(f"packed on {packed.device} but base on {base.device}")
     if packed.dtype != base.dtype:
         packed = packed.to(base.dtype)
-    cpp = base.device.type == "cpu" and base.dtype == torch.float32
-    return _unpack_op(packed, indices, base, bool(add), resolve_impl(impl, packed, base, cpp=cpp))
+    return _unpack_op(packed, indices, base, bool(add), resolve_impl(impl, packed, base, cpp=True))

@@ -323,21 +323,13 @@ def _varlen_attention_torch_backward(
 # custom op (the autograd layer)
 
 
-def _cpp_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """The C++ kernel takes float32 CPU tensors (any strides over T and H; the launcher makes the last
-    dim contiguous)."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
-
-
 def _varlen_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float) -> Tensor:
-    """Checked launcher of the C++ kernel: (T, H, D) float32 CPU -> (T, H, D) contiguous."""
+    """Launcher of the C++ kernel: (T, H, D) float32 CPU, any strides over T and H -> (T, H, D)
+    contiguous (the kernel checks its inputs itself)."""
     from kernels import cpu_ext
 
-    ext = cpu_ext.load()
-    if ext is None:
-        raise RuntimeError(f"the C++ CPU kernels are unavailable: {cpu_ext.unavailable_reason()}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return ext.varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
+    return cpu_ext.module().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, impl):
@@ -482,7 +474,7 @@ def varlen_attention(
         raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
     cu_seqlens = cu_seqlens.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    name = resolve_impl(impl, q, k, v, cpp=_cpp_serves(q, k, v))
+    name = resolve_impl(impl, q, k, v, cpp=True)
     if cu_seqlens.is_cuda and not torch.jit.is_tracing():
         sq = -1  # reading cu_seqlens would sync the GPU; only a trace needs the number
     else:

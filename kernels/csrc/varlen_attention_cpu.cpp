@@ -1,8 +1,7 @@
 // Varlen (ragged) non-causal attention, forward, for CPU float32 tensors: the CPU kernel of SPA's
 // attention (Select and Pack Attention, arXiv 2410.23608). Built by kernels/cpu_ext.py (bindings in
-// bindings.cpp);
-// called by kernels/varlen_attention.py (impl "cpp"), which also holds the reference it is tested
-// against.
+// bindings.cpp); called by kernels/varlen_attention.py (impl "cpp"), which also holds the reference it
+// is tested against.
 //
 // Why a kernel: torch has no CPU varlen attention (torch.nn.attention.varlen is CUDA-only, nested
 // jagged SDPA has no CPU backend, compiled FlexAttention on CPU was 2.5x slower than a loop of
@@ -128,9 +127,9 @@ constexpr int64_t kGroupRows = 64;  // consecutive short sequences up to this ma
 
 struct Buffers {
   std::vector<float> kt, v, s, alpha, inv;
-  Buffers(int64_t max_rows, int64_t D)
+  Buffers(int64_t max_rows, int64_t D, float scale)
       : kt(D * (round_up(max_rows, kW) + kW)), v(max_rows * round_up(D, kW)), s(kMR * (round_up(max_rows, kW) + kW)),
-        alpha(kMR), inv(kMR) {}
+        alpha(kMR, scale), inv(kMR) {}  // alpha: the softmax scale of every score row
 };
 
 // One head of a group of consecutive sequences (rows 0..G of the group, pieces[p] = (offset, length)
@@ -140,7 +139,7 @@ struct Buffers {
 // the packing.
 void attend_group(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, float* o,
                   int64_t so, int64_t G, const std::vector<std::pair<int64_t, int64_t>>& pieces, int64_t D,
-                  float scale, Buffers& buf) {
+                  Buffers& buf) {
   // K^T: (D, ldk); a piece at column c reads up to round_up(n, kW) columns from c, so kW spare columns
   const int64_t ldk = round_up(G, kW) + kW;
   const int64_t ldv = round_up(D, kW);  // V: (G, ldv), columns D.. zero
@@ -160,7 +159,6 @@ void attend_group(const float* q, int64_t sq, const float* k, int64_t sk, const 
     std::copy(v + j * sv, v + j * sv + D, vp + j * ldv);
     std::fill(vp + j * ldv + D, vp + (j + 1) * ldv, 0.f);
   }
-  std::fill(buf.alpha.begin(), buf.alpha.end(), scale);
   float* s = buf.s.data();
   for (const auto& [c, n] : pieces) {
     for (int64_t i = 0; i < n; i += kMR) {
@@ -197,16 +195,13 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t S = cu.numel() - 1;
   const int64_t* b = cu.data_ptr<int64_t>();
   TORCH_CHECK(b[0] == 0, "spa varlen attention (cpp): cu_seqlens must start at 0");
-  int64_t max_n = 0;
-  for (int64_t i = 0; i < S; ++i) {
+  for (int64_t i = 0; i < S; ++i)
     TORCH_CHECK(b[i + 1] >= b[i], "spa varlen attention (cpp): cu_seqlens must be non-decreasing");
-    max_n = std::max(max_n, b[i + 1] - b[i]);
-  }
   TORCH_CHECK(b[S] <= T, "spa varlen attention (cpp): cu_seqlens ends at ", b[S], " > T = ", T);
 
   auto out = at::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (b[S] < T) out.narrow(0, b[S], T - b[S]).zero_();
-  if (max_n == 0 || H == 0 || D == 0) return out;
+  if (b[S] == 0 || H == 0 || D == 0) return out;  // no tokens in any sequence
   // groups of consecutive sequences: [first, last) sequence ids, at most kGroupRows rows unless one
   // sequence alone is longer
   std::vector<std::pair<int64_t, int64_t>> groups;
@@ -227,7 +222,7 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
   const float scale = static_cast<float>(softmax_scale);
   const int64_t n_groups = static_cast<int64_t>(groups.size());
   at::parallel_for(0, n_groups * H, 1, [&](int64_t begin, int64_t end) {
-    Buffers buf(max_rows, D);
+    Buffers buf(max_rows, D, scale);
     std::vector<std::pair<int64_t, int64_t>> pieces;
     for (int64_t task = begin; task < end; ++task) {
       const auto [first, last] = groups[task / H];
@@ -236,7 +231,7 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
       for (int64_t i = first; i < last; ++i)
         if (b[i + 1] > b[i]) pieces.emplace_back(b[i] - start, b[i + 1] - b[i]);
       attend_group(qp + start * sqt + h * sqh, sqt, kp + start * skt + h * skh, skt, vp + start * svt + h * svh,
-                   svt, op + start * so + h * D, so, b[last] - start, pieces, D, scale, buf);
+                   svt, op + start * so + h * D, so, b[last] - start, pieces, D, buf);
     }
   });
   return out;
