@@ -335,8 +335,8 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
 def torch_threads(resources: dict[str, Any]):
     """torch's intra-op threads = the worker's CPUs (``cpus_per_worker``, at least 1) for the trial,
     restored after. Ray sets ``OMP_NUM_THREADS`` per task, but torch reads it once, when a process
-    first imports it, and Tune reuses trial processes: measured here, a ``num_cpus=2`` task in a
-    reused worker ran on 1 torch thread."""
+    first imports it (``test_torch_reads_omp_num_threads_only_at_import``), and Tune and Ray reuse
+    worker processes."""
     import torch
 
     prev = torch.get_num_threads()

@@ -14,7 +14,10 @@ Reported per strategy and ratio: kept fraction, time ratio (dense / SPA time), F
 multiply-adds, fvcore with ``kernels.FVCORE_HANDLES``) and packing efficiency = time ratio / FLOP ratio
 (1.0: time falls exactly as FLOPs do). Times are forward passes in inference mode; dense and SPA runs
 alternate in one process and the ratio is taken per pair, so machine load affects both alike; the
-table shows medians and the interquartile range of the per-pair ratios.
+table shows medians and the interquartile range of the per-pair ratios, and each block's per-call time.
+
+``--ops`` times the attention op alone per CPU implementation (``--impls torch,cpp``) on the varlen and
+container layouts of the same packs; ``--profile`` prints torch.profiler's per-op table of each block.
 
 This module builds its blocks from ``kernels``' own ops only (it must not import spa_core).
 """
@@ -43,9 +46,13 @@ from kernels import (
     pack_tokens,
     unpack_tokens,
     varlen_attention,
+    varlen_attention_macs,
 )
 
-__all__ = ["SPAAttentionBlock", "GlobalAttentionBlock", "WindowAttentionBlock", "STRATEGIES", "run", "main"]
+__all__ = [
+    "SPAAttentionBlock", "GlobalAttentionBlock", "WindowAttentionBlock", "STRATEGIES", "run", "run_ops", "profile",
+    "main",
+]  # fmt: skip
 
 STRATEGIES = ("varlen", "containers", "pad", "mask")
 
@@ -185,12 +192,13 @@ def fvcore_macs(module: nn.Module, inputs: tuple) -> int:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _time_pairs(dense, spa, reps: int, warmup: int, clock=time.perf_counter) -> list[float]:
-    """Alternate dense and SPA calls (which goes first alternates too); per-pair ratios dense / SPA."""
+def _time_pairs(dense, spa, reps: int, warmup: int, clock=time.perf_counter):
+    """Alternate dense and SPA calls (which goes first alternates too). Returns the per-call times
+    (seconds) of each, pair by pair: (dense times, SPA times)."""
     for _ in range(warmup):
         dense()
         spa()
-    ratios = []
+    td, ts = [], []
     for i in range(reps):
         first, second = (dense, spa) if i % 2 == 0 else (spa, dense)
         t0 = clock()
@@ -198,9 +206,10 @@ def _time_pairs(dense, spa, reps: int, warmup: int, clock=time.perf_counter) -> 
         t1 = clock()
         second()
         t2 = clock()
-        td, ts = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
-        ratios.append(td / ts)
-    return ratios
+        a, b = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+        td.append(a)
+        ts.append(b)
+    return td, ts
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -245,10 +254,10 @@ def run(
             counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
             spa_macs = fvcore_macs(spa, (x, counts))
             with torch.inference_mode():
-                ratios_t = _time_pairs(
-                    partial(dense, x), partial(spa, x, counts), reps, warmup, CLOCKS[clock]
-                )
-            q1, med, q3 = _quartiles(ratios_t)
+                td, ts = _time_pairs(partial(dense, x), partial(spa, x, counts), reps, warmup, CLOCKS[clock])
+            q1, med, q3 = _quartiles([a / b for a, b in zip(td, ts)])
+            dq1, dmed, dq3 = (1e3 * t for t in _quartiles(td))
+            sq1, smed, sq3 = (1e3 * t for t in _quartiles(ts))
             flop_ratio = dense_macs[dense_name] / spa_macs
             row = {
                 "strategy": strategy,
@@ -264,6 +273,13 @@ def run(
                 "dense": dense_name,
                 "dense_gmacs": round(dense_macs[dense_name] / 1e9, 4),
                 "spa_gmacs": round(spa_macs / 1e9, 4),
+                # per-call times, ms: median and interquartile range (the ratio's own spread is above)
+                "dense_ms": round(dmed, 3),
+                "dense_ms_q1": round(dq1, 3),
+                "dense_ms_q3": round(dq3, 3),
+                "spa_ms": round(smed, 3),
+                "spa_ms_q1": round(sq1, 3),
+                "spa_ms_q3": round(sq3, 3),
                 "reps": reps,
                 "threads": torch.get_num_threads(),
                 "op_threads": cpu_op_thread_count(),
@@ -277,15 +293,113 @@ def run(
     return rows
 
 
-_HEADER = "| strategy | dense | ratio | kept | time ratio (IQR) | FLOP ratio | efficiency (IQR) |"
+_HEADER = (
+    "| strategy | dense | ratio | kept | time ratio (IQR) | FLOP ratio | efficiency (IQR) "
+    "| dense ms (IQR) | SPA ms (IQR) |"
+)
 
 
 def _format_row(r: dict) -> str:
     return (
         f"| {r['strategy']} | {r['dense']} | {r['ratio']:.2f} | {r['kept_fraction']:.3f} | "
         f"{r['time_ratio']:.2f} ({r['time_ratio_q1']:.2f}-{r['time_ratio_q3']:.2f}) | {r['flop_ratio']:.2f} | "
-        f"{r['efficiency']:.2f} ({r['efficiency_q1']:.2f}-{r['efficiency_q3']:.2f}) |"
+        f"{r['efficiency']:.2f} ({r['efficiency_q1']:.2f}-{r['efficiency_q3']:.2f}) | "
+        f"{r['dense_ms']:.1f} ({r['dense_ms_q1']:.1f}-{r['dense_ms_q3']:.1f}) | "
+        f"{r['spa_ms']:.1f} ({r['spa_ms_q1']:.1f}-{r['spa_ms_q3']:.1f}) |"
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the attention op alone, per CPU implementation; profiles of the blocks
+
+
+def run_ops(
+    ratios=(0.25, 0.5),
+    impls=("torch", "cpp"),
+    batch: int = 32,
+    grid: tuple[int, int] = (14, 14),
+    dim: int = 384,
+    num_heads: int = 6,
+    window: int = 7,
+    spread: float = 0.3,
+    reps: int = 21,
+    warmup: int = 5,
+    seed: int = 0,
+    clock: str = "wall",
+    log=None,
+) -> list[dict]:
+    """``varlen_attention`` alone on the varlen and container layouts of the block's packs, the
+    implementations called in rotation in one process. One row per (layout, ratio, impl): median and
+    interquartile range of the per-call times, GMAC/s, and the speedup over the first impl's median."""
+    N, D = grid[0] * grid[1], dim // num_heads
+    rows = []
+    for i, ratio in enumerate(ratios):
+        counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
+        T = int(counts.sum())
+        q, k, v = torch.randn(T, 3, num_heads, D, generator=torch.Generator().manual_seed(seed)).unbind(1)
+        layouts = {"varlen": cu_seqlens_from_counts(counts), "containers": container_seqlens(counts, window**2)[:2]}
+        for layout, (cu, max_seqlen) in layouts.items():
+            lengths = (cu[1:] - cu[:-1]).tolist()
+            macs = varlen_attention_macs(num_heads, D, sum(n * n for n in lengths))
+            times: dict[str, list[float]] = {name: [] for name in impls}
+            with torch.inference_mode():
+                for r in range(warmup + reps):
+                    for name in impls[r % len(impls) :] + impls[: r % len(impls)]:
+                        t0 = CLOCKS[clock]()
+                        varlen_attention(q, k, v, cu, max_seqlen, impl=name)
+                        if r >= warmup:
+                            times[name].append(CLOCKS[clock]() - t0)
+            base = statistics.median(times[impls[0]])
+            for name in impls:
+                q1, med, q3 = _quartiles(times[name])
+                row = {
+                    "layout": layout, "ratio": ratio, "impl": name, "mmacs": round(macs / 1e6, 1),
+                    "ms": round(1e3 * med, 3), "ms_q1": round(1e3 * q1, 3), "ms_q3": round(1e3 * q3, 3),
+                    "gmacs_per_s": round(macs / med / 1e9, 2), "speedup": round(base / med, 3),
+                    "threads": torch.get_num_threads(), "kernel_threads": cpu_op_thread_count(single_region=True),
+                    "reps": reps, "clock": clock,
+                }  # fmt: skip
+                rows.append(row)
+                if log is not None:
+                    log(
+                        f"| {layout} | {ratio:.2f} | {row['mmacs']:.0f} | {name} | {row['ms']:.2f} "
+                        f"({row['ms_q1']:.2f}-{row['ms_q3']:.2f}) | {row['gmacs_per_s']:.1f} | {row['speedup']:.2f}x |"
+                    )
+    return rows
+
+
+def profile(strategies, ratios, batch=32, grid=(14, 14), dim=384, num_heads=6, window=7, spread=0.3,
+            reps=10, seed=0, impl=None, rows: int = 12) -> str:  # fmt: skip
+    """torch.profiler's per-op table (self CPU time, sorted) of each dense block and SPA block, run
+    alternately ``reps`` times after warmup: where each block's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    N = grid[0] * grid[1]
+    x = torch.randn(batch, N, dim, generator=torch.Generator().manual_seed(seed))
+    blocks = {"global": GlobalAttentionBlock(dim, num_heads).eval(),
+              "window": WindowAttentionBlock(dim, num_heads, grid, window).eval()}  # fmt: skip
+    out = []
+    for strategy in strategies:
+        spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=impl).eval()
+        dense = blocks["window" if strategy == "containers" else "global"]
+        for i, ratio in enumerate(ratios):
+            counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
+            with torch.inference_mode():
+                for _ in range(5):
+                    dense(x)
+                    spa(x, counts)
+                with torch_profile(activities=[ProfilerActivity.CPU]) as pd:
+                    for _ in range(reps):
+                        dense(x)
+                with torch_profile(activities=[ProfilerActivity.CPU]) as ps:
+                    for _ in range(reps):
+                        spa(x, counts)
+            for name, prof in ((f"dense {'window' if strategy == 'containers' else 'global'}", pd),
+                               (f"SPA {strategy} at ratio {ratio}", ps)):  # fmt: skip
+                out.append(f"## {name}: {reps} calls, {torch.get_num_threads()} threads")
+                out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -316,6 +430,16 @@ def main(argv=None) -> int:
         "when used with --threads 1",
     )
     p.add_argument("--impl", default=None, help="kernel implementation (default: SPA_ATTN_IMPL or auto)")
+    p.add_argument(
+        "--ops",
+        action="store_true",
+        help="time the attention op alone per CPU implementation (--impls) on the varlen and container "
+        "layouts, instead of the blocks",
+    )
+    p.add_argument("--impls", default="torch,cpp", help="with --ops: implementations, the first is the baseline")
+    p.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's per-op table of each dense and SPA block"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
@@ -325,6 +449,27 @@ def main(argv=None) -> int:
         if s not in STRATEGIES:
             p.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
     ratios = [float(r) for r in a.ratios.split(",") if r]
+    size = dict(batch=a.batch, grid=(a.grid, a.grid), dim=a.dim, num_heads=a.heads, window=a.window, spread=a.spread)
+    if a.profile:
+        print(profile(strategies, ratios, reps=a.reps, seed=a.seed, impl=a.impl, **size))
+        return 0
+    if a.ops:
+        impls = tuple(i for i in a.impls.split(",") if i)
+        log = None
+        if not a.json:
+            print(
+                f"varlen attention op alone, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads "
+                f"(one-region kernels: {cpu_op_thread_count(single_region=True)}), reps={a.reps}, {a.clock} clock; "
+                "median (interquartile range) per call"
+            )
+            print("| layout | ratio | MMAC | impl | ms (IQR) | GMAC/s | speedup |")
+            print("|---|---|---|---|---|---|---|")
+            log = print
+        rows = run_ops(ratios, impls, reps=a.reps, warmup=a.warmup, seed=a.seed, clock=a.clock, log=log, **size)
+        if a.json:
+            json.dump(rows, sys.stdout)
+            print()
+        return 0
     log = None
     if not a.json:
         print(
@@ -335,7 +480,7 @@ def main(argv=None) -> int:
             f"reps={a.reps}, {a.clock} clock; medians (interquartile range) of per-pair ratios"
         )
         print(_HEADER)
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         log = print
     rows = run(
         strategies, ratios, a.batch, (a.grid, a.grid), a.dim, a.heads, a.window, a.spread, a.reps,

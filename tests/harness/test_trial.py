@@ -162,3 +162,21 @@ def test_trial_runs_on_its_cpus_as_torch_threads(cpus, expected):
     finally:
         torch.set_num_threads(prev)
 
+
+
+def test_torch_reads_omp_num_threads_only_at_import():
+    """Why the trial sets torch's threads itself: Ray sets OMP_NUM_THREADS for each task, but a reused
+    worker process imported torch under the first task's value, and torch does not read it again."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "first = torch.get_num_threads()\n"
+        "os.environ['OMP_NUM_THREADS'] = '2'\n"
+        "print(first, torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1"]

@@ -51,3 +51,32 @@ def test_bench_does_not_import_spa_core():
     code = "import sys, kernels.bench; assert 'spa_core' not in sys.modules and 'harness' not in sys.modules"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+TINY = "--batch 2 --grid 7 --dim 32 --heads 2 --reps 2 --warmup 1 --ratios 0.5".split()
+
+
+def test_bench_rows_carry_per_call_times(capsys):
+    assert main(["--json", "--strategies", "varlen", *TINY]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    for side in ("dense", "spa"):
+        assert 0 < row[f"{side}_ms_q1"] <= row[f"{side}_ms"] <= row[f"{side}_ms_q3"]
+
+
+def test_bench_ops_times_each_impl_on_both_layouts(capsys):
+    assert main(["--ops", "--json", "--impls", "torch,cpp,ref", *TINY]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["layout"], r["impl"]) for r in rows} == {
+        (layout, impl) for layout in ("varlen", "containers") for impl in ("torch", "cpp", "ref")
+    }
+    for r in rows:
+        assert r["ms"] > 0 and r["mmacs"] > 0 and r["gmacs_per_s"] > 0
+        if r["impl"] == "torch":
+            assert r["speedup"] == 1.0  # the first impl is the baseline
+
+
+def test_bench_profile_prints_both_blocks(capsys):
+    assert main(["--profile", "--strategies", "containers", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "## dense window" in out and "## SPA containers at ratio 0.5" in out
+    assert "spa::varlen_attention" in out  # the SPA block's profile names our op
