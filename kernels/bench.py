@@ -189,6 +189,12 @@ def fvcore_macs(module: nn.Module, inputs: tuple) -> int:
         return int(fca.total())
 
 
+def counts_at(position: int, batch: int, num_tokens: int, ratio: float, spread: float, seed: int) -> Tensor:
+    """The counts of the ratio at ``position`` in the ratio list: every strategy (and ``--ops``,
+    ``--profile``) sees the same counts at a ratio; the seed follows the position."""
+    return make_counts(batch, num_tokens, ratio, spread, torch.Generator().manual_seed(seed * 1009 + position + 1))
+
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -250,8 +256,7 @@ def run(
         dense_name = "window" if strategy == "containers" else "global"
         dense = window_block if dense_name == "window" else global_block
         for i, ratio in enumerate(ratios):
-            # the same counts for every strategy at a ratio
-            counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
+            counts = counts_at(i, batch, N, ratio, spread, seed)
             spa_macs = fvcore_macs(spa, (x, counts))
             with torch.inference_mode():
                 td, ts = _time_pairs(partial(dense, x), partial(spa, x, counts), reps, warmup, CLOCKS[clock])
@@ -334,7 +339,7 @@ def run_ops(
     N, D = grid[0] * grid[1], dim // num_heads
     rows = []
     for i, ratio in enumerate(ratios):
-        counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
+        counts = counts_at(i, batch, N, ratio, spread, seed)
         T = int(counts.sum())
         q, k, v = torch.randn(T, 3, num_heads, D, generator=torch.Generator().manual_seed(seed)).unbind(1)
         layouts = {"varlen": cu_seqlens_from_counts(counts), "containers": container_seqlens(counts, window**2)[:2]}
@@ -384,7 +389,7 @@ def profile(strategies, ratios, batch=32, grid=(14, 14), dim=384, num_heads=6, w
         spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=impl).eval()
         dense = blocks["window" if strategy == "containers" else "global"]
         for i, ratio in enumerate(ratios):
-            counts = make_counts(batch, N, ratio, spread, torch.Generator().manual_seed(seed * 1009 + i + 1))
+            counts = counts_at(i, batch, N, ratio, spread, seed)
             with torch.inference_mode():
                 for _ in range(5):
                     dense(x)
