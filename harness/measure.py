@@ -16,6 +16,12 @@ variant), after training, with the trial's real selection (the trained gate, or 
   micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
   runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
   (a training step counts the samples of every worker);
+- ``speedup_vs_dense`` (``paired_speedup``, called after the peak memory is read): the trial's model and
+  its dense twin (the same config with ``model.variant: dense``: plain Swin blocks, fresh weights, which
+  dense compute does not depend on) timed in this process, calls alternating and which goes first
+  alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of dense time / model
+  time, ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` / ``paired_dense_ms`` the medians. Both
+  run under the same load, which ``infer_ms`` of two trials do not (other trials train beside them);
 - ``peak_mem_mb``: peak resident set of the process (CPU; reset at the trial's start where Linux
   allows) or ``torch.cuda.max_memory_allocated`` (CUDA), ``peak_mem_kind`` says which;
 - ``backbone_params`` (the task reports ``num_params`` for the whole detector).
@@ -32,7 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["measure", "reset_peak_memory", "peak_memory", "fvcore_macs", "analytic_attention_macs", "timed"]
+__all__ = [
+    "measure", "paired_speedup", "reset_peak_memory", "peak_memory", "fvcore_macs", "analytic_attention_macs", "timed",
+    "timed_pairs", "dense_twin_config",
+]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -81,6 +90,29 @@ def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, floa
         times.append((time.perf_counter() - t0) * 1e3)
     q25, q50, q75 = np.percentile(times, [25, 50, 75])
     return {"median": float(q50), "iqr": float(q75 - q25)}
+
+
+def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
+    ``warmup`` pairs: machine load in a pair falls on both."""
+    for _ in range(warmup):
+        a()
+        b()
+    _sync(device)
+    ta, tb = [], []
+    for i in range(max(1, repeats)):
+        first, second = (a, b) if i % 2 == 0 else (b, a)
+        t0 = time.perf_counter()
+        first()
+        _sync(device)
+        t1 = time.perf_counter()
+        second()
+        _sync(device)
+        t2 = time.perf_counter()
+        d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        ta.append(d1 if i % 2 == 0 else d2)
+        tb.append(d2 if i % 2 == 0 else d1)
+    return ta, tb
 
 
 class _InferenceGraph(nn.Module):
@@ -216,3 +248,65 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
         engine.eval()
     out["bench_time_s"] = time.perf_counter() - t0
     return out
+
+
+def dense_twin_config(cfg):
+    """The trial's config with plain Swin blocks everywhere (``model.variant: dense``)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant="dense", spa=None))
+
+
+def paired_speedup(cfg, backend, detector: nn.Module) -> dict[str, Any]:
+    """``speedup_vs_dense`` and its quartiles (see the module docstring); empty for a dense trial.
+
+    Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
+    ``train.precision`` and with the trial's parameters gathered (ZeRO-3), so the two calls of a pair
+    differ only in the model."""
+    import contextlib
+
+    from harness.task.backend import autocast_dtype
+    from harness.task.data import build_datasets, fixed_batch
+    from harness.task.detector import build_detector
+
+    if cfg.model.is_dense:
+        return {}
+    t0 = time.perf_counter()
+    device = backend.device
+    bc = cfg.bench
+    _, val_ds = build_datasets(cfg.data, progress=False)
+    images, _ = fixed_batch(val_ds, bc.batch_size)
+    images = images.to(device)
+    dtype = next(detector.parameters()).dtype
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        twin = build_detector(dense_twin_config(cfg)).to(device=device, dtype=dtype).eval()
+    amp = autocast_dtype(cfg.train.precision, device)
+
+    def _call(model: nn.Module):
+        def run() -> None:
+            with torch.no_grad(), (torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()):
+                model(images)
+
+        return run
+
+    gathered = getattr(backend, "gathered_parameters", contextlib.nullcontext)
+    with gathered():
+        was_training = detector.training
+        detector.eval()
+        try:
+            t_model, t_dense = timed_pairs(_call(detector), _call(twin), bc.warmup, bc.repeats, device)
+        finally:
+            detector.train(was_training)
+    ratios = [d / m for d, m in zip(t_dense, t_model)]
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    del twin
+    return {
+        "speedup_vs_dense": float(med),
+        "speedup_vs_dense_q1": float(q1),
+        "speedup_vs_dense_q3": float(q3),
+        "paired_model_ms": float(np.median(t_model)),
+        "paired_dense_ms": float(np.median(t_dense)),
+        "paired_repeats": int(max(1, bc.repeats)),
+        "paired_time_s": time.perf_counter() - t0,
+    }

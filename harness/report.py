@@ -42,6 +42,7 @@ _METRICS = [
     ("time", re.compile(r"(_ms|_s|_sec|_seconds)(_median|_mean)?$|latency", re.I), "pct"),
     ("memory", re.compile(r"mem|memory", re.I), "pct"),
     ("params", re.compile(r"param", re.I), "pct"),
+    ("speedup", re.compile(r"^speedup_vs_dense$"), None),
     ("selection", re.compile(r"^(kept_fraction|label_fraction)$", re.I), None),
     ("gate", re.compile(r"^gate_(precision|recall|f1)$", re.I), None),
     ("loss", re.compile(r"(^|_)loss$", re.I), None),
@@ -49,7 +50,7 @@ _METRICS = [
 # Not comparison metrics: spreads of a single trial, per-block details, bookkeeping.
 _SKIP = re.compile(
     r"(_std|_iqr|_p\d+|_q\d+|_min|_max|_ci95)$|^kept_fraction_s\d|^(seed|steps|world_size|num_workers|"
-    r"retries|attempt|pid|exit_code)$|start|end_time|timestamp|version|hash|commit",
+    r"retries|attempt|pid|exit_code)$|^paired_|start|end_time|timestamp|version|hash|commit",
     re.I,
 )
 _CONFIG_PREFIXES = ("config.", "cfg.", "config/")
@@ -135,7 +136,7 @@ def build_report(
         members = sorted(g, key=lambda v: (v != b, _natural(v)))
         order += members
         if b is not None:
-            _add_deltas(table, b, members, metrics, inference_time)
+            _add_deltas(table, b, members, metrics, inference_time, notes)
     table = table.loc[order]
     if len(groups) > 1:
         table.insert(1, "baseline", pd.Series([None] * len(table), index=table.index, dtype=object))
@@ -267,9 +268,17 @@ def _aggregate(done: pd.DataFrame, metrics: Mapping[str, str], key_cols: Mapping
         for m in metrics:
             row[m] = float(g[m].mean()) if g[m].notna().any() else math.nan
             row[f"{m}_ci95"] = _ci95(g[m])
+        for q in _SPREAD:  # the paired speedup's quartiles over its pairs, averaged over seeds
+            if q in g and g[q].notna().any():
+                row[q] = float(g[q].mean())
         rows.append(row)
     cols = ["variant", "n_seeds", *key_cols, *[c for m in metrics for c in (m, f"{m}_ci95")]]
+    cols += [q for q in _SPREAD if any(q in r for r in rows)]
     return pd.DataFrame(rows, columns=cols).set_index("variant")
+
+
+_PAIRED = "speedup_vs_dense"  # measured per trial, the variant and its dense twin in one process
+_SPREAD = (f"{_PAIRED}_q1", f"{_PAIRED}_q3")
 
 
 def _first(s: pd.Series) -> Any:
@@ -309,10 +318,20 @@ def _pick_baseline(table: pd.DataFrame, baseline: str | None, notes: list[str] |
 
 
 def _add_deltas(
-    table: pd.DataFrame, base: str, rows: list[str], metrics: Mapping[str, str], inference_time: str | None
+    table: pd.DataFrame,
+    base: str,
+    rows: list[str],
+    metrics: Mapping[str, str],
+    inference_time: str | None,
+    notes: list[str] | None = None,
 ) -> None:
     """Deltas of ``rows`` against ``base``: absolute for scores, percent for costs; the measured
-    ``speedup`` and the one the GMACs predict (``flop_speedup``)."""
+    ``speedup`` and the one the GMACs predict (``flop_speedup``).
+
+    ``speedup`` is the paired one (``speedup_vs_dense``: each trial timed its model against a dense
+    twin in its own process) when the baseline is dense and the trial measured it; otherwise, with a
+    note, the baseline's inference time over the variant's, two timings taken in different trials under
+    whatever else ran beside them (``speedup_cross_trial``, always kept for reference)."""
     b = table.loc[base]
     for m, kind in metrics.items():
         d = _delta_kind(kind)
@@ -323,7 +342,22 @@ def _add_deltas(
                 100.0 * (table.loc[rows, m] - b[m]) / b[m] if b[m] else math.nan
             )
     if inference_time is not None:
-        table.loc[rows, "speedup"] = b[inference_time] / table.loc[rows, inference_time]
+        table.loc[rows, "speedup_cross_trial"] = b[inference_time] / table.loc[rows, inference_time]
+        table.loc[rows, "speedup"] = table.loc[rows, "speedup_cross_trial"]
+    if _PAIRED in table and _is_dense(b):
+        paired = table.loc[rows, _PAIRED]
+        fallback = table.loc[rows, "speedup"] if "speedup" in table else math.nan
+        table.loc[rows, "speedup"] = paired.where(paired.notna(), fallback)
+        table.loc[base, "speedup"] = 1.0
+        unpaired = [r for r in rows if r != base and math.isnan(table.loc[r, _PAIRED])]
+    else:
+        unpaired = [r for r in rows if r != base]
+    if inference_time is not None and unpaired and notes is not None:
+        notes.append(
+            f"speedup of {', '.join(unpaired)} vs {base}: the ratio of inference times measured in different "
+            f"trials (no paired timing against a dense twin in the trial), so it carries the load of "
+            f"whatever ran beside each trial."
+        )
     gmacs = _main_gmacs(metrics)
     if gmacs is not None:
         table.loc[rows, "flop_speedup"] = b[gmacs] / table.loc[rows, gmacs]
@@ -517,9 +551,20 @@ def _display(report: Report, table: pd.DataFrame, axis: str | None = None) -> pd
         if delta and f"{m}_delta_pct" in table:
             out[f"Δ {_nice(m)} %"] = table[f"{m}_delta_pct"].map(lambda x: _signed(x, "{:+.1f}%"))
         if m == report.inference_time and "speedup" in table:
-            out["speedup"] = table["speedup"].map(lambda x: _signed(x, "{:.2f}x"))
+            out["speedup"] = [_speedup_cell(table, v) for v in table.index]
     out.index.name = "variant"
     return out
+
+
+def _speedup_cell(table: pd.DataFrame, v: str) -> str:
+    """``1.02x``, with the interquartile range of its pairs when it is the paired speedup."""
+    x = table.loc[v, "speedup"]
+    cell = _signed(x, "{:.2f}x")
+    if _PAIRED in table and all(q in table for q in _SPREAD) and x == table.loc[v, _PAIRED]:
+        q1, q3 = (table.loc[v, q] for q in _SPREAD)
+        if not (_missing(q1) or _missing(q3)):
+            cell += f" ({q1:.2f}-{q3:.2f})"
+    return cell
 
 
 def _missing(v: Any) -> bool:
@@ -583,7 +628,11 @@ def _held(t: pd.DataFrame) -> str:
 
 def _baseline_line(report: Report) -> str:
     ci = "mean ± 95% CI over seeds (Student's t)"
-    how = "absolute for mAP, percent for compute, time and memory; speedup = baseline inference time / variant's"
+    how = (
+        "absolute for mAP, percent for compute, time and memory; speedup = dense inference time / variant's, "
+        "median over pairs of calls alternating in the variant's own trial process (interquartile range of "
+        "the pairs), against a dense twin of the variant"
+    )
     if report.baseline is not None:
         return f"Values: {ci}. Deltas vs the baseline `{report.baseline}`: {how}."
     if report.baselines:

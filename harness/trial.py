@@ -217,7 +217,7 @@ def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: E
                                error_type=_error_type(e), tb=tb, attempt=attempt, start=start)
     wall = time.perf_counter() - t0
     end = time.time()
-    work = sum(float(result.get(k) or 0.0) for k in ("train_time_s", "eval_time_s", "bench_time_s"))
+    work = sum(float(result.get(k) or 0.0) for k in ("train_time_s", "eval_time_s", "bench_time_s", "paired_time_s"))
     row = _base_row(cfg_dict, h, context, attempt)
     row.update(result)
     row.update(status="done", error=None, error_type=None, traceback=None, start_time=start, end_time=end,
@@ -300,7 +300,7 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
                        launched: float) -> dict[str, Any] | None:
     from harness.config import trial_from_dict
     from harness.distributed import DeepSpeedBackend
-    from harness.measure import measure, peak_memory, reset_peak_memory
+    from harness.measure import measure, paired_speedup, peak_memory, reset_peak_memory
     from harness.plugins import load_entry_point_plugins, load_plugins
     from harness.provenance import environment
     from harness.task.train import train_variant
@@ -317,7 +317,8 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
     dp_diff = _replica_divergence(backend)
     metrics.update(measure(cfg, backend, backend.model))
-    peak, kind = peak_memory(device)
+    peak, kind = peak_memory(device)  # before the dense twin of paired_speedup exists
+    metrics.update(paired_speedup(cfg, backend, backend.model))
     if rank != 0:
         return None
     metrics.update(environment(device, world))

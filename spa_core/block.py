@@ -7,6 +7,7 @@
 
     r = norm1(x);  s = gate(r, s_prev);  keep = policy(s)
     r_g = sigmoid(s) * w * r                        # w: the straight-through multiplier of the policy
+                                                    #    (computed on the kept rows only)
     x = x + unpack(attn(pack(r_g, keep)))           # kept tokens only; the others pass unchanged
     x = x + mlp(norm2(x))                           # on all tokens (default) or only the kept ones
 
@@ -222,9 +223,11 @@ class SPABlock(nn.Module):
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
         s = self.gate(r, prev)  # (B, N)
         sel = select_tokens(s, self.cfg, training=self.training, generator=self.generator)
-        r_g = r * (torch.sigmoid(s) * sel.weight.to(s.dtype)).unsqueeze(-1)  # (B, N, C)
+        factor = torch.sigmoid(s) * sel.weight.to(s.dtype)  # (B, N)
         order = window_order((H, W), self.window_size, self.shift, device=x.device)  # (N,)
-        packed = pack(r_g, sel.mask, self.cfg.pack, cfg=self.cfg, order=order)
+        packed = pack(r, sel.mask, self.cfg.pack, cfg=self.cfg, order=order)
+        # r_g = factor * r on the kept rows only: the others are never read
+        packed = packed.with_tokens(packed.tokens * factor.reshape(-1)[packed.indices].unsqueeze(-1))
         image = torch.div(packed.indices, N, rounding_mode="floor")  # (T,)
         out = self.drop_path(self.attn(packed), image, B)  # (T, C)
         x = unpack(packed, out, x, add=True)  # (B, N, C): residual on kept tokens only

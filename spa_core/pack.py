@@ -20,6 +20,8 @@ Gradients flow through both (``kernels.pack_tokens`` / ``kernels.unpack_tokens``
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -91,29 +93,44 @@ class PackedTokens:
         return dataclasses.replace(self, tokens=tokens)
 
 
-def _selected(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _selected(x: Tensor, mask: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Kept tokens (T, C), their raster rows (T,) and counts (B,): image-major, each image's tokens in
+    ``order`` (default raster order). Gathers from x directly (no permuted copy of x)."""
     if x.dim() != 3 or mask.shape != x.shape[:2]:
         raise ValueError(f"pack expects x (B, N, C) and mask (B, N), got {tuple(x.shape)} and {tuple(mask.shape)}")
     B, N, C = x.shape
-    indices = mask.reshape(-1).nonzero().squeeze(1)  # (T,) image-major, ascending within an image
+    if order is None:
+        indices = mask.reshape(-1).nonzero().squeeze(1)  # (T,) image-major, ascending within an image
+    else:
+        _check_order(order, N)
+        pos = mask[:, order].reshape(-1).nonzero().squeeze(1)  # (T,) into the permuted grid
+        indices = torch.div(pos, N, rounding_mode="floor") * N + order[pos % N]  # raster rows
     tokens = pack_tokens(x.reshape(B * N, C), indices)  # (T, C)
     counts = mask.sum(1, dtype=torch.int64)  # (B,)
     return tokens, indices, counts
 
 
-def _per_image(x: Tensor, mask: Tensor, strategy: str, layout: str) -> PackedTokens:
-    tokens, indices, counts = _selected(x, mask)
+def _check_order(order: Tensor, n: int) -> None:
+    if order.shape != (n,) or order.is_floating_point() or order.dtype == torch.bool:
+        raise ValueError(f"order must be an integer permutation of the {n} token positions, got "
+                         f"{order.dtype} {tuple(order.shape)}")
+
+
+def _per_image(x: Tensor, mask: Tensor, strategy: str, layout: str, order: Tensor | None) -> PackedTokens:
+    tokens, indices, counts = _selected(x, mask, order)
     cu, max_seqlen = cu_seqlens_from_counts(counts)
     seq_image = torch.arange(counts.numel(), device=x.device)
     return PackedTokens(tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], strategy, layout)
 
 
 @PACK_STRATEGIES.register("containers")
-def pack_containers(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+def pack_containers(
+    x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
+) -> PackedTokens:
     """The paper's containers of ``cfg.container_len`` slots (None -> ``DEFAULT_CONTAINER_LEN``), as
     varlen sequences cut at image and container boundaries."""
     L = (cfg.container_len if cfg is not None else None) or DEFAULT_CONTAINER_LEN
-    tokens, indices, counts = _selected(x, mask)
+    tokens, indices, counts = _selected(x, mask, order)
     cu, max_seqlen, seq_image, seq_container = container_seqlens(counts, L)
     return PackedTokens(
         tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], "containers", "varlen", L, seq_container
@@ -121,21 +138,27 @@ def pack_containers(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) ->
 
 
 @PACK_STRATEGIES.register("varlen")
-def pack_varlen(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+def pack_varlen(
+    x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
+) -> PackedTokens:
     """One sequence per image (empty images give empty sequences)."""
-    return _per_image(x, mask, "varlen", "varlen")
+    return _per_image(x, mask, "varlen", "varlen", order)
 
 
 @PACK_STRATEGIES.register("pad")
-def pack_pad(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+def pack_pad(
+    x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
+) -> PackedTokens:
     """One sequence per image, attention padded to the batch's largest count."""
-    return _per_image(x, mask, "pad", "pad")
+    return _per_image(x, mask, "pad", "pad", order)
 
 
 @PACK_STRATEGIES.register("mask")
-def pack_mask(x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None) -> PackedTokens:
+def pack_mask(
+    x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
+) -> PackedTokens:
     """One sequence per image, attention dense over all N tokens with the unselected masked."""
-    return _per_image(x, mask, "mask", "mask")
+    return _per_image(x, mask, "mask", "mask", order)
 
 
 def pack(
@@ -150,15 +173,26 @@ def pack(
 
     ``order: (N,)`` a permutation of the token positions: each image's tokens are packed in this order
     (the SPA block passes the shifted-window order, so containers hold neighbours); ``indices`` always
-    point into the raster ``(B*N)`` grid of ``x``.
+    point into the raster ``(B*N)`` grid of ``x``. A strategy that takes ``order`` gathers from ``x``
+    itself; for one that does not, ``x`` is permuted first (a copy).
     """
     fn = PACK_STRATEGIES.get(strategy)
     if order is None:
         return fn(x, mask, cfg=cfg)
+    if _takes_order(fn):
+        return fn(x, mask, cfg=cfg, order=order)
     N = x.shape[1]
     packed = fn(x[:, order], mask[:, order], cfg=cfg)  # indices into the permuted grid
     raster = (packed.indices // N) * N + order[packed.indices % N]  # (T,) back to raster rows
     return dataclasses.replace(packed, indices=raster)
+
+
+@functools.cache
+def _takes_order(fn) -> bool:
+    try:
+        return "order" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): the permuted-copy path
+        return False
 
 
 def unpack(

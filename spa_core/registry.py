@@ -139,6 +139,9 @@ PACK_STRATEGIES = Registry(
 
     Contract: ``fn(x, mask, *, cfg) -> spa_core.pack.PackedTokens``
       - ``x``: (B, N, C) tokens; ``mask``: (B, N) bool selection; ``cfg``: ``SPAConfig``;
+      - optional keyword ``order`` ((N,) permutation or None): a strategy that takes it packs each
+        image's tokens in that order itself, with ``indices`` into the raster grid; one that does not
+        is given ``x[:, order]`` and ``mask[:, order]`` (a copy of x) and its indices are mapped back;
       - the result carries ``tokens (T, C)``, ``cu_seqlens (S+1,) int32``, ``max_seqlen``,
         ``indices (T,)`` into the flattened (B*N) grid and ``seq_image (S,)``; attention runs
         within each sequence; ``spa_core.pack.unpack`` scatters back.

@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from harness.config import trial_from_dict
-from harness.measure import analytic_attention_macs, fvcore_macs, peak_memory, reset_peak_memory, timed
+from harness.measure import (
+    analytic_attention_macs,
+    dense_twin_config,
+    fvcore_macs,
+    paired_speedup,
+    peak_memory,
+    reset_peak_memory,
+    timed,
+    timed_pairs,
+)
 
 
 def _cfg(**model):
@@ -67,3 +76,33 @@ def test_peak_memory_sees_a_big_allocation():
     x += 1
     peak, _ = peak_memory(device)
     assert kind == "rss_peak" and peak >= base + 48
+
+
+def test_timed_pairs_alternate_which_goes_first():
+    calls = []
+    ta, tb = timed_pairs(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4,
+                         device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(ta) == len(tb) == 4 and min(ta + tb) >= 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_paired_speedup_times_the_model_against_its_dense_twin():
+    from harness.task.detector import build_detector
+
+    cfg = trial_from_dict({"preset": "micro", "model": {"spa": {"selection": "topk", "ratio": 0.5}},
+                           "data": {"image_size": 64, "num_train": 8, "num_val": 4},
+                           "bench": {"batch_size": 2, "warmup": 1, "repeats": 5}})
+    twin = dense_twin_config(cfg)
+    assert twin.model.is_dense and twin.model.spa is None and not cfg.model.is_dense
+    assert (twin.model.depths, twin.model.embed_dim, twin.data, twin.bench) == (
+        cfg.model.depths, cfg.model.embed_dim, cfg.data, cfg.bench)
+    assert not any(type(m).__name__ == "SPABlock" for m in build_detector(twin).modules())
+
+    torch.manual_seed(0)
+    det = build_detector(cfg).train()
+    out = paired_speedup(cfg, SimpleNamespace(device=torch.device("cpu")), det)
+    assert out["paired_repeats"] == 5 and out["paired_model_ms"] > 0 and out["paired_dense_ms"] > 0
+    assert 0 < out["speedup_vs_dense_q1"] <= out["speedup_vs_dense"] <= out["speedup_vs_dense_q3"]
+    assert det.training  # its mode restored
+    assert paired_speedup(twin, SimpleNamespace(device=torch.device("cpu")), det) == {}  # dense: no twin

@@ -114,6 +114,47 @@ def test_compare_numbers_by_hand():
     assert table.loc["selection=random,ratio=0.5", "infer_ms_median_ci95"] == 0.0
 
 
+def _paired_store() -> pd.DataFrame:
+    """The store of a run whose trials timed their model against a dense twin in their own process."""
+    df = _store()
+    spa = df["name"] != "dense"
+    df.loc[spa, "speedup_vs_dense"] = 0.9
+    df.loc[spa, "speedup_vs_dense_q1"] = 0.8
+    df.loc[spa, "speedup_vs_dense_q3"] = 1.0
+    df.loc[spa, "paired_model_ms"] = 20.0
+    df.loc[spa, "paired_dense_ms"] = 18.0
+    df.loc[(df["name"] == "selection=topk,ratio=0.5") & (df["seed"] == 1), "speedup_vs_dense"] = 1.2
+    return df
+
+
+def test_speedup_is_the_paired_one_when_trials_measured_it():
+    report = build_report(_paired_store())
+    t = report.table
+    topk = t.loc["selection=topk,ratio=0.5"]
+    # the mean over seeds of each trial's same-process ratio, not dense infer ms / variant's (11 / 9)
+    assert topk["speedup"] == pytest.approx((0.9 + 1.2 + 0.9) / 3)
+    assert topk["speedup_cross_trial"] == pytest.approx(11.0 / 9.0)
+    assert t.loc["dense", "speedup"] == 1.0
+    assert t.loc["selection=random,ratio=0.5", "speedup"] == pytest.approx(0.9)
+    assert "paired_model_ms" not in t and "paired_dense_ms_delta_pct" not in t  # per-trial detail only
+    assert not any("different trials" in n for n in report.notes)
+    md = report_command(_paired_store(), fmt="md")
+    assert "0.90x (0.80-1.00)" in md  # the random variant: its median with the pairs' interquartile range
+
+
+def test_speedup_falls_back_to_cross_trial_with_a_note():
+    df = _paired_store()
+    df.loc[df["name"] == "selection=random,ratio=0.5", "speedup_vs_dense"] = np.nan  # an older trial
+    report = build_report(df)
+    assert report.table.loc["selection=random,ratio=0.5", "speedup"] == pytest.approx(
+        report.table.loc["dense", "infer_ms_median"] / 8.0)
+    assert any("selection=random,ratio=0.5 vs dense" in n and "different trials" in n for n in report.notes)
+    # a non-dense baseline: no paired timing against it exists
+    other = build_report(_paired_store(), baseline="selection=topk,ratio=0.5")
+    assert other.table.loc["dense", "speedup"] == pytest.approx(9.0 / 11.0)
+    assert any("different trials" in n for n in other.notes)
+
+
 def test_failures_notes_and_axes():
     report = build_report(_store(), base={"model.spa.selection": "topk", "model.spa.ratio": 0.5})
     assert report.baseline == "dense"
