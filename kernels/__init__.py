@@ -1,16 +1,17 @@
 """The fast path of SPA (Select and Pack Attention, arXiv 2410.23608): varlen attention over packed
-tokens, pack/unpack of the selected tokens, the varlen and container sequence layouts, and FLOP
+tokens, pack/unpack of the selected tokens, the gate's token scores, the varlen and container sequence layouts, and FLOP
 formulas for fvcore and ``torch.utils.flop_counter``.
 
 Every op runs through one switch (``kernels._dispatch``): Triton on CUDA tensors, a fast torch path on
 CPU, overridable by ``impl=`` or the ``SPA_ATTN_IMPL`` environment variable. Importing this package
 needs neither Triton nor a GPU. The ops are ``torch.library`` custom ops in the ``spa`` namespace
-(``spa::varlen_attention``, ``spa::pack_tokens``, ``spa::unpack_tokens``), so traces name them.
+(``spa::varlen_attention``, ``spa::pack_tokens``, ``spa::unpack_tokens``, ``spa::token_scores``), so traces name them.
 """
 
 from kernels._dispatch import ENV_VAR, IMPLS, cpu_op_thread_count, resolve_impl, triton_available
 from kernels.flops import FVCORE_HANDLES, register_flop_handles, sdpa_macs, varlen_attention_macs
 from kernels.pack import pack_tokens, pack_tokens_ref, unpack_tokens, unpack_tokens_ref
+from kernels.scores import token_scores, token_scores_ref
 from kernels.seqlens import container_seqlens, cu_seqlens_from_counts, seqlen_sq_sum
 from kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
@@ -27,6 +28,8 @@ __all__ = [
     "resolve_impl",
     "sdpa_macs",
     "seqlen_sq_sum",
+    "token_scores",
+    "token_scores_ref",
     "triton_available",
     "unpack_tokens",
     "unpack_tokens_ref",

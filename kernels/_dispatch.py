@@ -3,11 +3,12 @@
 ``impl`` argument > ``SPA_ATTN_IMPL`` environment variable > ``"auto"``.
 
 - ``"auto"``: Triton for CUDA tensors when Triton imports; on CPU the C++ kernel where the op has one
-  that serves the tensors (varlen attention, float32) and it builds (``kernels.cpu_ext``), else the
-  torch path;
-- ``"triton"``: the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests);
-- ``"cpp"``: the C++ CPU kernel (``kernels/csrc``); ops without one (pack, unpack: single torch
-  calls already) run their torch path;
+  that serves the tensors (varlen attention forward, unpack, token scores; float32) and it builds
+  (``kernels.cpu_ext``), else the torch path;
+- ``"triton"``: the Triton kernels (varlen attention, pack, unpack; token scores has none and runs
+  torch, cuBLAS, on CUDA); on CPU tensors only under ``TRITON_INTERPRET=1`` (tests);
+- ``"cpp"``: the C++ CPU kernel (``kernels/csrc``); ops without one (pack: one ``index_select``
+  already) run their torch path;
 - ``"torch"``: the fast torch path (also runs on GPU);
 - ``"ref"``: the plain reference (per-sequence loops, explicit softmax), for tests and debugging.
 

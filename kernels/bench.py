@@ -1,7 +1,7 @@
 """Benchmark of the SPA attention block (Select and Pack Attention, arXiv 2410.23608) on CPU against its
 dense counterpart, per pack strategy and kept ratio: ``python -m kernels.bench [--json]``.
 
-One block = gate score (Linear C->1) + top-k per image (counts vary per image around the ratio) +
+One block = gate score (Linear C->1, ``kernels.token_scores``) + top-k per image (counts vary per image around the ratio) +
 pack + qkv Linear + attention + proj Linear + unpack onto the residual. Strategies (DESIGN.md):
 
 - ``varlen``: one sequence per image (``kernels.varlen_attention``); dense counterpart: global attention;
@@ -44,6 +44,7 @@ from kernels import (
     cpu_op_thread_count,
     cu_seqlens_from_counts,
     pack_tokens,
+    token_scores,
     unpack_tokens,
     varlen_attention,
     varlen_attention_macs,
@@ -116,7 +117,7 @@ class SPAAttentionBlock(_Attention):
         """Top-``counts[b]`` tokens of image b by gate score -> flat row ids (T,), image-major, each
         image's in token order."""
         B, N, _ = x.shape
-        score = self.gate(x).squeeze(-1)  # (B, N)
+        score = token_scores(x, self.gate.weight, self.gate.bias, impl=self.impl)  # (B, N)
         k = int(counts.max()) if B else 0
         top = score.topk(k, dim=1).indices  # (B, k), best first
         ranked = torch.arange(k, device=x.device)[None, :] < counts[:, None]  # (B, k)

@@ -10,6 +10,8 @@ flop (so it reports MACs), ``torch.utils.flop_counter`` counts 2 flops per multi
 - ``aten::scaled_dot_product_attention`` (q: (..., L, E), k: (..., S, E), v: (..., S, Ev)):
   ``prod(...) * L * S * (E + Ev)`` MACs; masks do not reduce it (SDPA computes densely).
   (flop_counter counts SDPA already.)
+- ``spa::token_scores`` (x: (R, C)): ``R * C`` MACs, as a Linear with one output; its backward runs
+  in torch (counted there).
 - ``spa::pack_tokens`` / ``spa::unpack_tokens``: data movement, 0 (fvcore likewise ignores the
   element-wise add of a residual).
 
@@ -102,6 +104,11 @@ def _fvcore_sdpa(inputs, outputs) -> int:
     return sdpa_macs(_shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]))
 
 
+def _fvcore_token_scores(inputs, outputs) -> int:
+    R, C = _shape(inputs[0])
+    return R * C
+
+
 def _fvcore_zero(inputs, outputs) -> int:
     return 0
 
@@ -111,6 +118,7 @@ FVCORE_HANDLES: dict[str, Any] = {
     "spa::varlen_attention_backward": _fvcore_varlen_attention_backward,
     "spa::pack_tokens": _fvcore_zero,
     "spa::unpack_tokens": _fvcore_zero,
+    "spa::token_scores": _fvcore_token_scores,
     "aten::scaled_dot_product_attention": _fvcore_sdpa,
 }
 
@@ -130,6 +138,7 @@ def register_flop_handles() -> dict[str, Any]:
     from torch.utils.flop_counter import register_flop_formula
 
     import kernels.pack  # noqa: F401  (defines the ops)
+    import kernels.scores  # noqa: F401
     import kernels.varlen_attention  # noqa: F401
     from kernels.seqlens import seqlen_sq_sum
 
@@ -148,6 +157,10 @@ def register_flop_handles() -> dict[str, Any]:
         if sq < 0:
             sq = seqlen_sq_sum(cu_seqlens)
         return 2 * 5 * q.shape[1] * q.shape[2] * sq
+
+    @register_flop_formula(ops.token_scores, get_raw=True)
+    def _scores(x, weight, bias, impl, *args, out_val=None, **kwargs):
+        return 2 * x.shape[0] * x.shape[1]
 
     @register_flop_formula([ops.pack_tokens, ops.unpack_tokens], get_raw=True)
     def _zero(*args, out_val=None, **kwargs):

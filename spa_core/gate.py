@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import token_scores
 from spa_core.config import SPAConfig
 from spa_core.registry import GATES
 
@@ -38,7 +39,7 @@ class LinearGate(nn.Module):
         nn.init.zeros_(self.score.bias)  # sigmoid(0) = 0.5: tokens start half-scaled, selection unbiased
 
     def forward(self, x: Tensor, prev_scores: Tensor | None = None) -> Tensor:
-        s = self.score(x).squeeze(-1)  # (B, N)
+        s = token_scores(x, self.score.weight, self.score.bias)  # (B, N): self.score(x), as one kernels op
         if prev_scores is not None:
             s = torch.maximum(s, prev_scores.to(s.dtype))
         return s

@@ -6,10 +6,13 @@
 torch::Tensor varlen_attention_fwd(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                    const torch::Tensor& cu_seqlens, double softmax_scale);
 at::Tensor unpack_tokens_fwd(const at::Tensor& packed, const at::Tensor& indices, const at::Tensor& base, bool add);
+at::Tensor token_scores_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_attention_fwd", &varlen_attention_fwd,
         "Varlen non-causal attention forward over (T, H, D) float32 CPU tensors (cu_seqlens convention)");
   m.def("unpack_tokens_fwd", &unpack_tokens_fwd,
         "Scatter packed (T, C) rows into a copy of base (R, C) at unique indices, added or replacing");
+  m.def("token_scores_fwd", &token_scores_fwd,
+        "One linear score per row of x (R, C): x @ weight + bias, float32 CPU tensors");
 }
