@@ -159,7 +159,7 @@ def register_flop_handles() -> dict[str, Any]:
         return 2 * 5 * q.shape[1] * q.shape[2] * sq
 
     @register_flop_formula(ops.token_scores, get_raw=True)
-    def _scores(x, weight, bias, impl, *args, out_val=None, **kwargs):
+    def _scores(x, weight, bias, *args, out_val=None, **kwargs):
         return 2 * x.shape[0] * x.shape[1]
 
     @register_flop_formula([ops.pack_tokens, ops.unpack_tokens], get_raw=True)

@@ -5,10 +5,11 @@ image with it before anything is selected, so its cost does not shrink with the 
 Layering as in ../shared/STYLE.md: ``token_scores_ref`` (``F.linear``; also the torch path, which on
 CUDA is cuBLAS's GEMV) -> the C++ CPU kernel (``kernels/csrc/scores_cpu.cpp``, float32: one parallel
 region over rows; torch runs a one-output Linear as a GEMM with n = 1 that kept about one core busy on
-this project's machine) -> ``torch.library.custom_op`` with its autograd formula (named
+this project's machine) -> ``torch.library.custom_op`` around the kernel with its autograd formula (named
 ``spa::token_scores`` in traces; fvcore counts it with ``kernels.FVCORE_HANDLES``: ``R * C``
-multiply-adds, as it counts the Linear) -> public function. The backward runs in torch:
-``dx = ds w^T``, ``dw = x^T ds``, ``db = sum(ds)``. No Triton kernel: on CUDA the torch path is cuBLAS.
+multiply-adds, as it counts the Linear) -> public function, which runs the reference itself for every
+other implementation. The backward runs in torch: ``dx = ds w^T``, ``dw = x^T ds``, ``db = sum(ds)``.
+No Triton kernel: on CUDA the torch path is cuBLAS.
 """
 
 from __future__ import annotations
@@ -23,28 +24,26 @@ __all__ = ["token_scores", "token_scores_ref"]
 
 
 def token_scores_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x: (R, C); weight: (C,); bias: (1,) or None -> (R,) = x @ weight + bias."""
+    """x: (..., C); weight: (C,) or (1, C); bias: (1,) or None -> (...,) = x @ weight + bias. Also the
+    torch path (traced as ``aten::linear``, which fvcore counts itself)."""
     return F.linear(x, weight.reshape(1, -1), bias).squeeze(-1)
 
 
 @torch.library.custom_op("spa::token_scores", mutates_args=())
-def _scores_op(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str) -> Tensor:
-    if impl == "cpp":
-        from kernels import cpu_ext
+def _scores_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    from kernels import cpu_ext
 
-        with cpu_op_threads(x, single_region=True):
-            return cpu_ext.module().token_scores_fwd(x, weight, bias)
     with cpu_op_threads(x, single_region=True):
-        return token_scores_ref(x, weight, bias)
+        return cpu_ext.module().token_scores_fwd(x, weight, bias)
 
 
 @_scores_op.register_fake
-def _(x, weight, bias, impl):
+def _(x, weight, bias):
     return x.new_empty(x.shape[0])
 
 
 def _scores_setup(ctx, inputs, output):
-    x, weight, bias, impl = inputs
+    x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
@@ -58,7 +57,7 @@ def _scores_backward(ctx, grad):
         dw = (grad[None, :] @ x).reshape(weight.shape).to(weight.dtype)  # (C,)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = grad.sum().reshape(1)
-    return dx, dw, db, None
+    return dx, dw, db
 
 
 _scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
@@ -77,12 +76,9 @@ def token_scores(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl:
     if bias is not None and bias.numel() != 1:
         raise ValueError(f"bias must hold one value, got shape {tuple(bias.shape)}")
     if torch.is_autocast_enabled(x.device.type):  # autocast decides the dtype: leave it to F.linear
-        return F.linear(x, weight.reshape(1, C), bias).squeeze(-1)
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, C)
+        return token_scores_ref(x, weight, bias)
     w = weight.reshape(C)
-    tensors = (flat, w) if bias is None else (flat, w, bias)
-    impl = resolve_impl(impl, *tensors, cpp=True)
-    if impl == "triton":  # no Triton kernel: cuBLAS serves CUDA tensors
-        impl = "torch"
-    return _scores_op(flat, w, bias, impl).reshape(lead)
+    tensors = (x, w) if bias is None else (x, w, bias)
+    if resolve_impl(impl, *tensors, cpp=True) != "cpp":  # torch, cuBLAS on CUDA: no kernel of ours there
+        return token_scores_ref(x, w, bias)
+    return _scores_op(x.reshape(-1, C), w, bias).reshape(x.shape[:-1])
