@@ -6,10 +6,12 @@ element-wise max lets a region that an earlier block found relevant stay selecte
 scales the tokens ``r_g = sigmoid(s) * r``, which is how the task loss reaches the gate.
 
 Cost, next to the attention it serves (multiply-adds per image, N tokens, C channels, T kept, M the
-window): the gate is ``N*C`` (the scorer) ``+ N*C`` (the scaling); the Swin window attention it
-replaces is ``4*N*C^2 + 2*M^2*N*C``, the SPA attention it enables ``4*T*C^2 + 2*sum_i n_i^2*C``
-(``n_i`` the packed sequence lengths; ``<= 2*L*T*C`` for containers of L). At Swin-T's stage 3
-(N=196, C=384, M=7) the gate is 0.12% of the window attention (2NC = 0.15M vs 123M).
+window): the gate is ``N*C`` (the scorer) ``+ T*C`` (the scaling, which the block applies to the
+kept tokens only); the Swin window attention it replaces is ``4*N*C^2 + 2*M^2*N*C``, the SPA attention
+it enables ``4*T*C^2 + 2*sum_i n_i^2*C`` (``n_i`` the packed sequence lengths; ``<= 2*L*T*C`` for
+containers of L). At Swin-T's stage 3 (N=196, C=384, M=7) the gate is at most 0.12% of the window
+attention (2NC = 0.15M vs 123M). Its time is not that small: the scorer reads every token, which is
+memory-bound, so the scorer runs ``kernels.token_scores`` (a C++ kernel on CPU).
 """
 
 from __future__ import annotations
@@ -22,7 +24,20 @@ from kernels import token_scores
 from spa_core.config import SPAConfig
 from spa_core.registry import GATES
 
-__all__ = ["LinearGate", "resize_scores"]
+__all__ = ["LinearGate", "TokenScorer", "resize_scores"]
+
+
+class TokenScorer(nn.Linear):
+    """``nn.Linear(dim, 1)`` whose forward is ``kernels.token_scores``: (..., C) -> (...,) scores.
+
+    A module of its own (not the op called on a parent's parameters) so that module hooks see it: ZeRO-3
+    gathers a module's parameters around its own forward, and fvcore attributes the op to it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return token_scores(x, self.weight, self.bias)
 
 
 @GATES.register("linear")
@@ -34,12 +49,12 @@ class LinearGate(nn.Module):
 
     def __init__(self, dim: int, cfg: SPAConfig | None = None) -> None:
         super().__init__()
-        self.score = nn.Linear(dim, 1)
+        self.score = TokenScorer(dim)
         nn.init.trunc_normal_(self.score.weight, std=0.02)
         nn.init.zeros_(self.score.bias)  # sigmoid(0) = 0.5: tokens start half-scaled, selection unbiased
 
     def forward(self, x: Tensor, prev_scores: Tensor | None = None) -> Tensor:
-        s = token_scores(x, self.score.weight, self.score.bias)  # (B, N): self.score(x), as one kernels op
+        s = self.score(x)  # (B, N)
         if prev_scores is not None:
             s = torch.maximum(s, prev_scores.to(s.dtype))
         return s
