@@ -17,7 +17,7 @@ alternate in one process and the ratio is taken per pair, so machine load affect
 table shows medians and the interquartile range of the per-pair ratios, and each block's per-call time.
 
 ``--ops`` times the attention op alone per CPU implementation (``--impls torch,cpp``) on the varlen and
-container layouts of the same packs; ``--profile`` prints torch.profiler's per-op table of each block.
+container layouts of the same packs, and the gate's ``token_scores`` over the batch; ``--profile`` prints torch.profiler's per-op table of each block.
 
 This module builds its blocks from ``kernels``' own ops only (it must not import spa_core).
 """
@@ -334,11 +334,32 @@ def run_ops(
     clock: str = "wall",
     log=None,
 ) -> list[dict]:
-    """``varlen_attention`` alone on the varlen and container layouts of the block's packs, the
+    """``varlen_attention`` alone on the varlen and container layouts of the block's packs, and the
+    gate's ``token_scores`` over the whole batch (layout ``gate``, every ratio alike), the
     implementations called in rotation in one process. One row per (layout, ratio, impl): median and
     interquartile range of the per-call times, GMAC/s, and the speedup over the first impl's median."""
     N, D = grid[0] * grid[1], dim // num_heads
     rows = []
+
+    def emit(layout, ratio, macs, times):
+        base = statistics.median(times[impls[0]])
+        for name in impls:
+            q1, med, q3 = _quartiles(times[name])
+            row = {
+                "layout": layout, "ratio": ratio, "impl": name, "mmacs": round(macs / 1e6, 3),
+                "ms": round(1e3 * med, 3), "ms_q1": round(1e3 * q1, 3), "ms_q3": round(1e3 * q3, 3),
+                "gmacs_per_s": round(macs / med / 1e9, 2), "speedup": round(base / med, 3),
+                "threads": torch.get_num_threads(), "kernel_threads": cpu_op_thread_count(single_region=True),
+                "reps": reps, "clock": clock,
+            }  # fmt: skip
+            rows.append(row)
+            if log is not None:
+                r = "-" if ratio is None else f"{ratio:.2f}"
+                log(
+                    f"| {layout} | {r} | {row['mmacs']:.0f} | {name} | {row['ms']:.2f} "
+                    f"({row['ms_q1']:.2f}-{row['ms_q3']:.2f}) | {row['gmacs_per_s']:.1f} | {row['speedup']:.2f}x |"
+                )
+
     for i, ratio in enumerate(ratios):
         counts = counts_at(i, batch, N, ratio, spread, seed)
         T = int(counts.sum())
@@ -347,31 +368,27 @@ def run_ops(
         for layout, (cu, max_seqlen) in layouts.items():
             lengths = (cu[1:] - cu[:-1]).tolist()
             macs = varlen_attention_macs(num_heads, D, sum(n * n for n in lengths))
-            times: dict[str, list[float]] = {name: [] for name in impls}
-            with torch.inference_mode():
-                for r in range(warmup + reps):
-                    for name in impls[r % len(impls) :] + impls[: r % len(impls)]:
-                        t0 = CLOCKS[clock]()
-                        varlen_attention(q, k, v, cu, max_seqlen, impl=name)
-                        if r >= warmup:
-                            times[name].append(CLOCKS[clock]() - t0)
-            base = statistics.median(times[impls[0]])
-            for name in impls:
-                q1, med, q3 = _quartiles(times[name])
-                row = {
-                    "layout": layout, "ratio": ratio, "impl": name, "mmacs": round(macs / 1e6, 1),
-                    "ms": round(1e3 * med, 3), "ms_q1": round(1e3 * q1, 3), "ms_q3": round(1e3 * q3, 3),
-                    "gmacs_per_s": round(macs / med / 1e9, 2), "speedup": round(base / med, 3),
-                    "threads": torch.get_num_threads(), "kernel_threads": cpu_op_thread_count(single_region=True),
-                    "reps": reps, "clock": clock,
-                }  # fmt: skip
-                rows.append(row)
-                if log is not None:
-                    log(
-                        f"| {layout} | {ratio:.2f} | {row['mmacs']:.0f} | {name} | {row['ms']:.2f} "
-                        f"({row['ms_q1']:.2f}-{row['ms_q3']:.2f}) | {row['gmacs_per_s']:.1f} | {row['speedup']:.2f}x |"
-                    )
+            run = {name: partial(varlen_attention, q, k, v, cu, max_seqlen, impl=name) for name in impls}
+            emit(layout, ratio, macs, _rotate(run, reps, warmup, CLOCKS[clock]))
+    g = torch.Generator().manual_seed(seed)
+    x, gate = torch.randn(batch, N, dim, generator=g), nn.Linear(dim, 1)
+    run = {name: partial(token_scores, x, gate.weight, gate.bias, impl=name) for name in impls}
+    emit("gate", None, batch * N * dim, _rotate(run, reps, warmup, CLOCKS[clock]))
     return rows
+
+
+def _rotate(fns: dict, reps: int, warmup: int, clock) -> dict[str, list[float]]:
+    """Per-call times (seconds) of each function, called in rotation (which goes first rotates too)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for r in range(warmup + reps):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = clock()
+                fns[name]()
+                if r >= warmup:
+                    times[name].append(clock() - t0)
+    return times
 
 
 def profile(strategies, ratios, batch=32, grid=(14, 14), dim=384, num_heads=6, window=7, spread=0.3,
@@ -440,7 +457,7 @@ def main(argv=None) -> int:
         "--ops",
         action="store_true",
         help="time the attention op alone per CPU implementation (--impls) on the varlen and container "
-        "layouts, instead of the blocks",
+        "layouts, and the gate's token scores, instead of the blocks",
     )
     p.add_argument("--impls", default="torch,cpp", help="with --ops: implementations, the first is the baseline")
     p.add_argument(

@@ -63,12 +63,14 @@ def test_bench_rows_carry_per_call_times(capsys):
         assert 0 < row[f"{side}_ms_q1"] <= row[f"{side}_ms"] <= row[f"{side}_ms_q3"]
 
 
-def test_bench_ops_times_each_impl_on_both_layouts(capsys):
+def test_bench_ops_times_each_impl_on_both_layouts_and_the_gate(capsys):
     assert main(["--ops", "--json", "--impls", "torch,cpp,ref", *TINY]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["layout"], r["impl"]) for r in rows} == {
-        (layout, impl) for layout in ("varlen", "containers") for impl in ("torch", "cpp", "ref")
+        (layout, impl) for layout in ("varlen", "containers", "gate") for impl in ("torch", "cpp", "ref")
     }
+    gate = [r for r in rows if r["layout"] == "gate"]
+    assert len(gate) == 3 and all(r["ratio"] is None for r in gate)  # the gate scores every token: no ratio
     for r in rows:
         assert r["ms"] > 0 and r["mmacs"] > 0 and r["gmacs_per_s"] > 0
         if r["impl"] == "torch":
