@@ -161,6 +161,12 @@ def test_portable_build_matches_reference():
     cu, _ = cu_seqlens_from_counts(torch.tensor(counts))
     q, k, v = torch.randn(sum(counts), 3, 2, 40).unbind(1)
     _check(module.varlen_attention_fwd(q, k, v, cu, 0.15), q, k, v, cu, 0.15)
+    x, w, b = torch.randn(37, 45), torch.randn(45), torch.randn(1)  # 45: vector chains, then a scalar tail
+    torch.testing.assert_close(module.token_scores_fwd(x, w, b).double(), x.double() @ w.double() + b.double(),
+                               rtol=1e-5, atol=1e-5)
+    packed, rows = torch.randn(3, 45), torch.tensor([4, 0, 9])
+    expect = x.clone().index_add_(0, rows, packed)
+    torch.testing.assert_close(module.unpack_tokens_fwd(packed, rows, x, True), expect, rtol=0, atol=0)
 
 
 def test_failed_build_falls_back_and_is_not_retried(tmp_path):
