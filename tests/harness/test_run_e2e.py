@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from harness.results import load
@@ -74,6 +75,12 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
     assert dense["world_size"] == 2 and dense["workers"] == 2  # data-parallel on 2 Ray Train workers
     assert dense["dp_param_max_diff"] == 0  # ... whose replicas stayed in step
     assert (spa["world_size"] == 1).all()
+    # SPA trials timed themselves against a dense twin in their own process; the dense trial has no twin
+    paired = spa[["speedup_vs_dense_q1", "speedup_vs_dense", "speedup_vs_dense_q3", "paired_dense_ms"]]
+    assert paired.notna().all().all() and (paired > 0).all().all()
+    assert (spa["speedup_vs_dense_q1"] <= spa["speedup_vs_dense"]).all()
+    assert (spa["speedup_vs_dense"] <= spa["speedup_vs_dense_q3"]).all()
+    assert pd.isna(dense.get("speedup_vs_dense"))
     assert (df["overhead_s"] >= 0).all() and (df["wall_s"] >= df["work_s"]).all()
     for h in df["config_hash"]:
         files = {p.name for p in (store / "smoke" / "trials" / h).iterdir()}
