@@ -16,7 +16,7 @@ variant), after training, with the trial's real selection (the trained gate, or 
   micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
   runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
   (a training step counts the samples of every worker);
-- ``speedup_vs_dense`` (``paired_speedup``, called after the peak memory is read): the trial's model and
+- ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
   its dense twin (the same config with ``model.variant: dense``: plain Swin blocks, fresh weights, which
   dense compute does not depend on) timed in this process, calls alternating and which goes first
   alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of dense time / model
@@ -247,6 +247,8 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
                    train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3)
         engine.eval()
     out["bench_time_s"] = time.perf_counter() - t0
+    out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
+    out.update(paired_speedup(cfg, backend, detector, images))
     return out
 
 
@@ -257,8 +259,9 @@ def dense_twin_config(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant="dense", spa=None))
 
 
-def paired_speedup(cfg, backend, detector: nn.Module) -> dict[str, Any]:
+def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
     """``speedup_vs_dense`` and its quartiles (see the module docstring); empty for a dense trial.
+    ``images``: the fixed evaluation batch on the device (default: loaded here).
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
     ``train.precision`` and with the trial's parameters gathered (ZeRO-3), so the two calls of a pair
@@ -274,9 +277,9 @@ def paired_speedup(cfg, backend, detector: nn.Module) -> dict[str, Any]:
     t0 = time.perf_counter()
     device = backend.device
     bc = cfg.bench
-    _, val_ds = build_datasets(cfg.data, progress=False)
-    images, _ = fixed_batch(val_ds, bc.batch_size)
-    images = images.to(device)
+    if images is None:
+        _, val_ds = build_datasets(cfg.data, progress=False)
+        images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
     dtype = next(detector.parameters()).dtype
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)

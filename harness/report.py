@@ -54,6 +54,8 @@ _SKIP = re.compile(
     re.I,
 )
 _CONFIG_PREFIXES = ("config.", "cfg.", "config/")
+_PAIRED = "speedup_vs_dense"  # measured per trial, the variant and its dense twin in one process
+_SPREAD = (f"{_PAIRED}_q1", f"{_PAIRED}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is aggregated over; the rest change no result).
 _NOT_VARIANT = {"seed", "name", "plugins", "resources.timeout_s", "resources.retries", "data.num_workers",
                 "data.cache_dir"}  # fmt: skip
@@ -275,10 +277,6 @@ def _aggregate(done: pd.DataFrame, metrics: Mapping[str, str], key_cols: Mapping
     cols = ["variant", "n_seeds", *key_cols, *[c for m in metrics for c in (m, f"{m}_ci95")]]
     cols += [q for q in _SPREAD if any(q in r for r in rows)]
     return pd.DataFrame(rows, columns=cols).set_index("variant")
-
-
-_PAIRED = "speedup_vs_dense"  # measured per trial, the variant and its dense twin in one process
-_SPREAD = (f"{_PAIRED}_q1", f"{_PAIRED}_q3")
 
 
 def _first(s: pd.Series) -> Any:

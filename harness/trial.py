@@ -300,7 +300,7 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
                        launched: float) -> dict[str, Any] | None:
     from harness.config import trial_from_dict
     from harness.distributed import DeepSpeedBackend
-    from harness.measure import measure, paired_speedup, peak_memory, reset_peak_memory
+    from harness.measure import measure, reset_peak_memory
     from harness.plugins import load_entry_point_plugins, load_plugins
     from harness.provenance import environment
     from harness.task.train import train_variant
@@ -316,15 +316,12 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
     prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
     dp_diff = _replica_divergence(backend)
-    metrics.update(measure(cfg, backend, backend.model))
-    peak, kind = peak_memory(device)  # before the dense twin of paired_speedup exists
-    metrics.update(paired_speedup(cfg, backend, backend.model))
+    metrics.update(measure(cfg, backend, backend.model))  # peak memory included
     if rank != 0:
         return None
     metrics.update(environment(device, world))
-    metrics.update(world_size=world, dp_param_max_diff=dp_diff, peak_mem_mb=peak, peak_mem_kind=kind,
-                   deepspeed_setup_s=backend.setup_s, worker_import_s=t_ready - started,
-                   prep_s=prep - backend.setup_s,
+    metrics.update(world_size=world, dp_param_max_diff=dp_diff, deepspeed_setup_s=backend.setup_s,
+                   worker_import_s=t_ready - started, prep_s=prep - backend.setup_s,
                    zero_stage=backend.ds_config["zero_optimization"]["stage"],
                    precision=("bf16" if "torch_autocast" in backend.ds_config else
                               "fp16" if "fp16" in backend.ds_config else "fp32"),

@@ -1,8 +1,8 @@
 """Benchmark of the SPA attention block (Select and Pack Attention, arXiv 2410.23608) on CPU against its
 dense counterpart, per pack strategy and kept ratio: ``python -m kernels.bench [--json]``.
 
-One block = gate score (Linear C->1, ``kernels.token_scores``) + top-k per image (counts vary per image around the ratio) +
-pack + qkv Linear + attention + proj Linear + unpack onto the residual. Strategies (DESIGN.md):
+One block = gate score (Linear C->1, ``kernels.token_scores``) + top-k per image (counts vary per image
+around the ratio) + pack + qkv Linear + attention + proj Linear + unpack onto the residual. Strategies (DESIGN.md):
 
 - ``varlen``: one sequence per image (``kernels.varlen_attention``); dense counterpart: global attention;
 - ``containers``: the paper's containers of L = M*M = 49 slots as varlen sequences; dense counterpart:
@@ -17,7 +17,8 @@ alternate in one process and the ratio is taken per pair, so machine load affect
 table shows medians and the interquartile range of the per-pair ratios, and each block's per-call time.
 
 ``--ops`` times the attention op alone per CPU implementation (``--impls torch,cpp``) on the varlen and
-container layouts of the same packs, and the gate's ``token_scores`` over the batch; ``--profile`` prints torch.profiler's per-op table of each block.
+container layouts of the same packs, and the gate's ``token_scores`` over the batch; ``--profile``
+prints torch.profiler's per-op table of each block.
 
 This module builds its blocks from ``kernels``' own ops only (it must not import spa_core).
 """
@@ -52,7 +53,7 @@ from kernels import (
 
 __all__ = [
     "SPAAttentionBlock", "GlobalAttentionBlock", "WindowAttentionBlock", "STRATEGIES", "run", "run_ops", "profile",
-    "main",
+    "time_in_rotation", "main",
 ]  # fmt: skip
 
 STRATEGIES = ("varlen", "containers", "pad", "mask")
@@ -199,24 +200,20 @@ def counts_at(position: int, batch: int, num_tokens: int, ratio: float, spread: 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _time_pairs(dense, spa, reps: int, warmup: int, clock=time.perf_counter):
-    """Alternate dense and SPA calls (which goes first alternates too). Returns the per-call times
-    (seconds) of each, pair by pair: (dense times, SPA times)."""
-    for _ in range(warmup):
-        dense()
-        spa()
-    td, ts = [], []
-    for i in range(reps):
-        first, second = (dense, spa) if i % 2 == 0 else (spa, dense)
-        t0 = clock()
-        first()
-        t1 = clock()
-        second()
-        t2 = clock()
-        a, b = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
-        td.append(a)
-        ts.append(b)
-    return td, ts
+def time_in_rotation(fns: dict, reps: int, warmup: int, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Per-call times (seconds) of each function, in inference mode, called in rotation (which goes
+    first rotates too) for ``warmup`` untimed and ``reps`` timed rounds: machine load in a round falls
+    on all of them. With two functions: dense and SPA alternating, pair by pair."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for r in range(warmup + reps):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = clock()
+                fns[name]()
+                if r >= warmup:
+                    times[name].append(clock() - t0)
+    return times
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -259,8 +256,9 @@ def run(
         for i, ratio in enumerate(ratios):
             counts = counts_at(i, batch, N, ratio, spread, seed)
             spa_macs = fvcore_macs(spa, (x, counts))
-            with torch.inference_mode():
-                td, ts = _time_pairs(partial(dense, x), partial(spa, x, counts), reps, warmup, CLOCKS[clock])
+            times = time_in_rotation({"dense": partial(dense, x), "spa": partial(spa, x, counts)}, reps, warmup,
+                                     CLOCKS[clock])
+            td, ts = times["dense"], times["spa"]
             q1, med, q3 = _quartiles([a / b for a, b in zip(td, ts)])
             dq1, dmed, dq3 = (1e3 * t for t in _quartiles(td))
             sq1, smed, sq3 = (1e3 * t for t in _quartiles(ts))
@@ -369,26 +367,12 @@ def run_ops(
             lengths = (cu[1:] - cu[:-1]).tolist()
             macs = varlen_attention_macs(num_heads, D, sum(n * n for n in lengths))
             run = {name: partial(varlen_attention, q, k, v, cu, max_seqlen, impl=name) for name in impls}
-            emit(layout, ratio, macs, _rotate(run, reps, warmup, CLOCKS[clock]))
+            emit(layout, ratio, macs, time_in_rotation(run, reps, warmup, CLOCKS[clock]))
     g = torch.Generator().manual_seed(seed)
     x, gate = torch.randn(batch, N, dim, generator=g), nn.Linear(dim, 1)
     run = {name: partial(token_scores, x, gate.weight, gate.bias, impl=name) for name in impls}
-    emit("gate", None, batch * N * dim, _rotate(run, reps, warmup, CLOCKS[clock]))
+    emit("gate", None, batch * N * dim, time_in_rotation(run, reps, warmup, CLOCKS[clock]))
     return rows
-
-
-def _rotate(fns: dict, reps: int, warmup: int, clock) -> dict[str, list[float]]:
-    """Per-call times (seconds) of each function, called in rotation (which goes first rotates too)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for r in range(warmup + reps):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = clock()
-                fns[name]()
-                if r >= warmup:
-                    times[name].append(clock() - t0)
-    return times
 
 
 def profile(strategies, ratios, batch=32, grid=(14, 14), dim=384, num_heads=6, window=7, spread=0.3,
@@ -405,7 +389,8 @@ def profile(strategies, ratios, batch=32, grid=(14, 14), dim=384, num_heads=6, w
     out = []
     for strategy in strategies:
         spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=impl).eval()
-        dense = blocks["window" if strategy == "containers" else "global"]
+        dense_name = "window" if strategy == "containers" else "global"
+        dense = blocks[dense_name]
         for i, ratio in enumerate(ratios):
             counts = counts_at(i, batch, N, ratio, spread, seed)
             with torch.inference_mode():
@@ -418,7 +403,7 @@ def profile(strategies, ratios, batch=32, grid=(14, 14), dim=384, num_heads=6, w
                 with torch_profile(activities=[ProfilerActivity.CPU]) as ps:
                     for _ in range(reps):
                         spa(x, counts)
-            for name, prof in ((f"dense {'window' if strategy == 'containers' else 'global'}", pd),
+            for name, prof in ((f"dense {dense_name}", pd),
                                (f"SPA {strategy} at ratio {ratio}", ps)):  # fmt: skip
                 out.append(f"## {name}: {reps} calls, {torch.get_num_threads()} threads")
                 out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
@@ -481,7 +466,7 @@ def main(argv=None) -> int:
         log = None
         if not a.json:
             print(
-                f"varlen attention op alone, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads "
+                f"varlen attention op and the gate's token scores alone, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads "
                 f"(one-region kernels: {cpu_op_thread_count(single_region=True)}), reps={a.reps}, {a.clock} clock; "
                 "median (interquartile range) per call"
             )

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from functools import partial
 
 import torch
 
 from harness.grid import load_grid
 from harness.task.data import build_datasets, fixed_batch
 from harness.task.detector import build_detector
+from kernels.bench import CLOCKS, time_in_rotation
 
 
 def main(argv=None) -> int:
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[a.clock]
     grid = load_grid(a.grid)
     cfg0 = grid.trials[0]
     _, val_ds = build_datasets(cfg0.data, progress=False)
@@ -42,18 +43,12 @@ def main(argv=None) -> int:
         torch.manual_seed(cfg.seed)
         models[cfg.name] = build_detector(cfg).eval()
     names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
     kept = {}
     with torch.inference_mode():
         for name, m in models.items():
             blocks = m(images)["backbone"].blocks
             kept[name] = statistics.fmean(float(b.kept_fraction) for b in blocks) if blocks else 1.0
-        for r in range(a.warmup + a.rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                t0 = clock()
-                models[name](images)
-                if r >= a.warmup:
-                    times[name].append(clock() - t0)
+    times = time_in_rotation({n: partial(m, images) for n, m in models.items()}, a.rounds, a.warmup, clock)
     base = statistics.median(times["dense"]) if "dense" in times else None
     print(
         f"{grid.name}: inference forward, batch {images.shape[0]}, {torch.get_num_threads()} threads, "

@@ -104,10 +104,15 @@ def _selected(x: Tensor, mask: Tensor, order: Tensor | None = None) -> tuple[Ten
     else:
         _check_order(order, N)
         pos = mask[:, order].reshape(-1).nonzero().squeeze(1)  # (T,) into the permuted grid
-        indices = torch.div(pos, N, rounding_mode="floor") * N + order[pos % N]  # raster rows
+        indices = _raster_rows(pos, order, N)
     tokens = pack_tokens(x.reshape(B * N, C), indices)  # (T, C)
     counts = mask.sum(1, dtype=torch.int64)  # (B,)
     return tokens, indices, counts
+
+
+def _raster_rows(pos: Tensor, order: Tensor, n: int) -> Tensor:
+    """Flat rows of a permuted ``(B, n)`` grid (``x[:, order]``) -> the same tokens' rows in raster order."""
+    return torch.div(pos, n, rounding_mode="floor") * n + order[pos % n]
 
 
 def _check_order(order: Tensor, n: int) -> None:
@@ -181,10 +186,8 @@ def pack(
         return fn(x, mask, cfg=cfg)
     if _takes_order(fn):
         return fn(x, mask, cfg=cfg, order=order)
-    N = x.shape[1]
     packed = fn(x[:, order], mask[:, order], cfg=cfg)  # indices into the permuted grid
-    raster = (packed.indices // N) * N + order[packed.indices % N]  # (T,) back to raster rows
-    return dataclasses.replace(packed, indices=raster)
+    return dataclasses.replace(packed, indices=_raster_rows(packed.indices, order, x.shape[1]))
 
 
 @functools.cache
