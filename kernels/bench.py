@@ -16,6 +16,9 @@ multiply-adds, fvcore with ``kernels.FVCORE_HANDLES``) and packing efficiency = 
 alternate in one process and the ratio is taken per pair, so machine load affects both alike; the
 table shows medians and the interquartile range of the per-pair ratios, and each block's per-call time.
 
+``--impl auto,torch`` times one SPA block per implementation (same weights) against the same dense calls,
+one row each: what the C++ kernels buy over the plain torch path, measured in one process.
+
 ``--ops`` times the attention op alone per CPU implementation (``--impls torch,cpp``) on the varlen and
 container layouts of the same packs, and the gate's ``token_scores`` over the batch; ``--profile``
 prints torch.profiler's per-op table of each block.
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 from kernels import (
     ENV_VAR,
     FVCORE_HANDLES,
+    IMPLS,
     container_seqlens,
     cpu_op_thread_count,
     cu_seqlens_from_counts,
@@ -200,18 +204,21 @@ def counts_at(position: int, batch: int, num_tokens: int, ratio: float, spread: 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def time_in_rotation(fns: dict, reps: int, warmup: int, clock=time.perf_counter) -> dict[str, list[float]]:
+def time_in_rotation(
+    fns: dict, reps: int, warmup: int, clock=time.perf_counter, start: int = 0
+) -> dict[str, list[float]]:
     """Per-call times (seconds) of each function, in inference mode, called in rotation (which goes
     first rotates too) for ``warmup`` untimed and ``reps`` timed rounds: machine load in a round falls
-    on all of them. With two functions: dense and SPA alternating, pair by pair."""
+    on all of them. With two functions: dense and SPA alternating, pair by pair. ``start``: the
+    rotation of the first round."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        for r in range(warmup + reps):
+        for r in range(start, start + warmup + reps):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = clock()
                 fns[name]()
-                if r >= warmup:
+                if r >= start + warmup:
                     times[name].append(clock() - t0)
     return times
 
@@ -233,11 +240,15 @@ def run(
     reps: int = 21,
     warmup: int = 5,
     seed: int = 0,
-    impl: str | None = None,
+    impl: str | tuple[str, ...] | None = None,
     clock: str = "wall",
     log=None,
 ) -> list[dict]:
-    """Measure every (strategy, ratio); one flat dict per pair."""
+    """Measure every (strategy, ratio); one flat dict per pair, or per pair and implementation when
+    ``impl`` names several (``("auto", "torch")``): then one SPA block per implementation, with the
+    same weights, each timed against the same dense block in one rotation (``_time_pairs``), so the
+    implementations compare in one process."""
+    impls = (impl,) if impl is None or isinstance(impl, str) else tuple(impl)
     torch.manual_seed(seed)
     N = grid[0] * grid[1]
     g = torch.Generator().manual_seed(seed)
@@ -250,51 +261,77 @@ def run(
     }
     rows = []
     for strategy in strategies:
-        spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=impl).eval()
+        spas = {}
+        for name in impls:
+            spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=name).eval()
+            if spas:  # every implementation computes the same block
+                spa.load_state_dict(next(iter(spas.values())).state_dict())
+            spas[name] = spa
         dense_name = "window" if strategy == "containers" else "global"
         dense = window_block if dense_name == "window" else global_block
         for i, ratio in enumerate(ratios):
             counts = counts_at(i, batch, N, ratio, spread, seed)
-            spa_macs = fvcore_macs(spa, (x, counts))
-            times = time_in_rotation({"dense": partial(dense, x), "spa": partial(spa, x, counts)}, reps, warmup,
-                                     CLOCKS[clock])
-            td, ts = times["dense"], times["spa"]
-            q1, med, q3 = _quartiles([a / b for a, b in zip(td, ts)])
-            dq1, dmed, dq3 = (1e3 * t for t in _quartiles(td))
-            sq1, smed, sq3 = (1e3 * t for t in _quartiles(ts))
-            flop_ratio = dense_macs[dense_name] / spa_macs
-            row = {
-                "strategy": strategy,
-                "ratio": ratio,
-                "kept_fraction": round(float(counts.sum()) / (batch * N), 4),
-                "time_ratio": round(med, 4),
-                "time_ratio_q1": round(q1, 4),
-                "time_ratio_q3": round(q3, 4),
-                "flop_ratio": round(flop_ratio, 4),
-                "efficiency": round(med / flop_ratio, 4),
-                "efficiency_q1": round(q1 / flop_ratio, 4),
-                "efficiency_q3": round(q3 / flop_ratio, 4),
-                "dense": dense_name,
-                "dense_gmacs": round(dense_macs[dense_name] / 1e9, 4),
-                "spa_gmacs": round(spa_macs / 1e9, 4),
-                # per-call times, ms: median and interquartile range (the ratio's own spread is above)
-                "dense_ms": round(dmed, 3),
-                "dense_ms_q1": round(dq1, 3),
-                "dense_ms_q3": round(dq3, 3),
-                "spa_ms": round(smed, 3),
-                "spa_ms_q1": round(sq1, 3),
-                "spa_ms_q3": round(sq3, 3),
-                "reps": reps,
-                "threads": torch.get_num_threads(),
-                "op_threads": cpu_op_thread_count(),
-                "kernel_threads": cpu_op_thread_count(single_region=True),
-                "impl": impl or os.environ.get(ENV_VAR, "auto"),
-                "clock": clock,
-            }
-            rows.append(row)
-            if log is not None:
-                log(_format_row(row))
+            spa_macs = fvcore_macs(next(iter(spas.values())), (x, counts))  # the same for every impl
+            pairs = _time_pairs(partial(dense, x), {n: partial(b, x, counts) for n, b in spas.items()}, reps,
+                                warmup, CLOCKS[clock])  # fmt: skip
+            for name, (td, ts) in pairs.items():
+                row = _row(strategy, ratio, counts, batch * N, td, ts, dense_name, dense_macs[dense_name],
+                           spa_macs, reps, name, clock)  # fmt: skip
+                rows.append(row)
+                if log is not None:
+                    log(_format_row(row, with_impl=len(impls) > 1))
     return rows
+
+
+def _time_pairs(dense, spas: dict, reps: int, warmup: int, clock) -> dict[str, tuple[list[float], list[float]]]:
+    """(dense times, SPA times) per SPA block: each SPA call paired with a dense call (which goes first
+    alternates), the blocks' pairs in rotation round by round. One block: ``time_in_rotation``'s
+    alternation of the two."""
+    names = list(spas)
+    out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for r in range(warmup + reps):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t = time_in_rotation({"dense": dense, "spa": spas[n]}, 1, 0, clock, start=r + names.index(n))
+            if r >= warmup:
+                out[n][0].extend(t["dense"])
+                out[n][1].extend(t["spa"])
+    return out
+
+
+def _row(strategy, ratio, counts, total, td, ts, dense_name, dense_macs, spa_macs, reps, impl, clock) -> dict:
+    """One output row from the paired per-call times (seconds) of the dense and the SPA block."""
+    q1, med, q3 = _quartiles([a / b for a, b in zip(td, ts)])
+    dq1, dmed, dq3 = (1e3 * t for t in _quartiles(td))
+    sq1, smed, sq3 = (1e3 * t for t in _quartiles(ts))
+    flop_ratio = dense_macs / spa_macs
+    return {
+        "strategy": strategy,
+        "ratio": ratio,
+        "kept_fraction": round(float(counts.sum()) / total, 4),
+        "time_ratio": round(med, 4),
+        "time_ratio_q1": round(q1, 4),
+        "time_ratio_q3": round(q3, 4),
+        "flop_ratio": round(flop_ratio, 4),
+        "efficiency": round(med / flop_ratio, 4),
+        "efficiency_q1": round(q1 / flop_ratio, 4),
+        "efficiency_q3": round(q3 / flop_ratio, 4),
+        "dense": dense_name,
+        "dense_gmacs": round(dense_macs / 1e9, 4),
+        "spa_gmacs": round(spa_macs / 1e9, 4),
+        # per-call times, ms: median and interquartile range (the ratio's own spread is above)
+        "dense_ms": round(dmed, 3),
+        "dense_ms_q1": round(dq1, 3),
+        "dense_ms_q3": round(dq3, 3),
+        "spa_ms": round(smed, 3),
+        "spa_ms_q1": round(sq1, 3),
+        "spa_ms_q3": round(sq3, 3),
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+        "op_threads": cpu_op_thread_count(),
+        "kernel_threads": cpu_op_thread_count(single_region=True),
+        "impl": impl or os.environ.get(ENV_VAR, "auto"),
+        "clock": clock,
+    }
 
 
 _HEADER = (
@@ -303,9 +340,16 @@ _HEADER = (
 )
 
 
-def _format_row(r: dict) -> str:
+def _header(with_impl: bool = False) -> str:
+    if not with_impl:
+        return f"{_HEADER}\n" + "|---" * 9 + "|"
+    return _HEADER.replace("| strategy |", "| strategy | impl |", 1) + "\n" + "|---" * 10 + "|"
+
+
+def _format_row(r: dict, with_impl: bool = False) -> str:
+    impl = f" {r['impl']} |" if with_impl else ""
     return (
-        f"| {r['strategy']} | {r['dense']} | {r['ratio']:.2f} | {r['kept_fraction']:.3f} | "
+        f"| {r['strategy']} |{impl} {r['dense']} | {r['ratio']:.2f} | {r['kept_fraction']:.3f} | "
         f"{r['time_ratio']:.2f} ({r['time_ratio_q1']:.2f}-{r['time_ratio_q3']:.2f}) | {r['flop_ratio']:.2f} | "
         f"{r['efficiency']:.2f} ({r['efficiency_q1']:.2f}-{r['efficiency_q3']:.2f}) | "
         f"{r['dense_ms']:.1f} ({r['dense_ms_q1']:.1f}-{r['dense_ms_q3']:.1f}) | "
@@ -437,7 +481,12 @@ def main(argv=None) -> int:
         help="wall: elapsed time; cpu: process CPU time, robust to other load on a shared machine "
         "when used with --threads 1",
     )
-    p.add_argument("--impl", default=None, help="kernel implementation (default: SPA_ATTN_IMPL or auto)")
+    p.add_argument(
+        "--impl",
+        default=None,
+        help="kernel implementation (default: SPA_ATTN_IMPL or auto); for the blocks, a comma list "
+        "(auto,torch) times one SPA block per implementation against the same dense calls, one row each",
+    )
     p.add_argument(
         "--ops",
         action="store_true",
@@ -457,12 +506,18 @@ def main(argv=None) -> int:
         if s not in STRATEGIES:
             p.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
     ratios = [float(r) for r in a.ratios.split(",") if r]
+    impls = tuple(i.strip() for i in (a.impl or "").split(",") if i.strip()) or (None,)
+    for i in impls:
+        if i is not None and i.lower() not in IMPLS:
+            p.error(f"unknown implementation {i!r}; known: {', '.join(IMPLS)}")
+    if len(impls) > 1 and (a.ops or a.profile):
+        p.error("--impl takes one implementation with --ops (use --impls) and --profile")
     size = dict(batch=a.batch, grid=(a.grid, a.grid), dim=a.dim, num_heads=a.heads, window=a.window, spread=a.spread)
     if a.profile:
-        print(profile(strategies, ratios, reps=a.reps, seed=a.seed, impl=a.impl, **size))
+        print(profile(strategies, ratios, reps=a.reps, seed=a.seed, impl=impls[0], **size))
         return 0
     if a.ops:
-        impls = tuple(i for i in a.impls.split(",") if i)
+        op_impls = tuple(i for i in a.impls.split(",") if i)
         log = None
         if not a.json:
             print(
@@ -473,7 +528,7 @@ def main(argv=None) -> int:
             print("| layout | ratio | MMAC | impl | ms (IQR) | GMAC/s | speedup |")
             print("|---|---|---|---|---|---|---|")
             log = print
-        rows = run_ops(ratios, impls, reps=a.reps, warmup=a.warmup, seed=a.seed, clock=a.clock, log=log, **size)
+        rows = run_ops(ratios, op_impls, reps=a.reps, warmup=a.warmup, seed=a.seed, clock=a.clock, log=log, **size)
         if a.json:
             json.dump(rows, sys.stdout)
             print()
@@ -487,12 +542,11 @@ def main(argv=None) -> int:
             f"B={a.batch}, N={a.grid}x{a.grid}, C={a.dim}, heads={a.heads}, L={a.window}^2, "
             f"reps={a.reps}, {a.clock} clock; medians (interquartile range) of per-pair ratios"
         )
-        print(_HEADER)
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(_header(with_impl=len(impls) > 1))
         log = print
     rows = run(
         strategies, ratios, a.batch, (a.grid, a.grid), a.dim, a.heads, a.window, a.spread, a.reps,
-        a.warmup, a.seed, a.impl, a.clock, log,
+        a.warmup, a.seed, impls if len(impls) > 1 else impls[0], a.clock, log,
     )  # fmt: skip
     if a.json:
         json.dump(rows, sys.stdout)

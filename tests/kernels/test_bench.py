@@ -5,9 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from kernels.bench import SPAAttentionBlock, main
+from kernels.bench import SPAAttentionBlock, _time_pairs, main
 
 KEYS = {"strategy", "ratio", "kept_fraction", "time_ratio", "flop_ratio", "efficiency"}
 
@@ -82,3 +83,37 @@ def test_bench_profile_prints_both_blocks(capsys):
     out = capsys.readouterr().out
     assert "## dense window" in out and "## SPA containers at ratio 0.5" in out
     assert "spa::varlen_attention" in out  # the SPA block's profile names our op
+
+
+def test_bench_blocks_per_impl_share_the_dense_calls(capsys):
+    """--impl auto,torch: one row per implementation, same layout and FLOPs, table with an impl column."""
+    assert main(["--json", "--strategies", "containers", "--impl", "auto,torch", *TINY]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["impl"] for r in rows] == ["auto", "torch"]
+    for key in ("strategy", "ratio", "kept_fraction", "flop_ratio", "spa_gmacs", "dense_gmacs"):
+        assert rows[0][key] == rows[1][key]
+    assert main(["--strategies", "varlen", "--impl", "auto,torch", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "| strategy | impl | dense |" in out and "| varlen | torch | global | 0.50 |" in out
+
+
+def test_bench_rejects_unknown_impls(capsys):
+    with pytest.raises(SystemExit):
+        main(["--impl", "auto,fast", *TINY])
+    assert "unknown implementation 'fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--ops", "--impl", "auto,torch", *TINY])
+
+
+def test_time_pairs_alternates_which_block_goes_first_for_every_impl():
+    calls = []
+    ticks = iter(range(10_000))
+    spas = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    out = _time_pairs(lambda: calls.append("dense"), spas, reps=4, warmup=1, clock=lambda: next(ticks))
+    assert all(len(td) == len(ts) == 4 for td, ts in out.values())
+    pairs = [calls[i : i + 2] for i in range(0, len(calls), 2)]  # 5 rounds x 2 impls, one pair each
+    for name in ("a", "b"):
+        mine = [p for p in pairs if name in p]
+        assert len(mine) == 5
+        dense_first = [p[0] == "dense" for p in mine]
+        assert all(x != y for x, y in zip(dense_first, dense_first[1:])), dense_first
