@@ -119,3 +119,37 @@ def test_zero_stages_train_on_cpu(one_process_group, stage, precision):
     assert losses[-1] < losses[0]
     with backend.gathered_parameters():  # ZeRO-3 partitions parameters; gathered they are whole
         assert sum(p.numel() for p in model.parameters()) == 4 * 8 + 8 + 8 + 1
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_paired_speedup_times_a_plain_copy_under_zero3(one_process_group, tmp_path):
+    """ZeRO-3's forward hooks run on every submodule call even with the parameters gathered (the
+    hooked detector took twice the plain one's time here), so the paired timing runs a plain copy
+    with the trial's weights: same outputs, no DeepSpeed parameters or hooks."""
+    from harness.config import trial_from_dict
+    from harness.distributed import DeepSpeedBackend
+    from harness.measure import paired_speedup, timing_copy, zero3_partitioned
+    from harness.task.data import build_datasets, fixed_batch
+    from harness.task.train import train_variant
+
+    cfg = trial_from_dict({"preset": "micro", "model": {"spa": {"selection": "topk", "ratio": 0.5}},
+                           "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1, "zero_stage": 3},
+                           "data": {"num_train": 4, "num_val": 2, "image_size": 64, "cache_dir": str(tmp_path)},
+                           "bench": {"batch_size": 2, "warmup": 0, "repeats": 2}})
+    backend = DeepSpeedBackend()
+    train_variant(cfg, backend=backend, progress=False)
+    det = backend.model
+    assert zero3_partitioned(det) and any(m._forward_pre_hooks for m in det.modules())
+    images = fixed_batch(build_datasets(cfg.data, progress=False)[1], 2)[0]
+    with backend.gathered_parameters(), torch.no_grad():
+        copy = timing_copy(cfg, det)
+        assert copy is not det and not zero3_partitioned(copy)
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in copy.modules())
+        ours, theirs = copy.eval()(images)["backbone"], det.eval()(images)["backbone"]
+        for a, b in zip(ours.features, theirs.features, strict=True):
+            torch.testing.assert_close(a, b)
+        assert [b.counts.tolist() for b in ours.blocks] == [b.counts.tolist() for b in theirs.blocks]
+    out = paired_speedup(cfg, backend, det, images)
+    assert out["paired_repeats"] == 2 and out["speedup_vs_dense"] > 0
+    plain = torch.nn.Linear(2, 2)
+    assert not zero3_partitioned(plain) and timing_copy(cfg, plain) is plain  # no ZeRO-3: the model itself
