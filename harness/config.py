@@ -54,7 +54,7 @@ class DataConfig:
 class HeadConfig:
     type: str = "fcos"  # small anchor-free head
     num_classes: int = 10
-    in_stages: tuple[int, ...] = (2, 3)  # 1-based backbone stages the head reads
+    in_stages: tuple[int, ...] = (2, 3, 4)  # 1-based backbone stages the head reads (every SPA stage)
     channels: int = 64
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
@@ -125,7 +125,22 @@ def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
     cfg.model = config_from_dict(BackboneConfig, {**base, **model}, "model")
     if cfg.model.variant == "dense":
         cfg.model.spa = None
+    _check_head_reads_spa(cfg)
     return cfg
+
+
+def _check_head_reads_spa(cfg: TrialConfig) -> None:
+    """SPA blocks in a stage after the last one the head reads would feed nothing: no detection and no
+    task loss would see what they select (only their gates would train, on the labels)."""
+    if cfg.model.is_dense or not cfg.head.in_stages:
+        return
+    unread = sorted(s for s in cfg.model.spa_stages if s > max(cfg.head.in_stages))
+    if unread:
+        raise ConfigError(
+            f"model.spa_stages {list(cfg.model.spa_stages)} has SPA blocks in stage(s) {unread}, after the last "
+            f"stage the head reads (head.in_stages {list(cfg.head.in_stages)}): their output would reach no "
+            "detection and no loss. Add the stage(s) to head.in_stages or remove them from model.spa_stages."
+        )
 
 
 def trial_to_dict(cfg: TrialConfig) -> dict[str, Any]:

@@ -119,7 +119,10 @@ def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[
 
 class _InferenceGraph(nn.Module):
     """The detector's inference forward as a traceable graph: backbone, head; tensors out (NMS, a
-    data-dependent numpy loop, is left out: it does no multiply-adds worth counting)."""
+    data-dependent numpy loop, is left out: it does no multiply-adds worth counting). Every backbone
+    feature is an output too, read by the head or not: the trace drops work whose result reaches no
+    output, and the eager forward computes all four stages (fvcore would otherwise leave out, say, the
+    layer norm of a stage the head does not read)."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
@@ -129,7 +132,7 @@ class _InferenceGraph(nn.Module):
         bb = self.detector.backbone(images)
         feats = [bb.features[s - 1] for s in self.detector.in_stages]
         cls, ltrb, ctr = self.detector.head(feats)
-        return (*cls, *ltrb, *ctr)
+        return (*cls, *ltrb, *ctr, *bb.features)
 
 
 def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:

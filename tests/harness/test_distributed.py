@@ -128,7 +128,7 @@ def test_paired_speedup_times_a_plain_copy_under_zero3(one_process_group, tmp_pa
     with the trial's weights: same outputs, no DeepSpeed parameters or hooks."""
     from harness.config import trial_from_dict
     from harness.distributed import DeepSpeedBackend
-    from harness.measure import paired_speedup, timing_copy, zero3_partitioned
+    from harness.measure import fvcore_macs, paired_speedup, timing_copy, zero3_partitioned
     from harness.task.data import build_datasets, fixed_batch
     from harness.task.train import train_variant
 
@@ -149,6 +149,7 @@ def test_paired_speedup_times_a_plain_copy_under_zero3(one_process_group, tmp_pa
         for a, b in zip(ours.features, theirs.features, strict=True):
             torch.testing.assert_close(a, b)
         assert [b.counts.tolist() for b in ours.blocks] == [b.counts.tolist() for b in theirs.blocks]
+        assert fvcore_macs(det, images) == fvcore_macs(copy, images)  # what measure() counts under ZeRO-3
     out = paired_speedup(cfg, backend, det, images)
     assert out["paired_repeats"] == 2 and out["speedup_vs_dense"] > 0
     plain = torch.nn.Linear(2, 2)

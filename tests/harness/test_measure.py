@@ -106,3 +106,26 @@ def test_paired_speedup_times_the_model_against_its_dense_twin():
     assert 0 < out["speedup_vs_dense_q1"] <= out["speedup_vs_dense"] <= out["speedup_vs_dense_q3"]
     assert det.training  # its mode restored
     assert paired_speedup(twin, SimpleNamespace(device=torch.device("cpu")), det) == {}  # dense: no twin
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fvcore_counts_every_stage_the_forward_computes():
+    """The trace keeps the features the head does not read: the eager forward computes them (a
+    trace drops work whose result reaches no output)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    import kernels
+    from harness.task.detector import build_detector
+    from spa_core.backbone import BackboneFeatures
+
+    cfg = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}, "head": {"in_stages": [2, 3]},
+                           "data": {"image_size": 64}})
+    torch.manual_seed(0)
+    det = build_detector(cfg).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fca = FlopCountAnalysis(BackboneFeatures(det.backbone), (images,)).set_op_handle(**kernels.FVCORE_HANDLES)
+        backbone = fca.total()  # all four stages
+    macs = fvcore_macs(det, images)
+    assert macs["backbone"] == backbone
+    assert macs["total"] > backbone

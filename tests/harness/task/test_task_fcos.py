@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import trial_from_dict
+from harness.config import ConfigError, trial_from_dict
 from harness.task.detector import build_detector
 from harness.task.fcos import FCOSHead, fcos_loss, fcos_postprocess, fcos_targets, level_points, nms
 from spa_core import MODEL_VARIANTS
@@ -64,7 +64,7 @@ def test_head_learns_one_box_and_decodes_it():
 
 @pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
 def test_detector_outputs(variant):
-    cfg = trial_from_dict({"preset": "micro", "model": {"variant": variant}, "head": {"in_stages": [2, 3]}})
+    cfg = trial_from_dict({"preset": "micro", "model": {"variant": variant}})
     torch.manual_seed(0)
     model = build_detector(cfg)
     images = torch.randn(2, 3, 64, 64)
@@ -89,7 +89,17 @@ def test_detector_outputs(variant):
 
 
 def test_detector_rejects_bad_head_config():
-    with pytest.raises(ValueError, match="in_stages"):
-        build_detector(trial_from_dict({"preset": "micro", "head": {"in_stages": [3, 2]}}))
+    with pytest.raises(ValueError, match="increasing"):
+        build_detector(trial_from_dict({"preset": "micro", "head": {"in_stages": [4, 2]}}))
     with pytest.raises(ValueError, match="head.type"):
         build_detector(trial_from_dict({"preset": "micro", "head": {"type": "yolo"}}))
+
+
+def test_spa_stages_the_head_does_not_read_are_refused():
+    """SPA blocks after the head's last stage would select tokens that reach no detection and no loss."""
+    with pytest.raises(ConfigError, match=r"stage\(s\) \[4\].*head.in_stages \[2, 3\]"):
+        trial_from_dict({"preset": "micro", "model": {"spa_stages": [3, 4]}, "head": {"in_stages": [2, 3]}})
+    assert trial_from_dict({"preset": "micro", "model": {"spa_stages": [3]}, "head": {"in_stages": [2, 3]}})
+    dense = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}, "head": {"in_stages": [2, 3]}})
+    assert dense.model.is_dense  # no SPA blocks: any stages
+    assert trial_from_dict({"preset": "micro"}).head.in_stages == (2, 3, 4)  # the default reads every SPA stage
