@@ -149,7 +149,9 @@ def test_paired_speedup_times_a_plain_copy_under_zero3(one_process_group, tmp_pa
         for a, b in zip(ours.features, theirs.features, strict=True):
             torch.testing.assert_close(a, b)
         assert [b.counts.tolist() for b in ours.blocks] == [b.counts.tolist() for b in theirs.blocks]
-        assert fvcore_macs(det, images) == fvcore_macs(copy, images)  # what measure() counts under ZeRO-3
+        counted, plain_count = fvcore_macs(det, images), fvcore_macs(copy, images)  # as measure() counts
+        for key in ("total", "backbone", "attn"):  # ZeRO-3's hooks add uncounted ops, no multiply-adds
+            assert counted[key] == plain_count[key] > 0, key
     out = paired_speedup(cfg, backend, det, images)
     assert out["paired_repeats"] == 2 and out["speedup_vs_dense"] > 0
     plain = torch.nn.Linear(2, 2)
