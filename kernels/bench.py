@@ -265,13 +265,13 @@ def run(
         for name in impls:
             spa = SPAAttentionBlock(dim, num_heads, strategy, container_len=window * window, impl=name).eval()
             if spas:  # every implementation computes the same block
-                spa.load_state_dict(next(iter(spas.values())).state_dict())
+                spa.load_state_dict(spas[impls[0]].state_dict())
             spas[name] = spa
         dense_name = "window" if strategy == "containers" else "global"
         dense = window_block if dense_name == "window" else global_block
         for i, ratio in enumerate(ratios):
             counts = counts_at(i, batch, N, ratio, spread, seed)
-            spa_macs = fvcore_macs(next(iter(spas.values())), (x, counts))  # the same for every impl
+            spa_macs = fvcore_macs(spas[impls[0]], (x, counts))  # the same for every impl
             pairs = _time_pairs(partial(dense, x), {n: partial(b, x, counts) for n, b in spas.items()}, reps,
                                 warmup, CLOCKS[clock])  # fmt: skip
             for name, (td, ts) in pairs.items():
@@ -290,11 +290,11 @@ def _time_pairs(dense, spas: dict, reps: int, warmup: int, clock) -> dict[str, t
     names = list(spas)
     out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     for r in range(warmup + reps):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t = time_in_rotation({"dense": dense, "spa": spas[n]}, 1, 0, clock, start=r + names.index(n))
+        for j in ((r + k) % len(names) for k in range(len(names))):
+            t = time_in_rotation({"dense": dense, "spa": spas[names[j]]}, 1, 0, clock, start=r + j)
             if r >= warmup:
-                out[n][0].extend(t["dense"])
-                out[n][1].extend(t["spa"])
+                out[names[j]][0].extend(t["dense"])
+                out[names[j]][1].extend(t["spa"])
     return out
 
 
@@ -341,9 +341,8 @@ _HEADER = (
 
 
 def _header(with_impl: bool = False) -> str:
-    if not with_impl:
-        return f"{_HEADER}\n" + "|---" * 9 + "|"
-    return _HEADER.replace("| strategy |", "| strategy | impl |", 1) + "\n" + "|---" * 10 + "|"
+    header = _HEADER.replace("| strategy |", "| strategy | impl |", 1) if with_impl else _HEADER
+    return header + "\n" + "|---" * (header.count("|") - 1) + "|"
 
 
 def _format_row(r: dict, with_impl: bool = False) -> str:
