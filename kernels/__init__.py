@@ -1,6 +1,6 @@
 """The fast path of SPA (Select and Pack Attention, arXiv 2410.23608): varlen attention over packed
-tokens, pack/unpack of the selected tokens, the gate's token scores, the varlen and container sequence layouts, and FLOP
-formulas for fvcore and ``torch.utils.flop_counter``.
+tokens, pack/unpack of the selected tokens, the gate's token scores, the per-image top-k selection,
+the varlen and container sequence layouts, and FLOP formulas for fvcore and ``torch.utils.flop_counter``.
 
 Every op runs through one switch (``kernels._dispatch``): Triton on CUDA tensors, a fast torch path on
 CPU, overridable by ``impl=`` or the ``SPA_ATTN_IMPL`` environment variable. Importing this package
@@ -12,6 +12,7 @@ from kernels._dispatch import ENV_VAR, IMPLS, cpu_op_thread_count, resolve_impl,
 from kernels.flops import FVCORE_HANDLES, register_flop_handles, sdpa_macs, varlen_attention_macs
 from kernels.pack import pack_tokens, pack_tokens_ref, unpack_tokens, unpack_tokens_ref
 from kernels.scores import token_scores, token_scores_ref
+from kernels.select import topk_indices, topk_indices_ref
 from kernels.seqlens import container_seqlens, cu_seqlens_from_counts, seqlen_sq_sum
 from kernels.varlen_attention import varlen_attention, varlen_attention_ref
 
@@ -30,6 +31,8 @@ __all__ = [
     "seqlen_sq_sum",
     "token_scores",
     "token_scores_ref",
+    "topk_indices",
+    "topk_indices_ref",
     "triton_available",
     "unpack_tokens",
     "unpack_tokens_ref",

@@ -25,8 +25,8 @@ import os
 import torch
 
 __all__ = [
-    "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "triton_available", "cpu_op_threads",
-    "cpu_op_thread_count",
+    "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_cpp_or_torch", "triton_available",
+    "cpu_op_threads", "cpu_op_thread_count",
 ]  # fmt: skip
 
 IMPLS = ("auto", "triton", "cpp", "torch", "ref")
@@ -84,6 +84,17 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
                 "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
             )
     return name
+
+
+def resolve_cpp_or_torch(impl: str | None, *tensors: torch.Tensor) -> str:
+    """``"cpp"`` or ``"torch"`` for a helper op that has a C++ CPU kernel and a torch path only (no
+    Triton kernel: the selection and layout ops, whose torch path also serves CUDA). "triton", "torch"
+    and "ref" give the torch path; "auto" and "cpp" resolve as in ``resolve_impl`` (tensors: those the
+    C++ kernel must take as float32 CPU; none for integer-only ops)."""
+    name = (impl if impl is not None else os.environ.get(ENV_VAR, "auto")).strip().lower()
+    if name in ("triton", "torch", "ref"):
+        return "torch"
+    return "cpp" if resolve_impl(impl, *tensors, cpp=True) == "cpp" else "torch"
 
 
 @contextlib.contextmanager

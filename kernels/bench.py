@@ -50,6 +50,7 @@ from kernels import (
     cu_seqlens_from_counts,
     pack_tokens,
     token_scores,
+    topk_indices,
     unpack_tokens,
     varlen_attention,
     varlen_attention_macs,
@@ -121,13 +122,8 @@ class SPAAttentionBlock(_Attention):
     def select(self, x: Tensor, counts: Tensor) -> Tensor:
         """Top-``counts[b]`` tokens of image b by gate score -> flat row ids (T,), image-major, each
         image's in token order."""
-        B, N, _ = x.shape
         score = token_scores(x, self.gate.weight, self.gate.bias, impl=self.impl)  # (B, N)
-        k = int(counts.max()) if B else 0
-        top = score.topk(k, dim=1).indices  # (B, k), best first
-        ranked = torch.arange(k, device=x.device)[None, :] < counts[:, None]  # (B, k)
-        keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, top, ranked)  # (B, N)
-        return keep.view(-1).nonzero().squeeze(1)
+        return topk_indices(score, counts, impl=self.impl)
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         B, N, C = x.shape
@@ -140,9 +136,9 @@ class SPAAttentionBlock(_Attention):
             o = self._attend_pad(packed, counts)
         else:
             if self.strategy == "varlen":
-                cu, max_seqlen = cu_seqlens_from_counts(counts)
+                cu, max_seqlen = cu_seqlens_from_counts(counts, impl=self.impl)
             else:
-                cu, max_seqlen, _, _ = container_seqlens(counts, self.container_len)
+                cu, max_seqlen, _, _ = container_seqlens(counts, self.container_len, impl=self.impl)
             q, k, v = self.split(packed)  # (T, H, D)
             o = varlen_attention(q, k, v, cu, max_seqlen, impl=self.impl).reshape(-1, C)
         return unpack_tokens(self.proj(o), indices, flat, add=True, impl=self.impl).view(B, N, C)
@@ -152,7 +148,7 @@ class SPAAttentionBlock(_Attention):
         too (the strategy's cost)."""
         B, C = counts.numel(), packed.shape[1]
         P = int(counts.max()) if B else 0
-        cu, _ = cu_seqlens_from_counts(counts)
+        cu, _ = cu_seqlens_from_counts(counts, impl=self.impl)
         slot = torch.arange(P, device=packed.device)[None, :]  # (1, P)
         valid = slot < counts[:, None]  # (B, P)
         src = (cu[:-1, None].long() + slot).clamp(max=max(packed.shape[0] - 1, 0))  # (B, P)

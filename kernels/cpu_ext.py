@@ -33,7 +33,7 @@ __all__ = ["ENV_VAR", "load", "module", "unavailable_reason", "build_name", "mai
 
 ENV_VAR = "SPA_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(_CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp", "scores_cpu.cpp"))
+SOURCES = tuple(_CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp", "scores_cpu.cpp", "select_cpu.cpp"))
 _STALE_LOCK_S = 15 * 60  # a build lock this old was left by a killed build
 _FAILED = "spa_build_failed.txt"  # fingerprint of a failed build's sources and flags, and its error
 _BUILT = "spa_build_ok.txt"  # fingerprint of the last good build, its .so and module name
@@ -196,8 +196,8 @@ def unavailable_reason() -> str | None:
 def warn_fallback() -> None:
     """Warn once per process that the CPU ops run their slower torch path."""
     warnings.warn(
-        f"spa kernels: the C++ CPU kernels are unavailable ({unavailable_reason()}); varlen attention runs "
-        "its torch path, about 2x slower at SPA's sequence lengths",
+        f"spa kernels: the C++ CPU kernels are unavailable ({unavailable_reason()}); the ops run their torch "
+        "paths (varlen attention about 2x slower at SPA's sequence lengths)",
         RuntimeWarning,
         stacklevel=4,  # warn_fallback <- resolve_impl <- the op <- its caller
     )

@@ -5,33 +5,59 @@ Packed tokens are the selected tokens of all images written one after another, i
 (``kernels.pack.pack_tokens``). A container of length ``L`` with its block-diagonal mask is exactly a
 varlen batch whose sequences are the runs of one image's tokens inside one container, so both layouts
 are only different ``cu_seqlens`` over the same packed tensor (../shared/DESIGN.md, "Equivalence").
+
+On CPU both layouts come from one call of a C++ kernel (``kernels/csrc/select_cpu.cpp``) where the torch
+path below makes 5-15 small calls; the results are identical. The torch path serves CUDA (where it
+avoids a host round trip for ``cu_seqlens``), traces, and ``impl="torch"``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels._dispatch import resolve_cpp_or_torch
+
 __all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
 
 
-def _as_counts(counts) -> torch.Tensor:
+def _as_integer(counts) -> torch.Tensor:
     counts = torch.as_tensor(counts)
     if counts.dim() != 1:
         raise ValueError(f"counts must be 1-D (one count per image), got shape {tuple(counts.shape)}")
     if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
         raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
+    return counts
+
+
+def _as_counts(counts) -> torch.Tensor:
+    counts = _as_integer(counts)
     if counts.numel() and bool((counts < 0).any()):
         raise ValueError("counts must be non-negative")
     return counts.to(torch.int64)
 
 
-def cu_seqlens_from_counts(counts) -> tuple[torch.Tensor, int]:
+def _cpp(impl: str | None, counts: torch.Tensor):
+    """The C++ extension when it serves these counts (CPU, not traced or compiled, ``impl`` "auto" or
+    "cpp"), else None. ``impl`` as in ``kernels._dispatch``."""
+    if counts.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    if resolve_cpp_or_torch(impl) != "cpp":
+        return None
+    from kernels import cpu_ext
+
+    return cpu_ext.module()
+
+
+def cu_seqlens_from_counts(counts, *, impl: str | None = None) -> tuple[torch.Tensor, int]:
     """One sequence per image.
 
     counts: (B,) integer, tokens kept per image (0 allowed).
     Returns ``cu_seqlens: (B+1,) int32`` on the device of ``counts`` and ``max_seqlen`` (a Python
-    int, 0 for an empty batch).
+    int, 0 for an empty batch). ``impl``: "torch" forces the torch path (see the module docstring).
     """
+    ext = _cpp(impl, counts := _as_integer(counts))
+    if ext is not None:
+        return ext.cu_seqlens_fwd(counts)
     counts = _as_counts(counts)
     cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
     if counts.numel():
@@ -40,7 +66,9 @@ def cu_seqlens_from_counts(counts) -> tuple[torch.Tensor, int]:
     return cu, max_seqlen
 
 
-def container_seqlens(counts, container_len: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+def container_seqlens(
+    counts, container_len: int, *, impl: str | None = None
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """The paper's containers as varlen sequences.
 
     The kept tokens of the images are written one after another into containers of ``container_len``
@@ -51,11 +79,15 @@ def container_seqlens(counts, container_len: int) -> tuple[torch.Tensor, int, to
     counts: (B,) integer; container_len: L >= 1.
     Returns ``cu_seqlens: (S+1,) int32``, ``max_seqlen`` (int, <= L), ``seq_image: (S,) int64`` (the
     image of each sequence) and ``seq_container: (S,) int64`` (its container, ``start // L``). The
-    number of containers is ``ceil(T / L)``; only the last one is partly empty.
+    number of containers is ``ceil(T / L)``; only the last one is partly empty. ``impl``: "torch"
+    forces the torch path (see the module docstring).
     """
     if int(container_len) < 1:
         raise ValueError(f"container_len must be >= 1, got {container_len}")
     L = int(container_len)
+    ext = _cpp(impl, counts := _as_integer(counts))
+    if ext is not None:
+        return ext.container_seqlens_fwd(counts, L)
     counts = _as_counts(counts)
     device = counts.device
     ends = torch.cumsum(counts, 0)  # (B,) image end offsets in the packed stream

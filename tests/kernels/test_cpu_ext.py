@@ -132,9 +132,10 @@ def test_disabled_kernels_fall_back_loudly():
     """SPA_CPU_KERNELS=0: auto warns once and runs the torch path; an explicit impl='cpp' raises."""
     code = (
         "import warnings, torch, kernels\n"
-        "q = torch.randn(6, 2, 8); cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 4]))\n"
+        "q = torch.randn(6, 2, 8)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
+        "    cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 4]))\n"
         "    a = kernels.varlen_attention(q, q, q, cu, m)\n"
         "    kernels.varlen_attention(q, q, q, cu, m)\n"
         "msgs = [str(x.message) for x in w if 'C++ CPU kernels are unavailable' in str(x.message)]\n"
@@ -178,9 +179,10 @@ def test_failed_build_falls_back_and_is_not_retried(tmp_path):
     cxx.chmod(0o755)
     code = (
         "import warnings, torch, kernels\n"
-        "q = torch.randn(6, 2, 8); cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 4]))\n"
+        "q = torch.randn(6, 2, 8)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
+        "    cu, m = kernels.cu_seqlens_from_counts(torch.tensor([2, 4]))\n"
         "    out = kernels.varlen_attention(q, q, q, cu, m)\n"
         "msgs = [str(x.message) for x in w if 'C++ CPU kernels are unavailable' in str(x.message)]\n"
         "assert len(msgs) == 1 and 'failed' in msgs[0], [str(x.message) for x in w]\n"

@@ -1,0 +1,77 @@
+"""Per-image top-k of token scores as flat row ids: the selection of an SPA block (Select and Pack
+Attention, arXiv 2410.23608) when every image keeps its own number of tokens, in the order ``pack_tokens``
+and the sequence layouts of ``kernels.seqlens`` expect (image-major, token order within an image).
+
+Layering as in ../shared/STYLE.md: ``topk_indices_ref`` (a stable descending sort, a ranked mask,
+``nonzero``: the specification, ties included) -> the torch path (``torch.topk`` of the largest count,
+a ranked mask, ``nonzero``: faster than a full sort, the path on CUDA; it agrees with the reference
+whenever no two scores of an image tie) -> the C++ CPU kernel (``kernels/csrc/select_cpu.cpp``: one
+call where the torch path makes about ten small ones; exactly the reference, ties included) -> public
+function. No autograd: the result is integer indices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from kernels._dispatch import ENV_VAR, resolve_cpp_or_torch
+
+__all__ = ["topk_indices", "topk_indices_ref"]
+
+
+def topk_indices_ref(scores: Tensor, counts: Tensor) -> Tensor:
+    """scores: (B, N); counts: (B,) integer in [0, N] -> (T,) int64 flat row ids ``b * N + j`` of the
+    ``counts[b]`` highest scores of row b, image-major, ascending within an image. Order: higher first,
+    NaN above every number, ties to the lower j (a stable descending sort)."""
+    B, N = scores.shape
+    order = scores.sort(dim=1, descending=True, stable=True).indices  # (B, N)
+    ranked = torch.arange(N, device=scores.device)[None, :] < counts.to(scores.device)[:, None]  # (B, N)
+    keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, order, ranked)
+    return keep.view(-1).nonzero().squeeze(1)
+
+
+def _topk_indices_torch(scores: Tensor, counts: Tensor) -> Tensor:
+    """The torch path: top-k of the largest count, then each image's first ``counts[b]`` of them."""
+    B, N = scores.shape
+    k = int(counts.max()) if B else 0
+    top = scores.topk(k, dim=1).indices  # (B, k), best first
+    ranked = torch.arange(k, device=scores.device)[None, :] < counts.to(scores.device)[:, None]  # (B, k)
+    keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, top, ranked)
+    return keep.view(-1).nonzero().squeeze(1)
+
+
+def _check(scores: Tensor, counts: Tensor) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    if counts.dim() != 1 or counts.numel() != scores.shape[0]:
+        raise ValueError(f"counts must be (B,) = ({scores.shape[0]},), got shape {tuple(counts.shape)}")
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
+
+
+def topk_indices(scores: Tensor, counts: Tensor, *, impl: str | None = None) -> Tensor:
+    """The ``counts[b]`` best tokens of every image b, as flat row ids into ``x.view(B * N, C)``.
+
+    scores: (B, N) floating point (a gate's scores); counts: (B,) integer, each in [0, N].
+    Returns (T,) int64, T = sum(counts): image-major, each image's ids in token order (what
+    ``pack_tokens`` takes and what ``cu_seqlens_from_counts(counts)`` / ``container_seqlens`` lay out).
+    Higher scores first, NaN above every number, ties to the lower token index, in every implementation.
+    ``impl``: see ``kernels._dispatch``; the C++ kernel serves float32 CPU scores, the torch path the
+    rest ("ref": the reference). The torch path may order tied scores differently (``torch.topk``).
+    """
+    _check(scores, counts)
+    traced = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if not traced and resolve_cpp_or_torch(impl, scores) == "cpp":
+        from kernels import cpu_ext
+
+        return cpu_ext.module().topk_indices_fwd(scores.detach(), counts)
+    counts = counts.to(torch.int64)
+    if counts.numel() and bool(((counts < 0) | (counts > scores.shape[1])).any()):
+        raise ValueError(f"counts must be in [0, N={scores.shape[1]}], got {counts.tolist()}")
+    name = (impl if impl is not None else os.environ.get(ENV_VAR, "auto")).strip().lower()
+    return (topk_indices_ref if name == "ref" else _topk_indices_torch)(scores.detach(), counts)
