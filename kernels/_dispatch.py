@@ -3,10 +3,12 @@
 ``impl`` argument > ``SPA_ATTN_IMPL`` environment variable > ``"auto"``.
 
 - ``"auto"``: Triton for CUDA tensors when Triton imports; on CPU the C++ kernel where the op has one
-  that serves the tensors (varlen attention forward, unpack, token scores; float32) and it builds
+  that serves the tensors (varlen attention forward, unpack, token scores: float32; the per-image
+  top-k and the sequence layouts, ``resolve_cpp_or_torch``) and it builds
   (``kernels.cpu_ext``), else the torch path;
-- ``"triton"``: the Triton kernels (varlen attention, pack, unpack; token scores has none and runs
-  torch, cuBLAS, on CUDA); on CPU tensors only under ``TRITON_INTERPRET=1`` (tests);
+- ``"triton"``: the Triton kernels (varlen attention, pack, unpack; token scores, top-k and the
+  layouts have none and run torch, e.g. cuBLAS, on CUDA); on CPU tensors only under
+  ``TRITON_INTERPRET=1`` (tests);
 - ``"cpp"``: the C++ CPU kernel (``kernels/csrc``); ops without one (pack: one ``index_select``
   already) run their torch path;
 - ``"torch"``: the fast torch path (also runs on GPU);

@@ -1,8 +1,8 @@
 """Benchmark of the SPA attention block (Select and Pack Attention, arXiv 2410.23608) on CPU against its
 dense counterpart, per pack strategy and kept ratio: ``python -m kernels.bench [--json]``.
 
-One block = gate score (Linear C->1, ``kernels.token_scores``) + top-k per image (counts vary per image
-around the ratio) + pack + qkv Linear + attention + proj Linear + unpack onto the residual. Strategies (DESIGN.md):
+One block = gate score (Linear C->1, ``kernels.token_scores``) + top-k per image (``kernels.topk_indices``;
+counts vary per image around the ratio) + pack + qkv Linear + attention + proj Linear + unpack onto the residual. Strategies (DESIGN.md):
 
 - ``varlen``: one sequence per image (``kernels.varlen_attention``); dense counterpart: global attention;
 - ``containers``: the paper's containers of L = M*M = 49 slots as varlen sequences; dense counterpart:
