@@ -4,7 +4,7 @@
 
 - ``"auto"``: Triton for CUDA tensors when Triton imports; on CPU the C++ kernel where the op has one
   that serves the tensors (varlen attention forward, unpack, token scores: float32; the per-image
-  top-k and the sequence layouts, ``resolve_cpp_or_torch``) and it builds
+  top-k and the sequence layouts, ``resolve_helper_impl``) and it builds
   (``kernels.cpu_ext``), else the torch path;
 - ``"triton"``: the Triton kernels (varlen attention, pack, unpack; token scores, top-k and the
   layouts have none and run torch, e.g. cuBLAS, on CUDA); on CPU tensors only under
@@ -27,7 +27,7 @@ import os
 import torch
 
 __all__ = [
-    "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_cpp_or_torch", "triton_available",
+    "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_helper_impl", "triton_available",
     "cpu_op_threads", "cpu_op_thread_count",
 ]  # fmt: skip
 
@@ -88,13 +88,18 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
     return name
 
 
-def resolve_cpp_or_torch(impl: str | None, *tensors: torch.Tensor) -> str:
-    """``"cpp"`` or ``"torch"`` for a helper op that has a C++ CPU kernel and a torch path only (no
-    Triton kernel: the selection and layout ops, whose torch path also serves CUDA). "triton", "torch"
-    and "ref" give the torch path; "auto" and "cpp" resolve as in ``resolve_impl`` (tensors: those the
-    C++ kernel must take as float32 CPU; none for integer-only ops)."""
+def resolve_helper_impl(impl: str | None, *tensors: torch.Tensor) -> str:
+    """``"cpp"``, ``"torch"`` or ``"ref"`` for a helper op that has a C++ CPU kernel, a torch path and a
+    reference only (no Triton kernel: the selection and layout ops, whose torch path also serves CUDA).
+    "triton" and "torch" give the torch path, "ref" the reference; "auto" and "cpp" resolve as in
+    ``resolve_impl`` (tensors: those the C++ kernel must take as float32 CPU; none for integer-only
+    ops), except under ``torch.jit.trace`` or ``torch.compile``, which get the torch path (a call into
+    the extension would leave a constant in the trace)."""
     name = (impl if impl is not None else os.environ.get(ENV_VAR, "auto")).strip().lower()
     if name in ("triton", "torch", "ref"):
+        return "ref" if name == "ref" else "torch"
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        resolve_impl(impl)  # still rejects an unknown name
         return "torch"
     return "cpp" if resolve_impl(impl, *tensors, cpp=True) == "cpp" else "torch"
 

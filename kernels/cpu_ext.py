@@ -33,7 +33,9 @@ __all__ = ["ENV_VAR", "load", "module", "unavailable_reason", "build_name", "mai
 
 ENV_VAR = "SPA_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(_CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp", "scores_cpu.cpp", "select_cpu.cpp"))
+SOURCES = tuple(
+    _CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp", "scores_cpu.cpp", "select_cpu.cpp")
+)
 _STALE_LOCK_S = 15 * 60  # a build lock this old was left by a killed build
 _FAILED = "spa_build_failed.txt"  # fingerprint of a failed build's sources and flags, and its error
 _BUILT = "spa_build_ok.txt"  # fingerprint of the last good build, its .so and module name

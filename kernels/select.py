@@ -12,12 +12,10 @@ function. No autograd: the result is integer indices.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from kernels._dispatch import ENV_VAR, resolve_cpp_or_torch
+from kernels._dispatch import resolve_helper_impl
 
 __all__ = ["topk_indices", "topk_indices_ref"]
 
@@ -26,20 +24,21 @@ def topk_indices_ref(scores: Tensor, counts: Tensor) -> Tensor:
     """scores: (B, N); counts: (B,) integer in [0, N] -> (T,) int64 flat row ids ``b * N + j`` of the
     ``counts[b]`` highest scores of row b, image-major, ascending within an image. Order: higher first,
     NaN above every number, ties to the lower j (a stable descending sort)."""
-    B, N = scores.shape
-    order = scores.sort(dim=1, descending=True, stable=True).indices  # (B, N)
-    ranked = torch.arange(N, device=scores.device)[None, :] < counts.to(scores.device)[:, None]  # (B, N)
-    keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, order, ranked)
-    return keep.view(-1).nonzero().squeeze(1)
+    return _first_ranked(scores.sort(dim=1, descending=True, stable=True).indices, counts, scores.shape[1])
 
 
 def _topk_indices_torch(scores: Tensor, counts: Tensor) -> Tensor:
     """The torch path: top-k of the largest count, then each image's first ``counts[b]`` of them."""
-    B, N = scores.shape
-    k = int(counts.max()) if B else 0
-    top = scores.topk(k, dim=1).indices  # (B, k), best first
-    ranked = torch.arange(k, device=scores.device)[None, :] < counts.to(scores.device)[:, None]  # (B, k)
-    keep = torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, top, ranked)
+    k = int(counts.max()) if counts.numel() else 0
+    return _first_ranked(scores.topk(k, dim=1).indices, counts, scores.shape[1])
+
+
+def _first_ranked(order: Tensor, counts: Tensor, N: int) -> Tensor:
+    """order: (B, k) token indices of each image, best first -> flat row ids of each image's first
+    ``counts[b]``, image-major and in token order."""
+    B, k = order.shape
+    ranked = torch.arange(k, device=order.device)[None, :] < counts.to(order.device)[:, None]  # (B, k)
+    keep = torch.zeros(B, N, dtype=torch.bool, device=order.device).scatter_(1, order, ranked)
     return keep.view(-1).nonzero().squeeze(1)
 
 
@@ -60,18 +59,18 @@ def topk_indices(scores: Tensor, counts: Tensor, *, impl: str | None = None) -> 
     scores: (B, N) floating point (a gate's scores); counts: (B,) integer, each in [0, N].
     Returns (T,) int64, T = sum(counts): image-major, each image's ids in token order (what
     ``pack_tokens`` takes and what ``cu_seqlens_from_counts(counts)`` / ``container_seqlens`` lay out).
-    Higher scores first, NaN above every number, ties to the lower token index, in every implementation.
-    ``impl``: see ``kernels._dispatch``; the C++ kernel serves float32 CPU scores, the torch path the
-    rest ("ref": the reference). The torch path may order tied scores differently (``torch.topk``).
+    Higher scores first, NaN above every number, ties to the lower token index (the C++ kernel and the
+    reference; the torch path, ``torch.topk``, may order tied scores differently). ``impl``: see
+    ``kernels._dispatch.resolve_helper_impl``; the C++ kernel serves float32 CPU scores, the torch path
+    the rest ("ref": the reference).
     """
     _check(scores, counts)
-    traced = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if not traced and resolve_cpp_or_torch(impl, scores) == "cpp":
+    name = resolve_helper_impl(impl, scores)
+    if name == "cpp":
         from kernels import cpu_ext
 
         return cpu_ext.module().topk_indices_fwd(scores.detach(), counts)
     counts = counts.to(torch.int64)
     if counts.numel() and bool(((counts < 0) | (counts > scores.shape[1])).any()):
         raise ValueError(f"counts must be in [0, N={scores.shape[1]}], got {counts.tolist()}")
-    name = (impl if impl is not None else os.environ.get(ENV_VAR, "auto")).strip().lower()
     return (topk_indices_ref if name == "ref" else _topk_indices_torch)(scores.detach(), counts)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import resolve_cpp_or_torch
+from kernels._dispatch import resolve_helper_impl
 
 __all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
 
@@ -39,9 +39,7 @@ def _as_counts(counts) -> torch.Tensor:
 def _cpp(impl: str | None, counts: torch.Tensor):
     """The C++ extension when it serves these counts (CPU, not traced or compiled, ``impl`` "auto" or
     "cpp"), else None. ``impl`` as in ``kernels._dispatch``."""
-    if counts.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return None
-    if resolve_cpp_or_torch(impl) != "cpp":
+    if counts.device.type != "cpu" or resolve_helper_impl(impl) != "cpp":
         return None
     from kernels import cpu_ext
 
