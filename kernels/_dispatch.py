@@ -26,9 +26,11 @@ import os
 
 import torch
 
+from kernels import cpu_ext
+
 __all__ = [
     "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_helper_impl", "triton_available",
-    "cpu_op_threads", "cpu_op_thread_count",
+    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "getenv",
 ]  # fmt: skip
 
 IMPLS = ("auto", "triton", "cpp", "torch", "ref")
@@ -50,6 +52,32 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _env_reader():
+    """``getenv(name, default)``: ``os.environ.get`` without its Python layers (``Mapping.get``, key
+    encoding, a raised and caught KeyError when unset): one dict lookup in ``os.environ``'s own store,
+    which ``os.environ[...] = ...``, ``putenv`` through ``os.environ`` and pytest's ``monkeypatch``
+    update. Every op reads its switches per call, and run cache-cold between large ops that read cost
+    about 30 us (measured on this project's machine). Falls back to ``os.environ.get`` where
+    ``os._Environ`` lacks these internals."""
+    env = os.environ
+    data, encodekey, decodevalue = (getattr(env, a, None) for a in ("_data", "encodekey", "decodevalue"))
+    if not (isinstance(data, dict) and callable(encodekey) and callable(decodevalue)):
+        return env.get
+    keys: dict[str, object] = {}
+
+    def getenv(name: str, default: str | None = None) -> str | None:
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encodekey(name)
+        value = data.get(key)
+        return default if value is None else decodevalue(value)
+
+    return getenv
+
+
+getenv = _env_reader()
+
+
 def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) -> str:
     """Resolve ``impl`` to one of ``"triton"``, ``"cpp"``, ``"torch"``, ``"ref"`` for the given tensors.
 
@@ -57,21 +85,27 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
     tensors it does not take, ``"cpp"`` resolves to ``"torch"``. Otherwise ``"auto"`` on CPU picks it
     when it loads (else warns once and runs the torch path) and an explicit ``"cpp"`` raises when it
     cannot load."""
-    name = impl if impl is not None else os.environ.get(ENV_VAR, "auto")
-    name = name.strip().lower()
+    name = impl if impl is not None else getenv(ENV_VAR, "auto")
+    if name not in IMPLS:
+        name = name.strip().lower()
     if name not in IMPLS:
         src = "impl argument" if impl is not None else f"environment variable {ENV_VAR}"
         raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
-    on_cuda = any(t.is_cuda for t in tensors)
+    on_cuda = False
+    for t in tensors:
+        if t.is_cuda:
+            on_cuda = True
+            break
     if name == "auto" and on_cuda:
         return "triton" if triton_available() else "torch"
     if name in ("auto", "cpp"):
         if on_cuda:
             raise RuntimeError("impl='cpp' is the CPU kernel; these tensors are on CUDA (use 'triton' or 'auto')")
-        if not (cpp and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
+        if not cpp:
             return "torch"
-        from kernels import cpu_ext
-
+        for t in tensors:
+            if t.dtype is not torch.float32 or not t.is_cpu:
+                return "torch"
         if name == "cpp":
             cpu_ext.module()  # raises, with the reason, when the kernels cannot load
         elif cpu_ext.load() is None:
@@ -95,13 +129,57 @@ def resolve_helper_impl(impl: str | None, *tensors: torch.Tensor) -> str:
     ``resolve_impl`` (tensors: those the C++ kernel must take as float32 CPU; none for integer-only
     ops), except under ``torch.jit.trace`` or ``torch.compile``, which get the torch path (a call into
     the extension would leave a constant in the trace)."""
-    name = (impl if impl is not None else os.environ.get(ENV_VAR, "auto")).strip().lower()
+    name = impl if impl is not None else getenv(ENV_VAR, "auto")
+    if name not in IMPLS:
+        name = name.strip().lower()
     if name in ("triton", "torch", "ref"):
         return "ref" if name == "ref" else "torch"
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
         resolve_impl(impl)  # still rejects an unknown name
         return "torch"
     return "cpp" if resolve_impl(impl, *tensors, cpp=True) == "cpp" else "torch"
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call(*tensors: torch.Tensor | None) -> bool:
+    """True when a CPU op may call its kernel directly instead of through its ``torch.library`` custom
+    op: when nothing needs the op itself, i.e. no autograd graph to record (grad mode off, as under
+    ``torch.inference_mode``, or no input requiring grad), no ``torch.jit.trace`` (fvcore counts the op
+    by name in the graph), no ``torch.compile``, no ``TorchDispatchMode`` (``FlopCounterMode`` counts
+    the op, ``FakeTensorMode`` runs its fake) and plain tensors only. Why: the custom op's Python
+    dispatch costs tens of microseconds a call, and several times that when it runs cache-cold
+    between large ops, as it does in a network (see the README's performance section). Same kernel,
+    same result either way."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return not (
+        torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+    )
+
+
+def run_cpu(name: str, fn, *args, single_region: bool = True):
+    """``fn(*args)`` with ``cpu_op_thread_count(single_region)`` intra-op threads (``cpu_op_threads``
+    without the context manager): an op's direct call. Under ``torch.profiler`` the call is recorded
+    as ``name`` (the custom op's name, e.g. ``spa::varlen_attention``), as the custom op would be."""
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(name):
+            return _run_threads(fn, args, cpu_op_thread_count(single_region))
+    return _run_threads(fn, args, cpu_op_thread_count(single_region))
+
+
+def _run_threads(fn, args, n: int):
+    prev = torch.get_num_threads()
+    if n >= prev:
+        return fn(*args)
+    torch.set_num_threads(n)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(prev)
 
 
 @contextlib.contextmanager
@@ -142,8 +220,8 @@ def cpu_op_thread_count(single_region: bool = False) -> int:
 
     Benchmarks report both counts, since the layers around the ops (Linear) run on torch's setting."""
     total = torch.get_num_threads()
-    setting = os.environ.get(THREADS_ENV_VAR, "").strip()
-    if not setting:
+    setting = getenv(THREADS_ENV_VAR)
+    if not setting or not (setting := setting.strip()):
         return total if single_region else 1
     try:
         n = int(setting)

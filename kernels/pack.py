@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._dispatch import cpu_op_threads, resolve_impl
+from kernels import cpu_ext
+from kernels._dispatch import cpu_op_threads, direct_call, resolve_impl, run_cpu
 
 __all__ = ["pack_tokens", "unpack_tokens", "pack_tokens_ref", "unpack_tokens_ref"]
 
@@ -84,8 +85,6 @@ def _unpack_op(packed: Tensor, indices: Tensor, base: Tensor, add: bool, impl: s
 
         return unpack_tokens_triton(packed, indices, base, add)
     if impl == "cpp":
-        from kernels import cpu_ext
-
         with cpu_op_threads(base, single_region=True):
             return cpu_ext.module().unpack_tokens_fwd(packed, indices, base, add)
     with cpu_op_threads(base):
@@ -129,7 +128,7 @@ def _check_indices(indices: Tensor, device: torch.device) -> Tensor:
         raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
     if indices.device != device:
         raise ValueError(f"indices on {indices.device} but tokens on {device}")
-    return indices.to(torch.int64)
+    return indices if indices.dtype is torch.int64 else indices.to(torch.int64)
 
 
 def pack_tokens(x: Tensor, indices: Tensor, *, impl: str | None = None) -> Tensor:
@@ -141,7 +140,10 @@ def pack_tokens(x: Tensor, indices: Tensor, *, impl: str | None = None) -> Tenso
     if x.dim() != 2:
         raise ValueError(f"x must be (B*N, C), got shape {tuple(x.shape)}")
     indices = _check_indices(indices, x.device)
-    return _pack_op(x, indices, resolve_impl(impl, x))
+    name = resolve_impl(impl, x)
+    if name in ("cpp", "torch") and x.is_cpu and direct_call(x):  # nothing to record
+        return run_cpu("spa::pack_tokens", pack_tokens_ref, x, indices)
+    return _pack_op(x, indices, name)
 
 
 def unpack_tokens(
@@ -165,4 +167,9 @@ def unpack_tokens(
         raise ValueError(f"packed on {packed.device} but base on {base.device}")
     if packed.dtype != base.dtype:
         packed = packed.to(base.dtype)
-    return _unpack_op(packed, indices, base, bool(add), resolve_impl(impl, packed, base, cpp=True))
+    name = resolve_impl(impl, packed, base, cpp=True)
+    if name in ("cpp", "torch") and base.is_cpu and direct_call(packed, base):  # nothing to record
+        if name == "cpp":
+            return run_cpu("spa::unpack_tokens", cpu_ext.module().unpack_tokens_fwd, packed, indices, base, bool(add))
+        return run_cpu("spa::unpack_tokens", unpack_tokens_ref, packed, indices, base, bool(add), single_region=False)
+    return _unpack_op(packed, indices, base, bool(add), name)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import cpu_op_threads, resolve_impl
+from kernels import cpu_ext
+from kernels._dispatch import cpu_op_threads, direct_call, resolve_impl, run_cpu
 
 __all__ = ["token_scores", "token_scores_ref"]
 
@@ -31,8 +32,6 @@ def token_scores_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 
 @torch.library.custom_op("spa::token_scores", mutates_args=())
 def _scores_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    from kernels import cpu_ext
-
     with cpu_op_threads(x, single_region=True):
         return cpu_ext.module().token_scores_fwd(x, weight, bias)
 
@@ -75,10 +74,11 @@ def token_scores(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl:
         raise ValueError(f"weight must be (1, {C}) or ({C},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
     if bias is not None and bias.numel() != 1:
         raise ValueError(f"bias must hold one value, got shape {tuple(bias.shape)}")
-    if torch.is_autocast_enabled(x.device.type):  # autocast decides the dtype: leave it to F.linear
+    if torch._C._is_any_autocast_enabled():  # autocast decides the dtype: leave it to F.linear
         return token_scores_ref(x, weight, bias)
-    w = weight.reshape(C)
-    tensors = (x, w) if bias is None else (x, w, bias)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
     if resolve_impl(impl, *tensors, cpp=True) != "cpp":  # torch, cuBLAS on CUDA: no kernel of ours there
-        return token_scores_ref(x, w, bias)
-    return _scores_op(x.reshape(-1, C), w, bias).reshape(x.shape[:-1])
+        return token_scores_ref(x, weight, bias)
+    if direct_call(x, weight, bias):  # nothing to record: the kernel (which takes (..., C)) without its custom op
+        return run_cpu("spa::token_scores", cpu_ext.module().token_scores_fwd, x, weight, bias)
+    return _scores_op(x.reshape(-1, C), weight.reshape(C), bias).reshape(x.shape[:-1])

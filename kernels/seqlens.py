@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from kernels import cpu_ext
 from kernels._dispatch import resolve_helper_impl
 
 __all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
 
 
 def _as_integer(counts) -> torch.Tensor:
-    counts = torch.as_tensor(counts)
+    if not isinstance(counts, torch.Tensor):
+        counts = torch.as_tensor(counts)
     if counts.dim() != 1:
         raise ValueError(f"counts must be 1-D (one count per image), got shape {tuple(counts.shape)}")
     if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
@@ -39,10 +41,8 @@ def _as_counts(counts) -> torch.Tensor:
 def _cpp(impl: str | None, counts: torch.Tensor):
     """The C++ extension when it serves these counts (CPU, not traced or compiled, ``impl`` "auto" or
     "cpp"), else None. ``impl`` as in ``kernels._dispatch``."""
-    if counts.device.type != "cpu" or resolve_helper_impl(impl) != "cpp":
+    if not counts.is_cpu or resolve_helper_impl(impl) != "cpp":
         return None
-    from kernels import cpu_ext
-
     return cpu_ext.module()
 
 

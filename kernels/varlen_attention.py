@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import cpu_op_threads, resolve_impl
+from kernels import cpu_ext
+from kernels._dispatch import cpu_op_threads, direct_call, resolve_impl, run_cpu
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -326,8 +327,6 @@ def _varlen_attention_torch_backward(
 def _varlen_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float) -> Tensor:
     """Launcher of the C++ kernel: (T, H, D) float32 CPU, any strides over T and H -> (T, H, D)
     contiguous (the kernel checks its inputs itself)."""
-    from kernels import cpu_ext
-
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return cpu_ext.module().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
 
@@ -472,19 +471,27 @@ def varlen_attention(
         )
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
-    cu_seqlens = cu_seqlens.to(torch.int32)
+    if cu_seqlens.dtype is not torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     name = resolve_impl(impl, q, k, v, cpp=True)
-    if cu_seqlens.is_cuda and not torch.jit.is_tracing():
+    tracing = torch._C._get_tracing_state() is not None
+    if cu_seqlens.is_cuda and not tracing:
         sq = -1  # reading cu_seqlens would sync the GPU; only a trace needs the number
     else:
-        with _untraced():  # host reads, kept out of traces (fvcore would list them as ops)
+        if tracing:
+            with _untraced():  # host reads, kept out of traces (fvcore would list them as ops)
+                b = cu_seqlens.tolist()
+        else:
             b = cu_seqlens.tolist()
         lengths = [e - s for s, e in zip(b[:-1], b[1:])]
         if b[0] != 0 or b[-1] > q.shape[0] or any(n < 0 for n in lengths):
             raise ValueError(f"cu_seqlens must be non-decreasing from 0 to at most T={q.shape[0]}, got {b}")
         if lengths and max(lengths) > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than a sequence of cu_seqlens")
+        if name in ("cpp", "torch") and q.is_cpu and direct_call(q, k, v):  # nothing to record: no custom op
+            fn = _varlen_attention_cpp if name == "cpp" else _varlen_attention_torch
+            return run_cpu("spa::varlen_attention", fn, q, k, v, cu_seqlens, scale, single_region=name == "cpp")
         sq = sum(n * n for n in lengths)
     out, _ = _varlen_attention_op(q, k, v, cu_seqlens, int(max_seqlen), scale, name, sq)
     return out

@@ -17,7 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_tokens_fwd", &unpack_tokens_fwd,
         "Scatter packed (T, C) rows into a copy of base (R, C) at unique indices, added or replacing");
   m.def("token_scores_fwd", &token_scores_fwd,
-        "One linear score per row of x (R, C): x @ weight + bias, float32 CPU tensors");
+        "One linear score per row of x (..., C) -> (...): x @ weight + bias, float32 CPU tensors");
   m.def("topk_indices_fwd", &topk_indices_fwd,
         "Flat row ids of the counts[b] highest scores of each row b of (B, N) float32 scores, in token order");
   m.def("cu_seqlens_fwd", &cu_seqlens_fwd, "cu_seqlens (int32) and the longest count: one sequence per image");

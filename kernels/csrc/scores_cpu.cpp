@@ -16,19 +16,20 @@
 #include <cstdint>
 #include <optional>
 
-// x: (R, C) float32; weight: (C,) float32; bias: (1,) float32 or None. Returns (R,) float32.
+// x: (..., C) float32; weight: (C,) or (1, C) float32; bias: (1,) float32 or None. Returns (...,) float32.
 at::Tensor token_scores_fwd(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t V = Vec::size();
   TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(), "spa token_scores (cpp): CPU tensors only");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_in.scalar_type() == at::kFloat,
               "spa token_scores (cpp): x and weight must be float32");
-  TORCH_CHECK(x_in.dim() == 2 && weight_in.numel() == x_in.size(1),
-              "spa token_scores (cpp): x (R, C) and weight (C,) expected, got ", x_in.sizes(), " and ",
+  TORCH_CHECK(x_in.dim() >= 1 && weight_in.numel() == x_in.size(-1),
+              "spa token_scores (cpp): x (..., C) and weight (C,) expected, got ", x_in.sizes(), " and ",
               weight_in.sizes());
-  const auto x = x_in.contiguous();
+  const int64_t C = x_in.size(-1);
+  const auto x = x_in.reshape({-1, C}).contiguous();
   const auto w = weight_in.reshape({-1}).contiguous();
-  const int64_t R = x.size(0), C = x.size(1);
+  const int64_t R = x.size(0);
   float b = 0.f;
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK(bias_in->numel() == 1 && bias_in->scalar_type() == at::kFloat,
@@ -58,5 +59,5 @@ at::Tensor token_scores_fwd(const at::Tensor& x_in, const at::Tensor& weight_in,
       op[r] = s + b;
     }
   });
-  return out;
+  return out.view(x_in.sizes().slice(0, x_in.dim() - 1));
 }

@@ -53,6 +53,24 @@ def test_token_scores_matches_the_module_and_checks_shapes():
         assert token_scores(x, lin.weight, lin.bias).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(16,), (3, 5, 16), (2, 3, 4, 16), (2, 0, 16)])
+def test_token_scores_any_leading_shape(impl, shape):
+    """x (..., C) -> (...), with and without grad (the direct call and the custom op), both weight
+    layouts."""
+    lin = torch.nn.Linear(16, 1)
+    x = torch.randn(shape)
+    want = lin(x).squeeze(-1)
+    for weight in (lin.weight, lin.weight[0]):
+        with torch.no_grad():
+            got = token_scores(x, weight, lin.bias, impl=impl)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want.detach())
+        got = token_scores(x.requires_grad_(True), weight, lin.bias, impl=impl)
+        torch.testing.assert_close(got, want)
+        x = x.detach()
+
+
 def test_token_scores_gradcheck_float64():
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)

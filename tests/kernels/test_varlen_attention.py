@@ -221,13 +221,15 @@ def test_auto_runs_the_cpp_kernel_for_float32_on_cpu(monkeypatch):
     is float32 only)."""
     va = sys.modules["kernels.varlen_attention"]  # the module (``kernels.varlen_attention`` is the function)
     seen = []
-    real = va._forward_impl
-    monkeypatch.setattr(va, "_forward_impl", lambda *a: seen.append(a[-1]) or real(*a))
+    for name, attr in (("cpp", "_varlen_attention_cpp"), ("torch", "_varlen_attention_torch")):
+        real = getattr(va, attr)
+        monkeypatch.setattr(va, attr, lambda *a, _n=name, _f=real: seen.append(_n) or _f(*a))
     monkeypatch.delenv("SPA_ATTN_IMPL", raising=False)
     for dtype in (torch.float32, torch.float64):
         q, k, v, _, cu, m = _inputs(COUNTS["ragged"], 2, 24, torch.device("cpu"), dtype)
-        varlen_attention(q, k, v, cu, m)
-    assert seen == ["cpp", "torch"]
+        varlen_attention(q, k, v, cu, m)  # no grad needed: the direct call
+        varlen_attention(*(t.requires_grad_() for t in (q, k, v)), cu, m)  # the custom op
+    assert seen == ["cpp", "cpp", "torch", "torch"]
 
 
 def test_env_var_switches_the_path(monkeypatch):
