@@ -6,6 +6,9 @@ Every op runs through one switch (``kernels._dispatch``): Triton on CUDA tensors
 CPU, overridable by ``impl=`` or the ``SPA_ATTN_IMPL`` environment variable. Importing this package
 needs neither Triton nor a GPU. The ops are ``torch.library`` custom ops in the ``spa`` namespace
 (``spa::varlen_attention``, ``spa::pack_tokens``, ``spa::unpack_tokens``, ``spa::token_scores``), so traces name them.
+A CPU call that needs nothing of the custom op (no autograd to record, no trace, compile or dispatch
+mode: inference, evaluation) calls its kernel directly, the same kernel with the same result, without
+the custom op's Python dispatch (``kernels._dispatch.direct_call``).
 """
 
 from kernels._dispatch import ENV_VAR, IMPLS, cpu_op_thread_count, resolve_impl, triton_available

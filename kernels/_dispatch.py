@@ -162,24 +162,21 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
 
 
 def run_cpu(name: str, fn, *args, single_region: bool = True):
-    """``fn(*args)`` with ``cpu_op_thread_count(single_region)`` intra-op threads (``cpu_op_threads``
-    without the context manager): an op's direct call. Under ``torch.profiler`` the call is recorded
-    as ``name`` (the custom op's name, e.g. ``spa::varlen_attention``), as the custom op would be."""
+    """``fn(*args)`` under ``cpu_op_threads(single_region=...)``, without entering the context manager
+    when it would change nothing (the common case): an op's direct call. Under ``torch.profiler`` the
+    call is recorded as ``name`` (the custom op's name, e.g. ``spa::varlen_attention``), as the custom
+    op would be."""
     if torch._C._autograd._profiler_enabled():
         with torch.profiler.record_function(name):
-            return _run_threads(fn, args, cpu_op_thread_count(single_region))
-    return _run_threads(fn, args, cpu_op_thread_count(single_region))
+            return _run_cpu(fn, args, single_region)
+    return _run_cpu(fn, args, single_region)
 
 
-def _run_threads(fn, args, n: int):
-    prev = torch.get_num_threads()
-    if n >= prev:
+def _run_cpu(fn, args, single_region: bool):
+    if cpu_op_thread_count(single_region) >= torch.get_num_threads():
         return fn(*args)
-    torch.set_num_threads(n)
-    try:
+    with cpu_op_threads(single_region=single_region):
         return fn(*args)
-    finally:
-        torch.set_num_threads(prev)
 
 
 @contextlib.contextmanager
