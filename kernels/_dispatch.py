@@ -26,11 +26,9 @@ import os
 
 import torch
 
-from kernels import cpu_ext
-
 __all__ = [
     "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_helper_impl", "triton_available",
-    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "getenv",
+    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "getenv", "cpp_kernels",
 ]  # fmt: skip
 
 IMPLS = ("auto", "triton", "cpp", "torch", "ref")
@@ -78,6 +76,27 @@ def _env_reader():
 getenv = _env_reader()
 
 
+_CPU_EXT = None  # kernels.cpu_ext once imported
+
+
+def _cpu_ext():
+    """``kernels.cpu_ext``, imported on first use and kept in a global (an import statement per op call
+    costs tens of microseconds cache-cold). Not imported with the package: ``python -m kernels.cpu_ext``
+    (the build command) would then run a second copy of the module."""
+    global _CPU_EXT
+    if _CPU_EXT is None:
+        from kernels import cpu_ext
+
+        _CPU_EXT = cpu_ext
+    return _CPU_EXT
+
+
+def cpp_kernels():
+    """The built C++ extension module (``kernels.cpu_ext.module()``): raises RuntimeError, with the
+    reason, when the kernels cannot load."""
+    return _cpu_ext().module()
+
+
 def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) -> str:
     """Resolve ``impl`` to one of ``"triton"``, ``"cpp"``, ``"torch"``, ``"ref"`` for the given tensors.
 
@@ -107,9 +126,9 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
             if t.dtype is not torch.float32 or not t.is_cpu:
                 return "torch"
         if name == "cpp":
-            cpu_ext.module()  # raises, with the reason, when the kernels cannot load
-        elif cpu_ext.load() is None:
-            cpu_ext.warn_fallback()
+            cpp_kernels()  # raises, with the reason, when the kernels cannot load
+        elif _cpu_ext().load() is None:
+            _cpu_ext().warn_fallback()
             return "torch"
         return "cpp"
     if name == "triton":

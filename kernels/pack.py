@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import cpu_ext
-from kernels._dispatch import cpu_op_threads, direct_call, resolve_impl, run_cpu
+from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
 
 __all__ = ["pack_tokens", "unpack_tokens", "pack_tokens_ref", "unpack_tokens_ref"]
 
@@ -86,7 +85,7 @@ def _unpack_op(packed: Tensor, indices: Tensor, base: Tensor, add: bool, impl: s
         return unpack_tokens_triton(packed, indices, base, add)
     if impl == "cpp":
         with cpu_op_threads(base, single_region=True):
-            return cpu_ext.module().unpack_tokens_fwd(packed, indices, base, add)
+            return cpp_kernels().unpack_tokens_fwd(packed, indices, base, add)
     with cpu_op_threads(base):
         return unpack_tokens_ref(packed, indices, base, add)
 
@@ -170,6 +169,6 @@ def unpack_tokens(
     name = resolve_impl(impl, packed, base, cpp=True)
     if name in ("cpp", "torch") and base.is_cpu and direct_call(packed, base):  # nothing to record
         if name == "cpp":
-            return run_cpu("spa::unpack_tokens", cpu_ext.module().unpack_tokens_fwd, packed, indices, base, bool(add))
+            return run_cpu("spa::unpack_tokens", cpp_kernels().unpack_tokens_fwd, packed, indices, base, bool(add))
         return run_cpu("spa::unpack_tokens", unpack_tokens_ref, packed, indices, base, bool(add), single_region=False)
     return _unpack_op(packed, indices, base, bool(add), name)

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_ext
-from kernels._dispatch import cpu_op_threads, direct_call, resolve_impl, run_cpu
+from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
 
 __all__ = ["token_scores", "token_scores_ref"]
 
@@ -33,7 +32,7 @@ def token_scores_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 @torch.library.custom_op("spa::token_scores", mutates_args=())
 def _scores_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     with cpu_op_threads(x, single_region=True):
-        return cpu_ext.module().token_scores_fwd(x, weight, bias)
+        return cpp_kernels().token_scores_fwd(x, weight, bias)
 
 
 @_scores_op.register_fake
@@ -80,5 +79,5 @@ def token_scores(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl:
     if resolve_impl(impl, *tensors, cpp=True) != "cpp":  # torch, cuBLAS on CUDA: no kernel of ours there
         return token_scores_ref(x, weight, bias)
     if direct_call(x, weight, bias):  # nothing to record: the kernel (which takes (..., C)) without its custom op
-        return run_cpu("spa::token_scores", cpu_ext.module().token_scores_fwd, x, weight, bias)
+        return run_cpu("spa::token_scores", cpp_kernels().token_scores_fwd, x, weight, bias)
     return _scores_op(x.reshape(-1, C), weight.reshape(C), bias).reshape(x.shape[:-1])

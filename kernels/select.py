@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels import cpu_ext
-from kernels._dispatch import resolve_helper_impl
+from kernels._dispatch import cpp_kernels, resolve_helper_impl
 
 __all__ = ["topk_indices", "topk_indices_ref"]
 
@@ -68,7 +67,7 @@ def topk_indices(scores: Tensor, counts: Tensor, *, impl: str | None = None) -> 
     _check(scores, counts)
     name = resolve_helper_impl(impl, scores)
     if name == "cpp":
-        return cpu_ext.module().topk_indices_fwd(scores, counts)  # reads the data only: no detach needed
+        return cpp_kernels().topk_indices_fwd(scores, counts)  # reads the data only: no detach needed
     counts = counts.to(torch.int64)
     if counts.numel() and bool(((counts < 0) | (counts > scores.shape[1])).any()):
         raise ValueError(f"counts must be in [0, N={scores.shape[1]}], got {counts.tolist()}")

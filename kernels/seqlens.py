@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_ext
-from kernels._dispatch import resolve_helper_impl
+from kernels._dispatch import cpp_kernels, resolve_helper_impl
 
 __all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
 
@@ -43,7 +42,7 @@ def _cpp(impl: str | None, counts: torch.Tensor):
     "cpp"), else None. ``impl`` as in ``kernels._dispatch``."""
     if not counts.is_cpu or resolve_helper_impl(impl) != "cpp":
         return None
-    return cpu_ext.module()
+    return cpp_kernels()
 
 
 def cu_seqlens_from_counts(counts, *, impl: str | None = None) -> tuple[torch.Tensor, int]:

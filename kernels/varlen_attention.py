@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_ext
-from kernels._dispatch import cpu_op_threads, direct_call, resolve_impl, run_cpu
+from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -328,7 +327,7 @@ def _varlen_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, s
     """Launcher of the C++ kernel: (T, H, D) float32 CPU, any strides over T and H -> (T, H, D)
     contiguous (the kernel checks its inputs itself)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return cpu_ext.module().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
+    return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
 
 
 def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, impl):

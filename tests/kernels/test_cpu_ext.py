@@ -153,6 +153,17 @@ def test_disabled_kernels_fall_back_loudly():
     assert r.returncode == 0, r.stderr
 
 
+def test_build_command_runs_one_copy_of_the_module(ext):
+    """``python -m kernels.cpu_ext`` (scripts/setup.sh runs it): the package must not import the module
+    itself, or runpy executes a second copy of it (and warns so)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, kernels; assert 'kernels.cpu_ext' not in sys.modules"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "kernels.cpu_ext"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0 and "C++ CPU kernels ready" in r.stdout, r.stderr
+
+
 @pytest.mark.slow
 def test_portable_build_matches_reference():
     """The DEFAULT-capability build (plain at::vec: what non-x86 machines get) compiles and is exact.
