@@ -54,9 +54,10 @@ def _env_reader():
     """``getenv(name, default)``: ``os.environ.get`` without its Python layers (``Mapping.get``, key
     encoding, a raised and caught KeyError when unset): one dict lookup in ``os.environ``'s own store,
     which ``os.environ[...] = ...``, ``putenv`` through ``os.environ`` and pytest's ``monkeypatch``
-    update. Every op reads its switches per call, and run cache-cold between large ops that read cost
-    about 30 us (measured on this project's machine). Falls back to ``os.environ.get`` where
-    ``os._Environ`` lacks these internals."""
+    update. Every op reads its switches on every call, and ``os.environ.get`` run cache-cold between
+    large ops cost about 30 us a read (measured ad hoc on this project's machine). The store is captured
+    at import: rebinding ``os.environ`` to a new object is not seen. Falls back to ``os.environ.get``
+    where ``os._Environ`` lacks these internals."""
     env = os.environ
     data, encodekey, decodevalue = (getattr(env, a, None) for a in ("_data", "encodekey", "decodevalue"))
     if not (isinstance(data, dict) and callable(encodekey) and callable(decodevalue)):
