@@ -105,12 +105,22 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
     tensors it does not take, ``"cpp"`` resolves to ``"torch"``. Otherwise ``"auto"`` on CPU picks it
     when it loads (else warns once and runs the torch path) and an explicit ``"cpp"`` raises when it
     cannot load."""
+    return _resolve(_impl_name(impl), tensors, cpp)
+
+
+def _impl_name(impl: str | None) -> str:
+    """``impl``, or the environment's ``SPA_ATTN_IMPL``, or "auto", normalised; ValueError naming the
+    source when it is none of ``IMPLS``."""
     name = impl if impl is not None else getenv(ENV_VAR, "auto")
     if name not in IMPLS:
         name = name.strip().lower()
-    if name not in IMPLS:
-        src = "impl argument" if impl is not None else f"environment variable {ENV_VAR}"
-        raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
+        if name not in IMPLS:
+            src = "impl argument" if impl is not None else f"environment variable {ENV_VAR}"
+            raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
+    return name
+
+
+def _resolve(name: str, tensors: tuple, cpp: bool) -> str:
     on_cuda = False
     for t in tensors:
         if t.is_cuda:
@@ -149,23 +159,20 @@ def resolve_helper_impl(impl: str | None, *tensors: torch.Tensor) -> str:
     ``resolve_impl`` (tensors: those the C++ kernel must take as float32 CPU; none for integer-only
     ops), except under ``torch.jit.trace`` or ``torch.compile``, which get the torch path (a call into
     the extension would leave a constant in the trace)."""
-    name = impl if impl is not None else getenv(ENV_VAR, "auto")
-    if name not in IMPLS:
-        name = name.strip().lower()
+    name = _impl_name(impl)
     if name in ("triton", "torch", "ref"):
         return "ref" if name == "ref" else "torch"
     if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
-        resolve_impl(impl)  # still rejects an unknown name
         return "torch"
-    return "cpp" if resolve_impl(impl, *tensors, cpp=True) == "cpp" else "torch"
+    return "cpp" if _resolve(name, tensors, True) == "cpp" else "torch"
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def direct_call(*tensors: torch.Tensor | None) -> bool:
-    """True when a CPU op may call its kernel directly instead of through its ``torch.library`` custom
-    op: when nothing needs the op itself, i.e. no autograd graph to record (grad mode off, as under
+    """True when an op may call its CPU kernel directly instead of through its ``torch.library`` custom
+    op: the tensors are plain CPU tensors and nothing needs the op itself, i.e. no autograd graph to record (grad mode off, as under
     ``torch.inference_mode``, or no input requiring grad), no ``torch.jit.trace`` (fvcore counts the op
     by name in the graph), no ``torch.compile``, no ``TorchDispatchMode`` (``FlopCounterMode`` counts
     the op, ``FakeTensorMode`` runs its fake) and plain tensors only. Why: the custom op's Python
@@ -174,7 +181,7 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
     same result either way."""
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu or (grad and t.requires_grad)):
             return False
     return not (
         torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()

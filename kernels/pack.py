@@ -140,7 +140,7 @@ def pack_tokens(x: Tensor, indices: Tensor, *, impl: str | None = None) -> Tenso
         raise ValueError(f"x must be (B*N, C), got shape {tuple(x.shape)}")
     indices = _check_indices(indices, x.device)
     name = resolve_impl(impl, x)
-    if name in ("cpp", "torch") and x.is_cpu and direct_call(x):  # nothing to record
+    if name in ("cpp", "torch") and direct_call(x):  # nothing to record
         return run_cpu("spa::pack_tokens", pack_tokens_ref, x, indices)
     return _pack_op(x, indices, name)
 
@@ -167,7 +167,7 @@ def unpack_tokens(
     if packed.dtype != base.dtype:
         packed = packed.to(base.dtype)
     name = resolve_impl(impl, packed, base, cpp=True)
-    if name in ("cpp", "torch") and base.is_cpu and direct_call(packed, base):  # nothing to record
+    if name in ("cpp", "torch") and direct_call(packed, base):  # nothing to record
         if name == "cpp":
             return run_cpu("spa::unpack_tokens", cpp_kernels().unpack_tokens_fwd, packed, indices, base, bool(add))
         return run_cpu("spa::unpack_tokens", unpack_tokens_ref, packed, indices, base, bool(add), single_region=False)

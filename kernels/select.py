@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kernels._dispatch import cpp_kernels, resolve_helper_impl
+from kernels.seqlens import as_integer_counts
 
 __all__ = ["topk_indices", "topk_indices_ref"]
 
@@ -47,10 +48,8 @@ def _check(scores: Tensor, counts: Tensor) -> None:
         raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"scores must be floating point, got {scores.dtype}")
-    if counts.dim() != 1 or counts.numel() != scores.shape[0]:
+    if as_integer_counts(counts).numel() != scores.shape[0]:
         raise ValueError(f"counts must be (B,) = ({scores.shape[0]},), got shape {tuple(counts.shape)}")
-    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
-        raise TypeError(f"counts must be an integer tensor, got {counts.dtype}")
 
 
 def topk_indices(scores: Tensor, counts: Tensor, *, impl: str | None = None) -> Tensor:

@@ -20,7 +20,9 @@ from kernels._dispatch import cpp_kernels, resolve_helper_impl
 __all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
 
 
-def _as_integer(counts) -> torch.Tensor:
+def as_integer_counts(counts) -> torch.Tensor:
+    """counts as a tensor, checked to be 1-D and integer (ValueError / TypeError otherwise); shared by
+    the layouts and ``kernels.select``."""
     if not isinstance(counts, torch.Tensor):
         counts = torch.as_tensor(counts)
     if counts.dim() != 1:
@@ -31,7 +33,7 @@ def _as_integer(counts) -> torch.Tensor:
 
 
 def _as_counts(counts) -> torch.Tensor:
-    counts = _as_integer(counts)
+    counts = as_integer_counts(counts)
     if counts.numel() and bool((counts < 0).any()):
         raise ValueError("counts must be non-negative")
     return counts.to(torch.int64)
@@ -52,7 +54,7 @@ def cu_seqlens_from_counts(counts, *, impl: str | None = None) -> tuple[torch.Te
     Returns ``cu_seqlens: (B+1,) int32`` on the device of ``counts`` and ``max_seqlen`` (a Python
     int, 0 for an empty batch). ``impl``: "torch" forces the torch path (see the module docstring).
     """
-    ext = _cpp(impl, counts := _as_integer(counts))
+    ext = _cpp(impl, counts := as_integer_counts(counts))
     if ext is not None:
         return ext.cu_seqlens_fwd(counts)
     counts = _as_counts(counts)
@@ -82,7 +84,7 @@ def container_seqlens(
     if int(container_len) < 1:
         raise ValueError(f"container_len must be >= 1, got {container_len}")
     L = int(container_len)
-    ext = _cpp(impl, counts := _as_integer(counts))
+    ext = _cpp(impl, counts := as_integer_counts(counts))
     if ext is not None:
         return ext.container_seqlens_fwd(counts, L)
     counts = _as_counts(counts)

@@ -488,7 +488,7 @@ def varlen_attention(
             raise ValueError(f"cu_seqlens must be non-decreasing from 0 to at most T={q.shape[0]}, got {b}")
         if lengths and max(lengths) > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than a sequence of cu_seqlens")
-        if name in ("cpp", "torch") and q.is_cpu and direct_call(q, k, v):  # nothing to record: no custom op
+        if name in ("cpp", "torch") and direct_call(q, k, v):  # nothing to record: no custom op
             fn = _varlen_attention_cpp if name == "cpp" else _varlen_attention_torch
             return run_cpu("spa::varlen_attention", fn, q, k, v, cu_seqlens, scale, single_region=name == "cpp")
         sq = sum(n * n for n in lengths)
