@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
+from kernels.position_bias import PositionBias, pair_bias
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -40,12 +41,18 @@ __all__ = ["varlen_attention", "varlen_attention_ref"]
 
 
 def varlen_attention_ref(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    softmax_scale: float | None = None,
+    bias: PositionBias | None = None,
 ) -> Tensor:
     """Plain per-sequence softmax attention in the dtype of the inputs (pass float64 for a reference).
 
-    q, k, v: (T, H, D); cu_seqlens: (S+1,) int. Returns (T, H, D). Rows of no sequence (none when
-    ``cu_seqlens[-1] == T``) are zero.
+    q, k, v: (T, H, D); cu_seqlens: (S+1,) int; bias: Swin's relative position bias and shift mask
+    from the tokens' places (``kernels.position_bias``), or None. Returns (T, H, D). Rows of no
+    sequence (none when ``cu_seqlens[-1] == T``) are zero. Differentiable in q, k, v and ``bias.table``.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = torch.zeros_like(q)
@@ -54,7 +61,10 @@ def varlen_attention_ref(
         if e <= s:
             continue
         qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-        p = torch.softmax((qi @ ki.transpose(-1, -2)) * scale, dim=-1)  # (H, n, n)
+        scores = (qi @ ki.transpose(-1, -2)) * scale  # (H, n, n)
+        if bias is not None:
+            scores = scores + pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window).to(scores.dtype)
+        p = torch.softmax(scores, dim=-1)  # (H, n, n)
         out[s:e] = (p @ vi).transpose(0, 1)
     return out
 
