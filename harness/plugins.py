@@ -5,7 +5,7 @@ A plugin is a Python module whose import registers entries, e.g.
     from spa_core.registry import SELECTION_POLICIES
 
     @SELECTION_POLICIES.register("feature_norm")
-    def select_feature_norm(scores, *, cfg, training, generator=None): ...
+    def select_feature_norm(scores, *, cfg, training, generator=None, tokens=None): ...
 
 It is named in one of three ways, all loaded by this module:
 

@@ -5,7 +5,11 @@ layout: ``varlen`` (containers and varlen) -> ``kernels.varlen_attention``; ``pa
 padded to the longest, one batched SDPA with a key mask; ``mask`` -> every image dense over all N
 positions with the unselected keys masked (the correctness control: no saving).
 
-One switch picks the kernel implementation (../shared/STYLE.md, timm's ``TIMM_FUSED_ATTN`` habit): the
+With a ``kernels.position_bias.PositionBias`` every layout adds Swin's relative position bias to
+each packed pair from the tokens' (row, column) places and keeps Swin's shift mask (tokens of
+different shift regions do not attend), so an SPA block is a Swin block that attends on fewer tokens.
+
+One switch picks the kernel implementation (timm's ``TIMM_FUSED_ATTN`` habit): the
 module attribute ``PackedAttention.attn_impl`` (set from ``SPAConfig.attn_impl``) when not ``"auto"``,
 else the environment variable ``SPA_ATTN_IMPL`` (``auto | triton | cpp | torch | ref``, read by ``kernels``).
 
@@ -21,12 +25,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import varlen_attention
+from kernels.position_bias import PositionBias, pair_bias
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 
 __all__ = ["packed_attention", "containers_dense_attention", "PackedAttention"]
 
 
-def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, row: Tensor, col: Tensor, shape: tuple[int, int], scale):
+def _grid_mask(filled: Tensor, pos: Tensor | None, bias: PositionBias | None) -> Tensor:
+    """SDPA's mask over rows of P slots (``filled: (R, P)`` bool): a filled query sees the filled
+    keys of its row (with ``bias``: plus Swin's bias, minus other shift regions, from ``pos (R, P, 3)``);
+    an empty query slot sees every key with no bias (finite, and dropped afterwards)."""
+    q_filled, k_filled = filled[:, None, :, None], filled[:, None, None, :]  # (R, 1, P, 1), (R, 1, 1, P)
+    if bias is None:
+        return k_filled | ~q_filled  # (R, 1, P, P) bool
+    b = pair_bias(pos, pos, bias.table, bias.window)  # (R, H, P, P), -inf across regions
+    b = b.masked_fill(~k_filled, float("-inf"))
+    return torch.where(q_filled, b, torch.zeros((), dtype=b.dtype, device=b.device))
+
+
+def _padded_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, row: Tensor, col: Tensor, shape: tuple[int, int], scale,
+    bias: PositionBias | None = None,
+):
     """q, k, v: (T, H, D) placed at (row, col) of a (R, P) grid -> SDPA per row, keys limited to the
     filled slots -> (T, H, D). Empty query slots attend to everything (finite, then dropped)."""
     R, P = shape
@@ -35,7 +55,12 @@ def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, row: Tensor, col: Tensor, shap
     grid = [t.new_zeros(R * P, H, D).index_copy(0, flat, t).view(R, P, H, D).transpose(1, 2) for t in (q, k, v)]
     filled = torch.zeros(R * P, dtype=torch.bool, device=q.device)
     filled = filled.scatter(0, flat, torch.ones_like(flat, dtype=torch.bool)).view(R, P)  # traceable
-    attn_mask = filled[:, None, None, :] | ~filled[:, None, :, None]  # (R, 1, P, P) query x key
+    pos = None
+    if bias is not None:
+        pos = bias.pos.new_zeros(R * P, 3).index_copy(0, flat, bias.pos).view(R, P, 3)
+    attn_mask = _grid_mask(filled, pos, bias)
+    if attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(q.dtype)
     out = F.scaled_dot_product_attention(*grid, attn_mask=attn_mask, scale=scale)  # (R, H, P, D)
     return out.transpose(1, 2).reshape(R * P, H, D).index_select(0, flat)
 
@@ -47,70 +72,97 @@ def _seq_of_tokens(packed: PackedTokens) -> Tensor:
 
 
 def packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None
+    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    bias: PositionBias | None = None,
 ) -> Tensor:
     """Attention within each sequence of ``packed``. q, k, v: (T, H, D) -> (T, H, D).
 
-    impl: kernel implementation for the varlen layout (None: ``SPA_ATTN_IMPL``, default auto).
+    impl: kernel implementation for the varlen layout (None: ``SPA_ATTN_IMPL``, default auto);
+    bias: Swin's relative position bias and shift mask from the tokens' places (``pos (T, 3)``).
     """
     if q.shape[0] == 0:
         return q.clone()
     if packed.layout == "varlen":
-        return varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, softmax_scale, impl=impl)
+        return varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, softmax_scale, impl=impl, bias=bias)
     if packed.layout == "pad":
         seq = _seq_of_tokens(packed)
         col = torch.arange(q.shape[0], device=q.device) - packed.cu_seqlens.to(torch.int64)[seq]
-        return _padded_sdpa(q, k, v, seq, col, (packed.num_seqs, packed.max_seqlen), softmax_scale)
+        return _padded_sdpa(q, k, v, seq, col, (packed.num_seqs, packed.max_seqlen), softmax_scale, bias)
     if packed.layout == "mask":
         N = packed.num_tokens
         image = torch.div(packed.indices, N, rounding_mode="floor")
-        return _padded_sdpa(q, k, v, image, packed.indices % N, (packed.batch_size, N), softmax_scale)
+        return _padded_sdpa(q, k, v, image, packed.indices % N, (packed.batch_size, N), softmax_scale, bias)
     raise ValueError(f"unknown packed layout {packed.layout!r} (strategy {packed.strategy!r})")
 
 
 def containers_dense_attention(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None,
+    bias: PositionBias | None = None,
 ) -> Tensor:
     """The paper's form of container attention: ``(B', L)`` containers, block-diagonal mask, one SDPA.
     Same result as ``packed_attention`` on a containers pack. q, k, v: (T, H, D) -> (T, H, D)."""
     if q.shape[0] == 0:
         return q.clone()
-    (qc, kc, vc), attn_mask = zip(*(containers_dense(packed, t) for t in (q, k, v)))  # (B', L, H, D)
-    attn_mask = attn_mask[0]
-    attn_mask = attn_mask | ~attn_mask.any(-1, keepdim=True)  # empty slots: attend anywhere, dropped
+    (qc, kc, vc), same_image = zip(*(containers_dense(packed, t) for t in (q, k, v)))  # (B', L, H, D)
+    same_image = same_image[0]  # (B', L, L): both filled, same image
+    filled = same_image.any(-1)  # (B', L)
+    pos = containers_dense(packed, bias.pos)[0] if bias is not None else None  # (B', L, 3)
+    attn_mask = _grid_mask(filled, pos, bias)
+    if bias is None:
+        attn_mask = attn_mask & (same_image[:, None] | ~filled[:, None, :, None])
+    else:
+        attn_mask = attn_mask.masked_fill(~same_image[:, None] & filled[:, None, :, None], float("-inf"))
+        attn_mask = attn_mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (qc, kc, vc)), attn_mask=attn_mask[:, None], scale=softmax_scale
+        *(t.transpose(1, 2) for t in (qc, kc, vc)), attn_mask=attn_mask, scale=softmax_scale
     )  # (B', H, L, D)
     return containers_from_dense(packed, out.transpose(1, 2))
 
 
 class PackedAttention(nn.Module):
     """Multi-head self-attention over packed tokens: qkv projection on the T kept tokens, attention
-    within each sequence, output projection. forward(packed) -> (T, C).
+    within each sequence, output projection. forward(packed, pos=None) -> (T, C).
 
+    ``window_size``: when given, the module holds Swin's learnable ``relative_position_bias_table``
+    (``((2M-1)^2, H)``, the name and shape of ``spa_core.block.WindowAttention``'s, so a dense block's
+    weights load unchanged) and applies it to every packed pair from ``pos (T, 3)`` (row, column,
+    shift region of each token: ``spa_core.windows.token_places``); see ``kernels.position_bias``.
     ``attn_impl``: ``"auto"`` (defer to ``SPA_ATTN_IMPL``) or ``triton | cpp | torch | ref``;
     ``container_form``: ``"varlen"`` (default) or ``"dense"`` (containers run as ``(B', L)`` + mask).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto") -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto", window_size: int | None = None
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.window_size = window_size
+        if window_size is not None:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        else:
+            self.register_parameter("relative_position_bias_table", None)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.attn_impl = attn_impl
         self.container_form = "varlen"
 
-    def forward(self, packed: PackedTokens) -> Tensor:
+    def forward(self, packed: PackedTokens, pos: Tensor | None = None) -> Tensor:
         x = packed.tokens
         T, C = x.shape
         q, k, v = self.qkv(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, D) each
+        bias = None
+        if self.relative_position_bias_table is not None:
+            if pos is None:
+                raise ValueError("PackedAttention with a position bias table needs pos (T, 3) of the packed tokens")
+            bias = PositionBias(pos, self.relative_position_bias_table.to(q.dtype), self.window_size)
         if self.container_form == "dense" and packed.container_len is not None:
-            out = containers_dense_attention(q, k, v, packed, softmax_scale=self.scale)
+            out = containers_dense_attention(q, k, v, packed, softmax_scale=self.scale, bias=bias)
         else:
             impl = None if self.attn_impl == "auto" else self.attn_impl
-            out = packed_attention(q, k, v, packed, softmax_scale=self.scale, impl=impl)
+            out = packed_attention(q, k, v, packed, softmax_scale=self.scale, impl=impl, bias=bias)
         return self.proj(out.reshape(T, C))

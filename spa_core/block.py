@@ -5,15 +5,25 @@
 
 ``SPABlock``: gate -> select -> pack -> attention -> unpack, then the MLP::
 
-    r = norm1(x);  s = gate(r, s_prev);  keep = policy(s)
+    r = norm1(x);  s = gate(r, s_prev);  keep = policy(s, tokens=r)
     r_g = sigmoid(s) * w * r                        # w: the straight-through multiplier of the policy
-                                                    #    (computed on the kept rows only)
-    x = x + unpack(attn(pack(r_g, keep)))           # kept tokens only; the others pass unchanged
+                                                    #    (computed on the kept rows only; without
+                                                    #    gate_scaling: w * r)
+    x = x + unpack(attn(pack(r_g, keep), places))   # kept tokens only; the others pass unchanged
     x = x + mlp(norm2(x))                           # on all tokens (default) or only the kept ones
 
 Tokens are packed in shifted-window order (``spa_core.windows.window_order``), shifted every second
 block as in Swin, so the paper's containers hold spatial neighbours and regroup from block to block.
-SPA attention has no relative position bias: its sequences span arbitrary positions.
+
+An SPA block is the Swin block it replaces plus selection: it holds the same
+``relative_position_bias_table`` and applies it to every packed pair from the two tokens' (row,
+column) places, and in a shifted block keeps Swin's shift mask (tokens of different shift regions do
+not attend; ``spa_core.windows.token_places``, ``kernels.position_bias``). Inside one window that is
+exactly Swin's attention; for two tokens of one container but different windows the offset is
+clamped to the table's range. So with every token kept and ``gate_scaling`` off, a containers SPA
+block computes what the Swin block computes, on any map whose sides are multiples of the window (on
+other maps Swin pads the map and its zero padding tokens take part in attention, where SPA packs
+only real tokens). ``position_bias: none`` drops the table (an ablation of what position is worth).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from spa_core.select import select_tokens
 from spa_core.windows import (
     effective_window,
     shifted_window_mask,
+    token_places,
     window_order,
     window_partition,
     window_reverse,
@@ -209,7 +220,8 @@ class SPABlock(nn.Module):
         self.stage, self.index = stage, index
         self.norm1 = nn.LayerNorm(dim)
         self.gate = GATES.get(cfg.gate)(dim, cfg)
-        self.attn = PackedAttention(dim, num_heads, attn_impl=cfg.attn_impl)
+        bias_window = window_size if cfg.position_bias == "swin" else None
+        self.attn = PackedAttention(dim, num_heads, attn_impl=cfg.attn_impl, window_size=bias_window)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -222,14 +234,20 @@ class SPABlock(nn.Module):
         r = self.norm1(x)
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
         s = self.gate(r, prev)  # (B, N)
-        sel = select_tokens(s, self.cfg, training=self.training, generator=self.generator)
-        factor = torch.sigmoid(s) * sel.weight.to(s.dtype)  # (B, N)
+        sel = select_tokens(s, self.cfg, training=self.training, generator=self.generator, tokens=r)
+        factor = sel.weight.to(s.dtype)  # (B, N)
+        if self.cfg.gate_scaling:
+            factor = torch.sigmoid(s) * factor
         order = window_order((H, W), self.window_size, self.shift, device=x.device)  # (N,)
         packed = pack(r, sel.mask, self.cfg.pack, cfg=self.cfg, order=order)
         # r_g = factor * r on the kept rows only: the others are never read
         packed = packed.with_tokens(packed.tokens * factor.reshape(-1)[packed.indices].unsqueeze(-1))
         image = torch.div(packed.indices, N, rounding_mode="floor")  # (T,)
-        out = self.drop_path(self.attn(packed), image, B)  # (T, C)
+        pos = None
+        if self.attn.relative_position_bias_table is not None:
+            places = token_places((H, W), self.window_size, self.shift, device=x.device)  # (N, 3)
+            pos = places.index_select(0, packed.indices - image * N)  # (T, 3)
+        out = self.drop_path(self.attn(packed, pos), image, B)  # (T, C)
         x = unpack(packed, out, x, add=True)  # (B, N, C): residual on kept tokens only
         if self.cfg.mlp_on == "all":
             x = x + self.drop_path(self.mlp(self.norm2(x)))

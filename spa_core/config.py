@@ -30,13 +30,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class SPAConfig:
-    selection: str = "gate"  # SELECTION_POLICIES: gate | topk | random (plugins add more)
+    selection: str = "gate"  # SELECTION_POLICIES: gate | topk | random | all | gate_random | gate_norm
     ratio: float = 0.5  # kept fraction per image for ratio policies (topk, random)
     threshold: float = 0.5  # gate: keep a token when sigmoid(score) > threshold
     gumbel_tau: float = 1.0  # temperature of the Gumbel-sigmoid in training
     pack: str = "containers"  # PACK_STRATEGIES: containers | varlen | pad | mask
     container_len: int | None = None  # containers' L; None -> window_size ** 2 (the paper)
-    mlp_on: str = "all"  # "all" tokens (default) or only the "selected" ones
+    mlp_on: str = "all"  # "all": every token goes through the MLP; "selected": an unselected token skips the block
+    position_bias: str = "swin"  # "swin": Swin's relative position bias and shift mask on packed pairs; "none"
+    gate_scaling: bool = True  # kept tokens enter attention as sigmoid(score) * token (the paper); False: unscaled
     gate: str = "linear"  # GATES
     supervision: str = "labels"  # SUPERVISION_MODES: labels | none
     alpha: float = 0.01  # weight of the gate loss (paper: 0.01)

@@ -123,13 +123,21 @@ SELECTION_POLICIES = Registry(
     "selection_policy",
     """Selection policies: which tokens of each image an SPA block keeps.
 
-    Contract: ``fn(scores, *, cfg, training, generator=None) -> Selection``
-      - ``scores``: (B, N) float gate logits (for policies that ignore the gate, still the logits
-        of the block's gate, or token features' scores if the policy computes its own);
-      - ``cfg``: the block's ``SPAConfig`` (ratio, threshold, gumbel_tau, ...);
+    Contract: ``fn(scores, *, cfg, training, generator=None, tokens=None) -> Selection``
+      - ``scores``: (B, N) float logits of the block's gate (``GATES``), ``s = max(f(r), s_prev)``;
+        a policy that ranks tokens by its own rule may ignore them;
+      - ``tokens``: (B, N, C) what the gate scored: ``r = norm1(x)``, the block's input after its
+        first LayerNorm (so every token has nearly the same norm);
+      - ``cfg``: the block's ``SPAConfig`` (ratio, threshold, gumbel_tau, ...); ``training``: the
+        block's mode; ``generator``: the block's own ``torch.Generator`` for any random draw (None:
+        torch's global one), so a block's stream does not depend on other work;
       - returns ``spa_core.select.Selection`` with ``mask`` (B, N) bool, ``counts`` (B,) int64 (a
-        different count per image allowed, 0 and N included) and ``weight`` (B, N) float, the
-        straight-through multiplier applied to kept tokens (ones when not differentiable).
+        different count per image allowed, 0 and N included) and ``weight`` (B, N) float.
+    What the block does with it: the kept tokens (``mask``) are packed and attend; each enters
+    attention as ``sigmoid(scores) * weight * r`` (``cfg.gate_scaling``; without it ``weight * r``),
+    so ``weight`` is the straight-through multiplier whose gradient reaches the gate (``gate``: value
+    1 with the soft sample's gradient; ones when nothing is differentiable; a policy may return
+    ``1 / sigmoid(scores)`` to cancel the scaling); the other tokens skip attention unchanged.
     """,
 )
 

@@ -10,6 +10,9 @@ and returns the counts with the mask. Registered in ``SELECTION_POLICIES`` (cont
   ``sigmoid(s) > threshold``, no noise. The kept fraction is an outcome, not a setting.
 - ``topk``: the ``round(ratio * N)`` highest-scoring tokens of each image (uniform, as SparseViT).
 - ``random``: ``round(ratio * N)`` tokens of each image drawn uniformly (the control).
+- ``all``: every token (the keep-all control for the machinery itself).
+- ``gate_random`` / ``gate_norm``: compute-matched controls: the gate's count per image (its own
+  decision), the places drawn at random / taken by a fixed score (feature norm).
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ from torch import Tensor
 from spa_core.config import SPAConfig
 from spa_core.registry import SELECTION_POLICIES
 
-__all__ = ["Selection", "select_tokens", "select_gate", "select_topk", "select_random"]
+__all__ = [
+    "Selection",
+    "select_tokens",
+    "select_gate",
+    "select_topk",
+    "select_random",
+    "select_all",
+    "select_gate_random",
+    "select_gate_norm",
+    "feature_norm_scores",
+]
 
 
 @dataclass
@@ -36,10 +49,18 @@ class Selection:
 
 
 def select_tokens(
-    scores: Tensor, cfg: SPAConfig, *, training: bool, generator: torch.Generator | None = None
+    scores: Tensor,
+    cfg: SPAConfig,
+    *,
+    training: bool,
+    generator: torch.Generator | None = None,
+    tokens: Tensor | None = None,
 ) -> Selection:
-    """scores: (B, N) gate logits -> ``Selection`` by the policy ``cfg.selection``."""
-    return SELECTION_POLICIES.get(cfg.selection)(scores, cfg=cfg, training=training, generator=generator)
+    """scores: (B, N) gate logits, tokens: (B, N, C) what the gate scored -> ``Selection`` by the
+    policy ``cfg.selection``."""
+    return SELECTION_POLICIES.get(cfg.selection)(
+        scores, cfg=cfg, training=training, generator=generator, tokens=tokens
+    )
 
 
 def _from_mask(mask: Tensor, weight: Tensor | None = None) -> Selection:
@@ -63,32 +84,80 @@ def _top_mask(values: Tensor, k: int) -> Tensor:
     return mask
 
 
-@SELECTION_POLICIES.register("gate")
-def select_gate(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None) -> Selection:
-    """Hard Gumbel-sigmoid straight-through at ``cfg.threshold`` in training; the threshold at inference."""
+def _kept_by_rank(values: Tensor, counts: Tensor) -> Tensor:
+    """(B, N) bool: the ``counts[b]`` highest ``values`` of every image b (ties to the lower index)."""
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices  # (B, N)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
+    return rank < counts.to(rank.device)[:, None]
+
+
+def _uniform(scores: Tensor, generator) -> Tensor:
+    """(B, N) uniform draws from ``generator`` (on its device), on the scores' device."""
+    gen_device = generator.device if generator is not None else scores.device
+    return torch.rand(scores.shape, generator=generator, device=gen_device).to(scores.device)
+
+
+def _gate_decision(scores: Tensor, cfg: SPAConfig, training: bool, generator) -> tuple[Tensor, Tensor]:
+    """The gate's hard decision (B, N) bool and its straight-through weight (B, N)."""
     if not 0.0 < cfg.threshold < 1.0:
         raise ValueError(f"gate threshold must be in (0, 1), got {cfg.threshold}")
     if not training:
-        return _from_mask(torch.sigmoid(scores.detach()) > cfg.threshold)
-    gen_device = generator.device if generator is not None else scores.device
-    u = torch.rand(scores.shape, generator=generator, dtype=scores.dtype, device=gen_device).to(scores.device)
+        hard = torch.sigmoid(scores.detach()) > cfg.threshold
+        return hard, torch.ones(scores.shape, dtype=torch.float32, device=scores.device)
+    u = _uniform(scores, generator).to(scores.dtype)
     u = u.clamp(torch.finfo(scores.dtype).tiny, 1.0 - torch.finfo(scores.dtype).eps)
     noise = torch.log(u) - torch.log1p(-u)  # logistic = difference of two Gumbels
     soft = torch.sigmoid((scores + noise) / cfg.gumbel_tau)  # (B, N)
     hard = soft.detach() > cfg.threshold
-    weight = hard.to(soft.dtype) - soft.detach() + soft  # value 1 on kept tokens, gradient of soft
-    return _from_mask(hard, weight)
+    return hard, hard.to(soft.dtype) - soft.detach() + soft  # value 1 on kept tokens, gradient of soft
+
+
+@SELECTION_POLICIES.register("gate")
+def select_gate(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+    """Hard Gumbel-sigmoid straight-through at ``cfg.threshold`` in training; the threshold at inference."""
+    hard, weight = _gate_decision(scores, cfg, training, generator)
+    return _from_mask(hard, weight if training else None)
 
 
 @SELECTION_POLICIES.register("topk")
-def select_topk(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None) -> Selection:
+def select_topk(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
     """The ``round(ratio*N)`` best-scoring tokens of every image."""
     return _from_mask(_top_mask(scores.detach(), _ratio_count(scores.shape[1], cfg.ratio)))
 
 
 @SELECTION_POLICIES.register("random")
-def select_random(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None) -> Selection:
+def select_random(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
     """``round(ratio*N)`` tokens of every image drawn uniformly, ignoring the scores (the control)."""
-    gen_device = generator.device if generator is not None else scores.device
-    r = torch.rand(scores.shape, generator=generator, device=gen_device).to(scores.device)
-    return _from_mask(_top_mask(r, _ratio_count(scores.shape[1], cfg.ratio)))
+    return _from_mask(_top_mask(_uniform(scores, generator), _ratio_count(scores.shape[1], cfg.ratio)))
+
+
+@SELECTION_POLICIES.register("all")
+def select_all(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+    """Every token (the keep-all control: SPA's machinery with nothing dropped)."""
+    return _from_mask(torch.ones(scores.shape, dtype=torch.bool, device=scores.device))
+
+
+@SELECTION_POLICIES.register("gate_random")
+def select_gate_random(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+    """As many tokens per image as the gate keeps (its decision, as ``gate``), at uniformly random
+    places: spends exactly the gate's compute, so gate vs gate_random separates *where* the gate looks
+    from *how much* it keeps. No straight-through weight (the places are not the gate's)."""
+    hard, _ = _gate_decision(scores, cfg, training, generator)
+    return _from_mask(_kept_by_rank(_uniform(scores, generator), hard.sum(1)))
+
+
+def feature_norm_scores(tokens: Tensor) -> Tensor:
+    """tokens (B, N, C) -> (B, N) ``||r_i - mean_j r_j||``: how far a token is from its image's mean
+    (the norm of a layer-normed token alone is nearly the same for every token)."""
+    x = tokens.detach().float()
+    return (x - x.mean(dim=1, keepdim=True)).norm(dim=-1)
+
+
+@SELECTION_POLICIES.register("gate_norm")
+def select_gate_norm(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+    """As many tokens per image as the gate keeps, at the places of highest feature norm
+    (``feature_norm_scores``, a fixed score that nothing learns): the gate's compute, a fixed rule."""
+    if tokens is None:
+        raise ValueError("selection 'gate_norm' needs the block's tokens (tokens=(B, N, C))")
+    hard, _ = _gate_decision(scores, cfg, training, generator)
+    return _from_mask(_kept_by_rank(feature_norm_scores(tokens), hard.sum(1)))

@@ -5,6 +5,9 @@ the map is smaller than the window in a dimension, the window is clipped to the 
 dimension is not shifted (timm's rule, per dimension; Swin's original applies it to both at once).
 Maps not divisible by the window are padded at the bottom/right, as Swin does for detection.
 
+``token_places`` gives every token's (row, column, shift region): what an SPA block hands to the
+attention op so that packed tokens get Swin's relative position bias and shift mask.
+
 ``window_order`` gives the same grouping as a permutation of the (unpadded) tokens: SPA packs the
 selected tokens in this order, so a container of ``L = M*M`` slots holds spatial neighbours, and the
 shift of every second block changes which neighbours share a container.
@@ -17,7 +20,14 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-__all__ = ["effective_window", "window_partition", "window_reverse", "window_order", "shifted_window_mask"]
+__all__ = [
+    "effective_window",
+    "window_partition",
+    "window_reverse",
+    "window_order",
+    "shifted_window_mask",
+    "token_places",
+]
 
 
 def effective_window(hw: tuple[int, int], window: int, shift: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -93,3 +103,37 @@ def shifted_window_mask(padded_hw: tuple[int, int], win: tuple[int, int], sft: t
 @lru_cache(maxsize=64)
 def _shifted_window_mask_on(Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int, device: torch.device) -> Tensor:
     return _shifted_window_mask_cpu(Hp, Wp, Mh, Mw, sh, sw).to(device)
+
+
+@lru_cache(maxsize=256)
+def _token_places_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
+    (Mh, Mw), (sh, sw) = effective_window((H, W), window, shift)
+    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
+
+    def region(n: int, size: int, m: int, s: int) -> Tensor:
+        # Swin's mask labels the rolled padded map by the slices (0:-m), (-m:-s), (-s:) per dimension;
+        # a token at raster place i sits at (i - s) mod size of the rolled map
+        if not s:
+            return torch.zeros(n, dtype=torch.int32)
+        rolled = (torch.arange(n) - s) % size
+        return (rolled >= size - m).to(torch.int32) + (rolled >= size - s).to(torch.int32)
+
+    rows = torch.arange(H, dtype=torch.int32).repeat_interleave(W)
+    cols = torch.arange(W, dtype=torch.int32).repeat(H)
+    reg = region(H, Hp, Mh, sh).repeat_interleave(W) * 3 + region(W, Wp, Mw, sw).repeat(H)
+    return torch.stack([rows, cols, reg], dim=1).contiguous()  # (N, 3)
+
+
+@lru_cache(maxsize=256)
+def _token_places_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
+    return _token_places_cpu(H, W, window, shift).to(device)
+
+
+def token_places(hw: tuple[int, int], window: int, shift: int = 0, device=None) -> Tensor:
+    """``(N, 3) int32`` per raster token: its row, its column, and its region of Swin's shift mask
+    (``3 * row_region + col_region``, each 0..2; 0 everywhere when the block is not shifted). Two
+    tokens that Swin's shifted windows would put in one window attend to each other exactly when
+    their regions are equal (``shifted_window_mask``'s rule, per token instead of per window); the
+    regions are those of the padded map, so they hold for maps that are not multiples of the window.
+    Cached per geometry and device (do not modify the result in place)."""
+    return _token_places_on(int(hw[0]), int(hw[1]), int(window), int(shift), torch.device(device or "cpu"))

@@ -54,7 +54,9 @@ class FeatureNormGate(nn.Module):
 
 
 @SELECTION_POLICIES.register("feature_norm")
-def select_feature_norm(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None) -> Selection:
+def select_feature_norm(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+) -> Selection:
     """scores (B, N) -> the ``round(cfg.ratio * N)`` best of every image; weight undoes sigmoid(s)."""
     if not 0.0 <= cfg.ratio <= 1.0:
         raise ValueError(f"selection ratio must be in [0, 1], got {cfg.ratio}")

@@ -23,7 +23,7 @@ PLUGIN = textwrap.dedent(
     from spa_core.select import select_topk
 
     @SELECTION_POLICIES.register("{name}")
-    def policy(scores, *, cfg, training, generator=None):
+    def policy(scores, *, cfg, training, generator=None, tokens=None):
         return select_topk(scores, cfg=cfg, training=training)
     """
 )

@@ -17,7 +17,7 @@ class FixedPolicy:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None
 
-    def __call__(self, scores, *, cfg, training, generator=None) -> Selection:
+    def __call__(self, scores, *, cfg, training, generator=None, tokens=None) -> Selection:
         assert self.mask is not None and self.mask.shape == scores.shape
         m = self.mask.to(scores.device)
         return Selection(mask=m, counts=m.sum(1), weight=torch.ones_like(scores))

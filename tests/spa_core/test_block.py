@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kernels import triton_available
 from spa_core.block import SPABlock, SwinBlock
@@ -20,23 +22,51 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float64: dict(atol=1e-12
 
 
 def _block(strategy, *, dim=24, heads=2, window=2, shift=0, selection="topk", ratio=1.0, mlp_on="all",
-           dtype=torch.float32, seed=0):
+           dtype=torch.float32, seed=0, position_bias="swin", gate_scaling=True):
     torch.manual_seed(seed)
-    cfg = SPAConfig(selection=selection, ratio=ratio, pack=strategy, mlp_on=mlp_on)
+    cfg = SPAConfig(selection=selection, ratio=ratio, pack=strategy, mlp_on=mlp_on, position_bias=position_bias,
+                    gate_scaling=gate_scaling)
     blk = SPABlock(dim, heads, window, cfg, shift=shift).to(dtype).eval()
-    with torch.no_grad():  # non-trivial gate and norms, so a wrong scaling would show
+    with torch.no_grad():  # non-trivial gate, norms and bias, so a wrong scaling or offset would show
         blk.gate.score.weight.normal_(0, 0.5)
         blk.gate.score.bias.fill_(0.3)
         blk.norm1.weight.uniform_(0.5, 1.5)
+        if blk.attn.relative_position_bias_table is not None:
+            blk.attn.relative_position_bias_table.normal_(0, 1.0)
     return blk
 
 
-def _attend(attn, t):
-    """Reference attention of one sequence with the block's weights: t (n, C) -> (n, C); explicit softmax."""
+def _places(hw, window, shift):
+    """(N, 3) row, column, shift region of every raster token, by Swin's definition of the shifted
+    map (independent of ``spa_core.windows.token_places``)."""
+    H, W = hw
+    (Mh, Mw), (sh, sw) = effective_window(hw, window, shift)
+    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
+    i, j = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    ri, rj = ((i - sh) % Hp).flatten(), ((j - sw) % Wp).flatten()
+
+    def region(r, size, m, s):
+        return torch.zeros_like(r) if s == 0 else (r >= size - m).long() + (r >= size - s).long()
+
+    return torch.stack([i.flatten(), j.flatten(), region(ri, Hp, Mh, sh) * 3 + region(rj, Wp, Mw, sw)], 1)
+
+
+def _attend(attn, t, places):
+    """Reference attention of one sequence with the block's weights: t (n, C), places (n, 3) ->
+    (n, C); explicit softmax, Swin's bias from the places (offsets clamped to the table), other shift
+    regions masked."""
     n, C = t.shape
     H, D = attn.num_heads, attn.head_dim
     q, k, v = attn.qkv(t).view(n, 3, H, D).permute(1, 2, 0, 3)  # (H, n, D) each
-    p = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+    logits = q @ k.transpose(-1, -2) * attn.scale
+    table = attn.relative_position_bias_table
+    if table is not None:
+        M = attn.window_size
+        dy = (places[:, None, 0] - places[None, :, 0]).clamp(-(M - 1), M - 1)
+        dx = (places[:, None, 1] - places[None, :, 1]).clamp(-(M - 1), M - 1)
+        logits = logits + table[(dy + M - 1) * (2 * M - 1) + dx + M - 1].permute(2, 0, 1)
+        logits = logits.masked_fill(places[:, None, 2] != places[None, :, 2], float("-inf"))
+    p = torch.softmax(logits, dim=-1)
     return attn.proj((p @ v).transpose(0, 1).reshape(n, C))
 
 
@@ -47,12 +77,13 @@ def _reference(blk, x, mask, runs):
     xf = x.reshape(B, H * W, C)
     r = blk.norm1(xf)
     s = blk.gate(r, None)
-    r_g = torch.sigmoid(s)[..., None] * r
+    r_g = torch.sigmoid(s)[..., None] * r if blk.cfg.gate_scaling else r
+    places = _places((H, W), blk.window_size, blk.shift)
     out = torch.zeros_like(xf)
     for b in range(B):
         for run in runs(b, mask[b]):
             if len(run):
-                out[b, run] = _attend(blk.attn, r_g[b, run])
+                out[b, run] = _attend(blk.attn, r_g[b, run], places[run])
     y = xf + out
     if blk.cfg.mlp_on == "all":
         y = y + blk.mlp(blk.norm2(y))
@@ -331,3 +362,140 @@ def test_block_on_triton_kernels_matches_torch():
         pytest.skip("triton not importable")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], check=True, env=env, timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SPA with every token kept is the Swin block (the delta of a table is the effect of selection)
+
+
+def _twins(dim, heads, window, shift, pack="containers", dtype=torch.float64, seed=0):
+    """A Swin block and a keep-all SPA block (no gate scaling) with the Swin block's weights."""
+    torch.manual_seed(seed)
+    swin = SwinBlock(dim, heads, window_size=window, shift=shift).to(dtype)
+    with torch.no_grad():
+        for p in swin.parameters():
+            p.normal_(0, 0.3)
+    spa = SPABlock(dim, heads, window, SPAConfig(selection="all", pack=pack, gate_scaling=False), shift=shift)
+    missing, unexpected = spa.to(dtype).load_state_dict(swin.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("gate.") for k in missing), (missing, unexpected)
+    return swin, spa
+
+
+def _outputs_and_grads(blk, x, *extra):
+    x = x.detach().clone().requires_grad_(True)
+    y = blk(x, *extra)
+    y = y[0] if isinstance(y, tuple) else y
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)  # a loss that weighs every output differently
+    params = {n: p for n, p in blk.named_parameters() if not n.startswith("gate.")}
+    grads = torch.autograd.grad((y * w).sum(), [x, *params.values()])
+    return y.detach(), dict(zip(["x", *params], grads))
+
+
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(
+    window=st.integers(2, 5),
+    nh=st.integers(1, 3),
+    nw=st.integers(1, 3),
+    shifted=st.booleans(),
+    batch=st.integers(1, 3),
+    heads=st.sampled_from([1, 2, 4]),
+)
+def test_keep_all_containers_equal_swin_block(window, nh, nw, shifted, batch, heads):
+    """Outputs and gradients (input, qkv, proj, norms, MLP and the bias table) of a keep-all
+    containers SPA block equal the Swin block's, on maps that are multiples of the window, shifted or
+    not: containers of L = M*M in shifted-window order are Swin's windows, and the bias and shift mask
+    follow the tokens' places."""
+    hw = (nh * window, nw * window)
+    shift = window // 2 if shifted else 0
+    swin, spa = _twins(8, heads, window, shift)
+    x = torch.randn(batch, *hw, 8, dtype=torch.float64)
+    y_swin, g_swin = _outputs_and_grads(swin, x)
+    y_spa, g_spa = _outputs_and_grads(spa, x)
+    torch.testing.assert_close(y_spa, y_swin, **TOL[torch.float64])
+    assert g_spa.keys() == g_swin.keys()
+    for name in g_swin:
+        torch.testing.assert_close(g_spa[name], g_swin[name], **TOL[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("impl", ["ref", "torch", "cpp"])
+@pytest.mark.parametrize("shift", [0, 2])
+def test_keep_all_equals_swin_through_each_cpu_path(impl, shift):
+    """The same equality in float32 through every CPU implementation of the attention op."""
+    swin, spa = _twins(16, 2, 4, shift, dtype=torch.float32)
+    spa.attn.attn_impl = impl
+    x = torch.randn(2, 8, 12, 16)
+    y_swin, g_swin = _outputs_and_grads(swin, x)
+    y_spa, g_spa = _outputs_and_grads(spa, x)
+    torch.testing.assert_close(y_spa, y_swin, atol=2e-5, rtol=1e-4)
+    for name in g_swin:
+        torch.testing.assert_close(g_spa[name], g_swin[name], atol=5e-5, rtol=1e-4, msg=name)
+
+
+def test_keep_all_differs_from_swin_where_swin_pads():
+    """On a map that is not a multiple of the window Swin's zero padding tokens take part in attention
+    and SPA's packs hold only real tokens: the two differ there (the documented exception)."""
+    swin, spa = _twins(8, 2, 4, 0)
+    x = torch.randn(1, 6, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert not torch.allclose(spa(x)[0], swin(x), atol=1e-6)
+
+
+@settings(derandomize=True, max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the policy's mask is set per example
+@given(
+    counts_seed=st.integers(0, 10_000),
+    hw=st.sampled_from([(4, 4), (5, 3), (6, 6), (2, 7)]),
+    window=st.integers(2, 4),
+    shift=st.integers(0, 2),
+    mlp_on=st.sampled_from(["all", "selected"]),
+)
+def test_per_image_strategies_agree_for_any_selection(fixed_policy, hw, window, shift, counts_seed, mlp_on):
+    """varlen, pad and mask give the same block, with the bias and shift mask, for any selection
+    (images keeping nothing, one token, everything); forward and gradients of input and bias table."""
+    shift = min(shift, window - 1)
+    N = hw[0] * hw[1]
+    g = torch.Generator().manual_seed(counts_seed)
+    counts = [0, N, 1, int(torch.randint(0, N + 1, (1,), generator=g))]
+    mask = torch.zeros(4, N, dtype=torch.bool)
+    for b, c in enumerate(counts):
+        mask[b, torch.randperm(N, generator=g)[:c]] = True
+    fixed_policy.mask = mask
+    x = torch.randn(4, *hw, 8, dtype=torch.float64, generator=g)
+    results = {}
+    for strategy in PER_IMAGE:
+        blk = _block(strategy, dim=8, window=window, shift=shift, selection=fixed_policy.name, mlp_on=mlp_on,
+                     dtype=torch.float64)
+        results[strategy] = _outputs_and_grads(blk, x)
+    for strategy in PER_IMAGE[1:]:
+        torch.testing.assert_close(results[strategy][0], results["varlen"][0], **TOL[torch.float64])
+        for name in ("x", "attn.relative_position_bias_table", "attn.qkv.weight"):
+            torch.testing.assert_close(results[strategy][1][name], results["varlen"][1][name],
+                                       **TOL[torch.float64], msg=f"{strategy} {name}")
+
+
+@pytest.mark.parametrize("strategy", ["containers", *PER_IMAGE])
+def test_bias_table_gradient_equals_reference(fixed_policy, mask_with_counts, strategy):
+    """The bias table's gradient through packed attention equals the gradient through the
+    definition (``_reference``), on a ragged shifted pack."""
+    hw, N = (4, 6), 24
+    fixed_policy.mask = mask_with_counts([N, 0, 7, 1], N, seed=5)
+    blk = _block(strategy, dim=8, window=3, shift=1, selection=fixed_policy.name, dtype=torch.float64)
+    x = torch.randn(4, *hw, 8, dtype=torch.float64)
+    table = blk.attn.relative_position_bias_table
+    runs = (_container_runs(hw, 3, 1, blk.cfg.container_len, fixed_policy.mask) if strategy == "containers"
+            else _per_image_runs)
+    (g_blk,) = torch.autograd.grad(blk(x)[0].pow(2).sum(), table)
+    (g_ref,) = torch.autograd.grad(_reference(blk, x, fixed_policy.mask, runs).pow(2).sum(), table)
+    assert g_ref.abs().sum() > 0
+    torch.testing.assert_close(g_blk, g_ref, **TOL[torch.float64])
+
+
+def test_position_bias_none_has_no_table_and_ignores_places():
+    blk = _block("varlen", position_bias="none", window=2)
+    assert blk.attn.relative_position_bias_table is None
+    assert "attn.relative_position_bias_table" not in blk.state_dict()
+    x = torch.randn(2, 4, 4, 24)
+    with torch.no_grad():  # without bias, attention over a sequence does not depend on the order of its tokens
+        y, _ = blk(x)
+        ref = _reference(blk, x, torch.ones(2, 16, dtype=torch.bool), _per_image_runs)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])

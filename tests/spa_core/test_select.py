@@ -66,7 +66,7 @@ def test_random_ignores_scores_and_keeps_the_ratio():
 def test_every_policy_returns_the_contract():
     s = _scores()
     for name in SELECTION_POLICIES:
-        sel = select_tokens(s, SPAConfig(selection=name), training=False)
+        sel = select_tokens(s, SPAConfig(selection=name), training=False, tokens=torch.randn(*s.shape, 4))
         assert sel.mask.shape == s.shape and sel.mask.dtype == torch.bool
         assert sel.counts.dtype == torch.int64 and torch.equal(sel.counts, sel.mask.sum(1))
         assert sel.weight.shape == s.shape
@@ -77,3 +77,60 @@ def test_bad_settings_are_loud():
         select_tokens(_scores(), SPAConfig(selection="nope"), training=False)
     with pytest.raises(ValueError, match="ratio"):
         select_tokens(_scores(), SPAConfig(selection="topk", ratio=1.5), training=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the keep-all control and the compute-matched controls
+
+
+def _cfg(selection, **kw):
+    return SPAConfig(selection=selection, **kw)
+
+
+def test_all_keeps_every_token():
+    s = torch.randn(3, 17)
+    sel = select_tokens(s, _cfg("all"), training=True)
+    assert sel.mask.all() and sel.counts.tolist() == [17] * 3 and torch.equal(sel.weight, torch.ones(3, 17))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("policy", ["gate_random", "gate_norm"])
+def test_controls_keep_the_gates_count_per_image(policy, training):
+    """A compute-matched control keeps exactly as many tokens per image as the gate's decision with
+    the same random stream, at other places."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(6, 50, generator=g) * 2
+    s[0] = -20.0  # an image the gate drops entirely
+    s[1] = 20.0  # and one it keeps entirely
+    tokens = torch.randn(6, 50, 8, generator=g)
+    gate = select_tokens(s, _cfg("gate"), training=training, generator=torch.Generator().manual_seed(7))
+    ctrl = select_tokens(s, _cfg(policy), training=training, generator=torch.Generator().manual_seed(7),
+                         tokens=tokens)
+    assert torch.equal(ctrl.counts, gate.counts) and torch.equal(ctrl.mask.sum(1), ctrl.counts)
+    assert ctrl.counts[0] == 0 and ctrl.counts[1] == 50
+    assert not torch.equal(ctrl.mask[2:], gate.mask[2:])  # the places differ from the gate's
+
+
+def test_gate_norm_keeps_the_tokens_farthest_from_their_image_mean():
+    tokens = torch.zeros(1, 10, 4)
+    far = [2, 7, 9]
+    tokens[0, 2, 0], tokens[0, 7, 0], tokens[0, 9, 1] = 10.0, -20.0, 30.0  # the rest sit near the mean
+    s = torch.tensor([[5.0] * 3 + [-5.0] * 7])  # the gate keeps 3 (its own three)
+    sel = select_tokens(s, _cfg("gate_norm"), training=False, tokens=tokens)
+    assert sel.mask[0].nonzero().squeeze(1).tolist() == far
+
+
+def test_gate_norm_without_tokens_says_what_it_needs():
+    with pytest.raises(ValueError, match="tokens"):
+        select_tokens(torch.randn(2, 5), _cfg("gate_norm"), training=False)
+
+
+def test_gate_random_places_are_uniform():
+    """Over many draws every place is kept about equally often (counts fixed by the gate)."""
+    s = torch.zeros(1, 8)
+    s[0, :4] = 10.0  # the gate keeps the first four
+    g = torch.Generator().manual_seed(0)
+    hits = torch.zeros(8)
+    for _ in range(800):
+        hits += select_tokens(s, _cfg("gate_random"), training=False, generator=g).mask[0].float()
+    assert hits.sum() == 3200 and (hits - 400).abs().max() < 80  # binomial sd ~ 14
