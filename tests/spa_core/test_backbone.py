@@ -150,3 +150,29 @@ def test_import_does_not_pull_ray_or_deepspeed():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+@pytest.mark.parametrize("spa_stages", [(3, 4), (1, 2, 3, 4)])
+def test_keep_all_backbone_is_the_dense_backbone(spa_stages):
+    """A keep-all containers SPA backbone without gate scaling, given the dense backbone's weights,
+    computes the dense backbone's features and gradients: every stage grid of a 64-px image (16, 8,
+    4, 2 for the tiny preset's window 4; the last a clipped 2 x 2 window) is a multiple of its window."""
+    cfg = dict(spa_stages=spa_stages, spa=SPAConfig(selection="all", pack="containers", gate_scaling=False),
+               depths=(2, 2, 2, 2))  # two blocks per stage: unshifted and shifted
+    dense = _build(variant="dense", **cfg).double()
+    spa = _build(variant="spa", **cfg).double()
+    missing, unexpected = spa.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and missing and all(".gate." in k for k in missing)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    feats, grads = [], []
+    for model in (dense, spa):
+        out = model(x).features
+        loss = sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in out)
+        named = {n: p for n, p in model.named_parameters() if ".gate." not in n}
+        feats.append(out)
+        grads.append(dict(zip(named, torch.autograd.grad(loss, list(named.values())))))
+    for a, b in zip(*feats):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-10, rtol=1e-9, msg=name)
