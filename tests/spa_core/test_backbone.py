@@ -14,7 +14,8 @@ import kernels
 from spa_core.backbone import BackboneFeatures, SPABackbone, build_backbone, stage_grids
 from spa_core.block import SPABlock, SwinBlock
 from spa_core.config import SPAConfig, backbone_preset
-from spa_core.registry import MODEL_VARIANTS, PACK_STRATEGIES
+from spa_core.registry import MODEL_VARIANTS, PACK_STRATEGIES, SELECTION_POLICIES
+from spa_core.select import Selection
 
 
 def _build(name="tiny", **kw):
@@ -176,3 +177,42 @@ def test_keep_all_backbone_is_the_dense_backbone(spa_stages):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-10, rtol=1e-9, msg=name)
+
+
+def _pattern_policy(scores, *, cfg, training, generator=None, tokens=None):
+    """Keeps token j of image b iff (3j + 5b) % 7 < b + 2: ragged counts, the same in every run."""
+    B, N = scores.shape
+    j, b = torch.arange(N)[None, :], torch.arange(B)[:, None]
+    mask = (3 * j + 5 * b) % 7 < b + 2
+    return Selection(mask=mask, counts=mask.sum(1), weight=torch.ones(B, N))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("strategy", ["containers", "varlen"])
+def test_mlp_on_selected_skips_exactly_the_unselected_tokens_mlp(strategy):
+    """fvcore's count of ``mlp_on: selected`` is that of ``mlp_on: all`` less, per SPA block, the
+    norm2 + MLP of every unselected token, counted by hand: ``(B*N - T) * (5C + 2 * C * 4C)`` (fvcore
+    counts a LayerNorm with affine weights as 5 multiply-adds per element, a Linear as in * out per
+    row), with ragged counts per image."""
+    from fvcore.nn import FlopCountAnalysis
+
+    x = torch.randn(3, 3, 64, 64)
+    SELECTION_POLICIES.register("test_pattern", _pattern_policy)
+    try:
+        totals = []
+        for mlp_on in ("all", "selected"):
+            spa = SPAConfig(selection="test_pattern", pack=strategy, mlp_on=mlp_on)
+            bb = _build("micro", spa=spa, depths=(1, 1, 2, 1))
+            fa = FlopCountAnalysis(BackboneFeatures(bb), x).set_op_handle(**kernels.FVCORE_HANDLES)
+            totals.append(fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total())
+            with torch.no_grad():
+                blocks = bb(x).blocks
+    finally:
+        SELECTION_POLICIES.unregister("test_pattern")
+    skipped = 0
+    for blk in blocks:
+        (h, w), C = blk.grid, 16 * 2 ** (blk.stage - 1)
+        assert len(set(blk.counts.tolist())) > 1  # ragged
+        skipped += (len(blk.counts) * h * w - int(blk.counts.sum())) * (5 * C + 2 * C * 4 * C)
+    assert len(blocks) == 3 and skipped > 0
+    assert totals[0] - totals[1] == skipped
