@@ -162,8 +162,10 @@ def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
 
 def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
     """The paper's attention formulas summed over the backbone's blocks, for a batch of ``batch``
-    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list)."""
+    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list): W-MSA for Swin
+    blocks, the pack strategy's ``attention_macs`` for SPA blocks."""
     from spa_core.backbone import stage_grids
+    from spa_core.registry import PACK_STRATEGIES
 
     m = cfg.model
     depths = list(m.depths)
@@ -172,6 +174,7 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
     spa_stages = () if m.is_dense else tuple(m.spa_stages)
     counts = {(b.stage, b.index): b.counts.detach().cpu().long().tolist() for b in blocks}
     spa = m.spa
+    strategy = None if m.is_dense else PACK_STRATEGIES.get(spa.pack)  # each strategy's own formula
     total = 0.0
     for i, depth in enumerate(depths):
         h, w = grids[i]
@@ -184,20 +187,7 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
                 total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
-            total += batch * (n * c + n * c * c)  # gate + output projection over all N tokens
-            kept = sum(k)
-            if spa.pack == "containers":
-                # containers of L tokens; only the last one is padded
-                L = spa.container_len or m.window_size**2
-                n_cont = math.ceil(kept / L)
-                total += n_cont * (3 * L * c * c + 2 * L * L * c)
-            elif spa.pack == "varlen":
-                total += 3 * kept * c * c + 2 * c * sum(x * x for x in k)
-            elif spa.pack == "pad":
-                longest = max(k) if k else 0
-                total += batch * (3 * longest * c * c + 2 * longest * longest * c)
-            else:  # mask: dense attention over all N tokens
-                total += batch * (3 * n * c * c + 2 * n * n * c)
+            total += strategy.attention_macs(k, n, c, spa.container_len or m.window_size**2)
     return total
 
 

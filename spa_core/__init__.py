@@ -1,7 +1,8 @@
 """spa_core: Select and Pack Attention (SPA, arXiv 2410.23608) in a Swin-style backbone.
 
 Gate -> select -> pack -> attention -> unpack, the selection labels and the gate loss, and the
-backbone family with its dense baseline. Imports neither Ray nor DeepSpeed; the fast paths come from
+backbone family with its dense baseline. ``spa_core.pack.pack`` / ``unpack`` are imported from their
+module (``import spa_core.pack`` gives the module). Imports neither Ray nor DeepSpeed; the fast paths come from
 ``kernels``.
 """
 
@@ -12,7 +13,7 @@ from spa_core.config import BACKBONE_PRESETS, BackboneConfig, ConfigError, SPACo
 from spa_core.gate import LinearGate, resize_scores
 from spa_core.labels import boxes_to_mask, selection_labels_from_boxes, selection_labels_from_masks
 from spa_core.loss import gate_loss
-from spa_core.pack import PackedTokens, containers_dense, containers_from_dense, pack, unpack
+from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 from spa_core.registry import (
     GATES,
     MODEL_VARIANTS,
@@ -21,6 +22,7 @@ from spa_core.registry import (
     SUPERVISION_MODES,
 )
 from spa_core.select import Selection, select_tokens
+from spa_core.strategies import PackStrategy
 from spa_core.windows import window_order
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "MODEL_VARIANTS",
     "PACK_STRATEGIES",
     "PackedAttention",
+    "PackStrategy",
     "PackedTokens",
     "SELECTION_POLICIES",
     "SPABackbone",
@@ -50,13 +53,11 @@ __all__ = [
     "containers_dense_attention",
     "containers_from_dense",
     "gate_loss",
-    "pack",
     "packed_attention",
     "resize_scores",
     "select_tokens",
     "selection_labels_from_boxes",
     "selection_labels_from_masks",
     "stage_grids",
-    "unpack",
     "window_order",
 ]

@@ -1,9 +1,10 @@
 """Attention over packed tokens: the "attention" of Select and Pack Attention (arXiv 2410.23608).
 
-``packed_attention`` runs attention within every sequence of a ``PackedTokens`` and dispatches on its
-layout: ``varlen`` (containers and varlen) -> ``kernels.varlen_attention``; ``pad`` -> the sequences
-padded to the longest, one batched SDPA with a key mask; ``mask`` -> every image dense over all N
-positions with the unselected keys masked (the correctness control: no saving).
+``packed_attention`` runs attention within every sequence of a ``PackedTokens`` through its pack
+strategy's ``attend`` (``spa_core.strategies``), one of the layouts here: ``attend_varlen``
+(containers and varlen) -> ``kernels.varlen_attention``; ``attend_padded`` (pad) -> the sequences
+padded to the longest, one batched SDPA with a key mask; ``attend_masked`` (mask) -> every image dense
+over all N positions with the unselected keys masked (the correctness control: no saving).
 
 With a ``kernels.position_bias.PositionBias`` every layout adds Swin's relative position bias to
 each packed pair from the tokens' (row, column) places and keeps Swin's shift mask (tokens of
@@ -27,8 +28,16 @@ from torch import Tensor, nn
 from kernels import varlen_attention
 from kernels.position_bias import PositionBias, pair_bias
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
+from spa_core.registry import PACK_STRATEGIES
 
-__all__ = ["packed_attention", "containers_dense_attention", "PackedAttention"]
+__all__ = [
+    "packed_attention",
+    "attend_varlen",
+    "attend_padded",
+    "attend_masked",
+    "containers_dense_attention",
+    "PackedAttention",
+]
 
 
 def _grid_mask(filled: Tensor, pos: Tensor | None, bias: PositionBias | None) -> Tensor:
@@ -71,28 +80,48 @@ def _seq_of_tokens(packed: PackedTokens) -> Tensor:
     return torch.repeat_interleave(seqs, lengths, output_size=packed.tokens.shape[0])  # (T,)
 
 
+def attend_varlen(
+    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    bias: PositionBias | None = None,
+) -> Tensor:
+    """Every sequence of ``packed`` through ``kernels.varlen_attention`` (containers, varlen)."""
+    return varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, softmax_scale, impl=impl, bias=bias)
+
+
+def attend_padded(
+    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    bias: PositionBias | None = None,
+) -> Tensor:
+    """The sequences padded to the longest, one batched SDPA with a key mask (pad)."""
+    seq = _seq_of_tokens(packed)
+    col = torch.arange(q.shape[0], device=q.device) - packed.cu_seqlens.to(torch.int64)[seq]
+    return _padded_sdpa(q, k, v, seq, col, (packed.num_seqs, packed.max_seqlen), softmax_scale, bias)
+
+
+def attend_masked(
+    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    bias: PositionBias | None = None,
+) -> Tensor:
+    """Every image dense over all N positions, the unselected keys masked (mask: no saving)."""
+    N = packed.num_tokens
+    image = torch.div(packed.indices, N, rounding_mode="floor")
+    return _padded_sdpa(q, k, v, image, packed.indices % N, (packed.batch_size, N), softmax_scale, bias)
+
+
 def packed_attention(
     q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
     bias: PositionBias | None = None,
 ) -> Tensor:
-    """Attention within each sequence of ``packed``. q, k, v: (T, H, D) -> (T, H, D).
+    """Attention within each sequence of ``packed``, laid out by its strategy's ``attend``
+    (``PACK_STRATEGIES[packed.strategy]``). q, k, v: (T, H, D) -> (T, H, D).
 
     impl: kernel implementation for the varlen layout (None: ``SPA_ATTN_IMPL``, default auto);
     bias: Swin's relative position bias and shift mask from the tokens' places (``pos (T, 3)``).
     """
     if q.shape[0] == 0:
         return q.clone()
-    if packed.layout == "varlen":
-        return varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, softmax_scale, impl=impl, bias=bias)
-    if packed.layout == "pad":
-        seq = _seq_of_tokens(packed)
-        col = torch.arange(q.shape[0], device=q.device) - packed.cu_seqlens.to(torch.int64)[seq]
-        return _padded_sdpa(q, k, v, seq, col, (packed.num_seqs, packed.max_seqlen), softmax_scale, bias)
-    if packed.layout == "mask":
-        N = packed.num_tokens
-        image = torch.div(packed.indices, N, rounding_mode="floor")
-        return _padded_sdpa(q, k, v, image, packed.indices % N, (packed.batch_size, N), softmax_scale, bias)
-    raise ValueError(f"unknown packed layout {packed.layout!r} (strategy {packed.strategy!r})")
+    attend = PACK_STRATEGIES.get(packed.strategy).attend
+    return attend(q, k, v, packed, softmax_scale=softmax_scale, impl=impl, bias=bias)
 
 
 def containers_dense_attention(

@@ -3,7 +3,8 @@
 One data structure, ``PackedTokens``, in flash-attention's varlen form: the kept tokens of all images
 written one after another (image by image, each image's tokens in the order given to ``pack``), with
 ``cu_seqlens`` saying where each attention sequence starts. The strategies of the design differ only in
-how the sequences are cut and how attention is laid out (``layout``):
+how the sequences are cut (here) and how attention is laid out over them (``spa_core.attention``);
+``spa_core.strategies`` registers each as one object with its FLOP formula:
 
 - ``containers`` (the paper): the stream is poured into containers of ``L`` slots (only the last one
   partly empty), block-diagonal inside; as varlen it is cut at image boundaries and at multiples of L
@@ -20,8 +21,6 @@ Gradients flow through both (``kernels.pack_tokens`` / ``kernels.unpack_tokens``
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +53,9 @@ class PackedTokens:
     tokens: (T, C) kept tokens, image-major; cu_seqlens: (S+1,) int32 sequence offsets into tokens;
     max_seqlen: longest sequence (int); indices: (T,) int64 row of each token in the flattened
     ``(B*N)`` grid; seq_image: (S,) int64 image of each sequence; counts: (B,) int64 kept per image;
-    num_tokens: N, tokens per image before selection; strategy: the pack strategy's name; layout: how
-    attention runs over the sequences (``"varlen"``, ``"pad"`` or ``"mask"``); container_len and
-    seq_container (S,) for containers.
+    num_tokens: N, tokens per image before selection; strategy: the name of the pack strategy whose
+    ``attend`` runs attention over it (``PACK_STRATEGIES``); container_len and seq_container (S,) for
+    containers.
     """
 
     tokens: Tensor
@@ -67,7 +66,6 @@ class PackedTokens:
     counts: Tensor
     num_tokens: int
     strategy: str
-    layout: str = "varlen"
     container_len: int | None = None
     seq_container: Tensor | None = None
 
@@ -121,14 +119,13 @@ def _check_order(order: Tensor, n: int) -> None:
                          f"{order.dtype} {tuple(order.shape)}")
 
 
-def _per_image(x: Tensor, mask: Tensor, strategy: str, layout: str, order: Tensor | None) -> PackedTokens:
+def _per_image(x: Tensor, mask: Tensor, strategy: str, order: Tensor | None) -> PackedTokens:
     tokens, indices, counts = _selected(x, mask, order)
     cu, max_seqlen = cu_seqlens_from_counts(counts)
     seq_image = torch.arange(counts.numel(), device=x.device)
-    return PackedTokens(tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], strategy, layout)
+    return PackedTokens(tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], strategy)
 
 
-@PACK_STRATEGIES.register("containers")
 def pack_containers(
     x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
 ) -> PackedTokens:
@@ -138,32 +135,29 @@ def pack_containers(
     tokens, indices, counts = _selected(x, mask, order)
     cu, max_seqlen, seq_image, seq_container = container_seqlens(counts, L)
     return PackedTokens(
-        tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], "containers", "varlen", L, seq_container
+        tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], "containers", L, seq_container
     )
 
 
-@PACK_STRATEGIES.register("varlen")
 def pack_varlen(
     x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
 ) -> PackedTokens:
     """One sequence per image (empty images give empty sequences)."""
-    return _per_image(x, mask, "varlen", "varlen", order)
+    return _per_image(x, mask, "varlen", order)
 
 
-@PACK_STRATEGIES.register("pad")
 def pack_pad(
     x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
 ) -> PackedTokens:
     """One sequence per image, attention padded to the batch's largest count."""
-    return _per_image(x, mask, "pad", "pad", order)
+    return _per_image(x, mask, "pad", order)
 
 
-@PACK_STRATEGIES.register("mask")
 def pack_mask(
     x: Tensor, mask: Tensor, *, cfg: SPAConfig | None = None, order: Tensor | None = None
 ) -> PackedTokens:
     """One sequence per image, attention dense over all N tokens with the unselected masked."""
-    return _per_image(x, mask, "mask", "mask", order)
+    return _per_image(x, mask, "mask", order)
 
 
 def pack(
@@ -178,24 +172,9 @@ def pack(
 
     ``order: (N,)`` a permutation of the token positions: each image's tokens are packed in this order
     (the SPA block passes the shifted-window order, so containers hold neighbours); ``indices`` always
-    point into the raster ``(B*N)`` grid of ``x``. A strategy that takes ``order`` gathers from ``x``
-    itself; for one that does not, ``x`` is permuted first (a copy).
+    point into the raster ``(B*N)`` grid of ``x``.
     """
-    fn = PACK_STRATEGIES.get(strategy)
-    if order is None:
-        return fn(x, mask, cfg=cfg)
-    if _takes_order(fn):
-        return fn(x, mask, cfg=cfg, order=order)
-    packed = fn(x[:, order], mask[:, order], cfg=cfg)  # indices into the permuted grid
-    return dataclasses.replace(packed, indices=_raster_rows(packed.indices, order, x.shape[1]))
-
-
-@functools.cache
-def _takes_order(fn) -> bool:
-    try:
-        return "order" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # no signature (a builtin): the permuted-copy path
-        return False
+    return PACK_STRATEGIES.get(strategy).pack(x, mask, cfg=cfg, order=order)
 
 
 def unpack(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 __all__ = [
@@ -48,6 +48,8 @@ def registering_as(origin: str) -> Iterator[None]:
 
 
 def _builtin(obj: Any) -> str | None:
+    if getattr(obj, "__qualname__", None) is None:  # an instance: its class's module says nothing of who made it
+        return None
     module = getattr(obj, "__module__", None) or ""
     return "builtin" if module.split(".")[0] == "spa_core" else None
 
@@ -55,8 +57,9 @@ def _builtin(obj: Any) -> str | None:
 class Registry:
     """A name -> object map that rejects duplicates and is loud about unknown names."""
 
-    def __init__(self, name: str, doc: str = "") -> None:
+    def __init__(self, name: str, doc: str = "", check: Callable[[str, Any], None] | None = None) -> None:
         self._name = name
+        self._check = check  # check(name, obj) raises when obj does not meet the registry's contract
         self._obj: dict[str, Any] = {}
         self._origin: dict[str, str] = {}
         self.__doc__ = doc
@@ -72,6 +75,8 @@ class Registry:
             key = name or getattr(o, "__name__", None)
             if not key or not isinstance(key, str):
                 raise ValueError(f"registry {self._name!r}: a name is required for {o!r}")
+            if self._check is not None:
+                self._check(key, o)
             if key in self._obj:
                 raise KeyError(
                     f"registry {self._name!r}: {key!r} is already registered "
@@ -141,19 +146,39 @@ SELECTION_POLICIES = Registry(
     """,
 )
 
+def _check_pack_strategy(name: str, obj: Any) -> None:
+    missing = [a for a in ("pack", "attend", "attention_macs") if not callable(getattr(obj, a, None))]
+    if missing:
+        raise TypeError(
+            f"registry 'pack_strategy': {name!r} must be a spa_core.strategies.PackStrategy (pack, attend and "
+            f"attention_macs, its FLOP formula, which the harness's analytic counts read); missing: "
+            f"{', '.join(missing)}"
+        )
+
+
 PACK_STRATEGIES = Registry(
     "pack_strategy",
-    """Pack strategies: how the selected tokens of a batch are laid out for attention.
+    """Pack strategies: how the selected tokens of a batch are laid out for attention, and what that costs.
 
-    Contract: ``fn(x, mask, *, cfg) -> spa_core.pack.PackedTokens``
-      - ``x``: (B, N, C) tokens; ``mask``: (B, N) bool selection; ``cfg``: ``SPAConfig``;
-      - optional keyword ``order`` ((N,) permutation or None): a strategy that takes it packs each
-        image's tokens in that order itself, with ``indices`` into the raster grid; one that does not
-        is given ``x[:, order]`` and ``mask[:, order]`` (a copy of x) and its indices are mapped back;
-      - the result carries ``tokens (T, C)``, ``cu_seqlens (S+1,) int32``, ``max_seqlen``,
-        ``indices (T,)`` into the flattened (B*N) grid and ``seq_image (S,)``; attention runs
-        within each sequence; ``spa_core.pack.unpack`` scatters back.
+    Contract: a ``spa_core.strategies.PackStrategy`` (anything with these three callables; one
+    without them is refused at registration):
+      - ``pack(x, mask, *, cfg, order) -> spa_core.pack.PackedTokens``: ``x`` (B, N, C) tokens (the
+        gate-scaled ``r``), ``mask`` (B, N) bool selection, ``cfg`` the block's ``SPAConfig``,
+        ``order`` (N,) a permutation of the positions (the block's shifted-window order) or None:
+        each image's kept tokens are packed in that order. The result carries ``tokens (T, C)``,
+        ``cu_seqlens (S+1,) int32``, ``max_seqlen``, ``indices (T,)`` into the flattened (B*N) raster
+        grid, ``seq_image (S,)``, ``counts (B,)`` and ``strategy`` (this entry's name);
+      - ``attend(q, k, v, packed, *, softmax_scale, impl, bias) -> (T, H, D)``: attention within each
+        sequence of ``packed`` (q, k, v: (T, H, D) projections of ``packed.tokens``; ``bias`` a
+        ``kernels.position_bias.PositionBias`` or None, to apply to every pair it lets attend;
+        ``impl`` the kernel switch). The block projects the result and ``spa_core.pack.unpack``
+        scatters it back as a residual on the kept tokens; the others pass unchanged;
+      - ``attention_macs(counts, num_tokens, dim, container_len) -> float``: multiply-adds of one SPA
+        block's gate, projections and attention for a batch whose images keep ``counts`` of
+        ``num_tokens`` tokens of ``dim`` channels, by the paper's formulas (the harness's
+        ``analytic_attn_gmacs`` column).
     """,
+    check=_check_pack_strategy,
 )
 
 GATES = Registry(

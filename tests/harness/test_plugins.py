@@ -94,8 +94,10 @@ def test_plugin_by_entry_point(tmp_path, monkeypatch, clean_registries):
     _write_plugin(tmp_path / "tp_ep_module.py", "tp_ep_policy")
     (tmp_path / "tp_ep_hook.py").write_text(
         "from spa_core.registry import PACK_STRATEGIES\n"
+        "from spa_core.strategies import PackStrategy\n"
         "def register():\n"
-        "    PACK_STRATEGIES.register('tp_ep_pack', lambda x, mask, *, cfg: None)\n"
+        "    f = lambda *a, **k: None\n"
+        "    PACK_STRATEGIES.register('tp_ep_pack', PackStrategy(f, f, f))\n"
     )
     _fake_dist(tmp_path, "[spa_harness.plugins]\nmod = tp_ep_module\nhook = tp_ep_hook:register\n")
     monkeypatch.syspath_prepend(str(tmp_path))
