@@ -21,22 +21,20 @@ are short (containers of L = 49, one image's few hundred selected tokens, T up t
 that straddle sequence boundaries dominate, and what a tile size wastes is the share of the computed
 scores that the mask discards (``masked_fraction``; 32 images of 196 tokens):
 
-    ==========================================  ========  ========  =================
-    layout                                      block 32  block 64  block 128 (default
-                                                                    of FlexAttention)
-    ==========================================  ========  ========  =================
-    containers of 49, ratio 0.25 (= varlen)     0.58      0.74      0.87
-    containers of 49, ratio 0.5                 0.58      0.74      0.87
-    one sequence per image, ratio 0.5 (98)      0.38      0.58      0.74
-    containers of 49, ragged counts 0-98        0.67      0.82      0.91
-    ==========================================  ========  ========  =================
+    =======================================  ========  ========  ========  ===================
+    layout                                   block 16  block 32  block 64  block 128 (default)
+    =======================================  ========  ========  ========  ===================
+    containers of 49, ratio 0.25 (= varlen)  0.38      0.58      0.74      0.87
+    containers of 49, ratio 0.5              0.38      0.58      0.74      0.87
+    one sequence per image, ratio 0.5 (98)   0.22      0.38      0.58      0.74
+    =======================================  ========  ========  ========  ===================
 
-So ``BLOCK_SIZE = 32``: at 128 the kernel computes eight scores for every one it keeps in containers,
-at 64 four, at 32 2.4. Smaller tiles would waste less still, but 16 is the least the kernel's
-``tl.dot`` takes and leaves the tensor cores little work per tile. Not timed on a GPU here: the
+So ``BLOCK_SIZE = 32``: in containers the kernel computes 7.9 scores for every one it keeps at 128,
+3.9 at 64, 2.4 at 32, 1.6 at 16. 16 is the least Triton's ``tl.dot`` takes and gives each program
+very little work per loaded tile; 32 takes most of the saving. Not timed on a GPU here: the
 ``block_size`` keyword lets a benchmark sweep it. The kernel's own forward tile (``BLOCK_M``,
 ``BLOCK_N``) must divide the block size, so it is set to the block size (``fwd_BLOCK_M/N``;
-Inductor's defaults are up to 128); the backward's default tiles (16) divide it.
+Inductor's defaults go up to 128); the backward's default tiles (16) divide it.
 
 The block mask is built from the layout, not by evaluating ``mask_mod`` on all ``T x T`` pairs as
 ``create_block_mask`` does (its dense ``(T, T)`` evaluation costs hundreds of MB at T = 10k, on every
@@ -45,17 +43,19 @@ holds pairs of one sequence iff the ranges of sequence ids of its query and key 
 is fully unmasked iff both blocks lie in one sequence (and, with a bias, in one region). A tile whose
 pairs are all of different regions is kept as partial: correct (``mask_mod`` masks it), a little work.
 
-Devices: on CUDA the compiled FlexAttention runs (compiled once per process, ``torch.compile`` with
-automatic dynamic shapes, so a new token count recompiles once, then not again); forward and
-backward, gradients for q, k, v and the bias table. On CPU FlexAttention runs unfused in eager mode
-(the full score matrix, forward only): a CPU call whose inputs need gradients raises, naming the CPU
-attention that has a backward.
+Devices: on CUDA the compiled FlexAttention runs (``torch.compile`` once per process; a new layout,
+bias table or token count reuses the graphs of its signature, see ``_RECOMPILE_LIMIT``), forward and
+backward, with gradients for q, k, v and the bias table. On CPU FlexAttention runs unfused in eager
+mode (the full score matrix, forward only): a CPU call whose inputs need gradients raises, naming the
+CPU attention that has a backward.
 
 Tests (``tests/kernels/test_flex_attention.py``): on CPU, the eager forward against the float64
 reference on ragged packs, containers and shifted regions; the ``score_mod`` and ``mask_mod`` that the
-GPU backward differentiates, materialised densely and differentiated by autograd against the
-reference's gradients; ``masked_fraction`` and the block mask against ``create_block_mask``. On CUDA,
-the compiled forward and backward against the reference.
+GPU kernel runs and differentiates, materialised densely and differentiated by autograd (q, k, v and
+the table) against the reference's gradients; FlexAttention's own derivation of the table's gradient
+(which its CPU path runs when only the table needs one); the block mask against ``create_block_mask``
+and the dense mask; ``masked_fraction`` and the figures above. On CUDA, the compiled forward and
+backward against the reference.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ from kernels.position_bias import PositionBias, check_position_bias
 __all__ = ["BLOCK_SIZE", "flex_varlen_attention", "masked_fraction"]
 
 BLOCK_SIZE = 32
-# Triton's tl.dot needs an inner dimension of at least 16: smaller head dims are zero-padded on CUDA
+# Triton's tl.dot asks for inner dimensions of at least 16 and FlexAttention only rounds the head dim
+# up to a power of two: smaller head dims are zero-padded on CUDA
 _MIN_HEAD_DIM_CUDA = 16
 
 
@@ -200,12 +201,26 @@ def masked_fraction(cu_seqlens: Tensor, block_size: int = BLOCK_SIZE, T: int | N
 # the call
 
 
+# Dynamo compiles one graph per input signature: dtype, head count and head dim (FlexAttention keeps
+# those static), bias or none and its window, gradients or none, plus the token count's guards
+# (static on the first call, dynamic after it changes; fewer than 128 tokens or not). A Swin backbone
+# with four stages of different head counts, trained and evaluated, holds ~20 such graphs, past
+# Dynamo's default of 8 per function, beyond which it would run FlexAttention unfused (a full
+# (H, T, T) score matrix). The limit is raised around this module's calls only.
+_RECOMPILE_LIMIT = 128
+
+
 @cache
 def _compiled_flex_attention():
-    """``torch.compile(flex_attention)``, built once per process: Dynamo caches one graph per input
-    signature (dtype, head dim, heads, whether a bias and which window, whether gradients are needed)
-    and marks the token count dynamic after its first change."""
+    """``torch.compile(flex_attention)``, built once per process. A call with a new layout, bias table
+    or token count of a signature already compiled reuses its graph (the mods' captured tensors are
+    graph inputs)."""
     return torch.compile(flex_attention)
+
+
+def _run_compiled(*args, **kwargs):
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        return _compiled_flex_attention()(*args, **kwargs)
 
 
 def _eager_flex_attention(*args, **kwargs):
@@ -267,7 +282,7 @@ def flex_varlen_attention(
             "backward), or kernels.varlen_attention.varlen_attention_ref (float64 reference, with bias)"
         )
     if T == 0:
-        return q.new_zeros(q.shape)
+        return q * 0  # empty, and still part of q's graph when gradients are asked for
     if not cuda:  # FlexAttention refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
 
@@ -285,7 +300,7 @@ def flex_varlen_attention(
         # the main kernel always: under 128 queries Inductor would otherwise pick its decoding kernel,
         # made for few queries against a long cache, not for a block-diagonal batch
         options = {"BACKEND": "TRITON", "fwd_BLOCK_M": block_size, "fwd_BLOCK_N": block_size}
-        o = _compiled_flex_attention()(
+        o = _run_compiled(
             q4, k4, v4, score_mod=score_mod, block_mask=block_mask, scale=scale, kernel_options=options
         )
     else:

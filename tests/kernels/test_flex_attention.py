@@ -12,11 +12,13 @@ Error bound (flash-attention's): ``|out - out_ref| <= 2 * |out_pt - out_ref| + f
 elements), ``out_ref`` the reference in float64, ``out_pt`` the reference in the test dtype.
 """
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from kernels import container_seqlens, cu_seqlens_from_counts
 from kernels.flex_attention import (
@@ -94,7 +96,7 @@ def _check_bound(name, got, ref64, pt, dtype):
 # forward on CPU (eager FlexAttention)
 
 
-def _check_forward(cu, T, H, D, dtype, bias_kind, window=3, seed=0, scale=None):
+def _check_forward(cu, T, H, D, dtype, bias_kind, window=7, seed=0, scale=None):
     q, k, v, _ = _qkv(T, H, D, torch.float64, seed)
     bias = None if bias_kind == "none" else _bias(T, H, window, bias_kind == "shifted", torch.float64, seed)
     ref = varlen_attention_ref(q, k, v, cu, scale, bias=bias)
@@ -108,43 +110,42 @@ def _check_forward(cu, T, H, D, dtype, bias_kind, window=3, seed=0, scale=None):
 
 
 @pytest.mark.parametrize("bias_kind", ["none", "swin", "shifted"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["ragged", "containers_tail"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_forward_matches_reference(layout, dtype, bias_kind):
     cu, T = _cu(*LAYOUTS[layout])
     _check_forward(cu, T, 3, 24, dtype, bias_kind)
 
 
-@settings(derandomize=True, max_examples=12, deadline=None)
+@settings(derandomize=True, max_examples=10, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 60), min_size=0, max_size=6),
     container_len=st.sampled_from([None, 7, 49]),
     extra=st.integers(0, 4),
-    H=st.integers(1, 3),
     D=st.sampled_from([7, 24, 40]),
     dtype=st.sampled_from([torch.float64, torch.float32]),
     bias_kind=st.sampled_from(["none", "swin", "shifted"]),
-    window=st.sampled_from([1, 2, 7]),
+    window=st.sampled_from([1, 7]),
     scale=st.sampled_from([None, 0.3]),
 )
 def test_forward_matches_reference_on_random_layouts(
-    counts, container_len, extra, H, D, dtype, bias_kind, window, scale
+    counts, container_len, extra, D, dtype, bias_kind, window, scale
 ):
     cu, T = _cu(counts, container_len, extra)
-    _check_forward(cu, T, H, D, dtype, bias_kind, window=window, scale=scale)
+    _check_forward(cu, T, 3, D, dtype, bias_kind, window=window, scale=scale)
 
 
 def test_containers_at_spa_sizes():
-    # 8 images of 196 tokens at ratio 0.5 in containers of 49, shifted window 7, 2 heads of 32
+    # 8 images of 196 tokens at ratio 0.5 in containers of 49, shifted window 7
     counts = [98] * 8
     cu, T = _cu(counts, 49, 0)
-    _check_forward(cu, T, 2, 32, torch.float32, "shifted", window=7)
+    _check_forward(cu, T, 3, 24, torch.float32, "shifted")
 
 
 def test_cpu_refuses_gradients_and_names_the_cpu_paths():
     cu, T = _cu([5, 3], None, 0)
-    q, k, v, _ = _qkv(T, 2, 8, torch.float32, 0)
-    bias = _bias(T, 2, 3, True, torch.float32, 0)
+    q, k, v, _ = _qkv(T, 3, 24, torch.float32, 0)
+    bias = _bias(T, 3, 7, True, torch.float32, 0)
     for needs in ("q", "table"):
         qq = q.clone().requires_grad_(needs == "q")
         b = bias._replace(table=bias.table.clone().requires_grad_(needs == "table"))
@@ -198,7 +199,7 @@ def _grads(fn, q, k, v, do, bias):
 
 
 @pytest.mark.parametrize("bias_kind", ["none", "swin", "shifted"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["ragged", "containers_tail"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_mods_dense_forward_and_gradients_match_reference(layout, dtype, bias_kind):
     cu, T = _cu(*LAYOUTS[layout])
@@ -221,6 +222,40 @@ def test_mods_dense_forward_and_gradients_match_reference(layout, dtype, bias_ki
         _check_bound(name, a, r, p, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flexattention_own_backward_of_the_table_matches_reference(dtype):
+    # FlexAttention derives the table's gradient from score_mod (a scatter-add per read, what the GPU
+    # kernel accumulates); its CPU path runs that derivation when only a captured tensor needs a
+    # gradient, so the mechanism the GPU backward relies on is checked here through torch's own code
+    cu, T = _cu(*LAYOUTS["containers_tail"])
+    H, D = 3, 24
+    q, k, v, do = _qkv(T, H, D, torch.float64, 4)
+    bias = _bias(T, H, 7, True, torch.float64, 4)
+
+    def ref(q_, k_, v_, b_):
+        return varlen_attention_ref(q_, k_, v_, cu, None, bias=b_)
+
+    def flex(q_, k_, v_, b_):
+        seq = _sequence_ids(cu, T)
+        mask_mod, score_mod = _mods(seq, b_, dtype)
+        block_mask = _block_mask(seq, b_.pos[:, 2], BLOCK_SIZE, mask_mod)
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q_, k_, v_))  # (1, H, T, D)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the eager path's performance warning
+            return flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=block_mask)[0].transpose(0, 1)
+
+    def table_grad(fn, q_, k_, v_, do_, b_):
+        table = b_.table.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(q_, k_, v_, b_._replace(table=table)), table, do_)
+        return g
+
+    g64 = table_grad(ref, q, k, v, do, bias)
+    cast = [t.to(dtype) for t in (q, k, v, do)]
+    g = table_grad(flex, *cast, _as(bias, dtype))
+    g_pt = table_grad(ref, *cast, _as(bias, dtype))
+    _check_bound("dtable", g, g64, g_pt, dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # block mask and masked fraction
 
@@ -238,7 +273,7 @@ def _dense_tiles(cu, T, block_size, region=None):
     return tiles.any(-1).any(-1), tiles.all(-1).all(-1)
 
 
-@settings(derandomize=True, max_examples=30, deadline=None)
+@settings(derandomize=True, max_examples=20, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 90), min_size=1, max_size=8),
     container_len=st.sampled_from([None, 16, 49]),
@@ -287,7 +322,7 @@ def test_masked_fraction_by_hand():
     assert masked_fraction(torch.tensor([0, 0])) == 0.0
 
 
-@settings(derandomize=True, max_examples=30, deadline=None)
+@settings(derandomize=True, max_examples=20, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 120), min_size=1, max_size=8),
     container_len=st.sampled_from([None, 49]),
@@ -306,14 +341,14 @@ def test_masked_fraction_counts_the_dense_mask(counts, container_len, block_size
 @pytest.mark.parametrize(
     "ratio, container_len, fractions",
     [
-        (0.25, 49, (0.58, 0.74, 0.87)),
-        (0.5, 49, (0.58, 0.74, 0.87)),
-        (0.5, None, (0.38, 0.58, 0.74)),
+        (0.25, 49, (0.38, 0.58, 0.74, 0.87)),
+        (0.5, 49, (0.38, 0.58, 0.74, 0.87)),
+        (0.5, None, (0.22, 0.38, 0.58, 0.74)),
     ],
 )
 def test_masked_fraction_figures_in_the_docstring(ratio, container_len, fractions):
     cu, _ = _cu([int(196 * ratio)] * 32, container_len, 0)
-    got = tuple(round(masked_fraction(cu, b), 2) for b in (32, 64, 128))
+    got = tuple(round(masked_fraction(cu, b), 2) for b in (16, 32, 64, 128))
     assert got == fractions
 
 
@@ -323,8 +358,8 @@ def test_masked_fraction_figures_in_the_docstring(ratio, container_len, fraction
 
 @needs_cuda
 @pytest.mark.parametrize("bias_kind", ["none", "shifted"])
-@pytest.mark.parametrize("D", [7, 24, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [7, 40])  # 7: zero-padded to 16 on CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["ragged", "containers_tail"])
 def test_cuda_forward_backward_match_reference(layout, dtype, D, bias_kind):
     cu, T = _cu(*LAYOUTS[layout])
