@@ -108,19 +108,24 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
     if t["n_seeds"].nunique() > 1:
         out["seeds"] = t["n_seeds"].astype(int).astype(str).to_numpy()
     acc = report.primary_accuracy
+    is_base = t["verdict"].eq("baseline").to_numpy() if "verdict" in t else np.zeros(len(t), bool)
     if acc and acc in t:
         d = _decimals(t[acc])
         out[_nice(acc)] = [_pm(m, h, d) for m, h in zip(t[acc], t[f"{acc}_ci95"])]
         if f"{acc}_delta" in t:
             half = (t[f"{acc}_delta_hi"] - t[f"{acc}_delta_lo"]) / 2
-            out[f"Δ {_nice(acc)}"] = [_pm(m, h, d, "+") for m, h in zip(t[f"{acc}_delta"], half)]
+            out[f"Δ {_nice(acc)}"] = [
+                "" if b else _pm(m, h, d, "+") for m, h, b in zip(t[f"{acc}_delta"], half, is_base)
+            ]
             out["verdict"] = t["verdict"].fillna("n/a").to_numpy()
     g = main_gmacs(report.metrics)
     if g and f"{g}_delta_pct" in t:
-        out[f"Δ {_nice(g)}"] = [("n/a" if _missing(x) else f"{x:+.1f}%") for x in t[f"{g}_delta_pct"]]
+        out["Δ GMACs"] = [
+            "" if b else ("n/a" if _missing(x) else f"{x:+.1f}%") for x, b in zip(t[f"{g}_delta_pct"], is_base)
+        ]
     if "speedup" in t and t["speedup"].notna().any():
         vs = report.baseline if report.baseline and len(report.baseline) <= 12 else "baseline"
-        out[f"speedup vs {vs}"] = [_speedup(row) for _, row in t.iterrows()]
+        out[f"speedup vs {vs}"] = ["" if b else _speedup(row) for (_, row), b in zip(t.iterrows(), is_base)]
     for m in ("kept_fraction", "gate_recall"):
         if m in t and t[m].notna().any():
             out[_nice(m)] = [("" if _missing(x) else f"{x:.2f}") for x in t[m]]
@@ -166,7 +171,7 @@ def _explanation(report: Report) -> str:
     else:
         return f"No baseline: no deltas. {n} seed(s); values are mean±95% interval over seeds (Student's t)."
     return (
-        f"{who}; {n} seed(s), paired by seed. {acc}: mean±95% interval over seeds (Student's t). "
+        f"{who}; {n} seed{'s' if n != 1 else ''}, paired by seed. {acc}: mean±95% interval over seeds (Student's t). "
         f"Δ: the difference from the baseline per seed (Δ {acc} absolute, Δ GMACs in percent), mean±95% "
         f"interval over the paired seeds. verdict: better/worse when the interval of Δ {acc} excludes 0, "
         f"no detectable difference when it holds 0, n/a below {stats.MIN_SEEDS} paired seeds. speedup: "
@@ -226,7 +231,11 @@ def markdown(report: Report, images: Mapping[str, str] | None = None, *, title: 
     if images:
         parts += [f"{h}# Plots", ""] + [f"![{k}]({v})" for k, v in images.items()] + [""]
     parts += [f"{h}# Failed trials", ""]
-    parts += [report.failures.to_markdown(index=False), ""] if len(report.failures) else ["None.", ""]
+    if len(report.failures):
+        f = report.failures[[c for c in ("variant", "seed", "status", "error") if c in report.failures]]
+        parts += [f.to_markdown(index=False), ""]
+    else:
+        parts += ["None.", ""]
     if report.notes:
         parts += [f"{h}# Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     return "\n".join(parts)
