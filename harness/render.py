@@ -102,7 +102,7 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
     t = report.table if table is None else table
     out = pd.DataFrame(index=t.index)
     if axis is not None:
-        out.index = [f"{v} (baseline)" if _missing(a) else _fmt_value(a) for v, a in zip(t.index, t[axis])]
+        out.index = [v if _missing(a) else _fmt_value(a) for v, a in zip(t.index, t[axis])]  # verdict: baseline
     if "baseline" in t:  # several comparison groups: whom each row is compared with
         out["vs"] = [("n/a" if _missing(b) else b) for b in t["baseline"]]
     if t["n_seeds"].nunique() > 1:
@@ -129,8 +129,11 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
     for m in ("kept_fraction", "gate_recall"):
         if m in t and t[m].notna().any():
             out[_nice(m)] = [("" if _missing(x) else f"{x:.2f}") for x in t[m]]
-    out.index.name = axis if axis is not None else "variant"
+    out.index.name = axis.rsplit(".", 1)[-1] if axis is not None else "variant"  # the title names it in full
     return out
+
+
+_LEFT = {"verdict", "vs"}  # text columns; numbers line up on the right
 
 
 def md_table(t: pd.DataFrame) -> str:
@@ -139,10 +142,12 @@ def md_table(t: pd.DataFrame) -> str:
     body = [[str(i)] + [str(x) for x in row] for i, row in zip(t.index, t.to_numpy())]
     w = [max(len(r[j]) for r in [head, *body]) for j in range(len(head))]
 
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w[0]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(cells)) + " |"
+    left = [j == 0 or head[j] in _LEFT for j in range(len(head))]
 
-    rule = "|" + "|".join(":" + "-" * (w[0] + 1) if j == 0 else "-" * (w[j] + 1) + ":" for j in range(len(w))) + "|"
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w[j]) if left[j] else c.rjust(w[j]) for j, c in enumerate(cells)) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w[j] + 1) if left[j] else "-" * (w[j] + 1) + ":" for j in range(len(w))) + "|"
     return "\n".join([line(head), rule, *(line(r) for r in body)])
 
 
