@@ -117,7 +117,9 @@ def _tables(
             continue
         rows = ([base_label] if base_label is not None else []) + sorted(keep, key=lambda r: _sort_key(v[r]))
         t = table.loc[rows].drop(columns=[axis], errors="ignore")
-        t.insert(0, axis, pd.Series([None if r == base_label else v[r] for r in rows], index=rows, dtype=object))
+        t.insert(
+            0, axis, pd.Series([None if r == base_label else v[r] for r in rows], index=rows, dtype=object)
+        )
         t.attrs["held"] = dict(zip(others, held))
         t.attrs["axis"] = axis
         out[axis] = t

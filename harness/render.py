@@ -102,7 +102,9 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
     t = report.table if table is None else table
     out = pd.DataFrame(index=t.index)
     if axis is not None:
-        out.index = [v if _missing(a) else _fmt_value(a) for v, a in zip(t.index, t[axis])]  # verdict: baseline
+        out.index = [
+            v if _missing(a) else _fmt_value(a) for v, a in zip(t.index, t[axis])
+        ]  # verdict: baseline
     if "baseline" in t:  # several comparison groups: whom each row is compared with
         out["vs"] = [("n/a" if _missing(b) else b) for b in t["baseline"]]
     if t["n_seeds"].nunique() > 1:
@@ -121,7 +123,8 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
     g = main_gmacs(report.metrics)
     if g and f"{g}_delta_pct" in t:
         out["Δ GMACs"] = [
-            "" if b else ("n/a" if _missing(x) else f"{x:+.1f}%") for x, b in zip(t[f"{g}_delta_pct"], is_base)
+            "" if b else ("n/a" if _missing(x) else f"{x:+.1f}%")
+            for x, b in zip(t[f"{g}_delta_pct"], is_base)
         ]
     if "speedup" in t and t["speedup"].notna().any():
         vs = report.baseline if report.baseline and len(report.baseline) <= 12 else "baseline"
@@ -145,9 +148,15 @@ def md_table(t: pd.DataFrame) -> str:
     left = [j == 0 or head[j] in _LEFT for j in range(len(head))]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w[j]) if left[j] else c.rjust(w[j]) for j, c in enumerate(cells)) + " |"
+        return (
+            "| " + " | ".join(c.ljust(w[j]) if left[j] else c.rjust(w[j]) for j, c in enumerate(cells)) + " |"
+        )
 
-    rule = "|" + "|".join(":" + "-" * (w[j] + 1) if left[j] else "-" * (w[j] + 1) + ":" for j in range(len(w))) + "|"
+    rule = (
+        "|"
+        + "|".join(":" + "-" * (w[j] + 1) if left[j] else "-" * (w[j] + 1) + ":" for j in range(len(w)))
+        + "|"
+    )
     return "\n".join([line(head), rule, *(line(r) for r in body)])
 
 
@@ -180,8 +189,18 @@ def _explanation(report: Report) -> str:
         f"Δ: the difference from the baseline per seed (Δ {acc} absolute, Δ GMACs in percent), mean±95% "
         f"interval over the paired seeds. verdict: better/worse when the interval of Δ {acc} excludes 0, "
         f"no detectable difference when it holds 0, n/a below {stats.MIN_SEEDS} paired seeds. speedup: "
-        f"the baseline's inference time over the variant's, per seed, geometric mean (95% interval)."
+        f"the baseline's inference time over the variant's per seed ({_timed(report)}), geometric mean "
+        f"(95% interval)."
     )
+
+
+def _timed(report: Report) -> str:
+    sources = set(report.table["speedup_source"].dropna()) if "speedup_source" in report.table else set()
+    same = "timed in the variant's trial process against the baseline model"
+    cross = "from the two trials' inference times"
+    if "same-process" in sources and "cross-trial" in sources:
+        return f"{same}, or {cross} where the trial has no such timing (see the notes)"
+    return same if "same-process" in sources else cross
 
 
 def _warning(report: Report) -> str | None:
@@ -215,7 +234,9 @@ def _held(t: pd.DataFrame) -> str:
     return "others held at " + ", ".join(f"{k}={_fmt_value(v)}" for k, v in held.items())
 
 
-def markdown(report: Report, images: Mapping[str, str] | None = None, *, title: str | None = None, level: int = 1) -> str:
+def markdown(
+    report: Report, images: Mapping[str, str] | None = None, *, title: str | None = None, level: int = 1
+) -> str:
     """The report as Markdown; ``images``: plot name -> path to link; ``level``: the title's heading level."""
     h = "#" * level
     parts = [f"{h} {title or 'SPA vs dense: comparison'}", ""]
@@ -275,9 +296,13 @@ def json_data(report: Report) -> dict[str, Any]:
         "warning": _warning(report),
         "noise_floor": {b: (None if _missing(s) else s) for b, s in report.noise_floor.items()},
         "table": _records(report.table),
-        "axes": {k: {"axis": t.attrs.get("axis", k), "held": t.attrs.get("held", {}), "rows": _records(t)}
-                 for k, t in report.axes.items()},  # fmt: skip
-        "failures": _records(report.failures.set_index(report.failures.columns[0])) if len(report.failures) else [],
+        "axes": {
+            k: {"axis": t.attrs.get("axis", k), "held": t.attrs.get("held", {}), "rows": _records(t)}
+            for k, t in report.axes.items()
+        },  # fmt: skip
+        "failures": _records(report.failures.set_index(report.failures.columns[0]))
+        if len(report.failures)
+        else [],
         "notes": report.notes,
     }
 
@@ -319,7 +344,9 @@ def _full(t: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def html_section(report: Report, images: Mapping[str, bytes], level: int = 1, title: str | None = None) -> str:
+def html_section(
+    report: Report, images: Mapping[str, bytes], level: int = 1, title: str | None = None
+) -> str:
     """One report as an HTML fragment: the short table and the Pareto plot first, then the axes
     (each with its plot), the other plots, every column, failures and notes."""
     esc, h, h2 = html.escape, f"h{level}", f"h{level + 1}"
@@ -344,12 +371,22 @@ def html_section(report: Report, images: Mapping[str, bytes], level: int = 1, ti
             shown.add(key)
     rest = {k: v for k, v in images.items() if k not in shown}
     if rest:
-        parts.append(f"<{h2}>Plots</{h2}><div class='plots'>" + "".join(_img(k, v) for k, v in rest.items()) + "</div>")
+        parts.append(
+            f"<{h2}>Plots</{h2}><div class='plots'>" + "".join(_img(k, v) for k, v in rest.items()) + "</div>"
+        )
     parts += [f"<{h2}>Every column</{h2}>", _html_table(_full(report.table), "full")]
     parts.append(f"<{h2}>Failed trials</{h2}>")
-    parts.append(_html_table(report.failures.set_index(report.failures.columns[0])) if len(report.failures) else "<p>None.</p>")
+    parts.append(
+        _html_table(report.failures.set_index(report.failures.columns[0]))
+        if len(report.failures)
+        else "<p>None.</p>"
+    )
     if report.notes:
-        parts.append(f"<{h2}>Notes</{h2}><ul>" + "".join(f"<li class='note'>{esc(n)}</li>" for n in report.notes) + "</ul>")
+        parts.append(
+            f"<{h2}>Notes</{h2}><ul>"
+            + "".join(f"<li class='note'>{esc(n)}</li>" for n in report.notes)
+            + "</ul>"
+        )
     return "\n".join(parts)
 
 

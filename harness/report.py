@@ -96,7 +96,7 @@ def _with_grid_labels(df: pd.DataFrame, uri: str) -> pd.DataFrame:
             col = f"{AXIS_PREFIX}{axis}"
             if col not in df:
                 df[col] = pd.Series(None, index=df.index, dtype=object)
-            df.loc[rows, col] = df.loc[rows, "name"].map(lambda n, a=axis: labels[str(n)].get(a))
+            df.loc[rows, col] = [labels[str(n)].get(axis) for n in df.loc[rows, "name"]]
     return df
 
 
@@ -145,7 +145,11 @@ def report_command(
     reports = build_reports(results, baseline, merge=merge, base=base)
     several = len(reports) > 1
     if is_file:
-        target, plots_dir, rel = out_path, out_path.parent / f"{out_path.stem}-plots", f"{out_path.stem}-plots"
+        target, plots_dir, rel = (
+            out_path,
+            out_path.parent / f"{out_path.stem}-plots",
+            f"{out_path.stem}-plots",
+        )
     elif out_path is not None:
         target = out_path / ("index.html" if fmt == "html" else f"report.{fmt}")
         plots_dir, rel = out_path / "plots", "plots"
@@ -157,7 +161,9 @@ def report_command(
         from harness.plots import render_plots
 
         for name, r in reports.items():
-            pngs[name] = {(f"{render.slug(name)}-{k}" if several else k): v for k, v in render_plots(r).items()}
+            pngs[name] = {
+                (f"{render.slug(name)}-{k}" if several else k): v for k, v in render_plots(r).items()
+            }
         if plots_dir is not None and fmt == "md":
             plots_dir.mkdir(parents=True, exist_ok=True)
             for images in pngs.values():

@@ -124,7 +124,9 @@ def paired_delta(
     if kind in ("ratio", "given_ratio"):
         iv = Interval(math.exp(iv.mean), math.exp(iv.low), math.exp(iv.high), iv.n)
         d = np.exp(d)
-    return PairedDelta(iv.mean, iv.low, iv.high, iv.n, tuple(seeds), only_b, only_v, tuple(float(x) for x in d))
+    return PairedDelta(
+        iv.mean, iv.low, iv.high, iv.n, tuple(seeds), only_b, only_v, tuple(float(x) for x in d)
+    )
 
 
 def _seed_order(s: object) -> tuple:

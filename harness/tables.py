@@ -109,7 +109,9 @@ def build_report(
     if len(failures):
         failures.insert(0, "variant", _variant_labels(df.loc[failures.index], key_cols))
         for v, n in failures.groupby("variant").size().items():
-            notes.append(f"{v}: {n} trial(s) failed or timed out (listed below); its statistics exclude them.")
+            notes.append(
+                f"{v}: {n} trial(s) failed or timed out (listed below); its statistics exclude them."
+            )
 
     table = _aggregate(done, metrics, key_cols)
     if baseline is not None and baseline not in table.index and "config_hash" in done:
@@ -146,7 +148,9 @@ def build_report(
         report.n_seeds = most = int(table["n_seeds"].max())
         for v, n in table["n_seeds"].items():
             if n < most:
-                notes.append(f"{v} has {n} seed(s), others up to {most}: its mean and interval rest on fewer runs.")
+                notes.append(
+                    f"{v} has {n} seed(s), others up to {most}: its mean and interval rest on fewer runs."
+                )
     present = [b for b in bases if b is not None]
     report.baseline = present[0] if len(present) == 1 and len(groups) == 1 else None
     report.baselines = present
@@ -280,11 +284,15 @@ def _pick_baseline(table: pd.DataFrame, baseline: str | None, notes: list[str] |
     dense = [v for v, row in table.iterrows() if is_dense(row)]
     if not dense:
         if notes is not None:
-            notes.append("No dense baseline in these results: deltas and speedups are left out (--baseline names one).")
+            notes.append(
+                "No dense baseline in these results: deltas and speedups are left out (--baseline names one)."
+            )
         return None
     pick = "dense" if "dense" in dense else dense[0]
     if len(dense) > 1 and notes is not None:
-        notes.append(f"Several dense variants ({', '.join(dense)}); deltas are against {pick!r} (--baseline to choose).")
+        notes.append(
+            f"Several dense variants ({', '.join(dense)}); deltas are against {pick!r} (--baseline to choose)."
+        )
     return pick
 
 
@@ -324,12 +332,22 @@ def _add_deltas(report: Report, by_variant: Mapping[str, pd.DataFrame], base: st
             _set(table, r, "speedup", stats.Interval(1.0, math.nan, math.nan, len(g)))
             table.loc[r, "speedup_source"] = "baseline"
             continue
-        only_b, only_v = sorted(set(b.index) - set(g.index), key=str), sorted(set(g.index) - set(b.index), key=str)
+        only_b, only_v = (
+            sorted(set(b.index) - set(g.index), key=str),
+            sorted(set(g.index) - set(b.index), key=str),
+        )
         if only_b or only_v:
-            parts = [f"seed(s) {', '.join(map(str, s))} only in {who}" for s, who in ((only_b, base), (only_v, r)) if s]
+            parts = [
+                f"seed(s) {', '.join(map(str, s))} only in {who}"
+                for s, who in ((only_b, base), (only_v, r))
+                if s
+            ]
             notes.append(f"{r} vs {base}: {'; '.join(parts)}: left out of the paired deltas.")
         if acc:
-            d = stats.Interval(*(table.loc[r, f"{acc}_delta{s}"] for s in ("", "_lo", "_hi")), int(table.loc[r, f"{acc}_delta_n"]))
+            d = stats.Interval(
+                *(table.loc[r, f"{acc}_delta{s}"] for s in ("", "_lo", "_hi")),
+                int(table.loc[r, f"{acc}_delta_n"]),
+            )
             table.loc[r, "verdict"] = stats.verdict(d)
         if it is not None:
             _set(table, r, "speedup_cross_trial", stats.paired_delta(b[it], g[it], "ratio"))
@@ -387,4 +405,3 @@ def _error_tail(e: Any, limit: int = 400) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     tail = lines[-1] if lines else ""
     return tail if len(tail) <= limit else tail[: limit - 3] + "..."
-

@@ -103,7 +103,9 @@ def test_the_markdown_table_fits_120_columns():
     assert any(ln.startswith("| gate-nosup ") and "no detectable difference" in ln for ln in table)
     assert any("1.12x (1." in ln for ln in table)  # the speedup with its interval over seeds
     # names too long for the width become keys, with a legend under the table
-    long = _grid_rows(3).replace({"name": {n: f"selection={n},supervision=labels,stages=3-4" for n in DEFAULT}})
+    long = _grid_rows(3).replace(
+        {"name": {n: f"selection={n},supervision=labels,stages=3-4" for n in DEFAULT}}
+    )
     long["config_hash"] = long["name"] + long["seed"].astype(str)
     md = report_command(long, fmt="md")
     assert max(len(ln) for ln in _table_lines(md)) <= 120
@@ -189,7 +191,9 @@ def test_out_names_a_file_or_a_folder(tmp_path, capsys):
     assert main(["report", str(store), "--out", str(page)]) == 0  # the format from the suffix
     text = page.read_text()
     assert text.startswith("<!doctype html>") and "src='data:image/png;base64," in text
-    assert text.index("no detectable difference") < text.index("accuracy_vs_gmacs") < text.index("Every column")
+    assert (
+        text.index("no detectable difference") < text.index("accuracy_vs_gmacs") < text.index("Every column")
+    )
     assert main(["report", str(store), "--format", "html", "--out", str(tmp_path / "dir")]) == 0
     assert (tmp_path / "dir" / "index.html").read_text().count("<table") >= 2
     assert "report written to" in capsys.readouterr().out

@@ -89,7 +89,9 @@ def test_percent_and_ratio_kinds():
 
 def test_mean_interval_is_student_t():
     iv = mean_interval([0.30, 0.32, 0.34])
-    assert iv.mean == pytest.approx(0.32) and iv.half_width == pytest.approx(4.302652729911275 * 0.02 / math.sqrt(3))
+    assert iv.mean == pytest.approx(0.32) and iv.half_width == pytest.approx(
+        4.302652729911275 * 0.02 / math.sqrt(3)
+    )
     assert mean_interval([]).n == 0 and math.isnan(mean_interval([1.0]).half_width)
 
 
