@@ -128,7 +128,7 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
     t, acc, g = report.table, report.primary_accuracy, _gmacs(report)
     if acc is None or g is None or t[[acc, g]].dropna().empty:
         return None
-    fig = _fig(f"{acc} vs compute")
+    fig = _fig(f"{acc} vs compute (the Pareto front: no variant cheaper and better)")
     ax = fig.axes[0]
     x, y = t[g].to_numpy(float), t[acc].to_numpy(float)
     ax.errorbar(x, y, xerr=_err(t, g), yerr=_err(t, acc), fmt="o", color="tab:blue", ecolor="0.6",
@@ -145,7 +145,7 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
         ax.scatter(b[g], b[acc], marker="s", s=80, color="tab:red", zorder=3,
                    label=f"dense baseline{'s' if len(b) > 1 else ''}")  # fmt: skip
     ax.set_xlabel(f"{g} per image (fvcore: one multiply-add counted once)")
-    ax.set_ylabel(acc)
+    ax.set_ylabel(f"{acc} (mean, 95% interval over seeds)")
     ax.legend(fontsize=8)
     return fig
 

@@ -340,7 +340,7 @@ def _full(t: pd.DataFrame) -> pd.DataFrame:
     """Every column, one line per column and one column per variant (readable without scrolling)."""
     cells = t.map(lambda v: "" if _missing(v) else (f"{v:.6g}" if isinstance(v, float) else _fmt_value(v)))
     out = cells.T
-    out.index.name = "column"
+    out.index.name, out.columns.name = "column", None
     return out
 
 

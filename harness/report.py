@@ -164,7 +164,7 @@ def report_command(
             pngs[name] = {
                 (f"{render.slug(name)}-{k}" if several else k): v for k, v in render_plots(r).items()
             }
-        if plots_dir is not None and fmt == "md":
+        if plots_dir is not None and (fmt == "md" or not is_file):  # a single html file embeds them only
             plots_dir.mkdir(parents=True, exist_ok=True)
             for images in pngs.values():
                 for k, png in images.items():

@@ -191,9 +191,10 @@ def test_out_names_a_file_or_a_folder(tmp_path, capsys):
     assert main(["report", str(store), "--out", str(page)]) == 0  # the format from the suffix
     text = page.read_text()
     assert text.startswith("<!doctype html>") and "src='data:image/png;base64," in text
-    assert (
-        text.index("no detectable difference") < text.index("accuracy_vs_gmacs") < text.index("Every column")
-    )
+    assert text.index("<table") < text.index("alt='accuracy_vs_gmacs'") < text.index("Every column")
+    assert sorted(p.name for p in page.parent.iterdir()) == ["page.html"]  # the plots are embedded
+    assert "table-layout:fixed" in text and "overflow-wrap:anywhere" in text  # no scrolling at 1400 px
     assert main(["report", str(store), "--format", "html", "--out", str(tmp_path / "dir")]) == 0
     assert (tmp_path / "dir" / "index.html").read_text().count("<table") >= 2
+    assert (tmp_path / "dir" / "plots" / "accuracy_vs_gmacs.png").exists()
     assert "report written to" in capsys.readouterr().out
