@@ -96,7 +96,7 @@ def build_report(
     """The whole report of one set of rows. ``base``: dotted config key -> the grid's base value,
     used to pick the slice an inferred axis is read on (default: the most common value)."""
     df = _load(results)
-    notes: list[str] = []
+    notes: list[str] = [] if len(df) else ["No trial rows in these results."]
     cfg_cols = _config_columns(df)
     status = df["status"].astype(str) if "status" in df.columns else pd.Series(_DONE, index=df.index)
     done = df[status == _DONE].copy()
@@ -134,7 +134,7 @@ def build_report(
                          "(--baseline names one for all).")  # fmt: skip
     order: list[str] = []
     by_variant = {v: g.set_index("_seed") for v, g in done.groupby("_variant", sort=False)}
-    for g, b in sorted(zip(groups, bases), key=lambda gb: natural(gb[1] or gb[0][0])):
+    for g, b in sorted(zip(groups, bases), key=lambda gb: natural(gb[1] or (gb[0] or [""])[0])):
         members = sorted(g, key=lambda v: (v != b, natural(v)))
         order += members
         if b is not None:
