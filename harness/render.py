@@ -101,10 +101,8 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
     on an axis table), the columns the module docstring lists."""
     t = report.table if table is None else table
     out = pd.DataFrame(index=t.index)
-    if axis is not None:
-        out.index = [
-            v if _missing(a) else _fmt_value(a) for v, a in zip(t.index, t[axis])
-        ]  # verdict: baseline
+    if axis is not None:  # rows named by their value on the axis; the baseline keeps its name
+        out.index = [v if _missing(a) else _fmt_value(a) for v, a in zip(t.index, t[axis])]
     if "baseline" in t:  # several comparison groups: whom each row is compared with
         out["vs"] = [("n/a" if _missing(b) else b) for b in t["baseline"]]
     if t["n_seeds"].nunique() > 1:
@@ -116,8 +114,10 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
         out[_nice(acc)] = [_pm(m, h, d) for m, h in zip(t[acc], t[f"{acc}_ci95"])]
         if f"{acc}_delta" in t:
             half = (t[f"{acc}_delta_hi"] - t[f"{acc}_delta_lo"]) / 2
+            spread = half[half > 0]  # enough decimals to show the interval
+            dd = max(d, _decimals(spread, digits=1)) if len(spread) else d
             out[f"Δ {_nice(acc)}"] = [
-                "" if b else _pm(m, h, d, "+") for m, h, b in zip(t[f"{acc}_delta"], half, is_base)
+                "" if b else _pm(m, h, dd, "+") for m, h, b in zip(t[f"{acc}_delta"], half, is_base)
             ]
             out["verdict"] = t["verdict"].fillna("n/a").to_numpy()
     g = main_gmacs(report.metrics)
