@@ -114,7 +114,7 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
         out[_nice(acc)] = [_pm(m, h, d) for m, h in zip(t[acc], t[f"{acc}_ci95"])]
         if f"{acc}_delta" in t:
             half = (t[f"{acc}_delta_hi"] - t[f"{acc}_delta_lo"]) / 2
-            spread = half[half > 0]  # enough decimals to show the interval
+            spread = half[half > 1e-12]  # enough decimals to show the interval
             dd = max(d, _decimals(spread, digits=1)) if len(spread) else d
             out[f"Δ {_nice(acc)}"] = [
                 "" if b else _pm(m, h, dd, "+") for m, h, b in zip(t[f"{acc}_delta"], half, is_base)
@@ -161,15 +161,17 @@ def md_table(t: pd.DataFrame) -> str:
 
 
 def _fitted(t: pd.DataFrame, width: int = WIDTH) -> tuple[str, list[str]]:
-    """The Markdown table, and a legend when the row names had to become keys to fit ``width``."""
+    """The Markdown table, and a legend when row names too long for ``width`` had to become keys."""
     text = md_table(t)
-    if max(map(len, text.splitlines())) <= width:
+    widest = max(map(len, text.splitlines()))
+    if widest <= width:
         return text, []
-    keys = [f"v{i}" for i in range(len(t))]
-    legend = [f"{k} = {name}" for k, name in zip(keys, t.index)]
-    renamed = {name: k for k, name in zip(keys, t.index)}
+    first = max(len(str(t.index.name or "")), *(len(str(i)) for i in t.index))
+    room = max(len(str(t.index.name or "")), width - (widest - first))
+    renamed = {name: f"v{i}" for i, name in enumerate(t.index) if len(str(name)) > room}
+    legend = [f"{k} = {name}" for name, k in renamed.items()]
     short = t.copy()
-    short.index = pd.Index(keys, name=t.index.name)
+    short.index = pd.Index([renamed.get(n, n) for n in t.index], name=t.index.name)
     if "vs" in short:
         short["vs"] = short["vs"].map(lambda v: renamed.get(v, v))
     return md_table(short), legend
@@ -322,7 +324,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:13px;table-layout:auto;ma
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:normal;overflow-wrap:anywhere}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 table.full{table-layout:fixed;width:100%;font-size:12px}
-img{max-width:100%;height:auto}.plots img{max-width:640px;margin:0 1em 1em 0;border:1px solid #ddd}
+img{max-width:100%;height:auto}.plots img{margin:0 1em 1em 0;border:1px solid #ddd}
 .warn{color:#a00;font-weight:bold}.note{color:#8a4b00}p{max-width:100%}
 """
 
