@@ -198,3 +198,13 @@ def test_out_names_a_file_or_a_folder(tmp_path, capsys):
     assert (tmp_path / "dir" / "index.html").read_text().count("<table") >= 2
     assert (tmp_path / "dir" / "plots" / "accuracy_vs_gmacs.png").exists()
     assert "report written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_pairs_are_matched_by_seed_not_by_row_order(order):
+    rows = _grid_rows(4, {"gate": DEFAULT["gate"]})
+    shuffled = rows.sample(frac=1.0, random_state=order)
+    a, b = build_report(rows).table, build_report(shuffled).table
+    for col in ("map_delta", "map_delta_lo", "map_delta_hi", "speedup", "gmacs_delta_pct"):
+        assert b.loc["gate", col] == pytest.approx(a.loc["gate", col]), col
+    assert b.loc["gate", "verdict"] == "better"
