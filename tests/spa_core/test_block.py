@@ -335,19 +335,21 @@ def test_swin_block_equals_its_definition(hw, shift):
         torch.testing.assert_close(blk(x), _swin_reference(blk, x), **TOL[torch.float64])
 
 
-_TRITON_SCRIPT = """
+_GPU_PATH_SCRIPT = """
 import torch
 from spa_core.block import SPABlock
-from spa_core.config import ConfigError, SPAConfig
+from spa_core.config import SPAConfig
 torch.manual_seed(0)
+device = "cuda" if torch.cuda.is_available() else "cpu"
 for pack in ("containers", "varlen"):
-    blk = SPABlock(16, 2, 2, SPAConfig(selection="topk", ratio=0.6, pack=pack), shift=1).eval()
-    x = torch.randn(3, 3, 4, 16, requires_grad=True)
+    blk = SPABlock(16, 2, 2, SPAConfig(selection="topk", ratio=0.6, pack=pack), shift=1).to(device).eval()
+    x = torch.randn(3, 4, 4, 16, device=device, requires_grad=device == "cuda")
     outs = []
     for impl in ("torch", "triton"):
         blk.attn.attn_impl = impl  # the per-module switch
-        y, _ = blk(x)
-        (g,) = torch.autograd.grad(y.pow(2).sum(), x)
+        with torch.set_grad_enabled(device == "cuda"):  # FlexAttention's CPU path is forward only
+            y, _ = blk(x)
+        g = torch.autograd.grad(y.pow(2).sum(), x)[0] if device == "cuda" else y
         outs.append((y.detach(), g))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
@@ -355,13 +357,14 @@ for pack in ("containers", "varlen"):
 
 
 @pytest.mark.triton
-def test_block_on_triton_kernels_matches_torch():
-    """The SPA block with the Triton varlen kernels (interpreter on CPU) equals the torch path, forward
-    and backward. A subprocess: TRITON_INTERPRET must be set before Triton is first imported."""
+def test_block_on_the_gpu_path_matches_torch():
+    """The SPA block with the GPU path (FlexAttention for attention, with the bias and shift mask; the
+    Triton pack kernels), forward on CPU under TRITON_INTERPRET and forward and backward on CUDA, equals
+    the torch path. A subprocess: TRITON_INTERPRET must be set before Triton is first imported."""
     if not triton_available():
         pytest.skip("triton not importable")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-c", _GPU_PATH_SCRIPT], check=True, env=env, timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------------
