@@ -328,3 +328,53 @@ def test_with_several_dense_variants_each_trial_gets_the_nearest(tmp_path):
             continue
         assert cfg.baseline.model.embed_dim == cfg.model.embed_dim
         assert cfg.baseline.name == f"embed_dim={cfg.model.embed_dim},dense"
+
+
+# --- DeepSpeed -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_process_group():
+    """A one-process group, as a trial run in its Tune trial's own process has."""
+    import os
+
+    import torch.distributed as dist
+
+    from harness.distributed import init_process_group, prepare_accelerator
+
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    made = init_process_group(prepare_accelerator())
+    yield
+    if made:
+        dist.destroy_process_group()
+    for k in keys:
+        os.environ.pop(k, None)
+    os.environ.update(saved)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_under_deepspeed_zero3_the_engine_wraps_the_paired_initial_weights(
+    one_process_group, cache, monkeypatch
+):
+    """The model DeepSpeed is handed (before ZeRO-3 partitions it) is the one build_detector makes from
+    the seed: the dense reference's weights where it shares them."""
+    from harness.distributed import DeepSpeedBackend
+
+    cfg = _cfg(VARIANTS["extra1"], cache=cache, train={"steps": 1, "zero_stage": 3})
+    handed = {}
+    real_setup = DeepSpeedBackend.setup
+
+    def setup(self, model, c):
+        handed.update({k: t.detach().clone() for k, t in _tensors(model).items()})
+        return real_setup(self, model, c)
+
+    monkeypatch.setattr(DeepSpeedBackend, "setup", setup)
+    train_variant(cfg, backend=DeepSpeedBackend(), progress=False)
+    expect = _tensors(build_detector(cfg))
+    dense = _tensors(build_detector(_cfg(VARIANTS["dense"])))
+    assert handed.keys() == expect.keys()
+    assert all(torch.equal(handed[k], expect[k]) for k in expect)
+    assert all(
+        torch.equal(handed[k], dense[k]) for k in dense if k in handed and handed[k].shape == dense[k].shape
+    )
