@@ -22,6 +22,7 @@ __all__ = [
     "BenchConfig",
     "ResourcesConfig",
     "TrialConfig",
+    "BaselineConfig",
     "trial_from_dict",
     "trial_to_dict",
     "config_hash",
@@ -94,6 +95,16 @@ class ResourcesConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """The grid's dense baseline, attached to its other trials (``harness.grid``): the model a trial's
+    ``speedup_vs_dense`` is timed against. Not part of the content hash (it changes no trained weight)."""
+
+    name: str = "dense"  # the baseline trial's name
+    model: BackboneConfig = field(default_factory=lambda: BackboneConfig(variant="dense", spa=None))
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
 class TrialConfig:
     name: str = "trial"
     preset: str = "tiny"  # backbone size (spa_core.config.BACKBONE_PRESETS); model.* overrides it
@@ -105,10 +116,12 @@ class TrialConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0
     plugins: list[str] = field(default_factory=list)  # modules / files to import before building
+    baseline: BaselineConfig | None = None  # set by the grid from its dense point; None: no dense point
 
 
 # Keys that do not change what a trial computes: left out of the content hash.
-_UNHASHED = ("name", "resources.timeout_s", "resources.retries", "plugins", "data.num_workers", "data.cache_dir")
+_UNHASHED = ("name", "resources.timeout_s", "resources.retries", "plugins", "data.num_workers", "data.cache_dir",
+             "baseline")
 
 
 def trial_from_dict(data: dict[str, Any]) -> TrialConfig:

@@ -31,10 +31,11 @@ Every trial is ``base`` + one value per axis (or one point) + its seed, resolved
 ``harness.config.trial_from_dict``; its ``name`` is the point's name, or one part per axis joined by
 commas (``ratio=0.25`` for a config key, the bare label for a named axis), the same for all seeds of
 a variant, so a report groups by it, its ``plugins`` the absolute specs to load
-before building it. Anything wrong (an unknown top-level key or config key, a wrong type, a name no
-registry holds, a file that does not exist, an exclude rule that matches nothing, two trials with the
-same config) raises ``GridError`` naming the file, the line and the key and what was expected, before
-anything runs.
+before building it, and, when the grid has a dense variant (``model.variant: dense``), its
+``baseline`` that variant's name, model and head (not hashed): what its speedup is timed against.
+Anything wrong (an unknown top-level key or config key, a wrong type, a name no registry holds, a
+file that does not exist, an exclude rule that matches nothing, two trials with the same config)
+raises ``GridError`` naming the file, the line and the key and what was expected, before anything runs.
 """
 
 from __future__ import annotations
@@ -48,7 +49,16 @@ from typing import Any
 
 import yaml
 
-from harness.config import TrialConfig, config_hash, get_dotted, set_dotted, trial_from_dict, trial_to_dict
+from harness.config import (
+    BaselineConfig,
+    TrialConfig,
+    config_hash,
+    flatten_config,
+    get_dotted,
+    set_dotted,
+    trial_from_dict,
+    trial_to_dict,
+)
 from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
 from spa_core.config import BACKBONE_PRESETS, ConfigError
 from spa_core.registry import GATES, MODEL_VARIANTS, PACK_STRATEGIES, SELECTION_POLICIES, SUPERVISION_MODES
@@ -678,6 +688,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         if name in seen:
             raise loc.error(f"two variants are named {name!r}; give each point a distinct name", "name")
         seen[name] = loc
+    _attach_baseline(kept)
 
     trials: list[TrialConfig] = []
     hashes: dict[str, str] = {}
@@ -706,6 +717,30 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         plugins=list(plugins),
         labels={name: labels for name, labels, _, _ in kept},
     )
+
+
+def _attach_baseline(variants: list[tuple[str, dict[str, str], TrialConfig, _Loc]]) -> None:
+    """Set ``baseline`` (not hashed) of every variant that is not ``model.variant: dense`` to the grid's
+    dense variant: the model its speedup is timed against (``harness.measure``). Of several dense
+    variants (a dense value crossed with other axes) a variant gets the one whose resolved config
+    differs from its own in the fewest keys, the first of them on a tie. No dense variant: none is set."""
+    dense = [(name, cfg) for name, _, cfg, _ in variants if cfg.model.variant == "dense"]
+    if not dense:
+        return
+    flat = {name: flatten_config(trial_to_dict(cfg)) for name, cfg in dense}
+    for _, _, cfg, _ in variants:
+        if cfg.model.variant == "dense":
+            continue
+        mine = flatten_config(trial_to_dict(cfg))
+
+        def distance(name: str, mine: dict[str, Any] = mine) -> int:
+            theirs = flat[name]
+            return sum(mine.get(k) != theirs.get(k) for k in set(mine) | set(theirs) if k != "name")
+
+        name, best = min(dense, key=lambda d: distance(d[0]))
+        cfg.baseline = BaselineConfig(
+            name=name, model=copy.deepcopy(best.model), head=copy.deepcopy(best.head)
+        )
 
 
 def _resolve(diff: dict[str, _Val], over: dict[str, _Val], name: str, loc: _Loc) -> TrialConfig:

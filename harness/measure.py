@@ -17,10 +17,16 @@ variant), after training, with the trial's real selection (the trained gate, or 
   runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
   (a training step counts the samples of every worker);
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
-  its dense twin (the same config with ``model.variant: dense``: plain Swin blocks, fresh weights, which
-  dense compute does not depend on) timed in this process, calls alternating and which goes first
-  alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of dense time / model
-  time, ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` / ``paired_dense_ms`` the medians. Both
+  the grid's baseline model timed in this process, calls alternating and which goes first alternating,
+  ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of baseline time / model time,
+  ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` / ``paired_dense_ms`` the medians. The baseline
+  (``speedup_baseline_config``) is the grid's dense point (``cfg.baseline``, attached by the grid: for
+  the paper's grid plain Swin-T, without the 4 extra stage-3 blocks the SPA model pays for), so the
+  speedup and the GMACs delta of a row are against the same model; a trial of a grid without a dense
+  point falls back to its dense twin (its own config with ``model.variant: dense``, extra blocks
+  kept). ``speedup_baseline`` names which: the baseline trial's name, or ``dense-twin``. The baseline
+  is built as ``build_detector`` builds every model (the initial weights of the seed; timing does not
+  depend on them), untrained. Both
   run under the same load, which ``infer_ms`` of two trials do not (other trials train beside them),
   and both as plain modules: under ZeRO-3 the trial's model is timed as a plain copy of its gathered
   weights (``timing_copy``), without the hooks ZeRO-3 runs around every submodule;
@@ -42,8 +48,11 @@ from torch import nn
 
 __all__ = [
     "measure", "paired_speedup", "reset_peak_memory", "peak_memory", "fvcore_macs", "analytic_attention_macs", "timed",
-    "timed_pairs", "dense_twin_config", "timing_copy", "zero3_partitioned",
+    "timed_pairs", "dense_twin_config", "speedup_baseline_config", "timing_copy", "zero3_partitioned",
+    "DENSE_TWIN",
 ]
+
+DENSE_TWIN = "dense-twin"  # ``speedup_baseline`` of a trial timed against its own dense twin
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -264,8 +273,7 @@ def timing_copy(cfg, detector: nn.Module) -> nn.Module:
     if not zero3_partitioned(detector):
         return detector
     p = next(detector.parameters())
-    with torch.random.fork_rng(devices=[p.device] if p.device.type == "cuda" else []):
-        copy = build_detector(cfg)
+    copy = build_detector(cfg)
     copy.load_state_dict(detector.state_dict())
     return copy.to(device=p.device, dtype=p.dtype).train(detector.training)
 
@@ -277,8 +285,22 @@ def dense_twin_config(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant="dense", spa=None))
 
 
+def speedup_baseline_config(cfg) -> tuple[Any, str]:
+    """``(config, name)`` of the model ``paired_speedup`` times the trial against: the trial's config
+    with the model and head of ``cfg.baseline`` (the grid's dense point) and that point's name, or,
+    without a baseline, ``(dense_twin_config(cfg), DENSE_TWIN)``. Data, bench and seed stay the trial's."""
+    import copy
+    import dataclasses
+
+    if cfg.baseline is None:
+        return dense_twin_config(cfg), DENSE_TWIN
+    b = cfg.baseline
+    return dataclasses.replace(cfg, model=copy.deepcopy(b.model), head=copy.deepcopy(b.head), baseline=None), b.name
+
+
 def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
-    """``speedup_vs_dense`` and its quartiles (see the module docstring); empty for a dense trial.
+    """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
+    ``speedup_baseline`` (see the module docstring); empty for a dense trial.
     ``images``: the fixed evaluation batch on the device (default: loaded here).
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
@@ -299,9 +321,8 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
         _, val_ds = build_datasets(cfg.data, progress=False)
         images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
     dtype = next(detector.parameters()).dtype
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        twin = build_detector(dense_twin_config(cfg)).to(device=device, dtype=dtype).eval()
+    twin_cfg, baseline = speedup_baseline_config(cfg)
+    twin = build_detector(twin_cfg).to(device=device, dtype=dtype).eval()
     amp = autocast_dtype(cfg.train.precision, device)
 
     def _call(model: nn.Module):
@@ -324,6 +345,7 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
     q1, med, q3 = np.percentile(ratios, [25, 50, 75])
     del twin, model
     return {
+        "speedup_baseline": baseline,
         "speedup_vs_dense": float(med),
         "speedup_vs_dense_q1": float(q1),
         "speedup_vs_dense_q3": float(q3),

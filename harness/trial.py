@@ -99,7 +99,8 @@ def _base_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext,
         "workers": cfg_dict.get("resources", {}).get("workers"),
     }
     row.update({f"{k}_version": v for k, v in package_versions().items()})
-    row.update(flatten_config(cfg_dict))
+    # The baseline's model and head stay in config_json; the row names it in speedup_baseline.
+    row.update(flatten_config({k: v for k, v in cfg_dict.items() if k != "baseline"}))
     return row
 
 

@@ -7,10 +7,37 @@ with targets ``loss = task_loss + gate_loss``, ``task_loss``, ``gate_loss`` and
 backbone), and in eval mode ``detections`` (per image ``boxes (n, 4)`` xyxy pixels of the input,
 ``scores``, ``labels`` 0-based). The same code serves the tiny CPU presets on the built-in set and
 the Swin-T-size backbone on COCO (``head.num_classes=80``; the loader maps category ids).
+
+Paired trials. ``build_detector(cfg)`` makes a detector whose randomness is a function of ``cfg.seed``
+alone, so that the trials of one seed differ only by their variant:
+
+- Initial weights. The *reference* is the trial's dense network: ``model.variant: dense`` and no
+  extra stage-3 blocks (``init_reference_config``), the grid's dense baseline itself for the usual
+  grid. The reference and the trial's model are each built with torch's CPU generator seeded from
+  ``(seed, "init")`` (inside ``torch.random.fork_rng``: the caller's RNG state is neither read nor
+  changed), then every parameter and buffer of the model whose qualified name and shape the reference
+  also has is copied from the reference. So what a variant shares with dense (same name, same shape:
+  the patch embedding, Swin and SPA blocks' ``attn.qkv``/``attn.proj``/position tables, norms and MLPs,
+  the merges, the head) starts bit for bit as dense does, whatever the variant builds and in whatever
+  order; what only the variant has (gates, extra stage-3 blocks) keeps the variant's own
+  initialisation, drawn under the same seed. Copying from a built reference relies on names and
+  shapes only, never on how a module initialises itself, so plugin variants and new parameters need
+  nothing. The reference has no extra stage-3 blocks because they are built before stage 4 and the
+  head: a reference with them would draw those from another point of the stream than the baseline.
+  The reference comes from the trial's own config (not from the grid), so a trial's weights are a
+  function of its content hash. Every rank of a multi-worker trial builds the same model before
+  DeepSpeed wraps it.
+- Selection's random streams. Every module with a ``generator`` attribute (``SPABlock``: Gumbel noise
+  of ``gate``, draws of ``random``) gets its own CPU ``torch.Generator`` seeded from
+  ``(seed, "select", stage, index)`` (``set_selection_generators``), so selection never consumes the
+  global RNG, one block's draws do not depend on the others', and the stream is the same on any
+  device (the policies draw on the generator's device and move the result).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from typing import Any
 
 import torch
@@ -21,7 +48,15 @@ from harness.task.data import selection_labels
 from harness.task.fcos import FCOSHead, fcos_loss, fcos_postprocess
 from spa_core import build_backbone, gate_loss
 
-__all__ = ["Detector", "build_detector", "HEAD_TYPES"]
+__all__ = [
+    "Detector",
+    "build_detector",
+    "HEAD_TYPES",
+    "derived_seed",
+    "init_reference_config",
+    "share_initial_weights",
+    "set_selection_generators",
+]
 
 HEAD_TYPES = ("fcos",)
 
@@ -68,6 +103,63 @@ class Detector(nn.Module):
         return out
 
 
+def derived_seed(seed: int, *keys: Any) -> int:
+    """A 63-bit seed for the stream named ``keys`` of trial seed ``seed`` (sha256 of their repr): the
+    streams of one seed are independent of each other and of torch's global RNG."""
+    digest = hashlib.sha256(repr((int(seed), *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def init_reference_config(cfg: TrialConfig) -> TrialConfig:
+    """The config of the dense network whose initial weights ``cfg``'s model shares (see the module
+    docstring): ``cfg`` with ``model.variant: dense``, ``model.spa: None``, ``extra_stage3_blocks: 0``."""
+    model = dataclasses.replace(cfg.model, variant="dense", spa=None, extra_stage3_blocks=0)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _seeded_build(cfg: TrialConfig) -> Detector:
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(derived_seed(cfg.seed, "init"))
+        return Detector(build_backbone(cfg.model), cfg)
+
+
+@torch.no_grad()
+def share_initial_weights(model: nn.Module, reference: nn.Module) -> list[str]:
+    """Copy into ``model`` every parameter and buffer of ``reference`` with the same qualified name and
+    shape; returns the names copied."""
+    ref = dict(reference.named_parameters())
+    ref.update(reference.named_buffers())
+    copied = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        r = ref.get(name)
+        if r is not None and r.shape == t.shape:
+            t.copy_(r)
+            copied.append(name)
+    return copied
+
+
+def set_selection_generators(model: nn.Module, seed: int) -> int:
+    """Give every module with a ``generator`` attribute (SPA blocks) its own CPU generator seeded from
+    ``(seed, "select", stage, index)`` (its qualified name if it has no ``stage``/``index``); returns
+    how many were set."""
+    n = 0
+    for name, m in model.named_modules():
+        g = getattr(m, "generator", False)
+        if not (g is None or isinstance(g, torch.Generator)):  # no such attribute, or something else
+            continue
+        key = (m.stage, m.index) if hasattr(m, "stage") and hasattr(m, "index") else (name,)
+        m.generator = torch.Generator().manual_seed(derived_seed(seed, "select", *key))
+        n += 1
+    return n
+
+
 def build_detector(cfg: TrialConfig) -> Detector:
-    """The detector of a trial: ``spa_core.build_backbone(cfg.model)`` + the head of ``cfg.head``."""
-    return Detector(build_backbone(cfg.model), cfg)
+    """The detector of a trial: ``spa_core.build_backbone(cfg.model)`` + the head of ``cfg.head``, its
+    initial weights shared with the dense reference of ``cfg.seed`` and its selection streams seeded
+    (see the module docstring). Built on the CPU; the caller's RNG state is left as it was."""
+    model = _seeded_build(cfg)
+    reference = init_reference_config(cfg)
+    if (reference.model, reference.head) != (cfg.model, cfg.head):
+        share_initial_weights(model, _seeded_build(reference))
+    set_selection_generators(model, cfg.seed)
+    return model

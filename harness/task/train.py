@@ -3,6 +3,12 @@ entry point, independent of Ray and usable with or without DeepSpeed (through a 
 
 ``train_variant(cfg)`` returns one flat dict of metrics (the harness adds config and environment
 columns to make a result row): losses, COCO mAP, gate metrics, steps and throughput.
+
+Trials of one seed are paired: the seed fixes the training batches (the sampler's permutation per
+epoch and the loader's generator; the data has no random augmentation), the evaluation images (the
+first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
+dense model and selection's random streams (``harness.task.detector``). No loader draws from torch's
+global RNG, which is left to what the variant itself consumes (stochastic depth).
 """
 
 from __future__ import annotations
@@ -135,8 +141,9 @@ def evaluate_variant(module: Detector | Any, dataset: CocoDetection, cfg: TrialC
     module.eval()
     n = len(dataset) if cfg.train.eval_images is None else min(len(dataset), cfg.train.eval_images)
     subset = torch.utils.data.Subset(dataset, range(n))
+    # The generator seeds the workers (the loader would draw that seed from the global RNG otherwise).
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers)
+                                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     detections: list[dict[str, Any]] = []
     gate = GateMeter()
     has_blocks = False

@@ -6,14 +6,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness.config import trial_from_dict
+from harness.config import BaselineConfig, trial_from_dict
 from harness.measure import (
+    DENSE_TWIN,
     analytic_attention_macs,
     dense_twin_config,
     fvcore_macs,
     paired_speedup,
     peak_memory,
     reset_peak_memory,
+    speedup_baseline_config,
     timed,
     timed_pairs,
 )
@@ -104,8 +106,33 @@ def test_paired_speedup_times_the_model_against_its_dense_twin():
     out = paired_speedup(cfg, SimpleNamespace(device=torch.device("cpu")), det)
     assert out["paired_repeats"] == 5 and out["paired_model_ms"] > 0 and out["paired_dense_ms"] > 0
     assert 0 < out["speedup_vs_dense_q1"] <= out["speedup_vs_dense"] <= out["speedup_vs_dense_q3"]
+    assert out["speedup_baseline"] == DENSE_TWIN  # no grid baseline attached
     assert det.training  # its mode restored
     assert paired_speedup(twin, SimpleNamespace(device=torch.device("cpu")), det) == {}  # dense: no twin
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_paired_speedup_times_the_model_against_the_grids_baseline(monkeypatch):
+    """A variant with extra stage-3 blocks is timed against the grid's dense point (without them), not
+    against its own dense twin (with them)."""
+    import harness.task.detector as detector_mod
+
+    cfg = trial_from_dict({"preset": "micro", "model": {"extra_stage3_blocks": 2, "spa": {"selection": "topk"}},
+                           "data": {"image_size": 64, "num_train": 8, "num_val": 4},
+                           "bench": {"batch_size": 2, "warmup": 0, "repeats": 2}})
+    dense = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}})
+    cfg.baseline = BaselineConfig(name="swin", model=dense.model, head=dense.head)
+    twin, name = speedup_baseline_config(cfg)
+    assert name == "swin" and twin.model == dense.model and twin.head == dense.head and twin.data == cfg.data
+    assert twin.baseline is None and dense_twin_config(cfg).model.extra_stage3_blocks == 2
+
+    built = []
+    real = detector_mod.build_detector
+    monkeypatch.setattr(detector_mod, "build_detector", lambda c: built.append(c) or real(c))
+    det = real(cfg)
+    out = paired_speedup(cfg, SimpleNamespace(device=torch.device("cpu")), det, torch.randn(2, 3, 64, 64))
+    assert out["speedup_baseline"] == "swin" and out["speedup_vs_dense"] > 0
+    assert [c.model for c in built] == [dense.model]  # the twin timed is the baseline's model
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -1,5 +1,6 @@
 """The Tune function's bookkeeping without Ray: skip, retries, failure rows, timeouts, dead processes."""
 
+import json
 import os
 import threading
 import time
@@ -95,6 +96,26 @@ def test_watchdog_beats_then_times_out(tmp_path, monkeypatch):
     assert exits == [3] and exp.read_bytes(exp.trial_path("h", "timed-out")) == b"yes"
     with _Watchdog(exp, "h2", 60, lambda: pytest.fail("no timeout"), {}):
         time.sleep(0.1)  # leaving the block stops the watchdog
+
+
+def test_a_row_names_the_baseline_but_does_not_spread_it_into_columns(setup, monkeypatch):
+    """The grid's baseline (model and head of its dense point) is in config_json; the row's config
+    columns are the trial's own."""
+    from harness.config import BaselineConfig
+
+    _, _, ctx, exp, _ = setup
+    cfg = trial_from_dict({"name": "t", "preset": "micro"})
+    dense = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}})
+    cfg.baseline = BaselineConfig(name="dense", model=dense.model, head=dense.head)
+    cfg_dict, h = trial_to_dict(cfg), config_hash(cfg)
+    assert h == config_hash(trial_from_dict({"name": "t", "preset": "micro"}))  # not hashed
+    monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: ({**_ok()[0], "speedup_baseline": "dense"}, 0.01))
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    row = exp.read_row(h)
+    assert row["status"] == "done" and row["speedup_baseline"] == "dense"
+    assert not any(k.startswith("baseline") for k in row if k != "speedup_baseline")
+    assert json.loads(row["config_json"])["baseline"]["model"]["variant"] == "dense"
+    assert trial_from_dict(json.loads(row["config_json"])).baseline == cfg.baseline  # re-runnable as it ran
 
 
 def test_flatten_config_keeps_dense_spa_as_null():
