@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,14 @@ def build_report(
 ) -> Report:
     """The whole report of one set of rows. ``base``: dotted config key -> the grid's base value,
     used to pick the slice an inferred axis is read on (default: the most common value)."""
+    # The tables hold one row per variant: filling them column by column costs nothing at that size,
+    # and pandas' warning about fragmented frames would only bury the report under noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        return _build_report(results, baseline, base)
+
+
+def _build_report(results: pd.DataFrame | str | Path, baseline: str | None, base: Mapping[str, Any] | None) -> Report:
     df = _load(results)
     notes: list[str] = [] if len(df) else ["No trial rows in these results."]
     cfg_cols = _config_columns(df)
