@@ -3,11 +3,13 @@
     spa-harness run GRID [--results DIR|URI] [--address ADDR] [--max-concurrent N] [--smoke]
                          [--dry-run] [--rerun] [--plugin FILE] [--name NAME]
     spa-harness status RESULTS
-    spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR]
+    spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR|FILE] [--merge]
     spa-harness variants
 
 ``run`` expands GRID (``harness.grid.load_grid``), runs the trials that have no finished row yet
-(``harness.runner.run_grid``) into ``RESULTS/<grid name>``, and prints the comparison table.
+(``harness.runner.run_grid``) into ``RESULTS/<grid name>``, and prints the comparison report
+(``harness.report``: deltas paired by seed with 95% intervals and verdicts; a 120-column table).
+``report`` reports each experiment of RESULTS apart, or all as one with ``--merge``.
 Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid or arguments.
 """
 
@@ -48,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="comparison tables and plots of a results store")
     rep.add_argument("results")
     rep.add_argument("--baseline", default=None)
-    rep.add_argument("--format", default="md", choices=("md", "csv", "html", "json"))
-    rep.add_argument("--out", default=None)
+    rep.add_argument("--format", default=None, choices=("md", "csv", "html", "json"),
+                     help="default: the suffix of --out, else md")
+    rep.add_argument("--out", default=None,
+                     help="a file (report.html: plots embedded) or a folder (DIR/index.html or "
+                          "DIR/report.<format>, plots in DIR/plots); default: print")
+    rep.add_argument("--merge", action="store_true",
+                     help="one report over every experiment of RESULTS (default: one section each)")
 
     v = sub.add_parser("variants", help="every registered variant and where it came from")
     v.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load this plugin")
@@ -155,7 +162,7 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from harness.report import report_command
 
-    text = report_command(args.results, baseline=args.baseline, fmt=args.format, out=args.out)
+    text = report_command(args.results, baseline=args.baseline, fmt=args.format, out=args.out, merge=args.merge)
     if args.out is None:
         print(text)
     else:

@@ -1,7 +1,10 @@
 """Plots of a comparison report (matplotlib, Agg: no display needed), returned as PNG bytes.
 
-- ``accuracy_vs_gmacs``: mAP against GMACs per variant (95% CI bars), the Pareto front (no other
-  variant is both cheaper and more accurate) drawn as a step line, the dense baseline marked;
+- ``accuracy_vs_gmacs``: mAP against GMACs per variant with 95% interval bars on both axes (where
+  the seeds give one), the Pareto front (no other variant is both cheaper and more accurate) drawn
+  as a step line, the dense baseline marked;
+- ``axis_<axis>``: per axis table, Δ mAP against the baseline per axis value with its paired 95%
+  interval, and the speedup with its interval;
 - ``speedup_vs_ratio``: measured inference speedup over the baseline against the kept fraction
   (or the configured selection ratio), with the speedup the GMACs alone predict (the ideal FLOP line);
 - ``gate_pr_vs_ratio``: gate precision and recall against the kept fraction.
@@ -20,8 +23,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harness.render import slug
+from harness.tables import main_gmacs
+
 if TYPE_CHECKING:
-    from harness.report import Report
+    from harness.tables import Report
 
 __all__ = ["render_plots", "pareto_front"]
 
@@ -39,13 +45,13 @@ def pareto_front(cost: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 def render_plots(report: Report) -> dict[str, bytes]:
     """Plot name -> PNG bytes, for the plots the report's columns allow."""
+    figs = {"accuracy_vs_gmacs": _accuracy_vs_gmacs(report)}
+    for axis, t in report.axes.items():
+        figs[f"axis_{slug(axis)}"] = _axis_deltas(report, axis, t)
+    figs["speedup_vs_ratio"] = _speedup_vs_ratio(report)
+    figs["gate_pr_vs_ratio"] = _gate_pr_vs_ratio(report)
     out = {}
-    for name, fn in (
-        ("accuracy_vs_gmacs", _accuracy_vs_gmacs),
-        ("speedup_vs_ratio", _speedup_vs_ratio),
-        ("gate_pr_vs_ratio", _gate_pr_vs_ratio),
-    ):
-        fig = fn(report)
+    for name, fig in figs.items():
         if fig is not None:
             buf = io.BytesIO()
             FigureCanvasAgg(fig)
@@ -55,9 +61,46 @@ def render_plots(report: Report) -> dict[str, bytes]:
 
 
 def _gmacs(report: Report) -> str | None:
-    from harness.report import _main_gmacs
+    return main_gmacs(report.metrics)
 
-    return _main_gmacs(report.metrics)
+
+def _bounds(t: pd.DataFrame, col: str) -> np.ndarray | None:
+    """``(2, n)`` distances from ``col`` down to ``col_lo`` and up to ``col_hi`` (0 where unknown)."""
+    if f"{col}_lo" not in t or t[f"{col}_lo"].isna().all():
+        return None
+    mid = t[col].to_numpy(float)
+    lo = np.nan_to_num(mid - t[f"{col}_lo"].to_numpy(float))
+    hi = np.nan_to_num(t[f"{col}_hi"].to_numpy(float) - mid)
+    return np.vstack([lo, hi])
+
+
+def _axis_deltas(report: Report, axis: str, t: pd.DataFrame) -> Figure | None:
+    acc = report.primary_accuracy
+    delta = f"{acc}_delta" if acc else None
+    t = t.drop(index=[b for b in report.baselines if b in t.index])
+    if delta is None or delta not in t or t[delta].isna().all():
+        return None
+    name = t.attrs.get("axis", axis)
+    labels = [str(v) for v in t.iloc[:, 0]]
+    x = np.arange(len(t))
+    panels = 2 if "speedup" in t and t["speedup"].notna().any() else 1
+    fig = Figure(figsize=(4.2 * panels + 1.0, 3.8))
+    ax = fig.add_subplot(1, panels, 1)
+    ax.errorbar(x, t[delta], yerr=_bounds(t, delta), fmt="o", capsize=4, color="tab:blue")
+    ax.axhline(0.0, color="0.5", lw=1)
+    ax.set_ylabel(f"Δ {acc} vs baseline (paired, 95% interval)")
+    if panels == 2:
+        sp = fig.add_subplot(1, panels, 2)
+        sp.errorbar(x, t["speedup"], yerr=_bounds(t, "speedup"), fmt="s", capsize=4, color="tab:orange")
+        sp.axhline(1.0, color="0.5", lw=1)
+        sp.set_ylabel("speedup vs baseline (x, 95% interval)")
+    for a in fig.axes:
+        a.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        a.set_xlabel(name)
+        a.grid(alpha=0.3)
+    fig.suptitle(f"axis {name}")
+    fig.tight_layout()
+    return fig
 
 
 def _x_ratio(report: Report, t: pd.DataFrame) -> tuple[pd.Series, str] | None:
@@ -85,7 +128,7 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
     t, acc, g = report.table, report.primary_accuracy, _gmacs(report)
     if acc is None or g is None or t[[acc, g]].dropna().empty:
         return None
-    fig = _fig(f"{acc} vs compute")
+    fig = _fig(f"{acc} vs compute (the Pareto front: no variant cheaper and better)")
     ax = fig.axes[0]
     x, y = t[g].to_numpy(float), t[acc].to_numpy(float)
     ax.errorbar(x, y, xerr=_err(t, g), yerr=_err(t, acc), fmt="o", color="tab:blue", ecolor="0.6",
@@ -102,7 +145,7 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
         ax.scatter(b[g], b[acc], marker="s", s=80, color="tab:red", zorder=3,
                    label=f"dense baseline{'s' if len(b) > 1 else ''}")  # fmt: skip
     ax.set_xlabel(f"{g} per image (fvcore: one multiply-add counted once)")
-    ax.set_ylabel(acc)
+    ax.set_ylabel(f"{acc} (mean, 95% interval over seeds)")
     ax.legend(fontsize=8)
     return fig
 
@@ -119,7 +162,8 @@ def _speedup_vs_ratio(report: Report) -> Figure | None:
     x, xlabel = xr
     fig = _fig("inference speedup over the dense baseline")
     ax = fig.axes[0]
-    ax.scatter(x, t["speedup"], color="tab:blue", zorder=3, label="measured speedup")
+    ax.errorbar(x, t["speedup"], yerr=_bounds(t, "speedup"), fmt="o", color="tab:blue", capsize=3, zorder=3,
+                label="measured speedup (95% interval)")  # fmt: skip
     for xi, yi, name in zip(x, t["speedup"], t.index):
         if np.isfinite(xi) and np.isfinite(yi):
             ax.annotate(str(name), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -1,8 +1,10 @@
 """The driver's view of a running grid, fed by Ray Tune callbacks.
 
-``GridCallback`` (a ``ray.tune.Callback``) follows every trial of the experiment: it shows a live
-rich table (trials done / running / failed / pending, elapsed time and an ETA from the mean duration
-of finished trials) and records, for a trial whose process died before it could write its own row
+``GridCallback`` (a ``ray.tune.Callback``) follows every trial of the experiment: on a terminal it
+shows a live rich table (trials done / running / failed / pending, elapsed time and an ETA from the
+mean duration of finished trials); when stdout is not a terminal (a Ray job's log, CI, ``nohup``) it
+prints one line per trial event (started on which node, done with its mAP and speedup, failed with the
+reason) and a summary line at most every ``summary_every_s`` seconds. It also records, for a trial whose process died before it could write its own row
 (the Linux OOM killer, Ray's memory monitor, a segfault), a ``failed`` row with Tune's error.
 
 It holds only the store URI and the experiment name: Tune pickles it with the experiment state,
@@ -11,6 +13,7 @@ and ``Tuner.restore`` brings it back; everything else is read from the store in 
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -41,12 +44,21 @@ def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
 
 
 class GridCallback(Callback):
-    def __init__(self, store_uri: str, experiment: str, show: bool = True) -> None:
+    """``show``: report progress at all; ``lines``: log lines instead of the live table (None: when
+    stdout is not a terminal); ``summary_every_s``: the longest gap between two summary lines while
+    trials run (a summary also follows every trial that ends)."""
+
+    def __init__(
+        self, store_uri: str, experiment: str, show: bool = True, lines: bool | None = None,
+        summary_every_s: float = 30.0,
+    ) -> None:
         self.store_uri, self.experiment, self.show = store_uri, experiment, show
+        self.lines, self.summary_every_s = lines, summary_every_s
         self._live: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"store_uri": self.store_uri, "experiment": self.experiment, "show": self.show}
+        return {"store_uri": self.store_uri, "experiment": self.experiment, "show": self.show,
+                "lines": self.lines, "summary_every_s": self.summary_every_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -65,7 +77,12 @@ class GridCallback(Callback):
                                               "workers": t.get("workers"), "state": state, "detail": "",
                                               "started": None}
         self._durations: list[float] = []
-        if self.show:
+        self._last_summary = time.time()
+        if self.lines is None:
+            self.lines = not sys.stdout.isatty()
+        if self.show and self.lines:
+            self._say_summary(f"{len(self._states)} trials: ")
+        elif self.show:
             from rich.console import Console
             from rich.live import Live
 
@@ -76,6 +93,13 @@ class GridCallback(Callback):
         s = self._state(trial)
         if s is not None:
             s.update(state="running", started=time.time(), detail="")
+            node = getattr(trial, "node_ip", None) or "a node not yet known"
+            self._event(f"started {s['name']} ({s['config_hash']}) on {node}")
+        self._refresh()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.show and self.lines and time.time() - self._last_summary >= self.summary_every_s:
+            self._say_summary()
         self._refresh()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -92,6 +116,7 @@ class GridCallback(Callback):
             if result["status"] != "done":
                 row = self._exp.read_row(s["config_hash"]) or {}
                 s["detail"] = (row.get("error") or "").splitlines()[0][:90] if row.get("error") else ""
+        self._event(self._ended(s), summary=True)
         self._refresh()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -117,9 +142,12 @@ class GridCallback(Callback):
             row = self._exp.read_row(h)
         s["state"] = row.get("status", "failed") if row else "failed"
         s["detail"] = ((row or {}).get("error") or "").splitlines()[0][:90] if row and row.get("error") else ""
+        self._event(self._ended(s), summary=True)
         self._refresh()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.show and self.lines:
+            self._say_summary("finished: ")
         self._refresh()
         if self._live is not None:
             self._live.stop()
@@ -136,25 +164,60 @@ class GridCallback(Callback):
         if self._live is not None:
             self._live.update(self._render())
 
+    def _say(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {self.experiment}: {text}", flush=True)
+
+    def _say_summary(self, prefix: str = "") -> None:
+        self._say(prefix + self._summary())
+        self._last_summary = time.time()
+
+    def _event(self, text: str, summary: bool = False) -> None:
+        if self.show and self.lines:
+            self._say(text)
+            if summary:
+                self._say_summary()
+
+    def _ended(self, s: dict[str, Any]) -> str:
+        """One line for a trial that ended: done with its mAP and speedup, or why it did not finish."""
+        what = f"{s['name']} ({s['config_hash']})"
+        if s["state"] in ("done", "reused"):
+            row = self._exp.read_row(s["config_hash"]) or {}
+            parts = [f"{k} {row[k]:.4f}" for k in ("map",) if isinstance(row.get(k), int | float)]
+            if isinstance(row.get("speedup_vs_dense"), int | float):
+                parts.append(f"speedup {row['speedup_vs_dense']:.2f}x")
+            took = f" in {row['wall_s']:.0f} s" if isinstance(row.get("wall_s"), int | float) else ""
+            reused = " (reused a stored row)" if s["state"] == "reused" else ""
+            return f"done {what}{took}{reused}" + (f": {', '.join(parts)}" if parts else "")
+        return f"{s['state']} {what}: {s.get('detail') or 'no error recorded'}"
+
+    def _counts(self) -> tuple[int, int, int, int]:
+        counts: dict[str, int] = {}
+        for s in self._states.values():
+            counts[s["state"]] = counts.get(s["state"], 0) + 1
+        done = counts.get("done", 0) + counts.get("reused", 0)
+        failed = counts.get("failed", 0) + counts.get("timeout", 0)
+        return done, counts.get("running", 0), failed, counts.get("pending", 0)
+
+    def _eta(self) -> str:
+        _, running, _, pending = self._counts()
+        if self._durations and (running or pending):
+            mean = sum(self._durations) / len(self._durations)
+            return f"{mean * (pending + running) / max(1, running):.0f} s"
+        return "0 s" if not (running or pending) else "?"
+
+    def _summary(self) -> str:
+        done, running, failed, pending = self._counts()
+        return (f"{done} done, {running} running, {failed} failed, {pending} pending; "
+                f"elapsed {time.time() - self._t0:.0f} s, ETA {self._eta()}")
+
     def _render(self) -> Any:
         from rich.console import Group
         from rich.text import Text
 
         states = list(self._states.values())
-        counts: dict[str, int] = {}
-        for s in states:
-            counts[s["state"]] = counts.get(s["state"], 0) + 1
-        done = counts.get("done", 0) + counts.get("reused", 0)
-        failed = counts.get("failed", 0) + counts.get("timeout", 0)
-        running = counts.get("running", 0)
-        pending = counts.get("pending", 0)
+        done, running, failed, pending = self._counts()
         elapsed = time.time() - self._t0
-        eta = "?"
-        if self._durations and (running or pending):
-            mean = sum(self._durations) / len(self._durations)
-            eta = f"{mean * (pending + running) / max(1, running):.0f} s"
-        elif not (running or pending):
-            eta = "0 s"
+        eta = self._eta()
         now = time.time()
         view = []
         for s in states:

@@ -1,7 +1,7 @@
 """Pack (gather the selected tokens of a batch into one packed tensor) and unpack (scatter them back,
 optionally adding to a residual), forward and backward: SPA's "pack" step (arXiv 2410.23608).
 
-Layering as in ../shared/STYLE.md: ``*_ref`` (also the torch path) -> Triton kernel and checked
+Layering (reference, fast kernel, checked launcher, op): ``*_ref`` (also the torch path) -> Triton kernel and checked
 launcher (``kernels/pack_triton.py``, imported lazily) -> for unpack, the C++ CPU kernel
 (``kernels/csrc/pack_cpu.cpp``, float32: one pass writing every output row once, where the torch path
 clones, then scatters) -> ``torch.library.custom_op`` with its autograd formula (the

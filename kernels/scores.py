@@ -2,7 +2,7 @@
 backward. The gate of SPA (Select and Pack Attention, arXiv 2410.23608) scores every token of every
 image with it before anything is selected, so its cost does not shrink with the kept ratio.
 
-Layering as in ../shared/STYLE.md: ``token_scores_ref`` (``F.linear``; also the torch path, which on
+Layering (reference, fast kernel, checked launcher, op): ``token_scores_ref`` (``F.linear``; also the torch path, which on
 CUDA is cuBLAS's GEMV) -> the C++ CPU kernel (``kernels/csrc/scores_cpu.cpp``, float32: one parallel
 region over rows; torch runs a one-output Linear as a GEMM with n = 1 that kept about one core busy on
 this project's machine) -> ``torch.library.custom_op`` around the kernel with its autograd formula (named

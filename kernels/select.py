@@ -2,7 +2,7 @@
 Attention, arXiv 2410.23608) when every image keeps its own number of tokens, in the order ``pack_tokens``
 and the sequence layouts of ``kernels.seqlens`` expect (image-major, token order within an image).
 
-Layering as in ../shared/STYLE.md: ``topk_indices_ref`` (a stable descending sort, a ranked mask,
+Layering (reference, fast kernel, checked launcher, op): ``topk_indices_ref`` (a stable descending sort, a ranked mask,
 ``nonzero``: the specification, ties included) -> the torch path (``torch.topk`` of the largest count,
 a ranked mask, ``nonzero``: faster than a full sort, the path on CUDA; it agrees with the reference
 whenever no two scores of an image tie) -> the C++ CPU kernel (``kernels/csrc/select_cpu.cpp``: one

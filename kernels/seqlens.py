@@ -4,7 +4,7 @@ containers (SPA, arXiv 2410.23608) expressed as varlen sequences.
 Packed tokens are the selected tokens of all images written one after another, image by image
 (``kernels.pack.pack_tokens``). A container of length ``L`` with its block-diagonal mask is exactly a
 varlen batch whose sequences are the runs of one image's tokens inside one container, so both layouts
-are only different ``cu_seqlens`` over the same packed tensor (../shared/DESIGN.md, "Equivalence").
+are only different ``cu_seqlens`` over the same packed tensor (docs/method.md, "Pack").
 
 On CPU both layouts come from one call of a C++ kernel (``kernels/csrc/select_cpu.cpp``) where the torch
 path below makes 5-15 small calls; the results are identical. The torch path serves CUDA (where it

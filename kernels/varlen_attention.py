@@ -1,22 +1,27 @@
-"""Varlen (ragged) non-causal attention over packed tokens, forward and backward: the attention of SPA
-(Select and Pack Attention, arXiv 2410.23608), where every image keeps a different number of tokens.
+"""Varlen (ragged) non-causal attention over packed tokens, forward and backward, with Swin's relative
+position bias and shift mask: the attention of SPA (Select and Pack Attention, arXiv 2410.23608), where
+every image keeps a different number of tokens.
 
 Convention of flash-attention's varlen API: ``q, k, v: (T, H, D)`` are the tokens of all sequences
 written one after another, sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``, and a token
 attends to every token of its own sequence (no causal mask). Empty sequences are allowed. The paper's
 containers are the same call with ``cu_seqlens`` cut at image and container boundaries
-(``kernels.seqlens.container_seqlens``).
+(``kernels.seqlens.container_seqlens``). With ``bias`` (``kernels.position_bias.PositionBias``), the
+score of query i and key j in head h gets ``table[idx(i, j), h]`` from the two tokens' places, and
+pairs of different shift regions are masked.
 
-Layering (../shared/STYLE.md): ``varlen_attention_ref`` -> Triton kernels and checked launchers
-(``kernels/varlen_attention_triton.py``, imported lazily) -> the C++ CPU kernel
+Layering (each kernel beside its reference): ``varlen_attention_ref`` -> the C++ CPU kernel
 (``kernels/csrc/varlen_attention_cpu.cpp``, built on first use by ``kernels.cpu_ext``; float32
 forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked SDPA call, other
 sequences as explicit softmax attention on views, short ones in padded SDPA batches, chosen by a
-measured cost model; every dtype, and the backward of the CPU paths) -> ``torch.library.custom_op``
-``spa::varlen_attention`` with its autograd formula -> ``varlen_attention``.
+measured cost model; every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
+-> ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula ->
+``varlen_attention``. On CUDA, impl "triton" is torch's FlexAttention (compiled to Triton by torch):
+``kernels.flex_attention.flex_varlen_attention``, imported when it runs and called outside the custom
+op (FlexAttention has its own autograd).
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
-PV, ``n_i`` the length of sequence i).
+PV, ``n_i`` the length of sequence i); the bias adds none.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
-from kernels.position_bias import PositionBias, pair_bias
+from kernels.position_bias import PositionBias, check_position_bias, pair_bias, relative_index
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -258,11 +263,18 @@ def _container_rows(bounds: list[int], hd: int) -> int:
     return 0
 
 
+def _bias_rows(bias: PositionBias, dtype: torch.dtype, pos: Tensor) -> Tensor:
+    """Additive scores (..., H, n, n) of tokens at ``pos: (..., n, 3)``: the table gathered by the pair
+    index (computed once, for all heads), -inf across regions."""
+    return pair_bias(pos, pos, bias.table.to(dtype), bias.window)
+
+
 def _varlen_attention_torch(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float, bias: PositionBias | None = None
 ) -> Tensor:
     """Same result as the reference, in as few ``scaled_dot_product_attention`` calls as pay off:
-    container rows (``_container_rows``), then the per-sequence plan (``_plan_groups``)."""
+    container rows (``_container_rows``), then the per-sequence plan (``_plan_groups``). ``bias`` is
+    added to the scores of each call (a float mask for SDPA, baddbmm's input for a view call)."""
     T, H, D = q.shape
     bounds = cu_seqlens.tolist()
     out = _Scatter(q, bounds)
@@ -276,6 +288,9 @@ def _varlen_attention_torch(
         mask = None
         if not bool((seq == seq[:, :1]).all()):  # some row holds several sequences: block-diagonal
             mask = (seq[:, :, None] == seq[:, None, :])[:, None]  # (rows, 1, R, R)
+        if bias is not None:
+            b = _bias_rows(bias, q.dtype, bias.pos[: n_rows * R].view(n_rows, R, 3))  # (rows, H, R, R)
+            mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
         o = F.scaled_dot_product_attention(*rows, attn_mask=mask, scale=softmax_scale)
         out.out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
         bounds = [b for b in bounds if b >= n_rows * R]  # the last, partial row
@@ -296,58 +311,92 @@ def _varlen_attention_torch(
             # cache) it beats SDPA's CPU flash kernel: 32 sequences of ~49 (~98) tokens, 1 thread,
             # 3.1 (7.0) ms vs 4.5 (8.3) ms.
             i = seq_at[g.start]
-            scores = torch.baddbmm(zero, qs[i], ks[i], beta=0.0, alpha=softmax_scale)  # (H, n, n)
+            if bias is None:
+                scores = torch.baddbmm(zero, qs[i], ks[i], beta=0.0, alpha=softmax_scale)  # (H, n, n)
+            else:
+                b = _bias_rows(bias, q.dtype, bias.pos[g.start : g.start + g.P])  # (H, n, n)
+                scores = torch.baddbmm(b, qs[i], ks[i], alpha=softmax_scale)
             torch.bmm(torch.softmax(scores, dim=-1), vs[i], out=os_[i])
             continue
         qg, kg, vg = _gather((q, k, v), g, packed)  # (G, H, P, D)
-        out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=softmax_scale))
+        mask = g.mask
+        if bias is not None:
+            b = _bias_rows(bias, q.dtype, bias.pos.index_select(0, g.idx).view(g.G, g.P, 3))  # (G, H, P, P)
+            mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
+        out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=softmax_scale))
     return out.result()
 
 
 def _varlen_attention_torch_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of ``_varlen_attention_torch``: explicit softmax backward per group (batched
-    matmuls). As accurate as torch's own math; SDPA's fused CPU backward on padded, masked batches
-    errs several times more in fp32."""
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    softmax_scale: float,
+    bias: PositionBias | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dtable) of ``_varlen_attention_torch``: explicit softmax backward per group
+    (batched matmuls); dtable (None without ``bias``) sums dS into the table by the pair index. As
+    accurate as torch's own math; SDPA's fused CPU backward on padded, masked batches errs several
+    times more in fp32."""
     T, H, D = q.shape
     bounds = cu_seqlens.tolist()
     dq, dk, dv = _Scatter(q, bounds), _Scatter(k, bounds), _Scatter(v, bounds)
+    table = dtable = None
+    if bias is not None:
+        table = bias.table.to(q.dtype)
+        dtable = torch.zeros_like(table)  # ((2M-1)^2, H)
     for g in _groups(bounds, T, H * D, q.device):
         qg, kg, vg, dog = _gather((q, k, v, dout), g)  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
+        if bias is not None:
+            pos = bias.pos[g.start : g.start + g.P][None] if g.start >= 0 else bias.pos.index_select(0, g.idx)
+            pos = pos.view(g.G, g.P, 3)
+            idx, allowed = relative_index(pos, pos, bias.window)  # (G, P, P): once for all heads
+            s = (s + table[idx].permute(0, 3, 1, 2)).masked_fill(~allowed[:, None], float("-inf"))
         if g.mask is not None:
             s = s.masked_fill(~g.mask, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        if g.mask is not None:  # padded query slots (garbage dO) must not reach dK, dV
+        if g.mask is not None:  # padded query slots (garbage dO) must not reach dK, dV, the table
             p = p.masked_fill(~g.mask.transpose(-1, -2), 0.0)
         dp = dog @ vg.transpose(-1, -2)  # (G, H, P, P)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # zero where p is: masked pairs, padding
         dv.add(g, p.transpose(-1, -2) @ dog)
         dq.add(g, (ds @ kg) * softmax_scale)
         dk.add(g, (ds.transpose(-1, -2) @ qg) * softmax_scale)
-    return dq.result(), dk.result(), dv.result()
+        if bias is not None:
+            dtable.index_add_(0, idx.reshape(-1), ds.permute(0, 2, 3, 1).reshape(-1, H))
+    if dtable is not None:
+        dtable = dtable.to(bias.table.dtype)
+    return dq.result(), dk.result(), dv.result(), dtable
 
 
 # ----------------------------------------------------------------------------------------------------
 # custom op (the autograd layer)
 
 
-def _varlen_attention_cpp(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float) -> Tensor:
-    """Launcher of the C++ kernel: (T, H, D) float32 CPU, any strides over T and H -> (T, H, D)
-    contiguous (the kernel checks its inputs itself)."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
+def _varlen_attention_cpp(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float, bias: PositionBias | None = None
+) -> Tensor:
+    """Launcher of the C++ kernel: (T, H, D) float32 CPU -> (T, H, D) contiguous. Strides the kernel
+    reads in place (any over T and H, the last dim contiguous or of size 1) pass as they are; other
+    layouts are copied. The kernel checks its inputs itself."""
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (q, k, v))
+    if bias is None:
+        return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
+    table = bias.table.detach().to(torch.float32)
+    return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale, bias.pos, table, int(bias.window))
 
 
-def _forward_impl(q, k, v, cu_seqlens, max_seqlen, scale, impl):
-    if impl == "triton":
-        from kernels.varlen_attention_triton import varlen_attention_fwd_triton
-
-        return varlen_attention_fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale)
+def _forward_impl(q, k, v, cu_seqlens, scale, impl, bias):
     fn = {"ref": varlen_attention_ref, "cpp": _varlen_attention_cpp}.get(impl, _varlen_attention_torch)
     with cpu_op_threads(q, single_region=impl == "cpp"):
-        return fn(q, k, v, cu_seqlens, scale), q.new_empty(0, dtype=torch.float32)
+        return fn(q, k, v, cu_seqlens, scale, bias)
+
+
+def _position_bias(pos: Tensor | None, table: Tensor | None, window: int) -> PositionBias | None:
+    return None if pos is None or table is None else PositionBias(pos, table, window)
 
 
 @torch.library.custom_op("spa::varlen_attention", mutates_args=())
@@ -360,19 +409,20 @@ def _varlen_attention_op(
     softmax_scale: float,
     impl: str,
     seqlen_sq_sum: int,
-) -> tuple[Tensor, Tensor]:
-    """Returns (out (T, H, D), lse). ``lse: (2, H, T) float32`` softmax statistics for Triton (the backward needs it),
-    empty for the torch paths (their backward recomputes). ``seqlen_sq_sum`` (sum n_i^2, or -1 when
-    unknown) is not used by the computation: it is recorded in traces so that FLOP counters that
-    cannot read ``cu_seqlens`` (fvcore's jit handles) still count exactly."""
-    out, lse = _forward_impl(q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl)
-    return out, lse
+    pos: Tensor | None,
+    table: Tensor | None,
+    window: int,
+) -> Tensor:
+    """out (T, H, D) for impl "cpp", "torch" or "ref". ``pos``, ``table``, ``window``: the fields of
+    ``PositionBias`` (None, None, 0: no bias). ``seqlen_sq_sum`` (sum n_i^2, or -1 when unknown) is
+    not used by the computation: it is recorded in traces so that FLOP counters that cannot read
+    ``cu_seqlens`` (fvcore's jit handles) still count exactly."""
+    return _forward_impl(q, k, v, cu_seqlens, softmax_scale, impl, _position_bias(pos, table, window))
 
 
 @_varlen_attention_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, seqlen_sq_sum):
-    lse_shape = (2, q.shape[1], q.shape[0]) if impl == "triton" else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, seqlen_sq_sum, pos, table, window):
+    return torch.empty_like(q)
 
 
 @torch.library.custom_op("spa::varlen_attention_backward", mutates_args=())
@@ -381,55 +431,62 @@ def _varlen_attention_backward_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
-    lse: Tensor,
     cu_seqlens: Tensor,
     max_seqlen: int,
     softmax_scale: float,
     impl: str,
     seqlen_sq_sum: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) for impl "triton", "cpp" and "torch" (the two CPU paths share the torch backward;
-    "ref" differentiates a recomputation instead)."""
-    if impl == "triton":
-        from kernels.varlen_attention_triton import varlen_attention_bwd_triton
-
-        return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale)
-    if impl in ("cpp", "torch"):
-        with cpu_op_threads(q):
-            return _varlen_attention_torch_backward(dout, q, k, v, cu_seqlens, softmax_scale)
-    raise ValueError(f"spa::varlen_attention_backward serves impl 'triton', 'cpp' and 'torch', got {impl!r}")
+    pos: Tensor | None,
+    table: Tensor | None,
+    window: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dtable) for impl "cpp" and "torch" (they share the torch backward; "ref"
+    differentiates a recomputation instead). dtable: ((2M-1)^2, H), or empty (0,) without a table."""
+    if impl not in ("cpp", "torch"):
+        raise ValueError(f"spa::varlen_attention_backward serves impl 'cpp' and 'torch', got {impl!r}")
+    with cpu_op_threads(q):
+        dq, dk, dv, dtable = _varlen_attention_torch_backward(
+            dout, q, k, v, cu_seqlens, softmax_scale, _position_bias(pos, table, window)
+        )
+    return dq, dk, dv, q.new_empty(0) if dtable is None else dtable
 
 
 @_varlen_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, impl, seqlen_sq_sum):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, seqlen_sq_sum, pos, table, window):
+    dtable = q.new_empty(0) if table is None or pos is None else torch.empty_like(table)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, sq = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.args = (max_seqlen, softmax_scale, impl, sq)
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, sq, pos, table, window = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens, pos, table)
+    ctx.args = (max_seqlen, softmax_scale, impl, sq, window)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    max_seqlen, softmax_scale, impl, sq = ctx.args
-    if impl in ("triton", "cpp", "torch"):
-        dq, dk, dv = _varlen_attention_backward_op(
-            dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, impl, sq
+def _backward(ctx, dout):
+    q, k, v, cu_seqlens, pos, table = ctx.saved_tensors
+    max_seqlen, softmax_scale, impl, sq, window = ctx.args
+    bias = _position_bias(pos, table, window)
+    if impl in ("cpp", "torch"):
+        dq, dk, dv, dtable = _varlen_attention_backward_op(
+            dout.contiguous(), q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, sq, pos, table, window
         )
     else:
         # the reference: differentiate a recomputation; this runs in the autograd engine, outside
         # the op, where autograd can record
-        fn = varlen_attention_ref
         with torch.enable_grad():
-            qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
-            o = fn(qr, kr, vr, cu_seqlens, softmax_scale)
-            dq, dk, dv = torch.autograd.grad(o, (qr, kr, vr), dout, allow_unused=True)
-        dq, dk, dv = (torch.zeros_like(t) if g is None else g for g, t in zip((dq, dk, dv), (q, k, v)))
-    return dq, dk, dv, None, None, None, None, None
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            if bias is not None:
+                leaves.append(table.detach().requires_grad_(True))
+                bias = bias._replace(table=leaves[3])
+            o = varlen_attention_ref(*leaves[:3], cu_seqlens, softmax_scale, bias)
+            grads = torch.autograd.grad(o, leaves, dout, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        dq, dk, dv = grads[:3]
+        dtable = grads[3] if bias is not None else None
+    if bias is None:
+        dtable = None
+    return dq, dk, dv, None, None, None, None, None, None, dtable, None
 
 
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -458,15 +515,19 @@ def varlen_attention(
     softmax_scale: float | None = None,
     *,
     impl: str | None = None,
+    bias: PositionBias | None = None,
 ) -> Tensor:
-    """Non-causal attention within each sequence of a packed batch.
+    """Non-causal attention within each sequence of a packed batch, with Swin's relative position bias
+    and shift mask when ``bias`` is given.
 
-    q, k, v: (T, H, D) (same shapes; any head dim); cu_seqlens: (S+1,) int32, non-decreasing, from 0
-    to T (empty sequences allowed); max_seqlen: the longest sequence (an upper bound is fine; the
-    Triton kernel launches over it); softmax_scale: default ``D ** -0.5``; impl: see
+    q, k, v: (T, H, D) (same shapes, any strides; any head dim); cu_seqlens: (S+1,) int32,
+    non-decreasing, from 0 to T (empty sequences allowed); max_seqlen: the longest sequence (an upper
+    bound is fine); softmax_scale: default ``D ** -0.5``; bias: ``PositionBias(pos (T, 3) int32,
+    table ((2M-1)^2, H), window M)`` (``kernels.position_bias``), or None; impl: see
     ``kernels._dispatch`` ("auto" | "triton" | "cpp" | "torch" | "ref"; default env ``SPA_ATTN_IMPL``
-    or auto: Triton on CUDA, the C++ kernel for float32 on CPU, else the torch path).
-    Returns out: (T, H, D) in the dtype of q. Differentiable in q, k, v.
+    or auto: FlexAttention (compiled to Triton by torch) on CUDA, the C++ kernel for float32 on CPU,
+    else the torch path). Returns out: (T, H, D) in the dtype of q. Differentiable in q, k, v and
+    ``bias.table``.
     """
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -480,10 +541,17 @@ def varlen_attention(
         )
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+    if bias is not None:
+        check_position_bias(bias, q.shape[0], q.shape[1], q.device)
     if cu_seqlens.dtype is not torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     name = resolve_impl(impl, q, k, v, cpp=True)
+    if name == "triton":  # FlexAttention: its own autograd, so no custom op around it
+        from kernels.flex_attention import flex_varlen_attention
+
+        return flex_varlen_attention(q, k, v, cu_seqlens, scale, bias)
+    pos, table, window = (None, None, 0) if bias is None else (bias.pos, bias.table, int(bias.window))
     tracing = torch._C._get_tracing_state() is not None
     if cu_seqlens.is_cuda and not tracing:
         sq = -1  # reading cu_seqlens would sync the GPU; only a trace needs the number
@@ -498,9 +566,10 @@ def varlen_attention(
             raise ValueError(f"cu_seqlens must be non-decreasing from 0 to at most T={q.shape[0]}, got {b}")
         if lengths and max(lengths) > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than a sequence of cu_seqlens")
-        if name in ("cpp", "torch") and direct_call(q, k, v):  # nothing to record: no custom op
+        if name in ("cpp", "torch") and direct_call(q, k, v, table):  # nothing to record: no custom op
             fn = _varlen_attention_cpp if name == "cpp" else _varlen_attention_torch
-            return run_cpu("spa::varlen_attention", fn, q, k, v, cu_seqlens, scale, single_region=name == "cpp")
+            return run_cpu(
+                "spa::varlen_attention", fn, q, k, v, cu_seqlens, scale, bias, single_region=name == "cpp"
+            )
         sq = sum(n * n for n in lengths)
-    out, _ = _varlen_attention_op(q, k, v, cu_seqlens, int(max_seqlen), scale, name, sq)
-    return out
+    return _varlen_attention_op(q, k, v, cu_seqlens, int(max_seqlen), scale, name, sq, pos, table, window)

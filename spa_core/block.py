@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from kernels import pack_tokens, unpack_tokens
 from spa_core.attention import PackedAttention
-from spa_core.config import SPAConfig
+from spa_core.config import SPAConfig, check_config
 from spa_core.gate import resize_scores
 from spa_core.pack import pack, unpack
-from spa_core.registry import GATES, PACK_STRATEGIES, SELECTION_POLICIES
+from spa_core.registry import GATES
 from spa_core.select import select_tokens
 from spa_core.windows import (
     effective_window,
@@ -51,9 +51,7 @@ from spa_core.windows import (
     window_reverse,
 )
 
-__all__ = ["Mlp", "DropPath", "WindowAttention", "SwinBlock", "SPABlock", "SPABlockInfo", "MLP_ON"]
-
-MLP_ON = ("all", "selected")
+__all__ = ["Mlp", "DropPath", "WindowAttention", "SwinBlock", "SPABlock", "SPABlockInfo"]
 
 
 class Mlp(nn.Module):
@@ -183,22 +181,6 @@ class SPABlockInfo:
     kept_fraction: Tensor
 
 
-def _check_spa_config(cfg: SPAConfig) -> None:
-    """Fail at build time, naming the field, rather than at the first forward."""
-    for registry, name in ((SELECTION_POLICIES, cfg.selection), (PACK_STRATEGIES, cfg.pack), (GATES, cfg.gate)):
-        registry.get(name)  # KeyError naming the registry and what it holds
-    if cfg.mlp_on not in MLP_ON:
-        raise ValueError(f"SPAConfig.mlp_on must be one of {MLP_ON}, got {cfg.mlp_on!r}")
-    if not 0.0 < cfg.threshold < 1.0:
-        raise ValueError(f"SPAConfig.threshold must be in (0, 1), got {cfg.threshold}")
-    if not 0.0 <= cfg.ratio <= 1.0:
-        raise ValueError(f"SPAConfig.ratio must be in [0, 1], got {cfg.ratio}")
-    if not cfg.gumbel_tau > 0.0:
-        raise ValueError(f"SPAConfig.gumbel_tau must be > 0, got {cfg.gumbel_tau}")
-    if cfg.container_len is not None and cfg.container_len < 1:
-        raise ValueError(f"SPAConfig.container_len must be >= 1 (or None: window_size ** 2), got {cfg.container_len}")
-
-
 class SPABlock(nn.Module):
     """SPA block. forward(x: (B, H, W, C), prev_scores: (B, h, w) | None) -> (x (B, H, W, C), info).
 
@@ -212,7 +194,7 @@ class SPABlock(nn.Module):
         mlp_ratio: float = 4.0, drop_path: float = 0.0, stage: int = 0, index: int = 0,
     ) -> None:
         super().__init__()
-        _check_spa_config(cfg)
+        check_config(cfg, "spa")  # fail at build time, naming the field, not at the first forward
         if cfg.container_len is None:
             cfg = dataclasses.replace(cfg, container_len=window_size**2)  # the paper: L = M * M
         self.cfg = cfg

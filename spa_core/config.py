@@ -20,6 +20,8 @@ __all__ = [
     "backbone_preset",
     "config_from_dict",
     "config_to_dict",
+    "check_config",
+    "config_rules",
     "ConfigError",
 ]
 
@@ -28,27 +30,39 @@ class ConfigError(ValueError):
     """A config dict does not fit its dataclass; the message names the dotted key."""
 
 
+def _field(default: Any, *, choices: tuple | None = None, registry: str | None = None,
+           range_: tuple | None = None) -> Any:
+    """A dataclass field with the rule ``check_config`` enforces: ``choices`` (fixed values),
+    ``registry`` (a name some ``spa_core.registry`` registry holds, plugins included) or ``range_``
+    ``(low, high, low inclusive, high inclusive)`` (None: unbounded)."""
+    meta = {k: v for k, v in (("choices", choices), ("registry", registry), ("range", range_)) if v is not None}
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class SPAConfig:
-    selection: str = "gate"  # SELECTION_POLICIES: gate | topk | random | all | gate_random | gate_norm
-    ratio: float = 0.5  # kept fraction per image for ratio policies (topk, random)
-    threshold: float = 0.5  # gate: keep a token when sigmoid(score) > threshold
-    gumbel_tau: float = 1.0  # temperature of the Gumbel-sigmoid in training
-    pack: str = "containers"  # PACK_STRATEGIES: containers | varlen | pad | mask
-    container_len: int | None = None  # containers' L; None -> window_size ** 2 (the paper)
-    mlp_on: str = "all"  # "all": every token goes through the MLP; "selected": an unselected token skips the block
-    position_bias: str = "swin"  # "swin": Swin's relative position bias and shift mask on packed pairs; "none"
+    selection: str = _field("gate", registry="selection_policy")  # gate | topk | random | all | gate_random | gate_norm
+    ratio: float = _field(0.5, range_=(0.0, 1.0, True, True))  # kept fraction per image (topk, random)
+    threshold: float = _field(0.5, range_=(0.0, 1.0, False, False))  # gate: keep when sigmoid(score) > threshold
+    gumbel_tau: float = _field(1.0, range_=(0.0, None, False, None))  # Gumbel-sigmoid temperature in training
+    pack: str = _field("containers", registry="pack_strategy")  # containers | varlen | pad | mask
+    container_len: int | None = _field(None, range_=(1, None, True, None))  # containers' L; None: window ** 2
+    # "all": every token goes through the MLP; "selected": an unselected token skips the whole block
+    mlp_on: str = _field("all", choices=("all", "selected"))
+    # "swin": Swin's relative position bias and shift mask on packed pairs; "none": no position information
+    position_bias: str = _field("swin", choices=("swin", "none"))
     gate_scaling: bool = True  # kept tokens enter attention as sigmoid(score) * token (the paper); False: unscaled
-    gate: str = "linear"  # GATES
-    supervision: str = "labels"  # SUPERVISION_MODES: labels | none
-    alpha: float = 0.01  # weight of the gate loss (paper: 0.01)
-    label_coverage: float | None = None  # None: positive if any object pixel; else covered fraction >=
-    attn_impl: str = "auto"  # kernels dispatcher: auto | triton | cpp | torch | ref
+    gate: str = _field("linear", registry="gate")
+    supervision: str = _field("labels", registry="supervision_mode")  # labels | none
+    alpha: float = _field(0.01, range_=(0.0, None, True, None))  # weight of the gate loss (paper: 0.01)
+    # None: a token is positive if any object pixel falls in it; else the covered fraction must reach it
+    label_coverage: float | None = _field(None, range_=(0.0, 1.0, False, True))
+    attn_impl: str = _field("auto", choices=("auto", "triton", "cpp", "torch", "ref"))  # kernels' dispatcher
 
 
 @dataclass
 class BackboneConfig:
-    variant: str = "spa"  # MODEL_VARIANTS: "spa" | "dense" (plugins add more)
+    variant: str = _field("spa", registry="model_variant")  # "spa" | "dense" (plugins add more)
     patch_size: int = 4
     in_chans: int = 3
     embed_dim: int = 96
@@ -58,7 +72,7 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.2
     spa_stages: tuple[int, ...] = (3, 4)  # 1-based stages built from SPA blocks
-    extra_stage3_blocks: int = 0  # the paper adds 4, paid for by the savings
+    extra_stage3_blocks: int = _field(0, range_=(0, None, True, None))  # the paper adds 4, paid for by the savings
     spa: SPAConfig | None = field(default_factory=SPAConfig)  # None -> dense baseline
 
     @property
@@ -91,6 +105,56 @@ def config_to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: config_to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def check_config(cfg: Any, path: str = "") -> None:
+    """Check every field of dataclass ``cfg`` (recursively) against the rule its field declares
+    (``_field``): the one place the config's choices, registry names and ranges are checked, used by
+    the blocks and by the harness's grid loader (which adds file and line). Raises ``ConfigError``
+    naming the dotted key, the value and what is allowed."""
+    from spa_core.registry import ALL_REGISTRIES
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            check_config(value, key)
+            continue
+        if value is None:
+            continue
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
+        if "registry" in f.metadata:
+            reg = ALL_REGISTRIES[f.metadata["registry"]]
+            if value not in reg:
+                raise ConfigError(
+                    f"{key}: unknown {reg.name} {value!r}; registered: {', '.join(reg) or 'nothing'} "
+                    "(plugins add more)"
+                )
+        if "range" in f.metadata and isinstance(value, int | float) and not isinstance(value, bool):
+            lo, hi, lo_in, hi_in = f.metadata["range"]
+            ok = (lo is None or value > lo or (lo_in and value == lo)) and (
+                hi is None or value < hi or (hi_in and value == hi)
+            )
+            if not ok:
+                left = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
+                right = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
+                raise ConfigError(f"{key}: expected a value {' and '.join(x for x in (left, right) if x)}, got {value!r}")
+
+
+def config_rules(cls: type, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Dotted key -> the rule its field declares (``choices`` / ``registry`` / ``range``), for every
+    field of dataclass ``cls`` and its nested dataclasses: what a loader can check key by key."""
+    hints = typing.get_type_hints(cls)
+    rules: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        sub = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+        if sub:
+            rules.update(config_rules(sub[0], key + "."))
+        elif f.metadata:
+            rules[key] = dict(f.metadata)
+    return rules
 
 
 def config_from_dict(cls: type, data: Any, path: str = "") -> Any:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spa_core.config import SPAConfig
+from spa_core.config import SPAConfig, check_config
 from spa_core.registry import SELECTION_POLICIES
 
 __all__ = [
@@ -57,7 +57,8 @@ def select_tokens(
     tokens: Tensor | None = None,
 ) -> Selection:
     """scores: (B, N) gate logits, tokens: (B, N, C) what the gate scored -> ``Selection`` by the
-    policy ``cfg.selection``."""
+    policy ``cfg.selection`` (``cfg`` checked first: ``ConfigError`` naming a bad field)."""
+    check_config(cfg)
     return SELECTION_POLICIES.get(cfg.selection)(
         scores, cfg=cfg, training=training, generator=generator, tokens=tokens
     )
@@ -70,8 +71,6 @@ def _from_mask(mask: Tensor, weight: Tensor | None = None) -> Selection:
 
 
 def _ratio_count(n: int, ratio: float) -> int:
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"selection ratio must be in [0, 1], got {ratio}")
     n = int(n)
     return min(n, max(0, round(ratio * n)))
 
@@ -99,8 +98,6 @@ def _uniform(scores: Tensor, generator) -> Tensor:
 
 def _gate_decision(scores: Tensor, cfg: SPAConfig, training: bool, generator) -> tuple[Tensor, Tensor]:
     """The gate's hard decision (B, N) bool and its straight-through weight (B, N)."""
-    if not 0.0 < cfg.threshold < 1.0:
-        raise ValueError(f"gate threshold must be in (0, 1), got {cfg.threshold}")
     if not training:
         hard = torch.sigmoid(scores.detach()) > cfg.threshold
         return hard, torch.ones(scores.shape, dtype=torch.float32, device=scores.device)

@@ -58,8 +58,6 @@ def select_feature_norm(
     scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
 ) -> Selection:
     """scores (B, N) -> the ``round(cfg.ratio * N)`` best of every image; weight undoes sigmoid(s)."""
-    if not 0.0 <= cfg.ratio <= 1.0:
-        raise ValueError(f"selection ratio must be in [0, 1], got {cfg.ratio}")
     N = int(scores.shape[1])  # int(): under fvcore's tracer the shape may be a tensor
     k = min(N, max(0, round(cfg.ratio * N)))
     s = scores.detach()

@@ -1,7 +1,7 @@
-// Varlen (ragged) non-causal attention, forward, for CPU float32 tensors: the CPU kernel of SPA's
-// attention (Select and Pack Attention, arXiv 2410.23608). Built by kernels/cpu_ext.py (bindings in
-// bindings.cpp); called by kernels/varlen_attention.py (impl "cpp"), which also holds the reference it
-// is tested against.
+// Varlen (ragged) non-causal attention, forward, for CPU float32 tensors, with Swin's relative position
+// bias and shift mask: the CPU kernel of SPA's attention (Select and Pack Attention, arXiv 2410.23608).
+// Built by kernels/cpu_ext.py (bindings in bindings.cpp); called by kernels/varlen_attention.py (impl
+// "cpp"), which also holds the reference it is tested against.
 //
 // Why a kernel: torch has no CPU varlen attention (torch.nn.attention.varlen is CUDA-only, nested
 // jagged SDPA has no CPU backend, compiled FlexAttention on CPU was 2.5x slower than a loop of
@@ -9,17 +9,30 @@
 // at SPA's sequence lengths (tens of tokens) their dispatch, the per-head loops inside bmm and the
 // strided operands cost more than the arithmetic.
 //
-// Layout (flash-attention's varlen convention): q, k, v: (T, H, D), last dim contiguous, any strides
-// over T and H (so the unbound thirds of one qkv projection are read in place); sequence i is rows
-// cu_seqlens[i]:cu_seqlens[i+1]. out: (T, H, D) contiguous; rows of no sequence are zero.
+// Layout (flash-attention's varlen convention): q, k, v: (T, H, D), last dim contiguous (any stride
+// when D == 1), any strides over T and H (so the unbound thirds of one qkv projection are read in
+// place); sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]. out: (T, H, D) contiguous; rows of no
+// sequence are zero. Position bias (kernels/position_bias.py): pos (T, 3) int (row, col, region) per
+// token, table ((2M-1)^2, H), window M; score(i, j, h) += table[idx(i, j), h], computed inline from
+// the two tokens' places, and -inf where the regions differ.
 //
 // One task per (group, head), spread over torch's intra-op threads (at::parallel_for); a group is one
 // sequence, or consecutive short ones (up to kGroupRows rows). A task packs K^T (D x G) and V (G x D)
 // of its group, both zero-padded to whole vectors, then walks each sequence in blocks of kMR query
-// rows: scores S = scale * Q K^T for the block (kMR x n), softmax of each row (exp_u20: torch's own
-// CPU flash attention uses it), O = P V written straight into out. Memory per thread is O(n * D),
-// never n x n. The register tile is kMR x kNV vectors of accumulators (6 x 2 = 12 of AVX2's 16
-// registers); a tile loads kNV vectors of B and broadcasts kMR values of A per step.
+// rows: scores S = scale * Q K^T for the block (kMR x n) plus the bias, softmax of each row, O = P V
+// written straight into out. Memory per thread is O(n * D), never n x n. The register tile is kMR x
+// kNV vectors of accumulators (6 x 2 = 12 of AVX2's 16 registers); a tile loads kNV vectors of B and
+// broadcasts kMR values of A per step.
+//
+// Numerics: the scores are accumulated, biased and reduced to their row max in double, and only
+// s - max is rounded to float. A float dot product over D terms errs about sqrt(D) rounding steps of
+// its running sum, and with large logits (softmax scale 1, head dims ~100, inputs a few times unit
+// scale) that error dominates the output's: summed in float, the kernel erred up to 3-7x torch's own
+// float32 math on short sequences, where the maximum over few outputs is one draw of the same
+// distribution as torch's. In double the scores are exact to float precision, so the kernel errs less
+// than torch (median about 0.4x of torch's error over random shapes and magnitudes). The approximate
+// exp (exp_u20, which torch's own CPU flash attention uses) and P V in float contribute no more than
+// torch's exp and matmul do.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,95 +42,123 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using VecD = at::vec::Vectorized<double>;
+using VecI = at::vec::Vectorized<int32_t>;
 constexpr int64_t kW = Vec::size();
+constexpr int64_t kWD = VecD::size();
 constexpr int kMR = 6;
 constexpr int kNV = 2;
+static_assert(VecI::size() == kW, "one int32 lane per float lane (the bias gathers floats by int32 index)");
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// c[r, :cols] = alpha[r] * sum_k a[r * lda + k] * b[k * ldb + :cols] for r < R. b must be readable
-// for V * kW columns (zero padding); only the first `cols` columns of c are written.
-template <int R, int V>
-inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* alpha,
-                 float* c, int64_t ldc, int64_t cols) {
-  Vec acc[R][V];
+// c[r, :cols] = alpha[r] * sum_k a[r * lda + k] * b[k * ldb + :cols] for r < R, in T (float or
+// double). b must be readable for V vectors of columns (zero padding); only the first `cols` columns
+// of c are written.
+template <typename T, int R, int V>
+inline void tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, const T* alpha, T* c, int64_t ldc,
+                 int64_t cols) {
+  using VT = at::vec::Vectorized<T>;
+  constexpr int64_t w = VT::size();
+  VT acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = Vec(0.f);
+    for (int v = 0; v < V; ++v) acc[r][v] = VT(T(0));
   for (int64_t k = 0; k < K; ++k) {
-    Vec bv[V];
+    VT bv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) bv[v] = Vec::loadu(b + k * ldb + v * kW);
+    for (int v = 0; v < V; ++v) bv[v] = VT::loadu(b + k * ldb + v * w);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const Vec av(a[r * lda + k]);
+      const VT av(a[r * lda + k]);
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    const Vec s(alpha[r]);
+    const VT s(alpha[r]);
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
-      const int64_t n = std::min<int64_t>(kW, cols - v * kW);
-      if (n == kW) {
-        (acc[r][v] * s).store(c + r * ldc + v * kW);
+      const int64_t n = std::min<int64_t>(w, cols - v * w);
+      if (n == w) {
+        (acc[r][v] * s).store(c + r * ldc + v * w);
       } else if (n > 0) {
-        (acc[r][v] * s).store(c + r * ldc + v * kW, n);
+        (acc[r][v] * s).store(c + r * ldc + v * w, n);
       }
     }
   }
 }
 
-template <int V>
-inline void tile_rows(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K,
-                      const float* alpha, float* c, int64_t ldc, int64_t cols) {
+template <typename T, int V>
+inline void tile_rows(int64_t rows, const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, const T* alpha,
+                      T* c, int64_t ldc, int64_t cols) {
   static_assert(kMR == 6, "tile_rows dispatches 1..6 rows");
   switch (rows) {
-    case 6: tile<6, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
-    case 5: tile<5, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
-    case 4: tile<4, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
-    case 3: tile<3, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
-    case 2: tile<2, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
-    default: tile<1, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
+    case 6: tile<T, 6, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
+    case 5: tile<T, 5, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
+    case 4: tile<T, 4, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
+    case 3: tile<T, 3, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
+    case 2: tile<T, 2, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
+    default: tile<T, 1, V>(a, lda, b, ldb, K, alpha, c, ldc, cols); break;
   }
 }
 
 // C (rows x N) = diag(alpha) A (rows x K, row stride lda) B (K x N, row stride ldb, readable up to
-// round_up(N, kW) columns), rows <= kMR.
-inline void block_gemm(int64_t rows, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-                       int64_t ldb, const float* alpha, float* c, int64_t ldc) {
+// round_up(N, kNV vectors) columns), rows <= kMR.
+template <typename T>
+inline void block_gemm(int64_t rows, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+                       const T* alpha, T* c, int64_t ldc) {
+  constexpr int64_t w = at::vec::Vectorized<T>::size();
   int64_t j = 0;
-  for (; j + kNV * kW <= N; j += kNV * kW) tile_rows<kNV>(rows, a, lda, b + j, ldb, K, alpha, c + j, ldc, kNV * kW);
-  for (; j < N; j += kW) tile_rows<1>(rows, a, lda, b + j, ldb, K, alpha, c + j, ldc, std::min<int64_t>(kW, N - j));
+  for (; j + kNV * w <= N; j += kNV * w)
+    tile_rows<T, kNV>(rows, a, lda, b + j, ldb, K, alpha, c + j, ldc, kNV * w);
+  for (; j < N; j += w) tile_rows<T, 1>(rows, a, lda, b + j, ldb, K, alpha, c + j, ldc, std::min<int64_t>(w, N - j));
 }
 
-// In place: row[:n] = exp(row[:n] - max(row[:n])); returns 1 / sum.
-inline float softmax_row(float* row, int64_t n) {
-  const Vec neg_inf(-std::numeric_limits<float>::infinity());
-  Vec mv = neg_inf;
+// Swin's bias of one query against n keys, added to its score row s[:n]: th[idx] by the clamped
+// (row, col) offset, th[(2M-1)^2] = -inf where the regions differ. pq: the query's (row, col, region);
+// kr, kc, kg: the keys' rows, cols, regions; tmp: n + kW floats.
+inline void add_bias(double* s, int64_t n, const int32_t* pq, const int32_t* kr, const int32_t* kc, const int32_t* kg,
+                     const float* th, int32_t M, float* tmp) {
+  const VecI ri(pq[0]), ci(pq[1]), gi(pq[2]);
+  const VecI lo(-(M - 1)), hi(M - 1), off(M - 1), width(2 * M - 1), masked((2 * M - 1) * (2 * M - 1));
+  for (int64_t j = 0; j < n; j += kW) {
+    const int32_t cnt = static_cast<int32_t>(std::min<int64_t>(kW, n - j));  // tail lanes read zeros: valid idx
+    const VecI dr = at::vec::minimum(at::vec::maximum(ri - VecI::loadu(kr + j, cnt), lo), hi) + off;
+    const VecI dc = at::vec::minimum(at::vec::maximum(ci - VecI::loadu(kc + j, cnt), lo), hi) + off;
+    const VecI idx = VecI::blendv(masked, dr * width + dc, gi == VecI::loadu(kg + j, cnt));
+    at::vec::gather<sizeof(float)>(th, idx).store(tmp + j);
+  }
+  for (int64_t j = 0; j < n; ++j) s[j] += tmp[j];
+}
+
+// p[:n] = exp(s[:n] - max(s[:n])), the difference taken in double and rounded once; returns 1 / sum.
+inline float softmax_row(const double* s, float* p, int64_t n) {
+  const VecD neg_inf(-std::numeric_limits<double>::infinity());
+  VecD mv = neg_inf;
   int64_t j = 0;
-  for (; j + kW <= n; j += kW) mv = at::vec::maximum(mv, Vec::loadu(row + j));
-  if (j < n) mv = at::vec::maximum(mv, Vec::set(neg_inf, Vec::loadu(row + j, n - j), n - j));
-  const float m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mv);
-  const Vec mb(m);
+  for (; j + kWD <= n; j += kWD) mv = at::vec::maximum(mv, VecD::loadu(s + j));
+  if (j < n) mv = at::vec::maximum(mv, VecD::set(neg_inf, VecD::loadu(s + j, n - j), n - j));
+  const double m = at::vec::vec_reduce_all<double>([](VecD& x, VecD& y) { return at::vec::maximum(x, y); }, mv);
+  for (j = 0; j < n; ++j) p[j] = static_cast<float>(s[j] - m);
   Vec acc(0.f);
   j = 0;
   for (; j + kW <= n; j += kW) {
-    const Vec e = (Vec::loadu(row + j) - mb).exp_u20();
-    e.store(row + j);
+    const Vec e = Vec::loadu(p + j).exp_u20();
+    e.store(p + j);
     acc = acc + e;
   }
   if (j < n) {
-    const Vec e = (Vec::loadu(row + j, n - j) - mb).exp_u20();
-    e.store(row + j, n - j);
+    const Vec e = Vec::loadu(p + j, n - j).exp_u20();
+    e.store(p + j, n - j);
     acc = acc + Vec::set(Vec(0.f), e, n - j);
   }
   return 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
@@ -126,10 +167,20 @@ inline float softmax_row(float* row, int64_t n) {
 constexpr int64_t kGroupRows = 64;  // consecutive short sequences up to this many rows share one task
 
 struct Buffers {
-  std::vector<float> kt, v, s, alpha, inv;
-  Buffers(int64_t max_rows, int64_t D, float scale)
-      : kt(D * (round_up(max_rows, kW) + kW)), v(max_rows * round_up(D, kW)), s(kMR * (round_up(max_rows, kW) + kW)),
-        alpha(kMR, scale), inv(kMR) {}  // alpha: the softmax scale of every score row
+  std::vector<float> kt, v, p, inv, th, tmp;
+  std::vector<double> ktd, qd, s, alpha;
+  Buffers(int64_t max_rows, int64_t D, double scale, int64_t table_rows)
+      : kt(D * (round_up(max_rows, kW) + kW)), v(max_rows * round_up(D, kW)), p(kMR * (round_up(max_rows, kW) + kW)),
+        inv(kMR), th(table_rows + 1), tmp(round_up(max_rows, kW) + kW), ktd(kt.size()), qd(kMR * D),
+        s(p.size()), alpha(kMR, scale) {}  // alpha: the softmax scale of every score row
+};
+
+// The position bias of one task: the group's tokens' rows, cols, regions, and the head's table column
+// followed by -inf (th); M == 0: none.
+struct Bias {
+  const int32_t *row = nullptr, *col = nullptr, *region = nullptr;
+  const float* th = nullptr;
+  int32_t M = 0;
 };
 
 // One head of a group of consecutive sequences (rows 0..G of the group, pieces[p] = (offset, length)
@@ -139,7 +190,7 @@ struct Buffers {
 // the packing.
 void attend_group(const float* q, int64_t sq, const float* k, int64_t sk, const float* v, int64_t sv, float* o,
                   int64_t so, int64_t G, const std::vector<std::pair<int64_t, int64_t>>& pieces, int64_t D,
-                  Buffers& buf) {
+                  const Bias& bias, Buffers& buf) {
   // K^T: (D, ldk); a piece at column c reads up to round_up(n, kW) columns from c, so kW spare columns
   const int64_t ldk = round_up(G, kW) + kW;
   const int64_t ldv = round_up(D, kW);  // V: (G, ldv), columns D.. zero
@@ -155,17 +206,30 @@ void attend_group(const float* q, int64_t sq, const float* k, int64_t sk, const 
   }
   for (; j < G; ++j)
     for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = k[j * sk + d];
+  double* ktd = buf.ktd.data();
+  for (int64_t i = 0; i < D * ldk; ++i) ktd[i] = kt[i];  // the scores are accumulated in double
   for (j = 0; j < G; ++j) {
     std::copy(v + j * sv, v + j * sv + D, vp + j * ldv);
     std::fill(vp + j * ldv + D, vp + (j + 1) * ldv, 0.f);
   }
-  float* s = buf.s.data();
+  double* s = buf.s.data();
+  double* qd = buf.qd.data();
+  float* p = buf.p.data();
   for (const auto& [c, n] : pieces) {
     for (int64_t i = 0; i < n; i += kMR) {
       const int64_t rows = std::min<int64_t>(kMR, n - i);
-      block_gemm(rows, n, D, q + (c + i) * sq, sq, kt + c, ldk, buf.alpha.data(), s, ldk);  // (rows, n) scores
-      for (int64_t r = 0; r < rows; ++r) buf.inv[r] = softmax_row(s + r * ldk, n);
-      block_gemm(rows, D, n, s, ldk, vp + c * ldv, ldv, buf.inv.data(), o + (c + i) * so, so);  // (rows, D)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d) qd[r * D + d] = q[(c + i + r) * sq + d];
+      block_gemm<double>(rows, n, D, qd, D, ktd + c, ldk, buf.alpha.data(), s, ldk);  // (rows, n) scores
+      for (int64_t r = 0; r < rows; ++r) {
+        if (bias.M > 0) {
+          const int64_t t = c + i + r;
+          const int32_t pq[3] = {bias.row[t], bias.col[t], bias.region[t]};
+          add_bias(s + r * ldk, n, pq, bias.row + c, bias.col + c, bias.region + c, bias.th, bias.M, buf.tmp.data());
+        }
+        buf.inv[r] = softmax_row(s + r * ldk, p + r * ldk, n);
+      }
+      block_gemm<float>(rows, D, n, p, ldk, vp + c * ldv, ldv, buf.inv.data(), o + (c + i) * so, so);  // (rows, D)
     }
   }
 }
@@ -176,15 +240,18 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
               t.scalar_type());
   TORCH_CHECK(t.dim() == 3 && t.sizes() == q.sizes(), "spa varlen attention (cpp): ", name,
               " must be (T, H, D) like q, got ", t.sizes());
-  TORCH_CHECK(t.stride(2) == 1, "spa varlen attention (cpp): ", name, " must be contiguous in its last dim");
+  TORCH_CHECK(t.stride(2) == 1 || t.size(2) <= 1, "spa varlen attention (cpp): ", name,
+              " must be contiguous in its last dim");
 }
 
 }  // namespace
 
 // q, k, v: (T, H, D) float32 CPU, last dim contiguous; cu_seqlens: (S+1,) int32/int64, non-decreasing
-// from 0 to at most T. Returns out: (T, H, D) contiguous float32.
+// from 0 to at most T; pos: (T, 3) integer (row, col, region), table: ((2M-1)^2, H) float32, window: M
+// (pos and table both given, or neither). Returns out: (T, H, D) contiguous float32.
 at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const at::Tensor& cu_seqlens, double softmax_scale) {
+                                const at::Tensor& cu_seqlens, double softmax_scale, const std::optional<at::Tensor>& pos,
+                                const std::optional<at::Tensor>& table, int64_t window) {
   check_operand(q, "q", q);
   check_operand(k, "k", q);
   check_operand(v, "v", q);
@@ -198,6 +265,22 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
   for (int64_t i = 0; i < S; ++i)
     TORCH_CHECK(b[i + 1] >= b[i], "spa varlen attention (cpp): cu_seqlens must be non-decreasing");
   TORCH_CHECK(b[S] <= T, "spa varlen attention (cpp): cu_seqlens ends at ", b[S], " > T = ", T);
+  TORCH_CHECK(pos.has_value() == table.has_value(), "spa varlen attention (cpp): pass pos and table together");
+  at::Tensor pos_t, table_t;  // (3, T) int32: rows, cols, regions; (H, (2M-1)^2) float32
+  const int64_t M = pos.has_value() ? window : 0;
+  if (pos.has_value()) {
+    TORCH_CHECK(M >= 1 && M < (1 << 14), "spa varlen attention (cpp): window must be in [1, 16384), got ", window);
+    TORCH_CHECK(pos->device().is_cpu() && pos->dim() == 2 && pos->size(0) == T && pos->size(1) == 3 &&
+                    !at::isFloatingType(pos->scalar_type()) && pos->scalar_type() != at::kBool,
+                "spa varlen attention (cpp): pos must be (T, 3) = (", T, ", 3) integers on CPU, got ",
+                pos->scalar_type(), " ", pos->sizes());
+    TORCH_CHECK(table->device().is_cpu() && table->scalar_type() == at::kFloat && table->dim() == 2 &&
+                    table->size(0) == (2 * M - 1) * (2 * M - 1) && table->size(1) == H,
+                "spa varlen attention (cpp): table must be ((2M-1)^2, H) = (", (2 * M - 1) * (2 * M - 1), ", ", H,
+                ") float32 on CPU, got ", table->scalar_type(), " ", table->sizes());
+    pos_t = pos->to(at::kInt).t().contiguous();
+    table_t = table->t().contiguous();
+  }
 
   auto out = at::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (b[S] < T) out.narrow(0, b[S], T - b[S]).zero_();
@@ -217,12 +300,14 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const int32_t* pp = M > 0 ? pos_t.data_ptr<int32_t>() : nullptr;
+  const float* tp = M > 0 ? table_t.data_ptr<float>() : nullptr;
+  const int64_t table_rows = (2 * M - 1) * (2 * M - 1);
   const int64_t sqt = q.stride(0), sqh = q.stride(1), skt = k.stride(0), skh = k.stride(1);
   const int64_t svt = v.stride(0), svh = v.stride(1), so = H * D;
-  const float scale = static_cast<float>(softmax_scale);
   const int64_t n_groups = static_cast<int64_t>(groups.size());
   at::parallel_for(0, n_groups * H, 1, [&](int64_t begin, int64_t end) {
-    Buffers buf(max_rows, D, scale);
+    Buffers buf(max_rows, D, softmax_scale, table_rows);
     std::vector<std::pair<int64_t, int64_t>> pieces;
     for (int64_t task = begin; task < end; ++task) {
       const auto [first, last] = groups[task / H];
@@ -230,8 +315,14 @@ at::Tensor varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const 
       pieces.clear();
       for (int64_t i = first; i < last; ++i)
         if (b[i + 1] > b[i]) pieces.emplace_back(b[i] - start, b[i + 1] - b[i]);
+      Bias bias;
+      if (M > 0) {
+        bias = {pp + start, pp + T + start, pp + 2 * T + start, buf.th.data(), static_cast<int32_t>(M)};
+        std::copy(tp + h * table_rows, tp + (h + 1) * table_rows, buf.th.data());
+        buf.th[table_rows] = -std::numeric_limits<float>::infinity();
+      }
       attend_group(qp + start * sqt + h * sqh, sqt, kp + start * skt + h * skh, skt, vp + start * svt + h * svh,
-                   svt, op + start * so + h * D, so, b[last] - start, pieces, D, buf);
+                   svt, op + start * so + h * D, so, b[last] - start, pieces, D, bias, buf);
     }
   });
   return out;

@@ -1,5 +1,6 @@
-"""harness/report.py and harness/plots.py on a hand-made results store: aggregation over seeds with the
-95% CI, deltas vs the dense baseline, per-axis tables, failures and notes, every output format."""
+"""harness/report.py (with harness/tables.py, axes.py, render.py) and harness/plots.py on a hand-made
+results store: aggregation over seeds with the 95% CI, deltas vs the dense baseline paired by seed,
+per-axis tables, failures and notes, every output format."""
 
 from __future__ import annotations
 
@@ -100,15 +101,23 @@ def test_compare_numbers_by_hand():
     assert dense["map_ci95"] == pytest.approx(_ci([0.30, 0.32, 0.34]))  # 4.3027 * 0.02 / sqrt(3)
     assert dense["map_ci95"] == pytest.approx(0.0496828, rel=1e-5)
     assert table.loc["selection=topk,ratio=0.25", "map_ci95"] == pytest.approx(_ci([0.28, 0.30]))
-    # deltas: absolute for mAP, percent for compute / time / memory, speedup from the inference time
+    # deltas per seed, then averaged: absolute for mAP, percent for compute / time / memory, the
+    # speedup as the geometric mean of the per-seed ratios of inference times
     assert topk["map_delta"] == pytest.approx(0.33 - 0.32)
+    assert (topk["map_delta_lo"], topk["map_delta_hi"]) == pytest.approx((0.01, 0.01))  # the same every seed
+    assert topk["verdict"] == "better" and topk["map_delta_n"] == 3
     assert table.loc["selection=random,ratio=0.5", "map_delta"] == pytest.approx(0.22 - 0.32)
+    # seed 2 failed: the pairs are seeds 0 and 1 (-0.02 each), not the means (0.29 - 0.32)
+    assert table.loc["selection=topk,ratio=0.25", "map_delta"] == pytest.approx(-0.02)
+    assert table.loc["selection=topk,ratio=0.25", "verdict"] == "n/a"  # 2 paired seeds
     assert topk["fvcore_gmacs_delta_pct"] == pytest.approx(-25.0)
     assert table.loc["selection=topk,ratio=0.25", "fvcore_gmacs_delta_pct"] == pytest.approx(-40.0)
-    assert topk["infer_ms_median_delta_pct"] == pytest.approx(100 * (9.0 - 11.0) / 11.0)
-    assert topk["speedup"] == pytest.approx(11.0 / 9.0)
+    assert topk["infer_ms_median_delta_pct"] == pytest.approx(np.mean([-20.0, -200 / 11, -200 / 12]))
+    assert topk["speedup"] == pytest.approx(math.exp(np.mean(np.log([10 / 8, 11 / 9, 12 / 10]))))
+    assert topk["speedup_lo"] < topk["speedup"] < topk["speedup_hi"] and topk["speedup_source"] == "cross-trial"
     assert topk["peak_mem_mb_delta_pct"] == pytest.approx(-20.0)
-    assert dense["map_delta"] == 0 and dense["speedup"] == 1
+    assert dense["map_delta"] == 0 and dense["speedup"] == 1 and dense["verdict"] == "baseline"
+    assert table["map_noise_floor"].tolist() == pytest.approx([0.02] * 4)  # dense's std of mAP over seeds
     assert math.isnan(dense["gate_precision"]) and topk["gate_recall"] == pytest.approx(0.5)
     assert "infer_ms_iqr" not in table  # a single trial's spread is not a comparison column
     assert table.loc["selection=random,ratio=0.5", "infer_ms_median_ci95"] == 0.0
@@ -131,15 +140,18 @@ def test_speedup_is_the_paired_one_when_trials_measured_it():
     report = build_report(_paired_store())
     t = report.table
     topk = t.loc["selection=topk,ratio=0.5"]
-    # the mean over seeds of each trial's same-process ratio, not dense infer ms / variant's (11 / 9)
-    assert topk["speedup"] == pytest.approx((0.9 + 1.2 + 0.9) / 3)
-    assert topk["speedup_cross_trial"] == pytest.approx(11.0 / 9.0)
+    # the geometric mean over seeds of each trial's same-process ratio, not dense infer ms / variant's
+    assert topk["speedup"] == pytest.approx((0.9 * 1.2 * 0.9) ** (1 / 3))
+    assert topk["speedup_source"] == "same-process" and topk["speedup_n"] == 3
+    assert topk["speedup_cross_trial"] == pytest.approx(math.exp(np.mean(np.log([10 / 8, 11 / 9, 12 / 10]))))
     assert t.loc["dense", "speedup"] == 1.0
     assert t.loc["selection=random,ratio=0.5", "speedup"] == pytest.approx(0.9)
     assert "paired_model_ms" not in t and "paired_dense_ms_delta_pct" not in t  # per-trial detail only
     assert not any("different trials" in n for n in report.notes)
     md = report_command(_paired_store(), fmt="md")
-    assert "0.90x (0.80-1.00)" in md  # the random variant: its median with the pairs' interquartile range
+    assert "0.90x (0.90-0.90)" in md  # the random variant: 0.9 every seed
+    one_seed = report_command(_paired_store().query("seed == 0"), fmt="md")
+    assert "0.90x (IQR 0.80-1.00)" in one_seed  # one seed: the interquartile range of its pairs
 
 
 def test_speedup_falls_back_to_cross_trial_with_a_note():
@@ -147,11 +159,11 @@ def test_speedup_falls_back_to_cross_trial_with_a_note():
     df.loc[df["name"] == "selection=random,ratio=0.5", "speedup_vs_dense"] = np.nan  # an older trial
     report = build_report(df)
     assert report.table.loc["selection=random,ratio=0.5", "speedup"] == pytest.approx(
-        report.table.loc["dense", "infer_ms_median"] / 8.0)
+        math.exp(np.mean(np.log([10 / 8, 11 / 8, 12 / 8]))))
     assert any("selection=random,ratio=0.5 vs dense" in n and "different trials" in n for n in report.notes)
     # a non-dense baseline: no paired timing against it exists
     other = build_report(_paired_store(), baseline="selection=topk,ratio=0.5")
-    assert other.table.loc["dense", "speedup"] == pytest.approx(9.0 / 11.0)
+    assert other.table.loc["dense", "speedup"] == pytest.approx(math.exp(np.mean(np.log([8 / 10, 9 / 11, 10 / 12]))))
     assert any("different trials" in n for n in other.notes)
 
 
@@ -164,6 +176,7 @@ def test_failures_notes_and_axes():
     assert f.iloc[0]["variant"] == "selection=topk,ratio=0.25"
     assert any("selection=topk,ratio=0.25 has 2 seed(s), others up to 3" in n for n in report.notes)
     assert any("1 trial(s) failed" in n for n in report.notes)
+    assert "selection=topk,ratio=0.25 vs dense: seed(s) 2 only in dense: left out of the paired deltas." in report.notes
     assert set(report.axes) == {"model.spa.selection", "model.spa.ratio"}
     ratio = report.axes["model.spa.ratio"]  # selection held at topk
     assert list(ratio.index) == ["dense", "selection=topk,ratio=0.25", "selection=topk,ratio=0.5"]
@@ -197,13 +210,16 @@ def test_report_formats(tmp_path):
     df = _store()
     md = report_command(df, fmt="md", out=tmp_path)
     assert "| variant" in md and "Δ mAP" in md and "FloatingPointError: NaN loss" in md
-    assert "0.3200 ± 0.0497" in md  # dense mAP with its CI
+    assert "0.320±0.050" in md  # dense mAP with its CI
     assert "## Axis `model.spa.ratio`" in md and "![accuracy_vs_gmacs](plots/accuracy_vs_gmacs.png)" in md
-    for name in ("accuracy_vs_gmacs", "speedup_vs_ratio", "gate_pr_vs_ratio"):
+    plots = ("accuracy_vs_gmacs", "axis_model.spa.ratio", "axis_model.spa.selection", "speedup_vs_ratio",
+             "gate_pr_vs_ratio")  # fmt: skip
+    for name in plots:
         png = (tmp_path / "plots" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG")
     page = report_command(df, fmt="html", out=tmp_path)
-    assert page.count("src='data:image/png;base64,") == 3 and "<table" in page and "NaN loss" in page
+    assert page.count("src='data:image/png;base64,") == len(plots) and "<table" in page and "NaN loss" in page
+    assert (tmp_path / "index.html").read_text() == page
     data = json.loads(report_command(df, fmt="json"))
     assert data["baseline"] == "dense" and len(data["table"]) == 4 and len(data["failures"]) == 1
     assert data["axes"]["model.spa.ratio"]["held"] == {"model.spa.selection": "topk"}
@@ -214,9 +230,9 @@ def test_report_formats(tmp_path):
     with pytest.raises(ValueError, match="unknown report format"):
         report_command(df, fmt="pdf")
     out = write_report(df, tmp_path / "all")
-    assert sorted(p.name for p in out.glob("report.*")) == [
+    assert sorted(p.name for p in out.glob("*.*") if p.stem in ("report", "index")) == [
+        "index.html",
         "report.csv",
-        "report.html",
         "report.json",
         "report.md",
     ]
@@ -292,7 +308,7 @@ def test_each_variant_compared_with_the_dense_of_its_own_context():
         large, "flop_speedup"
     ] == pytest.approx(4 / 3)
     assert t.loc[small, "baseline"] != t.loc[large, "baseline"]
-    assert "column `baseline`" in report_command(pd.DataFrame(rows))
+    assert "column `vs`" in report_command(pd.DataFrame(rows))
     # an explicit baseline serves every variant
     forced = compare(pd.DataFrame(rows), baseline=t.loc[small, "baseline"])
     assert forced.loc[large, "map_delta"] == pytest.approx(0.27 - 0.10)

@@ -11,7 +11,7 @@ IMPLS = ["cpp", "torch"]
 
 def _containers_brute(counts, L):
     """Walk the packed stream token by token; a new sequence starts at every image change and every
-    multiple of L (DESIGN.md, "Equivalence")."""
+    multiple of L (docs/method.md, "Pack")."""
     seqs = []  # [start, length, image, container]
     pos = 0
     for img, n in enumerate(counts):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spa_core.config import SPAConfig
+from spa_core.config import ConfigError, SPAConfig
 from spa_core.registry import SELECTION_POLICIES
 from spa_core.select import select_tokens
 
@@ -73,10 +73,12 @@ def test_every_policy_returns_the_contract():
 
 
 def test_bad_settings_are_loud():
-    with pytest.raises(KeyError, match="selection_policy"):
+    with pytest.raises(ConfigError, match="selection: unknown selection_policy 'nope'"):
         select_tokens(_scores(), SPAConfig(selection="nope"), training=False)
-    with pytest.raises(ValueError, match="ratio"):
+    with pytest.raises(ConfigError, match="ratio: expected a value >= 0.0 and <= 1.0, got 1.5"):
         select_tokens(_scores(), SPAConfig(selection="topk", ratio=1.5), training=False)
+    with pytest.raises(ConfigError, match="threshold"):
+        select_tokens(_scores(), SPAConfig(selection="gate", threshold=1.0), training=True)
 
 
 # ---------------------------------------------------------------------------------------------------
