@@ -59,8 +59,8 @@ from kernels import (
 )
 from kernels.position_bias import PositionBias
 from spa_core.backbone import BackboneFeatures, build_backbone
-from spa_core.block import MLP_ON, SPABlock, SwinBlock
-from spa_core.config import SPAConfig, backbone_preset
+from spa_core.block import SPABlock, SwinBlock
+from spa_core.config import SPAConfig, backbone_preset, config_rules
 from spa_core.pack import pack
 from spa_core.registry import SELECTION_POLICIES
 from spa_core.select import Selection
@@ -724,7 +724,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--spread", type=float, default=0.3, help="relative spread of per-image counts")
     p.add_argument("--position-bias", choices=("swin", "none"), default="swin")
-    p.add_argument("--mlp-on", choices=MLP_ON, default="selected")
+    p.add_argument("--mlp-on", choices=config_rules(SPAConfig)["mlp_on"]["choices"], default="selected")
     p.add_argument("--reps", type=int, default=21, help="timed pairs per row (--train-step: steps per model)")
     p.add_argument(
         "--warmup",
