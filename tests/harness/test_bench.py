@@ -2,6 +2,7 @@
 and print their fields (tiny sizes; nothing here is a timed test)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from spa_core.registry import SELECTION_POLICIES
 KEYS = {"strategy", "ratio", "kept_fraction", "time_ratio", "flop_ratio", "efficiency"}
 TINY = "--batch 2 --grid 7 --dim 32 --heads 2 --reps 2 --warmup 0 --ratios 0.5".split()
 SIZE = dict(dim=32, num_heads=2, grid=14, window=7)
+SMOKE_GRID = Path(__file__).resolve().parents[2] / "ablations" / "grids" / "smoke.yaml"
 
 
 def test_bench_json_rows_and_the_efficiency_identity(capsys):
@@ -182,3 +184,11 @@ def test_time_pairs_alternates_which_block_goes_first_for_every_impl():
         assert len(mine) == 5
         dense_first = [p[0] == "dense" for p in mine]
         assert all(x != y for x, y in zip(dense_first, dense_first[1:])), dense_first
+
+
+def test_grid_file_mode_times_every_model_of_a_grid(capsys):
+    assert main(["--grid-file", str(SMOKE_GRID), "--reps", "1", "--warmup", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["ratio=0.25", "ratio=0.5", "dense"]
+    assert [r["kept_fraction"] for r in rows] == [0.25, 0.5, 1.0]
+    assert rows[-1]["speedup"] == 1.0 and all(r["ms"] > 0 for r in rows)
