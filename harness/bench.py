@@ -9,9 +9,9 @@ is its own), so a row compares one block with and without selection. Per pack st
 - ``containers``: the paper's containers of L = M*M = 49 slots; dense counterpart: Swin window
   attention, M = 7 on the 14x14 grid (4 windows), with its relative position bias and, for a shifted
   block (``--shifts 0,3``), its shift mask;
-- ``varlen``, ``pad``, ``mask``: one sequence per image (padded, or dense with the unselected keys
-  masked: no saving, the control); dense counterpart: a Swin block whose window covers the grid, i.e.
-  global attention with Swin's bias.
+- ``varlen``, ``pad``, ``mask``: one sequence per image (padded, or attention dense over all N with
+  the unselected keys masked: no saving in attention, the control); dense counterpart: a Swin block
+  whose window covers the grid, i.e. global attention with Swin's bias.
 
 Selection: image b keeps the ``counts[b]`` tokens its gate scores highest, the counts spread +-30%
 around the ratio (a selection policy the benchmark registers while it runs), so the packs are ragged
@@ -30,7 +30,7 @@ calls), ``--bias-cost`` (the SPA block with ``position_bias: swin`` against the 
 an SPA backbone against its dense twin: Swin-T at 112 px, batch 32, stages 3-4 keeping 25% by
 top-k in containers), ``--ops`` (the varlen attention op alone, with the bias, per
 CPU implementation, and the gate's scores), ``--profile`` (torch.profiler's per-op table of each block),
-``--grid FILE`` (the inference forward of every model of a grid, in rotation).
+``--grid-file GRID`` (the inference forward of every model of a grid, in rotation).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ from spa_core.select import Selection
 from spa_core.windows import token_places, window_order
 
 __all__ = [
-    "STRATEGIES", "CLOCKS", "KeptCounts", "bench_selection", "block_pair", "make_counts", "counts_at",
-    "time_in_rotation", "run", "run_bias_cost", "run_train_step", "run_ops", "profile", "time_grid", "main",
+    "STRATEGIES", "CLOCKS", "BENCH_SELECTION", "KeptCounts", "bench_selection", "block_pair", "dense_window",
+    "fvcore_macs", "make_counts", "counts_at", "time_in_rotation", "train_configs", "run", "run_bias_cost",
+    "run_train_step", "run_ops", "profile", "time_grid", "main",
 ]  # fmt: skip
 
 STRATEGIES = ("varlen", "containers", "pad", "mask")
@@ -184,6 +185,7 @@ def block_pair(
 
 
 def fvcore_macs(module: nn.Module, inputs: tuple) -> int:
+    """fvcore's multiply-adds of ``module(*inputs)`` with ``kernels``' op handles."""
     from fvcore.nn import FlopCountAnalysis
 
     with warnings.catch_warnings():
@@ -413,7 +415,10 @@ def run_bias_cost(
                 _, with_bias = block_pair(strategy, position_bias="swin", **kw)
                 _, without = block_pair(strategy, position_bias="none", **kw)
                 missing, _ = without.load_state_dict(with_bias.state_dict(), strict=False)
-                assert not missing, missing  # only the bias table differs
+                if missing:  # only the bias table may differ
+                    raise RuntimeError(
+                        f"the block without bias lacks weights of the block with it: {missing}"
+                    )
                 t = time_in_rotation({"swin": partial(with_bias, x), "none": partial(without, x)}, reps, warmup,
                                      CLOCKS[clock])  # fmt: skip
                 q1, med, q3 = _quartiles([(a - b) / a for a, b in zip(t["swin"], t["none"])])
@@ -480,7 +485,8 @@ def run_train_step(
     dense = build_backbone(dense_cfg)
     spa = build_backbone(cfg)
     missing, unexpected = spa.load_state_dict(dense.state_dict(), strict=False)
-    assert not unexpected and all(".gate." in k for k in missing), (missing, unexpected)
+    if unexpected or not all(".gate." in k for k in missing):
+        raise RuntimeError(f"SPA backbone does not hold its dense twin's weights: {missing}, {unexpected}")
     images = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(seed))
     macs, stage_share = {}, 0.0
     for name, model in (("dense", dense), ("spa", spa)):
