@@ -1,14 +1,13 @@
-"""kernels/flops.py: fvcore's count of the SPA attention block equals the analytic count, and
-``torch.utils.flop_counter`` uses the same formulas (in flops = 2 x multiply-adds).
+"""kernels/flops.py: fvcore's count of the ops of ``kernels`` (through ``FVCORE_HANDLES``) equals the
+analytic count, and ``torch.utils.flop_counter`` uses the same formulas (in flops = 2 x multiply-adds).
 
 Analytic count (multiply-adds; B images of N tokens, C channels, H heads of D = C / H, T kept tokens,
-sequences of lengths n_i, M x M windows, P the largest count):
+sequences of lengths n_i):
 
-- gate Linear(C, 1) on every token:      B*N*C
-- qkv and proj Linears on the T tokens:  3*T*C^2 + T*C^2
-- varlen / containers attention:         2*H*D*sum_i n_i^2 = 2*C*sum_i n_i^2   (QK^T and PV)
-- pad: qkv on the B*P padded slots, SDPA on (B, H, P, D): 3*B*P*C^2 + 2*B*P^2*C (+ gate, proj)
-- dense global block: 4*B*N*C^2 + 2*B*N^2*C; Swin window block: 4*B*N*C^2 + 2*B*N*M^2*C
+- gate scores ``token_scores`` on every token:  B*N*C
+- qkv and proj Linears on the T tokens:         3*T*C^2 + T*C^2
+- varlen / containers attention:                2*H*D*sum_i n_i^2 = 2*C*sum_i n_i^2   (QK^T and PV)
+- dense SDPA over (B, H, N, D), masked or not:  2*B*N^2*C
 Biases, softmax, pack/unpack and the residual add count 0 (fvcore's convention).
 """
 
@@ -16,10 +15,20 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import kernels
-from kernels import FVCORE_HANDLES, container_seqlens, cu_seqlens_from_counts, varlen_attention
-from kernels.bench import GlobalAttentionBlock, SPAAttentionBlock, WindowAttentionBlock
+from kernels import (
+    FVCORE_HANDLES,
+    container_seqlens,
+    cu_seqlens_from_counts,
+    pack_tokens,
+    token_scores,
+    topk_indices,
+    unpack_tokens,
+    varlen_attention,
+)
 
 B, GRID, C, H, M = 3, 7, 48, 4, 7
 N = GRID * GRID
@@ -41,43 +50,55 @@ def _sq_sum(cu):
     return int((n * n).sum())
 
 
-@pytest.mark.parametrize("strategy", ["varlen", "containers"])
-def test_fvcore_spa_block_equals_analytic(strategy):
+class _PackedAttention(nn.Module):
+    """Gate scores, per-image top-k, pack, qkv, varlen attention over ``layout``'s sequences, proj, unpack:
+    x (B, N, C), counts (B,) -> (B, N, C)."""
+
+    def __init__(self, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.gate, self.qkv, self.proj = nn.Linear(C, 1), nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x, counts):
+        flat = x.reshape(B * N, C)
+        indices = topk_indices(token_scores(x, self.gate.weight, self.gate.bias), counts)  # (T,)
+        packed = pack_tokens(flat, indices)  # (T, C)
+        if self.layout == "varlen":
+            cu, max_seqlen = cu_seqlens_from_counts(counts)
+        else:
+            cu, max_seqlen, _, _ = container_seqlens(counts, M * M)
+        q, k, v = self.qkv(packed).view(-1, 3, H, C // H).unbind(1)  # (T, H, D)
+        o = varlen_attention(q, k, v, cu, max_seqlen).reshape(-1, C)
+        return unpack_tokens(self.proj(o), indices, flat, add=True).view(B, N, C)
+
+
+class _MaskedSDPA(nn.Module):
+    """Dense attention over all N tokens with a key mask: x (B, N, C), keep (B, N) -> (B, N, C)."""
+
+    def forward(self, x, keep):
+        q = x.view(B, N, H, C // H).transpose(1, 2)  # (B, H, N, D)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=keep[:, None, None, :]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("layout", ["varlen", "containers"])
+def test_fvcore_packed_attention_equals_analytic(layout):
     x = torch.randn(B, N, C)
-    block = SPAAttentionBlock(C, H, strategy, container_len=M * M).eval()
-    total, by_op = _fvcore(block, (x, COUNTS))
+    total, by_op = _fvcore(_PackedAttention(layout).eval(), (x, COUNTS))
     T = int(COUNTS.sum())
-    if strategy == "varlen":
+    if layout == "varlen":
         cu, _ = cu_seqlens_from_counts(COUNTS)
     else:
         cu, _, _, _ = container_seqlens(COUNTS, M * M)
-    expect = B * N * C + 3 * T * C * C + T * C * C + 2 * C * _sq_sum(cu)
-    assert total == expect
+    assert total == B * N * C + 3 * T * C * C + T * C * C + 2 * C * _sq_sum(cu)
     assert by_op["varlen_attention"] == 2 * C * _sq_sum(cu)
+    assert by_op["token_scores"] == B * N * C
     assert "pack_tokens" not in by_op or by_op["pack_tokens"] == 0
 
 
-def test_fvcore_pad_block_equals_analytic():
-    x = torch.randn(B, N, C)
-    block = SPAAttentionBlock(C, H, "pad").eval()
-    total, _ = _fvcore(block, (x, COUNTS))
-    T, P = int(COUNTS.sum()), int(COUNTS.max())
-    assert total == B * N * C + 3 * B * P * C * C + 2 * B * P * P * C + T * C * C
-
-
-def test_fvcore_dense_blocks_equal_analytic():
-    x = torch.randn(B, N, C)
-    total, by_op = _fvcore(GlobalAttentionBlock(C, H), (x,))
-    assert by_op["scaled_dot_product_attention"] == 2 * B * N * N * C
-    assert total == 4 * B * N * C * C + 2 * B * N * N * C
-    total, _ = _fvcore(WindowAttentionBlock(C, H, (GRID, GRID), M), (x,))
-    assert total == 4 * B * N * C * C + 2 * B * N * M * M * C
-
-
-def test_fvcore_mask_block_is_dense_plus_gate():
-    x = torch.randn(B, N, C)
-    total, _ = _fvcore(SPAAttentionBlock(C, H, "mask").eval(), (x, COUNTS))
-    assert total == B * N * C + 4 * B * N * C * C + 2 * B * N * N * C
+def test_fvcore_masked_sdpa_counts_dense():
+    keep = torch.arange(N)[None, :] < COUNTS[:, None]
+    total, by_op = _fvcore(_MaskedSDPA(), (torch.randn(B, N, C), keep))
+    assert total == by_op["scaled_dot_product_attention"] == 2 * B * N * N * C
 
 
 def test_flop_counter_formulas():
