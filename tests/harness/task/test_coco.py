@@ -102,6 +102,7 @@ def test_duplicate_annotation_ids_are_refused_not_half_scored(tmp_path, write_co
     id, so exact detections of every object score far below 1; the loader refuses the file, and the
     same file with unique ids scores them at exactly 1."""
     from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
     images = [_img(1, "a.png", 100, 100), _img(2, "b.png", 100, 100)]
     cats = [{"id": 1, "name": "x"}]
@@ -121,7 +122,12 @@ def test_duplicate_annotation_ids_are_refused_not_half_scored(tmp_path, write_co
     exact = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 1.0} for a in anns]
     with contextlib.redirect_stdout(io.StringIO()):
         raw = COCO(str(ann))
-    assert coco_map(raw, exact)["map"] < 0.9  # what the raw file gives: a silent wrong number
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(raw, raw.loadRes([dict(d) for d in exact]), iouType="bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert ev.stats[0] < 0.9  # what pycocotools makes of the raw file: a silent wrong number
+    with pytest.raises(ValueError, match="annotation ids repeat"):
+        coco_map(raw, exact)  # which coco_map refuses
 
     with pytest.raises(
         DatasetError, match=r"instances.json: annotation id 1 appears 2 times in 'annotations'"
