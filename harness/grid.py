@@ -31,10 +31,16 @@ Every trial is ``base`` + one value per axis (or one point) + its seed, resolved
 ``harness.config.trial_from_dict``; its ``name`` is the point's name, or one part per axis joined by
 commas (``ratio=0.25`` for a config key, the bare label for a named axis), the same for all seeds of
 a variant, so a report groups by it, its ``plugins`` the absolute specs to load
-before building it. Anything wrong (an unknown top-level key or config key, a wrong type, a name no
-registry holds, a file that does not exist, an exclude rule that matches nothing, two trials with the
-same config) raises ``GridError`` naming the file, the line and the key and what was expected, before
-anything runs.
+before building it. Anything wrong (an empty file, a top level that is not a mapping, a grid that
+names no trial: no ``base``, ``axes`` or ``points`` of its own or inherited; an unknown top-level key
+or config key, a wrong type, a name no registry holds, a file that does not exist, an exclude rule
+that matches nothing, two trials with the same config) raises ``GridError`` naming the file, the
+line and the key and what was expected, before anything runs.
+
+Names that become parts of paths are plain names (``harness.names``: letters, digits and
+``. _ - = , +``, not starting with ``.``, at most 100 characters): the grid's ``name`` (or its
+file's stem), each point's ``name`` and each label of a named axis. A crossed trial's name is made
+of its labels; where it names a folder it is mapped onto a plain name.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from typing import Any
 import yaml
 
 from harness.config import TrialConfig, config_hash, get_dotted, set_dotted, trial_from_dict, trial_to_dict
+from harness.names import name_problem
 from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
 from spa_core.config import BACKBONE_PRESETS, ConfigError
 from spa_core.registry import GATES, MODEL_VARIANTS, PACK_STRATEGIES, SELECTION_POLICIES, SUPERVISION_MODES
@@ -118,8 +125,9 @@ class GridError(ValueError):
         self, message: str, *, file: str | Path | None = None, line: int | None = None, key: str | None = None
     ) -> None:
         self.file, self.line, self.key, self.detail = (str(file) if file else None), line, key, message
-        where = f"{file}:{line}" if file and line else str(file or "<grid>")
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        where = f"{file}:{line}" if file and line else str(file) if file else ""
+        text = f"{key}: {message}" if key else message
+        super().__init__(f"{where}: {text}" if where else text)
 
 
 @dataclass
@@ -250,6 +258,7 @@ class _Spec:
     exclude: list[tuple[_Loc, dict[str, _Val]]] | None = None
     seeds: _Val | None = None
     plugins: list[_Plugin] = field(default_factory=list)
+    names_trials: bool = False  # has base:, axes: or points: (itself or through extends)
 
 
 class _Doc:
@@ -265,7 +274,11 @@ class _Doc:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
-            self.data = self._construct(loader, node, ()) if node is not None else {}
+            if node is None:
+                raise GridError(
+                    "the grid file is empty (a grid is a mapping with base:, axes: or points:)", file=file
+                )
+            self.data = self._construct(loader, node, ())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             problem = getattr(e, "problem", None) or str(e)
@@ -364,6 +377,9 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
             if not isinstance(data[key], str):
                 raise doc.loc((key,)).error(f"expected a string, got {data[key]!r}")
             setattr(spec, key, data[key])
+    if spec.name is not None:
+        _check_plain(spec.name, doc.loc(("name",)), "the grid's name (its experiment's folder)")
+    spec.names_trials = "base" in data or bool(data.get("axes")) or bool(data.get("points"))
 
     if "plugins" in data:
         raw = data["plugins"]
@@ -481,6 +497,7 @@ def _axis(doc: _Doc, key: str, values: Any) -> _Axis | None:
         vals = []
         for label, diff in values.items():
             vpath = path + (label,)
+            _check_plain(str(label), doc.loc(vpath, f"{key}.{label}"), "a named axis's label (part of trial names)")
             if not isinstance(diff, dict) or not diff:
                 raise doc.loc(vpath, f"{key}.{label}").error(
                     f"a named axis value is a non-empty mapping of config keys, got {diff!r}"
@@ -491,6 +508,12 @@ def _axis(doc: _Doc, key: str, values: Any) -> _Axis | None:
         f"expected a list of values (config key axis) or a mapping label -> config diff "
         f"(named axis), got {values!r}"
     )
+
+
+def _check_plain(name: str, loc: _Loc, what: str, key: str | None = None) -> None:
+    problem = name_problem(name)
+    if problem is not None:
+        raise loc.error(f"{what} {name!r} is not a plain name: {problem}", key)
 
 
 def _label(v: Any) -> str:
@@ -517,6 +540,7 @@ def _merge(parent: _Spec, child: _Spec) -> _Spec:
     out.exclude = child.exclude if child.exclude is not None else parent.exclude
     out.seeds = child.seeds or parent.seeds
     out.plugins = parent.plugins + child.plugins
+    out.names_trials = parent.names_trials or child.names_trials
     return out
 
 
@@ -618,7 +642,14 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
     for key, v in over.items():
         _check(key, v)
     seeds = spec.seeds.value if spec.seeds else [0]
+    if not spec.names_trials:
+        raise spec.loc.error(
+            "the grid names no trial: give it base: (an empty base: {} is one trial of the defaults), "
+            "axes: or points:, or extends: a grid that does"
+        )
     grid_name = spec.name or file.stem
+    if spec.name is None:
+        _check_plain(grid_name, spec.loc, "the grid file's stem (its experiment's folder; set name: instead)", "name")
 
     # variants: (name, labels, diff, loc)
     variants: list[tuple[str, dict[str, str], dict[str, _Val], _Loc]] = []
@@ -662,10 +693,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         name = p.name if p.name is not None else f"point{i}"
         if not isinstance(name, str):
             raise p.loc.error(f"expected a string name, got {name!r}", "name")
-        if not name.strip() or any(c in name for c in "/\\\n"):
-            raise p.loc.error(
-                f"a trial name is a non-empty string without '/', '\\' or newlines, got {name!r}", "name"
-            )
+        _check_plain(name, p.loc, "a point's name (a trial name)", "name")
         diff = _merge_diff(spec.base, p.diff)
         kept.append((name, {}, _resolve(diff, over, name, p.loc), p.loc))
 
