@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,12 +119,17 @@ _RANGES = {
 }
 
 
+# More trials than this is a typo (seeds: 1000000), not a grid; refused before anything is built.
+_MAX_TRIALS = 10_000
+
+
 class GridError(ValueError):
     """A grid file is wrong; the message reads ``file:line: key: what was expected``."""
 
     def __init__(
         self, message: str, *, file: str | Path | None = None, line: int | None = None, key: str | None = None
     ) -> None:
+        message = " ".join(message.split())  # one line, whatever the message was made of
         self.file, self.line, self.key, self.detail = (str(file) if file else None), line, key, message
         where = f"{file}:{line}" if file and line else str(file) if file else ""
         text = f"{key}: {message}" if key else message
@@ -271,8 +277,9 @@ class _Doc:
             text = file.read_text()
         except OSError as e:
             raise GridError(f"cannot read the grid file: {e.strerror or e}", file=file) from None
-        loader = yaml.SafeLoader(text)
+        loader = None
         try:
+            loader = yaml.SafeLoader(text)  # reads the text's first characters: may raise too
             node = loader.get_single_node()
             if node is None:
                 raise GridError(
@@ -281,12 +288,13 @@ class _Doc:
             self.data = self._construct(loader, node, ())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            problem = getattr(e, "problem", None) or str(e)
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
             raise GridError(
                 f"not valid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
             ) from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def _construct(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
         if isinstance(node, yaml.MappingNode):
@@ -359,6 +367,8 @@ def _find_grid(path: str | Path, base_dir: Path | None, loc: _Loc | None) -> Pat
 def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
     doc = _Doc(file)
     data = doc.data
+    if data is None:  # ``---`` or ``null`` alone
+        raise GridError("the grid file is empty (a grid is a mapping with base:, axes: or points:)", file=file)
     if not isinstance(data, dict):
         raise GridError(
             f"a grid is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}; got {type(data).__name__}",
@@ -435,8 +445,8 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
         s = data["seeds"]
         loc = doc.loc(("seeds",))
         if isinstance(s, int) and not isinstance(s, bool):
-            if s < 1:
-                raise loc.error(f"expected a positive count, got {s}")
+            if not 1 <= s <= _MAX_TRIALS:
+                raise loc.error(f"expected a positive count up to {_MAX_TRIALS}, got {s}")
             seeds = list(range(s))
         elif isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool) for x in s):
             if len(set(s)) != len(s):
@@ -580,6 +590,8 @@ def _check(key: str, v: _Val) -> None:
         raise v.loc.error(str(e), key) from None
     except KeyError as e:
         raise v.loc.error(str(e.args[0]) if e.args else str(e), key) from None
+    except (TypeError, ValueError) as e:  # a value of a shape the config cannot take (a list for a section)
+        raise v.loc.error(f"a value of the wrong type or shape ({e}), got {v.value!r}", key) from None
     if isinstance(v.value, dict):  # e.g. an axis over ``model.spa`` mappings: check the names inside
         for sub, value in _flat(v.value, key).items():
             _check_name(sub, _Val(value, v.loc), key)
@@ -653,6 +665,9 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
 
     # variants: (name, labels, diff, loc)
     variants: list[tuple[str, dict[str, str], dict[str, _Val], _Loc]] = []
+    n_trials = math.prod(len(a.values) for a in axes) * len(seeds) + len(spec.points or []) * len(seeds)
+    if n_trials > _MAX_TRIALS:
+        raise spec.loc.error(f"the grid expands to {n_trials} trials; at most {_MAX_TRIALS}", "axes")
     short = _short_names([a.key for a in axes])
     if axes:
         for combo in itertools.product(*[a.values for a in axes]):
@@ -743,7 +758,7 @@ def _resolve(diff: dict[str, _Val], over: dict[str, _Val], name: str, loc: _Loc)
     d["name"] = name
     try:
         return trial_from_dict(d)
-    except (ConfigError, KeyError) as e:
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise loc.error(f"trial {name!r} does not resolve: {msg}", "trial") from None
 
