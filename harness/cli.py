@@ -95,7 +95,8 @@ def _warn_damaged(path: str, experiment: str | None = None) -> None:
     except (OSError, ValueError):
         return  # a store that cannot be listed has its own error where it is read
     for d in found:
-        print(f"warning: damaged file {d}; its trial counts as not done and runs again", file=sys.stderr)
+        why = "its trial counts as not done" if d.path.endswith("row.json") else "read as absent"
+        print(f"warning: damaged file {d}; {why}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
