@@ -84,7 +84,7 @@ def _rows(trials: Path) -> dict[str, bytes]:
 
 
 def _run_then_kill(
-    cmd: list[str], env: dict, trials: Path, rows_before_kill: int, timeout: float = 240
+    cmd: list[str], env: dict, trials: Path, rows_before_kill: int, timeout: float = 420
 ) -> None:
     """Start a driver, wait until ``rows_before_kill`` rows exist and a trial runs after them, then
     SIGKILL the driver's process group; wait until every process it started is gone."""
@@ -117,6 +117,8 @@ def _run_then_kill(
                 f"no trial ran after {rows_before_kill} rows within {timeout} s; trial files: {found}; "
                 f"driver output:\n{log.read_text()[-3000:]}"
             )
+        started_here = [cmd for _, cmd in _marked_processes(mark)]
+        assert any("raylet" in c for c in started_here), started_here  # what must not outlive the driver
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its group, no cleanup
         driver.wait(timeout=30)
     finally:
