@@ -35,7 +35,8 @@ def _system_dirs() -> tuple[str, ...]:
             continue
         for loc in (spec.submodule_search_locations or []) if spec else []:
             dirs.append(os.path.realpath(loc))
-    dirs.append(os.path.realpath(sysconfig.get_paths()["stdlib"]))  # (a venv's platstdlib holds site-packages)
+    # The interpreter's own library; not platstdlib, which in a venv is the folder holding site-packages.
+    dirs.append(os.path.realpath(sysconfig.get_paths()["stdlib"]))
     return tuple(dict.fromkeys(d.rstrip(os.sep) + os.sep for d in dirs))
 
 

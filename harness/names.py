@@ -13,7 +13,15 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["MAX_NAME_LEN", "NAME_RULE", "UnsafeNameError", "name_problem", "check_name", "safe_name", "inside"]
+__all__ = [
+    "MAX_NAME_LEN",
+    "NAME_RULE",
+    "UnsafeNameError",
+    "name_problem",
+    "check_name",
+    "safe_name",
+    "inside",
+]
 
 MAX_NAME_LEN = 100
 NAME_RULE = (
