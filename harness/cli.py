@@ -7,10 +7,13 @@
     spa-harness variants
 
 ``run`` expands GRID (``harness.grid.load_grid``), runs the trials that have no finished row yet
-(``harness.runner.run_grid``) into ``RESULTS/<grid name>``, and prints the comparison report
+(``harness.runner.run_grid``) into ``RESULTS/<grid name>``, prints each failed trial's error (its
+type, message, the user-code line it came from and its error.txt) and the comparison report
 (``harness.report``: deltas paired by seed with 95% intervals and verdicts; a 120-column table).
 ``report`` reports each experiment of RESULTS apart, or all as one with ``--merge``.
-Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid or arguments.
+Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
+(one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
+for every row file of the store that cannot be read (its trial counts as not done).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", default=os.environ.get("SPA_HARNESS_RESULTS", "results"),
                    help="results store: a folder or a pyarrow filesystem URI such as s3://bucket/spa "
                         "(default: ./results); the experiment goes to RESULTS/<grid name>")
-    r.add_argument("--name", default=None, help="experiment name (default: the grid's name)")
+    r.add_argument("--name", default=None,
+                   help="experiment name, a plain name: letters, digits and ._-=,+, not starting with '.', "
+                        "at most 100 characters (default: the grid's name)")
     r.add_argument("--address", default=None,
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local Ray)")
     r.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
@@ -81,18 +86,42 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+def _error(console: Any, text: str) -> None:
+    """One ``error:`` line, never wrapped (a log reader greps it); ``text`` is not markup."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(text)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def _warn_damaged(path: str, experiment: str | None = None) -> None:
+    """A ``warning:`` line on stderr per store file that is there but cannot be read."""
+    from harness.results import ResultsStore, damaged_files
+
+    try:
+        found = damaged_files(path) if experiment is None else ResultsStore(path).experiment(experiment).damaged_rows()
+    except (OSError, ValueError):
+        return  # a store that cannot be listed has its own error where it is read
+    for d in found:
+        why = "its trial counts as not done" if d.path.endswith("row.json") else "read as absent"
+        print(f"warning: damaged file {d}; {why}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from harness.config import smoke_overrides
     from harness.grid import GridError, load_grid
+    from harness.names import UnsafeNameError, check_name
     from harness.runner import plan, run_grid, trial_resources
 
     console = _console()
     try:
+        if args.name is not None:
+            check_name(args.name, "--name")
         grid = load_grid(args.grid, extra_plugins=args.plugin, overrides=smoke_overrides() if args.smoke else None)
-    except GridError as e:
-        console.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+    except (GridError, UnsafeNameError) as e:
+        _error(console, str(e))
         return 2
     experiment = args.name or grid.name
+    _warn_damaged(args.results, experiment)
     if args.dry_run:
         from harness.results import ResultsStore
 
@@ -108,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     console.print(f"{experiment}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                   + f" in {summary.wall_s:.0f} s" + (" (resumed)" if summary.restored else "")
                   + f"\nresults: {summary.uri}")
+    _print_failures(console, summary)
     if not args.no_report:
         try:
             from harness.report import report_command
@@ -116,6 +146,19 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as e:  # the report is a convenience here; the rows are what matter
             console.print(f"(no report: {type(e).__name__}: {e})", markup=False)
     return 0 if summary.ok else 1
+
+
+def _print_failures(console: Any, summary: Any) -> None:
+    """Each trial that did not finish, with the first line of its error."""
+    from harness.results import Experiment
+
+    exp = Experiment(*summary.uri.rstrip("/").rsplit("/", 1))
+    for p in summary.trials:
+        state = summary.states.get(p.config_hash)
+        if state in ("failed", "timeout"):
+            error = ((exp.read_row(p.config_hash) or {}).get("error") or "").splitlines()
+            console.print(f"{state}: {p.name} ({p.config_hash}): {error[0] if error else '?'}", markup=False,
+                          highlight=False, soft_wrap=True)
 
 
 def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args: argparse.Namespace) -> None:
@@ -138,6 +181,7 @@ def _status(args: argparse.Namespace) -> int:
     from harness.progress import render_states
     from harness.results import trial_states
 
+    _warn_damaged(args.results)
     states = trial_states(args.results)
     console = _console()
     if not states:
@@ -162,6 +206,7 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from harness.report import report_command
 
+    _warn_damaged(args.results)
     text = report_command(args.results, baseline=args.baseline, fmt=args.format, out=args.out, merge=args.merge)
     if args.out is None:
         print(text)
@@ -171,10 +216,25 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> int:
-    from harness.plugins import list_variants, load_entry_point_plugins, load_plugins
+    from harness.plugins import (
+        PluginError,
+        list_variants,
+        load_entry_point_plugins,
+        load_plugin,
+        resolve_plugin_spec,
+    )
 
-    load_entry_point_plugins()
-    load_plugins(args.plugin)
+    try:
+        load_entry_point_plugins()
+    except PluginError as e:
+        _error(_console(), f"plugins: {e}")
+        return 2
+    for spec in args.plugin:  # as `run` loads and reports them (harness.grid.load_grid)
+        try:
+            load_plugin(resolve_plugin_spec(spec))
+        except PluginError as e:
+            _error(_console(), f"--plugin: {e}")
+            return 2
     df = list_variants()
     print(df.to_string(index=False))
     return 0

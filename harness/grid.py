@@ -33,15 +33,23 @@ commas (``ratio=0.25`` for a config key, the bare label for a named axis), the s
 a variant, so a report groups by it, its ``plugins`` the absolute specs to load
 before building it, and, when the grid has a dense variant (``model.variant: dense``), its
 ``baseline`` that variant's name, model and head (not hashed): what its speedup is timed against.
-Anything wrong (an unknown top-level key or config key, a wrong type, a name no registry holds, a
-file that does not exist, an exclude rule that matches nothing, two trials with the same config)
-raises ``GridError`` naming the file, the line and the key and what was expected, before anything runs.
+Anything wrong (an empty file, a top level that is not a mapping, a grid that names no trial: no
+``base``, ``axes`` or ``points`` of its own or inherited; an unknown top-level key or config key, a
+wrong type, a name no registry holds, a file that does not exist, an exclude rule that matches
+nothing, two trials with the same config) raises ``GridError`` naming the file, the line and the key
+and what was expected, before anything runs.
+
+Names that become parts of paths are plain names (``harness.names``: letters, digits and
+``. _ - = , +``, not starting with ``.``, at most 100 characters): the grid's ``name`` (or its
+file's stem), each point's ``name`` and each label of a named axis. A crossed trial's name is made
+of its labels; where it names a folder it is mapped onto a plain name.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +67,7 @@ from harness.config import (
     trial_from_dict,
     trial_to_dict,
 )
+from harness.names import name_problem
 from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
 from spa_core.config import BACKBONE_PRESETS, ConfigError
 from spa_core.registry import GATES, MODEL_VARIANTS, PACK_STRATEGIES, SELECTION_POLICIES, SUPERVISION_MODES
@@ -121,15 +130,21 @@ _RANGES = {
 }
 
 
+# More trials than this is a typo (seeds: 1000000), not a grid; refused before anything is built.
+_MAX_TRIALS = 10_000
+
+
 class GridError(ValueError):
     """A grid file is wrong; the message reads ``file:line: key: what was expected``."""
 
     def __init__(
         self, message: str, *, file: str | Path | None = None, line: int | None = None, key: str | None = None
     ) -> None:
+        message = " ".join(message.split())  # one line, whatever the message was made of
         self.file, self.line, self.key, self.detail = (str(file) if file else None), line, key, message
-        where = f"{file}:{line}" if file and line else str(file or "<grid>")
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+        where = f"{file}:{line}" if file and line else str(file) if file else ""
+        text = f"{key}: {message}" if key else message
+        super().__init__(f"{where}: {text}" if where else text)
 
 
 @dataclass
@@ -260,6 +275,7 @@ class _Spec:
     exclude: list[tuple[_Loc, dict[str, _Val]]] | None = None
     seeds: _Val | None = None
     plugins: list[_Plugin] = field(default_factory=list)
+    names_trials: bool = False  # has base:, axes: or points: (itself or through extends)
 
 
 class _Doc:
@@ -272,18 +288,24 @@ class _Doc:
             text = file.read_text()
         except OSError as e:
             raise GridError(f"cannot read the grid file: {e.strerror or e}", file=file) from None
-        loader = yaml.SafeLoader(text)
+        loader = None
         try:
+            loader = yaml.SafeLoader(text)  # reads the text's first characters: may raise too
             node = loader.get_single_node()
-            self.data = self._construct(loader, node, ()) if node is not None else {}
+            if node is None:
+                raise GridError(
+                    "the grid file is empty (a grid is a mapping with base:, axes: or points:)", file=file
+                )
+            self.data = self._construct(loader, node, ())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            problem = getattr(e, "problem", None) or str(e)
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
             raise GridError(
                 f"not valid YAML: {problem}", file=file, line=mark.line + 1 if mark else None
             ) from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def _construct(self, loader: yaml.SafeLoader, node: yaml.Node, path: tuple) -> Any:
         if isinstance(node, yaml.MappingNode):
@@ -356,6 +378,8 @@ def _find_grid(path: str | Path, base_dir: Path | None, loc: _Loc | None) -> Pat
 def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
     doc = _Doc(file)
     data = doc.data
+    if data is None:  # ``---`` or ``null`` alone
+        raise GridError("the grid file is empty (a grid is a mapping with base:, axes: or points:)", file=file)
     if not isinstance(data, dict):
         raise GridError(
             f"a grid is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}; got {type(data).__name__}",
@@ -374,6 +398,9 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
             if not isinstance(data[key], str):
                 raise doc.loc((key,)).error(f"expected a string, got {data[key]!r}")
             setattr(spec, key, data[key])
+    if spec.name is not None:
+        _check_plain(spec.name, doc.loc(("name",)), "the grid's name (its experiment's folder)")
+    spec.names_trials = "base" in data or bool(data.get("axes")) or bool(data.get("points"))
 
     if "plugins" in data:
         raw = data["plugins"]
@@ -429,8 +456,8 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
         s = data["seeds"]
         loc = doc.loc(("seeds",))
         if isinstance(s, int) and not isinstance(s, bool):
-            if s < 1:
-                raise loc.error(f"expected a positive count, got {s}")
+            if not 1 <= s <= _MAX_TRIALS:
+                raise loc.error(f"expected a positive count up to {_MAX_TRIALS}, got {s}")
             seeds = list(range(s))
         elif isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool) for x in s):
             if len(set(s)) != len(s):
@@ -491,6 +518,7 @@ def _axis(doc: _Doc, key: str, values: Any) -> _Axis | None:
         vals = []
         for label, diff in values.items():
             vpath = path + (label,)
+            _check_plain(str(label), doc.loc(vpath, f"{key}.{label}"), "a named axis's label (part of trial names)")
             if not isinstance(diff, dict) or not diff:
                 raise doc.loc(vpath, f"{key}.{label}").error(
                     f"a named axis value is a non-empty mapping of config keys, got {diff!r}"
@@ -501,6 +529,12 @@ def _axis(doc: _Doc, key: str, values: Any) -> _Axis | None:
         f"expected a list of values (config key axis) or a mapping label -> config diff "
         f"(named axis), got {values!r}"
     )
+
+
+def _check_plain(name: str, loc: _Loc, what: str, key: str | None = None) -> None:
+    problem = name_problem(name)
+    if problem is not None:
+        raise loc.error(f"{what} {name!r} is not a plain name: {problem}", key)
 
 
 def _label(v: Any) -> str:
@@ -527,6 +561,7 @@ def _merge(parent: _Spec, child: _Spec) -> _Spec:
     out.exclude = child.exclude if child.exclude is not None else parent.exclude
     out.seeds = child.seeds or parent.seeds
     out.plugins = parent.plugins + child.plugins
+    out.names_trials = parent.names_trials or child.names_trials
     return out
 
 
@@ -566,6 +601,8 @@ def _check(key: str, v: _Val) -> None:
         raise v.loc.error(str(e), key) from None
     except KeyError as e:
         raise v.loc.error(str(e.args[0]) if e.args else str(e), key) from None
+    except (TypeError, ValueError) as e:  # a value of a shape the config cannot take (a list for a section)
+        raise v.loc.error(f"a value of the wrong type or shape ({e}), got {v.value!r}", key) from None
     if isinstance(v.value, dict):  # e.g. an axis over ``model.spa`` mappings: check the names inside
         for sub, value in _flat(v.value, key).items():
             _check_name(sub, _Val(value, v.loc), key)
@@ -628,10 +665,20 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
     for key, v in over.items():
         _check(key, v)
     seeds = spec.seeds.value if spec.seeds else [0]
+    if not spec.names_trials:
+        raise spec.loc.error(
+            "the grid names no trial: give it base: (an empty base: {} is one trial of the defaults), "
+            "axes: or points:, or extends: a grid that does"
+        )
     grid_name = spec.name or file.stem
+    if spec.name is None:
+        _check_plain(grid_name, spec.loc, "the grid file's stem (its experiment's folder; set name: instead)", "name")
 
     # variants: (name, labels, diff, loc)
     variants: list[tuple[str, dict[str, str], dict[str, _Val], _Loc]] = []
+    n_trials = math.prod(len(a.values) for a in axes) * len(seeds) + len(spec.points or []) * len(seeds)
+    if n_trials > _MAX_TRIALS:
+        raise spec.loc.error(f"the grid expands to {n_trials} trials; at most {_MAX_TRIALS}", "axes")
     short = _short_names([a.key for a in axes])
     if axes:
         for combo in itertools.product(*[a.values for a in axes]):
@@ -672,10 +719,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         name = p.name if p.name is not None else f"point{i}"
         if not isinstance(name, str):
             raise p.loc.error(f"expected a string name, got {name!r}", "name")
-        if not name.strip() or any(c in name for c in "/\\\n"):
-            raise p.loc.error(
-                f"a trial name is a non-empty string without '/', '\\' or newlines, got {name!r}", "name"
-            )
+        _check_plain(name, p.loc, "a point's name (a trial name)", "name")
         diff = _merge_diff(spec.base, p.diff)
         kept.append((name, {}, _resolve(diff, over, name, p.loc), p.loc))
 
@@ -750,7 +794,7 @@ def _resolve(diff: dict[str, _Val], over: dict[str, _Val], name: str, loc: _Loc)
     d["name"] = name
     try:
         return trial_from_dict(d)
-    except (ConfigError, KeyError) as e:
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise loc.error(f"trial {name!r} does not resolve: {msg}", "trial") from None
 

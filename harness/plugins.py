@@ -36,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from harness.errors import describe
 from spa_core.registry import ALL_REGISTRIES, registering_as
 
 __all__ = [
@@ -59,7 +60,9 @@ _ENTRY_POINTS_DONE: set[str] = set()
 
 
 class PluginError(ImportError):
-    """A plugin could not be found or imported, or its registration failed; names the plugin."""
+    """A plugin could not be found or imported, or its registration failed; names the plugin, and
+    for a failure inside it the exception's type and message and the plugin's own file and line
+    (``harness.errors.describe``)."""
 
 
 def is_file_spec(spec: str) -> bool:
@@ -123,7 +126,7 @@ def load_entry_point_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
                 if callable(obj) and not isinstance(obj, ModuleType):
                     obj()
         except Exception as e:  # noqa: BLE001 - re-raised with the entry point named
-            raise PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group!r}: {e}") from e
+            raise PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group!r}: {describe(e)}") from e
         _ENTRY_POINTS_DONE.add(key)
         done.append(ep.name)
     return done
@@ -209,7 +212,7 @@ def _load_file(path: str, origin: str) -> ModuleType:
             spec.loader.exec_module(mod)
     except Exception as e:  # noqa: BLE001 - re-raised with the plugin named
         sys.modules.pop(mod_name, None)
-        raise PluginError(f"plugin file {path!r} failed to load: {type(e).__name__}: {e}") from e
+        raise PluginError(f"plugin file {path!r} failed to load: {describe(e)}") from e
     _LOADED[path] = mod
     return mod
 
@@ -230,6 +233,6 @@ def _load_module(name: str, origin: str) -> ModuleType:
             with registering_as(origin):
                 mod = importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - re-raised with the plugin named
-            raise PluginError(f"plugin module {name!r} failed to load: {type(e).__name__}: {e}") from e
+            raise PluginError(f"plugin module {name!r} failed to load: {describe(e)}") from e
     _LOADED[name] = _LOADED[key] = mod
     return mod

@@ -15,9 +15,16 @@ Layout (a local folder or any pyarrow filesystem URI, e.g. ``s3://bucket/spa``):
         tune/                         Ray Tune's experiment state (``Tuner.restore``)
 
 A row is written to a temporary name and renamed into place (on object stores a single PUT is
-atomic already), so a crash never leaves half a row. ``load(path)`` reads a store or one experiment
-into a pandas DataFrame with at least the columns ``status`` (done / failed / timeout),
-``config_hash`` and ``gmacs``.
+atomic already), so a crash never leaves half a row. A row file that is there but cannot be read
+as a row (truncated by hand, a disk that lost it) counts as no row, so the trial runs again, and
+``damaged_files(path)`` lists it with its path and what is wrong, for ``run``, ``status`` and
+``report`` to warn about. ``load(path)`` reads a store or one experiment into a pandas DataFrame
+with at least the columns ``status`` (done / failed / timeout), ``config_hash`` and ``gmacs``.
+
+Every path is joined from the store root and single path components: an experiment's name, a
+config hash and a file name are each checked to be one component (not empty, ``.`` or ``..``,
+without ``/``, ``\\`` or NUL, at most 255 bytes), and a local path is checked to stay under the
+root, so nothing is written outside the store whatever a name says.
 """
 
 from __future__ import annotations
@@ -33,11 +40,16 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from harness.names import UnsafeNameError, inside
+
 __all__ = [
     "STATUSES",
     "REQUIRED_COLUMNS",
     "ResultsStore",
     "Experiment",
+    "DamagedFile",
+    "UnsafeNameError",
+    "damaged_files",
     "load",
     "trial_states",
 ]
@@ -46,6 +58,7 @@ STATUSES = ("done", "failed", "timeout")
 REQUIRED_COLUMNS = ("experiment", "name", "status", "config_hash", "gmacs", "error")
 HEARTBEAT_S = 10.0  # a running trial touches running.json this often
 _STALE_S = 6 * HEARTBEAT_S  # a marker older than this belongs to a trial that is no longer running
+_DETAIL_CHARS = 400  # of a failed trial's error in ``trial_states``: enough for its type, place and error.txt
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -57,6 +70,27 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts if p)
+
+
+def _component(part: str, what: str) -> str:
+    """``part`` if it is a single path component; else ``UnsafeNameError``."""
+    if not isinstance(part, str) or part in ("", ".", "..") or any(c in part for c in "/\\\0"):
+        raise UnsafeNameError(f"{what} {part!r} is not a single path component (no '/', '\\', '.', '..')")
+    if len(part.encode()) > 255:
+        raise UnsafeNameError(f"{what} {part[:40]!r}... is {len(part.encode())} bytes long; a path component "
+                              "holds at most 255")
+    return part
+
+
+@dataclass(frozen=True)
+class DamagedFile:
+    """A store file that is there but cannot be read for what it should hold."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -79,7 +113,9 @@ def dumps(obj: Any) -> bytes:
 
 
 class ResultsStore:
-    """A store root (``--results``): a folder or URI holding one folder per experiment."""
+    """A store root (``--results``): a folder or URI holding one folder per experiment.
+
+    ``experiment(name)`` raises ``UnsafeNameError`` for a name that is not one path component."""
 
     def __init__(self, uri: str):
         self.uri = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
@@ -117,13 +153,24 @@ class Experiment:
     name: str
 
     def __post_init__(self) -> None:
+        _component(self.name, "experiment name")
         self.fs, root = _filesystem(self.store_uri)
         self.path = _join(root, self.name)
         self.uri = _join(self.store_uri, self.name)
+        if isinstance(self.fs, pafs.LocalFileSystem) and not inside(root, self.path):
+            raise UnsafeNameError(f"experiment {self.name!r} would lie outside the store {root}")
 
     # --- paths ---------------------------------------------------------------------------------
     def trial_path(self, config_hash: str, filename: str = "") -> str:
+        _component(config_hash, "config hash")
+        if filename:
+            _component(filename, "trial file name")
         return _join(self.path, "trials", config_hash, filename)
+
+    def trial_uri(self, config_hash: str, filename: str = "") -> str:
+        """``trial_path`` as the user names it: a local path, or the store's URI scheme and path."""
+        self.trial_path(config_hash, filename)  # the same checks
+        return _join(self.uri, "trials", config_hash, filename)
 
     @property
     def tune_uri(self) -> str:
@@ -151,13 +198,30 @@ class Experiment:
             return None
 
     def read_json(self, path: str) -> Any:
+        """The parsed file; ``None`` when it is missing or cannot be parsed (``damaged`` tells which)."""
         data = self.read_bytes(path)
         if data is None:
             return None
         try:
             return json.loads(data)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None
+
+    def damaged(self, path: str, *, row: bool = False) -> DamagedFile | None:
+        """What is wrong with the JSON file at ``path`` (a row when ``row``), or ``None`` when it is
+        fine or missing."""
+        data = self.read_bytes(path)
+        if data is None:
+            return None
+        try:
+            obj = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return DamagedFile(path, f"cannot be parsed ({len(data)} bytes: {e})")
+        if not isinstance(obj, dict):
+            return DamagedFile(path, f"holds a JSON {type(obj).__name__}, not an object")
+        if row and obj.get("status") not in STATUSES:
+            return DamagedFile(path, f"has status {obj.get('status')!r}, not one of {', '.join(STATUSES)}")
+        return None
 
     def delete(self, path: str) -> None:
         try:
@@ -167,7 +231,8 @@ class Experiment:
 
     # --- experiment ----------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
-        return self.read_json(_join(self.path, "experiment.json"))
+        m = self.read_json(_join(self.path, "experiment.json"))
+        return m if isinstance(m, dict) else None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.write_bytes(_join(self.path, "experiment.json"), dumps(manifest))
@@ -177,7 +242,16 @@ class Experiment:
 
     # --- trials --------------------------------------------------------------------------------
     def read_row(self, config_hash: str) -> dict[str, Any] | None:
-        return self.read_json(self.trial_path(config_hash, "row.json"))
+        """The trial's row; ``None`` when there is none, or when its file is damaged (the trial is
+        not done; ``damaged_rows`` names the file)."""
+        row = self.read_json(self.trial_path(config_hash, "row.json"))
+        return row if isinstance(row, dict) and row.get("status") in STATUSES else None
+
+    def damaged_rows(self) -> list[DamagedFile]:
+        """The experiment's row files (and manifest) that are there but cannot be read."""
+        out = [self.damaged(_join(self.path, "experiment.json"))]
+        out += [self.damaged(self.trial_path(h, "row.json"), row=True) for h in self.trial_hashes()]
+        return [d for d in out if d is not None]
 
     def write_row(self, config_hash: str, row: dict[str, Any]) -> None:
         if row.get("status") not in STATUSES:
@@ -205,7 +279,7 @@ class Experiment:
 
     def trial_hashes(self) -> list[str]:
         info = self.fs.get_file_info(pafs.FileSelector(_join(self.path, "trials"), allow_not_found=True))
-        return sorted(e.base_name for e in info if e.type == pafs.FileType.Directory)
+        return sorted(e.base_name for e in info if e.type == pafs.FileType.Directory and e.base_name[:1] != ".")
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for h in self.trial_hashes():
@@ -222,10 +296,19 @@ def _experiments_at(uri: str) -> list[Experiment]:
     """``uri`` is one experiment's folder or a store root; the experiments it names."""
     fs, path = _filesystem(uri)
     if _exists(fs, _join(path, "experiment.json")):
-        parent, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri.rstrip("/") else (".", uri)
+        if "://" in uri:
+            parent, name = uri.rstrip("/").rsplit("/", 1)
+        else:
+            parent, name = os.path.split(os.path.abspath(os.path.expanduser(uri)))
         return [Experiment(parent, name)]
     store = ResultsStore(uri)
     return [store.experiment(n) for n in store.experiments()]
+
+
+def damaged_files(path: str | os.PathLike) -> list[DamagedFile]:
+    """Row files and manifests of the experiments at ``path`` (a store root or one experiment) that
+    are there but cannot be read; their trials count as not done."""
+    return [d for exp in _experiments_at(os.fspath(path)) for d in exp.damaged_rows()]
 
 
 def load(path: str | os.PathLike, *, dedupe: bool = True):
@@ -235,7 +318,8 @@ def load(path: str | os.PathLike, *, dedupe: bool = True):
     ``model.spa.ratio``; lists become tuples), plus ``experiment``. Guaranteed columns: ``status``
     (done / failed / timeout), ``config_hash``, ``gmacs``, ``error``, ``name``, ``experiment``.
     Across a whole store the same trial can sit in several experiments (a reused row is a copy);
-    ``dedupe`` keeps one row per config hash, preferring ``done`` and then the latest.
+    ``dedupe`` keeps one row per config hash, preferring ``done`` and then the latest. A damaged row
+    file is left out (``damaged_files(path)`` lists them).
     """
     import pandas as pd
 
@@ -270,19 +354,25 @@ def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
         manifest = exp.read_manifest() or {}
         listed = manifest.get("trials") or [{"name": "?", "config_hash": h} for h in exp.trial_hashes()]
         for t in listed:
+            if not isinstance(t, dict) or not isinstance(t.get("config_hash"), str):
+                continue
             h = t["config_hash"]
             row = exp.read_row(h)
             entry = {"experiment": exp.name, "name": t.get("name", "?"), "config_hash": h,
                      "workers": t.get("workers"), "state": "pending", "detail": ""}
+            damaged = exp.damaged(exp.trial_path(h, "row.json"), row=True) if row is None else None
+            if damaged is not None:
+                entry["detail"] = f"damaged row file: {damaged}"
+                entry["damaged"] = damaged.path
             if row is not None:
                 entry["state"] = row.get("status", "?")
                 if entry["state"] == "done":
-                    entry["detail"] = f"{row.get('wall_s', float('nan')):.1f} s"
-                else:
-                    entry["detail"] = (row.get("error") or "").splitlines()[0][:100] if row.get("error") else ""
+                    entry["detail"] = f"{float(row.get('wall_s') or math.nan):.1f} s"
+                elif row.get("error"):  # its first line: type, message, where in user code, error.txt
+                    entry["detail"] = str(row["error"]).splitlines()[0][:_DETAIL_CHARS]
             else:
                 marker = exp.read_json(exp.trial_path(h, "running.json"))
-                if marker is not None:
+                if isinstance(marker, dict):
                     age = now - float(marker.get("heartbeat", 0))
                     entry["state"] = "running" if age < _STALE_S else "interrupted"
                     entry["detail"] = f"attempt {marker.get('attempt', 1)}, started {time.ctime(marker.get('start_time', 0))}"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.config import TrialConfig, config_hash, trial_to_dict
+from harness.names import name_problem, safe_name
 from harness.results import Experiment, ResultsStore
 
 __all__ = ["PlannedTrial", "RunSummary", "plan", "trial_resources", "init_ray", "run_grid"]
@@ -142,8 +143,10 @@ def _quiet_tune() -> None:
 
 
 def _trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial: its name made a plain name (a crossed trial's name holds every
+    axis label), then its config hash, which keeps it unique."""
     t = trial.config["trial"]
-    return f"{t['config'].get('name', 'trial')}-{t['config_hash']}"[:100]
+    return f"{safe_name(str(t['config'].get('name', 'trial')), 80)}-{safe_name(t['config_hash'], 19)}"
 
 
 def run_grid(
@@ -174,10 +177,11 @@ def run_grid(
 
     previous = exp.read_manifest() or {}
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    prev_tune = previous.get("tune") or {}
+    prev_tune = previous.get("tune") if isinstance(previous.get("tune"), dict) else {}
     pending_hashes = sorted(p.config_hash for p in pending)
-    restorable = bool(pending_hashes) and not rerun and bool(prev_tune.get("name")) and not prev_tune.get(
-        "finished") and set(pending_hashes) <= set(prev_tune.get("trials", []))
+    # The previous run's Tune folder is a name read back from the store: restored only when plain.
+    restorable = (bool(pending_hashes) and not rerun and name_problem(prev_tune.get("name")) is None
+                  and not prev_tune.get("finished") and set(pending_hashes) <= set(prev_tune.get("trials") or []))
     tune_name = prev_tune["name"] if restorable else f"tune-{run_id}"
     manifest = {
         "name": experiment,

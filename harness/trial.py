@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from harness.config import flatten_config
+from harness.errors import describe, root_cause
 from harness.results import HEARTBEAT_S, Experiment
 
 __all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "error_tail"]
@@ -60,20 +61,14 @@ def error_tail(exc: BaseException, lines: int = _TRACEBACK_LINES) -> str:
 
 def _error_type(exc: BaseException) -> str:
     """The root cause's type name (Ray wraps a worker's exception in a TrainingFailedError)."""
-    seen = exc
-    for _ in range(8):
-        nxt = seen.__cause__ or getattr(seen, "cause", None)
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    return type(seen).__name__
+    return type(root_cause(exc)).__name__
 
 
-def _error_message(exc: BaseException) -> str:
-    msg = str(exc).strip() or type(exc).__name__
-    if _is_oom(exc):
-        msg = f"out of memory: {msg}"
-    return msg
+def _error_message(exc: BaseException, traceback_path: str | None = None) -> str:
+    """``Type: message [in func at file:line; full traceback: PATH]`` (``harness.errors.describe``:
+    the innermost frame of user code, e.g. the plugin that raised), ``out of memory: `` first for
+    an out-of-memory error."""
+    return describe(exc, traceback_path=traceback_path, prefix="out of memory: " if _is_oom(exc) else "")
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -214,7 +209,8 @@ def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: E
             if timed_out:
                 return failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout",
                                    tb=tb, attempt=attempt, start=start)
-            return failure_row(cfg_dict, h, context, status="failed", error=_error_message(e),
+            return failure_row(cfg_dict, h, context, status="failed",
+                               error=_error_message(e, exp.trial_uri(h, "error.txt")),
                                error_type=_error_type(e), tb=tb, attempt=attempt, start=start)
     wall = time.perf_counter() - t0
     end = time.time()

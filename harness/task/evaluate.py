@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,11 +36,17 @@ def coco_map(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[int]
     """COCO bbox mAP of ``detections`` (COCO results: ``image_id``, ``category_id``, ``bbox`` xywh in
     original pixels, ``score``) against ``coco_gt`` (a pycocotools ``COCO``), over ``image_ids``
     (default: all). Returns ``MAP_KEYS`` in [0, 1]; a size range without ground truth is NaN
-    (pycocotools' -1), and no detections at all score 0."""
+    (pycocotools' -1), and no detections at all score 0.
+
+    Raises ``ValueError`` for input pycocotools would score silently wrong: ground truth whose
+    annotation ids repeat (its index keeps one of each), or a detection naming an image or category
+    the ground truth lacks, or with a non-finite box or score."""
     from pycocotools.cocoeval import COCOeval
 
+    _check_gt(coco_gt)
     ids = sorted(coco_gt.getImgIds() if image_ids is None else set(image_ids))
     keep = set(ids)
+    _check_detections(coco_gt, detections)
     dets = [dict(d) for d in detections if d["image_id"] in keep]  # loadRes writes into its input
     if not dets:  # loadRes cannot take an empty list
         return {k: (0.0 if k not in _AREA_RANGES or _has_gt(coco_gt, ids, *_AREA_RANGES[k]) else math.nan)
@@ -53,6 +59,24 @@ def coco_map(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[int]
         ev.accumulate()
         ev.summarize()
     return {k: (float(v) if v >= 0 else math.nan) for k, v in zip(MAP_KEYS, ev.stats[:6])}
+
+
+def _check_gt(coco_gt) -> None:
+    anns = coco_gt.dataset.get("annotations", [])
+    if len(coco_gt.anns) != len(anns):
+        counts = Counter(a.get("id") for a in anns)
+        repeated = sorted((i for i, n in counts.items() if n > 1), key=str)[:5]
+        raise ValueError(f"ground truth annotation ids repeat ({', '.join(map(str, repeated))}): pycocotools "
+                         "would score against one of each; load it with harness.task.coco.CocoDetection")
+
+
+def _check_detections(coco_gt, detections: list[dict[str, Any]]) -> None:
+    images, cats = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
+    for d in detections:
+        if d["image_id"] not in images or d["category_id"] not in cats:
+            raise ValueError(f"detection {d!r} names an image or category the ground truth lacks")
+        if not all(math.isfinite(v) for v in (*d["bbox"], d["score"])):
+            raise ValueError(f"detection {d!r} has a non-finite box or score")
 
 
 def _has_gt(coco_gt, ids: list[int], lo: float, hi: float) -> bool:

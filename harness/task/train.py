@@ -24,7 +24,8 @@ import torch
 
 from harness.config import TrialConfig
 from harness.task.backend import TorchBackend, TrainBackend
-from harness.task.data import CocoDetection, build_datasets, collate
+from harness.task.coco import CocoDetection
+from harness.task.data import build_datasets, collate
 from harness.task.detector import Detector, build_detector
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
 

@@ -324,7 +324,7 @@ BAD = {
         BASE + "points:\n  - {name: a/b, model.variant: dense}\n",
         5,
         "name",
-        "without '/'",
+        "'a/b' is not a plain name: contains '/'",
     ),
     "name not a string": (BASE + "name: [a]\n", 4, "name", "expected a string"),
 }

@@ -122,3 +122,26 @@ def test_uri_stores_and_object_store_writes(tmp_path, monkeypatch):
     exp.write_row("h9", _row("h9"))
     assert exp.read_row("h9")["config_hash"] == "h9"
     assert (tmp_path / "obj" / "e" / "trials" / "h9" / "row.json").is_file()
+
+
+@pytest.mark.parametrize("damage", [b'{"status": "do', b"", b"[1, 2]", b'{"status": "weird"}', b"\xff\xfe"])
+def test_a_damaged_row_is_not_done_and_is_named(tmp_path, damage):
+    exp = _experiment(tmp_path, "e", [_row("h1"), _row("h2")])
+    path = tmp_path / "e" / "trials" / "h2" / "row.json"
+    path.write_bytes(damage)
+    assert exp.read_row("h2") is None and exp.read_row("h1")["status"] == "done"
+    found = results.damaged_files(tmp_path)
+    assert [d.path for d in found] == [str(path)] and str(path) in str(found[0])
+    assert results.damaged_files(tmp_path / "e") == found  # one experiment's folder too
+    states = {s["config_hash"]: s for s in trial_states(tmp_path)}
+    assert states["h2"]["state"] == "pending" and states["h2"]["damaged"] == str(path)
+    assert states["h2"]["detail"].startswith(f"damaged row file: {path}: ")
+    assert list(load(tmp_path)["config_hash"]) == ["h1"]
+    assert ResultsStore(str(tmp_path)).find_done("h2") is None  # not reused elsewhere either
+
+
+def test_a_damaged_manifest_is_named(tmp_path):
+    _experiment(tmp_path, "e", [_row("h1")])
+    (tmp_path / "e" / "experiment.json").write_text("{")
+    assert [d.path for d in results.damaged_files(tmp_path / "e")] == [str(tmp_path / "e" / "experiment.json")]
+    assert [s["config_hash"] for s in trial_states(tmp_path / "e")] == ["h1"]  # listed from the trial folders

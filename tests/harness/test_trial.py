@@ -201,3 +201,29 @@ def test_torch_reads_omp_num_threads_only_at_import():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1", "1"]
+
+
+def test_a_failed_trial_points_at_the_user_code_and_its_error_file(setup, monkeypatch, tmp_path):
+    """The row's error (what the console and ``status`` show) names the exception, the plugin's file and
+    line it came from, and the file holding the whole traceback."""
+    import importlib.util
+
+    from harness.results import trial_states
+
+    cfg_dict, h, ctx, exp, reports = setup
+    plugin = tmp_path / "my_selection.py"
+    plugin.write_text("def select(scores):\n    raise IndexError('no tokens to select')\n")
+    spec = importlib.util.spec_from_file_location("my_selection_for_trial_test", plugin)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: mod.select(None))
+    exp.write_manifest({"trials": [{"name": "t", "config_hash": h}]})
+    trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
+    row = exp.read_row(h)
+    error_file = exp.trial_path(h, "error.txt")
+    assert row["status"] == "failed" and row["error_type"] == "IndexError"
+    assert row["error"] == (f"IndexError: no tokens to select [in select at {plugin}:2; "
+                            f"full traceback: {error_file}]")
+    assert "my_selection.py" in open(error_file).read()
+    (state,) = trial_states(tmp_path)
+    assert state["state"] == "failed" and state["detail"] == row["error"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from harness.task.data import CocoDetection
+from harness.task.coco import CocoDetection
 from harness.task.evaluate import (
     MAP_KEYS,
     GateMeter,
@@ -86,3 +88,19 @@ def test_gate_meter_counts():
     assert s["gate_recall"] == pytest.approx(2 / 3)  # image 0: tp 2 of pos 3
     assert s["gate_precision"] == pytest.approx((2 / 3 + 0.0) / 2)  # image 1 keeps 1 unlabelled token
     assert s["kept_fraction_s4b0"] == pytest.approx(1.0)
+
+
+def test_input_that_would_score_silently_wrong_is_refused(ds):
+    gt = ds.coco_gt()
+    good = ground_truth_detections(gt)
+    for bad in ({"image_id": 999}, {"category_id": 999}, {"score": math.nan}, {"bbox": [0, 0, math.inf, 1]}):
+        with pytest.raises(ValueError, match="detection .* (lacks|non-finite)"):
+            coco_map(gt, good[:1] + [{**good[1], **bad}])
+    from pycocotools.coco import COCO
+
+    raw = COCO()
+    raw.dataset = {**gt.dataset, "annotations": [*gt.dataset["annotations"], dict(gt.dataset["annotations"][0])]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        raw.createIndex()
+    with pytest.raises(ValueError, match=r"ground truth annotation ids repeat \(1\)"):
+        coco_map(raw, good)
