@@ -1,6 +1,5 @@
 """DeepSpeed config builder and DeepSpeedBackend on a one-process gloo group (CPU)."""
 
-import os
 
 import pytest
 import torch
@@ -47,23 +46,6 @@ def test_precision_and_backend_on_cuda_are_chosen_by_the_code(monkeypatch):
     assert resolve_precision("auto", "cuda") == "fp32"
     assert deepspeed_config(_cfg(precision="fp16"), "cuda")["fp16"]["enabled"] is True
     assert comm_backend("cuda") == "nccl" and comm_backend("cpu") == "gloo"
-
-
-@pytest.fixture(scope="module")
-def one_process_group():
-    """One group for the module, as in a trial process: DeepSpeed caches its groups, so a group is
-    made once per process and kept (harness.trial does the same)."""
-    import torch.distributed as dist
-
-    from harness.distributed import init_process_group, prepare_accelerator
-
-    saved = {k: os.environ.pop(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE") if k in os.environ}
-    made = init_process_group(prepare_accelerator())
-    assert os.environ["DS_ACCELERATOR"] == "cpu"
-    yield
-    if made:
-        dist.destroy_process_group()
-    os.environ.update(saved)
 
 
 @pytest.mark.filterwarnings("ignore")

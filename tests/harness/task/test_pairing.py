@@ -333,26 +333,6 @@ def test_with_several_dense_variants_each_trial_gets_the_nearest(tmp_path):
 # --- DeepSpeed -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_process_group():
-    """A one-process group, as a trial run in its Tune trial's own process has."""
-    import os
-
-    import torch.distributed as dist
-
-    from harness.distributed import init_process_group, prepare_accelerator
-
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
-    made = init_process_group(prepare_accelerator())
-    yield
-    if made:
-        dist.destroy_process_group()
-    for k in keys:
-        os.environ.pop(k, None)
-    os.environ.update(saved)
-
-
 @pytest.mark.filterwarnings("ignore")
 def test_under_deepspeed_zero3_the_engine_wraps_the_paired_initial_weights(
     one_process_group, cache, monkeypatch
