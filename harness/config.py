@@ -117,11 +117,12 @@ class TrialConfig:
     seed: int = 0
     plugins: list[str] = field(default_factory=list)  # modules / files to import before building
     baseline: BaselineConfig | None = None  # set by the grid from its dense point; None: no dense point
+    axis: dict[str, str] = field(default_factory=dict)  # set by the grid: the trial's label on each of its axes
 
 
 # Keys that do not change what a trial computes: left out of the content hash.
 _UNHASHED = ("name", "resources.timeout_s", "resources.retries", "plugins", "data.num_workers", "data.cache_dir",
-             "baseline")
+             "baseline", "axis")
 
 
 def trial_from_dict(data: dict[str, Any]) -> TrialConfig:

@@ -593,6 +593,8 @@ def _check(key: str, v: _Val) -> None:
         raise v.loc.error("set seeds with the top-level `seeds:` key", key)
     if key == "plugins":
         raise v.loc.error("name plugins with the top-level `plugins:` key", key)
+    if key.split(".")[0] in ("baseline", "axis"):
+        raise v.loc.error(f"`{key.split('.')[0]}` is set by the grid itself (its dense point, its axes)", key)
     d: dict[str, Any] = {}
     set_dotted(d, key, v.value)
     try:
@@ -736,11 +738,12 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
 
     trials: list[TrialConfig] = []
     hashes: dict[str, str] = {}
-    for name, _, cfg, loc in kept:
+    for name, labels, cfg, loc in kept:
         for seed in seeds:
             t = copy.deepcopy(cfg)
             t.seed = seed
             t.plugins = list(plugins)
+            t.axis = dict(labels)  # the report's axis tables read these (axis.<axis> columns of the row)
             h = config_hash(t)
             if h in hashes:
                 raise loc.error(

@@ -95,7 +95,8 @@ def _base_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext,
     }
     row.update({f"{k}_version": v for k, v in package_versions().items()})
     # The baseline's model and head stay in config_json; the row names it in speedup_baseline.
-    row.update(flatten_config({k: v for k, v in cfg_dict.items() if k != "baseline"}))
+    row.update(flatten_config({k: v for k, v in cfg_dict.items() if k not in ("baseline", "axis")}))
+    row.update({f"axis.{k}": v for k, v in (cfg_dict.get("axis") or {}).items()})  # the report's axis tables
     return row
 
 

@@ -3,6 +3,7 @@ clear error for every kind of bad grid, naming the file, the line and the key.""
 
 from __future__ import annotations
 
+import copy
 import textwrap
 from pathlib import Path
 
@@ -372,3 +373,39 @@ def test_bad_override(tmp_path):
     path = _write(tmp_path, BASE)
     err = _error(path, overrides={"train.stepz": 1})
     assert "unknown key train.stepz" in str(err)
+
+
+def test_every_trial_carries_its_axis_labels_for_the_report(tmp_path):
+    """A trial's label on each axis travels with it (``axis``, not hashed) into its row's ``axis.<axis>``
+    columns, where the report's axis tables read them; a point has none."""
+    from harness.trial import failure_row  # the row builder every row goes through
+
+    path = _write(tmp_path, textwrap.dedent("""
+        base: {preset: micro}
+        axes:
+          model.spa.ratio: [0.25, 0.5]
+          selection: {tk: {model.spa.selection: topk}, rnd: {model.spa.selection: random}}
+        points: [{name: dense, model.variant: dense}]
+        seeds: 2
+    """))
+    grid = load_grid(path)
+    by_name = {t.name: t for t in grid.trials}
+    assert by_name["ratio=0.25,tk"].axis == {"model.spa.ratio": "0.25", "selection": "tk"}
+    assert by_name["dense"].axis == {}
+    t = by_name["ratio=0.5,rnd"]
+    bare = copy.deepcopy(t)
+    bare.axis = {}
+    assert config_hash(bare) == config_hash(t)
+    from harness.config import trial_to_dict
+    from harness.trial import TrialContext
+
+    row = failure_row(trial_to_dict(t), config_hash(t), TrialContext("file:///x", "e", "r", "c"), status="failed",
+                      error="x", error_type="X", tb="", attempt=1, start=0.0)
+    assert row["axis.selection"] == "rnd" and row["axis.model.spa.ratio"] == "0.5"
+    assert not any(k == "axis" or k.startswith("baseline.") for k in row)
+
+
+@pytest.mark.parametrize("key", ["axis.selection", "baseline.name"])
+def test_keys_the_grid_sets_itself_are_refused(tmp_path, key):
+    path = _write(tmp_path, f"base: {{preset: micro, {key}: x}}\n")
+    assert "set by the grid itself" in str(_error(path))
