@@ -13,7 +13,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from spa_core.config import BackboneConfig, ConfigError, backbone_preset, config_from_dict, config_to_dict
+from spa_core.config import (
+    BACKBONE_PRESETS,
+    BackboneConfig,
+    ConfigError,
+    backbone_preset,
+    checked_field,
+    config_from_dict,
+    config_to_dict,
+)
 
 __all__ = [
     "DataConfig",
@@ -36,13 +44,13 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    dataset: str = "builtin"  # "builtin" (generated from scikit-learn's digits + photos) or "coco"
+    dataset: str = checked_field("builtin", choices=("builtin", "coco"))  # "builtin" (generated from scikit-learn's digits + photos) or "coco"
     root: str | None = None  # coco: folder holding the files below
     train_images: str = "train"  # coco: image folder, relative to root
     train_ann: str = "annotations/instances_train.json"
     val_images: str = "val"
     val_ann: str = "annotations/instances_val.json"
-    image_size: int = 128  # images are resized (keeping aspect, padded) to this square size
+    image_size: int = checked_field(128, range_=(1, None, True, None))  # images are resized (keeping aspect, padded) to this square size
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200
     data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
@@ -64,14 +72,14 @@ class HeadConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16  # micro-batch per worker
-    grad_accum: int = 1
-    lr: float = 1e-3
+    steps: int = checked_field(300, range_=(1, None, True, None))
+    batch_size: int = checked_field(16, range_=(1, None, True, None))  # micro-batch per worker
+    grad_accum: int = checked_field(1, range_=(1, None, True, None))
+    lr: float = checked_field(1e-3, range_=(0.0, None, False, None))
     weight_decay: float = 0.05
     warmup_steps: int = 20
-    zero_stage: int = 0  # DeepSpeed ZeRO stage
-    precision: str = "auto"  # auto: bf16 where the device supports it (never fp16 on CPU), else fp32
+    zero_stage: int = checked_field(0, range_=(0, 3, True, True))  # DeepSpeed ZeRO stage
+    precision: str = checked_field("auto", choices=("auto", "bf16", "fp16", "fp32"))  # fp16: CUDA only; auto: bf16 where the device supports it (never fp16 on CPU), else fp32
     grad_clip: float = 1.0
     eval_images: int | None = None  # None: the whole val split
     log_every: int = 10
@@ -79,19 +87,19 @@ class TrainConfig:
 
 @dataclass
 class BenchConfig:
-    batch_size: int = 8  # the fixed evaluation batch for FLOPs and timings
+    batch_size: int = checked_field(8, range_=(1, None, True, None))  # the fixed evaluation batch for FLOPs and timings
     warmup: int = 2
-    repeats: int = 7
+    repeats: int = checked_field(7, range_=(1, None, True, None))
     train_step: bool = True  # also time a training step
 
 
 @dataclass
 class ResourcesConfig:
-    workers: int = 1  # Ray Train workers (data-parallel DeepSpeed ranks)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    timeout_s: float = 1800.0  # a trial past this is recorded as "timeout"
-    retries: int = 0  # re-runs of a failed trial
+    workers: int = checked_field(1, range_=(1, None, True, None))  # Ray Train workers (data-parallel DeepSpeed ranks)
+    cpus_per_worker: float = checked_field(1.0, range_=(0.0, None, False, None))
+    gpus_per_worker: float = checked_field(0.0, range_=(0.0, None, True, None))
+    timeout_s: float = checked_field(1800.0, range_=(0.0, None, False, None))  # a trial past this is recorded as "timeout"
+    retries: int = checked_field(0, range_=(0, None, True, None))  # re-runs of a failed trial
 
 
 @dataclass
@@ -107,7 +115,7 @@ class BaselineConfig:
 @dataclass
 class TrialConfig:
     name: str = "trial"
-    preset: str = "tiny"  # backbone size (spa_core.config.BACKBONE_PRESETS); model.* overrides it
+    preset: str = checked_field("tiny", choices=tuple(BACKBONE_PRESETS))  # backbone size (spa_core.config.BACKBONE_PRESETS); model.* overrides it
     model: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)

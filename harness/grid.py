@@ -69,8 +69,8 @@ from harness.config import (
 )
 from harness.names import name_problem
 from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
-from spa_core.config import BACKBONE_PRESETS, ConfigError
-from spa_core.registry import GATES, MODEL_VARIANTS, PACK_STRATEGIES, SELECTION_POLICIES, SUPERVISION_MODES
+from spa_core.config import ConfigError, config_rules
+from spa_core.registry import ALL_REGISTRIES
 
 __all__ = ["Grid", "GridError", "load_grid", "BUILTIN_GRIDS_DIR", "TOP_LEVEL_KEYS"]
 
@@ -91,43 +91,9 @@ TOP_LEVEL_KEYS = {
 
 _DEFAULTS = trial_to_dict(TrialConfig())  # every config key (the default model has an spa section)
 
-# Keys whose values are names in a registry (checked after plugins load); value -> what holds them.
-_NAMED_VALUES = {
-    "model.variant": MODEL_VARIANTS,
-    "model.spa.selection": SELECTION_POLICIES,
-    "model.spa.pack": PACK_STRATEGIES,
-    "model.spa.gate": GATES,
-    "model.spa.supervision": SUPERVISION_MODES,
-}
-_CHOICES = {
-    "preset": ("backbone preset", sorted(BACKBONE_PRESETS)),
-    "data.dataset": ("dataset", ["builtin", "coco"]),
-    "train.precision": ("precision", ["auto", "bf16", "fp16", "fp32"]),  # fp16: CUDA only
-    "model.spa.mlp_on": ("mlp_on", ["all", "selected"]),
-}
-
-# Numeric keys with a valid range: key -> (low, high, low inclusive, high inclusive).
-_RANGES = {
-    "model.spa.ratio": (0.0, 1.0, True, True),
-    "model.spa.threshold": (0.0, 1.0, False, False),
-    "model.spa.alpha": (0.0, None, True, None),
-    "model.spa.gumbel_tau": (0.0, None, False, None),
-    "model.spa.container_len": (1, None, True, None),
-    "model.extra_stage3_blocks": (0, None, True, None),
-    "train.steps": (1, None, True, None),
-    "train.batch_size": (1, None, True, None),
-    "train.grad_accum": (1, None, True, None),
-    "train.lr": (0.0, None, False, None),
-    "train.zero_stage": (0, 3, True, True),
-    "data.image_size": (1, None, True, None),
-    "bench.batch_size": (1, None, True, None),
-    "bench.repeats": (1, None, True, None),
-    "resources.workers": (1, None, True, None),
-    "resources.cpus_per_worker": (0.0, None, False, None),
-    "resources.gpus_per_worker": (0.0, None, True, None),
-    "resources.timeout_s": (0.0, None, False, None),
-    "resources.retries": (0, None, True, None),
-}
+# What each config key may hold, declared once on the config dataclasses (``checked_field``): registry
+# names (checked after plugins load), fixed choices, numeric ranges.
+_RULES = config_rules(TrialConfig)
 
 
 # More trials than this is a typo (seeds: 1000000), not a grid; refused before anything is built.
@@ -620,20 +586,20 @@ def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 def _check_name(key: str, v: _Val, where: str) -> None:
     """A value that names a registry entry (or one of a fixed set of choices) names one that exists."""
-    if key in _NAMED_VALUES:
-        reg = _NAMED_VALUES[key]
+    rule = _RULES.get(key, {})
+    if "registry" in rule:
+        reg = ALL_REGISTRIES[rule["registry"]]
         if len(reg) and v.value not in reg:  # an empty registry: spa_core has not registered yet
             raise v.loc.error(
                 f"unknown {reg.name} {v.value!r}; registered: {', '.join(reg) or 'nothing'} "
                 f"(plugins add more: `plugins:` in the grid, --plugin, or an entry point)",
                 where,
             )
-    if key in _CHOICES:
-        what, choices = _CHOICES[key]
-        if v.value not in choices:
-            raise v.loc.error(f"unknown {what} {v.value!r}; expected one of: {', '.join(choices)}", where)
-    if key in _RANGES and isinstance(v.value, int | float) and not isinstance(v.value, bool):
-        lo, hi, lo_in, hi_in = _RANGES[key]
+    if "choices" in rule and v.value not in rule["choices"]:
+        what = key.split(".")[-1]
+        raise v.loc.error(f"unknown {what} {v.value!r}; expected one of: {', '.join(rule['choices'])}", where)
+    if "range" in rule and isinstance(v.value, int | float) and not isinstance(v.value, bool):
+        lo, hi, lo_in, hi_in = rule["range"]
         ok = (lo is None or v.value > lo or (lo_in and v.value == lo)) and (
             hi is None or v.value < hi or (hi_in and v.value == hi)
         )

@@ -21,6 +21,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "check_config",
+    "checked_field",
     "config_rules",
     "ConfigError",
 ]
@@ -30,8 +31,8 @@ class ConfigError(ValueError):
     """A config dict does not fit its dataclass; the message names the dotted key."""
 
 
-def _field(default: Any, *, choices: tuple | None = None, registry: str | None = None,
-           range_: tuple | None = None) -> Any:
+def checked_field(default: Any, *, choices: tuple | None = None, registry: str | None = None,
+                  range_: tuple | None = None) -> Any:
     """A dataclass field with the rule ``check_config`` enforces: ``choices`` (fixed values),
     ``registry`` (a name some ``spa_core.registry`` registry holds, plugins included) or ``range_``
     ``(low, high, low inclusive, high inclusive)`` (None: unbounded)."""
@@ -41,28 +42,28 @@ def _field(default: Any, *, choices: tuple | None = None, registry: str | None =
 
 @dataclass
 class SPAConfig:
-    selection: str = _field("gate", registry="selection_policy")  # gate | topk | random | all | gate_random | gate_norm
-    ratio: float = _field(0.5, range_=(0.0, 1.0, True, True))  # kept fraction per image (topk, random)
-    threshold: float = _field(0.5, range_=(0.0, 1.0, False, False))  # gate: keep when sigmoid(score) > threshold
-    gumbel_tau: float = _field(1.0, range_=(0.0, None, False, None))  # Gumbel-sigmoid temperature in training
-    pack: str = _field("containers", registry="pack_strategy")  # containers | varlen | pad | mask
-    container_len: int | None = _field(None, range_=(1, None, True, None))  # containers' L; None: window ** 2
+    selection: str = checked_field("gate", registry="selection_policy")  # gate | topk | random | all | gate_random | gate_norm
+    ratio: float = checked_field(0.5, range_=(0.0, 1.0, True, True))  # kept fraction per image (topk, random)
+    threshold: float = checked_field(0.5, range_=(0.0, 1.0, False, False))  # gate: keep when sigmoid(score) > threshold
+    gumbel_tau: float = checked_field(1.0, range_=(0.0, None, False, None))  # Gumbel-sigmoid temperature in training
+    pack: str = checked_field("containers", registry="pack_strategy")  # containers | varlen | pad | mask
+    container_len: int | None = checked_field(None, range_=(1, None, True, None))  # containers' L; None: window ** 2
     # "all": every token goes through the MLP; "selected": an unselected token skips the whole block
-    mlp_on: str = _field("all", choices=("all", "selected"))
+    mlp_on: str = checked_field("all", choices=("all", "selected"))
     # "swin": Swin's relative position bias and shift mask on packed pairs; "none": no position information
-    position_bias: str = _field("swin", choices=("swin", "none"))
+    position_bias: str = checked_field("swin", choices=("swin", "none"))
     gate_scaling: bool = True  # kept tokens enter attention as sigmoid(score) * token (the paper); False: unscaled
-    gate: str = _field("linear", registry="gate")
-    supervision: str = _field("labels", registry="supervision_mode")  # labels | none
-    alpha: float = _field(0.01, range_=(0.0, None, True, None))  # weight of the gate loss (paper: 0.01)
+    gate: str = checked_field("linear", registry="gate")
+    supervision: str = checked_field("labels", registry="supervision_mode")  # labels | none
+    alpha: float = checked_field(0.01, range_=(0.0, None, True, None))  # weight of the gate loss (paper: 0.01)
     # None: a token is positive if any object pixel falls in it; else the covered fraction must reach it
-    label_coverage: float | None = _field(None, range_=(0.0, 1.0, False, True))
-    attn_impl: str = _field("auto", choices=("auto", "triton", "cpp", "torch", "ref"))  # kernels' dispatcher
+    label_coverage: float | None = checked_field(None, range_=(0.0, 1.0, False, True))
+    attn_impl: str = checked_field("auto", choices=("auto", "triton", "cpp", "torch", "ref"))  # kernels' dispatcher
 
 
 @dataclass
 class BackboneConfig:
-    variant: str = _field("spa", registry="model_variant")  # "spa" | "dense" (plugins add more)
+    variant: str = checked_field("spa", registry="model_variant")  # "spa" | "dense" (plugins add more)
     patch_size: int = 4
     in_chans: int = 3
     embed_dim: int = 96
@@ -72,7 +73,7 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.2
     spa_stages: tuple[int, ...] = (3, 4)  # 1-based stages built from SPA blocks
-    extra_stage3_blocks: int = _field(0, range_=(0, None, True, None))  # the paper adds 4, paid for by the savings
+    extra_stage3_blocks: int = checked_field(0, range_=(0, None, True, None))  # the paper adds 4, paid for by the savings
     spa: SPAConfig | None = field(default_factory=SPAConfig)  # None -> dense baseline
 
     @property
@@ -109,7 +110,7 @@ def config_to_dict(cfg: Any) -> Any:
 
 def check_config(cfg: Any, path: str = "") -> None:
     """Check every field of dataclass ``cfg`` (recursively) against the rule its field declares
-    (``_field``): the one place the config's choices, registry names and ranges are checked, used by
+    (``checked_field``): the one place the config's choices, registry names and ranges are checked, used by
     the blocks and by the harness's grid loader (which adds file and line). Raises ``ConfigError``
     naming the dotted key, the value and what is allowed."""
     from spa_core.registry import ALL_REGISTRIES
