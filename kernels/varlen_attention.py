@@ -68,7 +68,9 @@ def varlen_attention_ref(
         qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         scores = (qi @ ki.transpose(-1, -2)) * scale  # (H, n, n)
         if bias is not None:
-            scores = scores + pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window).to(scores.dtype)
+            scores = scores + pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window).to(
+                scores.dtype
+            )
         p = torch.softmax(scores, dim=-1)  # (H, n, n)
         out[s:e] = (p @ vi).transpose(0, 1)
     return out
@@ -270,7 +272,12 @@ def _bias_rows(bias: PositionBias, dtype: torch.dtype, pos: Tensor) -> Tensor:
 
 
 def _varlen_attention_torch(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float, bias: PositionBias | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    softmax_scale: float,
+    bias: PositionBias | None = None,
 ) -> Tensor:
     """Same result as the reference, in as few ``scaled_dot_product_attention`` calls as pay off:
     container rows (``_container_rows``), then the per-sequence plan (``_plan_groups``). ``bias`` is
@@ -346,7 +353,9 @@ def _varlen_attention_torch_backward(
     table = dtable = None
     if bias is not None:
         table = bias.table.to(q.dtype)
-        dtable = torch.zeros_like(table)  # ((2M-1)^2, H)
+        # each entry sums dS over up to all pairs of a pack: accumulated in float64 for float32
+        wide = torch.float64 if q.dtype == torch.float32 else q.dtype
+        dtable = torch.zeros(table.shape, dtype=wide, device=q.device)  # ((2M-1)^2, H)
     for g in _groups(bounds, T, H * D, q.device):
         qg, kg, vg, dog = _gather((q, k, v, dout), g)  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
@@ -366,7 +375,7 @@ def _varlen_attention_torch_backward(
         dq.add(g, (ds @ kg) * softmax_scale)
         dk.add(g, (ds.transpose(-1, -2) @ qg) * softmax_scale)
         if bias is not None:
-            dtable.index_add_(0, idx.reshape(-1), ds.permute(0, 2, 3, 1).reshape(-1, H))
+            dtable.index_add_(0, idx.reshape(-1), ds.permute(0, 2, 3, 1).reshape(-1, H).to(dtable.dtype))
     if dtable is not None:
         dtable = dtable.to(bias.table.dtype)
     return dq.result(), dk.result(), dv.result(), dtable
@@ -377,7 +386,12 @@ def _varlen_attention_torch_backward(
 
 
 def _varlen_attention_cpp(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float, bias: PositionBias | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    softmax_scale: float,
+    bias: PositionBias | None = None,
 ) -> Tensor:
     """Launcher of the C++ kernel: (T, H, D) float32 CPU -> (T, H, D) contiguous. Strides the kernel
     reads in place (any over T and H, the last dim contiguous or of size 1) pass as they are; other
@@ -386,7 +400,9 @@ def _varlen_attention_cpp(
     if bias is None:
         return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
     table = bias.table.detach().to(torch.float32)
-    return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale, bias.pos, table, int(bias.window))
+    return cpp_kernels().varlen_attention_fwd(
+        q, k, v, cu_seqlens, softmax_scale, bias.pos, table, int(bias.window)
+    )
 
 
 def _forward_impl(q, k, v, cu_seqlens, scale, impl, bias):
