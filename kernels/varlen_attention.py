@@ -12,9 +12,10 @@ pairs of different shift regions are masked.
 
 Layering (each kernel beside its reference): ``varlen_attention_ref`` -> the C++ CPU kernel
 (``kernels/csrc/varlen_attention_cpu.cpp``, built on first use by ``kernels.cpu_ext``; float32
-forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked SDPA call, other
-sequences as explicit softmax attention on views, short ones in padded SDPA batches, chosen by a
-measured cost model; every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
+forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked call, other
+sequences as explicit softmax attention on views, short ones in padded batches, chosen by a measured
+cost model; scores in float64 for float32 on CPU, SDPA's kernels where the scores keep the input
+dtype; every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
 -> ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula ->
 ``varlen_attention``. On CUDA, impl "triton" is torch's FlexAttention (compiled to Triton by torch):
 ``kernels.flex_attention.flex_varlen_attention``, imported when it runs and called outside the custom
