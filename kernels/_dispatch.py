@@ -2,19 +2,20 @@
 
 ``impl`` argument > ``SPA_ATTN_IMPL`` environment variable > ``"auto"``.
 
-- ``"auto"``: Triton for CUDA tensors when Triton imports; on CPU the C++ kernel where the op has one
+- ``"auto"``: ``"triton"`` for CUDA tensors when Triton imports; on CPU the C++ kernel where the op has one
   that serves the tensors (varlen attention forward, unpack, token scores: float32; the per-image
   top-k and the sequence layouts, ``resolve_helper_impl``) and it builds
   (``kernels.cpu_ext``), else the torch path;
-- ``"triton"``: the Triton kernels (varlen attention, pack, unpack; token scores, top-k and the
-  layouts have none and run torch, e.g. cuBLAS, on CUDA); on CPU tensors only under
-  ``TRITON_INTERPRET=1`` (tests);
+- ``"triton"``: the Triton kernels: for varlen attention torch's FlexAttention, which torch compiles
+  to Triton (``kernels.flex_attention``); pack and unpack are hand-written (``kernels/pack_triton.py``);
+  token scores, top-k and the layouts have none and run torch, e.g. cuBLAS, on CUDA. On CPU tensors
+  only under ``TRITON_INTERPRET=1`` (tests);
 - ``"cpp"``: the C++ CPU kernel (``kernels/csrc``); ops without one (pack: one ``index_select``
   already) run their torch path;
 - ``"torch"``: the fast torch path (also runs on GPU);
 - ``"ref"``: the plain reference (per-sequence loops, explicit softmax), for tests and debugging.
 
-Triton and the C++ kernels are loaded lazily, only when they run, so ``import kernels`` needs neither
+Triton, FlexAttention and the C++ kernels are loaded lazily, only when they run, so ``import kernels`` needs neither
 Triton, a compiler nor a GPU, and ``TRITON_INTERPRET`` can still be set after ``import kernels``.
 """
 

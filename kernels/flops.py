@@ -6,7 +6,11 @@ flop (so it reports MACs), ``torch.utils.flop_counter`` counts 2 flops per multi
 
 - ``spa::varlen_attention`` (q, k, v: (T, H, D), sequences of lengths n_i):
   ``2 * H * D * sum_i n_i^2`` MACs (QK^T and PV, ``H * D * n_i^2`` each); flop_counter: twice that.
-  Its backward (Triton and torch paths) is five such matmuls: ``5 * H * D * sum_i n_i^2`` MACs, as torch counts SDPA's.
+  Swin's relative position bias and shift mask (``pos``, ``table``) add no multiply-adds: a gather
+  and an add per score, like the softmax, which counts 0. Its backward (the torch backward) is five
+  such matmuls: ``5 * H * D * sum_i n_i^2`` MACs, as torch counts SDPA's; the table's gradient is a
+  scatter-add (0). On CUDA the attention is FlexAttention's (``kernels.flex_attention``), counted
+  by its own ops, not by these handles.
 - ``aten::scaled_dot_product_attention`` (q: (..., L, E), k: (..., S, E), v: (..., S, Ev)):
   ``prod(...) * L * S * (E + Ev)`` MACs; masks do not reduce it (SDPA computes densely).
   (flop_counter counts SDPA already.)
@@ -72,6 +76,7 @@ def _const(value) -> Any:
 
 
 def _fvcore_varlen_attention(inputs, outputs) -> int:
+    # inputs: q, k, v, cu_seqlens, max_seqlen, scale, impl, seqlen_sq_sum, pos, table, window
     T, H, D = _shape(inputs[0])
     sq = _const(inputs[7])
     if sq is None or sq < 0:
@@ -92,11 +97,11 @@ def _fvcore_varlen_attention(inputs, outputs) -> int:
 
 
 def _fvcore_varlen_attention_backward(inputs, outputs) -> int:
-    # inputs: dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, impl, seqlen_sq_sum
+    # inputs: dout, q, k, v, cu_seqlens, max_seqlen, scale, impl, seqlen_sq_sum, pos, table, window
     T, H, D = _shape(inputs[1])
-    sq = _const(inputs[10])
+    sq = _const(inputs[8])
     if sq is None or sq < 0:
-        sq = T * min(_const(inputs[7]) or T, T)
+        sq = T * min(_const(inputs[5]) or T, T)
     return 5 * H * D * int(sq)
 
 
@@ -145,15 +150,13 @@ def register_flop_handles() -> dict[str, Any]:
     ops = torch.ops.spa
 
     @register_flop_formula(ops.varlen_attention, get_raw=True)
-    def _varlen_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, sq, *args, out_val=None, **kwargs):
+    def _varlen_fwd(q, k, v, cu_seqlens, max_seqlen, softmax_scale, impl, sq, *bias, out_val=None, **kwargs):
         if sq < 0:
             sq = seqlen_sq_sum(cu_seqlens)
         return 2 * varlen_attention_macs(q.shape[1], q.shape[2], sq)
 
     @register_flop_formula(ops.varlen_attention_backward, get_raw=True)
-    def _varlen_bwd(
-        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, impl, sq, *args, out_val=None, **kw
-    ):
+    def _varlen_bwd(dout, q, k, v, cu_seqlens, max_seqlen, scale, impl, sq, *bias, out_val=None, **kw):
         if sq < 0:
             sq = seqlen_sq_sum(cu_seqlens)
         return 2 * 5 * q.shape[1] * q.shape[2] * sq

@@ -12,9 +12,10 @@ pairs of different shift regions are masked.
 
 Layering (each kernel beside its reference): ``varlen_attention_ref`` -> the C++ CPU kernel
 (``kernels/csrc/varlen_attention_cpu.cpp``, built on first use by ``kernels.cpu_ext``; float32
-forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked SDPA call, other
-sequences as explicit softmax attention on views, short ones in padded SDPA batches, chosen by a
-measured cost model; every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
+forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked call, other
+sequences as explicit softmax attention on views, short ones in padded batches, chosen by a measured
+cost model; scores in float64 for float32 on CPU, SDPA's kernels where the scores keep the input
+dtype; every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
 -> ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula ->
 ``varlen_attention``. On CUDA, impl "triton" is torch's FlexAttention (compiled to Triton by torch):
 ``kernels.flex_attention.flex_varlen_attention``, imported when it runs and called outside the custom
@@ -68,7 +69,9 @@ def varlen_attention_ref(
         qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         scores = (qi @ ki.transpose(-1, -2)) * scale  # (H, n, n)
         if bias is not None:
-            scores = scores + pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window).to(scores.dtype)
+            scores = scores + pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window).to(
+                scores.dtype
+            )
         p = torch.softmax(scores, dim=-1)  # (H, n, n)
         out[s:e] = (p @ vi).transpose(0, 1)
     return out
@@ -263,6 +266,32 @@ def _container_rows(bounds: list[int], hd: int) -> int:
     return 0
 
 
+def _score_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the torch path computes scores and softmax of ``t``'s dtype in on CPU: float64 for
+    float32 (as the C++ kernel), float32 for half types; on CUDA ``t.dtype`` (SDPA's kernels). Why: a
+    float32 dot product errs about sqrt(D) rounding steps of its running sum; with large logits
+    (softmax scale 1, inputs a few times unit scale) that error decides the output's, and in float32
+    the path was one draw of torch's own error distribution, above twice torch's error in ~1% of
+    random cases. P V stays in the input dtype."""
+    if t.is_cuda:
+        return t.dtype
+    return {torch.float32: torch.float64, torch.float16: torch.float32, torch.bfloat16: torch.float32}.get(
+        t.dtype, t.dtype
+    )
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """Softmax attention of (..., H, n, D) operands, scores in ``_score_dtype``; mask: additive
+    (in that dtype) or boolean (True: attend), broadcast over (..., H, n, n), or None."""
+    wide = _score_dtype(q)
+    if wide is q.dtype:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale  # (..., H, n, n)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    return torch.softmax(s, dim=-1).to(q.dtype) @ v
+
+
 def _bias_rows(bias: PositionBias, dtype: torch.dtype, pos: Tensor) -> Tensor:
     """Additive scores (..., H, n, n) of tokens at ``pos: (..., n, 3)``: the table gathered by the pair
     index (computed once, for all heads), -inf across regions."""
@@ -270,12 +299,18 @@ def _bias_rows(bias: PositionBias, dtype: torch.dtype, pos: Tensor) -> Tensor:
 
 
 def _varlen_attention_torch(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float, bias: PositionBias | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    softmax_scale: float,
+    bias: PositionBias | None = None,
 ) -> Tensor:
-    """Same result as the reference, in as few ``scaled_dot_product_attention`` calls as pay off:
-    container rows (``_container_rows``), then the per-sequence plan (``_plan_groups``). ``bias`` is
-    added to the scores of each call (a float mask for SDPA, baddbmm's input for a view call)."""
+    """Same result as the reference, in as few calls as pay off: container rows (``_container_rows``),
+    then the per-sequence plan (``_plan_groups``); scores in ``_score_dtype``. ``bias`` is added to
+    the scores of each call (an additive mask, baddbmm's input for a view call)."""
     T, H, D = q.shape
+    wide = _score_dtype(q)
     bounds = cu_seqlens.tolist()
     out = _Scatter(q, bounds)
     R = _container_rows(bounds, H * D)
@@ -289,9 +324,9 @@ def _varlen_attention_torch(
         if not bool((seq == seq[:, :1]).all()):  # some row holds several sequences: block-diagonal
             mask = (seq[:, :, None] == seq[:, None, :])[:, None]  # (rows, 1, R, R)
         if bias is not None:
-            b = _bias_rows(bias, q.dtype, bias.pos[: n_rows * R].view(n_rows, R, 3))  # (rows, H, R, R)
+            b = _bias_rows(bias, wide, bias.pos[: n_rows * R].view(n_rows, R, 3))  # (rows, H, R, R)
             mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-        o = F.scaled_dot_product_attention(*rows, attn_mask=mask, scale=softmax_scale)
+        o = _attend(*rows, softmax_scale, mask)
         out.out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
         bounds = [b for b in bounds if b >= n_rows * R]  # the last, partial row
     packed = _packed_qkv(q, k, v)
@@ -304,26 +339,27 @@ def _varlen_attention_torch(
         t[lo:hi].permute(*perm).split(lengths, dim=d)
         for t, perm, d in ((q, (1, 0, 2), 1), (k, (1, 2, 0), 2), (v, (1, 0, 2), 1), (out.out, (1, 0, 2), 1))
     )
-    zero = q.new_zeros(())  # baddbmm input, ignored (beta=0)
+    zero = q.new_zeros((), dtype=wide)  # baddbmm input, ignored (beta=0)
     for g in _groups(bounds, T, H * D, q.device):
         if g.start >= 0:
             # one sequence: explicit softmax attention on views. At these sizes (H x n x n scores in
             # cache) it beats SDPA's CPU flash kernel: 32 sequences of ~49 (~98) tokens, 1 thread,
             # 3.1 (7.0) ms vs 4.5 (8.3) ms.
             i = seq_at[g.start]
+            qi, ki = qs[i].to(wide), ks[i].to(wide)
             if bias is None:
-                scores = torch.baddbmm(zero, qs[i], ks[i], beta=0.0, alpha=softmax_scale)  # (H, n, n)
+                scores = torch.baddbmm(zero, qi, ki, beta=0.0, alpha=softmax_scale)  # (H, n, n)
             else:
-                b = _bias_rows(bias, q.dtype, bias.pos[g.start : g.start + g.P])  # (H, n, n)
-                scores = torch.baddbmm(b, qs[i], ks[i], alpha=softmax_scale)
-            torch.bmm(torch.softmax(scores, dim=-1), vs[i], out=os_[i])
+                b = _bias_rows(bias, wide, bias.pos[g.start : g.start + g.P])  # (H, n, n)
+                scores = torch.baddbmm(b, qi, ki, alpha=softmax_scale)
+            torch.bmm(torch.softmax(scores, dim=-1).to(q.dtype), vs[i], out=os_[i])
             continue
         qg, kg, vg = _gather((q, k, v), g, packed)  # (G, H, P, D)
         mask = g.mask
         if bias is not None:
-            b = _bias_rows(bias, q.dtype, bias.pos.index_select(0, g.idx).view(g.G, g.P, 3))  # (G, H, P, P)
+            b = _bias_rows(bias, wide, bias.pos.index_select(0, g.idx).view(g.G, g.P, 3))  # (G, H, P, P)
             mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-        out.add(g, F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=softmax_scale))
+        out.add(g, _attend(qg, kg, vg, softmax_scale, mask))
     return out.result()
 
 
@@ -337,18 +373,20 @@ def _varlen_attention_torch_backward(
     bias: PositionBias | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(dq, dk, dv, dtable) of ``_varlen_attention_torch``: explicit softmax backward per group
-    (batched matmuls); dtable (None without ``bias``) sums dS into the table by the pair index. As
-    accurate as torch's own math; SDPA's fused CPU backward on padded, masked batches errs several
-    times more in fp32."""
+    (batched matmuls), computed in ``_score_dtype`` (float64 for float32 inputs: dS = P (dP - rowsum)
+    cancels, and dQ, dK sum it over the sequence; in float32 the path was one draw of torch's own
+    error distribution, ~1% of random cases above twice torch's; it costs ~2.5x the float32 backward
+    at SPA's sizes). dtable (None without ``bias``) sums dS into the table by the pair index."""
     T, H, D = q.shape
     bounds = cu_seqlens.tolist()
     dq, dk, dv = _Scatter(q, bounds), _Scatter(k, bounds), _Scatter(v, bounds)
+    wide = _score_dtype(q)
     table = dtable = None
     if bias is not None:
-        table = bias.table.to(q.dtype)
+        table = bias.table.to(wide)
         dtable = torch.zeros_like(table)  # ((2M-1)^2, H)
     for g in _groups(bounds, T, H * D, q.device):
-        qg, kg, vg, dog = _gather((q, k, v, dout), g)  # (G, H, P, D)
+        qg, kg, vg, dog = (t.to(wide) for t in _gather((q, k, v, dout), g))  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
         if bias is not None:
             pos = bias.pos[g.start : g.start + g.P][None] if g.start >= 0 else bias.pos.index_select(0, g.idx)
@@ -362,9 +400,9 @@ def _varlen_attention_torch_backward(
             p = p.masked_fill(~g.mask.transpose(-1, -2), 0.0)
         dp = dog @ vg.transpose(-1, -2)  # (G, H, P, P)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # zero where p is: masked pairs, padding
-        dv.add(g, p.transpose(-1, -2) @ dog)
-        dq.add(g, (ds @ kg) * softmax_scale)
-        dk.add(g, (ds.transpose(-1, -2) @ qg) * softmax_scale)
+        dv.add(g, (p.transpose(-1, -2) @ dog).to(q.dtype))
+        dq.add(g, ((ds @ kg) * softmax_scale).to(q.dtype))
+        dk.add(g, ((ds.transpose(-1, -2) @ qg) * softmax_scale).to(q.dtype))
         if bias is not None:
             dtable.index_add_(0, idx.reshape(-1), ds.permute(0, 2, 3, 1).reshape(-1, H))
     if dtable is not None:
@@ -377,7 +415,12 @@ def _varlen_attention_torch_backward(
 
 
 def _varlen_attention_cpp(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, softmax_scale: float, bias: PositionBias | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    softmax_scale: float,
+    bias: PositionBias | None = None,
 ) -> Tensor:
     """Launcher of the C++ kernel: (T, H, D) float32 CPU -> (T, H, D) contiguous. Strides the kernel
     reads in place (any over T and H, the last dim contiguous or of size 1) pass as they are; other
@@ -386,7 +429,9 @@ def _varlen_attention_cpp(
     if bias is None:
         return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale)
     table = bias.table.detach().to(torch.float32)
-    return cpp_kernels().varlen_attention_fwd(q, k, v, cu_seqlens, softmax_scale, bias.pos, table, int(bias.window))
+    return cpp_kernels().varlen_attention_fwd(
+        q, k, v, cu_seqlens, softmax_scale, bias.pos, table, int(bias.window)
+    )
 
 
 def _forward_impl(q, k, v, cu_seqlens, scale, impl, bias):

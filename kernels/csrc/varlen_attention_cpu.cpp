@@ -24,15 +24,18 @@
 // kNV vectors of accumulators (6 x 2 = 12 of AVX2's 16 registers); a tile loads kNV vectors of B and
 // broadcasts kMR values of A per step.
 //
-// Numerics: the scores are accumulated, biased and reduced to their row max in double, and only
-// s - max is rounded to float. A float dot product over D terms errs about sqrt(D) rounding steps of
-// its running sum, and with large logits (softmax scale 1, head dims ~100, inputs a few times unit
-// scale) that error dominates the output's: summed in float, the kernel erred up to 3-7x torch's own
-// float32 math on short sequences, where the maximum over few outputs is one draw of the same
-// distribution as torch's. In double the scores are exact to float precision, so the kernel errs less
-// than torch (median about 0.4x of torch's error over random shapes and magnitudes). The approximate
-// exp (exp_u20, which torch's own CPU flash attention uses) and P V in float contribute no more than
-// torch's exp and matmul do.
+// Numerics: the scores are accumulated, biased and reduced to their row max in double, only s - max
+// is rounded to float, and exp is Sleef's (1 ulp, what torch's softmax uses). Two error sources made
+// the kernel err up to 3-8x torch's own float32 math with large logits (softmax scale 1, head dims
+// ~100, inputs a few times unit scale), most on short sequences, where the maximum over few outputs is
+// one draw of an error distribution: a float dot product over D terms errs about sqrt(D) rounding
+// steps of its running sum (as torch's matmul does: the same distribution, so its max exceeded twice
+// torch's by chance), and the approximate exp_u20 (torch's CPU flash attention uses it) errs up to 20
+// ulps, which a sequence of a few tokens passes on to its output almost undiluted. With both fixed the
+// kernel errs less than torch (median about a quarter of torch's error over random shapes and
+// magnitudes). P V stays in float, as torch's matmul. The cost, mostly the scores' double
+// accumulation (half the lanes of float): ~1.4-1.5x the all-float kernel's time at SPA's sizes (32
+// images x ~98 tokens, 12 heads of 32, one or two threads).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -152,12 +155,12 @@ inline float softmax_row(const double* s, float* p, int64_t n) {
   Vec acc(0.f);
   j = 0;
   for (; j + kW <= n; j += kW) {
-    const Vec e = Vec::loadu(p + j).exp_u20();
+    const Vec e = Vec::loadu(p + j).exp();
     e.store(p + j);
     acc = acc + e;
   }
   if (j < n) {
-    const Vec e = Vec::loadu(p + j, n - j).exp_u20();
+    const Vec e = Vec::loadu(p + j, n - j).exp();
     e.store(p + j, n - j);
     acc = acc + Vec::set(Vec(0.f), e, n - j);
   }

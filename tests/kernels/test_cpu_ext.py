@@ -1,6 +1,7 @@
 """kernels/csrc/varlen_attention_cpu.cpp (built by kernels/cpu_ext.py): the C++ CPU kernel against a
-float64 reference on awkward shapes, its own input checks, threads, and the fallback when it cannot
-be built. The shared forward/backward tests of every implementation are in test_varlen_attention.py.
+float64 reference on awkward shapes, with and without Swin's position bias, its own input checks,
+threads, and the fallback when it cannot be built. The shared forward/backward tests of every
+implementation are in test_varlen_attention.py and test_varlen_attention_numerics.py.
 
 Error bound as there (flash-attention's): ``|out - ref64| <= 2 * |out_torch32 - ref64| + 1e-6``.
 """
@@ -12,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from kernels import cpu_ext, cu_seqlens_from_counts, varlen_attention, varlen_attention_ref
+from kernels import PositionBias, cpu_ext, cu_seqlens_from_counts, varlen_attention, varlen_attention_ref
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +23,10 @@ def ext():
     return module
 
 
-def _check(out, q, k, v, cu, scale):
-    ref = varlen_attention_ref(q.double(), k.double(), v.double(), cu, scale)
-    torch_err = (varlen_attention_ref(q, k, v, cu, scale).double() - ref).abs().max().item()
+def _check(out, q, k, v, cu, scale, bias=None):
+    bias64 = None if bias is None else bias._replace(table=bias.table.double())
+    ref = varlen_attention_ref(q.double(), k.double(), v.double(), cu, scale, bias64)
+    torch_err = (varlen_attention_ref(q, k, v, cu, scale, bias).double() - ref).abs().max().item()
     err = (out.double() - ref).abs().max().item()
     assert err <= 2 * torch_err + 1e-6, f"max error {err:.3g} > 2 * torch's {torch_err:.3g} + 1e-6"
 
@@ -51,6 +53,54 @@ def test_matches_reference(ext, counts, H, D):
     _check(out, q, k, v, cu, scale)
     contiguous = ext.varlen_attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu.long(), scale)
     assert torch.equal(out, contiguous)  # strides and the dtype of cu_seqlens change nothing
+
+
+@pytest.mark.parametrize(
+    "counts, H, D, M, regions",
+    [
+        ([5, 0, 1, 37, 16, 3, 0], 3, 24, 3, 1),  # unshifted block: bias only
+        ([49, 48, 50, 1, 2], 6, 32, 7, 4),  # Swin's window, a shifted block's four regions
+        ([113, 0, 1, 64, 90], 2, 40, 2, 2),  # places farther apart than a window: clamped offsets
+        ([1023], 1, 8, 5, 3),
+    ],
+)
+def test_position_bias_matches_reference(ext, counts, H, D, M, regions):
+    """Swin's bias and shift mask computed inline from the tokens' places equal the reference's."""
+    g = torch.Generator().manual_seed(sum(counts) + M)
+    cu, _ = cu_seqlens_from_counts(torch.tensor(counts))
+    T = sum(counts)
+    q, k, v = torch.randn(T, 3, H, D, generator=g).unbind(1)
+    side = 2 * M + 4
+    pos = torch.stack([torch.randint(0, side, (T,), generator=g), torch.randint(0, side, (T,), generator=g),
+                       torch.randint(0, regions, (T,), generator=g)], 1).to(torch.int32)  # fmt: skip
+    bias = PositionBias(pos, torch.randn((2 * M - 1) ** 2, H, generator=g), M)
+    out = ext.varlen_attention_fwd(q, k, v, cu, D**-0.5, pos, bias.table, M)
+    _check(out, q, k, v, cu, D**-0.5, bias)
+    same = ext.varlen_attention_fwd(q, k, v, cu, D**-0.5, pos.long(), bias.table.t().contiguous().t(), M)
+    assert torch.equal(out, same)  # pos as int64, a transposed table: the same numbers
+    assert not torch.allclose(out, ext.varlen_attention_fwd(q, k, v, cu, D**-0.5))  # the bias matters
+
+
+def test_position_bias_checks(ext):
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    pos, table = torch.zeros(10, 3, dtype=torch.int32), torch.zeros(9, 2)
+    with pytest.raises(RuntimeError, match="together"):
+        ext.varlen_attention_fwd(q, q, q, cu, 1.0, pos, None, 2)
+    with pytest.raises(RuntimeError, match="table must be"):
+        ext.varlen_attention_fwd(q, q, q, cu, 1.0, pos, torch.zeros(9, 3), 2)
+    with pytest.raises(RuntimeError, match="pos must be"):
+        ext.varlen_attention_fwd(q, q, q, cu, 1.0, pos[:9], table, 2)
+    with pytest.raises(RuntimeError, match="window"):
+        ext.varlen_attention_fwd(q, q, q, cu, 1.0, pos, torch.zeros(1, 2), 0)
+
+
+def test_head_dim_one_with_any_stride(ext):
+    """Head dim 1: the stride of the last dim is never used, so any stride is read in place."""
+    base = torch.randn(9, 2, 1)
+    odd = base.as_strided(base.shape, (2, 1, 7))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    assert torch.equal(ext.varlen_attention_fwd(odd, odd, odd, cu, 1.0), ext.varlen_attention_fwd(base, base, base, cu, 1.0))
 
 
 @pytest.mark.parametrize("L, H, D", [(49, 6, 64), (7, 2, 40), (16, 3, 24)])

@@ -18,6 +18,7 @@ from kernels import (
     varlen_attention,
 )
 from kernels._dispatch import direct_call, getenv, run_cpu
+from kernels.position_bias import PositionBias
 
 CPU_IMPLS = ["cpp", "torch"]
 
@@ -39,9 +40,16 @@ def _op_calls(impl):
     qkv = torch.randn(T, 3, 2, 12, generator=g)
     packed = torch.randn(idx.numel(), 24, generator=g)
     w, b = torch.randn(24, generator=g), torch.randn(1, generator=g)
+    pos = torch.stack([torch.randint(0, 9, (T,), generator=g), torch.randint(0, 9, (T,), generator=g),
+                       torch.randint(0, 2, (T,), generator=g)], 1).to(torch.int32)  # fmt: skip
+    table = torch.randn(25, 2, generator=g)
 
     def req(t, grad):
         return t.detach().clone().requires_grad_(grad)
+
+    def attention_with_bias(grad):
+        bias = PositionBias(pos, req(table, grad), 3)
+        return varlen_attention(*(req(t, grad) for t in qkv.unbind(1)), cu, m, impl=impl, bias=bias)
 
     return [
         ("token_scores", lambda grad: token_scores(req(x, grad), w, b, impl=impl)),
@@ -49,6 +57,7 @@ def _op_calls(impl):
         ("unpack_tokens", lambda grad: unpack_tokens(req(packed, grad), idx, x, add=True, impl=impl)),
         ("unpack_tokens_replace", lambda grad: unpack_tokens(req(packed, grad), idx, x, impl=impl)),
         ("varlen_attention", lambda grad: varlen_attention(*(req(t, grad) for t in qkv.unbind(1)), cu, m, impl=impl)),
+        ("varlen_attention_bias", attention_with_bias),
     ]
 
 

@@ -120,6 +120,37 @@ def test_flop_counter_formulas():
     assert counts["spa.varlen_attention_backward"] == 2 * (5 * H * D * sq)
 
 
+def test_position_bias_adds_no_flops():
+    """The bias (a gather and an add per score) counts 0 in both counters, forward and backward, and
+    the trace still carries sum n_i^2 to fvcore's handle."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kernels.position_bias import PositionBias
+
+    kernels.register_flop_handles()
+    cu, m = cu_seqlens_from_counts(torch.tensor([5, 0, 1, 9]))
+    T, D, sq = int(cu[-1]), 8, _sq_sum(cu)
+    pos = torch.randint(0, 5, (T, 3), dtype=torch.int32)
+    table = torch.randn(9, H, requires_grad=True)
+    q, k, v = (torch.randn(T, H, D, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False) as fc:
+        out = varlen_attention(q, k, v, cu, m, impl="torch", bias=PositionBias(pos, table, 2))
+    assert fc.get_total_flops() == 2 * (2 * H * D * sq)
+    with FlopCounterMode(display=False) as fc:
+        out.sum().backward()
+    assert fc.get_total_flops() == 2 * (5 * H * D * sq)
+    assert table.grad is not None and table.grad.abs().sum() > 0
+
+    fixed = table.detach().clone()
+
+    class Biased(torch.nn.Module):
+        def forward(self, q):
+            return varlen_attention(q, q, q, cu, m, bias=PositionBias(pos, fixed, 2))
+
+    total, by_op = _fvcore(Biased(), (q.detach(),))
+    assert total == by_op["varlen_attention"] == 2 * H * D * sq
+
+
 def test_flop_counter_counts_cpu_sdpa():
     """flop_counter counts SDPA's CPU kernel as 0 unless registered (register_flop_handles does)."""
     from torch.utils.flop_counter import FlopCounterMode
