@@ -118,7 +118,9 @@ def init_ray(address: str | None = None) -> bool:
         ray.init(address=address, **quiet)
         return True
     _loopback_only()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+    # address="local": a new instance of our own, even when a cluster of someone else's runs on this
+    # machine (a bare ray.init() would join it, with its resources and its other jobs)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": env}, **quiet)
     return True
 
