@@ -93,8 +93,8 @@ class GridCallback(Callback):
         s = self._state(trial)
         if s is not None:
             s.update(state="running", started=time.time(), detail="")
-            node = getattr(trial, "node_ip", None) or "a node not yet known"
-            self._event(f"started {s['name']} ({s['config_hash']}) on {node}")
+            node = getattr(trial, "node_ip", None)  # Tune knows it once the trial's actor is placed
+            self._event(f"started {s['name']} ({s['config_hash']})" + (f" on {node}" if node else ""))
         self._refresh()
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -186,6 +186,8 @@ class GridCallback(Callback):
             if isinstance(row.get("speedup_vs_dense"), int | float):
                 parts.append(f"speedup {row['speedup_vs_dense']:.2f}x")
             took = f" in {row['wall_s']:.0f} s" if isinstance(row.get("wall_s"), int | float) else ""
+            where = row.get("node_id") or row.get("hostname")
+            took += f" on {where}" if where else ""
             reused = " (reused a stored row)" if s["state"] == "reused" else ""
             return f"done {what}{took}{reused}" + (f": {', '.join(parts)}" if parts else "")
         return f"{s['state']} {what}: {s.get('detail') or 'no error recorded'}"

@@ -27,7 +27,7 @@ def test_one_line_per_event_with_node_map_speedup_and_reason(tmp_path, capsys):
     cb.setup()
     cb.on_trial_start(0, [], _Trial("h0", "10.9.9.9"))
     exp.write_row("h0", {"status": "done", "config_hash": "h0", "map": 0.1234, "speedup_vs_dense": 1.07,
-                         "wall_s": 42.0})
+                         "wall_s": 42.0, "hostname": "node-a"})
     cb.on_trial_result(0, [], _Trial("h0"), {"status": "done", "wall_s": 42.0})
     cb.on_trial_start(0, [], _Trial("h1"))
     exp.write_row("h1", {"status": "failed", "config_hash": "h1", "error": "ValueError: bad plugin\nmore"})
@@ -36,7 +36,8 @@ def test_one_line_per_event_with_node_map_speedup_and_reason(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "3 trials: 0 done, 0 running, 0 failed, 3 pending" in out[0]
     assert any("started t0 (h0) on 10.9.9.9" in line for line in out)
-    assert any("done t0 (h0) in 42 s: map 0.1234, speedup 1.07x" in line for line in out)
+    assert any("done t0 (h0) in 42 s on node-a: map 0.1234, speedup 1.07x" in line for line in out)
+    assert any(line.endswith("started t1 (h1) on 127.0.0.1") for line in out)
     assert any("failed t1 (h1): ValueError: bad plugin" in line for line in out)
     assert "finished: 1 done, 0 running, 1 failed, 1 pending" in out[-1]
     assert all(re.match(r"\[\d\d:\d\d:\d\d\] exp: ", line) for line in out)
