@@ -9,8 +9,8 @@ W&B runs in one group), beside the results store, which stays the record the rep
 - params: the flattened trial config (``model.spa.ratio``, ``train.steps``, ...);
 - tags: ``name``, ``seed``, ``config_hash``, ``status`` (running, then done / failed / timeout),
   ``error`` for a trial that did not finish, the harness's ``run_id`` and ``git_commit``;
-- metrics with a step: ``task_loss``, ``gate_loss``, ``loss``, ``kept_fraction`` every
-  ``train.log_every`` micro-steps (``harness.task.train.train_variant``'s ``on_log``: means since
+- metrics with a step: ``train/task_loss``, ``train/gate_loss``, ``train/loss``,
+  ``train/kept_fraction`` every ``train.log_every`` micro-steps (``harness.task.train.train_variant``'s ``on_log``: means since
   the previous point), logged by the process that trains rank 0 while it trains (MLflow);
 - metrics without a step: every number of the trial's final row (``map``, ``gmacs``,
   ``speedup_vs_dense``, ``infer_ms``, ...), config columns left out.
@@ -44,6 +44,7 @@ from harness.config import flatten_config
 
 __all__ = [
     "KINDS",
+    "CURVE_PREFIX",
     "TrackingError",
     "TrackingSpec",
     "TrackRef",
@@ -100,7 +101,9 @@ def parse_track(value: str | TrackingSpec | None) -> TrackingSpec | None:
     if spec is None:
         return None
     if spec.kind not in KINDS:
-        raise TrackingError(f"--track {spec.kind!r}: expected one of {', '.join(KINDS)} (e.g. mlflow or mlflow=URI)")
+        raise TrackingError(
+            f"--track {spec.kind!r}: expected one of {', '.join(KINDS)} (e.g. mlflow or mlflow=URI)"
+        )
     if importlib.util.find_spec(spec.kind) is None:
         extra = "pip install 'spa-harness[track]'" if spec.kind == "mlflow" else "pip install wandb"
         raise TrackingError(f"--track {spec.kind}: the {spec.kind} package is not installed ({extra})")
@@ -112,8 +115,10 @@ def default_mlflow_uri(experiment_uri: str) -> str:
     Only for a store on the local disk; elsewhere a tracking URI must be given."""
     parsed = urlparse(experiment_uri)
     if parsed.scheme not in ("", "file") and len(parsed.scheme) > 1:  # a drive letter is no scheme
-        raise TrackingError(f"results at {experiment_uri} are not on the local disk: give a tracking URI, "
-                            "--track mlflow=URI (e.g. http://host:5000 or sqlite:///mlflow.db)")
+        raise TrackingError(
+            f"results at {experiment_uri} are not on the local disk: give a tracking URI, "
+            "--track mlflow=URI (e.g. http://host:5000 or sqlite:///mlflow.db)"
+        )
     path = parsed.path if parsed.scheme == "file" else experiment_uri
     return (Path(path).resolve() / "mlruns").as_uri()
 
@@ -122,19 +127,30 @@ def default_mlflow_uri(experiment_uri: str) -> str:
 # the four calls of a grid run
 
 
-def start_grid(spec: TrackingSpec | str, experiment: str, experiment_uri: str, *, harness_run_id: str,
-               git_commit: str | None = None, source: str | None = None, trials: int = 0) -> TrackRef:
+def start_grid(
+    spec: TrackingSpec | str,
+    experiment: str,
+    experiment_uri: str,
+    *,
+    harness_run_id: str,
+    git_commit: str | None = None,
+    source: str | None = None,
+    trials: int = 0,
+) -> TrackRef:
     """Open the grid's parent run (driver side); raises ``TrackingError`` when the tracking store
     cannot be reached or created, before any trial runs."""
     spec = parse_track(spec)
     assert spec is not None
     try:
-        return _BACKENDS[spec.kind].start_grid(spec, experiment, experiment_uri, harness_run_id, git_commit,
-                                               source, trials)
+        return _BACKENDS[spec.kind].start_grid(
+            spec, experiment, experiment_uri, harness_run_id, git_commit, source, trials
+        )
     except TrackingError:
         raise
     except Exception as e:
-        raise TrackingError(f"--track {spec.kind}: cannot open the tracking store: {type(e).__name__}: {e}") from e
+        raise TrackingError(
+            f"--track {spec.kind}: cannot open the tracking store: {type(e).__name__}: {e}"
+        ) from e
 
 
 def start_trial(ref: TrackRef | None, cfg_dict: Mapping[str, Any], config_hash: str) -> str | None:
@@ -142,13 +158,19 @@ def start_trial(ref: TrackRef | None, cfg_dict: Mapping[str, Any], config_hash: 
     the tracking store failed: a warning)."""
     if ref is None:
         return None
-    return _guard("start the run of trial " + str(cfg_dict.get("name")),
-                  lambda: _BACKENDS[ref.kind].start_trial(ref, cfg_dict, config_hash))
+    return _guard(
+        "start the run of trial " + str(cfg_dict.get("name")),
+        lambda: _BACKENDS[ref.kind].start_trial(ref, cfg_dict, config_hash),
+    )
+
+
+CURVE_PREFIX = "train/"  # the curves' names: apart from the final row's task_loss, kept_fraction, ...
 
 
 class StepLogger:
     """``on_log(step, metrics)`` of ``train_variant`` for one trial's run: logs each point as it
-    comes (MLflow) and keeps them in ``points`` (W&B logs them when the trial ends)."""
+    comes (MLflow) and keeps them in ``points`` (W&B logs them when the trial ends), each metric
+    named ``train/<name>``."""
 
     def __init__(self, ref: TrackRef, run_id: str) -> None:
         self.ref, self.run_id = ref, run_id
@@ -157,14 +179,17 @@ class StepLogger:
         self._warned = False
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        self.points.append((int(step), dict(metrics)))
+        metrics = {CURVE_PREFIX + k: float(v) for k, v in metrics.items()}
+        self.points.append((int(step), metrics))
         if self._live is None:
             return
         try:
             self._live(int(step), metrics)
         except Exception as e:  # the trial goes on without its curve
             if not self._warned:
-                log.warning("tracking: cannot log step %d of run %s: %s: %s", step, self.run_id, type(e).__name__, e)
+                log.warning(
+                    "tracking: cannot log step %d of run %s: %s: %s", step, self.run_id, type(e).__name__, e
+                )
                 self._warned = True
 
 
@@ -175,8 +200,12 @@ def step_logger(ref: TrackRef | None, run_id: str | None) -> StepLogger | None:
     return _guard("open the step logger", lambda: StepLogger(ref, run_id))
 
 
-def finish_trial(ref: TrackRef | None, run_id: str | None, row: Mapping[str, Any],
-                 points: list[tuple[int, dict[str, float]]] | None = None) -> None:
+def finish_trial(
+    ref: TrackRef | None,
+    run_id: str | None,
+    row: Mapping[str, Any],
+    points: list[tuple[int, dict[str, float]]] | None = None,
+) -> None:
     """Log the final row's metrics and status, and close the run (finished when ``done``, failed
     otherwise). ``points``: the curve, for a backend that does not log it live."""
     if ref is None or run_id is None:
@@ -224,9 +253,15 @@ def row_metrics(row: Mapping[str, Any], params: Mapping[str, Any] = ()) -> dict[
 
 
 def trial_tags(ref: TrackRef, cfg_dict: Mapping[str, Any], config_hash: str) -> dict[str, str]:
-    return {"name": str(cfg_dict.get("name")), "seed": str(cfg_dict.get("seed")), "config_hash": config_hash,
-            "status": "running", "experiment": ref.experiment, "harness_run_id": ref.harness_run_id,
-            "git_commit": str(ref.git_commit)}
+    return {
+        "name": str(cfg_dict.get("name")),
+        "seed": str(cfg_dict.get("seed")),
+        "config_hash": config_hash,
+        "status": "running",
+        "experiment": ref.experiment,
+        "harness_run_id": ref.harness_run_id,
+        "git_commit": str(ref.git_commit),
+    }
 
 
 def _report_files(experiment_uri: str, folder: Path) -> list[Path]:
@@ -252,14 +287,24 @@ class _Mlflow:
 
         return MlflowClient(tracking_uri=uri)
 
-    def start_grid(self, spec, experiment, experiment_uri, harness_run_id, git_commit, source, trials) -> TrackRef:
+    def start_grid(
+        self, spec, experiment, experiment_uri, harness_run_id, git_commit, source, trials
+    ) -> TrackRef:
         uri = spec.uri or default_mlflow_uri(experiment_uri)
         client = self.client(uri)
         found = client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-        run = client.create_run(exp_id, run_name=f"{experiment} {harness_run_id}",
-                                tags={"kind": "grid", "harness_run_id": harness_run_id, "git_commit": str(git_commit),
-                                      "results": experiment_uri, "source": str(source)})
+        run = client.create_run(
+            exp_id,
+            run_name=f"{experiment} {harness_run_id}",
+            tags={
+                "kind": "grid",
+                "harness_run_id": harness_run_id,
+                "git_commit": str(git_commit),
+                "results": experiment_uri,
+                "source": str(source),
+            },
+        )
         client.log_param(run.info.run_id, "trials", trials)
         return TrackRef("mlflow", uri, experiment, exp_id, run.info.run_id, harness_run_id, git_commit)
 
@@ -267,11 +312,15 @@ class _Mlflow:
         from mlflow.entities import Param
 
         client = self.client(ref.uri)
-        tags = {"mlflow.parentRunId": ref.parent_run_id, "kind": "trial", **trial_tags(ref, cfg_dict, config_hash)}
+        tags = {
+            "mlflow.parentRunId": ref.parent_run_id,
+            "kind": "trial",
+            **trial_tags(ref, cfg_dict, config_hash),
+        }
         run = client.create_run(ref.experiment_id, run_name=str(cfg_dict.get("name")), tags=tags)
         params = [Param(k, v) for k, v in trial_params(cfg_dict).items()]
         for i in range(0, len(params), _BATCH):
-            client.log_batch(run.info.run_id, params=params[i:i + _BATCH])
+            client.log_batch(run.info.run_id, params=params[i : i + _BATCH])
         return run.info.run_id
 
     def live_logger(self, ref, run_id) -> Callable[[int, dict[str, float]], None]:
@@ -294,10 +343,13 @@ class _Mlflow:
         params = set(trial_params(_config_of(row)))
         metrics = [Metric(k, v, now, 0) for k, v in row_metrics(row, params).items()]
         for i in range(0, len(metrics), _BATCH):
-            client.log_batch(run_id, metrics=metrics[i:i + _BATCH])
+            client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
         tags = [RunTag("status", status)]
         if row.get("error"):
-            tags += [RunTag("error", str(row["error"])[:4000]), RunTag("error_type", str(row.get("error_type")))]
+            tags += [
+                RunTag("error", str(row["error"])[:4000]),
+                RunTag("error_type", str(row.get("error_type"))),
+            ]
         client.log_batch(run_id, tags=tags)
         client.set_terminated(run_id, "FINISHED" if status == "done" else "FAILED")
 
@@ -336,11 +388,20 @@ class _Wandb:
         os.environ.setdefault("WANDB_MODE", "offline")
         return wandb.init(project=ref.uri, group=ref.experiment_id, reinit=True, **kw)
 
-    def start_grid(self, spec, experiment, experiment_uri, harness_run_id, git_commit, source, trials) -> TrackRef:
+    def start_grid(
+        self, spec, experiment, experiment_uri, harness_run_id, git_commit, source, trials
+    ) -> TrackRef:
         import wandb
 
-        return TrackRef("wandb", spec.uri or experiment, experiment, f"{experiment}-{harness_run_id}",
-                        wandb.util.generate_id(), harness_run_id, git_commit)
+        return TrackRef(
+            "wandb",
+            spec.uri or experiment,
+            experiment,
+            f"{experiment}-{harness_run_id}",
+            wandb.util.generate_id(),
+            harness_run_id,
+            git_commit,
+        )
 
     def start_trial(self, ref, cfg_dict, config_hash) -> str:
         import wandb
@@ -353,8 +414,14 @@ class _Wandb:
     def finish_trial(self, ref, run_id, row, points) -> None:
         cfg = _config_of(row)
         tags = trial_tags(ref, cfg, str(row.get("config_hash")))
-        run = self._init(ref, id=run_id, name=str(row.get("name")), job_type="trial", config=trial_params(cfg),
-                         tags=[f"{k}={v}" for k, v in tags.items() if k != "status"] + [f"status={row.get('status')}"])
+        run = self._init(
+            ref,
+            id=run_id,
+            name=str(row.get("name")),
+            job_type="trial",
+            config=trial_params(cfg),
+            tags=[f"{k}={v}" for k, v in tags.items() if k != "status"] + [f"status={row.get('status')}"],
+        )
         for step, metrics in points:
             run.log(metrics, step=step)
         run.summary.update(row_metrics(row, set(trial_params(cfg))))
@@ -363,8 +430,12 @@ class _Wandb:
     def finish_grid(self, ref, experiment_uri, states) -> None:
         import wandb
 
-        run = self._init(ref, id=ref.parent_run_id, name=f"{ref.experiment} {ref.harness_run_id}", job_type="grid")
-        run.summary.update({f"trials_{s}": sum(1 for v in states.values() if v == s) for s in set(states.values())})
+        run = self._init(
+            ref, id=ref.parent_run_id, name=f"{ref.experiment} {ref.harness_run_id}", job_type="grid"
+        )
+        run.summary.update(
+            {f"trials_{s}": sum(1 for v in states.values() if v == s) for s in set(states.values())}
+        )
         with tempfile.TemporaryDirectory() as tmp:
             _report_files(experiment_uri, Path(tmp))
             art = wandb.Artifact(f"report-{ref.harness_run_id}", type="report")
