@@ -39,6 +39,15 @@ def test_wandb_without_the_package_is_a_clear_error():
         parse_track("wandb")
 
 
+def test_run_with_a_bad_track_value_exits_2_before_running(tmp_path, capsys):
+    from harness.cli import main
+
+    grid = str(Path(__file__).resolve().parents[2] / "ablations" / "grids" / "smoke.yaml")
+    assert main(["run", grid, "--results", str(tmp_path), "--track", "tensorboard"]) == 2
+    assert "error: --track 'tensorboard': expected one of mlflow, wandb" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_default_uri_is_a_file_store_beside_the_results(tmp_path):
     uri = tracking.default_mlflow_uri(str(tmp_path / "results" / "smoke"))
     assert uri == (tmp_path / "results" / "smoke" / "mlruns").as_uri() and uri.startswith("file:")
