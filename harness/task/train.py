@@ -106,8 +106,8 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
         with backend.autocast():
             out = module(images, targets)
         loss = out["loss"]
-        task, gate = float(out["task_loss"].detach()), float(out["gate_loss"].detach())
-        if not math.isfinite(float(loss.detach())):
+        task, gate, total = float(out["task_loss"].detach()), float(out["gate_loss"].detach()), float(loss.detach())
+        if not math.isfinite(total):
             parts = {k: round(float(v), 4) for k, v in out.get("loss_parts", {}).items()}
             raise NonFiniteLossError(f"trial {cfg.name!r}: non-finite loss at step {step + 1}/{micro_steps}: "
                                      f"task_loss={task}, gate_loss={gate}, parts={parts}")
@@ -117,7 +117,7 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
         history.append((task, gate))
         logged_step = (step + 1) % max(1, tc.log_every) == 0 or step + 1 == micro_steps
         if on_log is not None:
-            window.append((task, gate, float(loss.detach()), _kept_fraction(out["backbone"].blocks)))
+            window.append((task, gate, total, _kept_fraction(out["backbone"].blocks)))
             if logged_step:
                 means = np.array(window, dtype=np.float64).mean(0)
                 on_log(step + 1, dict(zip(("task_loss", "gate_loss", "loss", "kept_fraction"), map(float, means))))
