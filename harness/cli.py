@@ -1,7 +1,7 @@
 """``spa-harness``: run a grid on Ray, see where it stands, report on it, list the variants.
 
     spa-harness run GRID [--results DIR|URI] [--address ADDR] [--max-concurrent N] [--smoke]
-                         [--dry-run] [--rerun] [--plugin FILE] [--name NAME]
+                         [--dry-run] [--rerun] [--plugin FILE] [--name NAME] [--track mlflow[=URI]|wandb]
     spa-harness status RESULTS
     spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR|FILE] [--merge]
     spa-harness variants
@@ -10,6 +10,7 @@
 (``harness.runner.run_grid``) into ``RESULTS/<grid name>``, prints each failed trial's error (its
 type, message, the user-code line it came from and its error.txt) and the comparison report
 (``harness.report``: deltas paired by seed with 95% intervals and verdicts; a 120-column table).
+``--track`` also logs each trial that runs to MLflow or W&B (``harness.tracking``).
 ``report`` reports each experiment of RESULTS apart, or all as one with ``--merge``.
 Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plugin module or .py file registering variants (repeatable)")
     r.add_argument("--no-progress", action="store_true", help="no live progress view")
     r.add_argument("--no-report", action="store_true", help="do not print the comparison table at the end")
+    r.add_argument("--track", default=None, metavar="mlflow[=URI]|wandb[=PROJECT]",
+                   help="log each trial (config, curves, final metrics, status) and the report to MLflow "
+                        "(default URI: the file store RESULTS/<experiment>/mlruns) or W&B (offline)")
 
     s = sub.add_parser("status", help="done / running / failed / pending per trial")
     s.add_argument("results", help="a results store or one experiment's folder (or URI)")
@@ -111,13 +115,15 @@ def _run(args: argparse.Namespace) -> int:
     from harness.grid import GridError, load_grid
     from harness.names import UnsafeNameError, check_name
     from harness.runner import plan, run_grid, trial_resources
+    from harness.tracking import TrackingError, parse_track
 
     console = _console()
     try:
         if args.name is not None:
             check_name(args.name, "--name")
+        track = parse_track(args.track)
         grid = load_grid(args.grid, extra_plugins=args.plugin, overrides=smoke_overrides() if args.smoke else None)
-    except (GridError, UnsafeNameError) as e:
+    except (GridError, UnsafeNameError, TrackingError) as e:
         _error(console, str(e))
         return 2
     experiment = args.name or grid.name
@@ -128,15 +134,23 @@ def _run(args: argparse.Namespace) -> int:
         _print_dry_run(console, grid, plan(grid.trials, ResultsStore(args.results), experiment, rerun=args.rerun),
                        trial_resources, args)
         return 0
-    summary = run_grid(grid.trials, results=args.results, experiment=experiment, address=args.address,
-                       max_concurrent=args.max_concurrent, rerun=args.rerun, progress=not args.no_progress,
-                       source=str(grid.source))
+    try:
+        summary = run_grid(grid.trials, results=args.results, experiment=experiment, address=args.address,
+                           max_concurrent=args.max_concurrent, rerun=args.rerun, progress=not args.no_progress,
+                           source=str(grid.source), track=track)
+    except TrackingError as e:
+        _error(console, str(e))
+        return 2
     counts: dict[str, int] = {}
     for s in summary.states.values():
         counts[s] = counts.get(s, 0) + 1
     console.print(f"{experiment}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
                   + f" in {summary.wall_s:.0f} s" + (" (resumed)" if summary.restored else "")
                   + f"\nresults: {summary.uri}")
+    if summary.tracking is not None:
+        t = summary.tracking
+        console.print(f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})",
+                      markup=False, highlight=False, soft_wrap=True)
     _print_failures(console, summary)
     if not args.no_report:
         try:

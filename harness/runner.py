@@ -11,7 +11,10 @@
    (``harness.trial.trial_trainable``) with that trial's resources, at most ``max_concurrent`` at a
    time. If the previous run of this experiment was interrupted (Ctrl-C, a killed driver) and
    its pending trials are a subset of that run's, its Tune state is restored (``Tuner.restore``);
-   finished trials are never re-run, whichever way.
+   finished trials are never re-run, whichever way;
+4. with ``track`` (``--track mlflow[=URI]`` / ``wandb``): each trial that runs logs its config,
+   curves, final metrics and status to a run of its own under a parent run that gets the report
+   (``harness.tracking``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class RunSummary:
     states: dict[str, str] = field(default_factory=dict)  # config hash -> done / failed / timeout / ...
     restored: bool = False
     wall_s: float = 0.0
+    tracking: Any = None  # harness.tracking.TrackRef of the grid's parent run (--track), when trials ran
 
     @property
     def ok(self) -> bool:
@@ -161,8 +165,13 @@ def run_grid(
     rerun: bool = False,
     progress: bool = True,
     source: str | None = None,
+    track: Any = None,
 ) -> RunSummary:
-    """Run ``trials`` into ``results/<experiment>`` (see the module docstring)."""
+    """Run ``trials`` into ``results/<experiment>`` (see the module docstring). ``track``: a
+    ``harness.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``)."""
+    from harness import tracking
+
+    track = tracking.parse_track(track)  # a bad value fails before anything is written
     t_start = time.time()
     _quiet_tune()
     store = ResultsStore(results)
@@ -200,20 +209,26 @@ def run_grid(
     }
     exp.write_manifest(manifest)
     summary = RunSummary(experiment, exp.uri, planned)
+    if pending and track is not None:
+        summary.tracking = tracking.start_grid(track, experiment, exp.uri, harness_run_id=run_id,
+                                               git_commit=manifest["git_commit"], source=source, trials=len(pending))
     if pending:
-        summary.restored = _run_tune(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable)
+        summary.restored = _run_tune(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable,
+                                     summary.tracking)
         # Stopped early (Ctrl-C: Tune saves its state and returns)? Then the next run restores it.
         manifest["tune"]["finished"] = all(exp.read_row(p.config_hash) is not None for p in pending)
         exp.write_manifest(manifest)
     for p in planned:
         row = exp.read_row(p.config_hash)
         summary.states[p.config_hash] = row.get("status", "?") if row else "pending"
+    tracking.finish_grid(summary.tracking, exp.uri, summary.states)
     summary.wall_s = time.time() - t_start
     return summary
 
 
 def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, Any], address: str | None,
-              max_concurrent: int | None, progress: bool, tune_name: str, restorable: bool) -> bool:
+              max_concurrent: int | None, progress: bool, tune_name: str, restorable: bool,
+              track: Any = None) -> bool:
     import ray
     from ray import tune
 
@@ -223,7 +238,7 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
     started = init_ray(address)
     try:
         context = TrialContext(exp.store_uri, exp.name, manifest["run_id"], manifest["git_commit"],
-                               rerun=manifest["rerun"])
+                               rerun=manifest["rerun"], track=track)
         by_hash = {p.config_hash: p.cfg for p in pending}
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:

@@ -31,9 +31,10 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from harness import tracking
 from harness.config import flatten_config
 from harness.errors import describe, root_cause
 from harness.results import HEARTBEAT_S, Experiment
@@ -52,6 +53,8 @@ class TrialContext:
     run_id: str
     git_commit: str
     rerun: bool = False  # --rerun: a done row of an earlier run does not count
+    track: tracking.TrackRef | None = None  # --track: where the trials log (harness.tracking)
+    track_run: str | None = None  # the trial's own run there (set in the trial's process)
 
 
 def error_tail(exc: BaseException, lines: int = _TRACEBACK_LINES) -> str:
@@ -128,12 +131,16 @@ def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
         return
 
     retries = int(cfg_dict.get("resources", {}).get("retries", 0))
+    if context.track is not None:
+        context = replace(context, track_run=tracking.start_trial(context.track, cfg_dict, h))
     row: dict[str, Any] = {}
     for attempt in range(1, retries + 2):
         row = _run_attempt(cfg_dict, h, context, exp, attempt)
         if row["status"] == "done":
             break
+    points = row.pop("_track_points", None)
     exp.write_row(h, row)
+    tracking.finish_trial(context.track, context.track_run, row, points)
     tune.report({"status": row["status"], "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s")})
 
 
@@ -195,8 +202,10 @@ def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: E
         stack = "".join(traceback.format_stack(sys._current_frames().get(thread)))
         tail = "\n".join(stack.splitlines()[-_TRACEBACK_LINES:])
         exp.write_text(h, "error.txt", f"{msg}\n\n{tail}\n")
-        exp.write_row(h, failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout",
-                                     tb=tail, attempt=attempt, start=start))
+        row = failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout", tb=tail,
+                          attempt=attempt, start=start)
+        exp.write_row(h, row)
+        tracking.finish_trial(context.track, context.track_run, row)
 
     info = {"attempt": attempt, "start_time": start, "run_id": context.run_id, "pid": os.getpid()}
     backstop = timeout_s if workers <= 1 else timeout_s + _WORKER_STOP_GRACE_S
@@ -232,6 +241,8 @@ def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int,
     workers = int(res.get("workers", 1))
     loop_config = {"config": cfg_dict, "config_hash": h, "store_uri": context.store_uri,
                    "experiment": context.experiment, "launched": time.time()}
+    if context.track is not None and context.track_run is not None:
+        loop_config["track"] = (context.track, context.track_run)
     if workers <= 1:
         row = train_worker(loop_config)
     else:
@@ -287,7 +298,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as tmp, _captured_log(os.path.join(tmp, "log.txt")) as log_path:
         try:
             with torch_threads(config["config"].get("resources", {})):
-                return _train_and_measure(config["config"], rank, world, device, started, config["launched"])
+                return _train_and_measure(config["config"], rank, world, device, started, config["launched"],
+                                          config.get("track"))
         finally:
             with contextlib.suppress(Exception):
                 with open(log_path, encoding="utf-8", errors="replace") as f:
@@ -295,7 +307,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, started: float,
-                       launched: float) -> dict[str, Any] | None:
+                       launched: float, track: tuple[Any, str] | None = None) -> dict[str, Any] | None:
     from harness.config import trial_from_dict
     from harness.distributed import DeepSpeedBackend
     from harness.measure import measure, reset_peak_memory
@@ -310,7 +322,8 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     logging.getLogger("harness").info("trial %s on rank %d of %d, device %s", cfg.name, rank, world, device)
     backend = DeepSpeedBackend(device)
     t_ready = time.time()
-    metrics = train_variant(cfg, backend=backend, progress=False)
+    on_log = tracking.step_logger(*track) if track is not None and rank == 0 else None
+    metrics = train_variant(cfg, backend=backend, progress=False, on_log=on_log)
     # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
     prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
     dp_diff = _replica_divergence(backend)
@@ -324,6 +337,8 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
                    precision=("bf16" if "torch_autocast" in backend.ds_config else
                               "fp16" if "fp16" in backend.ds_config else "fp32"),
                    _worker_started=started, _launched=launched)
+    if on_log is not None:
+        metrics["_track_points"] = on_log.points  # for a tracker that logs the curve when the trial ends
     return metrics
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -54,8 +54,14 @@ def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor
         epoch += 1
 
 
-def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, progress: bool = True) -> dict[str, Any]:
+def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, progress: bool = True,
+                  on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train the variant of ``cfg`` on ``cfg.data`` and evaluate it on the val split.
+
+    ``on_log(step, metrics)`` (rank 0 only) is called every ``cfg.train.log_every`` micro-steps and
+    at the last one with ``step`` (1-based micro-step) and the means over the steps since the
+    previous call of ``task_loss``, ``gate_loss``, ``loss`` and ``kept_fraction`` (the kept share of
+    all SPA-block tokens of the batch; 1 for the dense model).
 
     Deterministic from ``cfg.seed`` (and ``cfg.data.data_seed`` for the built-in set) on a given
     machine and thread count. Raises ``NonFiniteLossError`` if the loss is NaN/inf.
@@ -92,14 +98,16 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
     samples = 0
     t0 = time.perf_counter()
     batches = _batches(loader)
+    on_log = on_log if backend.is_main else None
+    window: list[tuple[float, float, float, float]] = []  # (task, gate, loss, kept) since on_log's last call
     for step in range(micro_steps):
         images, targets = next(batches)
         images, targets = images.to(backend.device), to_device(targets, backend.device)
         with backend.autocast():
             out = module(images, targets)
         loss = out["loss"]
-        task, gate = float(out["task_loss"].detach()), float(out["gate_loss"].detach())
-        if not math.isfinite(float(loss.detach())):
+        task, gate, total = float(out["task_loss"].detach()), float(out["gate_loss"].detach()), float(loss.detach())
+        if not math.isfinite(total):
             parts = {k: round(float(v), 4) for k, v in out.get("loss_parts", {}).items()}
             raise NonFiniteLossError(f"trial {cfg.name!r}: non-finite loss at step {step + 1}/{micro_steps}: "
                                      f"task_loss={task}, gate_loss={gate}, parts={parts}")
@@ -107,7 +115,14 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
         backend.step()
         samples += images.shape[0]
         history.append((task, gate))
-        if bar.enabled and ((step + 1) % max(1, tc.log_every) == 0 or step + 1 == micro_steps):
+        logged_step = (step + 1) % max(1, tc.log_every) == 0 or step + 1 == micro_steps
+        if on_log is not None:
+            window.append((task, gate, total, _kept_fraction(out["backbone"].blocks)))
+            if logged_step:
+                means = np.array(window, dtype=np.float64).mean(0)
+                on_log(step + 1, dict(zip(("task_loss", "gate_loss", "loss", "kept_fraction"), map(float, means))))
+                window.clear()
+        if bar.enabled and logged_step:
             bar.update(step + 1, f"task {task:.3f} gate {gate:.4f}")
     train_time = time.perf_counter() - t0
     bar.close()
@@ -127,6 +142,14 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
         num_params=num_params,
     )
     return metrics
+
+
+def _kept_fraction(blocks: list[Any]) -> float:
+    """Kept share of all SPA-block tokens of a batch (``mask (B, N)`` per block); 1 without blocks."""
+    if not blocks:
+        return 1.0
+    kept = sum(int(b.mask.detach().sum()) for b in blocks)
+    return kept / sum(b.mask.numel() for b in blocks)
 
 
 @torch.no_grad()

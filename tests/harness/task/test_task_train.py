@@ -48,6 +48,19 @@ def test_train_variant_returns_flat_metrics_deterministically(cache):
     assert dense["kept_fraction"] == 1.0 and math.isnan(dense["gate_recall"]) and dense["gate_loss"] == 0.0
 
 
+def test_on_log_gets_the_means_of_every_logged_step_and_changes_nothing(cache):
+    cfg = _cfg(cache, train={"steps": 5, "log_every": 2})
+    points = []
+    logged = train_variant(cfg, progress=False, on_log=lambda step, m: points.append((step, m)))
+    assert [step for step, _ in points] == [2, 4, 5]  # every log_every micro-steps and the last one
+    for _, m in points:
+        assert set(m) == {"task_loss", "gate_loss", "loss", "kept_fraction"}
+        assert all(math.isfinite(v) for v in m.values()) and 0.0 <= m["kept_fraction"] <= 1.0
+    assert points[-1][1]["task_loss"] == pytest.approx(logged["task_loss"])  # both the last step's
+    plain = train_variant(cfg, progress=False)
+    assert plain["task_loss"] == logged["task_loss"] and plain["map"] == logged["map"]
+
+
 def test_nan_loss_raises(cache, monkeypatch):
     real = task_detector.fcos_loss
 

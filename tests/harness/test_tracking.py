@@ -1,0 +1,235 @@
+"""harness/tracking.py: ``--track`` values, the default MLflow store beside the results, one grid's
+runs in an MLflow file store read back with ``MlflowClient``, and (slow) ``spa-harness run
+ablations/grids/smoke.yaml --smoke --track mlflow`` on an embedded local Ray, read back the same way."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import tracking
+from harness.config import flatten_config
+from harness.results import ResultsStore
+from harness.tracking import TrackingError, TrackingSpec, parse_track
+
+mlflow = pytest.importorskip("mlflow")
+
+
+def test_parse_track():
+    assert parse_track(None) is None
+    assert parse_track("mlflow") == TrackingSpec("mlflow", None)
+    assert parse_track("MLflow=http://host:5000") == TrackingSpec("mlflow", "http://host:5000")
+    assert parse_track("mlflow=sqlite:///a=b.db") == TrackingSpec(
+        "mlflow", "sqlite:///a=b.db"
+    )  # first '=' only
+    with pytest.raises(TrackingError, match="expected one of mlflow, wandb"):
+        parse_track("tensorboard")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_without_the_package_is_a_clear_error():
+    with pytest.raises(TrackingError, match="wandb package is not installed"):
+        parse_track("wandb")
+
+
+def test_run_with_a_bad_track_value_exits_2_before_running(tmp_path, capsys):
+    from harness.cli import main
+
+    grid = str(Path(__file__).resolve().parents[2] / "ablations" / "grids" / "smoke.yaml")
+    assert main(["run", grid, "--results", str(tmp_path), "--track", "tensorboard"]) == 2
+    assert "error: --track 'tensorboard': expected one of mlflow, wandb" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_default_uri_is_a_file_store_beside_the_results(tmp_path):
+    uri = tracking.default_mlflow_uri(str(tmp_path / "results" / "smoke"))
+    assert uri == (tmp_path / "results" / "smoke" / "mlruns").as_uri() and uri.startswith("file:")
+    assert (
+        tracking.default_mlflow_uri((tmp_path / "r" / "e").as_uri())
+        == (tmp_path / "r" / "e" / "mlruns").as_uri()
+    )
+    with pytest.raises(TrackingError, match="--track mlflow=URI"):
+        tracking.default_mlflow_uri("s3://bucket/spa/smoke")
+
+
+def _trial(name, variant, seed=0, ratio=None):
+    cfg = {
+        "name": name,
+        "seed": seed,
+        "model": {"variant": variant, "spa": {"ratio": ratio, "selection": "topk"} if ratio else None},
+        "train": {"steps": 4, "log_every": 2},
+    }
+    return cfg
+
+
+def _row(cfg, h, status="done", **metrics):
+    return {
+        "name": cfg["name"],
+        "seed": cfg["seed"],
+        "config_hash": h,
+        "status": status,
+        "error": None,
+        "config_json": json.dumps(cfg),
+        **flatten_config(cfg),
+        **metrics,
+    }
+
+
+def test_a_grid_in_an_mlflow_file_store(tmp_path):
+    exp = ResultsStore(str(tmp_path / "results")).experiment("toy")
+    exp.write_manifest({"name": "toy", "source": None})
+    ref = tracking.start_grid("mlflow", "toy", exp.uri, harness_run_id="r1", git_commit="abc", trials=2)
+    assert ref.uri == (Path(exp.uri) / "mlruns").as_uri()
+
+    trials = [
+        (_trial("dense", "dense"), "h-dense", dict(map=0.30, gmacs=2.0, infer_ms=10.0, kept_fraction=1.0)),
+        (
+            _trial("spa", "spa", ratio=0.5),
+            "h-spa",
+            dict(
+                map=0.31,
+                gmacs=1.5,
+                infer_ms=9.0,
+                kept_fraction=0.5,
+                speedup_vs_dense=1.1,
+                gate_recall=math.nan,
+            ),
+        ),
+    ]
+    for cfg, h, metrics in trials:
+        run_id = tracking.start_trial(ref, cfg, h)
+        on_log = tracking.step_logger(ref, run_id)
+        for step in (2, 4):
+            on_log(
+                step,
+                {"task_loss": 1.0 / step, "gate_loss": 0.1, "loss": 1.0 / step + 0.1, "kept_fraction": 0.5},
+            )
+        row = _row(cfg, h, **metrics)
+        exp.write_row(h, row)
+        tracking.finish_trial(ref, run_id, row, on_log.points)
+    failed = _trial("broken", "spa", ratio=0.25)
+    run_id = tracking.start_trial(ref, failed, "h-broken")
+    row = _row(failed, "h-broken", status="failed", error="RuntimeError: boom", error_type="RuntimeError")
+    exp.write_row("h-broken", row)
+    tracking.finish_trial(ref, run_id, row)
+    tracking.finish_grid(ref, exp.uri, {"h-dense": "done", "h-spa": "done", "h-broken": "failed"})
+
+    client = mlflow.tracking.MlflowClient(ref.uri)
+    runs = {r.data.tags["mlflow.runName"]: r for r in client.search_runs([ref.experiment_id])}
+    assert set(runs) == {"dense", "spa", "broken", "toy r1"}
+    spa = runs["spa"]
+    assert spa.data.params["model.spa.ratio"] == "0.5" and spa.data.params["train.log_every"] == "2"
+    assert runs["dense"].data.params["model.spa"] == "None"
+    assert spa.data.metrics["map"] == 0.31 and spa.data.metrics["speedup_vs_dense"] == 1.1
+    assert math.isnan(spa.data.metrics["gate_recall"])
+    assert (
+        "model.spa.ratio" not in spa.data.metrics and "train.steps" not in spa.data.metrics
+    )  # config: params
+    history = client.get_metric_history(spa.info.run_id, "train/task_loss")
+    assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25)]
+    assert spa.data.metrics["kept_fraction"] == 0.5 and spa.data.metrics["train/kept_fraction"] == 0.5
+    assert {k: spa.data.tags[k] for k in ("name", "seed", "config_hash", "status")} == {
+        "name": "spa",
+        "seed": "0",
+        "config_hash": "h-spa",
+        "status": "done",
+    }
+    assert spa.info.status == "FINISHED" and spa.data.tags["mlflow.parentRunId"] == ref.parent_run_id
+    broken = runs["broken"]
+    assert broken.info.status == "FAILED" and broken.data.tags["status"] == "failed"
+    assert broken.data.tags["error"] == "RuntimeError: boom"
+
+    parent = runs["toy r1"]
+    assert parent.info.run_id == ref.parent_run_id and parent.info.status == "FAILED"  # one trial failed
+    assert parent.data.tags["trials_done"] == "2" and parent.data.tags["trials_failed"] == "1"
+    assert "report_error" not in parent.data.tags
+    files = {a.path for a in client.list_artifacts(ref.parent_run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/report-plots"} <= files
+    html = Path(client.download_artifacts(ref.parent_run_id, "report/report.html", str(tmp_path / "dl")))
+    assert "<table" in html.read_text() and "data:image/png;base64," in html.read_text()
+
+
+def test_a_tracking_failure_inside_a_trial_is_a_warning(tmp_path, caplog):
+    ref = tracking.TrackRef("mlflow", (tmp_path / "mlruns").as_uri(), "toy", "12345", "parent", "r1")
+    assert tracking.start_trial(ref, _trial("x", "dense"), "h") is None  # no such experiment: no run
+    on_log = tracking.step_logger(ref, "no-such-run")
+    on_log(2, {"task_loss": 1.0})
+    on_log(4, {"task_loss": 0.5})
+    assert on_log.points == [(2, {"train/task_loss": 1.0}), (4, {"train/task_loss": 0.5})]
+    tracking.finish_trial(ref, "no-such-run", {"status": "done", "map": 0.1})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "harness.tracking"]
+    assert len(warnings) == 3 and all(w.startswith("tracking: cannot") for w in warnings), warnings
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_smoke_grid_tracked_in_mlflow(tmp_path):
+    env = {**os.environ, "SPA_HARNESS_CACHE": str(tmp_path / "data-cache"), "DS_ACCELERATOR": "cpu"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    store = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "run",
+        str(ROOT / "ablations" / "grids" / "smoke.yaml"),
+        "--smoke",
+        "--results",
+        str(store),
+        "--no-progress",
+        "--no-report",
+        "--track",
+        "mlflow",
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    uri = (store / "smoke" / "mlruns").as_uri()
+    assert f"tracking: mlflow {uri}" in p.stdout
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kind") == "grid"]
+    trials = {r.data.tags["name"]: r for r in runs if r.data.tags.get("kind") == "trial"}
+    assert len(parent) == 1 and len(trials) == 3, [r.data.tags for r in runs]
+    rows = {
+        json.loads(f.read_text())["config_hash"]: json.loads(f.read_text())
+        for f in (store / "smoke" / "trials").glob("*/row.json")
+    }
+    for name, run in trials.items():
+        tags = run.data.tags
+        row = rows[tags["config_hash"]]
+        assert (tags["name"], tags["seed"], tags["status"]) == (row["name"], str(row["seed"]), "done"), name
+        assert run.info.status == "FINISHED" and tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert run.data.params["train.steps"] == "4" and run.data.params["train.log_every"] == "2"
+        assert run.data.params["model.variant"] == row["model.variant"]
+        assert run.data.metrics["map"] == pytest.approx(row["map"]) and run.data.metrics[
+            "gmacs"
+        ] == pytest.approx(row["gmacs"])
+        for key in (
+            "train/task_loss",
+            "train/gate_loss",
+            "train/loss",
+            "train/kept_fraction",
+        ):  # steps 2 and 4
+            history = client.get_metric_history(run.info.run_id, key)
+            assert sorted(m.step for m in history) == [2, 4], (name, key, history)
+        kept = [m.value for m in client.get_metric_history(run.info.run_id, "train/kept_fraction")]
+        assert all(v == 1.0 for v in kept) if name == "dense" else all(0 < v < 1 for v in kept), (name, kept)
+    assert trials["dense"].data.metrics["world_size"] == 2  # its curve came from a Ray Train worker process
+    assert "speedup_vs_dense" in trials[next(n for n in trials if n != "dense")].data.metrics
+    files = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert {"report/report.md", "report/report.html"} <= files
+    assert parent[0].info.status == "FINISHED" and parent[0].data.tags["trials_done"] == "3"
+    assert all("_track_points" not in r for r in rows.values())  # the curve stays out of the rows
