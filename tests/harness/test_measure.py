@@ -1,6 +1,7 @@
 """Measurements: the paper's formulas by hand, fvcore counts with the real selection, timings, memory."""
 
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -65,9 +66,12 @@ def test_fvcore_counts_the_real_selection_spa_below_dense():
 
 
 def test_timed_reports_median_and_iqr():
-    calls = []
-    out = timed(lambda: calls.append(1), warmup=2, repeats=5, device=torch.device("cpu"))
-    assert len(calls) == 7 and out["median"] >= 0 and out["iqr"] >= 0
+    """Calls of known durations (sleeps of 10, 30, 20, 50, 40 ms after two warm-up calls): the median
+    is the middle one's, the IQR the spread of the middle half, and the warm-up is left out."""
+    sleeps = iter([0.2, 0.2, 0.010, 0.030, 0.020, 0.050, 0.040])
+    out = timed(lambda: time.sleep(next(sleeps)), warmup=2, repeats=5, device=torch.device("cpu"))
+    assert 30 <= out["median"] < 55  # sleep() overshoots (more on a loaded machine), never undershoots
+    assert 10 <= out["iqr"] < 45  # percentiles 25 and 75 of 10..50 ms: 20 and 40
 
 
 def test_peak_memory_sees_a_big_allocation():
@@ -85,7 +89,11 @@ def test_timed_pairs_alternate_which_goes_first():
     ta, tb = timed_pairs(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4,
                          device=torch.device("cpu"))
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
-    assert len(ta) == len(tb) == 4 and min(ta + tb) >= 0
+    assert len(ta) == len(tb) == 4
+    slow, fast = timed_pairs(lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, repeats=4,
+                             device=torch.device("cpu"))
+    assert min(slow) >= 20 and min(fast) >= 5  # each time is its own call's, whichever went first
+    assert sorted(slow)[1] > sorted(fast)[2] + 8
 
 
 @pytest.mark.filterwarnings("ignore")
