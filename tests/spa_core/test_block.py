@@ -199,18 +199,30 @@ def test_gate_training_straight_through_reaches_gate():
 
 
 def test_attn_impl_switch_gives_same_result(monkeypatch, fixed_policy, mask_with_counts):
+    """The environment switch and the module attribute (which wins) pick the attention kernel that
+    runs, and every kernel gives the same block."""
+    va = sys.modules["kernels.varlen_attention"]  # the module (the package exports a function of its name)
+    ran = []
+    for name in ("_varlen_attention_cpp", "_varlen_attention_torch", "varlen_attention_ref"):
+        real = getattr(va, name)
+        monkeypatch.setattr(va, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
     fixed_policy.mask = mask_with_counts([3, 16], 16)
     blk = _block("varlen", window=4, selection=fixed_policy.name)
     x = torch.randn(2, 4, 4, 24)
     outs = []
+    expect = {"torch": "_varlen_attention_torch", "ref": "varlen_attention_ref", "cpp": "_varlen_attention_cpp"}
     for impl in ("torch", "ref", "cpp"):
         monkeypatch.setenv("SPA_ATTN_IMPL", impl)
+        ran.clear()
         with torch.no_grad():
             outs.append(blk(x)[0])
+        assert ran == [expect[impl]], (impl, ran)
     monkeypatch.setenv("SPA_ATTN_IMPL", "torch")
     blk.attn.attn_impl = "ref"  # the module attribute wins over the environment
+    ran.clear()
     with torch.no_grad():
         outs.append(blk(x)[0])
+    assert ran == ["varlen_attention_ref"]
     for other in outs[1:]:
         torch.testing.assert_close(outs[0], other, **TOL[torch.float32])
     monkeypatch.setenv("SPA_ATTN_IMPL", "nonsense")
