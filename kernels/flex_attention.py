@@ -68,6 +68,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from kernels.position_bias import PositionBias, check_position_bias
+from kernels.seqlens import check_varlen_inputs
 
 __all__ = ["BLOCK_SIZE", "flex_varlen_attention", "masked_fraction"]
 
@@ -253,18 +254,7 @@ def flex_varlen_attention(
     only; inputs that need gradients raise ``RuntimeError``. ``cu_seqlens`` is not checked against T
     on the host (that would sync the GPU).
     """
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k, v must all be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
-        raise ValueError(
-            f"cu_seqlens must be a 1-D integer tensor (S+1,), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+    check_varlen_inputs(q, k, v, cu_seqlens)
     if block_size < 16 or block_size % 16:
         raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
     T, H, D = q.shape

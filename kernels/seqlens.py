@@ -17,7 +17,7 @@ import torch
 
 from kernels._dispatch import cpp_kernels, resolve_helper_impl
 
-__all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum"]
+__all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum", "check_varlen_inputs"]
 
 
 def as_integer_counts(counts) -> torch.Tensor:
@@ -111,3 +111,21 @@ def seqlen_sq_sum(cu_seqlens: torch.Tensor) -> int:
     """Sum over sequences of n_i^2 (what attention FLOPs scale with). Syncs when on a GPU."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
     return int((lengths * lengths).sum()) if lengths.numel() else 0
+
+
+def check_varlen_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """What every varlen attention path requires of its inputs: q, k, v (T, H, D) of one shape and one
+    floating dtype, cu_seqlens a 1-D integer tensor (S+1,) on q's device. Raises ValueError / TypeError
+    naming what is wrong (the contents of cu_seqlens are checked where they are read)."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must all be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor (S+1,), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
 from kernels.position_bias import PositionBias, check_position_bias, pair_bias, relative_index
+from kernels.seqlens import check_varlen_inputs
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -574,18 +575,7 @@ def varlen_attention(
     else the torch path). Returns out: (T, H, D) in the dtype of q. Differentiable in q, k, v and
     ``bias.table``.
     """
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"q, k, v must all be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
-        raise ValueError(
-            f"cu_seqlens must be a 1-D integer tensor (S+1,), got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens on {cu_seqlens.device} but q on {q.device}")
+    check_varlen_inputs(q, k, v, cu_seqlens)
     if bias is not None:
         check_position_bias(bias, q.shape[0], q.shape[1], q.device)
     if cu_seqlens.dtype is not torch.int32:
