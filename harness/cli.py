@@ -1,7 +1,7 @@
 """``spa-harness``: run a grid on Ray, see where it stands, report on it, list the variants.
 
-    spa-harness run GRID [--results DIR|URI] [--address ADDR] [--max-concurrent N] [--smoke]
-                         [--dry-run] [--rerun] [--plugin FILE] [--name NAME]
+    spa-harness run GRID [--results DIR|URI] [--results-shared] [--address ADDR] [--max-concurrent N]
+                         [--smoke] [--dry-run] [--rerun] [--plugin FILE] [--name NAME]
     spa-harness status RESULTS
     spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR|FILE] [--merge]
     spa-harness variants
@@ -11,6 +11,9 @@
 type, message, the user-code line it came from and its error.txt) and the comparison report
 (``harness.report``: deltas paired by seed with 95% intervals and verdicts; a 120-column table).
 ``report`` reports each experiment of RESULTS apart, or all as one with ``--merge``.
+On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) ``--results`` must be
+a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
+a plain local path is refused (docs/cluster.md).
 Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
 for every row file of the store that cannot be read (its trial counts as not done).
@@ -34,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("grid", help="grid file (YAML), e.g. ablations/grids/smoke.yaml")
     r.add_argument("--results", default=os.environ.get("SPA_HARNESS_RESULTS", "results"),
                    help="results store: a folder or a pyarrow filesystem URI such as s3://bucket/spa "
-                        "(default: ./results); the experiment goes to RESULTS/<grid name>")
+                        "(default: ./results); the experiment goes to RESULTS/<grid name>. On a Ray cluster "
+                        "every node writes rows here: an object-store URI, a file:// URI, or --results-shared")
+    r.add_argument("--results-shared", action="store_true",
+                   default=os.environ.get("SPA_HARNESS_RESULTS_SHARED", "") not in ("", "0"),
+                   help="--results is a folder every node of the cluster sees at the same path (NFS, a "
+                        "shared mount); without it a plain path is refused on a cluster")
     r.add_argument("--name", default=None,
                    help="experiment name, a plain name: letters, digits and ._-=,+, not starting with '.', "
                         "at most 100 characters (default: the grid's name)")
@@ -121,6 +129,12 @@ def _run(args: argparse.Namespace) -> int:
         _error(console, str(e))
         return 2
     experiment = args.name or grid.name
+    from harness.runner import cluster_address, results_problem
+
+    problem = results_problem(args.results, cluster_address(args.address), shared=args.results_shared)
+    if problem is not None:
+        _error(console, problem)
+        return 2
     _warn_damaged(args.results, experiment)
     if args.dry_run:
         from harness.results import ResultsStore
@@ -130,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     summary = run_grid(grid.trials, results=args.results, experiment=experiment, address=args.address,
                        max_concurrent=args.max_concurrent, rerun=args.rerun, progress=not args.no_progress,
-                       source=str(grid.source))
+                       source=str(grid.source), results_shared=args.results_shared)
     counts: dict[str, int] = {}
     for s in summary.states.values():
         counts[s] = counts.get(s, 0) + 1
