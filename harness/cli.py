@@ -164,9 +164,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_failures(console: Any, summary: Any) -> None:
     """Each trial that did not finish, with the first line of its error."""
-    from harness.results import Experiment
+    from harness.results import Experiment, split_uri
 
-    exp = Experiment(*summary.uri.rstrip("/").rsplit("/", 1))
+    exp = Experiment(*split_uri(summary.uri))
     for p in summary.trials:
         state = summary.states.get(p.config_hash)
         if state in ("failed", "timeout"):

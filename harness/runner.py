@@ -25,7 +25,7 @@ from typing import Any
 
 from harness.config import TrialConfig, config_hash, trial_to_dict
 from harness.names import name_problem, safe_name
-from harness.results import Experiment, ResultsStore
+from harness.results import Experiment, ResultsStore, join_uri
 
 __all__ = ["PlannedTrial", "RunSummary", "SharedResultsError", "plan", "trial_resources", "init_ray",
            "cluster_address", "results_problem", "run_grid"]
@@ -273,7 +273,7 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
                                                               or _cfg_of(config))])
 
         trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
-        tune_path = f"{exp.uri}/{tune_name}"
+        tune_path = join_uri(exp.uri, tune_name)
         restored = False
         if restorable and tune.Tuner.can_restore(tune_path):
             log.info("resuming the interrupted run from %s", tune_path)

@@ -37,7 +37,7 @@ from typing import Any
 
 from harness.config import flatten_config
 from harness.errors import describe, root_cause
-from harness.results import HEARTBEAT_S, Experiment
+from harness.results import HEARTBEAT_S, Experiment, join_uri
 
 __all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "error_tail", "node_id"]
 
@@ -273,7 +273,7 @@ def _fit_ray_train(loop_config: dict[str, Any], res: dict[str, Any], context: Tr
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"train-{loop_config['config_hash']}-{context.run_id}-a{attempt}",
-                             storage_path=exp.uri + "/train", failure_config=failure),
+                             storage_path=join_uri(exp.uri, "train"), failure_config=failure),
     )
     result = trainer.fit()  # raises TrainingFailedError (with the worker's traceback) if a worker failed
     return result.return_value
