@@ -5,8 +5,11 @@ what its dead attempt held. Token authentication is as this machine has it (on w
 ``~/.ray/auth_token`` exists)."""
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,18 +33,42 @@ def cluster_factory(monkeypatch):
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    started = []
+    started, temp_dirs = [], []
+
+    def _own_temp_dir() -> str:
+        # Nodes on one machine share Ray's temp dir by default, and with it the job's unpacked
+        # working_dir: the first node to finish with it deletes it under the others.
+        # Short, under /tmp: Ray's socket paths inside it must stay under 107 bytes.
+        temp_dirs.append(tempfile.mkdtemp(prefix="spa-ray-", dir="/tmp"))
+        return temp_dirs[-1]
 
     def make(head: dict, *nodes: dict):
-        cluster = Cluster(initialize_head=True, head_node_args={"node_ip_address": "127.0.0.1", **head})
+        # Nodes sharing 127.0.0.1 need ports of their own (the dashboard agents' default is one port).
+        cluster = Cluster(initialize_head=True, head_node_args={**_local_node(), **head})
         started.append(cluster)
-        added = [cluster.add_node(node_ip_address="127.0.0.1", **n) for n in nodes]
+        added = [cluster.add_node(**_local_node(), temp_dir=_own_temp_dir(), **n) for n in nodes]
         cluster.wait_for_nodes()
         return cluster, added
 
     yield make
     for cluster in started:
         cluster.shutdown()
+    for path in temp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_node() -> dict:
+    return {
+        "node_ip_address": "127.0.0.1",
+        "dashboard_agent_listen_port": _free_port(),
+        "metrics_export_port": _free_port(),
+    }
 
 
 def _head_commit() -> str:
@@ -61,7 +88,7 @@ def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_
     client = JobSubmissionClient("http://" + cluster.head_node.address_info["webui_url"])
     store = tmp_path / "results"  # one folder both nodes see (they share this machine's disk)
     commit = _head_commit() or "0" * 40
-    job = client.submit_job(
+    submit = lambda: client.submit_job(  # noqa: E731
         entrypoint=f"{sys.executable} -m harness.cli run {SMOKE} --smoke --results file://{store} "
         "--no-progress --no-report",
         runtime_env={
@@ -74,6 +101,14 @@ def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_
             },
         },
     )
+    for _ in range(60):  # the head's job agent comes up a little after the node
+        try:
+            job = submit()
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(1)
     deadline = time.time() + 600
     while not client.get_job_status(job).is_terminal():
         assert time.time() < deadline, client.get_job_logs(job)[-3000:]
@@ -146,7 +181,7 @@ def test_a_trial_whose_node_dies_is_retried_to_done_inside_its_timeout(
             )
             time.sleep(0.5)
         cluster.remove_node(node, allow_graceful=False)
-        cluster.add_node(node_ip_address="127.0.0.1", num_cpus=1)  # a replacement for the retry
+        cluster.add_node(**_local_node(), num_cpus=1)  # a replacement for the retry
         out, _ = driver.communicate(timeout=400)
     finally:
         if driver.poll() is None:
