@@ -1,7 +1,7 @@
 """``spa-harness``: run a grid on Ray, see where it stands, report on it, list the variants.
 
-    spa-harness run GRID [--results DIR|URI] [--address ADDR] [--max-concurrent N] [--smoke]
-                         [--dry-run] [--rerun] [--plugin FILE] [--name NAME] [--track mlflow[=URI]|wandb]
+    spa-harness run GRID [--results DIR|URI] [--results-shared] [--address ADDR] [--max-concurrent N]
+                         [--smoke] [--dry-run] [--rerun] [--plugin FILE] [--name NAME] [--track mlflow[=URI]|wandb]
     spa-harness status RESULTS
     spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR|FILE] [--merge]
     spa-harness variants
@@ -12,6 +12,9 @@ type, message, the user-code line it came from and its error.txt) and the compar
 (``harness.report``: deltas paired by seed with 95% intervals and verdicts; a 120-column table).
 ``--track`` also logs each trial that runs to MLflow or W&B (``harness.tracking``).
 ``report`` reports each experiment of RESULTS apart, or all as one with ``--merge``.
+On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) ``--results`` must be
+a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
+a plain local path is refused (docs/cluster.md).
 Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
 for every row file of the store that cannot be read (its trial counts as not done).
@@ -35,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("grid", help="grid file (YAML), e.g. ablations/grids/smoke.yaml")
     r.add_argument("--results", default=os.environ.get("SPA_HARNESS_RESULTS", "results"),
                    help="results store: a folder or a pyarrow filesystem URI such as s3://bucket/spa "
-                        "(default: ./results); the experiment goes to RESULTS/<grid name>")
+                        "(default: ./results); the experiment goes to RESULTS/<grid name>. On a Ray cluster "
+                        "every node writes rows here: an object-store URI, a file:// URI, or --results-shared")
+    r.add_argument("--results-shared", action="store_true",
+                   default=os.environ.get("SPA_HARNESS_RESULTS_SHARED", "") not in ("", "0"),
+                   help="--results is a folder every node of the cluster sees at the same path (NFS, a "
+                        "shared mount); without it a plain path is refused on a cluster")
     r.add_argument("--name", default=None,
                    help="experiment name, a plain name: letters, digits and ._-=,+, not starting with '.', "
                         "at most 100 characters (default: the grid's name)")
@@ -127,6 +135,12 @@ def _run(args: argparse.Namespace) -> int:
         _error(console, str(e))
         return 2
     experiment = args.name or grid.name
+    from harness.runner import cluster_address, results_problem
+
+    problem = results_problem(args.results, cluster_address(args.address), shared=args.results_shared)
+    if problem is not None:
+        _error(console, problem)
+        return 2
     _warn_damaged(args.results, experiment)
     if args.dry_run:
         from harness.results import ResultsStore
@@ -137,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         summary = run_grid(grid.trials, results=args.results, experiment=experiment, address=args.address,
                            max_concurrent=args.max_concurrent, rerun=args.rerun, progress=not args.no_progress,
-                           source=str(grid.source), track=track)
+                           source=str(grid.source), track=track, results_shared=args.results_shared)
     except TrackingError as e:
         _error(console, str(e))
         return 2
@@ -164,9 +178,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_failures(console: Any, summary: Any) -> None:
     """Each trial that did not finish, with the first line of its error."""
-    from harness.results import Experiment
+    from harness.results import Experiment, split_uri
 
-    exp = Experiment(*summary.uri.rstrip("/").rsplit("/", 1))
+    exp = Experiment(*split_uri(summary.uri))
     for p in summary.trials:
         state = summary.states.get(p.config_hash)
         if state in ("failed", "timeout"):

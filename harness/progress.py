@@ -13,6 +13,9 @@ and ``Tuner.restore`` brings it back; everything else is read from the store in 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sys
 import time
 from typing import Any
@@ -130,7 +133,7 @@ class GridCallback(Callback):
             from harness.trial import TrialContext, failure_row
 
             err = _tune_error(trial)
-            first = err.strip().splitlines()[-1] if err.strip() else "trial process died"
+            first = _error_line(err)
             oom = "OutOfMemory" in err or "out of memory" in err.lower() or "memory" in first.lower()
             cfg = trial.config["trial"]["config"]
             context = TrialContext(self.store_uri, self.experiment, self.run_id or "?", "?")
@@ -233,7 +236,28 @@ class GridCallback(Callback):
         return Group(head, render_states(view))
 
 
+def _error_line(err: str) -> str:
+    """The line of a Tune error text that says what happened: of its last failure (Tune appends a
+    ``Failure # n (occurred at ...)`` header per failure), the last ``...Error: ...`` line, else its
+    first line."""
+    lines = [ln.strip() for ln in err.strip().splitlines()]
+    headers = [i for i, ln in enumerate(lines) if ln.startswith("Failure # ")]
+    lines = [ln for ln in lines[headers[-1] + 1 if headers else 0:] if ln]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+    return (errors[-1] if errors else lines[0] if lines else "trial process died")[:2000]
+
+
 def _tune_error(trial: Any) -> str:
+    """Ray's error of a trial whose process died (a lost node: ``RayActorError``...). Tune writes it
+    to the trial's local folder first and syncs it to the storage path later, where ``get_error``
+    reads: with a URI store it is not there yet when this callback runs."""
+    with contextlib.suppress(Exception):
+        path = trial.error_file
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read().strip()
+            if text:
+                return text
     for getter in ("get_error", "get_pickled_error"):
         try:
             err = getattr(trial, getter)()

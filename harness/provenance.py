@@ -1,28 +1,32 @@
 """Provenance columns of a result row: where and with what a trial ran.
 
 ``project_commit()`` runs in the driver (a cluster node running the trial may hold the code without
-its ``.git``); ``environment(device, workers)`` runs in the trial and reads package versions from
+its ``.git``; so does the driver of a Ray job, whose working_dir upload leaves ``.git`` out: there the
+commit comes from ``SPA_HARNESS_GIT_COMMIT``, set in the job's runtime env at submission);
+``environment(device, workers)`` runs in the trial and reads package versions from
 their metadata, so it imports none of them.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGES", "project_commit", "package_versions", "device_name", "environment"]
+__all__ = ["PACKAGES", "COMMIT_ENV", "project_commit", "package_versions", "device_name", "environment"]
 
 PACKAGES = ("torch", "deepspeed", "ray", "fvcore", "triton")
 _ROOT = Path(__file__).resolve().parent.parent
+COMMIT_ENV = "SPA_HARNESS_GIT_COMMIT"  # the submitted tree's commit, for a checkout without .git
 
 
 def project_commit() -> str:
-    """``git rev-parse HEAD`` of the project checkout, ``+dirty`` when tracked files differ;
-    ``unknown`` outside a git checkout."""
+    """``git rev-parse HEAD`` of the project checkout, ``+dirty`` when tracked files differ; outside
+    a git checkout ``$SPA_HARNESS_GIT_COMMIT`` (what ``ray job submit`` passed in), else ``unknown``."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
@@ -30,7 +34,7 @@ def project_commit() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get(COMMIT_ENV, "").strip() or "unknown"
 
 
 def package_versions() -> dict[str, str | None]:

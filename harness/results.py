@@ -50,6 +50,8 @@ __all__ = [
     "DamagedFile",
     "UnsafeNameError",
     "damaged_files",
+    "join_uri",
+    "split_uri",
     "load",
     "trial_states",
 ]
@@ -70,6 +72,22 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts if p)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """``uri`` with path components appended; a URI's query (``?endpoint_override=...``, the
+    filesystem's options) stays at its end."""
+    base, sep, query = uri.partition("?") if "://" in uri else (uri, "", "")
+    return _join(base, *parts) + sep + query
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``(parent, last component)`` of a path or URI, the URI's query kept on the parent."""
+    if "://" not in uri:
+        return os.path.split(os.path.abspath(os.path.expanduser(uri)))
+    base, sep, query = uri.partition("?")
+    parent, name = base.rstrip("/").rsplit("/", 1)
+    return parent + sep + query, name
 
 
 def _component(part: str, what: str) -> str:
@@ -156,7 +174,7 @@ class Experiment:
         _component(self.name, "experiment name")
         self.fs, root = _filesystem(self.store_uri)
         self.path = _join(root, self.name)
-        self.uri = _join(self.store_uri, self.name)
+        self.uri = join_uri(self.store_uri, self.name)
         if isinstance(self.fs, pafs.LocalFileSystem) and not inside(root, self.path):
             raise UnsafeNameError(f"experiment {self.name!r} would lie outside the store {root}")
 
@@ -170,7 +188,7 @@ class Experiment:
     def trial_uri(self, config_hash: str, filename: str = "") -> str:
         """``trial_path`` as the user names it: a local path, or the store's URI scheme and path."""
         self.trial_path(config_hash, filename)  # the same checks
-        return _join(self.uri, "trials", config_hash, filename)
+        return join_uri(self.uri, "trials", config_hash, filename)
 
     @property
     def tune_uri(self) -> str:
@@ -296,11 +314,7 @@ def _experiments_at(uri: str) -> list[Experiment]:
     """``uri`` is one experiment's folder or a store root; the experiments it names."""
     fs, path = _filesystem(uri)
     if _exists(fs, _join(path, "experiment.json")):
-        if "://" in uri:
-            parent, name = uri.rstrip("/").rsplit("/", 1)
-        else:
-            parent, name = os.path.split(os.path.abspath(os.path.expanduser(uri)))
-        return [Experiment(parent, name)]
+        return [Experiment(*split_uri(uri))]
     store = ResultsStore(uri)
     return [store.experiment(n) for n in store.experiments()]
 

@@ -28,9 +28,10 @@ from typing import Any
 
 from harness.config import TrialConfig, config_hash, trial_to_dict
 from harness.names import name_problem, safe_name
-from harness.results import Experiment, ResultsStore
+from harness.results import Experiment, ResultsStore, join_uri
 
-__all__ = ["PlannedTrial", "RunSummary", "plan", "trial_resources", "init_ray", "run_grid"]
+__all__ = ["PlannedTrial", "RunSummary", "SharedResultsError", "plan", "trial_resources", "init_ray",
+           "cluster_address", "results_problem", "run_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,38 @@ def trial_resources(cfg: TrialConfig) -> dict[str, float]:
     return {"memory": float(_DRIVER_MEMORY)}
 
 
+class SharedResultsError(ValueError):
+    """``--results`` is a path only this machine sees, while the trials run on a cluster."""
+
+
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster the run goes to: ``address``, else ``RAY_ADDRESS`` (which ``ray job submit``
+    sets for its entrypoint); ``None`` for an embedded local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def results_problem(results: str, address: str | None, *, shared: bool = False) -> str | None:
+    """Why ``results`` cannot hold a cluster run's rows, or ``None`` when it can.
+
+    Every trial writes its row from the node it runs on, and the driver reads the rows back to plan,
+    summarise and report: on a cluster the store must be one every node sees. An object-store URI
+    (``s3://``, ``gs://``, ...) is; so is a ``file://`` URI or a path declared shared
+    (``shared=True``, ``--results-shared``: NFS or another mount at the same path on every node).
+    An embedded local Ray (no address) runs every trial on this machine, so any path does."""
+    if not address or shared:
+        return None
+    scheme = results.split("://", 1)[0] if "://" in results else ""
+    if scheme and scheme != "file":
+        return None
+    if scheme == "file":
+        return None if results[len("file://"):].startswith("/") else (
+            f"--results {results}: a file:// URI names an absolute path (file:///shared/spa)")
+    return (f"--results {results} is a path on this machine only, but the trials run on the Ray cluster at "
+            f"{address}: rows written on other nodes would never reach it. Pass an object-store URI "
+            "(s3://bucket/spa, gs://...), or a folder mounted at the same path on every node as "
+            "file:///path or with --results-shared")
+
+
 def plan(trials: list[TrialConfig], store: ResultsStore, experiment: str, *, rerun: bool = False) -> list[PlannedTrial]:
     """Key the trials by config hash and decide what runs (see the module docstring)."""
     exp = store.experiment(experiment)
@@ -111,7 +144,7 @@ def init_ray(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     env = {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     if address:
@@ -166,13 +199,19 @@ def run_grid(
     progress: bool = True,
     source: str | None = None,
     track: Any = None,
+    results_shared: bool = False,
 ) -> RunSummary:
     """Run ``trials`` into ``results/<experiment>`` (see the module docstring). ``track``: a
-    ``harness.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``)."""
+    ``harness.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``). On a cluster
+    (``address``, ``RAY_ADDRESS``) ``results`` must be a store every node sees (``results_problem``);
+    ``SharedResultsError`` otherwise, before anything runs."""
     from harness import tracking
 
     track = tracking.parse_track(track)  # a bad value fails before anything is written
     t_start = time.time()
+    problem = results_problem(results, cluster_address(address), shared=results_shared)
+    if problem is not None:
+        raise SharedResultsError(problem)
     _quiet_tune()
     store = ResultsStore(results)
     exp = store.experiment(experiment)
@@ -191,8 +230,13 @@ def run_grid(
     prev_tune = previous.get("tune") if isinstance(previous.get("tune"), dict) else {}
     pending_hashes = sorted(p.config_hash for p in pending)
     # The previous run's Tune folder is a name read back from the store: restored only when plain.
+    # Tune restores a trial with the config it was first given; a pending trial whose unhashed
+    # settings changed since (resources.retries, timeout_s) starts afresh with the new ones.
+    digests = {p.config_hash: _digest(trial_to_dict(p.cfg)) for p in pending}
+    prev_digests = prev_tune.get("digests") if isinstance(prev_tune.get("digests"), dict) else {}
     restorable = (bool(pending_hashes) and not rerun and name_problem(prev_tune.get("name")) is None
-                  and not prev_tune.get("finished") and set(pending_hashes) <= set(prev_tune.get("trials") or []))
+                  and not prev_tune.get("finished") and set(pending_hashes) <= set(prev_tune.get("trials") or [])
+                  and all(prev_digests.get(h) == d for h, d in digests.items()))
     tune_name = prev_tune["name"] if restorable else f"tune-{run_id}"
     manifest = {
         "name": experiment,
@@ -205,7 +249,7 @@ def run_grid(
         "trials": [{"name": p.name, "config_hash": p.config_hash, "workers": p.cfg.resources.workers,
                     "state": p.state} for p in planned],
         "tune": {"name": tune_name, "trials": prev_tune.get("trials") if restorable else pending_hashes,
-                 "finished": False},
+                 "digests": {**prev_digests, **digests} if restorable else digests, "finished": False},
     }
     exp.write_manifest(manifest)
     summary = RunSummary(experiment, exp.uri, planned)
@@ -246,7 +290,7 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
                                                               or _cfg_of(config))])
 
         trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
-        tune_path = f"{exp.uri}/{tune_name}"
+        tune_path = join_uri(exp.uri, tune_name)
         restored = False
         if restorable and tune.Tuner.can_restore(tune_path):
             log.info("resuming the interrupted run from %s", tune_path)
@@ -289,6 +333,14 @@ def _default_concurrency(pending: list[PlannedTrial], cluster: dict[str, float])
         if need > 0:
             limits.append(int(cluster.get(key, 0) // need))
     return max(1, min(limits)) if limits else None
+
+
+def _digest(cfg_dict: dict[str, Any]) -> str:
+    """Hash of a trial's whole config, the settings that ``config_hash`` leaves out included."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cfg_of(config: dict[str, Any]) -> TrialConfig:

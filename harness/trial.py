@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -37,11 +38,12 @@ from typing import Any
 from harness import tracking
 from harness.config import flatten_config
 from harness.errors import describe, root_cause
-from harness.results import HEARTBEAT_S, Experiment
+from harness.results import HEARTBEAT_S, Experiment, join_uri
 
-__all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "error_tail"]
+__all__ = ["TrialContext", "trial_trainable", "train_worker", "failure_row", "error_tail", "node_id"]
 
 _TRACEBACK_LINES = 40
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,6 +81,16 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "OutOfMemory" in text or "out of memory" in text.lower()
 
 
+def node_id() -> str | None:
+    """Ray's id of the node this process runs on (``None`` outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
 # --------------------------------------------------------------------------------------------------
 # rows
 
@@ -97,6 +109,7 @@ def _base_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext,
         "workers": cfg_dict.get("resources", {}).get("workers"),
     }
     row.update({f"{k}_version": v for k, v in package_versions().items()})
+    row.update(node_id=node_id(), hostname=socket.gethostname())  # where the Tune trial's process ran
     # The baseline's model and head stay in config_json; the row names it in speedup_baseline.
     row.update(flatten_config({k: v for k, v in cfg_dict.items() if k not in ("baseline", "axis")}))
     row.update({f"axis.{k}": v for k, v in (cfg_dict.get("axis") or {}).items()})  # the report's axis tables
@@ -262,16 +275,53 @@ def _fit_ray_train(loop_config: dict[str, Any], res: dict[str, Any], context: Tr
     if use_gpu:
         per_worker["GPU"] = float(res["gpus_per_worker"])
     exp = Experiment(context.store_uri, context.experiment)
+    _release_placement_groups(exp, loop_config["config_hash"])
+    # One attempt per fit: the trial's own loop retries (resources.retries). Ray Train's defaults
+    # would retry a worker group that cannot start (no resources: a node is gone) without end.
+    failure = FailureConfig(max_failures=0, controller_failure_limit=0, max_preemption_failures=0)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=f"train-{loop_config['config_hash']}-{context.run_id}-a{attempt}",
-                             storage_path=exp.uri + "/train", failure_config=FailureConfig(max_failures=0)),
+                             storage_path=join_uri(exp.uri, "train"), failure_config=failure),
     )
     result = trainer.fit()  # raises TrainingFailedError (with the worker's traceback) if a worker failed
     return result.return_value
+
+
+_PLACEMENT_GROUPS = "placement_groups.json"  # of a trial: its Ray Train attempts' placement groups
+
+
+def _release_placement_groups(exp: Experiment, h: str) -> None:
+    """Remove the placement groups of this trial's earlier attempts. Ray ties a placement group to
+    the job, not to the Train controller that made it: when a node dies with the trial's process,
+    the dead attempt's group keeps the CPUs it holds on the surviving nodes, and the retry would
+    wait for them until its timeout."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    recorded = exp.read_json(exp.trial_path(h, _PLACEMENT_GROUPS)) or []
+    table = ray.util.placement_group_table()
+    for pg_id in recorded if isinstance(recorded, list) else []:
+        if table.get(pg_id, {}).get("state") not in (None, "REMOVED"):
+            with contextlib.suppress(Exception):
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+                log.warning("trial %s: removed placement group %s of an earlier attempt", h, pg_id)
+    exp.delete(exp.trial_path(h, _PLACEMENT_GROUPS))
+
+
+def _record_placement_group(exp: Experiment, h: str) -> None:
+    """Rank 0 of a Ray Train attempt notes its placement group for ``_release_placement_groups``."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        return
+    recorded = exp.read_json(exp.trial_path(h, _PLACEMENT_GROUPS))
+    recorded = recorded if isinstance(recorded, list) else []
+    exp.write_bytes(exp.trial_path(h, _PLACEMENT_GROUPS), json.dumps([*recorded, pg.id.hex()]).encode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +344,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         _end_process_at(config["deadline"])
     exp = Experiment(config["store_uri"], config["experiment"])
     h = config["config_hash"]
+    if rank == 0 and "deadline" in config:  # a Ray Train worker (a one-worker trial has no group)
+        with contextlib.suppress(Exception):
+            _record_placement_group(exp, h)
     log_name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
     with tempfile.TemporaryDirectory() as tmp, _captured_log(os.path.join(tmp, "log.txt")) as log_path:
         try:

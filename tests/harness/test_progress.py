@@ -69,3 +69,28 @@ def test_terminal_keeps_the_live_table(tmp_path, capsys, monkeypatch):
     assert cb.lines is False and cb._live is not None
     cb.on_experiment_end([])
     assert capsys.readouterr().out == ""
+
+
+def test_a_dead_trials_error_is_read_from_tunes_local_error_file(tmp_path):
+    """Tune writes a failed trial's error locally and syncs it to the store later: the row takes
+    Ray's words from the local file, not "died without an error report"."""
+    from harness.progress import _error_line, _tune_error
+
+    local = tmp_path / "error.txt"
+    local.write_text("Failure # 1 (occurred at 2026-01-01_00-00-00)\n"
+                          "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+                          "\tclass_name: ImplicitFunc\n")
+
+    class Trial:  # what Tune's Trial offers: a local error file; nothing synced to storage yet
+        error_file = str(local)
+
+        def get_error(self):
+            return None
+
+        def get_pickled_error(self):
+            return None
+
+    text = _tune_error(Trial())
+    assert _error_line(text) == "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
+    Trial.error_file = str(tmp_path / "absent.txt")
+    assert "without an error report" in _tune_error(Trial())
