@@ -11,7 +11,7 @@ def tune_calls(monkeypatch):
     """``_run_tune`` replaced by a recorder of its ``restorable`` argument; it runs nothing."""
     calls = []
 
-    def fake(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable):
+    def fake(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable, *rest):
         calls.append(restorable)
         return False
 
