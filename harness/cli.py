@@ -36,30 +36,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a grid of trials (each a DeepSpeed job) on Ray Tune")
     r.add_argument("grid", help="grid file (YAML), e.g. ablations/grids/smoke.yaml")
-    r.add_argument("--results", default=os.environ.get("SPA_HARNESS_RESULTS", "results"),
-                   help="results store: a folder or a pyarrow filesystem URI such as s3://bucket/spa "
-                        "(default: ./results); the experiment goes to RESULTS/<grid name>. On a Ray cluster "
-                        "every node writes rows here: an object-store URI, a file:// URI, or --results-shared")
-    r.add_argument("--results-shared", action="store_true",
-                   default=os.environ.get("SPA_HARNESS_RESULTS_SHARED", "") not in ("", "0"),
-                   help="--results is a folder every node of the cluster sees at the same path (NFS, a "
-                        "shared mount); without it a plain path is refused on a cluster")
-    r.add_argument("--name", default=None,
-                   help="experiment name, a plain name: letters, digits and ._-=,+, not starting with '.', "
-                        "at most 100 characters (default: the grid's name)")
-    r.add_argument("--address", default=None,
-                   help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local Ray)")
-    r.add_argument("--max-concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
-    r.add_argument("--dry-run", action="store_true", help="print the expanded trials and their resources; run nothing")
+    r.add_argument(
+        "--results",
+        default=os.environ.get("SPA_HARNESS_RESULTS", "results"),
+        help="results store: a folder or a pyarrow filesystem URI such as s3://bucket/spa "
+        "(default: ./results); the experiment goes to RESULTS/<grid name>. On a Ray cluster "
+        "every node writes rows here: an object-store URI, a file:// URI, or --results-shared",
+    )
+    r.add_argument(
+        "--results-shared",
+        action="store_true",
+        default=os.environ.get("SPA_HARNESS_RESULTS_SHARED", "") not in ("", "0"),
+        help="--results is a folder every node of the cluster sees at the same path (NFS, a "
+        "shared mount); without it a plain path is refused on a cluster",
+    )
+    r.add_argument(
+        "--name",
+        default=None,
+        help="experiment name, a plain name: letters, digits and ._-=,+, not starting with '.', "
+        "at most 100 characters (default: the grid's name)",
+    )
+    r.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to run on (default: $RAY_ADDRESS, else an embedded local Ray)",
+    )
+    r.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials running at once (default: as resources allow)",
+    )
+    r.add_argument(
+        "--dry-run", action="store_true", help="print the expanded trials and their resources; run nothing"
+    )
     r.add_argument("--smoke", action="store_true", help="few steps, little data: a quick end-to-end check")
-    r.add_argument("--rerun", action="store_true", help="run every trial again, even those with a finished row")
-    r.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="plugin module or .py file registering variants (repeatable)")
+    r.add_argument(
+        "--rerun", action="store_true", help="run every trial again, even those with a finished row"
+    )
+    r.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="plugin module or .py file registering variants (repeatable)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no live progress view")
     r.add_argument("--no-report", action="store_true", help="do not print the comparison table at the end")
-    r.add_argument("--track", default=None, metavar="mlflow[=URI]|wandb[=PROJECT]",
-                   help="log each trial (config, curves, final metrics, status) and the report to MLflow "
-                        "(default URI: the file store RESULTS/<experiment>/mlruns) or W&B (offline)")
+    r.add_argument(
+        "--track",
+        default=None,
+        metavar="mlflow[=URI]|wandb[=PROJECT]",
+        help="log each trial (config, curves, final metrics, status) and the report to MLflow "
+        "(default URI: the file store RESULTS/<experiment>/mlruns) or W&B (offline)",
+    )
 
     s = sub.add_parser("status", help="done / running / failed / pending per trial")
     s.add_argument("results", help="a results store or one experiment's folder (or URI)")
@@ -67,13 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="comparison tables and plots of a results store")
     rep.add_argument("results")
     rep.add_argument("--baseline", default=None)
-    rep.add_argument("--format", default=None, choices=("md", "csv", "html", "json"),
-                     help="default: the suffix of --out, else md")
-    rep.add_argument("--out", default=None,
-                     help="a file (report.html: plots embedded) or a folder (DIR/index.html or "
-                          "DIR/report.<format>, plots in DIR/plots); default: print")
-    rep.add_argument("--merge", action="store_true",
-                     help="one report over every experiment of RESULTS (default: one section each)")
+    rep.add_argument(
+        "--format",
+        default=None,
+        choices=("md", "csv", "html", "json"),
+        help="default: the suffix of --out, else md",
+    )
+    rep.add_argument(
+        "--out",
+        default=None,
+        help="a file (report.html: plots embedded) or a folder (DIR/index.html or "
+        "DIR/report.<format>, plots in DIR/plots); default: print",
+    )
+    rep.add_argument(
+        "--merge",
+        action="store_true",
+        help="one report over every experiment of RESULTS (default: one section each)",
+    )
 
     v = sub.add_parser("variants", help="every registered variant and where it came from")
     v.add_argument("--plugin", action="append", default=[], metavar="FILE", help="also load this plugin")
@@ -85,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "status": _status, "report": _report, "variants": _variants}[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted; finished trials are kept: run the same command again to continue", file=sys.stderr)
+        print(
+            "interrupted; finished trials are kept: run the same command again to continue", file=sys.stderr
+        )
         return 130
     except BrokenPipeError:  # output piped into head & co.
         sys.stderr.close()
@@ -110,7 +152,11 @@ def _warn_damaged(path: str, experiment: str | None = None) -> None:
     from harness.results import ResultsStore, damaged_files
 
     try:
-        found = damaged_files(path) if experiment is None else ResultsStore(path).experiment(experiment).damaged_rows()
+        found = (
+            damaged_files(path)
+            if experiment is None
+            else ResultsStore(path).experiment(experiment).damaged_rows()
+        )
     except (OSError, ValueError):
         return  # a store that cannot be listed has its own error where it is read
     for d in found:
@@ -130,7 +176,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.name is not None:
             check_name(args.name, "--name")
         track = parse_track(args.track)
-        grid = load_grid(args.grid, extra_plugins=args.plugin, overrides=smoke_overrides() if args.smoke else None)
+        grid = load_grid(
+            args.grid, extra_plugins=args.plugin, overrides=smoke_overrides() if args.smoke else None
+        )
     except (GridError, UnsafeNameError, TrackingError) as e:
         _error(console, str(e))
         return 2
@@ -145,26 +193,48 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from harness.results import ResultsStore
 
-        _print_dry_run(console, grid, plan(grid.trials, ResultsStore(args.results), experiment, rerun=args.rerun),
-                       trial_resources, args)
+        _print_dry_run(
+            console,
+            grid,
+            plan(grid.trials, ResultsStore(args.results), experiment, rerun=args.rerun),
+            trial_resources,
+            args,
+        )
         return 0
     try:
-        summary = run_grid(grid.trials, results=args.results, experiment=experiment, address=args.address,
-                           max_concurrent=args.max_concurrent, rerun=args.rerun, progress=not args.no_progress,
-                           source=str(grid.source), track=track, results_shared=args.results_shared)
+        summary = run_grid(
+            grid.trials,
+            results=args.results,
+            experiment=experiment,
+            address=args.address,
+            max_concurrent=args.max_concurrent,
+            rerun=args.rerun,
+            progress=not args.no_progress,
+            source=str(grid.source),
+            track=track,
+            results_shared=args.results_shared,
+        )
     except TrackingError as e:
         _error(console, str(e))
         return 2
     counts: dict[str, int] = {}
     for s in summary.states.values():
         counts[s] = counts.get(s, 0) + 1
-    console.print(f"{experiment}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                  + f" in {summary.wall_s:.0f} s" + (" (resumed)" if summary.restored else "")
-                  + f"\nresults: {summary.uri}")
+    console.print(
+        f"{experiment}: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + f" in {summary.wall_s:.0f} s"
+        + (" (resumed)" if summary.restored else "")
+        + f"\nresults: {summary.uri}"
+    )
     if summary.tracking is not None:
         t = summary.tracking
-        console.print(f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     _print_failures(console, summary)
     if not args.no_report:
         try:
@@ -185,8 +255,12 @@ def _print_failures(console: Any, summary: Any) -> None:
         state = summary.states.get(p.config_hash)
         if state in ("failed", "timeout"):
             error = ((exp.read_row(p.config_hash) or {}).get("error") or "").splitlines()
-            console.print(f"{state}: {p.name} ({p.config_hash}): {error[0] if error else '?'}", markup=False,
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"{state}: {p.name} ({p.config_hash}): {error[0] if error else '?'}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args: argparse.Namespace) -> None:
@@ -198,8 +272,17 @@ def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args
     for p in planned:
         r = p.cfg.resources
         state = {"done": "done (kept)", "reused": f"reused from {p.reused_from}"}.get(p.state, "would run")
-        table.add_row(p.name, str(p.cfg.seed), p.config_hash, str(r.workers), f"{r.workers * r.cpus_per_worker:g}",
-                      f"{r.workers * r.gpus_per_worker:g}", f"{r.timeout_s:g}", str(r.retries), state)
+        table.add_row(
+            p.name,
+            str(p.cfg.seed),
+            p.config_hash,
+            str(r.workers),
+            f"{r.workers * r.cpus_per_worker:g}",
+            f"{r.workers * r.gpus_per_worker:g}",
+            f"{r.timeout_s:g}",
+            str(r.retries),
+            state,
+        )
     console.print(table)
     if args.smoke:
         console.print("--smoke: steps, data and benchmark shrunk (harness.config.smoke_overrides)")
@@ -225,9 +308,11 @@ def _status(args: argparse.Namespace) -> int:
     df = load(args.results)
     done = df[df["status"] == "done"]
     if len(done) and "overhead_s" in done.columns:
-        console.print(f"per done trial, median: wall {done['wall_s'].median():.2f} s, measured work "
-                      f"{done['work_s'].median():.2f} s, harness overhead {done['overhead_s'].median():.2f} s "
-                      f"(over {len(done)} trials)")
+        console.print(
+            f"per done trial, median: wall {done['wall_s'].median():.2f} s, measured work "
+            f"{done['work_s'].median():.2f} s, harness overhead {done['overhead_s'].median():.2f} s "
+            f"(over {len(done)} trials)"
+        )
     return 0
 
 
@@ -235,7 +320,9 @@ def _report(args: argparse.Namespace) -> int:
     from harness.report import report_command
 
     _warn_damaged(args.results)
-    text = report_command(args.results, baseline=args.baseline, fmt=args.format, out=args.out, merge=args.merge)
+    text = report_command(
+        args.results, baseline=args.baseline, fmt=args.format, out=args.out, merge=args.merge
+    )
     if args.out is None:
         print(text)
     else:

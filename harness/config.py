@@ -44,13 +44,17 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    dataset: str = checked_field("builtin", choices=("builtin", "coco"))  # "builtin" (generated from scikit-learn's digits + photos) or "coco"
+    dataset: str = checked_field(
+        "builtin", choices=("builtin", "coco")
+    )  # "builtin" (generated from scikit-learn's digits + photos) or "coco"
     root: str | None = None  # coco: folder holding the files below
     train_images: str = "train"  # coco: image folder, relative to root
     train_ann: str = "annotations/instances_train.json"
     val_images: str = "val"
     val_ann: str = "annotations/instances_val.json"
-    image_size: int = checked_field(128, range_=(1, None, True, None))  # images are resized (keeping aspect, padded) to this square size
+    image_size: int = checked_field(
+        128, range_=(1, None, True, None)
+    )  # images are resized (keeping aspect, padded) to this square size
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200
     data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
@@ -79,7 +83,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 20
     zero_stage: int = checked_field(0, range_=(0, 3, True, True))  # DeepSpeed ZeRO stage
-    precision: str = checked_field("auto", choices=("auto", "bf16", "fp16", "fp32"))  # fp16: CUDA only; auto: bf16 where the device supports it (never fp16 on CPU), else fp32
+    precision: str = checked_field(
+        "auto", choices=("auto", "bf16", "fp16", "fp32")
+    )  # fp16: CUDA only; auto: bf16 where the device supports it (never fp16 on CPU), else fp32
     grad_clip: float = 1.0
     eval_images: int | None = None  # None: the whole val split
     log_every: int = 10
@@ -87,7 +93,9 @@ class TrainConfig:
 
 @dataclass
 class BenchConfig:
-    batch_size: int = checked_field(8, range_=(1, None, True, None))  # the fixed evaluation batch for FLOPs and timings
+    batch_size: int = checked_field(
+        8, range_=(1, None, True, None)
+    )  # the fixed evaluation batch for FLOPs and timings
     warmup: int = 2
     repeats: int = checked_field(7, range_=(1, None, True, None))
     train_step: bool = True  # also time a training step
@@ -95,10 +103,14 @@ class BenchConfig:
 
 @dataclass
 class ResourcesConfig:
-    workers: int = checked_field(1, range_=(1, None, True, None))  # Ray Train workers (data-parallel DeepSpeed ranks)
+    workers: int = checked_field(
+        1, range_=(1, None, True, None)
+    )  # Ray Train workers (data-parallel DeepSpeed ranks)
     cpus_per_worker: float = checked_field(1.0, range_=(0.0, None, False, None))
     gpus_per_worker: float = checked_field(0.0, range_=(0.0, None, True, None))
-    timeout_s: float = checked_field(1800.0, range_=(0.0, None, False, None))  # a trial past this is recorded as "timeout"
+    timeout_s: float = checked_field(
+        1800.0, range_=(0.0, None, False, None)
+    )  # a trial past this is recorded as "timeout"
     retries: int = checked_field(0, range_=(0, None, True, None))  # re-runs of a failed trial
 
 
@@ -115,7 +127,9 @@ class BaselineConfig:
 @dataclass
 class TrialConfig:
     name: str = "trial"
-    preset: str = checked_field("tiny", choices=tuple(BACKBONE_PRESETS))  # backbone size (spa_core.config.BACKBONE_PRESETS); model.* overrides it
+    preset: str = checked_field(
+        "tiny", choices=tuple(BACKBONE_PRESETS)
+    )  # backbone size (spa_core.config.BACKBONE_PRESETS); model.* overrides it
     model: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,12 +139,22 @@ class TrialConfig:
     seed: int = 0
     plugins: list[str] = field(default_factory=list)  # modules / files to import before building
     baseline: BaselineConfig | None = None  # set by the grid from its dense point; None: no dense point
-    axis: dict[str, str] = field(default_factory=dict)  # set by the grid: the trial's label on each of its axes
+    axis: dict[str, str] = field(
+        default_factory=dict
+    )  # set by the grid: the trial's label on each of its axes
 
 
 # Keys that do not change what a trial computes: left out of the content hash.
-_UNHASHED = ("name", "resources.timeout_s", "resources.retries", "plugins", "data.num_workers", "data.cache_dir",
-             "baseline", "axis")
+_UNHASHED = (
+    "name",
+    "resources.timeout_s",
+    "resources.retries",
+    "plugins",
+    "data.num_workers",
+    "data.cache_dir",
+    "baseline",
+    "axis",
+)
 
 
 def trial_from_dict(data: dict[str, Any]) -> TrialConfig:

@@ -57,8 +57,10 @@ def deepspeed_config(cfg: TrialConfig, device: torch.device | str, world_size: i
     if tc.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {tc.zero_stage}")
     if tc.batch_size < 1 or tc.grad_accum < 1 or world_size < 1:
-        raise ValueError(f"batch_size, grad_accum and world_size must be >= 1, got "
-                         f"{tc.batch_size}, {tc.grad_accum}, {world_size}")
+        raise ValueError(
+            f"batch_size, grad_accum and world_size must be >= 1, got "
+            f"{tc.batch_size}, {tc.grad_accum}, {world_size}"
+        )
     precision = resolve_precision(tc.precision, device)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tc.batch_size,
@@ -114,8 +116,10 @@ class DeepSpeedBackend:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("DeepSpeedBackend needs an initialized torch.distributed group "
-                               "(Ray Train's TorchConfig, or harness.distributed.init_process_group)")
+            raise RuntimeError(
+                "DeepSpeedBackend needs an initialized torch.distributed group "
+                "(Ray Train's TorchConfig, or harness.distributed.init_process_group)"
+            )
         self.device = torch.device(device) if device is not None else prepare_accelerator()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -142,8 +146,13 @@ class DeepSpeedBackend:
         total, warmup = cfg.train.steps, cfg.train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
         self.ds_config = deepspeed_config(cfg, self.device, self.world_size)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self.ds_config, dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
         self.setup_s = time.perf_counter() - t0
         return self.engine
 
@@ -165,11 +174,14 @@ class DeepSpeedBackend:
         t /= self.world_size
         return t if torch.is_tensor(value) else float(t)
 
-    def sampler(self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int) -> torch.utils.data.Sampler | None:
+    def sampler(
+        self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int
+    ) -> torch.utils.data.Sampler | None:
         if self.world_size == 1 and not shuffle:
             return None
-        return torch.utils.data.DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
-                                                   shuffle=shuffle, seed=seed)
+        return torch.utils.data.DistributedSampler(
+            dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=seed
+        )
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         """Full parameters on every rank for the duration (ZeRO-3 partitions them; a no-op otherwise)."""

@@ -345,7 +345,9 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
     doc = _Doc(file)
     data = doc.data
     if data is None:  # ``---`` or ``null`` alone
-        raise GridError("the grid file is empty (a grid is a mapping with base:, axes: or points:)", file=file)
+        raise GridError(
+            "the grid file is empty (a grid is a mapping with base:, axes: or points:)", file=file
+        )
     if not isinstance(data, dict):
         raise GridError(
             f"a grid is a mapping with keys {', '.join(TOP_LEVEL_KEYS)}; got {type(data).__name__}",
@@ -484,7 +486,9 @@ def _axis(doc: _Doc, key: str, values: Any) -> _Axis | None:
         vals = []
         for label, diff in values.items():
             vpath = path + (label,)
-            _check_plain(str(label), doc.loc(vpath, f"{key}.{label}"), "a named axis's label (part of trial names)")
+            _check_plain(
+                str(label), doc.loc(vpath, f"{key}.{label}"), "a named axis's label (part of trial names)"
+            )
             if not isinstance(diff, dict) or not diff:
                 raise doc.loc(vpath, f"{key}.{label}").error(
                     f"a named axis value is a non-empty mapping of config keys, got {diff!r}"
@@ -640,7 +644,9 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         )
     grid_name = spec.name or file.stem
     if spec.name is None:
-        _check_plain(grid_name, spec.loc, "the grid file's stem (its experiment's folder; set name: instead)", "name")
+        _check_plain(
+            grid_name, spec.loc, "the grid file's stem (its experiment's folder; set name: instead)", "name"
+        )
 
     # variants: (name, labels, diff, loc)
     variants: list[tuple[str, dict[str, str], dict[str, _Val], _Loc]] = []

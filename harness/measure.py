@@ -47,8 +47,18 @@ import torch
 from torch import nn
 
 __all__ = [
-    "measure", "paired_speedup", "reset_peak_memory", "peak_memory", "fvcore_macs", "analytic_attention_macs", "timed",
-    "timed_pairs", "dense_twin_config", "speedup_baseline_config", "timing_copy", "zero3_partitioned",
+    "measure",
+    "paired_speedup",
+    "reset_peak_memory",
+    "peak_memory",
+    "fvcore_macs",
+    "analytic_attention_macs",
+    "timed",
+    "timed_pairs",
+    "dense_twin_config",
+    "speedup_baseline_config",
+    "timing_copy",
+    "zero3_partitioned",
     "DENSE_TWIN",
 ]
 
@@ -163,10 +173,17 @@ def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
         total = fca.total()
         by_module = fca.by_module()
         unsupported: Counter[str] = Counter(fca.unsupported_ops())
-    attn = sum(v for k, v in by_module.items()
-               if k.startswith("detector.backbone.") and (k.endswith(".attn") or k.endswith(".gate")))
-    return {"total": total, "backbone": by_module.get("detector.backbone", 0), "attn": attn,
-            "unsupported": ",".join(f"{k}:{n}" for k, n in sorted(unsupported.items()))}
+    attn = sum(
+        v
+        for k, v in by_module.items()
+        if k.startswith("detector.backbone.") and (k.endswith(".attn") or k.endswith(".gate"))
+    )
+    return {
+        "total": total,
+        "backbone": by_module.get("detector.backbone", 0),
+        "attn": attn,
+        "unsupported": ",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
+    }
 
 
 def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
@@ -218,8 +235,11 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
     engine.eval()
     with torch.no_grad():
         infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
-    out.update(infer_ms=infer["median"], infer_ms_iqr=infer["iqr"],
-               infer_samples_per_s=images.shape[0] / infer["median"] * 1e3)
+    out.update(
+        infer_ms=infer["median"],
+        infer_ms_iqr=infer["iqr"],
+        infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
+    )
 
     with backend.gathered_parameters():
         with torch.no_grad():
@@ -247,8 +267,11 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
             backend.step()
 
         step = timed(_step, bc.warmup, bc.repeats, device)
-        out.update(train_step_ms=step["median"], train_step_ms_iqr=step["iqr"],
-                   train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3)
+        out.update(
+            train_step_ms=step["median"],
+            train_step_ms_iqr=step["iqr"],
+            train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3,
+        )
         engine.eval()
     out["bench_time_s"] = time.perf_counter() - t0
     out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
@@ -295,7 +318,9 @@ def speedup_baseline_config(cfg) -> tuple[Any, str]:
     if cfg.baseline is None:
         return dense_twin_config(cfg), DENSE_TWIN
     b = cfg.baseline
-    return dataclasses.replace(cfg, model=copy.deepcopy(b.model), head=copy.deepcopy(b.head), baseline=None), b.name
+    return dataclasses.replace(
+        cfg, model=copy.deepcopy(b.model), head=copy.deepcopy(b.head), baseline=None
+    ), b.name
 
 
 def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
@@ -327,7 +352,7 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
 
     def _call(model: nn.Module):
         def run() -> None:
-            with torch.no_grad(), (torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()):
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
                 model(images)
 
         return run

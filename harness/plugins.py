@@ -126,7 +126,9 @@ def load_entry_point_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
                 if callable(obj) and not isinstance(obj, ModuleType):
                     obj()
         except Exception as e:  # noqa: BLE001 - re-raised with the entry point named
-            raise PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group!r}: {describe(e)}") from e
+            raise PluginError(
+                f"entry point {ep.name!r} ({ep.value}) of group {group!r}: {describe(e)}"
+            ) from e
         _ENTRY_POINTS_DONE.add(key)
         done.append(ep.name)
     return done

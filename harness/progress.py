@@ -26,8 +26,15 @@ from harness.results import Experiment
 
 __all__ = ["GridCallback", "render_states"]
 
-_STYLE = {"done": "green", "reused": "green", "failed": "red", "timeout": "red", "running": "yellow",
-          "pending": "dim", "interrupted": "magenta"}
+_STYLE = {
+    "done": "green",
+    "reused": "green",
+    "failed": "red",
+    "timeout": "red",
+    "running": "yellow",
+    "pending": "dim",
+    "interrupted": "magenta",
+}
 
 
 def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
@@ -40,8 +47,13 @@ def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
         table.add_column(col, overflow="fold")
     for s in states:
         st = s["state"]
-        cells = [str(s.get("name")), s["config_hash"], str(s.get("workers") or ""),
-                 f"[{_STYLE.get(st, 'white')}]{st}[/]", s.get("detail", "")]
+        cells = [
+            str(s.get("name")),
+            s["config_hash"],
+            str(s.get("workers") or ""),
+            f"[{_STYLE.get(st, 'white')}]{st}[/]",
+            s.get("detail", ""),
+        ]
         table.add_row(*([str(s.get("experiment"))] if several else []), *cells)
     return table
 
@@ -52,7 +64,11 @@ class GridCallback(Callback):
     trials run (a summary also follows every trial that ends)."""
 
     def __init__(
-        self, store_uri: str, experiment: str, show: bool = True, lines: bool | None = None,
+        self,
+        store_uri: str,
+        experiment: str,
+        show: bool = True,
+        lines: bool | None = None,
         summary_every_s: float = 30.0,
     ) -> None:
         self.store_uri, self.experiment, self.show = store_uri, experiment, show
@@ -60,8 +76,13 @@ class GridCallback(Callback):
         self._live: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"store_uri": self.store_uri, "experiment": self.experiment, "show": self.show,
-                "lines": self.lines, "summary_every_s": self.summary_every_s}
+        return {
+            "store_uri": self.store_uri,
+            "experiment": self.experiment,
+            "show": self.show,
+            "lines": self.lines,
+            "summary_every_s": self.summary_every_s,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -76,9 +97,14 @@ class GridCallback(Callback):
         self._states: dict[str, dict[str, Any]] = {}
         for t in manifest.get("trials", []):
             state = t.get("state", "pending")
-            self._states[t["config_hash"]] = {"name": t["name"], "config_hash": t["config_hash"],
-                                              "workers": t.get("workers"), "state": state, "detail": "",
-                                              "started": None}
+            self._states[t["config_hash"]] = {
+                "name": t["name"],
+                "config_hash": t["config_hash"],
+                "workers": t.get("workers"),
+                "state": state,
+                "detail": "",
+                "started": None,
+            }
         self._durations: list[float] = []
         self._last_summary = time.time()
         if self.lines is None:
@@ -89,7 +115,9 @@ class GridCallback(Callback):
             from rich.console import Console
             from rich.live import Live
 
-            self._live = Live(self._render(), console=Console(stderr=True), refresh_per_second=2, transient=False)
+            self._live = Live(
+                self._render(), console=Console(stderr=True), refresh_per_second=2, transient=False
+            )
             self._live.start()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -110,7 +138,10 @@ class GridCallback(Callback):
         if s is None or "status" not in result:
             return
         if result.get("skipped"):
-            s.update(state="reused" if result["status"] == "done" else result["status"], detail="row already stored")
+            s.update(
+                state="reused" if result["status"] == "done" else result["status"],
+                detail="row already stored",
+            )
         else:
             s["state"] = result["status"]
             if result.get("wall_s") is not None:
@@ -139,12 +170,25 @@ class GridCallback(Callback):
             context = TrialContext(self.store_uri, self.experiment, self.run_id or "?", "?")
             tail = "\n".join(err.splitlines()[-40:])
             self._exp.write_text(h, "error.txt", err)
-            self._exp.write_row(h, failure_row(cfg, h, context, status="failed", error=first[:2000],
-                                               error_type="OutOfMemoryError" if oom else "TrialProcessDied",
-                                               tb=tail, attempt=0, start=s.get("started") or time.time()))
+            self._exp.write_row(
+                h,
+                failure_row(
+                    cfg,
+                    h,
+                    context,
+                    status="failed",
+                    error=first[:2000],
+                    error_type="OutOfMemoryError" if oom else "TrialProcessDied",
+                    tb=tail,
+                    attempt=0,
+                    start=s.get("started") or time.time(),
+                ),
+            )
             row = self._exp.read_row(h)
         s["state"] = row.get("status", "failed") if row else "failed"
-        s["detail"] = ((row or {}).get("error") or "").splitlines()[0][:90] if row and row.get("error") else ""
+        s["detail"] = (
+            ((row or {}).get("error") or "").splitlines()[0][:90] if row and row.get("error") else ""
+        )
         self._event(self._ended(s), summary=True)
         self._refresh()
 
@@ -212,8 +256,10 @@ class GridCallback(Callback):
 
     def _summary(self) -> str:
         done, running, failed, pending = self._counts()
-        return (f"{done} done, {running} running, {failed} failed, {pending} pending; "
-                f"elapsed {time.time() - self._t0:.0f} s, ETA {self._eta()}")
+        return (
+            f"{done} done, {running} running, {failed} failed, {pending} pending; "
+            f"elapsed {time.time() - self._t0:.0f} s, ETA {self._eta()}"
+        )
 
     def _render(self) -> Any:
         from rich.console import Group
@@ -232,7 +278,8 @@ class GridCallback(Callback):
             view.append(v)
         head = Text.from_markup(
             f"[bold]{self.experiment}[/]: [green]{done} done[/], [yellow]{running} running[/], "
-            f"[red]{failed} failed[/], {pending} pending; elapsed {elapsed:.0f} s, ETA {eta}")
+            f"[red]{failed} failed[/], {pending} pending; elapsed {elapsed:.0f} s, ETA {eta}"
+        )
         return Group(head, render_states(view))
 
 
@@ -242,7 +289,7 @@ def _error_line(err: str) -> str:
     first line."""
     lines = [ln.strip() for ln in err.strip().splitlines()]
     headers = [i for i, ln in enumerate(lines) if ln.startswith("Failure # ")]
-    lines = [ln for ln in lines[headers[-1] + 1 if headers else 0:] if ln]
+    lines = [ln for ln in lines[headers[-1] + 1 if headers else 0 :] if ln]
     errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
     return (errors[-1] if errors else lines[0] if lines else "trial process died")[:2000]
 

@@ -28,10 +28,16 @@ def project_commit() -> str:
     """``git rev-parse HEAD`` of the project checkout, ``+dirty`` when tracked files differ; outside
     a git checkout ``$SPA_HARNESS_GIT_COMMIT`` (what ``ray job submit`` passed in), else ``unknown``."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get(COMMIT_ENV, "").strip() or "unknown"
@@ -68,6 +74,10 @@ def device_name(device: Any) -> str:
 def environment(device: Any, workers: int) -> dict[str, Any]:
     """Versions, device, host and worker count: the environment columns of a row."""
     row: dict[str, Any] = {f"{name}_version": v for name, v in package_versions().items()}
-    row.update(python_version=platform.python_version(), device=device_name(device), workers=workers,
-               hostname=socket.gethostname())
+    row.update(
+        python_version=platform.python_version(),
+        device=device_name(device),
+        workers=workers,
+        hostname=socket.gethostname(),
+    )
     return row

@@ -95,8 +95,9 @@ def _component(part: str, what: str) -> str:
     if not isinstance(part, str) or part in ("", ".", "..") or any(c in part for c in "/\\\0"):
         raise UnsafeNameError(f"{what} {part!r} is not a single path component (no '/', '\\', '.', '..')")
     if len(part.encode()) > 255:
-        raise UnsafeNameError(f"{what} {part[:40]!r}... is {len(part.encode())} bytes long; a path component "
-                              "holds at most 255")
+        raise UnsafeNameError(
+            f"{what} {part[:40]!r}... is {len(part.encode())} bytes long; a path component holds at most 255"
+        )
     return part
 
 
@@ -147,7 +148,9 @@ class ResultsStore:
         info = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         names = []
         for entry in info:
-            if entry.type == pafs.FileType.Directory and _exists(self.fs, _join(entry.path, "experiment.json")):
+            if entry.type == pafs.FileType.Directory and _exists(
+                self.fs, _join(entry.path, "experiment.json")
+            ):
                 names.append(entry.base_name)
         return sorted(names)
 
@@ -284,7 +287,9 @@ class Experiment:
         self.write_bytes(self.trial_path(config_hash, filename), text.encode())
 
     def heartbeat(self, config_hash: str, info: dict[str, Any]) -> None:
-        self.write_bytes(self.trial_path(config_hash, "running.json"), dumps({**info, "heartbeat": time.time()}))
+        self.write_bytes(
+            self.trial_path(config_hash, "running.json"), dumps({**info, "heartbeat": time.time()})
+        )
 
     def copy_trial_from(self, other: Experiment, config_hash: str) -> None:
         """Reuse a finished trial of another experiment: its files copied byte for byte."""
@@ -292,12 +297,16 @@ class Experiment:
             data = other.read_bytes(other.trial_path(config_hash, filename))
             if data is not None:
                 self.write_bytes(self.trial_path(config_hash, filename), data)
-        self.write_bytes(self.trial_path(config_hash, "reused.json"),
-                         dumps({"from_experiment": other.name, "at": time.time()}))
+        self.write_bytes(
+            self.trial_path(config_hash, "reused.json"),
+            dumps({"from_experiment": other.name, "at": time.time()}),
+        )
 
     def trial_hashes(self) -> list[str]:
         info = self.fs.get_file_info(pafs.FileSelector(_join(self.path, "trials"), allow_not_found=True))
-        return sorted(e.base_name for e in info if e.type == pafs.FileType.Directory and e.base_name[:1] != ".")
+        return sorted(
+            e.base_name for e in info if e.type == pafs.FileType.Directory and e.base_name[:1] != "."
+        )
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for h in self.trial_hashes():
@@ -351,10 +360,12 @@ def load(path: str | os.PathLike, *, dedupe: bool = True):
     if dedupe and len(df) and df["experiment"].nunique() > 1:
         rank = df["status"].map({"done": 0}).fillna(1)
         end = df["end_time"] if "end_time" in df.columns else pd.Series(0, index=df.index)
-        df = (df.assign(_rank=rank, _end=end)
-              .sort_values(["_rank", "_end"], ascending=[True, False])
-              .drop_duplicates("config_hash")
-              .drop(columns=["_rank", "_end"]))
+        df = (
+            df.assign(_rank=rank, _end=end)
+            .sort_values(["_rank", "_end"], ascending=[True, False])
+            .drop_duplicates("config_hash")
+            .drop(columns=["_rank", "_end"])
+        )
     front = [c for c in ("experiment", "name", "status", "config_hash") if c in df.columns]
     return df[front + [c for c in df.columns if c not in front]].reset_index(drop=True)
 
@@ -372,8 +383,14 @@ def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
                 continue
             h = t["config_hash"]
             row = exp.read_row(h)
-            entry = {"experiment": exp.name, "name": t.get("name", "?"), "config_hash": h,
-                     "workers": t.get("workers"), "state": "pending", "detail": ""}
+            entry = {
+                "experiment": exp.name,
+                "name": t.get("name", "?"),
+                "config_hash": h,
+                "workers": t.get("workers"),
+                "state": "pending",
+                "detail": "",
+            }
             damaged = exp.damaged(exp.trial_path(h, "row.json"), row=True) if row is None else None
             if damaged is not None:
                 entry["detail"] = f"damaged row file: {damaged}"
@@ -389,6 +406,8 @@ def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
                 if isinstance(marker, dict):
                     age = now - float(marker.get("heartbeat", 0))
                     entry["state"] = "running" if age < _STALE_S else "interrupted"
-                    entry["detail"] = f"attempt {marker.get('attempt', 1)}, started {time.ctime(marker.get('start_time', 0))}"
+                    entry["detail"] = (
+                        f"attempt {marker.get('attempt', 1)}, started {time.ctime(marker.get('start_time', 0))}"
+                    )
             out.append(entry)
     return out

@@ -30,8 +30,17 @@ from harness.config import TrialConfig, config_hash, trial_to_dict
 from harness.names import name_problem, safe_name
 from harness.results import Experiment, ResultsStore, join_uri
 
-__all__ = ["PlannedTrial", "RunSummary", "SharedResultsError", "plan", "trial_resources", "init_ray",
-           "cluster_address", "results_problem", "run_grid"]
+__all__ = [
+    "PlannedTrial",
+    "RunSummary",
+    "SharedResultsError",
+    "plan",
+    "trial_resources",
+    "init_ray",
+    "cluster_address",
+    "results_problem",
+    "run_grid",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +112,22 @@ def results_problem(results: str, address: str | None, *, shared: bool = False) 
     if scheme and scheme != "file":
         return None
     if scheme == "file":
-        return None if results[len("file://"):].startswith("/") else (
-            f"--results {results}: a file:// URI names an absolute path (file:///shared/spa)")
-    return (f"--results {results} is a path on this machine only, but the trials run on the Ray cluster at "
-            f"{address}: rows written on other nodes would never reach it. Pass an object-store URI "
-            "(s3://bucket/spa, gs://...), or a folder mounted at the same path on every node as "
-            "file:///path or with --results-shared")
+        return (
+            None
+            if results[len("file://") :].startswith("/")
+            else (f"--results {results}: a file:// URI names an absolute path (file:///shared/spa)")
+        )
+    return (
+        f"--results {results} is a path on this machine only, but the trials run on the Ray cluster at "
+        f"{address}: rows written on other nodes would never reach it. Pass an object-store URI "
+        "(s3://bucket/spa, gs://...), or a folder mounted at the same path on every node as "
+        "file:///path or with --results-shared"
+    )
 
 
-def plan(trials: list[TrialConfig], store: ResultsStore, experiment: str, *, rerun: bool = False) -> list[PlannedTrial]:
+def plan(
+    trials: list[TrialConfig], store: ResultsStore, experiment: str, *, rerun: bool = False
+) -> list[PlannedTrial]:
     """Key the trials by config hash and decide what runs (see the module docstring)."""
     exp = store.experiment(experiment)
     out: list[PlannedTrial] = []
@@ -119,7 +135,9 @@ def plan(trials: list[TrialConfig], store: ResultsStore, experiment: str, *, rer
     for cfg in trials:
         h = config_hash(cfg)
         if h in seen:
-            log.warning("trial %r computes the same as %r (config hash %s); running it once", cfg.name, seen[h], h)
+            log.warning(
+                "trial %r computes the same as %r (config hash %s); running it once", cfg.name, seen[h], h
+            )
             continue
         seen[h] = cfg.name
         if rerun:
@@ -157,8 +175,14 @@ def init_ray(address: str | None = None) -> bool:
     _loopback_only()
     # address="local": a new instance of our own, even when a cluster of someone else's runs on this
     # machine (a bare ray.init() would join it, with its resources and its other jobs)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env}, **quiet)
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        **quiet,
+    )
     return True
 
 
@@ -234,9 +258,14 @@ def run_grid(
     # settings changed since (resources.retries, timeout_s) starts afresh with the new ones.
     digests = {p.config_hash: _digest(trial_to_dict(p.cfg)) for p in pending}
     prev_digests = prev_tune.get("digests") if isinstance(prev_tune.get("digests"), dict) else {}
-    restorable = (bool(pending_hashes) and not rerun and name_problem(prev_tune.get("name")) is None
-                  and not prev_tune.get("finished") and set(pending_hashes) <= set(prev_tune.get("trials") or [])
-                  and all(prev_digests.get(h) == d for h, d in digests.items()))
+    restorable = (
+        bool(pending_hashes)
+        and not rerun
+        and name_problem(prev_tune.get("name")) is None
+        and not prev_tune.get("finished")
+        and set(pending_hashes) <= set(prev_tune.get("trials") or [])
+        and all(prev_digests.get(h) == d for h, d in digests.items())
+    )
     tune_name = prev_tune["name"] if restorable else f"tune-{run_id}"
     manifest = {
         "name": experiment,
@@ -246,19 +275,38 @@ def run_grid(
         "git_commit": project_commit(),
         "created": previous.get("created", t_start),
         "updated": t_start,
-        "trials": [{"name": p.name, "config_hash": p.config_hash, "workers": p.cfg.resources.workers,
-                    "state": p.state} for p in planned],
-        "tune": {"name": tune_name, "trials": prev_tune.get("trials") if restorable else pending_hashes,
-                 "digests": {**prev_digests, **digests} if restorable else digests, "finished": False},
+        "trials": [
+            {
+                "name": p.name,
+                "config_hash": p.config_hash,
+                "workers": p.cfg.resources.workers,
+                "state": p.state,
+            }
+            for p in planned
+        ],
+        "tune": {
+            "name": tune_name,
+            "trials": prev_tune.get("trials") if restorable else pending_hashes,
+            "digests": {**prev_digests, **digests} if restorable else digests,
+            "finished": False,
+        },
     }
     exp.write_manifest(manifest)
     summary = RunSummary(experiment, exp.uri, planned)
     if pending and track is not None:
-        summary.tracking = tracking.start_grid(track, experiment, exp.uri, harness_run_id=run_id,
-                                               git_commit=manifest["git_commit"], source=source, trials=len(pending))
+        summary.tracking = tracking.start_grid(
+            track,
+            experiment,
+            exp.uri,
+            harness_run_id=run_id,
+            git_commit=manifest["git_commit"],
+            source=source,
+            trials=len(pending),
+        )
     if pending:
-        summary.restored = _run_tune(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable,
-                                     summary.tracking)
+        summary.restored = _run_tune(
+            pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable, summary.tracking
+        )
         # Stopped early (Ctrl-C: Tune saves its state and returns)? Then the next run restores it.
         manifest["tune"]["finished"] = all(exp.read_row(p.config_hash) is not None for p in pending)
         exp.write_manifest(manifest)
@@ -270,9 +318,17 @@ def run_grid(
     return summary
 
 
-def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, Any], address: str | None,
-              max_concurrent: int | None, progress: bool, tune_name: str, restorable: bool,
-              track: Any = None) -> bool:
+def _run_tune(
+    pending: list[PlannedTrial],
+    exp: Experiment,
+    manifest: dict[str, Any],
+    address: str | None,
+    max_concurrent: int | None,
+    progress: bool,
+    tune_name: str,
+    restorable: bool,
+    track: Any = None,
+) -> bool:
     import ray
     from ray import tune
 
@@ -281,21 +337,33 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
 
     started = init_ray(address)
     try:
-        context = TrialContext(exp.store_uri, exp.name, manifest["run_id"], manifest["git_commit"],
-                               rerun=manifest["rerun"], track=track)
+        context = TrialContext(
+            exp.store_uri,
+            exp.name,
+            manifest["run_id"],
+            manifest["git_commit"],
+            rerun=manifest["rerun"],
+            track=track,
+        )
         by_hash = {p.config_hash: p.cfg for p in pending}
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-            return tune.PlacementGroupFactory([trial_resources(by_hash.get(config["trial"]["config_hash"])
-                                                              or _cfg_of(config))])
+            return tune.PlacementGroupFactory(
+                [trial_resources(by_hash.get(config["trial"]["config_hash"]) or _cfg_of(config))]
+            )
 
         trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
         tune_path = join_uri(exp.uri, tune_name)
         restored = False
         if restorable and tune.Tuner.can_restore(tune_path):
             log.info("resuming the interrupted run from %s", tune_path)
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=True)
+            tuner = tune.Tuner.restore(
+                tune_path,
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=True,
+            )
             restored = True
         else:
             payloads = [{"config": trial_to_dict(p.cfg), "config_hash": p.config_hash} for p in pending]
@@ -305,10 +373,16 @@ def _run_tune(pending: list[PlannedTrial], exp: Experiment, manifest: dict[str, 
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(payloads)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True,
-                                            trial_dirname_creator=_trial_dirname),
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=max_concurrent,
+                    reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname,
+                ),
                 run_config=tune.RunConfig(
-                    name=tune_name, storage_path=exp.uri, verbose=0, log_to_file=True,
+                    name=tune_name,
+                    storage_path=exp.uri,
+                    verbose=0,
+                    log_to_file=True,
                     failure_config=tune.FailureConfig(max_failures=retries),
                     callbacks=[GridCallback(exp.store_uri, exp.name, show=progress)],
                 ),
@@ -328,7 +402,10 @@ def _default_concurrency(pending: list[PlannedTrial], cluster: dict[str, float])
     if all(p.cfg.resources.workers <= 1 for p in pending):
         return None
     limits = []
-    for key, per in (("CPU", lambda r: r.workers * r.cpus_per_worker), ("GPU", lambda r: r.workers * r.gpus_per_worker)):
+    for key, per in (
+        ("CPU", lambda r: r.workers * r.cpus_per_worker),
+        ("GPU", lambda r: r.workers * r.gpus_per_worker),
+    ):
         need = min(per(p.cfg.resources) for p in pending)
         if need > 0:
             limits.append(int(cluster.get(key, 0) // need))

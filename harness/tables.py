@@ -103,7 +103,9 @@ def build_report(
         return _build_report(results, baseline, base)
 
 
-def _build_report(results: pd.DataFrame | str | Path, baseline: str | None, base: Mapping[str, Any] | None) -> Report:
+def _build_report(
+    results: pd.DataFrame | str | Path, baseline: str | None, base: Mapping[str, Any] | None
+) -> Report:
     df = _load(results)
     notes: list[str] = [] if len(df) else ["No trial rows in these results."]
     cfg_cols = _config_columns(df)

@@ -95,7 +95,9 @@ def node_id() -> str | None:
 # rows
 
 
-def _base_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext, attempt: int) -> dict[str, Any]:
+def _base_row(
+    cfg_dict: dict[str, Any], config_hash: str, context: TrialContext, attempt: int
+) -> dict[str, Any]:
     from harness.provenance import package_versions
 
     row: dict[str, Any] = {
@@ -116,12 +118,31 @@ def _base_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext,
     return row
 
 
-def failure_row(cfg_dict: dict[str, Any], config_hash: str, context: TrialContext, *, status: str, error: str,
-                error_type: str, tb: str, attempt: int, start: float, end: float | None = None) -> dict[str, Any]:
+def failure_row(
+    cfg_dict: dict[str, Any],
+    config_hash: str,
+    context: TrialContext,
+    *,
+    status: str,
+    error: str,
+    error_type: str,
+    tb: str,
+    attempt: int,
+    start: float,
+    end: float | None = None,
+) -> dict[str, Any]:
     end = end if end is not None else time.time()
     row = _base_row(cfg_dict, config_hash, context, attempt)
-    row.update(status=status, error=error, error_type=error_type, traceback=tb, start_time=start, end_time=end,
-               wall_s=end - start, gmacs=None)
+    row.update(
+        status=status,
+        error=error,
+        error_type=error_type,
+        traceback=tb,
+        start_time=start,
+        end_time=end,
+        wall_s=end - start,
+        gmacs=None,
+    )
     return row
 
 
@@ -138,8 +159,9 @@ def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
     cfg_dict, h = payload["config"], payload["config_hash"]
     exp = Experiment(context.store_uri, context.experiment)
     existing = exp.read_row(h)
-    if existing is not None and ((existing.get("status") == "done" and not context.rerun)
-                                 or existing.get("run_id") == context.run_id):
+    if existing is not None and (
+        (existing.get("status") == "done" and not context.rerun) or existing.get("run_id") == context.run_id
+    ):
         tune.report({"status": existing.get("status"), "skipped": True})  # restored / re-scheduled
         return
 
@@ -200,8 +222,9 @@ class _Watchdog:
 _WORKER_STOP_GRACE_S = 60.0
 
 
-def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: Experiment,
-                 attempt: int) -> dict[str, Any]:
+def _run_attempt(
+    cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: Experiment, attempt: int
+) -> dict[str, Any]:
     res = cfg_dict.get("resources", {})
     timeout_s = float(res.get("timeout_s") or math.inf)
     workers = int(res.get("workers", 1))
@@ -215,8 +238,17 @@ def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: E
         stack = "".join(traceback.format_stack(sys._current_frames().get(thread)))
         tail = "\n".join(stack.splitlines()[-_TRACEBACK_LINES:])
         exp.write_text(h, "error.txt", f"{msg}\n\n{tail}\n")
-        row = failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout", tb=tail,
-                          attempt=attempt, start=start)
+        row = failure_row(
+            cfg_dict,
+            h,
+            context,
+            status="timeout",
+            error=msg,
+            error_type="Timeout",
+            tb=tail,
+            attempt=attempt,
+            start=start,
+        )
         exp.write_row(h, row)
         tracking.finish_trial(context.track, context.track_run, row)
 
@@ -230,30 +262,65 @@ def _run_attempt(cfg_dict: dict[str, Any], h: str, context: TrialContext, exp: E
             timed_out = time.time() >= deadline  # the workers ended themselves at the deadline
             exp.write_text(h, "error.txt", (f"{msg}\n\n" if timed_out else "") + tb + "\n")
             if timed_out:
-                return failure_row(cfg_dict, h, context, status="timeout", error=msg, error_type="Timeout",
-                                   tb=tb, attempt=attempt, start=start)
-            return failure_row(cfg_dict, h, context, status="failed",
-                               error=_error_message(e, exp.trial_uri(h, "error.txt")),
-                               error_type=_error_type(e), tb=tb, attempt=attempt, start=start)
+                return failure_row(
+                    cfg_dict,
+                    h,
+                    context,
+                    status="timeout",
+                    error=msg,
+                    error_type="Timeout",
+                    tb=tb,
+                    attempt=attempt,
+                    start=start,
+                )
+            return failure_row(
+                cfg_dict,
+                h,
+                context,
+                status="failed",
+                error=_error_message(e, exp.trial_uri(h, "error.txt")),
+                error_type=_error_type(e),
+                tb=tb,
+                attempt=attempt,
+                start=start,
+            )
     wall = time.perf_counter() - t0
     end = time.time()
-    work = sum(float(result.get(k) or 0.0) for k in ("train_time_s", "eval_time_s", "bench_time_s", "paired_time_s"))
+    work = sum(
+        float(result.get(k) or 0.0) for k in ("train_time_s", "eval_time_s", "bench_time_s", "paired_time_s")
+    )
     row = _base_row(cfg_dict, h, context, attempt)
     row.update(result)
-    row.update(status="done", error=None, error_type=None, traceback=None, start_time=start, end_time=end,
-               wall_s=wall, work_s=work, overhead_s=wall - work, startup_s=startup_s)
+    row.update(
+        status="done",
+        error=None,
+        error_type=None,
+        traceback=None,
+        start_time=start,
+        end_time=end,
+        wall_s=wall,
+        work_s=work,
+        overhead_s=wall - work,
+        startup_s=startup_s,
+    )
     exp.delete(exp.trial_path(h, "error.txt"))
     return row
 
 
-def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int,
-         deadline: float = math.inf) -> tuple[dict[str, Any], float]:
+def _fit(
+    cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int, deadline: float = math.inf
+) -> tuple[dict[str, Any], float]:
     """Run ``train_worker``: in this process for one worker, under Ray Train's ``TorchTrainer`` for
     several; rank 0's columns and the time from launch until the worker function started."""
     res = cfg_dict.get("resources", {})
     workers = int(res.get("workers", 1))
-    loop_config = {"config": cfg_dict, "config_hash": h, "store_uri": context.store_uri,
-                   "experiment": context.experiment, "launched": time.time()}
+    loop_config = {
+        "config": cfg_dict,
+        "config_hash": h,
+        "store_uri": context.store_uri,
+        "experiment": context.experiment,
+        "launched": time.time(),
+    }
     if context.track is not None and context.track_run is not None:
         loop_config["track"] = (context.track, context.track_run)
     if workers <= 1:
@@ -266,7 +333,9 @@ def _fit(cfg_dict: dict[str, Any], h: str, context: TrialContext, attempt: int,
     return row, startup
 
 
-def _fit_ray_train(loop_config: dict[str, Any], res: dict[str, Any], context: TrialContext, attempt: int) -> Any:
+def _fit_ray_train(
+    loop_config: dict[str, Any], res: dict[str, Any], context: TrialContext, attempt: int
+) -> Any:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -282,10 +351,15 @@ def _fit_ray_train(loop_config: dict[str, Any], res: dict[str, Any], context: Tr
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=int(res["workers"]), use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(
+            num_workers=int(res["workers"]), use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"train-{loop_config['config_hash']}-{context.run_id}-a{attempt}",
-                             storage_path=join_uri(exp.uri, "train"), failure_config=failure),
+        run_config=RunConfig(
+            name=f"train-{loop_config['config_hash']}-{context.run_id}-a{attempt}",
+            storage_path=join_uri(exp.uri, "train"),
+            failure_config=failure,
+        ),
     )
     result = trainer.fit()  # raises TrainingFailedError (with the worker's traceback) if a worker failed
     return result.return_value
@@ -351,16 +425,24 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as tmp, _captured_log(os.path.join(tmp, "log.txt")) as log_path:
         try:
             with torch_threads(config["config"].get("resources", {})):
-                return _train_and_measure(config["config"], rank, world, device, started, config["launched"],
-                                          config.get("track"))
+                return _train_and_measure(
+                    config["config"], rank, world, device, started, config["launched"], config.get("track")
+                )
         finally:
             with contextlib.suppress(Exception):
                 with open(log_path, encoding="utf-8", errors="replace") as f:
                     exp.write_text(h, log_name, f.read())
 
 
-def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, started: float,
-                       launched: float, track: tuple[Any, str] | None = None) -> dict[str, Any] | None:
+def _train_and_measure(
+    cfg_dict: dict[str, Any],
+    rank: int,
+    world: int,
+    device,
+    started: float,
+    launched: float,
+    track: tuple[Any, str] | None = None,
+) -> dict[str, Any] | None:
     from harness.config import trial_from_dict
     from harness.distributed import DeepSpeedBackend
     from harness.measure import measure, reset_peak_memory
@@ -384,12 +466,23 @@ def _train_and_measure(cfg_dict: dict[str, Any], rank: int, world: int, device, 
     if rank != 0:
         return None
     metrics.update(environment(device, world))
-    metrics.update(world_size=world, dp_param_max_diff=dp_diff, deepspeed_setup_s=backend.setup_s,
-                   worker_import_s=t_ready - started, prep_s=prep - backend.setup_s,
-                   zero_stage=backend.ds_config["zero_optimization"]["stage"],
-                   precision=("bf16" if "torch_autocast" in backend.ds_config else
-                              "fp16" if "fp16" in backend.ds_config else "fp32"),
-                   _worker_started=started, _launched=launched)
+    metrics.update(
+        world_size=world,
+        dp_param_max_diff=dp_diff,
+        deepspeed_setup_s=backend.setup_s,
+        worker_import_s=t_ready - started,
+        prep_s=prep - backend.setup_s,
+        zero_stage=backend.ds_config["zero_optimization"]["stage"],
+        precision=(
+            "bf16"
+            if "torch_autocast" in backend.ds_config
+            else "fp16"
+            if "fp16" in backend.ds_config
+            else "fp32"
+        ),
+        _worker_started=started,
+        _launched=launched,
+    )
     if on_log is not None:
         metrics["_track_points"] = on_log.points  # for a tracker that logs the curve when the trial ends
     return metrics
@@ -431,7 +524,9 @@ def _replica_divergence(backend) -> float:
     import torch.distributed as dist
 
     with backend.gathered_parameters(), torch.no_grad():
-        checksum = sum(p.detach().double().sum() for p in backend.model.parameters()).reshape(1).to(backend.device)
+        checksum = (
+            sum(p.detach().double().sum() for p in backend.model.parameters()).reshape(1).to(backend.device)
+        )
     if backend.world_size == 1:
         return 0.0
     sums = [torch.zeros_like(checksum) for _ in range(backend.world_size)]

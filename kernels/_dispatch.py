@@ -117,7 +117,9 @@ def _impl_name(impl: str | None) -> str:
         name = name.strip().lower()
         if name not in IMPLS:
             src = "impl argument" if impl is not None else f"environment variable {ENV_VAR}"
-            raise ValueError(f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}")
+            raise ValueError(
+                f"unknown kernel implementation {name!r} from the {src}; known: {', '.join(IMPLS)}"
+            )
     return name
 
 
@@ -131,7 +133,9 @@ def _resolve(name: str, tensors: tuple, cpp: bool) -> str:
         return "triton" if triton_available() else "torch"
     if name in ("auto", "cpp"):
         if on_cuda:
-            raise RuntimeError("impl='cpp' is the CPU kernel; these tensors are on CUDA (use 'triton' or 'auto')")
+            raise RuntimeError(
+                "impl='cpp' is the CPU kernel; these tensors are on CUDA (use 'triton' or 'auto')"
+            )
         if not cpp:
             return "torch"
         for t in tensors:
@@ -185,7 +189,9 @@ def direct_call(*tensors: torch.Tensor | None) -> bool:
         if t is not None and (type(t) not in _PLAIN or not t.is_cpu or (grad and t.requires_grad)):
             return False
     return not (
-        torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()
+        torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_dispatch_stack()
+        or torch.compiler.is_compiling()
     )
 
 
@@ -251,5 +257,7 @@ def cpu_op_thread_count(single_region: bool = False) -> int:
     try:
         n = int(setting)
     except ValueError:
-        raise ValueError(f"{THREADS_ENV_VAR} must be an integer (0: torch's setting), got {setting!r}") from None
+        raise ValueError(
+            f"{THREADS_ENV_VAR} must be an integer (0: torch's setting), got {setting!r}"
+        ) from None
     return total if n <= 0 else min(n, total)

@@ -34,7 +34,8 @@ __all__ = ["ENV_VAR", "load", "module", "unavailable_reason", "build_name", "mai
 ENV_VAR = "SPA_CPU_KERNELS"
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
-    _CSRC / f for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp", "scores_cpu.cpp", "select_cpu.cpp")
+    _CSRC / f
+    for f in ("bindings.cpp", "varlen_attention_cpu.cpp", "pack_cpu.cpp", "scores_cpu.cpp", "select_cpu.cpp")
 )
 _STALE_LOCK_S = 15 * 60  # a build lock this old was left by a killed build
 _FAILED = "spa_build_failed.txt"  # fingerprint of a failed build's sources and flags, and its error
@@ -132,7 +133,9 @@ def _build(capability: str, verbose: bool, force: bool = False):
     if failed.exists() and not force:
         first, _, error = failed.read_text().partition("\n")
         if first == fingerprint:  # these sources and flags failed here before: don't spend a minute again
-            raise RuntimeError(f"{error.strip()} (recorded in {failed}; `python -m kernels.cpu_ext --rebuild` retries)")
+            raise RuntimeError(
+                f"{error.strip()} (recorded in {failed}; `python -m kernels.cpu_ext --rebuild` retries)"
+            )
     if not any(build_dir.glob(f"{name}*.so")):
         print(
             f"spa-harness: building the C++ CPU kernels ({capability}) in {build_dir}; once per machine "

@@ -169,6 +169,10 @@ def unpack_tokens(
     name = resolve_impl(impl, packed, base, cpp=True)
     if name in ("cpp", "torch") and direct_call(packed, base):  # nothing to record
         if name == "cpp":
-            return run_cpu("spa::unpack_tokens", cpp_kernels().unpack_tokens_fwd, packed, indices, base, bool(add))
-        return run_cpu("spa::unpack_tokens", unpack_tokens_ref, packed, indices, base, bool(add), single_region=False)
+            return run_cpu(
+                "spa::unpack_tokens", cpp_kernels().unpack_tokens_fwd, packed, indices, base, bool(add)
+            )
+        return run_cpu(
+            "spa::unpack_tokens", unpack_tokens_ref, packed, indices, base, bool(add), single_region=False
+        )
     return _unpack_op(packed, indices, base, bool(add), name)

@@ -71,11 +71,14 @@ def check_position_bias(pb: PositionBias, T: int, H: int, device: torch.device) 
     if M < 1:
         raise ValueError(f"position bias: window must be >= 1, got {pb.window}")
     if pb.pos.shape != (T, 3) or pb.pos.is_floating_point() or pb.pos.dtype == torch.bool:
-        raise ValueError(f"position bias: pos must be (T, 3) = ({T}, 3) integers, got {pb.pos.dtype} "
-                         f"{tuple(pb.pos.shape)}")
+        raise ValueError(
+            f"position bias: pos must be (T, 3) = ({T}, 3) integers, got {pb.pos.dtype} {tuple(pb.pos.shape)}"
+        )
     if pb.table.shape != ((2 * M - 1) ** 2, H):
-        raise ValueError(f"position bias: table must be ((2M-1)^2, H) = ({(2 * M - 1) ** 2}, {H}) for window {M}, "
-                         f"got {tuple(pb.table.shape)}")
+        raise ValueError(
+            f"position bias: table must be ((2M-1)^2, H) = ({(2 * M - 1) ** 2}, {H}) for window {M}, "
+            f"got {tuple(pb.table.shape)}"
+        )
     if not pb.table.is_floating_point():
         raise ValueError(f"position bias: table must be floating point, got {pb.table.dtype}")
     for name, t in (("pos", pb.pos), ("table", pb.table)):

@@ -70,7 +70,9 @@ def token_scores(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl:
     """
     C = x.shape[-1]
     if weight.numel() != C or weight.dim() > 2 or (weight.dim() == 2 and weight.shape[0] != 1):
-        raise ValueError(f"weight must be (1, {C}) or ({C},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (1, {C}) or ({C},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
     if bias is not None and bias.numel() != 1:
         raise ValueError(f"bias must hold one value, got shape {tuple(bias.shape)}")
     if torch._C._is_any_autocast_enabled():  # autocast decides the dtype: leave it to F.linear
@@ -78,6 +80,8 @@ def token_scores(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl:
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if resolve_impl(impl, *tensors, cpp=True) != "cpp":  # torch, cuBLAS on CUDA: no kernel of ours there
         return token_scores_ref(x, weight, bias)
-    if direct_call(x, weight, bias):  # nothing to record: the kernel (which takes (..., C)) without its custom op
+    if direct_call(
+        x, weight, bias
+    ):  # nothing to record: the kernel (which takes (..., C)) without its custom op
         return run_cpu("spa::token_scores", cpp_kernels().token_scores_fwd, x, weight, bias)
     return _scores_op(x.reshape(-1, C), weight.reshape(C), bias).reshape(x.shape[:-1])

@@ -53,7 +53,13 @@ def _grid_mask(filled: Tensor, pos: Tensor | None, bias: PositionBias | None) ->
 
 
 def _padded_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, row: Tensor, col: Tensor, shape: tuple[int, int], scale,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    row: Tensor,
+    col: Tensor,
+    shape: tuple[int, int],
+    scale,
     bias: PositionBias | None = None,
 ):
     """q, k, v: (T, H, D) placed at (row, col) of a (R, P) grid -> SDPA per row, keys limited to the
@@ -61,7 +67,9 @@ def _padded_sdpa(
     R, P = shape
     T, H, D = q.shape
     flat = row * P + col  # (T,)
-    grid = [t.new_zeros(R * P, H, D).index_copy(0, flat, t).view(R, P, H, D).transpose(1, 2) for t in (q, k, v)]
+    grid = [
+        t.new_zeros(R * P, H, D).index_copy(0, flat, t).view(R, P, H, D).transpose(1, 2) for t in (q, k, v)
+    ]
     filled = torch.zeros(R * P, dtype=torch.bool, device=q.device)
     filled = filled.scatter(0, flat, torch.ones_like(flat, dtype=torch.bool)).view(R, P)  # traceable
     pos = None
@@ -81,15 +89,29 @@ def _seq_of_tokens(packed: PackedTokens) -> Tensor:
 
 
 def attend_varlen(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    packed: PackedTokens,
+    *,
+    softmax_scale: float | None = None,
+    impl=None,
     bias: PositionBias | None = None,
 ) -> Tensor:
     """Every sequence of ``packed`` through ``kernels.varlen_attention`` (containers, varlen)."""
-    return varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen, softmax_scale, impl=impl, bias=bias)
+    return varlen_attention(
+        q, k, v, packed.cu_seqlens, packed.max_seqlen, softmax_scale, impl=impl, bias=bias
+    )
 
 
 def attend_padded(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    packed: PackedTokens,
+    *,
+    softmax_scale: float | None = None,
+    impl=None,
     bias: PositionBias | None = None,
 ) -> Tensor:
     """The sequences padded to the longest, one batched SDPA with a key mask (pad)."""
@@ -99,7 +121,13 @@ def attend_padded(
 
 
 def attend_masked(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    packed: PackedTokens,
+    *,
+    softmax_scale: float | None = None,
+    impl=None,
     bias: PositionBias | None = None,
 ) -> Tensor:
     """Every image dense over all N positions, the unselected keys masked (mask: no saving)."""
@@ -109,7 +137,13 @@ def attend_masked(
 
 
 def packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None, impl=None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    packed: PackedTokens,
+    *,
+    softmax_scale: float | None = None,
+    impl=None,
     bias: PositionBias | None = None,
 ) -> Tensor:
     """Attention within each sequence of ``packed``, laid out by its strategy's ``attend``
@@ -125,7 +159,12 @@ def packed_attention(
 
 
 def containers_dense_attention(
-    q: Tensor, k: Tensor, v: Tensor, packed: PackedTokens, *, softmax_scale: float | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    packed: PackedTokens,
+    *,
+    softmax_scale: float | None = None,
     bias: PositionBias | None = None,
 ) -> Tensor:
     """The paper's form of container attention: ``(B', L)`` containers, block-diagonal mask, one SDPA.
@@ -161,7 +200,12 @@ class PackedAttention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "auto", window_size: int | None = None
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_impl: str = "auto",
+        window_size: int | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -171,7 +215,9 @@ class PackedAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.window_size = window_size
         if window_size is not None:
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window_size - 1) ** 2, num_heads)
+            )
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         else:
             self.register_parameter("relative_position_bias_table", None)
@@ -187,7 +233,9 @@ class PackedAttention(nn.Module):
         bias = None
         if self.relative_position_bias_table is not None:
             if pos is None:
-                raise ValueError("PackedAttention with a position bias table needs pos (T, 3) of the packed tokens")
+                raise ValueError(
+                    "PackedAttention with a position bias table needs pos (T, 3) of the packed tokens"
+                )
             bias = PositionBias(pos, self.relative_position_bias_table.to(q.dtype), self.window_size)
         if self.container_form == "dense" and packed.container_len is not None:
             out = containers_dense_attention(q, k, v, packed, softmax_scale=self.scale, bias=bias)

@@ -24,7 +24,15 @@ from spa_core.block import SPABlock, SPABlockInfo, SwinBlock
 from spa_core.config import BackboneConfig
 from spa_core.registry import MODEL_VARIANTS
 
-__all__ = ["BackboneOutput", "BackboneFeatures", "SPABackbone", "PatchEmbed", "PatchMerging", "build_backbone", "stage_grids"]
+__all__ = [
+    "BackboneOutput",
+    "BackboneFeatures",
+    "SPABackbone",
+    "PatchEmbed",
+    "PatchMerging",
+    "build_backbone",
+    "stage_grids",
+]
 
 
 @dataclass
@@ -64,7 +72,9 @@ class PatchMerging(nn.Module):
         H, W = x.shape[1:3]
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)  # (B, H/2, W/2, 4C)
+        x = torch.cat(
+            [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1
+        )  # (B, H/2, W/2, 4C)
         return self.reduction(self.norm(x))
 
 
@@ -107,8 +117,14 @@ class SPABackbone(nn.Module):
             blocks = nn.ModuleList()
             for j in range(depth):
                 shift = 0 if j % 2 == 0 else cfg.window_size // 2
-                common = dict(dim=dim, num_heads=heads, window_size=cfg.window_size, shift=shift,
-                              mlp_ratio=cfg.mlp_ratio, drop_path=dpr[k])
+                common = dict(
+                    dim=dim,
+                    num_heads=heads,
+                    window_size=cfg.window_size,
+                    shift=shift,
+                    mlp_ratio=cfg.mlp_ratio,
+                    drop_path=dpr[k],
+                )
                 if i + 1 in spa_stages:
                     blocks.append(SPABlock(cfg=cfg.spa, stage=i + 1, index=j, **common))
                 else:

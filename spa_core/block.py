@@ -137,7 +137,12 @@ class SwinBlock(nn.Module):
     window on small maps)."""
 
     def __init__(
-        self, dim: int, num_heads: int, window_size: int, shift: int = 0, mlp_ratio: float = 4.0,
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shift: int = 0,
+        mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
@@ -190,8 +195,16 @@ class SPABlock(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, window_size: int, cfg: SPAConfig, shift: int = 0,
-        mlp_ratio: float = 4.0, drop_path: float = 0.0, stage: int = 0, index: int = 0,
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        cfg: SPAConfig,
+        shift: int = 0,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        stage: int = 0,
+        index: int = 0,
     ) -> None:
         super().__init__()
         check_config(cfg, "spa")  # fail at build time, naming the field, not at the first forward
@@ -236,7 +249,9 @@ class SPABlock(nn.Module):
         else:
             flat = x.reshape(B * N, C)
             t = pack_tokens(flat, packed.indices)  # (T, C)
-            flat = unpack_tokens(self.drop_path(self.mlp(self.norm2(t)), image, B), packed.indices, flat, add=True)
+            flat = unpack_tokens(
+                self.drop_path(self.mlp(self.norm2(t)), image, B), packed.indices, flat, add=True
+            )
             x = flat.view(B, N, C)
         info = SPABlockInfo(
             stage=self.stage,

@@ -31,34 +31,51 @@ class ConfigError(ValueError):
     """A config dict does not fit its dataclass; the message names the dotted key."""
 
 
-def checked_field(default: Any, *, choices: tuple | None = None, registry: str | None = None,
-                  range_: tuple | None = None) -> Any:
+def checked_field(
+    default: Any, *, choices: tuple | None = None, registry: str | None = None, range_: tuple | None = None
+) -> Any:
     """A dataclass field with the rule ``check_config`` enforces: ``choices`` (fixed values),
     ``registry`` (a name some ``spa_core.registry`` registry holds, plugins included) or ``range_``
     ``(low, high, low inclusive, high inclusive)`` (None: unbounded)."""
-    meta = {k: v for k, v in (("choices", choices), ("registry", registry), ("range", range_)) if v is not None}
+    meta = {
+        k: v for k, v in (("choices", choices), ("registry", registry), ("range", range_)) if v is not None
+    }
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class SPAConfig:
-    selection: str = checked_field("gate", registry="selection_policy")  # gate | topk | random | all | gate_random | gate_norm
+    selection: str = checked_field(
+        "gate", registry="selection_policy"
+    )  # gate | topk | random | all | gate_random | gate_norm
     ratio: float = checked_field(0.5, range_=(0.0, 1.0, True, True))  # kept fraction per image (topk, random)
-    threshold: float = checked_field(0.5, range_=(0.0, 1.0, False, False))  # gate: keep when sigmoid(score) > threshold
-    gumbel_tau: float = checked_field(1.0, range_=(0.0, None, False, None))  # Gumbel-sigmoid temperature in training
+    threshold: float = checked_field(
+        0.5, range_=(0.0, 1.0, False, False)
+    )  # gate: keep when sigmoid(score) > threshold
+    gumbel_tau: float = checked_field(
+        1.0, range_=(0.0, None, False, None)
+    )  # Gumbel-sigmoid temperature in training
     pack: str = checked_field("containers", registry="pack_strategy")  # containers | varlen | pad | mask
-    container_len: int | None = checked_field(None, range_=(1, None, True, None))  # containers' L; None: window ** 2
+    container_len: int | None = checked_field(
+        None, range_=(1, None, True, None)
+    )  # containers' L; None: window ** 2
     # "all": every token goes through the MLP; "selected": an unselected token skips the whole block
     mlp_on: str = checked_field("all", choices=("all", "selected"))
     # "swin": Swin's relative position bias and shift mask on packed pairs; "none": no position information
     position_bias: str = checked_field("swin", choices=("swin", "none"))
-    gate_scaling: bool = True  # kept tokens enter attention as sigmoid(score) * token (the paper); False: unscaled
+    gate_scaling: bool = (
+        True  # kept tokens enter attention as sigmoid(score) * token (the paper); False: unscaled
+    )
     gate: str = checked_field("linear", registry="gate")
     supervision: str = checked_field("labels", registry="supervision_mode")  # labels | none
-    alpha: float = checked_field(0.01, range_=(0.0, None, True, None))  # weight of the gate loss (paper: 0.01)
+    alpha: float = checked_field(
+        0.01, range_=(0.0, None, True, None)
+    )  # weight of the gate loss (paper: 0.01)
     # None: a token is positive if any object pixel falls in it; else the covered fraction must reach it
     label_coverage: float | None = checked_field(None, range_=(0.0, 1.0, False, True))
-    attn_impl: str = checked_field("auto", choices=("auto", "triton", "cpp", "torch", "ref"))  # kernels' dispatcher
+    attn_impl: str = checked_field(
+        "auto", choices=("auto", "triton", "cpp", "torch", "ref")
+    )  # kernels' dispatcher
 
 
 @dataclass
@@ -73,7 +90,9 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.2
     spa_stages: tuple[int, ...] = (3, 4)  # 1-based stages built from SPA blocks
-    extra_stage3_blocks: int = checked_field(0, range_=(0, None, True, None))  # the paper adds 4, paid for by the savings
+    extra_stage3_blocks: int = checked_field(
+        0, range_=(0, None, True, None)
+    )  # the paper adds 4, paid for by the savings
     spa: SPAConfig | None = field(default_factory=SPAConfig)  # None -> dense baseline
 
     @property
@@ -85,8 +104,12 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's Swin-T-sized SPT (for GPUs): 28M-parameter class, window 7.
     "swin_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
     # Tiny sizes that train on a CPU in minutes.
-    "tiny": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0),
-    "micro": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4, drop_path_rate=0.0),
+    "tiny": dict(
+        embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0
+    ),
+    "micro": dict(
+        embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4, drop_path_rate=0.0
+    ),
 }
 
 
@@ -140,7 +163,9 @@ def check_config(cfg: Any, path: str = "") -> None:
             if not ok:
                 left = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
                 right = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
-                raise ConfigError(f"{key}: expected a value {' and '.join(x for x in (left, right) if x)}, got {value!r}")
+                raise ConfigError(
+                    f"{key}: expected a value {' and '.join(x for x in (left, right) if x)}, got {value!r}"
+                )
 
 
 def config_rules(cls: type, prefix: str = "") -> dict[str, dict[str, Any]]:

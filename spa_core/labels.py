@@ -88,7 +88,10 @@ def selection_labels_from_masks(
 
 
 def selection_labels_from_boxes(
-    boxes: list[Tensor], image_hw: tuple[int, int], grids: list[tuple[int, int]], coverage: float | None = None
+    boxes: list[Tensor],
+    image_hw: tuple[int, int],
+    grids: list[tuple[int, int]],
+    coverage: float | None = None,
 ) -> dict[tuple[int, int], Tensor]:
     """boxes: per image (n_i, 4) xyxy pixels of the (resized) image of size ``image_hw`` ->
     {grid (h, w): (B, h, w) float 0/1}; see ``selection_labels_from_masks`` for ``coverage``."""

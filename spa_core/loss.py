@@ -37,8 +37,9 @@ def supervision_labels(
     total = _zero(blocks)
     for info in blocks:
         if info.grid not in labels:
-            raise KeyError(f"no selection labels at grid {info.grid} (block stage {info.stage}); "
-                           f"have {sorted(labels)}")
+            raise KeyError(
+                f"no selection labels at grid {info.grid} (block stage {info.stage}); have {sorted(labels)}"
+            )
         y = labels[info.grid].to(info.logits.device, info.logits.dtype).reshape(info.logits.shape)
         total = total + F.binary_cross_entropy_with_logits(info.logits, y)
     return alpha * total

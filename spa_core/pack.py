@@ -95,7 +95,9 @@ def _selected(x: Tensor, mask: Tensor, order: Tensor | None = None) -> tuple[Ten
     """Kept tokens (T, C), their raster rows (T,) and counts (B,): image-major, each image's tokens in
     ``order`` (default raster order). Gathers from x directly (no permuted copy of x)."""
     if x.dim() != 3 or mask.shape != x.shape[:2]:
-        raise ValueError(f"pack expects x (B, N, C) and mask (B, N), got {tuple(x.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"pack expects x (B, N, C) and mask (B, N), got {tuple(x.shape)} and {tuple(mask.shape)}"
+        )
     B, N, C = x.shape
     if order is None:
         indices = mask.reshape(-1).nonzero().squeeze(1)  # (T,) image-major, ascending within an image
@@ -115,8 +117,10 @@ def _raster_rows(pos: Tensor, order: Tensor, n: int) -> Tensor:
 
 def _check_order(order: Tensor, n: int) -> None:
     if order.shape != (n,) or order.is_floating_point() or order.dtype == torch.bool:
-        raise ValueError(f"order must be an integer permutation of the {n} token positions, got "
-                         f"{order.dtype} {tuple(order.shape)}")
+        raise ValueError(
+            f"order must be an integer permutation of the {n} token positions, got "
+            f"{order.dtype} {tuple(order.shape)}"
+        )
 
 
 def _per_image(x: Tensor, mask: Tensor, strategy: str, order: Tensor | None) -> PackedTokens:

@@ -48,7 +48,9 @@ def registering_as(origin: str) -> Iterator[None]:
 
 
 def _builtin(obj: Any) -> str | None:
-    if getattr(obj, "__qualname__", None) is None:  # an instance: its class's module says nothing of who made it
+    if (
+        getattr(obj, "__qualname__", None) is None
+    ):  # an instance: its class's module says nothing of who made it
         return None
     module = getattr(obj, "__module__", None) or ""
     return "builtin" if module.split(".")[0] == "spa_core" else None
@@ -145,6 +147,7 @@ SELECTION_POLICIES = Registry(
     ``1 / sigmoid(scores)`` to cancel the scaling); the other tokens skip attention unchanged.
     """,
 )
+
 
 def _check_pack_strategy(name: str, obj: Any) -> None:
     missing = [a for a in ("pack", "attend", "attention_macs") if not callable(getattr(obj, a, None))]

@@ -86,7 +86,9 @@ def _top_mask(values: Tensor, k: int) -> Tensor:
 def _kept_by_rank(values: Tensor, counts: Tensor) -> Tensor:
     """(B, N) bool: the ``counts[b]`` highest ``values`` of every image b (ties to the lower index)."""
     order = torch.sort(values, dim=1, descending=True, stable=True).indices  # (B, N)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(values.shape[1], device=values.device).expand_as(order)
+    )
     return rank < counts.to(rank.device)[:, None]
 
 
@@ -123,7 +125,9 @@ def select_topk(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=Non
 
 
 @SELECTION_POLICIES.register("random")
-def select_random(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+def select_random(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+) -> Selection:
     """``round(ratio*N)`` tokens of every image drawn uniformly, ignoring the scores (the control)."""
     return _from_mask(_top_mask(_uniform(scores, generator), _ratio_count(scores.shape[1], cfg.ratio)))
 
@@ -135,7 +139,9 @@ def select_all(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None
 
 
 @SELECTION_POLICIES.register("gate_random")
-def select_gate_random(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+def select_gate_random(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+) -> Selection:
     """As many tokens per image as the gate keeps (its decision, as ``gate``), at uniformly random
     places: spends exactly the gate's compute, so gate vs gate_random separates *where* the gate looks
     from *how much* it keeps. No straight-through weight (the places are not the gate's)."""
@@ -151,7 +157,9 @@ def feature_norm_scores(tokens: Tensor) -> Tensor:
 
 
 @SELECTION_POLICIES.register("gate_norm")
-def select_gate_norm(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+def select_gate_norm(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+) -> Selection:
     """As many tokens per image as the gate keeps, at the places of highest feature norm
     (``feature_norm_scores``, a fixed score that nothing learns): the gate's compute, a fixed rule."""
     if tokens is None:

@@ -58,7 +58,11 @@ def _mask_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> flo
     return _gate_and_out_proj(counts, n, c) + len(counts) * (3 * n * c * c + 2 * n * n * c)
 
 
-PACK_STRATEGIES.register("containers", origin="builtin", obj=PackStrategy(pack_containers, attend_varlen, _containers_macs))
-PACK_STRATEGIES.register("varlen", origin="builtin", obj=PackStrategy(pack_varlen, attend_varlen, _varlen_macs))
+PACK_STRATEGIES.register(
+    "containers", origin="builtin", obj=PackStrategy(pack_containers, attend_varlen, _containers_macs)
+)
+PACK_STRATEGIES.register(
+    "varlen", origin="builtin", obj=PackStrategy(pack_varlen, attend_varlen, _varlen_macs)
+)
 PACK_STRATEGIES.register("pad", origin="builtin", obj=PackStrategy(pack_pad, attend_padded, _pad_macs))
 PACK_STRATEGIES.register("mask", origin="builtin", obj=PackStrategy(pack_mask, attend_masked, _mask_macs))

@@ -101,7 +101,9 @@ def shifted_window_mask(padded_hw: tuple[int, int], win: tuple[int, int], sft: t
 
 
 @lru_cache(maxsize=64)
-def _shifted_window_mask_on(Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int, device: torch.device) -> Tensor:
+def _shifted_window_mask_on(
+    Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int, device: torch.device
+) -> Tensor:
     return _shifted_window_mask_cpu(Hp, Wp, Mh, Mw, sh, sw).to(device)
 
 

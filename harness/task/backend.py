@@ -60,7 +60,9 @@ class TrainBackend(Protocol):
 
     def all_reduce_mean(self, value: float | torch.Tensor) -> float | torch.Tensor: ...
 
-    def sampler(self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int) -> torch.utils.data.Sampler | None: ...
+    def sampler(
+        self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int
+    ) -> torch.utils.data.Sampler | None: ...
 
 
 def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.AdamW:
@@ -70,8 +72,10 @@ def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.AdamW:
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
 
 
@@ -176,7 +180,9 @@ class TorchBackend:
     def all_reduce_mean(self, value: float | torch.Tensor) -> float | torch.Tensor:
         return value
 
-    def sampler(self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int) -> torch.utils.data.Sampler | None:
+    def sampler(
+        self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int
+    ) -> torch.utils.data.Sampler | None:
         if not shuffle:
             return None
         return _SeededRandomSampler(len(dataset), seed)

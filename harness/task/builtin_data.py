@@ -102,8 +102,12 @@ def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
 
     jobs = [("train", i) for i in range(params["num_train"])] + [("val", i) for i in range(params["num_val"])]
     coco: dict[str, dict[str, Any]] = {
-        split: {"info": {"description": "spa-harness built-in digits", "params": params},
-                "images": [], "annotations": [], "categories": categories}
+        split: {
+            "info": {"description": "spa-harness built-in digits", "params": params},
+            "images": [],
+            "annotations": [],
+            "categories": categories,
+        }
         for split in ("train", "val")
     }
     (out / "annotations").mkdir()
@@ -120,15 +124,24 @@ def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
         coco[split]["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
         anns = coco[split]["annotations"]
         for x, y, bw, bh, digit in boxes:
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": digit + 1,
-                         "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": digit + 1,
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
     for split in ("train", "val"):
         with open(out / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(coco[split], f, sort_keys=True)
 
 
-def _compose(rng: np.random.Generator, ink: np.ndarray, classes: np.ndarray, pool: np.ndarray,
-             photos: list[np.ndarray]) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
+def _compose(
+    rng: np.random.Generator, ink: np.ndarray, classes: np.ndarray, pool: np.ndarray, photos: list[np.ndarray]
+) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
     """One image (H, W, 3) uint8 and its boxes ``(x, y, w, h, digit)``."""
     h, w = (int(v) for v in rng.integers(_MIN_SIDE, _MAX_SIDE + 1, size=2))
     photo = photos[int(rng.integers(len(photos)))]
@@ -136,7 +149,7 @@ def _compose(rng: np.random.Generator, ink: np.ndarray, classes: np.ndarray, poo
     ch, cw = min(photo.shape[0], int(h * zoom)), min(photo.shape[1], int(w * zoom))
     y0 = int(rng.integers(0, photo.shape[0] - ch + 1))
     x0 = int(rng.integers(0, photo.shape[1] - cw + 1))
-    crop = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BILINEAR)
+    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR)
     image = np.asarray(crop, dtype=np.float32).copy()
 
     boxes: list[tuple[int, int, int, int, int]] = []
@@ -145,7 +158,9 @@ def _compose(rng: np.random.Generator, ink: np.ndarray, classes: np.ndarray, poo
         side = max(_MIN_DIGIT_PX, rng.uniform(*_DIGIT_SCALE) * min(h, w))
         pw = int(round(side * rng.uniform(0.8, 1.2)))
         ph = int(round(side))
-        alpha = np.asarray(Image.fromarray(ink[k], mode="F").resize((pw, ph), Image.BILINEAR), dtype=np.float32)
+        alpha = np.asarray(
+            Image.fromarray(ink[k], mode="F").resize((pw, ph), Image.BILINEAR), dtype=np.float32
+        )
         alpha = np.clip(alpha * 1.5, 0.0, 1.0)
         rows, cols = np.nonzero(alpha > _INK)
         if rows.size == 0:
@@ -159,12 +174,12 @@ def _compose(rng: np.random.Generator, ink: np.ndarray, classes: np.ndarray, poo
                 break
         else:
             continue
-        patch = image[py:py + ph, px:px + pw]
+        patch = image[py : py + ph, px : px + pw]
         # Ink that contrasts with what is under it: light digits on dark ground and vice versa.
         light = patch.mean() < 110
         color = rng.uniform(190, 255, size=3) if light else rng.uniform(0, 60, size=3)
         a = alpha[..., None]
-        image[py:py + ph, px:px + pw] = patch * (1 - a) + color.astype(np.float32) * a
+        image[py : py + ph, px : px + pw] = patch * (1 - a) + color.astype(np.float32) * a
         boxes.append((*box, int(classes[k])))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), boxes
 

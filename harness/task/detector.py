@@ -78,7 +78,11 @@ class Detector(nn.Module):
         channels = [backbone.stage_channels[s - 1] for s in stages]
         self.head = FCOSHead(channels, self.strides, hc.num_classes, hc.channels)
         self.spa_cfg = None if cfg.model.is_dense else cfg.model.spa
-        self.score_thresh, self.nms_thresh, self.max_detections = hc.score_thresh, hc.nms_thresh, hc.max_detections
+        self.score_thresh, self.nms_thresh, self.max_detections = (
+            hc.score_thresh,
+            hc.nms_thresh,
+            hc.max_detections,
+        )
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """images: (B, 3, S, S); targets: per image ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
@@ -92,14 +96,31 @@ class Detector(nn.Module):
             task = parts["cls"] + parts["box"] + parts["ctr"]
             labels = None
             if bb.blocks:
-                labels = selection_labels(targets, hw, self.backbone.label_grids(hw),
-                                          coverage=self.spa_cfg.label_coverage if self.spa_cfg else None)
+                labels = selection_labels(
+                    targets,
+                    hw,
+                    self.backbone.label_grids(hw),
+                    coverage=self.spa_cfg.label_coverage if self.spa_cfg else None,
+                )
             gate = gate_loss(bb.blocks, labels, self.spa_cfg).to(task)
-            out.update(loss=task + gate, task_loss=task, gate_loss=gate, selection_labels=labels,
-                       loss_parts={k: v.detach() for k, v in parts.items()})
+            out.update(
+                loss=task + gate,
+                task_loss=task,
+                gate_loss=gate,
+                selection_labels=labels,
+                loss_parts={k: v.detach() for k, v in parts.items()},
+            )
         if targets is None or not self.training:
-            out["detections"] = fcos_postprocess(cls, ltrb, ctr, self.strides, hw, score_thresh=self.score_thresh,
-                                                 nms_thresh=self.nms_thresh, max_detections=self.max_detections)
+            out["detections"] = fcos_postprocess(
+                cls,
+                ltrb,
+                ctr,
+                self.strides,
+                hw,
+                score_thresh=self.score_thresh,
+                nms_thresh=self.nms_thresh,
+                max_detections=self.max_detections,
+            )
         return out
 
 

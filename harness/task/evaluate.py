@@ -32,7 +32,9 @@ MAP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 _AREA_RANGES = {"map_small": (0, 32**2), "map_medium": (32**2, 96**2), "map_large": (96**2, 1e10)}
 
 
-def coco_map(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[int] | None = None) -> dict[str, float]:
+def coco_map(
+    coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[int] | None = None
+) -> dict[str, float]:
     """COCO bbox mAP of ``detections`` (COCO results: ``image_id``, ``category_id``, ``bbox`` xywh in
     original pixels, ``score``) against ``coco_gt`` (a pycocotools ``COCO``), over ``image_ids``
     (default: all). Returns ``MAP_KEYS`` in [0, 1]; a size range without ground truth is NaN
@@ -49,8 +51,10 @@ def coco_map(coco_gt, detections: list[dict[str, Any]], image_ids: Iterable[int]
     _check_detections(coco_gt, detections)
     dets = [dict(d) for d in detections if d["image_id"] in keep]  # loadRes writes into its input
     if not dets:  # loadRes cannot take an empty list
-        return {k: (0.0 if k not in _AREA_RANGES or _has_gt(coco_gt, ids, *_AREA_RANGES[k]) else math.nan)
-                for k in MAP_KEYS}
+        return {
+            k: (0.0 if k not in _AREA_RANGES or _has_gt(coco_gt, ids, *_AREA_RANGES[k]) else math.nan)
+            for k in MAP_KEYS
+        }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(dets)
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -66,8 +70,10 @@ def _check_gt(coco_gt) -> None:
     if len(coco_gt.anns) != len(anns):
         counts = Counter(a.get("id") for a in anns)
         repeated = sorted((i for i, n in counts.items() if n > 1), key=str)[:5]
-        raise ValueError(f"ground truth annotation ids repeat ({', '.join(map(str, repeated))}): pycocotools "
-                         "would score against one of each; load it with harness.task.coco.CocoDetection")
+        raise ValueError(
+            f"ground truth annotation ids repeat ({', '.join(map(str, repeated))}): pycocotools "
+            "would score against one of each; load it with harness.task.coco.CocoDetection"
+        )
 
 
 def _check_detections(coco_gt, detections: list[dict[str, Any]]) -> None:
@@ -84,8 +90,9 @@ def _has_gt(coco_gt, ids: list[int], lo: float, hi: float) -> bool:
     return any(lo <= a["area"] < hi for a in anns)
 
 
-def to_coco_detections(detections: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]],
-                       label_to_cat: list[int]) -> list[dict[str, Any]]:
+def to_coco_detections(
+    detections: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]], label_to_cat: list[int]
+) -> list[dict[str, Any]]:
     """Detector output in resized-image pixels -> COCO results in original-image pixels.
 
     ``detections[i]``: ``boxes (n, 4)`` xyxy, ``scores (n,)``, ``labels (n,)`` 0-based; ``targets[i]``
@@ -98,11 +105,19 @@ def to_coco_detections(detections: list[dict[str, torch.Tensor]], targets: list[
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         wh = boxes[:, 2:] - boxes[:, :2]
-        for box, size, score, label in zip(boxes.tolist(), wh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        for box, size, score, label in zip(
+            boxes.tolist(), wh.tolist(), det["scores"].tolist(), det["labels"].tolist()
+        ):
             if size[0] <= 0 or size[1] <= 0:
                 continue
-            out.append({"image_id": int(tgt["image_id"]), "category_id": int(label_to_cat[int(label)]),
-                        "bbox": [box[0], box[1], size[0], size[1]], "score": float(score)})
+            out.append(
+                {
+                    "image_id": int(tgt["image_id"]),
+                    "category_id": int(label_to_cat[int(label)]),
+                    "bbox": [box[0], box[1], size[0], size[1]],
+                    "score": float(score),
+                }
+            )
     return out
 
 
@@ -111,8 +126,14 @@ def ground_truth_detections(coco_gt, *, shift: float = 0.0) -> list[dict[str, An
     out = []
     for a in coco_gt.loadAnns(coco_gt.getAnnIds(iscrowd=False)):
         x, y, w, h = a["bbox"]
-        out.append({"image_id": a["image_id"], "category_id": a["category_id"],
-                    "bbox": [x + shift * w, y, w, h], "score": 1.0})
+        out.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": [x + shift * w, y, w, h],
+                "score": 1.0,
+            }
+        )
     return out
 
 
@@ -130,8 +151,14 @@ def random_detections(coco_gt, *, per_image: int = 20, seed: int = 0) -> list[di
             w, h = (float(min(v, s)) for v, s in zip(rng.uniform(lo, hi), (img["width"], img["height"])))
             x = float(rng.uniform(0, img["width"] - w))
             y = float(rng.uniform(0, img["height"] - h))
-            out.append({"image_id": img["id"], "category_id": int(cats[rng.integers(len(cats))]),
-                        "bbox": [x, y, w, h], "score": float(rng.uniform())})
+            out.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": int(cats[rng.integers(len(cats))]),
+                    "bbox": [x, y, w, h],
+                    "score": float(rng.uniform()),
+                }
+            )
     return out
 
 

@@ -29,11 +29,20 @@ class FCOSHead(nn.Module):
     """``forward(features: list[(B, C_l, H_l, W_l)]) -> (cls [(B, K, H_l, W_l)], ltrb [(B, 4, H_l, W_l)]
     in pixels, centerness [(B, 1, H_l, W_l)])``, levels ordered fine to coarse."""
 
-    def __init__(self, in_channels: list[int], strides: list[int], num_classes: int, channels: int = 64,
-                 num_convs: int = 2, prior_prob: float = 0.01) -> None:
+    def __init__(
+        self,
+        in_channels: list[int],
+        strides: list[int],
+        num_classes: int,
+        channels: int = 64,
+        num_convs: int = 2,
+        prior_prob: float = 0.01,
+    ) -> None:
         super().__init__()
         if len(in_channels) != len(strides):
-            raise ValueError(f"one stride per input level: got {len(in_channels)} levels, {len(strides)} strides")
+            raise ValueError(
+                f"one stride per input level: got {len(in_channels)} levels, {len(strides)} strides"
+            )
         self.strides = list(strides)
         self.num_classes = num_classes
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
@@ -42,8 +51,11 @@ class FCOSHead(nn.Module):
         def tower() -> nn.Sequential:
             layers: list[nn.Module] = []
             for _ in range(num_convs):
-                layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(_groups(channels), channels),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, channels, 3, padding=1),
+                    nn.GroupNorm(_groups(channels), channels),
+                    nn.ReLU(inplace=True),
+                ]
             return nn.Sequential(*layers)
 
         self.cls_tower, self.reg_tower = tower(), tower()
@@ -59,7 +71,9 @@ class FCOSHead(nn.Module):
             nn.init.kaiming_uniform_(lat.weight, a=1)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, features: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         lat = [conv(f) for conv, f in zip(self.lateral, features)]
         for i in range(len(lat) - 2, -1, -1):  # top-down: coarse context into finer levels
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
@@ -69,12 +83,16 @@ class FCOSHead(nn.Module):
             c, r = self.cls_tower(p), self.reg_tower(p)
             cls.append(self.cls_logits(c))
             # Distances in units of the stride, exp keeps them positive; clamped so a bad step cannot overflow.
-            ltrb.append(torch.exp((self.scales[i] * self.bbox_pred(r)).float().clamp(max=10.0)) * self.strides[i])
+            ltrb.append(
+                torch.exp((self.scales[i] * self.bbox_pred(r)).float().clamp(max=10.0)) * self.strides[i]
+            )
             ctr.append(self.centerness(r))
         return cls, ltrb, ctr
 
 
-def level_points(shapes: list[tuple[int, int]], strides: list[int], device: torch.device) -> list[torch.Tensor]:
+def level_points(
+    shapes: list[tuple[int, int]], strides: list[int], device: torch.device
+) -> list[torch.Tensor]:
     """Centres of every location per level: ``[(H_l * W_l, 2)]`` (x, y) pixels, row-major."""
     out = []
     for (h, w), s in zip(shapes, strides):
@@ -91,8 +109,13 @@ def _ranges(strides: list[int]) -> list[tuple[float, float]]:
     return list(zip(los, his))
 
 
-def fcos_targets(points: list[torch.Tensor], strides: list[int], boxes: torch.Tensor, labels: torch.Tensor,
-                 radius: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+def fcos_targets(
+    points: list[torch.Tensor],
+    strides: list[int],
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    radius: float = 1.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's targets over all levels' points (concatenated, ``P`` in all).
 
     ``boxes (M, 4)`` xyxy pixels, ``labels (M,)``. Returns ``cls (P,)`` int64 (-1 background) and
@@ -104,13 +127,19 @@ def fcos_targets(points: list[torch.Tensor], strides: list[int], boxes: torch.Te
     boxes = boxes.to(pts)
     per_level = [len(x) for x in points]
     stride = torch.cat([pts.new_full((n,), float(s)) for n, s in zip(per_level, strides)])  # (P,)
-    lo_hi = torch.cat([pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, _ranges(strides))])  # (P, 2)
+    lo_hi = torch.cat(
+        [pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, _ranges(strides))]
+    )  # (P, 2)
     x, y = pts[:, 0:1], pts[:, 1:2]  # (P, 1)
     ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], -1)  # (P, M, 4)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2  # (M,)
     r = radius * stride[:, None]  # (P, 1)
-    in_centre = ((x > torch.maximum(boxes[:, 0], cx - r)) & (x < torch.minimum(boxes[:, 2], cx + r))
-                 & (y > torch.maximum(boxes[:, 1], cy - r)) & (y < torch.minimum(boxes[:, 3], cy + r)))  # (P, M)
+    in_centre = (
+        (x > torch.maximum(boxes[:, 0], cx - r))
+        & (x < torch.minimum(boxes[:, 2], cx + r))
+        & (y > torch.maximum(boxes[:, 1], cy - r))
+        & (y < torch.minimum(boxes[:, 3], cy + r))
+    )  # (P, M)
     reach = ltrb.max(-1).values  # (P, M)
     in_range = (reach > lo_hi[:, 0:1]) & (reach <= lo_hi[:, 1:2])
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[None].expand(p, -1)  # (P, M)
@@ -157,7 +186,9 @@ def _giou_loss(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return 1 - iou + (hull - union) / hull.clamp(min=1e-6)
 
 
-def _focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def _focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
@@ -169,8 +200,13 @@ def _flatten(levels: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([x.flatten(2).transpose(1, 2) for x in levels], 1)
 
 
-def fcos_loss(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: list[torch.Tensor], strides: list[int],
-              targets: list[dict]) -> dict[str, torch.Tensor]:
+def fcos_loss(
+    cls: list[torch.Tensor],
+    ltrb: list[torch.Tensor],
+    ctr: list[torch.Tensor],
+    strides: list[int],
+    targets: list[dict],
+) -> dict[str, torch.Tensor]:
     """Focal (classes) + GIoU (boxes) + BCE (centerness), each normalised by the number of positive
     locations in the batch. ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
     points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
@@ -193,20 +229,33 @@ def fcos_loss(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: list[torch
     loss_box = _giou_loss(pred_box, gt).sum() / num_pos
     lr_ = torch.stack([p_xy[:, 0] - gt[:, 0], gt[:, 2] - p_xy[:, 0]], 1).clamp(min=0)
     tb_ = torch.stack([p_xy[:, 1] - gt[:, 1], gt[:, 3] - p_xy[:, 1]], 1).clamp(min=0)
-    centerness = torch.sqrt((lr_.min(1).values / lr_.max(1).values.clamp(min=1e-6))
-                            * (tb_.min(1).values / tb_.max(1).values.clamp(min=1e-6)))
+    centerness = torch.sqrt(
+        (lr_.min(1).values / lr_.max(1).values.clamp(min=1e-6))
+        * (tb_.min(1).values / tb_.max(1).values.clamp(min=1e-6))
+    )
     loss_ctr = F.binary_cross_entropy_with_logits(ctr_f[pos], centerness, reduction="sum") / num_pos
     return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr, "num_pos": torch.tensor(num_pos)}
 
 
 @torch.no_grad()
-def fcos_postprocess(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: list[torch.Tensor], strides: list[int],
-                     image_size: tuple[int, int], *, score_thresh: float = 0.05, nms_thresh: float = 0.6,
-                     max_detections: int = 100, pre_nms: int = 1000) -> list[dict[str, torch.Tensor]]:
+def fcos_postprocess(
+    cls: list[torch.Tensor],
+    ltrb: list[torch.Tensor],
+    ctr: list[torch.Tensor],
+    strides: list[int],
+    image_size: tuple[int, int],
+    *,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.6,
+    max_detections: int = 100,
+    pre_nms: int = 1000,
+) -> list[dict[str, torch.Tensor]]:
     """Per image: ``boxes (n, 4)`` xyxy pixels of the network's input (clipped to ``image_size``
     (h, w)), ``scores (n,)`` = sqrt(class prob * centerness), ``labels (n,)`` 0-based; class-wise NMS."""
     points = torch.cat(level_points([x.shape[-2:] for x in cls], strides, cls[0].device))
-    prob = torch.sqrt(torch.sigmoid(_flatten(cls).float()) * torch.sigmoid(_flatten(ctr).float()))  # (B, P, K)
+    prob = torch.sqrt(
+        torch.sigmoid(_flatten(cls).float()) * torch.sigmoid(_flatten(ctr).float())
+    )  # (B, P, K)
     dist = _flatten(ltrb).float()  # (B, P, 4)
     h, w = image_size
     num_classes = prob.shape[-1]
@@ -227,8 +276,13 @@ def fcos_postprocess(cls: list[torch.Tensor], ltrb: list[torch.Tensor], ctr: lis
     return out
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, groups: torch.Tensor | None = None,
-        max_keep: int | None = None) -> torch.Tensor:
+def nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_thresh: float,
+    groups: torch.Tensor | None = None,
+    max_keep: int | None = None,
+) -> torch.Tensor:
     """Greedy non-maximum suppression within each group (e.g. class): the indices kept, by falling
     score, at most ``max_keep`` (it stops there, which is what makes it cheap)."""
     if boxes.numel() == 0:

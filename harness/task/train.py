@@ -54,8 +54,13 @@ def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor
         epoch += 1
 
 
-def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, progress: bool = True,
-                  on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+def train_variant(
+    cfg: TrialConfig,
+    *,
+    backend: TrainBackend | None = None,
+    progress: bool = True,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     """Train the variant of ``cfg`` on ``cfg.data`` and evaluate it on the val split.
 
     ``on_log(step, metrics)`` (rank 0 only) is called every ``cfg.train.log_every`` micro-steps and
@@ -76,8 +81,10 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
     seed_everything(cfg.seed)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
     if train_ds.num_classes > cfg.head.num_classes:
-        raise ValueError(f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "
-                         f"{cfg.head.num_classes}")
+        raise ValueError(
+            f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "
+            f"{cfg.head.num_classes}"
+        )
     model = build_detector(cfg)
     num_params = sum(p.numel() for p in model.parameters())
     module = backend.setup(model, cfg)
@@ -86,8 +93,14 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
     sampler = backend.sampler(train_ds, True, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=tc.batch_size, sampler=sampler, shuffle=sampler is None, generator=generator,
-        collate_fn=collate, drop_last=len(train_ds) >= tc.batch_size, num_workers=cfg.data.num_workers,
+        train_ds,
+        batch_size=tc.batch_size,
+        sampler=sampler,
+        shuffle=sampler is None,
+        generator=generator,
+        collate_fn=collate,
+        drop_last=len(train_ds) >= tc.batch_size,
+        num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
     micro_steps = tc.steps * max(1, tc.grad_accum)
@@ -106,11 +119,17 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
         with backend.autocast():
             out = module(images, targets)
         loss = out["loss"]
-        task, gate, total = float(out["task_loss"].detach()), float(out["gate_loss"].detach()), float(loss.detach())
+        task, gate, total = (
+            float(out["task_loss"].detach()),
+            float(out["gate_loss"].detach()),
+            float(loss.detach()),
+        )
         if not math.isfinite(total):
             parts = {k: round(float(v), 4) for k, v in out.get("loss_parts", {}).items()}
-            raise NonFiniteLossError(f"trial {cfg.name!r}: non-finite loss at step {step + 1}/{micro_steps}: "
-                                     f"task_loss={task}, gate_loss={gate}, parts={parts}")
+            raise NonFiniteLossError(
+                f"trial {cfg.name!r}: non-finite loss at step {step + 1}/{micro_steps}: "
+                f"task_loss={task}, gate_loss={gate}, parts={parts}"
+            )
         backend.backward(loss)
         backend.step()
         samples += images.shape[0]
@@ -120,7 +139,10 @@ def train_variant(cfg: TrialConfig, *, backend: TrainBackend | None = None, prog
             window.append((task, gate, total, _kept_fraction(out["backbone"].blocks)))
             if logged_step:
                 means = np.array(window, dtype=np.float64).mean(0)
-                on_log(step + 1, dict(zip(("task_loss", "gate_loss", "loss", "kept_fraction"), map(float, means))))
+                on_log(
+                    step + 1,
+                    dict(zip(("task_loss", "gate_loss", "loss", "kept_fraction"), map(float, means))),
+                )
                 window.clear()
         if bar.enabled and logged_step:
             bar.update(step + 1, f"task {task:.3f} gate {gate:.4f}")
@@ -153,8 +175,14 @@ def _kept_fraction(blocks: list[Any]) -> float:
 
 
 @torch.no_grad()
-def evaluate_variant(module: Detector | Any, dataset: CocoDetection, cfg: TrialConfig, *,
-                     backend: TrainBackend | None = None, progress: bool = False) -> dict[str, float]:
+def evaluate_variant(
+    module: Detector | Any,
+    dataset: CocoDetection,
+    cfg: TrialConfig,
+    *,
+    backend: TrainBackend | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """COCO mAP and gate metrics of ``module`` (a ``Detector`` or the backend's wrapper of one) on
     ``dataset`` (the first ``cfg.train.eval_images`` images, or all).
 
@@ -166,8 +194,14 @@ def evaluate_variant(module: Detector | Any, dataset: CocoDetection, cfg: TrialC
     n = len(dataset) if cfg.train.eval_images is None else min(len(dataset), cfg.train.eval_images)
     subset = torch.utils.data.Subset(dataset, range(n))
     # The generator seeds the workers (the loader would draw that seed from the global RNG otherwise).
-    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.train.batch_size, shuffle=False, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = torch.utils.data.DataLoader(
+        subset,
+        batch_size=cfg.train.batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     detections: list[dict[str, Any]] = []
     gate = GateMeter()
     has_blocks = False
@@ -193,7 +227,9 @@ def evaluate_variant(module: Detector | Any, dataset: CocoDetection, cfg: TrialC
         metrics.update(gate.summary())
     else:  # the dense baseline keeps every token and has no gate
         metrics.update({k: math.nan for k in ("gate_precision", "gate_recall", "gate_f1", "label_fraction")})
-        metrics.update({f"{k}_std": math.nan for k in ("gate_precision", "gate_recall", "gate_f1", "label_fraction")})
+        metrics.update(
+            {f"{k}_std": math.nan for k in ("gate_precision", "gate_recall", "gate_f1", "label_fraction")}
+        )
         metrics.update(kept_fraction=1.0, kept_fraction_std=0.0)
     metrics["eval_images"] = n
     return metrics
@@ -208,8 +244,14 @@ class _Progress:
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=True)
+            self._p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=True,
+            )
             self._task = self._p.add_task(description, total=total, info="")
             self._p.start()
 

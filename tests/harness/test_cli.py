@@ -32,11 +32,14 @@ def test_status_of_an_empty_store(tmp_path, capsys):
     assert "no experiments" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", "the grid file is empty"),
-    ("- a\n", "a grid is a mapping"),
-    ("name: x\n", "the grid names no trial"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "the grid file is empty"),
+        ("- a\n", "a grid is a mapping"),
+        ("name: x\n", "the grid names no trial"),
+    ],
+)
 def test_empty_or_trialless_grids_exit_2_in_one_line(tmp_path, capsys, text, expected):
     grid = tmp_path / "g.yaml"
     grid.write_text(text)
@@ -48,13 +51,18 @@ def test_empty_or_trialless_grids_exit_2_in_one_line(tmp_path, capsys, text, exp
 
 def test_a_plugin_name_clash_is_one_line_in_variants_as_in_run(tmp_path, capsys):
     plugin = tmp_path / "clash.py"
-    plugin.write_text("from spa_core.registry import SELECTION_POLICIES\n\n"
-                      "SELECTION_POLICIES.register('topk', lambda scores, **kw: None)\n")
+    plugin.write_text(
+        "from spa_core.registry import SELECTION_POLICIES\n\n"
+        "SELECTION_POLICIES.register('topk', lambda scores, **kw: None)\n"
+    )
     with isolated_registries():
         assert main(["variants", "--plugin", str(plugin)]) == 2
     variants = capsys.readouterr()
     with isolated_registries():
-        assert main(["run", str(SMOKE), "--dry-run", "--plugin", str(plugin), "--results", str(tmp_path / "r")]) == 2
+        assert (
+            main(["run", str(SMOKE), "--dry-run", "--plugin", str(plugin), "--results", str(tmp_path / "r")])
+            == 2
+        )
     run = capsys.readouterr()
     assert variants.out == run.out and variants.err == run.err == "" and variants.out.count("\n") == 1
     assert variants.out.startswith(f"error: --plugin: plugin file '{plugin}' failed to load: KeyError: ")
@@ -66,14 +74,19 @@ def test_status_and_report_warn_about_a_damaged_row(tmp_path, capsys):
     from harness.results import ResultsStore
 
     exp = ResultsStore(str(tmp_path)).experiment("e")
-    exp.write_manifest({"name": "e", "trials": [{"name": "a", "config_hash": "h1"}, {"name": "b", "config_hash": "h2"}]})
+    exp.write_manifest(
+        {"name": "e", "trials": [{"name": "a", "config_hash": "h1"}, {"name": "b", "config_hash": "h2"}]}
+    )
     exp.write_row("h1", {"name": "a", "config_hash": "h1", "status": "done", "wall_s": 1.0, "gmacs": 1.0})
     row = tmp_path / "e" / "trials" / "h2" / "row.json"
     row.parent.mkdir(parents=True)
     row.write_text('{"name": "b", "stat')
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr()
-    assert out.err == f"warning: damaged file {row}: cannot be parsed (19 bytes: " + out.err.split("bytes: ", 1)[1]
+    assert (
+        out.err
+        == f"warning: damaged file {row}: cannot be parsed (19 bytes: " + out.err.split("bytes: ", 1)[1]
+    )
     assert "its trial counts as not done" in out.err and "1 done, 1 pending" in out.out
     main(["report", str(tmp_path), "--format", "csv"])
     assert str(row) in capsys.readouterr().err

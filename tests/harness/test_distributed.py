@@ -1,6 +1,5 @@
 """DeepSpeed config builder and DeepSpeedBackend on a one-process gloo group (CPU)."""
 
-
 import pytest
 import torch
 
@@ -86,8 +85,9 @@ def test_zero_stages_train_on_cpu(one_process_group, stage, precision):
     linear = torch.nn.functional.linear
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     backend = DeepSpeedBackend()
-    engine = backend.setup(model, _cfg(steps=4, batch_size=8, lr=0.05, warmup_steps=1, zero_stage=stage,
-                                       precision=precision))
+    engine = backend.setup(
+        model, _cfg(steps=4, batch_size=8, lr=0.05, warmup_steps=1, zero_stage=stage, precision=precision)
+    )
     assert engine.zero_optimization_stage() == stage
     # ZeRO-3 must not patch F.linear for the whole process (it would hide Linears from fvcore)
     assert torch.nn.functional.linear is linear
@@ -114,10 +114,15 @@ def test_paired_speedup_times_a_plain_copy_under_zero3(one_process_group, tmp_pa
     from harness.task.data import build_datasets, fixed_batch
     from harness.task.train import train_variant
 
-    cfg = trial_from_dict({"preset": "micro", "model": {"spa": {"selection": "topk", "ratio": 0.5}},
-                           "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1, "zero_stage": 3},
-                           "data": {"num_train": 4, "num_val": 2, "image_size": 64, "cache_dir": str(tmp_path)},
-                           "bench": {"batch_size": 2, "warmup": 0, "repeats": 2}})
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"spa": {"selection": "topk", "ratio": 0.5}},
+            "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1, "zero_stage": 3},
+            "data": {"num_train": 4, "num_val": 2, "image_size": 64, "cache_dir": str(tmp_path)},
+            "bench": {"batch_size": 2, "warmup": 0, "repeats": 2},
+        }
+    )
     backend = DeepSpeedBackend()
     train_variant(cfg, backend=backend, progress=False)
     det = backend.model

@@ -380,14 +380,17 @@ def test_every_trial_carries_its_axis_labels_for_the_report(tmp_path):
     columns, where the report's axis tables read them; a point has none."""
     from harness.trial import failure_row  # the row builder every row goes through
 
-    path = _write(tmp_path, textwrap.dedent("""
+    path = _write(
+        tmp_path,
+        textwrap.dedent("""
         base: {preset: micro}
         axes:
           model.spa.ratio: [0.25, 0.5]
           selection: {tk: {model.spa.selection: topk}, rnd: {model.spa.selection: random}}
         points: [{name: dense, model.variant: dense}]
         seeds: 2
-    """))
+    """),
+    )
     grid = load_grid(path)
     by_name = {t.name: t for t in grid.trials}
     assert by_name["ratio=0.25,tk"].axis == {"model.spa.ratio": "0.25", "selection": "tk"}
@@ -399,8 +402,17 @@ def test_every_trial_carries_its_axis_labels_for_the_report(tmp_path):
     from harness.config import trial_to_dict
     from harness.trial import TrialContext
 
-    row = failure_row(trial_to_dict(t), config_hash(t), TrialContext("file:///x", "e", "r", "c"), status="failed",
-                      error="x", error_type="X", tb="", attempt=1, start=0.0)
+    row = failure_row(
+        trial_to_dict(t),
+        config_hash(t),
+        TrialContext("file:///x", "e", "r", "c"),
+        status="failed",
+        error="x",
+        error_type="X",
+        tb="",
+        attempt=1,
+        start=0.0,
+    )
     assert row["axis.selection"] == "rnd" and row["axis.model.spa.ratio"] == "0.5"
     assert not any(k == "axis" or k.startswith("baseline.") for k in row)
 

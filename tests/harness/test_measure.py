@@ -41,8 +41,10 @@ def test_spa_containers_formula_by_hand():
     cfg = _cfg(spa_stages=[3], spa={"pack": "containers", "container_len": 8})
     counts = torch.tensor([5, 9])  # two images keep 14 of 16 tokens at stage 3: two containers of 8
     block = SimpleNamespace(stage=3, index=0, counts=counts)
-    dense_part = sum(2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
-                     for (h, w), c in [((16, 16), 16), ((8, 8), 32), ((2, 2), 128)])
+    dense_part = sum(
+        2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
+        for (h, w), c in [((16, 16), 16), ((8, 8), 32), ((2, 2), 128)]
+    )
     n, c, L = 16, 64, 8
     spa_part = 2 * (n * c + n * c * c) + math.ceil(14 / L) * (3 * L * c * c + 2 * L * L * c)
     assert analytic_attention_macs(cfg, [block], (64, 64), batch=2) == dense_part + spa_part
@@ -54,8 +56,11 @@ def test_fvcore_counts_the_real_selection_spa_below_dense():
 
     images = torch.randn(2, 3, 64, 64)
     macs = {}
-    for name, model in (("dense", {"variant": "dense"}), ("half", {"spa": {"selection": "topk", "ratio": 0.5}}),
-                        ("tenth", {"spa": {"selection": "topk", "ratio": 0.1}})):
+    for name, model in (
+        ("dense", {"variant": "dense"}),
+        ("half", {"spa": {"selection": "topk", "ratio": 0.5}}),
+        ("tenth", {"spa": {"selection": "topk", "ratio": 0.1}}),
+    ):
         torch.manual_seed(0)
         det = build_detector(_cfg(**model)).eval()
         macs[name] = fvcore_macs(det, images)
@@ -86,12 +91,14 @@ def test_peak_memory_sees_a_big_allocation():
 
 def test_timed_pairs_alternate_which_goes_first():
     calls = []
-    ta, tb = timed_pairs(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4,
-                         device=torch.device("cpu"))
+    ta, tb = timed_pairs(
+        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4, device=torch.device("cpu")
+    )
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(ta) == len(tb) == 4
-    slow, fast = timed_pairs(lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, repeats=4,
-                             device=torch.device("cpu"))
+    slow, fast = timed_pairs(
+        lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, repeats=4, device=torch.device("cpu")
+    )
     assert min(slow) >= 20 and min(fast) >= 5  # each time is its own call's, whichever went first
     assert sorted(slow)[1] > sorted(fast)[2] + 8
 
@@ -100,13 +107,22 @@ def test_timed_pairs_alternate_which_goes_first():
 def test_paired_speedup_times_the_model_against_its_dense_twin():
     from harness.task.detector import build_detector
 
-    cfg = trial_from_dict({"preset": "micro", "model": {"spa": {"selection": "topk", "ratio": 0.5}},
-                           "data": {"image_size": 64, "num_train": 8, "num_val": 4},
-                           "bench": {"batch_size": 2, "warmup": 1, "repeats": 5}})
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"spa": {"selection": "topk", "ratio": 0.5}},
+            "data": {"image_size": 64, "num_train": 8, "num_val": 4},
+            "bench": {"batch_size": 2, "warmup": 1, "repeats": 5},
+        }
+    )
     twin = dense_twin_config(cfg)
     assert twin.model.is_dense and twin.model.spa is None and not cfg.model.is_dense
     assert (twin.model.depths, twin.model.embed_dim, twin.data, twin.bench) == (
-        cfg.model.depths, cfg.model.embed_dim, cfg.data, cfg.bench)
+        cfg.model.depths,
+        cfg.model.embed_dim,
+        cfg.data,
+        cfg.bench,
+    )
     assert not any(type(m).__name__ == "SPABlock" for m in build_detector(twin).modules())
 
     torch.manual_seed(0)
@@ -125,9 +141,14 @@ def test_paired_speedup_times_the_model_against_the_grids_baseline(monkeypatch):
     against its own dense twin (with them)."""
     import harness.task.detector as detector_mod
 
-    cfg = trial_from_dict({"preset": "micro", "model": {"extra_stage3_blocks": 2, "spa": {"selection": "topk"}},
-                           "data": {"image_size": 64, "num_train": 8, "num_val": 4},
-                           "bench": {"batch_size": 2, "warmup": 0, "repeats": 2}})
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"extra_stage3_blocks": 2, "spa": {"selection": "topk"}},
+            "data": {"image_size": 64, "num_train": 8, "num_val": 4},
+            "bench": {"batch_size": 2, "warmup": 0, "repeats": 2},
+        }
+    )
     dense = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}})
     cfg.baseline = BaselineConfig(name="swin", model=dense.model, head=dense.head)
     twin, name = speedup_baseline_config(cfg)
@@ -153,13 +174,21 @@ def test_fvcore_counts_every_stage_the_forward_computes():
     from harness.task.detector import build_detector
     from spa_core.backbone import BackboneFeatures
 
-    cfg = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}, "head": {"in_stages": [2, 3]},
-                           "data": {"image_size": 64}})
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"variant": "dense"},
+            "head": {"in_stages": [2, 3]},
+            "data": {"image_size": 64},
+        }
+    )
     torch.manual_seed(0)
     det = build_detector(cfg).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        fca = FlopCountAnalysis(BackboneFeatures(det.backbone), (images,)).set_op_handle(**kernels.FVCORE_HANDLES)
+        fca = FlopCountAnalysis(BackboneFeatures(det.backbone), (images,)).set_op_handle(
+            **kernels.FVCORE_HANDLES
+        )
         backbone = fca.total()  # all four stages
     macs = fvcore_macs(det, images)
     assert macs["backbone"] == backbone

@@ -16,8 +16,12 @@ class _Trial:
 
 def _callback(tmp_path, **kw):
     exp = Experiment(str(tmp_path), "exp")
-    exp.write_manifest({"run_id": "r1", "trials": [{"name": f"t{i}", "config_hash": f"h{i}", "workers": 1}
-                                                    for i in range(3)]})
+    exp.write_manifest(
+        {
+            "run_id": "r1",
+            "trials": [{"name": f"t{i}", "config_hash": f"h{i}", "workers": 1} for i in range(3)],
+        }
+    )
     cb = GridCallback(str(tmp_path), "exp", show=True, lines=True, **kw)
     return cb, exp
 
@@ -26,8 +30,17 @@ def test_one_line_per_event_with_node_map_speedup_and_reason(tmp_path, capsys):
     cb, exp = _callback(tmp_path)
     cb.setup()
     cb.on_trial_start(0, [], _Trial("h0", "10.9.9.9"))
-    exp.write_row("h0", {"status": "done", "config_hash": "h0", "map": 0.1234, "speedup_vs_dense": 1.07,
-                         "wall_s": 42.0, "hostname": "node-a"})
+    exp.write_row(
+        "h0",
+        {
+            "status": "done",
+            "config_hash": "h0",
+            "map": 0.1234,
+            "speedup_vs_dense": 1.07,
+            "wall_s": 42.0,
+            "hostname": "node-a",
+        },
+    )
     cb.on_trial_result(0, [], _Trial("h0"), {"status": "done", "wall_s": 42.0})
     cb.on_trial_start(0, [], _Trial("h1"))
     exp.write_row("h1", {"status": "failed", "config_hash": "h1", "error": "ValueError: bad plugin\nmore"})
@@ -77,9 +90,11 @@ def test_a_dead_trials_error_is_read_from_tunes_local_error_file(tmp_path):
     from harness.progress import _error_line, _tune_error
 
     local = tmp_path / "error.txt"
-    local.write_text("Failure # 1 (occurred at 2026-01-01_00-00-00)\n"
-                          "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
-                          "\tclass_name: ImplicitFunc\n")
+    local.write_text(
+        "Failure # 1 (occurred at 2026-01-01_00-00-00)\n"
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: ImplicitFunc\n"
+    )
 
     class Trial:  # what Tune's Trial offers: a local error file; nothing synced to storage yet
         error_file = str(local)
@@ -91,6 +106,9 @@ def test_a_dead_trials_error_is_read_from_tunes_local_error_file(tmp_path):
             return None
 
     text = _tune_error(Trial())
-    assert _error_line(text) == "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
+    assert (
+        _error_line(text)
+        == "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task."
+    )
     Trial.error_file = str(tmp_path / "absent.txt")
     assert "without an error report" in _tune_error(Trial())

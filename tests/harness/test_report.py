@@ -114,7 +114,9 @@ def test_compare_numbers_by_hand():
     assert table.loc["selection=topk,ratio=0.25", "fvcore_gmacs_delta_pct"] == pytest.approx(-40.0)
     assert topk["infer_ms_median_delta_pct"] == pytest.approx(np.mean([-20.0, -200 / 11, -200 / 12]))
     assert topk["speedup"] == pytest.approx(math.exp(np.mean(np.log([10 / 8, 11 / 9, 12 / 10]))))
-    assert topk["speedup_lo"] < topk["speedup"] < topk["speedup_hi"] and topk["speedup_source"] == "cross-trial"
+    assert (
+        topk["speedup_lo"] < topk["speedup"] < topk["speedup_hi"] and topk["speedup_source"] == "cross-trial"
+    )
     assert topk["peak_mem_mb_delta_pct"] == pytest.approx(-20.0)
     assert dense["map_delta"] == 0 and dense["speedup"] == 1 and dense["verdict"] == "baseline"
     assert table["map_noise_floor"].tolist() == pytest.approx([0.02] * 4)  # dense's std of mAP over seeds
@@ -159,11 +161,14 @@ def test_speedup_falls_back_to_cross_trial_with_a_note():
     df.loc[df["name"] == "selection=random,ratio=0.5", "speedup_vs_dense"] = np.nan  # an older trial
     report = build_report(df)
     assert report.table.loc["selection=random,ratio=0.5", "speedup"] == pytest.approx(
-        math.exp(np.mean(np.log([10 / 8, 11 / 8, 12 / 8]))))
+        math.exp(np.mean(np.log([10 / 8, 11 / 8, 12 / 8])))
+    )
     assert any("selection=random,ratio=0.5 vs dense" in n and "different trials" in n for n in report.notes)
     # a non-dense baseline: no paired timing against it exists
     other = build_report(_paired_store(), baseline="selection=topk,ratio=0.5")
-    assert other.table.loc["dense", "speedup"] == pytest.approx(math.exp(np.mean(np.log([8 / 10, 9 / 11, 10 / 12]))))
+    assert other.table.loc["dense", "speedup"] == pytest.approx(
+        math.exp(np.mean(np.log([8 / 10, 9 / 11, 10 / 12])))
+    )
     assert any("different trials" in n for n in other.notes)
 
 
@@ -176,7 +181,10 @@ def test_failures_notes_and_axes():
     assert f.iloc[0]["variant"] == "selection=topk,ratio=0.25"
     assert any("selection=topk,ratio=0.25 has 2 seed(s), others up to 3" in n for n in report.notes)
     assert any("1 trial(s) failed" in n for n in report.notes)
-    assert "selection=topk,ratio=0.25 vs dense: seed(s) 2 only in dense: left out of the paired deltas." in report.notes
+    assert (
+        "selection=topk,ratio=0.25 vs dense: seed(s) 2 only in dense: left out of the paired deltas."
+        in report.notes
+    )
     assert set(report.axes) == {"model.spa.selection", "model.spa.ratio"}
     ratio = report.axes["model.spa.ratio"]  # selection held at topk
     assert list(ratio.index) == ["dense", "selection=topk,ratio=0.25", "selection=topk,ratio=0.5"]

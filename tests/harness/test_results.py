@@ -14,16 +14,25 @@ from harness.results import Experiment, ResultsStore, load, trial_states
 
 
 def _row(h, status="done", **extra):
-    row = {"name": f"t-{h}", "config_hash": h, "status": status, "gmacs": 0.5 if status == "done" else None,
-           "error": None if status == "done" else "boom", "end_time": time.time(),
-           "model.spa.ratio": 0.25, "model.spa_stages": [3, 4]}
+    row = {
+        "name": f"t-{h}",
+        "config_hash": h,
+        "status": status,
+        "gmacs": 0.5 if status == "done" else None,
+        "error": None if status == "done" else "boom",
+        "end_time": time.time(),
+        "model.spa.ratio": 0.25,
+        "model.spa_stages": [3, 4],
+    }
     row.update(extra)
     return row
 
 
 def _experiment(root, name, rows):
     exp = ResultsStore(str(root)).experiment(name)
-    exp.write_manifest({"name": name, "trials": [{"name": r["name"], "config_hash": r["config_hash"]} for r in rows]})
+    exp.write_manifest(
+        {"name": name, "trials": [{"name": r["name"], "config_hash": r["config_hash"]} for r in rows]}
+    )
     for r in rows:
         exp.write_row(r["config_hash"], r)
     return exp
@@ -86,15 +95,22 @@ def test_reuse_copies_a_finished_trial_byte_for_byte(tmp_path):
     b = store.experiment("b")
     b.copy_trial_from(a, "h1")
     for f in ("row.json", "config.json", "log.txt"):
-        assert (tmp_path / "b" / "trials" / "h1" / f).read_bytes() == (tmp_path / "a" / "trials" / "h1" / f).read_bytes()
-    assert json.loads((tmp_path / "b" / "trials" / "h1" / "reused.json").read_text())["from_experiment"] == "a"
+        assert (tmp_path / "b" / "trials" / "h1" / f).read_bytes() == (
+            tmp_path / "a" / "trials" / "h1" / f
+        ).read_bytes()
+    assert (
+        json.loads((tmp_path / "b" / "trials" / "h1" / "reused.json").read_text())["from_experiment"] == "a"
+    )
 
 
 def test_trial_states_cover_done_failed_running_interrupted_pending(tmp_path):
     exp = _experiment(tmp_path, "e", [_row("h1"), _row("h2", status="failed")])
     manifest = exp.read_manifest()
-    manifest["trials"] += [{"name": "r", "config_hash": "h3"}, {"name": "i", "config_hash": "h4"},
-                           {"name": "p", "config_hash": "h5"}]
+    manifest["trials"] += [
+        {"name": "r", "config_hash": "h3"},
+        {"name": "i", "config_hash": "h4"},
+        {"name": "p", "config_hash": "h5"},
+    ]
     exp.write_manifest(manifest)
     exp.heartbeat("h3", {"attempt": 1, "start_time": time.time()})
     exp.write_bytes(exp.trial_path("h4", "running.json"), results.dumps({"heartbeat": time.time() - 3600}))
@@ -113,7 +129,9 @@ def test_uri_stores_and_object_store_writes(tmp_path, monkeypatch):
     # A filesystem that is not the local one (as S3 is) gets a single direct write, no rename.
     def fake_filesystem(u):
         if u.startswith("s3://obj"):
-            return pafs.SubTreeFileSystem(str(tmp_path / "obj"), pafs.LocalFileSystem()), u[len("s3://obj"):].strip("/")
+            return pafs.SubTreeFileSystem(str(tmp_path / "obj"), pafs.LocalFileSystem()), u[
+                len("s3://obj") :
+            ].strip("/")
         return pafs.LocalFileSystem(), u
 
     monkeypatch.setattr(results, "_filesystem", fake_filesystem)
@@ -143,5 +161,7 @@ def test_a_damaged_row_is_not_done_and_is_named(tmp_path, damage):
 def test_a_damaged_manifest_is_named(tmp_path):
     _experiment(tmp_path, "e", [_row("h1")])
     (tmp_path / "e" / "experiment.json").write_text("{")
-    assert [d.path for d in results.damaged_files(tmp_path / "e")] == [str(tmp_path / "e" / "experiment.json")]
+    assert [d.path for d in results.damaged_files(tmp_path / "e")] == [
+        str(tmp_path / "e" / "experiment.json")
+    ]
     assert [s["config_hash"] for s in trial_states(tmp_path / "e")] == ["h1"]  # listed from the trial folders

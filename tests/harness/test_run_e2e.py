@@ -26,13 +26,44 @@ pytestmark = pytest.mark.slow
 
 # What every finished row carries (task metrics, measurements, provenance, config).
 DONE_COLUMNS = [
-    "task_loss", "gate_loss", "map", "map_50", "kept_fraction", "num_params", "backbone_params",
-    "gmacs", "backbone_gmacs", "analytic_attn_gmacs", "fvcore_attn_gmacs",
-    "infer_ms", "infer_ms_iqr", "infer_samples_per_s", "train_step_ms", "train_step_ms_iqr",
-    "train_step_samples_per_s", "train_samples_per_s", "peak_mem_mb", "peak_mem_kind",
-    "wall_s", "work_s", "overhead_s", "start_time", "end_time",
-    "config_json", "config_hash", "git_commit", "torch_version", "deepspeed_version", "ray_version",
-    "fvcore_version", "triton_version", "device", "workers", "world_size", "model.variant", "model.depths",
+    "task_loss",
+    "gate_loss",
+    "map",
+    "map_50",
+    "kept_fraction",
+    "num_params",
+    "backbone_params",
+    "gmacs",
+    "backbone_gmacs",
+    "analytic_attn_gmacs",
+    "fvcore_attn_gmacs",
+    "infer_ms",
+    "infer_ms_iqr",
+    "infer_samples_per_s",
+    "train_step_ms",
+    "train_step_ms_iqr",
+    "train_step_samples_per_s",
+    "train_samples_per_s",
+    "peak_mem_mb",
+    "peak_mem_kind",
+    "wall_s",
+    "work_s",
+    "overhead_s",
+    "start_time",
+    "end_time",
+    "config_json",
+    "config_hash",
+    "git_commit",
+    "torch_version",
+    "deepspeed_version",
+    "ray_version",
+    "fvcore_version",
+    "triton_version",
+    "device",
+    "workers",
+    "world_size",
+    "model.variant",
+    "model.depths",
 ]
 
 
@@ -49,7 +80,9 @@ def _cli(*args, env, timeout=600, check=True):
     cmd = [sys.executable, "-m", "harness.cli", *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
+        raise AssertionError(
+            f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}"
+        )
     return p
 
 
@@ -89,12 +122,25 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
 
     # Running the grid again runs nothing: every row stays byte-identical.
     before = _rows(store, "smoke")
-    again = _cli("run", SMOKE, "--smoke", "--results", store, "--no-progress", "--no-report", env=env, timeout=120)
+    again = _cli(
+        "run", SMOKE, "--smoke", "--results", store, "--no-progress", "--no-report", env=env, timeout=120
+    )
     assert "3 done" in again.stdout
     assert _rows(store, "smoke") == before
     # An overlapping grid under another experiment name reuses them too (copied, not re-run).
-    _cli("run", SMOKE, "--smoke", "--results", store, "--name", "copy", "--no-progress", "--no-report",
-         env=env, timeout=120)
+    _cli(
+        "run",
+        SMOKE,
+        "--smoke",
+        "--results",
+        store,
+        "--name",
+        "copy",
+        "--no-progress",
+        "--no-report",
+        env=env,
+        timeout=120,
+    )
     assert _rows(store, "copy") == before
     status = _cli("status", store / "copy", env=env, timeout=60)
     assert "3 done" in status.stdout
@@ -102,11 +148,29 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
 
 def test_resume_after_the_driver_is_killed(tmp_path, env):
     store = tmp_path / "results"
-    args = [sys.executable, "-m", "harness.cli", "run", OVERHEAD8, "--smoke", "--results", store,
-            "--max-concurrent", "1", "--no-progress", "--no-report"]
+    args = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "run",
+        OVERHEAD8,
+        "--smoke",
+        "--results",
+        store,
+        "--max-concurrent",
+        "1",
+        "--no-progress",
+        "--no-report",
+    ]
     trials = store / "overhead8" / "trials"
-    driver = subprocess.Popen(list(map(str, args)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        list(map(str, args)),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 400
         while time.time() < deadline and len(list(trials.glob("*/row.json"))) < 2:
@@ -122,8 +186,18 @@ def test_resume_after_the_driver_is_killed(tmp_path, env):
     assert 2 <= len(finished) < 8
     done_before = {h for h, b in finished.items() if json.loads(b)["status"] == "done"}
 
-    out = _cli("run", OVERHEAD8, "--smoke", "--results", store, "--max-concurrent", "1", "--no-progress",
-               "--no-report", env=env)
+    out = _cli(
+        "run",
+        OVERHEAD8,
+        "--smoke",
+        "--results",
+        store,
+        "--max-concurrent",
+        "1",
+        "--no-progress",
+        "--no-report",
+        env=env,
+    )
     assert "(resumed)" in out.stdout  # Tuner.restore of the interrupted run
     after = _rows(store, "overhead8")
     assert len(after) == 8 and all(json.loads(b)["status"] == "done" for b in after.values())
@@ -151,17 +225,34 @@ points:
   - {{name: ok2, resources.workers: 2}}
 """)
     store = tmp_path / "results"
-    p = _cli("run", grid, "--smoke", "--results", store, "--max-concurrent", "1", "--no-progress", "--no-report",
-             env=env, check=False)
+    p = _cli(
+        "run",
+        grid,
+        "--smoke",
+        "--results",
+        store,
+        "--max-concurrent",
+        "1",
+        "--no-progress",
+        "--no-report",
+        env=env,
+        check=False,
+    )
     assert p.returncode == 1, p.stderr[-3000:]  # some trials failed: not a success
     df = load(store).set_index("name")
-    assert df.loc["ok2", "status"] == "done" and df.loc["ok2", "world_size"] == 2 and df.loc["ok2", "gmacs"] > 0
+    assert (
+        df.loc["ok2", "status"] == "done" and df.loc["ok2", "world_size"] == 2 and df.loc["ok2", "gmacs"] > 0
+    )
     explode = df.loc["explode"]
     assert explode["status"] == "failed" and "boom: the explode variant fails" in explode["error"]
     assert explode["error_type"] == "RuntimeError" and "failing_variants.py" in explode["traceback"]
     assert (store / "failing" / "trials" / explode["config_hash"] / "error.txt").is_file()
     nan = df.loc["nan"]
-    assert nan["status"] == "failed" and nan["error_type"] == "NonFiniteLossError" and "non-finite" in nan["error"]
+    assert (
+        nan["status"] == "failed"
+        and nan["error_type"] == "NonFiniteLossError"
+        and "non-finite" in nan["error"]
+    )
     for name, limit in (("slow", 8), ("stuck2", 30)):
         assert df.loc[name, "status"] == "timeout" and f"timeout_s={limit}" in df.loc[name, "error"]
     status = _cli("status", store, env=env, timeout=60).stdout

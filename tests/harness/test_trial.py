@@ -27,7 +27,13 @@ def setup(tmp_path, monkeypatch):
 
 
 def _ok(*a, **k):
-    return {"train_time_s": 1.0, "eval_time_s": 0.5, "bench_time_s": 0.25, "gmacs": 0.1, "world_size": 1}, 0.01
+    return {
+        "train_time_s": 1.0,
+        "eval_time_s": 0.5,
+        "bench_time_s": 0.25,
+        "gmacs": 0.1,
+        "world_size": 1,
+    }, 0.01
 
 
 def test_a_retry_after_an_exception_finishes_the_trial(setup, monkeypatch):
@@ -70,7 +76,9 @@ def test_a_stored_row_is_not_run_again(setup, monkeypatch):
     monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: pytest.fail("must not run"))
     exp.write_row(h, {"status": "done", "config_hash": h, "run_id": "older"})
     trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
-    exp.write_row(h, {"status": "timeout", "config_hash": h, "run_id": "run-1"})  # this run's (Tune retried it)
+    exp.write_row(
+        h, {"status": "timeout", "config_hash": h, "run_id": "run-1"}
+    )  # this run's (Tune retried it)
     trial_trainable({"trial": {"config": cfg_dict, "config_hash": h}}, ctx)
     assert [r["skipped"] for r in reports] == [True, True]
 
@@ -155,8 +163,12 @@ def test_default_concurrency_caps_multi_worker_trials():
     from harness.runner import PlannedTrial, _default_concurrency
 
     def planned(workers, cpus=1.0, gpus=0.0):
-        cfg = trial_from_dict({"preset": "micro", "resources": {"workers": workers, "cpus_per_worker": cpus,
-                                                                "gpus_per_worker": gpus}})
+        cfg = trial_from_dict(
+            {
+                "preset": "micro",
+                "resources": {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus},
+            }
+        )
         return PlannedTrial(cfg, config_hash(cfg), "pending")
 
     assert _default_concurrency([planned(1), planned(1)], {"CPU": 2}) is None  # Tune counts these itself
@@ -182,7 +194,6 @@ def test_trial_runs_on_its_cpus_as_torch_threads(cpus, expected):
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(prev)
-
 
 
 def test_torch_reads_omp_num_threads_only_at_import():
@@ -222,8 +233,9 @@ def test_a_failed_trial_points_at_the_user_code_and_its_error_file(setup, monkey
     row = exp.read_row(h)
     error_file = exp.trial_path(h, "error.txt")
     assert row["status"] == "failed" and row["error_type"] == "IndexError"
-    assert row["error"] == (f"IndexError: no tokens to select [in select at {plugin}:2; "
-                            f"full traceback: {error_file}]")
+    assert row["error"] == (
+        f"IndexError: no tokens to select [in select at {plugin}:2; full traceback: {error_file}]"
+    )
     assert "my_selection.py" in open(error_file).read()
     (state,) = trial_states(tmp_path)
     assert state["state"] == "failed" and state["detail"] == row["error"]

@@ -100,7 +100,9 @@ def test_head_dim_one_with_any_stride(ext):
     base = torch.randn(9, 2, 1)
     odd = base.as_strided(base.shape, (2, 1, 7))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    assert torch.equal(ext.varlen_attention_fwd(odd, odd, odd, cu, 1.0), ext.varlen_attention_fwd(base, base, base, cu, 1.0))
+    assert torch.equal(
+        ext.varlen_attention_fwd(odd, odd, odd, cu, 1.0), ext.varlen_attention_fwd(base, base, base, cu, 1.0)
+    )
 
 
 @pytest.mark.parametrize("L, H, D", [(49, 6, 64), (7, 2, 40), (16, 3, 24)])
@@ -224,8 +226,9 @@ def test_portable_build_matches_reference():
     q, k, v = torch.randn(sum(counts), 3, 2, 40).unbind(1)
     _check(module.varlen_attention_fwd(q, k, v, cu, 0.15), q, k, v, cu, 0.15)
     x, w, b = torch.randn(37, 45), torch.randn(45), torch.randn(1)  # 45: vector chains, then a scalar tail
-    torch.testing.assert_close(module.token_scores_fwd(x, w, b).double(), x.double() @ w.double() + b.double(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        module.token_scores_fwd(x, w, b).double(), x.double() @ w.double() + b.double(), rtol=1e-5, atol=1e-5
+    )
     packed, rows = torch.randn(3, 45), torch.tensor([4, 0, 9])
     expect = x.clone().index_add_(0, rows, packed)
     torch.testing.assert_close(module.unpack_tokens_fwd(packed, rows, x, True), expect, rtol=0, atol=0)

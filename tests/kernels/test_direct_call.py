@@ -27,7 +27,9 @@ def _inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     counts = torch.tensor([7, 0, 1, 30, 12])
     x = torch.randn(5 * 32, 24, generator=g)
-    idx = torch.cat([b * 32 + torch.randperm(32, generator=g)[:c].sort().values for b, c in enumerate(counts.tolist())])
+    idx = torch.cat(
+        [b * 32 + torch.randperm(32, generator=g)[:c].sort().values for b, c in enumerate(counts.tolist())]
+    )
     return g, counts, x, idx
 
 
@@ -56,7 +58,10 @@ def _op_calls(impl):
         ("pack_tokens", lambda grad: pack_tokens(req(x, grad), idx, impl=impl)),
         ("unpack_tokens", lambda grad: unpack_tokens(req(packed, grad), idx, x, add=True, impl=impl)),
         ("unpack_tokens_replace", lambda grad: unpack_tokens(req(packed, grad), idx, x, impl=impl)),
-        ("varlen_attention", lambda grad: varlen_attention(*(req(t, grad) for t in qkv.unbind(1)), cu, m, impl=impl)),
+        (
+            "varlen_attention",
+            lambda grad: varlen_attention(*(req(t, grad) for t in qkv.unbind(1)), cu, m, impl=impl),
+        ),
         ("varlen_attention_bias", attention_with_bias),
     ]
 

@@ -76,7 +76,9 @@ def _sdpa_per_sequence(q, k, v, cu_seqlens, scale=None, bias=None):
         if e > s:
             qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
             mask = None if bias is None else pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window)
-            outs.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
+            outs.append(
+                F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1)
+            )
     return torch.cat(outs)
 
 

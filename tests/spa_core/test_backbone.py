@@ -39,7 +39,11 @@ def test_tiny_spa_and_dense_shapes(hw):
     assert spa.stage_channels == dense.stage_channels == [32, 64, 128, 256]
     assert o_dense.blocks == []
     # tiny: depths (1, 1, 2, 1), SPA stages 3-4 -> 3 SPA blocks in forward order
-    assert [(b.stage, b.index, b.grid) for b in o_spa.blocks] == [(3, 0, grids[2]), (3, 1, grids[2]), (4, 0, grids[3])]
+    assert [(b.stage, b.index, b.grid) for b in o_spa.blocks] == [
+        (3, 0, grids[2]),
+        (3, 1, grids[2]),
+        (4, 0, grids[3]),
+    ]
     assert spa.label_grids(hw) == [grids[2], grids[3]]
     for b in o_spa.blocks:
         N = b.grid[0] * b.grid[1]
@@ -77,7 +81,9 @@ def test_config_places_spa_blocks():
     assert [[isinstance(b, SPABlock) for b in s] for s in m.stages] == [[False], [True], [True] * 4, [True]]
     assert [[b.shift for b in s] for s in m.stages] == [[0], [0], [0, 2, 0, 2], [0]]
     m = _build(spa_stages=(4,))
-    assert all(isinstance(b, SwinBlock) for s in m.stages[:3] for b in s) and isinstance(m.stages[3][0], SPABlock)
+    assert all(isinstance(b, SwinBlock) for s in m.stages[:3] for b in s) and isinstance(
+        m.stages[3][0], SPABlock
+    )
     for dense in (_build(variant="dense"), _build(spa=None), _build(spa_stages=())):
         assert not any(isinstance(b, SPABlock) for b in dense.modules())
 
@@ -150,7 +156,9 @@ def test_import_does_not_pull_ray_or_deepspeed():
         "bad = [m for m in ('ray', 'deepspeed', 'harness') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2])
+    )
 
 
 @pytest.mark.parametrize("spa_stages", [(3, 4), (1, 2, 3, 4)])
@@ -158,8 +166,11 @@ def test_keep_all_backbone_is_the_dense_backbone(spa_stages):
     """A keep-all containers SPA backbone without gate scaling, given the dense backbone's weights,
     computes the dense backbone's features and gradients: every stage grid of a 64-px image (16, 8,
     4, 2 for the tiny preset's window 4; the last a clipped 2 x 2 window) is a multiple of its window."""
-    cfg = dict(spa_stages=spa_stages, spa=SPAConfig(selection="all", pack="containers", gate_scaling=False),
-               depths=(2, 2, 2, 2))  # two blocks per stage: unshifted and shifted
+    cfg = dict(
+        spa_stages=spa_stages,
+        spa=SPAConfig(selection="all", pack="containers", gate_scaling=False),
+        depths=(2, 2, 2, 2),
+    )  # two blocks per stage: unshifted and shifted
     dense = _build(variant="dense", **cfg).double()
     spa = _build(variant="spa", **cfg).double()
     missing, unexpected = spa.load_state_dict(dense.state_dict(), strict=False)

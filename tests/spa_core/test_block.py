@@ -21,11 +21,30 @@ PER_IMAGE = ["varlen", "pad", "mask"]
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-10)}
 
 
-def _block(strategy, *, dim=24, heads=2, window=2, shift=0, selection="topk", ratio=1.0, mlp_on="all",
-           dtype=torch.float32, seed=0, position_bias="swin", gate_scaling=True):
+def _block(
+    strategy,
+    *,
+    dim=24,
+    heads=2,
+    window=2,
+    shift=0,
+    selection="topk",
+    ratio=1.0,
+    mlp_on="all",
+    dtype=torch.float32,
+    seed=0,
+    position_bias="swin",
+    gate_scaling=True,
+):
     torch.manual_seed(seed)
-    cfg = SPAConfig(selection=selection, ratio=ratio, pack=strategy, mlp_on=mlp_on, position_bias=position_bias,
-                    gate_scaling=gate_scaling)
+    cfg = SPAConfig(
+        selection=selection,
+        ratio=ratio,
+        pack=strategy,
+        mlp_on=mlp_on,
+        position_bias=position_bias,
+        gate_scaling=gate_scaling,
+    )
     blk = SPABlock(dim, heads, window, cfg, shift=shift).to(dtype).eval()
     with torch.no_grad():  # non-trivial gate, norms and bias, so a wrong scaling or offset would show
         blk.gate.score.weight.normal_(0, 0.5)
@@ -170,7 +189,9 @@ def test_containers_dense_form_equals_varlen_form(fixed_policy, mask_with_counts
 def test_gradcheck_block(fixed_policy, mask_with_counts, strategy):
     hw, N = (3, 3), 9
     fixed_policy.mask = mask_with_counts([0, N, 4], N, seed=2)
-    blk = _block(strategy, dim=8, heads=2, window=2, shift=1, selection=fixed_policy.name, dtype=torch.float64)
+    blk = _block(
+        strategy, dim=8, heads=2, window=2, shift=1, selection=fixed_policy.name, dtype=torch.float64
+    )
     x = torch.randn(3, *hw, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: blk(t)[0], (x,), eps=1e-6, atol=1e-5, fast_mode=True)
     # and the parameters (the gate among them) receive gradients
@@ -183,7 +204,9 @@ def test_gradcheck_containers_every_jacobian_entry(fixed_policy):
     # full (not fast-mode) gradcheck on the smallest map whose containers cut at image and container
     # boundaries: counts 0, 6, 3 with L = 4 -> sequences [4 | 2, 2 | 1] tokens
     fixed_policy.mask = torch.tensor([[False] * 6, [True] * 6, [True, False, True, True, False, False]])
-    blk = _block("containers", dim=4, heads=2, window=2, shift=1, selection=fixed_policy.name, dtype=torch.float64)
+    blk = _block(
+        "containers", dim=4, heads=2, window=2, shift=1, selection=fixed_policy.name, dtype=torch.float64
+    )
     x = torch.randn(3, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: blk(t)[0], (x,), eps=1e-6, atol=1e-5)
 
@@ -205,12 +228,18 @@ def test_attn_impl_switch_gives_same_result(monkeypatch, fixed_policy, mask_with
     ran = []
     for name in ("_varlen_attention_cpp", "_varlen_attention_torch", "varlen_attention_ref"):
         real = getattr(va, name)
-        monkeypatch.setattr(va, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(
+            va, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k)
+        )
     fixed_policy.mask = mask_with_counts([3, 16], 16)
     blk = _block("varlen", window=4, selection=fixed_policy.name)
     x = torch.randn(2, 4, 4, 24)
     outs = []
-    expect = {"torch": "_varlen_attention_torch", "ref": "varlen_attention_ref", "cpp": "_varlen_attention_cpp"}
+    expect = {
+        "torch": "_varlen_attention_torch",
+        "ref": "varlen_attention_ref",
+        "cpp": "_varlen_attention_cpp",
+    }
     for impl in ("torch", "ref", "cpp"):
         monkeypatch.setenv("SPA_ATTN_IMPL", impl)
         ran.clear()
@@ -246,9 +275,19 @@ def test_prev_scores_fused_by_max():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("pack", "nope"), ("selection", "nope"), ("gate", "nope"), ("mlp_on", "some"), ("threshold", 1.0),
-     ("ratio", -0.1), ("gumbel_tau", 0.0), ("container_len", 0), ("position_bias", "learned"),
-     ("label_coverage", 0.0), ("attn_impl", "fast")],
+    [
+        ("pack", "nope"),
+        ("selection", "nope"),
+        ("gate", "nope"),
+        ("mlp_on", "some"),
+        ("threshold", 1.0),
+        ("ratio", -0.1),
+        ("gumbel_tau", 0.0),
+        ("container_len", 0),
+        ("position_bias", "learned"),
+        ("label_coverage", 0.0),
+        ("attn_impl", "fast"),
+    ],
 )
 def test_bad_config_fails_at_build_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^spa\.{field}: .*{value!r}"):
@@ -278,7 +317,9 @@ def test_swin_block_windows_are_local():
     blk = _swin(0)
     x = torch.randn(1, 8, 8, 16, dtype=torch.float64)
     x2 = x.clone()
-    x2[0, 0, 0] += torch.randn(16, dtype=torch.float64)  # a token of the top-left window (not a constant: LayerNorm)
+    x2[0, 0, 0] += torch.randn(
+        16, dtype=torch.float64
+    )  # a token of the top-left window (not a constant: LayerNorm)
     with torch.no_grad():
         y, y2 = blk(x), blk(x2)
     changed = (y - y2).abs().amax(-1)[0] > 1e-12
@@ -400,7 +441,9 @@ def _outputs_and_grads(blk, x, *extra):
     x = x.detach().clone().requires_grad_(True)
     y = blk(x, *extra)
     y = y[0] if isinstance(y, tuple) else y
-    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)  # a loss that weighs every output differently
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(
+        y
+    )  # a loss that weighs every output differently
     params = {n: p for n, p in blk.named_parameters() if not n.startswith("gate.")}
     grads = torch.autograd.grad((y * w).sum(), [x, *params.values()])
     return y.detach(), dict(zip(["x", *params], grads))
@@ -455,8 +498,12 @@ def test_keep_all_differs_from_swin_where_swin_pads():
         assert not torch.allclose(spa(x)[0], swin(x), atol=1e-6)
 
 
-@settings(derandomize=True, max_examples=10, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the policy's mask is set per example
+@settings(
+    derandomize=True,
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)  # the policy's mask is set per example
 @given(
     counts_seed=st.integers(0, 10_000),
     hw=st.sampled_from([(4, 4), (5, 3), (6, 6), (2, 7)]),
@@ -478,14 +525,25 @@ def test_per_image_strategies_agree_for_any_selection(fixed_policy, hw, window, 
     x = torch.randn(4, *hw, 8, dtype=torch.float64, generator=g)
     results = {}
     for strategy in PER_IMAGE:
-        blk = _block(strategy, dim=8, window=window, shift=shift, selection=fixed_policy.name, mlp_on=mlp_on,
-                     dtype=torch.float64)
+        blk = _block(
+            strategy,
+            dim=8,
+            window=window,
+            shift=shift,
+            selection=fixed_policy.name,
+            mlp_on=mlp_on,
+            dtype=torch.float64,
+        )
         results[strategy] = _outputs_and_grads(blk, x)
     for strategy in PER_IMAGE[1:]:
         torch.testing.assert_close(results[strategy][0], results["varlen"][0], **TOL[torch.float64])
         for name in ("x", "attn.relative_position_bias_table", "attn.qkv.weight"):
-            torch.testing.assert_close(results[strategy][1][name], results["varlen"][1][name],
-                                       **TOL[torch.float64], msg=f"{strategy} {name}")
+            torch.testing.assert_close(
+                results[strategy][1][name],
+                results["varlen"][1][name],
+                **TOL[torch.float64],
+                msg=f"{strategy} {name}",
+            )
 
 
 @pytest.mark.parametrize("strategy", ["containers", *PER_IMAGE])
@@ -497,8 +555,11 @@ def test_bias_table_gradient_equals_reference(fixed_policy, mask_with_counts, st
     blk = _block(strategy, dim=8, window=3, shift=1, selection=fixed_policy.name, dtype=torch.float64)
     x = torch.randn(4, *hw, 8, dtype=torch.float64)
     table = blk.attn.relative_position_bias_table
-    runs = (_container_runs(hw, 3, 1, blk.cfg.container_len, fixed_policy.mask) if strategy == "containers"
-            else _per_image_runs)
+    runs = (
+        _container_runs(hw, 3, 1, blk.cfg.container_len, fixed_policy.mask)
+        if strategy == "containers"
+        else _per_image_runs
+    )
     (g_blk,) = torch.autograd.grad(blk(x)[0].pow(2).sum(), table)
     (g_ref,) = torch.autograd.grad(_reference(blk, x, fixed_policy.mask, runs).pow(2).sum(), table)
     assert g_ref.abs().sum() > 0
@@ -510,7 +571,9 @@ def test_position_bias_none_has_no_table_and_ignores_places():
     assert blk.attn.relative_position_bias_table is None
     assert "attn.relative_position_bias_table" not in blk.state_dict()
     x = torch.randn(2, 4, 4, 24)
-    with torch.no_grad():  # without bias, attention over a sequence does not depend on the order of its tokens
+    with (
+        torch.no_grad()
+    ):  # without bias, attention over a sequence does not depend on the order of its tokens
         y, _ = blk(x)
         ref = _reference(blk, x, torch.ones(2, 16, dtype=torch.bool), _per_image_runs)
     torch.testing.assert_close(y, ref, **TOL[torch.float32])

@@ -16,8 +16,14 @@ def test_defaults_pass():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("spa.ratio", 1.01), ("spa.threshold", 0.0), ("spa.pack", "scatter"), ("variant", "huge"),
-     ("extra_stage3_blocks", -1), ("spa.mlp_on", "none")],
+    [
+        ("spa.ratio", 1.01),
+        ("spa.threshold", 0.0),
+        ("spa.pack", "scatter"),
+        ("variant", "huge"),
+        ("extra_stage3_blocks", -1),
+        ("spa.mlp_on", "none"),
+    ],
 )
 def test_nested_fields_are_checked_by_dotted_key(key, value):
     cfg = BackboneConfig()

@@ -56,7 +56,8 @@ def test_modes_and_alpha():
     tenth = gate_loss(out.blocks, labels, dataclasses.replace(spa, alpha=0.1))
     torch.testing.assert_close(tenth, 0.1 * one)
     expect = sum(
-        torch.nn.functional.binary_cross_entropy_with_logits(b.logits, labels[b.grid].flatten(1)) for b in out.blocks
+        torch.nn.functional.binary_cross_entropy_with_logits(b.logits, labels[b.grid].flatten(1))
+        for b in out.blocks
     )
     torch.testing.assert_close(one, expect)
     none = gate_loss(out.blocks, None, dataclasses.replace(spa, supervision="none"))

@@ -106,8 +106,9 @@ def test_controls_keep_the_gates_count_per_image(policy, training):
     s[1] = 20.0  # and one it keeps entirely
     tokens = torch.randn(6, 50, 8, generator=g)
     gate = select_tokens(s, _cfg("gate"), training=training, generator=torch.Generator().manual_seed(7))
-    ctrl = select_tokens(s, _cfg(policy), training=training, generator=torch.Generator().manual_seed(7),
-                         tokens=tokens)
+    ctrl = select_tokens(
+        s, _cfg(policy), training=training, generator=torch.Generator().manual_seed(7), tokens=tokens
+    )
     assert torch.equal(ctrl.counts, gate.counts) and torch.equal(ctrl.mask.sum(1), ctrl.counts)
     assert ctrl.counts[0] == 0 and ctrl.counts[1] == 50
     assert not torch.equal(ctrl.mask[2:], gate.mask[2:])  # the places differ from the gate's

@@ -22,8 +22,10 @@ def test_every_builtin_is_one_object_with_its_formula():
         assert isinstance(s, PackStrategy) and PACK_STRATEGIES.origin(name) == "builtin"
 
 
-@pytest.mark.parametrize("bad", [lambda x, mask, *, cfg, order=None: None, object(),
-                                 PackStrategy(pack_varlen, attend_varlen, None)])
+@pytest.mark.parametrize(
+    "bad",
+    [lambda x, mask, *, cfg, order=None: None, object(), PackStrategy(pack_varlen, attend_varlen, None)],
+)
 def test_a_strategy_without_a_flop_formula_is_refused_at_registration(bad):
     with pytest.raises(TypeError, match="attention_macs, its FLOP formula"):
         PACK_STRATEGIES.register("no_formula", bad)

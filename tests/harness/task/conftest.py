@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 
-def _write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict] | None = None) -> Path:
+def _write_coco(
+    root: Path, images: list[dict], annotations: list[dict], categories: list[dict] | None = None
+) -> Path:
     """Write ``images`` (each with an ``array`` (H, W, 3) uint8 to save, unless ``array`` is None) and
     the instances JSON under ``root``; returns the JSON path."""
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -38,10 +40,20 @@ def two_image_coco(tmp_path: Path) -> tuple[Path, Path]:
     one crowd region. Returns ``(images_dir, ann_file)``."""
     rng = np.random.default_rng(0)
     images = [
-        {"id": 11, "file_name": "a.png", "width": 40, "height": 20,
-         "array": rng.integers(0, 255, (20, 40, 3), dtype=np.uint8)},
-        {"id": 12, "file_name": "b.png", "width": 30, "height": 60,
-         "array": rng.integers(0, 255, (60, 30, 3), dtype=np.uint8)},
+        {
+            "id": 11,
+            "file_name": "a.png",
+            "width": 40,
+            "height": 20,
+            "array": rng.integers(0, 255, (20, 40, 3), dtype=np.uint8),
+        },
+        {
+            "id": 12,
+            "file_name": "b.png",
+            "width": 30,
+            "height": 60,
+            "array": rng.integers(0, 255, (60, 30, 3), dtype=np.uint8),
+        },
     ]
     anns = [
         {"id": 1, "image_id": 11, "category_id": 7, "bbox": [4, 2, 10, 6], "area": 60, "iscrowd": 0},

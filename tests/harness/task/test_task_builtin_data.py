@@ -16,8 +16,11 @@ from harness.task.coco import CocoDetection
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _small(tmp: Path, seed: int = 0) -> DataConfig:
@@ -32,7 +35,10 @@ def test_builtin_same_seed_same_bytes(tmp_path):
     assert len(da) == 6 + 3 + 3  # PNGs, two JSONs, params.json
     assert da == db
     c = builtin_dataset(_small(tmp_path / "c", seed=1), progress=False)
-    assert c.name != a.name and _digest(c)["annotations/instances_train.json"] != da["annotations/instances_train.json"]
+    assert (
+        c.name != a.name
+        and _digest(c)["annotations/instances_train.json"] != da["annotations/instances_train.json"]
+    )
 
 
 def test_builtin_is_reused_and_well_formed(tmp_path):
@@ -48,7 +54,9 @@ def test_builtin_is_reused_and_well_formed(tmp_path):
         assert 64 <= img["width"] <= 224 and 64 <= img["height"] <= 224
     per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=7)[1:]
     assert per_image.min() >= 1 and per_image.max() <= 6
-    ds = CocoDetection(root / "train", root / "annotations" / "instances_train.json", 128)  # strict: no bad box
+    ds = CocoDetection(
+        root / "train", root / "annotations" / "instances_train.json", 128
+    )  # strict: no bad box
     assert len(ds) == 6 and ds.num_classes == 10
 
 

@@ -64,7 +64,9 @@ def test_detections_round_trip_to_original_pixels(ds):
 
 def _block(stage, index, mask):
     mask = torch.tensor(mask, dtype=torch.bool)
-    return SimpleNamespace(stage=stage, index=index, mask=mask.reshape(mask.shape[0], -1), grid=tuple(mask.shape[1:]))
+    return SimpleNamespace(
+        stage=stage, index=index, mask=mask.reshape(mask.shape[0], -1), grid=tuple(mask.shape[1:])
+    )
 
 
 def test_gate_meter_counts():
@@ -99,7 +101,10 @@ def test_input_that_would_score_silently_wrong_is_refused(ds):
     from pycocotools.coco import COCO
 
     raw = COCO()
-    raw.dataset = {**gt.dataset, "annotations": [*gt.dataset["annotations"], dict(gt.dataset["annotations"][0])]}
+    raw.dataset = {
+        **gt.dataset,
+        "annotations": [*gt.dataset["annotations"], dict(gt.dataset["annotations"][0])],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         raw.createIndex()
     with pytest.raises(ValueError, match=r"ground truth annotation ids repeat \(1\)"):

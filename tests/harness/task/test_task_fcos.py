@@ -14,9 +14,13 @@ from spa_core import MODEL_VARIANTS
 def test_targets_assign_by_size_centre_and_orphans():
     strides = [8, 16]
     points = level_points([(8, 8), (4, 4)], strides, torch.device("cpu"))
-    boxes = torch.tensor([[8.0, 8, 40, 40],  # reach <= 64: level 0, centre region of 1.5 strides
-                          [50.0, 50, 53, 53],  # 3 px: between points -> nearest location only
-                          [0.0, 0, 64, 64]])  # 32 px reach from its centre... still level 0
+    boxes = torch.tensor(
+        [
+            [8.0, 8, 40, 40],  # reach <= 64: level 0, centre region of 1.5 strides
+            [50.0, 50, 53, 53],  # 3 px: between points -> nearest location only
+            [0.0, 0, 64, 64],
+        ]
+    )  # 32 px reach from its centre... still level 0
     labels = torch.tensor([1, 2, 0])
     cls, box = fcos_targets(points, strides, boxes, labels)
     assert cls.shape == (64 + 16,) and box.shape == (80, 4)
@@ -57,7 +61,14 @@ def test_head_learns_one_box_and_decodes_it():
     det = fcos_postprocess(*head(feats), [8, 16], (64, 64), score_thresh=0.3)[0]
     assert det["labels"][0] == 2 and det["scores"][0] > 0.5
     iou_box = det["boxes"][0]
-    inter = (torch.minimum(iou_box[2:], target[0]["boxes"][0, 2:]) - torch.maximum(iou_box[:2], target[0]["boxes"][0, :2])).clamp(min=0).prod()
+    inter = (
+        (
+            torch.minimum(iou_box[2:], target[0]["boxes"][0, 2:])
+            - torch.maximum(iou_box[:2], target[0]["boxes"][0, :2])
+        )
+        .clamp(min=0)
+        .prod()
+    )
     union = (iou_box[2:] - iou_box[:2]).prod() + 24 * 24 - inter
     assert inter / union > 0.7
 
@@ -68,8 +79,10 @@ def test_detector_outputs(variant):
     torch.manual_seed(0)
     model = build_detector(cfg)
     images = torch.randn(2, 3, 64, 64)
-    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 40]]), "labels": torch.tensor([3])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 4, 30, 40]]), "labels": torch.tensor([3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     out = model(images, targets)
     assert {"loss", "task_loss", "gate_loss", "backbone", "selection_labels"} <= set(out)
     assert "detections" not in out  # training mode with targets: no post-processing
@@ -102,4 +115,8 @@ def test_spa_stages_the_head_does_not_read_are_refused():
     assert trial_from_dict({"preset": "micro", "model": {"spa_stages": [3]}, "head": {"in_stages": [2, 3]}})
     dense = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}, "head": {"in_stages": [2, 3]}})
     assert dense.model.is_dense  # no SPA blocks: any stages
-    assert trial_from_dict({"preset": "micro"}).head.in_stages == (2, 3, 4)  # the default reads every SPA stage
+    assert trial_from_dict({"preset": "micro"}).head.in_stages == (
+        2,
+        3,
+        4,
+    )  # the default reads every SPA stage

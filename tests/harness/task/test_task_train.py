@@ -20,8 +20,11 @@ from harness.task.train import NonFiniteLossError, train_variant
 
 
 def _cfg(cache, **over):
-    base = {"preset": "micro", "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
-            "data": {"num_train": 16, "num_val": 8, "image_size": 64, "cache_dir": str(cache)}}
+    base = {
+        "preset": "micro",
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1},
+        "data": {"num_train": 16, "num_val": 8, "image_size": 64, "cache_dir": str(cache)},
+    }
     for k, v in over.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return trial_from_dict(base)
@@ -35,9 +38,21 @@ def cache(tmp_path_factory):
 def test_train_variant_returns_flat_metrics_deterministically(cache):
     cfg = _cfg(cache)
     a = train_variant(cfg, progress=False)
-    for key in ("task_loss", "gate_loss", *MAP_KEYS, "gate_precision", "gate_recall", "gate_f1",
-                "gate_recall_std", "kept_fraction", "kept_fraction_std", "steps", "train_samples_per_s",
-                "train_time_s", "eval_time_s"):
+    for key in (
+        "task_loss",
+        "gate_loss",
+        *MAP_KEYS,
+        "gate_precision",
+        "gate_recall",
+        "gate_f1",
+        "gate_recall_std",
+        "kept_fraction",
+        "kept_fraction_std",
+        "steps",
+        "train_samples_per_s",
+        "train_time_s",
+        "eval_time_s",
+    ):
         assert key in a, key
     assert all(isinstance(v, int | float) for v in a.values())
     assert a["steps"] == 2 and any(k.startswith("kept_fraction_s3b") for k in a)
@@ -78,8 +93,11 @@ def test_nan_loss_raises(cache, monkeypatch):
 # 1,200/200 built-in images, 150 steps of 16. Seen (one thread, SPA starting from dense's weights):
 # dense map 0.038 / map_50 0.078 vs 0.00015 for random boxes; labels (alpha 0.01): recall 0.33 at kept
 # 0.13 (precision 0.70, labelled 0.29); random at 0.13: recall 0.13; none: kept 0.46, recall 0.60.
-SLOW = {"preset": "tiny", "train": {"steps": 150, "batch_size": 16, "lr": 2e-3, "warmup_steps": 15},
-        "data": {"image_size": 128}}
+SLOW = {
+    "preset": "tiny",
+    "train": {"steps": 150, "batch_size": 16, "lr": 2e-3, "warmup_steps": 15},
+    "data": {"image_size": 128},
+}
 
 
 def _slow_cfg(cache, steps=None, **model):
@@ -96,24 +114,32 @@ def test_dense_baseline_beats_random_boxes(cache):
     metrics = train_variant(_slow_cfg(cache, variant="dense"), progress=False)
     _, val = build_datasets(_slow_cfg(cache).data, progress=False)
     chance = coco_map(val.coco_gt(), random_detections(val.coco_gt(), per_image=100, seed=0))
-    print(f"dense: map {metrics['map']:.4f} map_50 {metrics['map_50']:.4f}; random boxes: map_50 {chance['map_50']:.5f}")
+    print(
+        f"dense: map {metrics['map']:.4f} map_50 {metrics['map_50']:.4f}; random boxes: map_50 {chance['map_50']:.5f}"
+    )
     assert metrics["map_50"] > 0.03
     assert metrics["map_50"] > 20 * chance["map_50"]
 
 
 @pytest.mark.slow
 def test_supervised_gate_recalls_labelled_tokens_far_above_chance(cache):
-    sup = train_variant(_slow_cfg(cache, variant="spa", spa={"supervision": "labels", "alpha": 0.01}), progress=False)
+    sup = train_variant(
+        _slow_cfg(cache, variant="spa", spa={"supervision": "labels", "alpha": 0.01}), progress=False
+    )
     kept = sup["kept_fraction"]
     # The control: the random policy at the same kept fraction. Its recall is the chance level whatever
     # the weights, so it is only evaluated (0 steps), not trained.
-    control = train_variant(_slow_cfg(cache, steps=0, variant="spa",
-                                      spa={"selection": "random", "ratio": round(kept, 3)}), progress=False)
+    control = train_variant(
+        _slow_cfg(cache, steps=0, variant="spa", spa={"selection": "random", "ratio": round(kept, 3)}),
+        progress=False,
+    )
     none = train_variant(_slow_cfg(cache, variant="spa", spa={"supervision": "none"}), progress=False)
-    print(f"labels: recall {sup['gate_recall']:.3f} precision {sup['gate_precision']:.3f} kept {kept:.3f} "
-          f"(labelled {sup['label_fraction']:.3f}) map_50 {sup['map_50']:.4f}; random at {kept:.3f}: recall "
-          f"{control['gate_recall']:.3f}; none: kept {none['kept_fraction']:.3f} recall {none['gate_recall']:.3f} "
-          f"map_50 {none['map_50']:.4f}")
+    print(
+        f"labels: recall {sup['gate_recall']:.3f} precision {sup['gate_precision']:.3f} kept {kept:.3f} "
+        f"(labelled {sup['label_fraction']:.3f}) map_50 {sup['map_50']:.4f}; random at {kept:.3f}: recall "
+        f"{control['gate_recall']:.3f}; none: kept {none['kept_fraction']:.3f} recall {none['gate_recall']:.3f} "
+        f"map_50 {none['map_50']:.4f}"
+    )
     assert 0.0 < kept < 0.5
     assert sup["gate_recall"] > 2 * kept
     assert control["kept_fraction"] == pytest.approx(kept, abs=0.02)
