@@ -29,7 +29,7 @@ import torch
 
 __all__ = [
     "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_helper_impl", "triton_available",
-    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "getenv", "cpp_kernels",
+    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "cpp_kernels",
 ]  # fmt: skip
 
 IMPLS = ("auto", "triton", "cpp", "torch", "ref")
@@ -49,33 +49,6 @@ def triton_available() -> bool:
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _env_reader():
-    """``getenv(name, default)``: ``os.environ.get`` without its Python layers (``Mapping.get``, key
-    encoding, a raised and caught KeyError when unset): one dict lookup in ``os.environ``'s own store,
-    which ``os.environ[...] = ...``, ``putenv`` through ``os.environ`` and pytest's ``monkeypatch``
-    update. Every op reads its switches on every call, and ``os.environ.get`` run cache-cold between
-    large ops cost about 30 us a read (measured ad hoc on this project's machine). The store is captured
-    at import: rebinding ``os.environ`` to a new object is not seen. Falls back to ``os.environ.get``
-    where ``os._Environ`` lacks these internals."""
-    env = os.environ
-    data, encodekey, decodevalue = (getattr(env, a, None) for a in ("_data", "encodekey", "decodevalue"))
-    if not (isinstance(data, dict) and callable(encodekey) and callable(decodevalue)):
-        return env.get
-    keys: dict[str, object] = {}
-
-    def getenv(name: str, default: str | None = None) -> str | None:
-        key = keys.get(name)
-        if key is None:
-            key = keys[name] = encodekey(name)
-        value = data.get(key)
-        return default if value is None else decodevalue(value)
-
-    return getenv
-
-
-getenv = _env_reader()
 
 
 _CPU_EXT = None  # kernels.cpu_ext once imported
@@ -112,7 +85,7 @@ def resolve_impl(impl: str | None, *tensors: torch.Tensor, cpp: bool = False) ->
 def _impl_name(impl: str | None) -> str:
     """``impl``, or the environment's ``SPA_ATTN_IMPL``, or "auto", normalised; ValueError naming the
     source when it is none of ``IMPLS``."""
-    name = impl if impl is not None else getenv(ENV_VAR, "auto")
+    name = impl if impl is not None else os.environ.get(ENV_VAR, "auto")
     if name not in IMPLS:
         name = name.strip().lower()
         if name not in IMPLS:
@@ -251,7 +224,7 @@ def cpu_op_thread_count(single_region: bool = False) -> int:
 
     Benchmarks report both counts, since the layers around the ops (Linear) run on torch's setting."""
     total = torch.get_num_threads()
-    setting = getenv(THREADS_ENV_VAR)
+    setting = os.environ.get(THREADS_ENV_VAR)
     if not setting or not (setting := setting.strip()):
         return total if single_region else 1
     try:

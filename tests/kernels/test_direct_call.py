@@ -1,9 +1,7 @@
 """kernels/_dispatch.py: the ops' direct calls. When nothing needs the custom op (no autograd to record,
 no trace, no compile, no dispatch mode), a CPU op calls its kernel without ``torch.library``'s dispatch;
 the result must be the custom op's, bit for bit, and everything that needs the op must still get it.
-Also ``getenv``, the ops' cheap environment read."""
-
-import os
+"""
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from kernels import (
     unpack_tokens,
     varlen_attention,
 )
-from kernels._dispatch import direct_call, getenv, run_cpu
+from kernels._dispatch import direct_call, run_cpu
 from kernels.position_bias import PositionBias
 
 CPU_IMPLS = ["cpp", "torch"]
@@ -130,20 +128,6 @@ def test_run_cpu_threads(monkeypatch):
     monkeypatch.delenv("SPA_CPU_OP_THREADS")
     assert run_cpu("x", torch.get_num_threads) == total
     assert run_cpu("x", torch.get_num_threads, single_region=False) == 1
-
-
-def test_getenv_follows_the_environment(monkeypatch):
-    name = "SPA_TEST_GETENV_VAR"
-    monkeypatch.delenv(name, raising=False)
-    assert getenv(name) is None and getenv(name, "d") == "d"
-    monkeypatch.setenv(name, "torch")
-    assert getenv(name, "d") == "torch"
-    os.environ[name] = "ref é"
-    assert getenv(name) == os.environ[name] == "ref é"
-    monkeypatch.delenv(name)
-    assert getenv(name, "auto") == "auto"
-    for key in list(os.environ)[:20]:
-        assert getenv(key) == os.environ.get(key)
 
 
 def test_env_switch_reaches_direct_calls(monkeypatch):
