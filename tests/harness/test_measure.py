@@ -193,3 +193,36 @@ def test_fvcore_counts_every_stage_the_forward_computes():
     macs = fvcore_macs(det, images)
     assert macs["backbone"] == backbone
     assert macs["total"] > backbone
+
+
+def test_a_plugin_pack_strategy_brings_its_own_flop_formula_into_the_row():
+    """A pack strategy registered by a plugin is counted by its own formula in the trial's
+    analytic column; the Swin blocks keep W-MSA's."""
+    import dataclasses
+
+    from spa_core.attention import attend_varlen
+    from spa_core.pack import pack_varlen
+    from spa_core.registry import PACK_STRATEGIES
+    from spa_core.strategies import PackStrategy
+
+    seen = []
+
+    def formula(counts, n, c, container_len):
+        seen.append((list(counts), n, c, container_len))
+        return 1000.0 * sum(counts)
+
+    def pack(x, mask, *, cfg, order=None):
+        return dataclasses.replace(pack_varlen(x, mask, cfg=cfg, order=order), strategy="plugin_formula")
+
+    PACK_STRATEGIES.register("plugin_formula", PackStrategy(pack, attend_varlen, formula))
+    try:
+        cfg = _cfg(spa_stages=[3], spa={"pack": "plugin_formula"})
+        block = SimpleNamespace(stage=3, index=0, counts=torch.tensor([5, 9]))
+        dense_part = sum(
+            2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
+            for (h, w), c in zip([(16, 16), (8, 8), (2, 2)], [16, 32, 128])
+        )
+        assert analytic_attention_macs(cfg, [block], (64, 64), batch=2) == dense_part + 14000.0
+        assert seen == [([5, 9], 16, 64, 16)]  # stage 3 of micro at 64 px: 4x4 tokens, 64 channels, L = 4^2
+    finally:
+        PACK_STRATEGIES.unregister("plugin_formula")
