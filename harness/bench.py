@@ -31,6 +31,9 @@ an SPA backbone against its dense twin: Swin-T at 112 px, batch 32, stages 3-4 k
 top-k in containers), ``--ops`` (the varlen attention op alone, with the bias, per
 CPU implementation, and the gate's scores), ``--profile`` (torch.profiler's per-op table of each block),
 ``--grid-file GRID`` (the inference forward of every model of a grid, in rotation).
+
+One command, several modes (about 900 lines): they share the block pair builder, the alternating-pairs
+timer, the clocks and threads and the table writer, which is most of the file.
 """
 
 from __future__ import annotations

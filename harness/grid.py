@@ -43,6 +43,11 @@ Names that become parts of paths are plain names (``harness.names``: letters, di
 ``. _ - = , +``, not starting with ``.``, at most 100 characters): the grid's ``name`` (or its
 file's stem), each point's ``name`` and each label of a named axis. A crossed trial's name is made
 of its labels; where it names a folder it is mapped onto a plain name.
+
+One file for one format (about 800 lines): reading it with the line of every value, merging under
+``extends``, checking every key and name, and expanding the result share the located values
+(``_Val``, ``_Loc``) that every error message needs; split, each part would pass them across a module
+boundary.
 """
 
 from __future__ import annotations

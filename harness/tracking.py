@@ -25,6 +25,9 @@ Flow: the driver calls ``start_grid`` (a ``TrackRef`` that Tune passes to each t
 ``TrialContext``), the trial process ``start_trial`` / ``finish_trial``, the rank-0 worker
 ``step_logger``, the driver ``finish_grid``. A tracking failure inside a trial is a logged warning,
 never a failed trial.
+
+Both backends (MLflow, W&B) sit in one file (about 450 lines) behind the same five calls the runner
+and the trial make.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ The trial adds provenance and timing columns and writes the row: ``done``, or ``
 error and the traceback's tail (an exception, a NaN loss, an out-of-memory error, a worker that
 died), or ``timeout`` (a watchdog writes the row and ends the trial's process past
 ``resources.timeout_s``). Overhead = wall time - (training + evaluation + benchmark time).
+
+The trial's whole life in one file (about 600 lines): attempts, the watchdog, the worker and the
+rows share the trial's context and error handling.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ op (FlexAttention has its own autograd).
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
 PV, ``n_i`` the length of sequence i); the bias adds none.
+
+One op, its layers in one file (about 600 lines) as flash-attention keeps its kernels: reference,
+torch path, C++ launcher, custom op with its autograd formula, public function, read top to bottom.
 """
 
 from __future__ import annotations
