@@ -233,7 +233,7 @@ class GridCallback(Callback):
             if isinstance(row.get("speedup_vs_dense"), int | float):
                 parts.append(f"speedup {row['speedup_vs_dense']:.2f}x")
             took = f" in {row['wall_s']:.0f} s" if isinstance(row.get("wall_s"), int | float) else ""
-            where = row.get("node_id") or row.get("hostname")
+            where = row.get("hostname") or str(row.get("node_id") or "")[:12]  # a node id is 56 hex digits
             took += f" on {where}" if where else ""
             reused = " (reused a stored row)" if s["state"] == "reused" else ""
             return f"done {what}{took}{reused}" + (f": {', '.join(parts)}" if parts else "")
