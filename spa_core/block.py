@@ -111,11 +111,15 @@ class WindowAttention(nn.Module):
     def _bias(self, win: tuple[int, int]) -> Tensor:
         idx = self._index_cache.get(win)
         if idx is None:
-            Mh, Mw = win
-            coords = torch.stack(torch.meshgrid(torch.arange(Mh), torch.arange(Mw), indexing="ij")).flatten(1)
-            rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (L, L, 2)
-            M = self.window_size
-            idx = (rel[..., 0] + M - 1) * (2 * M - 1) + (rel[..., 1] + M - 1)  # (L, L)
+            # made outside inference mode: a cached index from an evaluation must serve training too
+            with torch.inference_mode(False):
+                Mh, Mw = win
+                coords = torch.stack(
+                    torch.meshgrid(torch.arange(Mh), torch.arange(Mw), indexing="ij")
+                ).flatten(1)
+                rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (L, L, 2)
+                M = self.window_size
+                idx = (rel[..., 0] + M - 1) * (2 * M - 1) + (rel[..., 1] + M - 1)  # (L, L)
             self._index_cache[win] = idx
         idx = idx.to(self.relative_position_bias_table.device)
         return self.relative_position_bias_table[idx].permute(2, 0, 1)  # (H, L, L)

@@ -15,7 +15,7 @@ shift of every second block changes which neighbours share a container.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
 from torch import Tensor
@@ -28,6 +28,22 @@ __all__ = [
     "shifted_window_mask",
     "token_places",
 ]
+
+
+def _cached(maxsize: int):
+    """``lru_cache`` for the geometry tensors, made outside inference mode: a tensor created under
+    ``torch.inference_mode`` (an evaluation) cannot be saved for backward, so a cached one would break
+    every later training step that reads it."""
+
+    def deco(fn):
+        @wraps(fn)
+        def made_normally(*args):
+            with torch.inference_mode(False):
+                return fn(*args)
+
+        return lru_cache(maxsize=maxsize)(made_normally)
+
+    return deco
 
 
 def effective_window(hw: tuple[int, int], window: int, shift: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -56,7 +72,7 @@ def window_reverse(windows: Tensor, win: tuple[int, int], hw: tuple[int, int]) -
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
-@lru_cache(maxsize=256)
+@_cached(256)
 def _window_order_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
     (Mh, Mw), (sh, sw) = effective_window((H, W), window, shift)
     Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
@@ -68,7 +84,7 @@ def _window_order_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
     return order[order >= 0].contiguous()
 
 
-@lru_cache(maxsize=256)
+@_cached(256)
 def _window_order_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
     return _window_order_cpu(H, W, window, shift).to(device)
 
@@ -80,7 +96,7 @@ def window_order(hw: tuple[int, int], window: int, shift: int = 0, device=None) 
     return _window_order_on(int(hw[0]), int(hw[1]), int(window), int(shift), torch.device(device or "cpu"))
 
 
-@lru_cache(maxsize=64)
+@_cached(64)
 def _shifted_window_mask_cpu(Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int) -> Tensor:
     img = torch.zeros(1, Hp, Wp, 1)
     cnt = 0
@@ -100,14 +116,14 @@ def shifted_window_mask(padded_hw: tuple[int, int], win: tuple[int, int], sft: t
     return _shifted_window_mask_on(*padded_hw, *win, *sft, torch.device(device or "cpu"))
 
 
-@lru_cache(maxsize=64)
+@_cached(64)
 def _shifted_window_mask_on(
     Hp: int, Wp: int, Mh: int, Mw: int, sh: int, sw: int, device: torch.device
 ) -> Tensor:
     return _shifted_window_mask_cpu(Hp, Wp, Mh, Mw, sh, sw).to(device)
 
 
-@lru_cache(maxsize=256)
+@_cached(256)
 def _token_places_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
     (Mh, Mw), (sh, sw) = effective_window((H, W), window, shift)
     Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
@@ -126,7 +142,7 @@ def _token_places_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
     return torch.stack([rows, cols, reg], dim=1).contiguous()  # (N, 3)
 
 
-@lru_cache(maxsize=256)
+@_cached(256)
 def _token_places_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
     return _token_places_cpu(H, W, window, shift).to(device)
 

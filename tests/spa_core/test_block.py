@@ -577,3 +577,22 @@ def test_position_bias_none_has_no_table_and_ignores_places():
         y, _ = blk(x)
         ref = _reference(blk, x, torch.ones(2, 16, dtype=torch.bool), _per_image_runs)
     torch.testing.assert_close(y, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("cls", ["swin", "spa"])
+def test_an_evaluation_under_inference_mode_does_not_break_later_training(cls):
+    """The cached geometry (window order, places, shift masks, bias indices) is made outside
+    inference mode: an inference tensor in a cache would fail every later backward."""
+    torch.manual_seed(0)
+    hw, window, shift = (12, 20), 4, 2  # a geometry no other test caches first
+    blk = (
+        SwinBlock(8, 2, window, shift)
+        if cls == "swin"
+        else _block("containers", dim=8, window=window, shift=shift)
+    )
+    with torch.inference_mode():
+        blk(torch.randn(2, *hw, 8))
+    x = torch.randn(2, *hw, 8, requires_grad=True)
+    y = blk(x)
+    (y[0] if isinstance(y, tuple) else y).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
