@@ -7,4 +7,6 @@ bash scripts/setup.sh
 export DS_ACCELERATOR=cpu
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
-.venv/bin/python -m pytest "$@"
+# Two pytest workers (pytest-xdist); every test that starts Ray is in the "ray" group, which runs on one
+# worker, one test at a time, while the other worker takes the rest. SPA_TEST_WORKERS=0 runs serially.
+.venv/bin/python -m pytest -n "${SPA_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -20,7 +20,8 @@ from harness.results import load, trial_states
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = "ablations/grids/smoke.yaml"
 
-pytestmark = pytest.mark.slow
+# The "ray" xdist group runs every test that starts Ray on one worker, one at a time (scripts/test.sh).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ SMOKE = ROOT / "ablations" / "grids" / "smoke.yaml"
 OVERHEAD8 = Path(__file__).parent / "grids" / "overhead8.yaml"
 FAILING = Path(__file__).parent / "plugins" / "failing_variants.py"
 
-pytestmark = pytest.mark.slow
+# The "ray" xdist group runs every test that starts Ray on one worker, one at a time (scripts/test.sh).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 # What every finished row carries (task metrics, measurements, provenance, config).
 DONE_COLUMNS = [

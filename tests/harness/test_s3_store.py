@@ -119,6 +119,7 @@ def test_results_every_node_sees_are_accepted_on_a_cluster(results, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray at a time (scripts/test.sh)
 def test_smoke_grid_on_embedded_ray_into_s3_finishes_every_row(s3_uri, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(AWS, DS_ACCELERATOR="cpu", SPA_HARNESS_CACHE=str(tmp_path / "cache"))

@@ -23,7 +23,8 @@ from harness.results import load
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.slow
+# The "ray" xdist group runs every test that starts Ray on one worker, one at a time (scripts/test.sh).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 GRID = """\
 name: soak

@@ -172,6 +172,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray at a time (scripts/test.sh)
 def test_smoke_grid_tracked_in_mlflow(tmp_path):
     env = {**os.environ, "SPA_HARNESS_CACHE": str(tmp_path / "data-cache"), "DS_ACCELERATOR": "cpu"}
     env.pop("RAY_ADDRESS", None)

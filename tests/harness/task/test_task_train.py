@@ -92,7 +92,7 @@ def test_nan_loss_raises(cache, monkeypatch):
 # The settings under which the evidence holds on a CPU in minutes: tiny backbone, 128 px, the default
 # 1,200/200 built-in images, 150 steps of 16. Seen (one thread, SPA starting from dense's weights):
 # dense map 0.038 / map_50 0.078 vs 0.00015 for random boxes; labels (alpha 0.01): recall 0.33 at kept
-# 0.13 (precision 0.70, labelled 0.29); random at 0.13: recall 0.13; none: kept 0.46, recall 0.60.
+# 0.13 (precision 0.70, labelled 0.29); random at 0.13: recall 0.13.
 SLOW = {
     "preset": "tiny",
     "train": {"steps": 150, "batch_size": 16, "lr": 2e-3, "warmup_steps": 15},
@@ -133,16 +133,13 @@ def test_supervised_gate_recalls_labelled_tokens_far_above_chance(cache):
         _slow_cfg(cache, steps=0, variant="spa", spa={"selection": "random", "ratio": round(kept, 3)}),
         progress=False,
     )
-    none = train_variant(_slow_cfg(cache, variant="spa", spa={"supervision": "none"}), progress=False)
     print(
         f"labels: recall {sup['gate_recall']:.3f} precision {sup['gate_precision']:.3f} kept {kept:.3f} "
         f"(labelled {sup['label_fraction']:.3f}) map_50 {sup['map_50']:.4f}; random at {kept:.3f}: recall "
-        f"{control['gate_recall']:.3f}; none: kept {none['kept_fraction']:.3f} recall {none['gate_recall']:.3f} "
-        f"map_50 {none['map_50']:.4f}"
+        f"{control['gate_recall']:.3f}"
     )
     assert 0.0 < kept < 0.5
     assert sup["gate_recall"] > 2 * kept
     assert control["kept_fraction"] == pytest.approx(kept, abs=0.02)
     assert control["gate_recall"] < 1.5 * kept
     assert sup["gate_recall"] > 1.5 * control["gate_recall"]
-    assert 0.0 <= none["kept_fraction"] <= 1.0
