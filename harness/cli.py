@@ -230,7 +230,12 @@ def _run(args: argparse.Namespace) -> int:
     if summary.tracking is not None:
         t = summary.tracking
         console.print(
-            f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})",
+            f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})"
+            + (
+                f"\noffline W&B runs: {t.dir}/wandb (upload: wandb sync {t.dir}/wandb/offline-run-*)"
+                if t.kind == "wandb" and t.mode in ("offline", "dryrun")
+                else ""
+            ),
             markup=False,
             highlight=False,
             soft_wrap=True,
