@@ -1,7 +1,7 @@
 """``spa-harness``: run a grid on Ray, see where it stands, report on it, list the variants.
 
     spa-harness run GRID [--results DIR|URI] [--results-shared] [--address ADDR] [--max-concurrent N]
-                         [--smoke] [--dry-run] [--rerun] [--plugin FILE] [--name NAME] [--track mlflow[=URI]|wandb]
+                         [--smoke] [--dry-run] [--rerun] [--plugin FILE] [--name NAME] [--track mlflow[=URI]|wandb[=PROJECT]]
     spa-harness status RESULTS
     spa-harness report RESULTS [--baseline NAME] [--format md|csv|html|json] [--out DIR|FILE] [--merge]
     spa-harness variants
@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="mlflow[=URI]|wandb[=PROJECT]",
         help="log each trial (config, curves, final metrics, status) and the report to MLflow "
-        "(default URI: the file store RESULTS/<experiment>/mlruns) or W&B (offline)",
+        "(default URI: the file store RESULTS/<experiment>/mlruns) or W&B (offline unless WANDB_MODE "
+        "says otherwise; run files in WANDB_DIR or RESULTS/<experiment>/wandb)",
     )
 
     s = sub.add_parser("status", help="done / running / failed / pending per trial")
@@ -230,7 +231,12 @@ def _run(args: argparse.Namespace) -> int:
     if summary.tracking is not None:
         t = summary.tracking
         console.print(
-            f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})",
+            f"tracking: {t.kind} {t.uri} (experiment {t.experiment}, grid run {t.parent_run_id})"
+            + (
+                f"\noffline W&B runs: {t.dir}/wandb (upload: wandb sync {t.dir}/wandb/offline-run-*)"
+                if t.kind == "wandb" and t.mode in ("offline", "dryrun")
+                else ""
+            ),
             markup=False,
             highlight=False,
             soft_wrap=True,

@@ -3,21 +3,24 @@ W&B runs in one group), beside the results store, which stays the record the rep
 
 ``spa-harness run GRID --track mlflow[=URI]`` (default URI: the file store
 ``RESULTS/<experiment>/mlruns``, a ``file:`` URI; any MLflow tracking URI works the same: a server
-``http://host:5000``, ``sqlite:///mlflow.db``) or ``--track wandb[=PROJECT]`` (offline unless
-``WANDB_MODE`` says otherwise; wandb must be installed). Per trial that runs:
+``http://host:5000``, ``sqlite:///mlflow.db``) or ``--track wandb[=[ENTITY/]PROJECT]`` (default
+project: the experiment's name; offline unless ``WANDB_MODE`` says otherwise, run files under
+``WANDB_DIR``, else ``RESULTS/<experiment>/wandb`` for a store on the local disk). Per trial that runs:
 
-- params: the flattened trial config (``model.spa.ratio``, ``train.steps``, ...);
+- params (W&B: config): the flattened trial config (``model.spa.ratio``, ``train.steps``, ...);
 - tags: ``name``, ``seed``, ``config_hash``, ``status`` (running, then done / failed / timeout),
-  ``error`` for a trial that did not finish, the harness's ``run_id`` and ``git_commit``;
+  ``error`` for a trial that did not finish, the harness's ``run_id`` and ``git_commit`` (W&B: the
+  status is the run's one tag and a summary key, with ``error``; the rest is config, under ``harness``);
 - metrics with a step: ``train/task_loss``, ``train/gate_loss``, ``train/loss``,
-  ``train/kept_fraction`` every ``train.log_every`` micro-steps (``harness.task.train.train_variant``'s ``on_log``: means since
-  the previous point), logged by the process that trains rank 0 while it trains (MLflow);
-- metrics without a step: every number of the trial's final row (``map``, ``gmacs``,
+  ``train/kept_fraction`` every ``train.log_every`` micro-steps (``harness.task.train.train_variant``'s
+  ``on_log``: means since the previous point), logged by the process that trains rank 0 while it
+  trains (MLflow), or by the trial's process when the trial ends (W&B);
+- metrics without a step (W&B: summary): every number of the trial's final row (``map``, ``gmacs``,
   ``speedup_vs_dense``, ``infer_ms``, ...), config columns left out.
 
 The grid's parent run holds the report (``report/report.md`` with its plots and
-``report/report.html``) as artifacts and the trials' states as tags. Trials that do not run (done
-before, or copied from another experiment) get no run. The file store needs
+``report/report.html``; W&B: an artifact of type ``report``) and the trials' states. Trials that do
+not run (done before, or copied from another experiment) get no run. The file store needs
 ``MLFLOW_ALLOW_FILE_STORE=true`` in MLflow 3 (set here for ``file:`` URIs; a reader such as
 ``mlflow ui --backend-store-uri file:RESULTS/EXP/mlruns`` needs it too).
 
@@ -26,7 +29,7 @@ Flow: the driver calls ``start_grid`` (a ``TrackRef`` that Tune passes to each t
 ``step_logger``, the driver ``finish_grid``. A tracking failure inside a trial is a logged warning,
 never a failed trial.
 
-Both backends (MLflow, W&B) sit in one file (about 450 lines) behind the same five calls the runner
+Both backends (MLflow, W&B) sit in one file (about 500 lines) behind the same five calls the runner
 and the trial make.
 """
 
@@ -37,6 +40,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +78,7 @@ class TrackingError(ValueError):
 @dataclass(frozen=True)
 class TrackingSpec:
     """What ``--track`` asks for: ``kind`` (mlflow, wandb) and its ``uri`` (MLflow tracking URI or
-    W&B project; None: the default)."""
+    W&B ``[ENTITY/]PROJECT``; None: the default)."""
 
     kind: str
     uri: str | None = None
@@ -85,16 +89,18 @@ class TrackRef:
     """Where a grid's trials log (picklable: Tune ships it to every trial with the context)."""
 
     kind: str
-    uri: str  # MLflow tracking URI, or the W&B project
+    uri: str  # MLflow tracking URI, or the W&B [entity/]project
     experiment: str
     experiment_id: str  # MLflow experiment id; the W&B group
     parent_run_id: str
     harness_run_id: str
     git_commit: str | None = None
+    mode: str | None = None  # W&B: WANDB_MODE of the driver (offline when unset)
+    dir: str | None = None  # W&B: the folder of its run files (WANDB_DIR, else the local results)
 
 
 def parse_track(value: str | TrackingSpec | None) -> TrackingSpec | None:
-    """``mlflow``, ``mlflow=URI``, ``wandb`` or ``wandb=PROJECT`` as a ``TrackingSpec``; raises
+    """``mlflow``, ``mlflow=URI``, ``wandb`` or ``wandb=[ENTITY/]PROJECT`` as a ``TrackingSpec``; raises
     ``TrackingError`` for another kind or a kind whose package is not installed."""
     if value is None or isinstance(value, TrackingSpec):
         spec = value
@@ -108,7 +114,7 @@ def parse_track(value: str | TrackingSpec | None) -> TrackingSpec | None:
             f"--track {spec.kind!r}: expected one of {', '.join(KINDS)} (e.g. mlflow or mlflow=URI)"
         )
     if importlib.util.find_spec(spec.kind) is None:
-        extra = "pip install 'spa-harness[track]'" if spec.kind == "mlflow" else "pip install wandb"
+        extra = "pip install 'spa-harness[track]'"
         raise TrackingError(f"--track {spec.kind}: the {spec.kind} package is not installed ({extra})")
     return spec
 
@@ -377,74 +383,132 @@ class _Mlflow:
 
 
 # --------------------------------------------------------------------------------------------------
-# Weights & Biases (untested here: wandb is not a dependency)
+# Weights & Biases
 
 
 class _Wandb:
-    """One W&B run per trial in the group of the grid, logged from the trial process when it ends
-    (its curve comes back with rank 0's row); the grid's report goes to a run of its own."""
+    """One W&B run per trial in the grid's group, written by the trial process when the trial ends
+    (its curve comes back with rank 0's row), and one run for the grid with the report.
+
+    W&B's own API rather than Tune's ``WandbLoggerCallback``: that callback logs what a trial passes
+    to ``tune.report``, and a trial here reports once, at its end; the curve is made by the Ray Train
+    rank-0 worker and the final metrics go to the results store. Logging at the end also leaves one
+    offline run directory per trial (an offline run cannot be resumed from another process)."""
 
     @staticmethod
     def _init(ref: TrackRef, **kw: Any):
         import wandb
 
-        os.environ.setdefault("WANDB_MODE", "offline")
-        return wandb.init(project=ref.uri, group=ref.experiment_id, reinit=True, **kw)
+        entity, _, project = ref.uri.rpartition("/")
+        if ref.dir is not None:
+            os.makedirs(ref.dir, exist_ok=True)
+        return wandb.init(
+            entity=entity or None,
+            project=project,
+            group=ref.experiment_id,
+            dir=ref.dir,
+            mode=ref.mode,
+            reinit="create_new",  # several runs in one process (the driver, a reused trial actor)
+            # the run opens after the work is done: the process's console and system metrics say nothing
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True),
+            **kw,
+        )
 
     def start_grid(
         self, spec, experiment, experiment_uri, harness_run_id, git_commit, source, trials
     ) -> TrackRef:
-        import wandb
-
+        mode = os.environ.get("WANDB_MODE") or "offline"
+        folder = os.environ.get("WANDB_DIR")
+        if folder is None:
+            parsed = urlparse(experiment_uri)
+            if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # on the local disk
+                folder = str(Path(parsed.path if parsed.scheme == "file" else experiment_uri).resolve())
+            elif mode in ("offline", "dryrun"):
+                raise TrackingError(
+                    f"results at {experiment_uri} are not on the local disk: offline W&B runs need "
+                    "WANDB_DIR (a folder on every node), or WANDB_MODE=online with WANDB_API_KEY"
+                )
         return TrackRef(
             "wandb",
             spec.uri or experiment,
             experiment,
             f"{experiment}-{harness_run_id}",
-            wandb.util.generate_id(),
+            _wandb_id(),
             harness_run_id,
             git_commit,
+            mode=mode,
+            dir=folder,
         )
 
     def start_trial(self, ref, cfg_dict, config_hash) -> str:
-        import wandb
-
-        return wandb.util.generate_id()
+        return _wandb_id()
 
     def live_logger(self, ref, run_id) -> None:
         return None
 
     def finish_trial(self, ref, run_id, row, points) -> None:
         cfg = _config_of(row)
+        status = str(row.get("status"))
         tags = trial_tags(ref, cfg, str(row.get("config_hash")))
+        config = {k: v for k, v in flatten_config(cfg).items() if k != "baseline"}
+        config["harness"] = {
+            k: tags[k] for k in ("config_hash", "experiment", "harness_run_id", "git_commit")
+        }
         run = self._init(
             ref,
             id=run_id,
             name=str(row.get("name")),
             job_type="trial",
-            config=trial_params(cfg),
-            tags=[f"{k}={v}" for k, v in tags.items() if k != "status"] + [f"status={row.get('status')}"],
+            config=config,
+            tags=[status],  # W&B tags are short labels (at most 64 characters): the identity is config
         )
-        for step, metrics in points:
-            run.log(metrics, step=step)
-        run.summary.update(row_metrics(row, set(trial_params(cfg))))
-        run.finish(exit_code=0 if row.get("status") == "done" else 1)
+        try:
+            for step, metrics in points:
+                run.log(metrics, step=step)
+            summary: dict[str, Any] = {**row_metrics(row, set(config)), "status": status}
+            if row.get("error"):
+                summary.update(error=str(row["error"])[:4000], error_type=str(row.get("error_type")))
+            run.summary.update(summary)
+        finally:
+            run.finish(exit_code=0 if status == "done" else 1)
 
     def finish_grid(self, ref, experiment_uri, states) -> None:
         import wandb
 
+        counts = {f"trials_{s}": sum(1 for v in states.values() if v == s) for s in set(states.values())}
         run = self._init(
-            ref, id=ref.parent_run_id, name=f"{ref.experiment} {ref.harness_run_id}", job_type="grid"
+            ref,
+            id=ref.parent_run_id,
+            name=f"{ref.experiment} {ref.harness_run_id}",
+            job_type="grid",
+            config={
+                "harness": {
+                    "experiment": ref.experiment,
+                    "harness_run_id": ref.harness_run_id,
+                    "git_commit": str(ref.git_commit),
+                    "results": experiment_uri,
+                },
+                "trials": len(states),
+            },
         )
-        run.summary.update(
-            {f"trials_{s}": sum(1 for v in states.values() if v == s) for s in set(states.values())}
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            _report_files(experiment_uri, Path(tmp))
-            art = wandb.Artifact(f"report-{ref.harness_run_id}", type="report")
-            art.add_dir(tmp)
-            run.log_artifact(art)
-        run.finish()
+        ok = all(s == "done" for s in states.values())
+        try:
+            run.summary.update(counts)
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _report_files(experiment_uri, Path(tmp))
+                    art = wandb.Artifact(f"report-{ref.harness_run_id}", type="report")
+                    art.add_dir(tmp)
+                    run.log_artifact(art)  # add_dir copied the files: the folder may go
+            except Exception as e:  # no report (e.g. no finished row): the runs are still there
+                run.summary["report_error"] = f"{type(e).__name__}: {e}"[:4000]
+        finally:
+            run.finish(exit_code=0 if ok else 1)
+
+
+def _wandb_id() -> str:
+    """A W&B run id (letters and digits), made here so the driver needs no W&B call."""
+    return uuid.uuid4().hex[:12]
 
 
 def _config_of(row: Mapping[str, Any]) -> dict[str, Any]:

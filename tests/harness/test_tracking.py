@@ -33,9 +33,13 @@ def test_parse_track():
         parse_track("tensorboard")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_wandb_without_the_package_is_a_clear_error():
-    with pytest.raises(TrackingError, match="wandb package is not installed"):
+def test_a_kind_without_its_package_is_a_clear_error(monkeypatch):
+    assert parse_track("wandb=team/spa") == TrackingSpec("wandb", "team/spa")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+    )
+    with pytest.raises(TrackingError, match=r"wandb package is not installed \(pip install"):
         parse_track("wandb")
 
 
@@ -82,12 +86,9 @@ def _row(cfg, h, status="done", **metrics):
     }
 
 
-def test_a_grid_in_an_mlflow_file_store(tmp_path):
-    exp = ResultsStore(str(tmp_path / "results")).experiment("toy")
-    exp.write_manifest({"name": "toy", "source": None})
-    ref = tracking.start_grid("mlflow", "toy", exp.uri, harness_run_id="r1", git_commit="abc", trials=2)
-    assert ref.uri == (Path(exp.uri) / "mlruns").as_uri()
-
+def _log_toy_grid(ref, exp):
+    """Two trials that finish (dense, and spa with a curve at steps 2 and 4) and one that fails
+    (broken, no curve), then the grid's end: the calls the runner and the trial make."""
     trials = [
         (_trial("dense", "dense"), "h-dense", dict(map=0.30, gmacs=2.0, infer_ms=10.0, kept_fraction=1.0)),
         (
@@ -120,6 +121,14 @@ def test_a_grid_in_an_mlflow_file_store(tmp_path):
     exp.write_row("h-broken", row)
     tracking.finish_trial(ref, run_id, row)
     tracking.finish_grid(ref, exp.uri, {"h-dense": "done", "h-spa": "done", "h-broken": "failed"})
+
+
+def test_a_grid_in_an_mlflow_file_store(tmp_path):
+    exp = ResultsStore(str(tmp_path / "results")).experiment("toy")
+    exp.write_manifest({"name": "toy", "source": None})
+    ref = tracking.start_grid("mlflow", "toy", exp.uri, harness_run_id="r1", git_commit="abc", trials=2)
+    assert ref.uri == (Path(exp.uri) / "mlruns").as_uri()
+    _log_toy_grid(ref, exp)
 
     client = mlflow.tracking.MlflowClient(ref.uri)
     runs = {r.data.tags["mlflow.runName"]: r for r in client.search_runs([ref.experiment_id])}
@@ -168,7 +177,121 @@ def test_a_tracking_failure_inside_a_trial_is_a_warning(tmp_path, caplog):
     assert len(warnings) == 3 and all(w.startswith("tracking: cannot") for w in warnings), warnings
 
 
+_WANDB_KEYS = ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP")
+
+
+def _offline_wandb_env(tmp_path: Path) -> dict[str, str]:
+    """W&B offline, quiet, its settings, cache and artifact staging under ``tmp_path``; its server
+    URL is a closed local port, so anything that tries the network fails here instead of leaving."""
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
+    }
+
+
+def _read_offline_wandb(folder: Path, env: dict[str, str]) -> dict[str, dict]:
+    """The offline runs under ``folder/wandb`` by run name, read with W&B's own reader of its run
+    files (``wandb leet inspect --json``): ``record`` (the run record: project, group, job type),
+    ``history`` (step -> logged item) and ``final`` (``--summary``: config, summary, tags, state)."""
+
+    def inspect(run_dir: Path, *flags: str) -> str:
+        cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags, str(run_dir)]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    runs: dict[str, dict] = {}
+    for run_dir in sorted((folder / "wandb").glob("offline-run-*")):
+        records = [json.loads(line) for line in inspect(run_dir).splitlines() if line.strip()]
+        final = json.loads(inspect(run_dir, "--summary"))
+        assert final["name"] not in runs, final["name"]
+        runs[final["name"]] = {
+            "record": next(r["run"] for r in records if r["type"] == "run"),
+            "history": {
+                r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"
+            },
+            "artifacts": [r["artifact"] for r in records if r["type"] == "artifact"],
+            "final": final,
+        }
+    return runs
+
+
+def test_a_grid_in_offline_wandb(tmp_path, monkeypatch):
+    for key in _WANDB_KEYS:
+        monkeypatch.delenv(key, raising=False)  # offline and the folder beside the results: the defaults
+    env = {k: v for k, v in _offline_wandb_env(tmp_path).items() if k != "WANDB_MODE"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    exp = ResultsStore(str(tmp_path / "results")).experiment("toy")
+    exp.write_manifest({"name": "toy", "source": None})
+    ref = tracking.start_grid(
+        "wandb=spa-test", "toy", exp.uri, harness_run_id="r1", git_commit="abc", trials=3
+    )
+    assert (ref.uri, ref.mode, ref.dir) == ("spa-test", "offline", str(Path(exp.uri).resolve()))
+    _log_toy_grid(ref, exp)
+
+    runs = _read_offline_wandb(Path(exp.uri), {**os.environ, **env})
+    assert set(runs) == {"dense", "spa", "broken", "toy r1"}
+    for name, run in runs.items():
+        assert (run["record"]["project"], run["record"]["run_group"]) == ("spa-test", "toy-r1"), name
+        assert run["record"]["job_type"] == ("grid" if name == "toy r1" else "trial"), name
+    spa, dense, broken = runs["spa"]["final"], runs["dense"]["final"], runs["broken"]["final"]
+    assert spa["config"]["model.spa.ratio"] == 0.5 and spa["config"]["train.log_every"] == 2
+    assert dense["config"]["model.spa"] is None and dense["config"]["model.variant"] == "dense"
+    assert spa["config"]["harness"] == {
+        "config_hash": "h-spa",
+        "experiment": "toy",
+        "harness_run_id": "r1",
+        "git_commit": "abc",
+    }
+    assert (spa["summary"]["map"], spa["summary"]["speedup_vs_dense"], spa["summary"]["gmacs"]) == (
+        0.31,
+        1.1,
+        1.5,
+    )
+    assert "model.spa.ratio" not in spa["summary"] and "train.steps" not in spa["summary"]  # config
+    assert spa["summary"]["kept_fraction"] == 0.5 and spa["summary"]["status"] == "done"
+    history = runs["spa"]["history"]
+    assert sorted(history) == [2, 4]
+    assert [history[s]["train/task_loss"] for s in (2, 4)] == [0.5, 0.25]
+    assert all(
+        history[s][k] == v
+        for s in (2, 4)
+        for k, v in (("train/gate_loss", 0.1), ("train/kept_fraction", 0.5))
+    )
+    assert [history[s]["train/loss"] for s in (2, 4)] == pytest.approx([0.6, 0.35])
+    assert (spa["state"], spa["tags"]) == ("finished", ["done"])
+    assert runs["broken"]["history"] == {} and (broken["state"], broken["tags"]) == ("failed", ["failed"])
+    assert broken["summary"]["error"] == "RuntimeError: boom" and broken["summary"]["status"] == "failed"
+
+    grid = runs["toy r1"]
+    assert grid["record"]["run_id"] == ref.parent_run_id and grid["final"]["state"] == "failed"  # one failed
+    assert grid["final"]["summary"]["trials_done"] == 2 and grid["final"]["summary"]["trials_failed"] == 1
+    assert "report_error" not in grid["final"]["summary"]
+    (report,) = grid["artifacts"]
+    files = {f["path"] for f in report["manifest"]["contents"]}
+    assert report["type"] == "report" and {"report.md", "report.html"} <= files
+    assert any(f.startswith("report-plots/") and f.endswith(".png") for f in files), files
+
+
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_offline_wandb_with_results_off_this_disk_needs_wandb_dir(tmp_path, monkeypatch):
+    for key in _WANDB_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(TrackingError, match="offline W&B runs need WANDB_DIR"):
+        tracking.start_grid("wandb", "toy", "s3://bucket/spa/toy", harness_run_id="r1")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    ref = tracking.start_grid("wandb", "toy", "s3://bucket/spa/toy", harness_run_id="r1")
+    assert (ref.uri, ref.mode, ref.dir, ref.experiment_id) == ("toy", "offline", str(tmp_path), "toy-r1")
+    monkeypatch.delenv("WANDB_DIR")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert tracking.start_grid("wandb", "toy", "s3://bucket/spa/toy", harness_run_id="r1").dir is None
 
 
 @pytest.mark.slow
@@ -233,4 +356,76 @@ def test_smoke_grid_tracked_in_mlflow(tmp_path):
     files = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
     assert {"report/report.md", "report/report.html"} <= files
     assert parent[0].info.status == "FINISHED" and parent[0].data.tags["trials_done"] == "3"
+    assert all("_track_points" not in r for r in rows.values())  # the curve stays out of the rows
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray at a time (scripts/test.sh)
+def test_smoke_grid_tracked_in_offline_wandb(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in _WANDB_KEYS and k != "RAY_ADDRESS"}
+    env.update(
+        _offline_wandb_env(tmp_path),
+        WANDB_DIR=str(tmp_path / "wandb-runs"),
+        SPA_HARNESS_CACHE=str(tmp_path / "data-cache"),
+        DS_ACCELERATOR="cpu",
+    )
+    store = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "run",
+        str(ROOT / "ablations" / "grids" / "smoke.yaml"),
+        "--smoke",
+        "--results",
+        str(store),
+        "--no-progress",
+        "--no-report",
+        "--track",
+        "wandb=spa-smoke",
+    ]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    assert "tracking: wandb spa-smoke" in p.stdout
+    assert f"offline W&B runs: {tmp_path / 'wandb-runs'}/wandb (upload: wandb sync" in p.stdout
+    assert "tracking: cannot" not in p.stdout + p.stderr  # a trial's tracking failure is only a warning
+
+    runs = _read_offline_wandb(tmp_path / "wandb-runs", env)
+    grid = [r for r in runs.values() if r["record"]["job_type"] == "grid"]
+    trials = {n: r for n, r in runs.items() if r["record"]["job_type"] == "trial"}
+    assert len(grid) == 1 and len(trials) == 3, sorted(runs)
+    rows = {
+        json.loads(f.read_text())["config_hash"]: json.loads(f.read_text())
+        for f in (store / "smoke" / "trials").glob("*/row.json")
+    }
+    for name, run in trials.items():
+        final = run["final"]
+        row = rows[final["config"]["harness"]["config_hash"]]
+        assert (final["config"]["name"], final["config"]["seed"]) == (row["name"], row["seed"]) == (name, 0)
+        assert (
+            run["record"]["run_group"] == grid[0]["record"]["run_group"]
+            and run["record"]["project"] == "spa-smoke"
+        )
+        assert (final["state"], final["tags"], final["summary"]["status"]) == (
+            "finished",
+            ["done"],
+            "done",
+        ), name
+        assert final["config"]["train.steps"] == 4 and final["config"]["train.log_every"] == 2
+        assert final["config"]["model.variant"] == row["model.variant"]
+        assert final["config"]["harness"]["git_commit"] == str(row["git_commit"])
+        assert final["summary"]["map"] == pytest.approx(row["map"])
+        assert final["summary"]["gmacs"] == pytest.approx(row["gmacs"])
+        history = run["history"]
+        assert sorted(history) == [2, 4], (name, history)
+        for step, item in history.items():
+            keys = {"train/task_loss", "train/gate_loss", "train/loss", "train/kept_fraction"}
+            assert keys <= set(item) and all(math.isfinite(item[k]) for k in keys), (name, step, item)
+        kept = [history[s]["train/kept_fraction"] for s in (2, 4)]
+        assert all(v == 1.0 for v in kept) if name == "dense" else all(0 < v < 1 for v in kept), (name, kept)
+    assert trials["dense"]["final"]["summary"]["world_size"] == 2  # its curve came from a Ray Train worker
+    assert "speedup_vs_dense" in trials[next(n for n in trials if n != "dense")]["final"]["summary"]
+    assert grid[0]["final"]["state"] == "finished" and grid[0]["final"]["summary"]["trials_done"] == 3
+    (report,) = grid[0]["artifacts"]
+    assert {"report.md", "report.html"} <= {f["path"] for f in report["manifest"]["contents"]}
     assert all("_track_points" not in r for r in rows.values())  # the curve stays out of the rows
