@@ -13,9 +13,9 @@ pairs of different shift regions are masked.
 Layering (each kernel beside its reference): ``varlen_attention_ref`` -> the C++ CPU kernel
 (``kernels/csrc/varlen_attention_cpu.cpp``, built on first use by ``kernels.cpu_ext``; float32
 forward) -> the torch path (``_varlen_attention_torch``: container rows in one masked call, other
-sequences as explicit softmax attention on views, short ones in padded batches, chosen by a measured
-cost model; scores in float64 for float32 on CPU, SDPA's kernels where the scores keep the input
-dtype; every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
+sequences as explicit softmax attention on views, those shorter than 16 tokens together in one padded
+call; scores in float64 for float32 on CPU, SDPA's kernels where the scores keep the input dtype;
+every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
 -> ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula ->
 ``varlen_attention``. On CUDA, impl "triton" is torch's FlexAttention (compiled to Triton by torch):
 ``kernels.flex_attention.flex_varlen_attention``, imported when it runs and called outside the custom
@@ -24,15 +24,13 @@ op (FlexAttention has its own autograd).
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
 PV, ``n_i`` the length of sequence i); the bias adds none.
 
-One op, its layers in one file (about 600 lines) as flash-attention keeps its kernels: reference,
+One op, its layers in one file (about 500 lines) as flash-attention keeps its kernels: reference,
 torch path, C++ launcher, custom op with its autograd formula, public function, read top to bottom.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -82,180 +80,42 @@ def varlen_attention_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
-# fast torch path (CPU): as few calls and copies as pay off
+# torch path (CPU): container rows in one masked call, other sequences one call each on views, the
+# short ones together in one padded call
 
-# How the CPU path runs a set of ragged sequences. Two kinds of call:
-# - "view": one sequence, explicit softmax attention (bmm, softmax, bmm) straight on views of q, k, v
-#   (no copies in; one copy of its output);
-# - "batch": G sequences gathered into a (G, H, P, D) batch padded to P (multiple of _ALIGN) with a
-#   key mask, one SDPA call, scattered back.
-# Measured on this project's 2-core CPU (fp32, H*D = 384): a gather + scatter of the batch costs more
-# than the per-call overhead it saves unless sequences are short (below ~13 tokens), so long
-# sequences run as views (at ratio 0.25 of 196 tokens x 32 images: 4.5 ms looping over SDPA on views
-# vs 9.5 ms in two padded batches; explicit softmax on views: 3.1 ms) and only short ones are batched. The cost model (microseconds, per unit
-# of H*D where it scales) lets a dynamic programme choose; only its ratios matter.
-_VIEW_CALL_US = 20.0  # one view call (bmm, softmax, bmm) + output copy, fixed part
-_BATCH_CALL_US = 50.0  # one batched call incl. building its index tensors, fixed part
-_TOKEN_US_PER_HD = 0.004  # per padded token slot of a batch: 3 gathers + 1 scatter
-_OUT_US_PER_HD = 0.0005  # per token of a view call: its output copy
-_PAIR_US_PER_HD = 0.000055  # per (query, key) pair, either kind
-# Batches are padded to multiples of 16: torch's CPU flash attention is much faster there than just
-# below (1 thread, 16 x 6 heads x 64: P=60 127 us per sequence, P=64 89; P=124 434, P=128 341).
-_ALIGN = 16
-_MAX_BATCH_LEN = 64
+# Sequences shorter than _SHORT run together in one call, padded to the longest of them (a gather in,
+# a scatter out); the others one call each on views of q, k, v (no copies). At SPA's sizes a call's
+# fixed cost is about that of its arithmetic, so many short sequences cost far less as one call: the
+# containers of ``python -m harness.bench --train-step`` (7x7 and 4x4 token stages, a few tokens per
+# image) run their attention in 0.3-0.6x the time forward and 0.5-0.8x backward of one call per
+# sequence, while the block rows (``--strategies varlen,containers --impl torch``, 14x14 tokens, mostly
+# longer sequences) time the same either way. 16 is a round value, not a tuned one.
+_SHORT = 16
 
 
-def _aligned(n: int) -> int:
-    return n if n < 2 * _ALIGN else -(-n // _ALIGN) * _ALIGN  # short batches: padding would dominate
+class _Call(NamedTuple):
+    """One attention call over G sequences padded to P tokens.
 
-
-def _view_cost(n: int, hd: int) -> float:
-    return _VIEW_CALL_US + hd * (_OUT_US_PER_HD * n + _PAIR_US_PER_HD * n * n)
-
-
-def _batch_cost(n_seq: int, pad_len: int, hd: int) -> float:
-    return _BATCH_CALL_US + n_seq * hd * (_TOKEN_US_PER_HD * pad_len + _PAIR_US_PER_HD * pad_len * pad_len)
-
-
-@lru_cache(maxsize=512)
-def _plan_groups(lengths: tuple[int, ...], hd: int) -> tuple[tuple[tuple[int, ...], int], ...]:
-    """Partition the non-empty sequences into calls: ((seq ids), pad_len) pairs; a single id with
-    ``pad_len`` equal to its length is a view call.
-
-    Sequences sorted by length; dynamic programming over the distinct lengths: the sequences of one
-    distinct length run as view calls, or a run of consecutive distinct lengths forms one batch
-    padded to its longest (rounded up to ``_ALIGN``); the summed cost model is minimised.
-    """
-    by_len: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        if n > 0:
-            by_len.setdefault(n, []).append(i)
-    distinct = sorted(by_len)
-    if not distinct:
-        return ()
-    mult = [len(by_len[n]) for n in distinct]
-    K = len(distinct)
-    best = [0.0] + [math.inf] * K  # best[j]: cost of the first j distinct lengths
-    cut = [0] * (K + 1)  # cut[j] = i: distinct[i:j] batched; cut[j] = -1: distinct[j-1] as views
-    for j in range(1, K + 1):
-        best[j], cut[j] = best[j - 1] + mult[j - 1] * _view_cost(distinct[j - 1], hd), -1
-        if distinct[j - 1] > _MAX_BATCH_LEN:  # long sequences never batch: keep the search O(K) there
-            continue
-        n_seq = 0
-        pad = _aligned(distinct[j - 1])
-        for i in range(j, 0, -1):  # batch = distinct[i-1 .. j-1], padded to distinct[j-1]
-            n_seq += mult[i - 1]
-            c = best[i - 1] + _batch_cost(n_seq, pad, hd)
-            if c < best[j]:
-                best[j], cut[j] = c, i - 1
-    groups = []
-    j = K
-    while j > 0:
-        if cut[j] < 0:
-            groups.extend(((s,), distinct[j - 1]) for s in by_len[distinct[j - 1]])
-            j -= 1
-            continue
-        i = cut[j]
-        ids = tuple(s for n in distinct[i:j] for s in by_len[n])
-        groups.append((ids, _aligned(distinct[j - 1])))
-        j = i
-    return tuple(reversed(groups))
-
-
-class _Group(NamedTuple):
-    """One attention call.
-
-    View call (``start`` >= 0): one sequence, rows ``start:start+P`` of q, k, v (views, no copies in).
-    Batch call: G sequences padded to P; ``idx`` (G*P,) gathers the batch (padded slots read their
-    sequence's first row: finite values), ``idx_out`` (G*P,) scatters it back (padded slots to a dummy
-    row T), and ``mask`` (G, 1, 1, P) marks real keys (None: no padding)."""
+    ``idx`` None: one sequence, rows ``start:start+P`` of q, k, v (views). Else ``idx`` (G*P,) gathers
+    the batch (padded slots read their sequence's first row: finite values), ``valid`` (G*P,) bool marks
+    its real slots and ``mask`` (G, 1, 1, P) its real keys."""
 
     start: int
     G: int
     P: int
-    idx: Tensor | None
-    idx_out: Tensor | None
-    mask: Tensor | None
+    idx: Tensor | None = None
+    valid: Tensor | None = None
+    mask: Tensor | None = None
 
 
-def _groups(bounds: list[int], T: int, hd: int, device: torch.device) -> list[_Group]:
-    """The calls of ``_plan_groups`` for the sequences ``bounds[i]:bounds[i+1]`` of tensors of T rows."""
-    starts, lengths = bounds[:-1], tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
-    groups = []
-    for ids, pad in _plan_groups(lengths, hd):
-        if len(ids) == 1 and lengths[ids[0]] == pad:  # one unpadded sequence: views
-            groups.append(_Group(starts[ids[0]], 1, pad, None, None, None))
-            continue
-        st = torch.tensor([starts[i] for i in ids], dtype=torch.int64)  # (G,)
-        ln = torch.tensor([lengths[i] for i in ids], dtype=torch.int64)  # (G,)
-        pos = torch.arange(pad, dtype=torch.int64)
-        valid = pos[None, :] < ln[:, None]  # (G, P)
-        src = st[:, None] + pos[None, :]
-        idx = torch.where(valid, src, st[:, None]).reshape(-1)
-        if bool(valid.all()):
-            idx_out, mask = idx, None
-        else:
-            idx_out = torch.where(valid, src, T).reshape(-1)
-            mask = valid[:, None, None, :].to(device)
-        groups.append(_Group(-1, len(ids), pad, idx.to(device), idx_out.to(device), mask))
-    return groups
+def _container_rows(bounds: list[int]) -> int:
+    """The shortest row length R, from the longest sequence up to twice it, such that every multiple
+    of R up to the end is a sequence boundary (the layout of the paper's containers: R = L, its pieces
+    at least half a container); 0 when there is none. Longer rows would be mostly masked pairs.
 
-
-def _packed_qkv(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-    """(T, 3*H*D) view when q, k, v are the unbound thirds of one (T, 3, H, D) tensor (the usual
-    ``qkv(x).view(T, 3, H, D).unbind(1)``): then one gather serves all three."""
-    T, H, D = q.shape
-    hd, e = H * D, q.element_size()
-    if (
-        q.stride() == k.stride() == v.stride() == (3 * hd, D, 1)
-        and k.data_ptr() - q.data_ptr() == hd * e
-        and v.data_ptr() - k.data_ptr() == hd * e
-        and q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-    ):
-        return q.as_strided((T, 3 * hd), (3 * hd, 1))
-    return None
-
-
-def _gather(ts: tuple[Tensor, ...], g: _Group, packed: Tensor | None = None) -> list[Tensor]:
-    """Each (T, H, D) -> (G, H, P, D): views for a single sequence, else gathered rows (one gather
-    for all three when ``packed`` is their (T, 3*H*D) storage)."""
-    if g.start >= 0:
-        return [t[g.start : g.start + g.P].transpose(0, 1).unsqueeze(0) for t in ts]
-    H, D = ts[0].shape[1:]
-    if packed is not None:
-        rows = packed.index_select(0, g.idx).view(g.G, g.P, 3, H, D)
-        return [rows[:, :, i].transpose(1, 2) for i in range(3)]
-    return [t.index_select(0, g.idx).view(g.G, g.P, H, D).transpose(1, 2) for t in ts]
-
-
-class _Scatter:
-    """Writes per-group (G, H, P, D) results into one (T, H, D) tensor; padded slots land in a dummy
-    row T that is dropped at the end."""
-
-    def __init__(self, like: Tensor, bounds: list[int]):
-        T = like.shape[0]
-        alloc = torch.empty if bounds[0] == 0 and bounds[-1] == T else torch.zeros
-        self.T = T
-        self.out = alloc((T + 1, *like.shape[1:]), dtype=like.dtype, device=like.device)
-
-    def add(self, g: _Group, res: Tensor) -> None:
-        res = res.transpose(1, 2)  # (G, P, H, D); SDPA's CPU output is laid out like this already
-        if g.start >= 0:
-            self.out[g.start : g.start + g.P] = res[0]
-        else:
-            self.out.index_copy_(0, g.idx_out, res.reshape(g.G * g.P, *res.shape[2:]))
-
-    def result(self) -> Tensor:
-        return self.out[: self.T]
-
-
-def _container_rows(bounds: list[int], hd: int) -> int:
-    """A row length R such that every multiple of R up to the end is a sequence boundary (the layout
-    of the paper's containers, R = L), when running the first ``T // R`` rows as one SDPA call with a
-    block-diagonal mask is cheaper than the per-sequence plan; else 0.
-
-    Such rows are views of q, k, v (no gather), and one call replaces one per sequence piece: for
-    containers at ratio 0.25 of 32 x 196 tokens, ~31 rows of 49 instead of ~64 pieces."""
+    The forward runs such rows as one call (views, no gather) in place of one per piece; the backward
+    does not: it computes every masked pair of a row several times over (P, dP, dS), and at 14x14
+    tokens takes about twice as long over rows as per piece."""
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     max_len, end = max(lengths, default=0), bounds[-1]
     if bounds[0] != 0 or max_len < 2:
@@ -263,11 +123,51 @@ def _container_rows(bounds: list[int], hd: int) -> int:
     cuts = set(bounds)
     for R in range(max_len, min(2 * max_len, end // 2) + 1):
         if all(m in cuts for m in range(R, end + 1, R)):
-            n_rows = end // R
-            rows_cost = _BATCH_CALL_US + n_rows * hd * (_PAIR_US_PER_HD * R * R + _OUT_US_PER_HD * R)
-            views_cost = sum(_view_cost(n, hd) for n, s in zip(lengths, bounds) if n and s < n_rows * R)
-            return R if rows_cost < views_cost else 0
+            return R
     return 0
+
+
+def _calls(bounds: list[int], device: torch.device) -> list[_Call]:
+    """The calls of the torch path for the sequences ``bounds[i]:bounds[i+1]`` (empty ones need none)."""
+    calls, short = [], []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e - s >= _SHORT:
+            calls.append(_Call(s, 1, e - s))
+        elif e > s:
+            short.append((s, e - s))
+    if len(short) == 1:
+        calls.append(_Call(short[0][0], 1, short[0][1]))
+    elif short:
+        st, ln = (torch.tensor(c, dtype=torch.int64) for c in zip(*short))  # (G,)
+        P = int(ln.max())
+        pos = torch.arange(P, dtype=torch.int64)
+        valid = pos[None, :] < ln[:, None]  # (G, P)
+        idx = torch.where(valid, st[:, None] + pos[None, :], st[:, None]).reshape(-1)
+        mask = valid[:, None, None, :]
+        calls.append(_Call(-1, len(short), P, idx.to(device), valid.reshape(-1).to(device), mask.to(device)))
+    return calls
+
+
+def _operands(ts: tuple[Tensor, ...], c: _Call) -> list[Tensor]:
+    """Each (T, H, D) -> (G, H, P, D): views for one sequence, else the gathered batch."""
+    if c.idx is None:
+        return [t[c.start : c.start + c.P].transpose(0, 1).unsqueeze(0) for t in ts]
+    return [t.index_select(0, c.idx).view(c.G, c.P, *t.shape[1:]).transpose(1, 2) for t in ts]
+
+
+def _store(out: Tensor, c: _Call, res: Tensor) -> None:
+    """Writes a call's (G, H, P, D) result into its rows of ``out`` (T, H, D)."""
+    res = res.transpose(1, 2).reshape(c.G * c.P, *out.shape[1:])
+    if c.idx is None:
+        out[c.start : c.start + c.P] = res
+    else:
+        out.index_copy_(0, c.idx[c.valid], res[c.valid].to(out.dtype))
+
+
+def _positions(bias: PositionBias, c: _Call) -> Tensor:
+    """(G, P, 3) places of a call's tokens."""
+    pos = bias.pos[c.start : c.start + c.P] if c.idx is None else bias.pos.index_select(0, c.idx)
+    return pos.view(c.G, c.P, 3)
 
 
 def _score_dtype(t: Tensor) -> torch.dtype:
@@ -296,10 +196,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) 
     return torch.softmax(s, dim=-1).to(q.dtype) @ v
 
 
-def _bias_rows(bias: PositionBias, dtype: torch.dtype, pos: Tensor) -> Tensor:
-    """Additive scores (..., H, n, n) of tokens at ``pos: (..., n, 3)``: the table gathered by the pair
-    index (computed once, for all heads), -inf across regions."""
-    return pair_bias(pos, pos, bias.table.to(dtype), bias.window)
+def _output(like: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """A contiguous (T, H, D) result tensor; zero where no sequence writes (rows past ``cu_seqlens[-1]``)."""
+    alloc = torch.empty if int(cu_seqlens[-1]) == like.shape[0] else torch.zeros
+    return alloc(like.shape, dtype=like.dtype, device=like.device)
 
 
 def _varlen_attention_torch(
@@ -310,14 +210,15 @@ def _varlen_attention_torch(
     softmax_scale: float,
     bias: PositionBias | None = None,
 ) -> Tensor:
-    """Same result as the reference, in as few calls as pay off: container rows (``_container_rows``),
-    then the per-sequence plan (``_plan_groups``); scores in ``_score_dtype``. ``bias`` is added to
-    the scores of each call (an additive mask, baddbmm's input for a view call)."""
+    """Same result as the reference: container rows (``_container_rows``) in one masked call, then the
+    calls of ``_calls``; scores in ``_score_dtype``. ``bias`` is added to the scores of each call (an
+    additive mask, baddbmm's input for a single sequence)."""
     T, H, D = q.shape
     wide = _score_dtype(q)
+    table = None if bias is None else bias.table.to(wide)
+    out = _output(q, cu_seqlens)
     bounds = cu_seqlens.tolist()
-    out = _Scatter(q, bounds)
-    R = _container_rows(bounds, H * D)
+    R = _container_rows(bounds)
     if R:
         n_rows = bounds[-1] // R
         rows = [t[: n_rows * R].view(n_rows, R, H, D).transpose(1, 2) for t in (q, k, v)]  # (rows, H, R, D)
@@ -328,43 +229,32 @@ def _varlen_attention_torch(
         if not bool((seq == seq[:, :1]).all()):  # some row holds several sequences: block-diagonal
             mask = (seq[:, :, None] == seq[:, None, :])[:, None]  # (rows, 1, R, R)
         if bias is not None:
-            b = _bias_rows(bias, wide, bias.pos[: n_rows * R].view(n_rows, R, 3))  # (rows, H, R, R)
+            pos = bias.pos[: n_rows * R].view(n_rows, R, 3)
+            b = pair_bias(pos, pos, table, bias.window)  # (rows, H, R, R)
             mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
         o = _attend(*rows, softmax_scale, mask)
-        out.out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
+        out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
         bounds = [b for b in bounds if b >= n_rows * R]  # the last, partial row
-    packed = _packed_qkv(q, k, v)
-    # per sequence (H, n, D) / (H, D, n) views from one split call each, so that a sequence's operands
-    # are views (no copies in) and its output is written in place by ``bmm(out=)`` (no copy out)
-    lo, hi = bounds[0], bounds[-1]
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    seq_at = {s: i for i, s in enumerate(bounds[:-1])}  # start -> sequence (the last of equal starts)
-    qs, ks, vs, os_ = (
-        t[lo:hi].permute(*perm).split(lengths, dim=d)
-        for t, perm, d in ((q, (1, 0, 2), 1), (k, (1, 2, 0), 2), (v, (1, 0, 2), 1), (out.out, (1, 0, 2), 1))
-    )
     zero = q.new_zeros((), dtype=wide)  # baddbmm input, ignored (beta=0)
-    for g in _groups(bounds, T, H * D, q.device):
-        if g.start >= 0:
-            # one sequence: explicit softmax attention on views. At these sizes (H x n x n scores in
-            # cache) it beats SDPA's CPU flash kernel: 32 sequences of ~49 (~98) tokens, 1 thread,
-            # 3.1 (7.0) ms vs 4.5 (8.3) ms.
-            i = seq_at[g.start]
-            qi, ki = qs[i].to(wide), ks[i].to(wide)
+    for c in _calls(bounds, q.device):
+        if c.idx is None:  # one sequence: straight on views, its output written in place (no copies)
+            s, e = c.start, c.start + c.P
+            qi, ki = q[s:e].transpose(0, 1).to(wide), k[s:e].permute(1, 2, 0).to(wide)  # (H, n, D), (H, D, n)
             if bias is None:
                 scores = torch.baddbmm(zero, qi, ki, beta=0.0, alpha=softmax_scale)  # (H, n, n)
             else:
-                b = _bias_rows(bias, wide, bias.pos[g.start : g.start + g.P])  # (H, n, n)
+                b = pair_bias(bias.pos[s:e], bias.pos[s:e], table, bias.window)  # (H, n, n)
                 scores = torch.baddbmm(b, qi, ki, alpha=softmax_scale)
-            torch.bmm(torch.softmax(scores, dim=-1).to(q.dtype), vs[i], out=os_[i])
+            p = torch.softmax(scores, dim=-1).to(q.dtype)
+            torch.bmm(p, v[s:e].transpose(0, 1), out=out[s:e].transpose(0, 1))
             continue
-        qg, kg, vg = _gather((q, k, v), g, packed)  # (G, H, P, D)
-        mask = g.mask
+        mask = c.mask
         if bias is not None:
-            b = _bias_rows(bias, wide, bias.pos.index_select(0, g.idx).view(g.G, g.P, 3))  # (G, H, P, P)
+            pos = _positions(bias, c)
+            b = pair_bias(pos, pos, table, bias.window)  # (G, H, P, P)
             mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-        out.add(g, _attend(qg, kg, vg, softmax_scale, mask))
-    return out.result()
+        _store(out, c, _attend(*_operands((q, k, v), c), softmax_scale, mask))
+    return out
 
 
 def _varlen_attention_torch_backward(
@@ -376,45 +266,42 @@ def _varlen_attention_torch_backward(
     softmax_scale: float,
     bias: PositionBias | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dq, dk, dv, dtable) of ``_varlen_attention_torch``: explicit softmax backward per group
-    (batched matmuls), computed in ``_score_dtype`` (float64 for float32 inputs: dS = P (dP - rowsum)
-    cancels, and dQ, dK sum it over the sequence; in float32 the path was one draw of torch's own
-    error distribution, ~1% of random cases above twice torch's; it costs ~2.5x the float32 backward
-    at SPA's sizes). dtable (None without ``bias``) sums dS into the table by the pair index."""
-    T, H, D = q.shape
-    bounds = cu_seqlens.tolist()
-    dq, dk, dv = _Scatter(q, bounds), _Scatter(k, bounds), _Scatter(v, bounds)
+    """(dq, dk, dv, dtable) of ``_varlen_attention_torch``: explicit softmax backward per call of
+    ``_calls`` (batched matmuls), computed in ``_score_dtype`` (float64 for float32 inputs: dS = P (dP -
+    rowsum) cancels, and dQ, dK sum it over the sequence; in float32 the path was one draw of torch's
+    own error distribution, ~1% of random cases above twice torch's; it costs ~2.5x the float32
+    backward at SPA's sizes). dtable (None without ``bias``) sums dS into the table by the pair index."""
+    H = q.shape[1]
+    dq, dk, dv = _output(q, cu_seqlens), _output(k, cu_seqlens), _output(v, cu_seqlens)
     wide = _score_dtype(q)
     table = dtable = None
     if bias is not None:
         table = bias.table.to(wide)
         dtable = torch.zeros_like(table)  # ((2M-1)^2, H)
-    for g in _groups(bounds, T, H * D, q.device):
-        qg, kg, vg, dog = (t.to(wide) for t in _gather((q, k, v, dout), g))  # (G, H, P, D)
+    for c in _calls(cu_seqlens.tolist(), q.device):
+        qg, kg, vg, dog = (t.to(wide) for t in _operands((q, k, v, dout), c))  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
         if bias is not None:
-            pos = bias.pos[g.start : g.start + g.P][None] if g.start >= 0 else bias.pos.index_select(0, g.idx)
-            pos = pos.view(g.G, g.P, 3)
+            pos = _positions(bias, c)
             idx, allowed = relative_index(pos, pos, bias.window)  # (G, P, P): once for all heads
             s = (s + table[idx].permute(0, 3, 1, 2)).masked_fill(~allowed[:, None], float("-inf"))
-        if g.mask is not None:
-            s = s.masked_fill(~g.mask, float("-inf"))
+        if c.mask is not None:
+            s = s.masked_fill(~c.mask, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        if g.mask is not None:  # padded query slots (garbage dO) must not reach dK, dV, the table
-            p = p.masked_fill(~g.mask.transpose(-1, -2), 0.0)
+        if c.mask is not None:  # padded query slots (garbage dO) must not reach dK, dV, the table
+            p = p.masked_fill(~c.mask.transpose(-1, -2), 0.0)
         dp = dog @ vg.transpose(-1, -2)  # (G, H, P, P)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # zero where p is: masked pairs, padding
-        dv.add(g, (p.transpose(-1, -2) @ dog).to(q.dtype))
-        dq.add(g, ((ds @ kg) * softmax_scale).to(q.dtype))
-        dk.add(g, ((ds.transpose(-1, -2) @ qg) * softmax_scale).to(q.dtype))
+        _store(dv, c, p.transpose(-1, -2) @ dog)
+        _store(dq, c, (ds @ kg) * softmax_scale)
+        _store(dk, c, (ds.transpose(-1, -2) @ qg) * softmax_scale)
         if bias is not None:
             dtable.index_add_(0, idx.reshape(-1), ds.permute(0, 2, 3, 1).reshape(-1, H))
     if dtable is not None:
         dtable = dtable.to(bias.table.dtype)
-    return dq.result(), dk.result(), dv.result(), dtable
+    return dq, dk, dv, dtable
 
 
-# ----------------------------------------------------------------------------------------------------
 # custom op (the autograd layer)
 
 

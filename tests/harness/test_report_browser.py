@@ -24,21 +24,12 @@ import pytest
 
 from harness.cli import main
 from harness.results import ResultsStore
+from tests.harness._helpers import DEFAULT_VARIANTS, result_row
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 1400
-
-# the default grid's variants: selection, ratio, true mAP effect
-VARIANTS = {
-    "topk-0.25": ("topk", 0.25, -0.04),
-    "topk-0.5": ("topk", 0.5, 0.0),
-    "topk-0.75": ("topk", 0.75, 0.0),
-    "random-0.5": ("random", 0.5, -0.08),
-    "gate": ("gate", 0.5, 0.05),
-    "gate-nosup": ("gate", 0.5, 0.0),
-}
 
 PROBE = """<script>
 window.addEventListener("load", () => {
@@ -60,34 +51,20 @@ window.addEventListener("load", () => {
 """
 
 
-def _row(name, seed, selection=None, ratio=None, **metrics):
-    return {
-        "name": name,
-        "seed": seed,
-        "status": "done",
-        "config_hash": f"{name}-{seed}",
-        "model.variant": "spa" if selection else "dense",
-        "model.spa.selection": selection,
-        "model.spa.ratio": ratio,
-        "model.spa.supervision": None if selection is None else ("none" if "nosup" in name else "labels"),
-        "error": None,
-        **metrics,
-    }
-
-
 def _store(path: Path, seeds: int = 3) -> Path:
     rng = np.random.default_rng(0)
     rows = []
     for s in range(seeds):
         base = 0.40 + rng.normal(0.0, 0.02)
-        rows.append(_row("dense", s, map=base, map_50=base + 0.2, gmacs=2.0, backbone_gmacs=1.2, infer_ms=10.0 + s,
-                         kept_fraction=1.0, peak_mem_mb=120.0))  # fmt: skip
-        for name, (sel, ratio, effect) in VARIANTS.items():
+        rows.append(result_row("dense", s, map=base, map_50=base + 0.2, gmacs=2.0, backbone_gmacs=1.2,
+                               infer_ms=10.0 + s, kept_fraction=1.0, peak_mem_mb=120.0))  # fmt: skip
+        for name, (sel, ratio, effect) in DEFAULT_VARIANTS.items():
             m = base + effect + rng.normal(0.0, 0.003)
-            rows.append(_row(name, s, sel, ratio, map=m, map_50=m + 0.2, gmacs=2.0 * (0.5 + ratio / 2),
-                             backbone_gmacs=1.2 * (0.4 + ratio / 2), infer_ms=9.0 + s, speedup_vs_dense=1.1 + 0.01 * s,
-                             speedup_vs_dense_q1=1.05, speedup_vs_dense_q3=1.15, kept_fraction=ratio,
-                             gate_precision=0.7, gate_recall=0.8, peak_mem_mb=110.0))  # fmt: skip
+            rows.append(result_row(name, s, sel, ratio, map=m, map_50=m + 0.2, gmacs=2.0 * (0.5 + ratio / 2),
+                                   backbone_gmacs=1.2 * (0.4 + ratio / 2), infer_ms=9.0 + s,
+                                   speedup_vs_dense=1.1 + 0.01 * s, speedup_vs_dense_q1=1.05,
+                                   speedup_vs_dense_q3=1.15, kept_fraction=ratio, gate_precision=0.7,
+                                   gate_recall=0.8, peak_mem_mb=110.0))  # fmt: skip
     exp = ResultsStore(str(path)).experiment("browser")
     exp.write_manifest({"name": "browser", "source": None})
     for row in pd.DataFrame(rows).to_dict("records"):

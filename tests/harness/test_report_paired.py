@@ -14,35 +14,10 @@ import pytest
 from harness.cli import main
 from harness.report import build_report, build_reports, report_command
 from harness.results import ResultsStore
-
-# the default grid's variant names, each with its selection, ratio and true mAP effect
-DEFAULT = {
-    "topk-0.25": ("topk", 0.25, -0.04),
-    "topk-0.5": ("topk", 0.5, 0.0),
-    "topk-0.75": ("topk", 0.75, 0.0),
-    "random-0.5": ("random", 0.5, -0.08),
-    "gate": ("gate", 0.5, 0.05),
-    "gate-nosup": ("gate", 0.5, 0.0),
-}
+from tests.harness._helpers import DEFAULT_VARIANTS, result_row
 
 
-def _row(name, seed, spa=None, ratio=None, **metrics):
-    return {
-        "experiment": "exp",
-        "name": name,
-        "seed": seed,
-        "status": "done",
-        "config_hash": f"{name}-{seed}",
-        "model.variant": "spa" if spa else "dense",
-        "model.spa.selection": spa,
-        "model.spa.ratio": ratio,
-        "model.spa.supervision": None if spa is None else ("none" if "nosup" in name else "labels"),
-        "error": None,
-        **metrics,
-    }
-
-
-def _grid_rows(seeds: int, effects=DEFAULT, seed_offset: float = 0.05) -> pd.DataFrame:
+def _grid_rows(seeds: int, effects=DEFAULT_VARIANTS, seed_offset: float = 0.05) -> pd.DataFrame:
     """Rows of the default grid: every seed moves every variant's mAP by the same large offset (what
     a seed does to both trials of a pair), plus a small noise of the variant's own."""
     rng = np.random.default_rng(1)
@@ -50,12 +25,13 @@ def _grid_rows(seeds: int, effects=DEFAULT, seed_offset: float = 0.05) -> pd.Dat
     rows = []
     for s in range(seeds):
         base = 0.40 + offsets[s]
-        rows.append(_row("dense", s, map=base, gmacs=2.0, infer_ms=10.0 + s))
+        rows.append(result_row("dense", s, map=base, gmacs=2.0, infer_ms=10.0 + s))
         for name, (sel, ratio, effect) in effects.items():
             noise = rng.normal(0.0, 0.002)
-            rows.append(_row(name, s, sel, ratio, map=base + effect + noise, gmacs=2.0 * (0.5 + ratio / 2),
-                             infer_ms=9.0 + s, speedup_vs_dense=1.1 + 0.01 * s, speedup_vs_dense_q1=1.05,
-                             speedup_vs_dense_q3=1.15, kept_fraction=ratio, gate_recall=0.8))  # fmt: skip
+            rows.append(result_row(name, s, sel, ratio, map=base + effect + noise,
+                                   gmacs=2.0 * (0.5 + ratio / 2), infer_ms=9.0 + s,
+                                   speedup_vs_dense=1.1 + 0.01 * s, speedup_vs_dense_q1=1.05,
+                                   speedup_vs_dense_q3=1.15, kept_fraction=ratio, gate_recall=0.8))  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -104,7 +80,7 @@ def test_the_markdown_table_fits_120_columns():
     assert any("1.12x (1." in ln for ln in table)  # the speedup with its interval over seeds
     # names too long for the width become keys, with a legend under the table
     long = _grid_rows(3).replace(
-        {"name": {n: f"selection={n},supervision=labels,stages=3-4" for n in DEFAULT}}
+        {"name": {n: f"selection={n},supervision=labels,stages=3-4" for n in DEFAULT_VARIANTS}}
     )
     long["config_hash"] = long["name"] + long["seed"].astype(str)
     md = report_command(long, fmt="md")
@@ -129,10 +105,10 @@ def test_a_named_axis_gets_its_table_with_every_value():
     is ``selection`` with all its values, not ``model.spa.gate`` at one ratio."""
     rows = []
     for s in range(3):
-        rows.append(_row("dense", s, map=0.3, gmacs=2.0))
+        rows.append(result_row("dense", s, map=0.3, gmacs=2.0))
         for label, gate, ratio in (("norm-0.25", "feature_norm", 0.25), ("norm-0.5", "feature_norm", 0.5),
                                    ("linear", "linear", 0.5)):  # fmt: skip
-            r = _row(label, s, "topk", ratio, map=0.3, gmacs=1.5)
+            r = result_row(label, s, "topk", ratio, map=0.3, gmacs=1.5)
             rows.append({**r, "model.spa.gate": gate, "axis.selection": label})
     report = build_report(pd.DataFrame(rows))
     assert list(report.axes) == ["selection"]
@@ -156,7 +132,7 @@ def test_named_axes_from_the_experiments_grid_file(tmp_path):
         "name: plug\naxes:\n  selection:\n    topk-0.5: {model.spa.selection: topk, model.spa.ratio: 0.5}\n"
         "    gate: {model.spa.selection: gate}\npoints:\n  - {name: dense, model.variant: dense}\nseeds: 3\n"
     )
-    rows = _grid_rows(3, {k: DEFAULT[k] for k in ("topk-0.5", "gate")})
+    rows = _grid_rows(3, {k: DEFAULT_VARIANTS[k] for k in ("topk-0.5", "gate")})
     _write(tmp_path / "store", "plug", rows, str(grid))
     report = build_report(rows)  # rows without the labels: the axis is inferred from the config
     assert "selection" not in report.axes
@@ -167,8 +143,8 @@ def test_named_axes_from_the_experiments_grid_file(tmp_path):
 
 def test_each_experiment_is_reported_apart_unless_merged(tmp_path, capsys):
     store = tmp_path / "store"
-    _write(store, "first", _grid_rows(3, {"gate": DEFAULT["gate"]}))
-    _write(store, "second", _grid_rows(3, {"topk-0.5": DEFAULT["topk-0.5"]}))
+    _write(store, "first", _grid_rows(3, {"gate": DEFAULT_VARIANTS["gate"]}))
+    _write(store, "second", _grid_rows(3, {"topk-0.5": DEFAULT_VARIANTS["topk-0.5"]}))
     reports = build_reports(store)
     assert list(reports) == ["first", "second"]
     assert list(reports["first"].table.index) == ["dense", "gate"]
@@ -186,7 +162,7 @@ def test_each_experiment_is_reported_apart_unless_merged(tmp_path, capsys):
 
 def test_out_names_a_file_or_a_folder(tmp_path, capsys):
     store = tmp_path / "store"
-    _write(store, "exp", _grid_rows(3, {"gate": DEFAULT["gate"]}))
+    _write(store, "exp", _grid_rows(3, {"gate": DEFAULT_VARIANTS["gate"]}))
     page = tmp_path / "web" / "page.html"
     assert main(["report", str(store), "--out", str(page)]) == 0  # the format from the suffix
     text = page.read_text()
@@ -202,7 +178,7 @@ def test_out_names_a_file_or_a_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("order", [1, 2])
 def test_pairs_are_matched_by_seed_not_by_row_order(order):
-    rows = _grid_rows(4, {"gate": DEFAULT["gate"]})
+    rows = _grid_rows(4, {"gate": DEFAULT_VARIANTS["gate"]})
     shuffled = rows.sample(frac=1.0, random_state=order)
     a, b = build_report(rows).table, build_report(shuffled).table
     for col in ("map_delta", "map_delta_lo", "map_delta_hi", "speedup", "gmacs_delta_pct"):

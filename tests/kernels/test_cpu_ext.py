@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kernels import PositionBias, cpu_ext, cu_seqlens_from_counts, varlen_attention, varlen_attention_ref
+from tests.kernels._helpers import random_places
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,7 @@ def test_position_bias_matches_reference(ext, counts, H, D, M, regions):
     cu, _ = cu_seqlens_from_counts(torch.tensor(counts))
     T = sum(counts)
     q, k, v = torch.randn(T, 3, H, D, generator=g).unbind(1)
-    side = 2 * M + 4
-    pos = torch.stack([torch.randint(0, side, (T,), generator=g), torch.randint(0, side, (T,), generator=g),
-                       torch.randint(0, regions, (T,), generator=g)], 1).to(torch.int32)  # fmt: skip
+    pos = random_places(T, 2 * M + 4, regions, g)
     bias = PositionBias(pos, torch.randn((2 * M - 1) ** 2, H, generator=g), M)
     out = ext.varlen_attention_fwd(q, k, v, cu, D**-0.5, pos, bias.table, M)
     _check(out, q, k, v, cu, D**-0.5, bias)

@@ -11,6 +11,7 @@ softmax math, and its SDPA kernels, whose CPU backward rounds differently); ``|o
 the larger of the two errors.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from kernels import (
     varlen_attention_ref,
 )
 from kernels.position_bias import PositionBias
-from kernels.varlen_attention import _container_rows, _plan_groups
+from kernels.varlen_attention import _SHORT, _calls, _container_rows
+from tests.kernels._helpers import random_places, sdpa_per_sequence
 from tests.kernels.conftest import triton_ok
 
 # every registered implementation but "auto" (which resolves to one of them) and "triton" (on CUDA,
@@ -56,30 +58,12 @@ def _inputs(counts, H, D, device, dtype, seed=0):
 def _position_bias(T, H, window, seed=0, regions=2):
     """Random places on a (2M+3)^2 grid in a few shift regions, and a random table."""
     g = torch.Generator().manual_seed(seed)
-    side = 2 * window + 3
-    pos = torch.stack([torch.randint(0, side, (T,), generator=g), torch.randint(0, side, (T,), generator=g),
-                       torch.randint(0, regions, (T,), generator=g)], 1).to(torch.int32)  # fmt: skip
+    pos = random_places(T, 2 * window + 3, regions, g)
     return PositionBias(pos, torch.randn((2 * window - 1) ** 2, H, generator=g), window)
 
 
 def _max_err(got, ref) -> float:
     return (got.double() - ref).abs().max().item() if got.numel() else 0.0
-
-
-def _sdpa_per_sequence(q, k, v, cu_seqlens, scale=None, bias=None):
-    """Torch's SDPA kernel, one call per sequence (the bias as a float mask): (T, H, D) -> (T, H, D)."""
-    from kernels.position_bias import pair_bias
-
-    bounds = cu_seqlens.tolist()
-    outs = [q[:0]]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e > s:
-            qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            mask = None if bias is None else pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window)
-            outs.append(
-                F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1)
-            )
-    return torch.cat(outs)
 
 
 def _check_against_reference(impl, counts, H, D, device, dtype=torch.float32, scale=None, window=0):
@@ -105,7 +89,7 @@ def _check_against_reference(impl, counts, H, D, device, dtype=torch.float32, sc
     out_ref = varlen_attention_ref(*ts, cu, scale, b)
     want = [out_ref, *grads_of(out_ref, wrt, torch.float64)]
     torch_err = [0.0] * len(want)  # out, dq, dk, dv (, dtable)
-    for fn in (varlen_attention_ref, _sdpa_per_sequence):
+    for fn in (varlen_attention_ref, sdpa_per_sequence):
         ts, b, wrt = leaves_of(dtype)
         out_pt = fn(*ts, cu, scale, b)
         for i, (a, r) in enumerate(zip([out_pt, *grads_of(out_pt, wrt, dtype)], want)):
@@ -191,35 +175,39 @@ def test_gradcheck(impl, window):
 @pytest.mark.parametrize(
     "counts",
     [
-        [49] * 9 + [48, 47, 3, 2, 2, 1, 0, 17, 18, 20, 196, 190],  # mostly view calls
-        [2] * 40 + [1] * 30 + [3] * 20 + [0, 5, 4, 37],  # many short sequences: padded batches
-        [3] * 50 + [2] * 50,  # equal-length batches without padding
-        [0, 70, 0, 0, 41, 0, 55, 1, 0],  # view calls next to empty sequences that share their start
+        [49] * 9 + [48, 47, 3, 2, 2, 1, 0, 17, 18, 20, 196, 190],  # SPA's lengths with short ones
+        [2] * 40 + [1] * 30 + [3] * 20 + [0, 5, 4, 37],  # many short sequences, one long
+        [3] * 50 + [2] * 50,  # short ones only
+        [0, 70, 0, 0, 41, 0, 55, 1, 0],  # sequences next to empty ones that share their start
     ],
 )
-def test_torch_path_plans(counts):
-    """The torch path's planner: view calls, padded batches, unpadded batches, mixed."""
-    lengths = tuple(counts)
-    plan = _plan_groups(lengths, 2 * 16)
-    assert sorted(i for ids, _ in plan for i in ids) == [i for i, n in enumerate(counts) if n > 0]
-    assert all(pad >= max(lengths[i] for i in ids) for ids, pad in plan)
+def test_torch_path_calls(counts):
+    """The torch path's calls, forward and backward: sequences of at least ``_SHORT`` tokens one each
+    on views, the shorter ones in one padded call."""
+    bounds = [0, *itertools.accumulate(counts)]
+    calls = _calls(bounds, torch.device("cpu"))
+    singles = sorted(c.P for c in calls if c.idx is None)
+    batched = [int(c.valid.sum()) for c in calls if c.idx is not None]
+    short = [n for n in counts if 0 < n < _SHORT]
+    assert singles == sorted(n for n in counts if n >= _SHORT or short == [n])
+    assert batched == ([sum(short)] if len(short) > 1 else [])
     _check_against_reference("torch", counts, 2, 16, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("counts", [[10, 0, 23, 1, 30, 49, 49, 5], [16] * 6, [40, 41, 39, 7]])
 def test_torch_path_container_rows(counts):
-    """Container layouts run as rows of L with a block-diagonal mask (views, one call)."""
+    """Container layouts run as rows of L with a block-diagonal mask (views, one call), forward and
+    backward."""
     L = 16
     cu, _, _, _ = container_seqlens(torch.tensor(counts), L)
-    assert _container_rows(cu.tolist(), 2 * 16) == L
+    assert _container_rows(cu.tolist()) == L
     q, k, v, do, _, _ = _inputs(counts, 2, 16, torch.device("cpu"), torch.float32)
-    out = varlen_attention(q, k, v, cu, L, impl="torch")
-    torch.testing.assert_close(out, varlen_attention_ref(q, k, v, cu), rtol=1e-5, atol=1e-5)
-
-
-def test_torch_path_batches_short_sequences():
-    plan = _plan_groups((2,) * 40 + (1,) * 30, 384)
-    assert len(plan) < 10  # not 70 view calls
+    got, want = ([t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2))
+    out = varlen_attention(*got, cu, L, impl="torch")
+    ref = varlen_attention_ref(*want, cu)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, got, do), torch.autograd.grad(ref, want, do)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [0, 3])

@@ -19,12 +19,12 @@ launcher copies) and size-1 dims with odd strides that torch calls contiguous.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels import cpu_ext, cu_seqlens_from_counts, varlen_attention, varlen_attention_ref
-from kernels.position_bias import PositionBias, pair_bias
+from kernels.position_bias import PositionBias
+from tests.kernels._helpers import random_places, sdpa_per_sequence
 
 ULP = 2.0**-23  # float32 ulp of 1
 LAYOUTS = ["contiguous", "qkv", "transposed", "last_strided", "degenerate"]
@@ -60,8 +60,7 @@ def _data(counts, H, D, magnitude, window, regions, seed):
     bias = None
     if window:
         side = 2 * window + 3  # places farther apart than a window: the clamped offsets
-        pos = torch.stack([torch.randint(0, side, (T,), generator=g), torch.randint(0, side, (T,), generator=g),
-                           torch.randint(0, regions, (T,), generator=g)], 1).to(torch.int32)  # fmt: skip
+        pos = random_places(T, side, regions, g)
         table = torch.randn((2 * window - 1) ** 2, H, generator=g, dtype=torch.float64) * magnitude
         bias = PositionBias(pos, table.float().double(), window)
     # float32 values: the reference then computes exactly what the float32 paths are given
@@ -92,20 +91,6 @@ def _bias_as(bias, dtype, requires_grad=False):
     return bias._replace(table=bias.table.detach().to(dtype).requires_grad_(requires_grad))
 
 
-def _sdpa_per_sequence(q, k, v, cu_seqlens, scale, bias):
-    """Torch's SDPA kernel, one call per sequence (the bias as a float mask): (T, H, D) -> (T, H, D)."""
-    bounds = cu_seqlens.tolist()
-    outs = [q[:0]]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e > s:
-            qi, ki, vi = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            mask = None if bias is None else pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window)
-            outs.append(
-                F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale).transpose(0, 1)
-            )
-    return torch.cat(outs)
-
-
 def _run(fn, q, k, v, do, bias, backward, layout="contiguous"):
     """fn(q, k, v, bias) -> out (q, k, v in ``layout``), and the gradients of sum(out * do) in q, k, v
     (and the table)."""
@@ -134,7 +119,7 @@ def _check(impl, case, backward):
         return varlen_attention_ref(q_, k_, v_, cu, scale, b_)
 
     def sdpa(q_, k_, v_, b_):
-        return _sdpa_per_sequence(q_, k_, v_, cu, scale, b_)
+        return sdpa_per_sequence(q_, k_, v_, cu, scale, b_)
 
     f32 = [t.float() for t in (q, k, v, do)]
     got = _run(op, *f32, bias, backward, layout)
