@@ -1,15 +1,12 @@
 """End to end: ``spa-harness run`` on an embedded local Ray (a subprocess, as a user runs it).
 
 Smoke-sized grids on CPU: the built-in 3-trial smoke grid (dense on 2 workers, SPA at two ratios),
-reuse of finished trials, resume after the driver is SIGKILLed, and failure isolation.
+reuse of finished trials and failure isolation (resume after the driver is SIGKILLed: test_soak.py).
 """
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +16,6 @@ from harness.results import load
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "ablations" / "grids" / "smoke.yaml"
-OVERHEAD8 = Path(__file__).parent / "grids" / "overhead8.yaml"
 FAILING = Path(__file__).parent / "plugins" / "failing_variants.py"
 
 # The "ray" xdist group runs every test that starts Ray on one worker, one at a time (scripts/test.sh).
@@ -145,66 +141,6 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
     assert _rows(store, "copy") == before
     status = _cli("status", store / "copy", env=env, timeout=60)
     assert "3 done" in status.stdout
-
-
-def test_resume_after_the_driver_is_killed(tmp_path, env):
-    store = tmp_path / "results"
-    args = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        OVERHEAD8,
-        "--smoke",
-        "--results",
-        store,
-        "--max-concurrent",
-        "1",
-        "--no-progress",
-        "--no-report",
-    ]
-    trials = store / "overhead8" / "trials"
-    driver = subprocess.Popen(
-        list(map(str, args)),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and len(list(trials.glob("*/row.json"))) < 2:
-            assert driver.poll() is None, "the driver ended before it could be killed"
-            time.sleep(0.5)
-        driver.send_signal(signal.SIGKILL)  # no chance to clean up
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    time.sleep(2)  # the trial process that was running dies with the driver's Ray
-    finished = _rows(store, "overhead8")
-    assert 2 <= len(finished) < 8
-    done_before = {h for h, b in finished.items() if json.loads(b)["status"] == "done"}
-
-    out = _cli(
-        "run",
-        OVERHEAD8,
-        "--smoke",
-        "--results",
-        store,
-        "--max-concurrent",
-        "1",
-        "--no-progress",
-        "--no-report",
-        env=env,
-    )
-    assert "(resumed)" in out.stdout  # Tuner.restore of the interrupted run
-    after = _rows(store, "overhead8")
-    assert len(after) == 8 and all(json.loads(b)["status"] == "done" for b in after.values())
-    assert {h: after[h] for h in done_before} == {h: finished[h] for h in done_before}  # not re-run
-    df = load(store)
-    assert len(df) == 8 and df["config_hash"].is_unique
 
 
 def test_failures_are_recorded_and_the_grid_goes_on(tmp_path, env):

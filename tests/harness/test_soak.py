@@ -3,8 +3,9 @@ moments of a small grid, and run again plainly each time, ends with every trial 
 
 The grid is three single-worker smoke trials on an embedded local Ray, one at a time. The driver is
 killed while the first trial runs (no row yet), then after one row, then after two; the fourth run
-finishes. At the end every trial has one ``done`` row, a row that was done before a kill is byte for
-byte the same afterwards (its trial was not trained again), and no process of any of these runs
+restores the interrupted Tune run and finishes. At the end every trial has one ``done`` row, a row
+that was done before a kill is byte for byte the same afterwards (its trial was not trained again),
+and no process of any of these runs
 (Ray's GCS, raylet, workers, the trial processes) is left once its driver is gone.
 """
 
@@ -165,6 +166,7 @@ def test_driver_killed_three_times_each_trial_done_once(tmp_path, env):
         cmd, cwd=ROOT, env={**env, _MARK: mark}, capture_output=True, text=True, timeout=400
     )
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    assert "(resumed)" in last.stdout  # Tuner.restore of the interrupted run, not a fresh one
     rows = _rows(trials)
     assert len(rows) == N_TRIALS and all(json.loads(b)["status"] == "done" for b in rows.values())
     assert {h: rows[h] for h in kept} == kept, "a finished trial was trained again"
