@@ -7,6 +7,7 @@ bash scripts/setup.sh
 export DS_ACCELERATOR=cpu
 .venv/bin/python -m ruff check .
 .venv/bin/python -m ruff format --check .
-# Two pytest workers (pytest-xdist); every test that starts Ray is in the "ray" group, which runs on one
-# worker, one test at a time, while the other worker takes the rest. SPA_TEST_WORKERS=0 runs serially.
+# Two pytest workers (pytest-xdist). The tests that start an embedded Ray form the "ray" group and the
+# two-node cluster tests the "cluster" group: each group runs on one worker, one test at a time, so at
+# most two Rays share the machine. SPA_TEST_WORKERS=0 runs serially.
 .venv/bin/python -m pytest -n "${SPA_TEST_WORKERS:-2}" --dist loadgroup "$@"

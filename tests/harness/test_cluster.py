@@ -20,8 +20,9 @@ from harness.results import load, trial_states
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = "ablations/grids/smoke.yaml"
 
-# The "ray" xdist group runs every test that starts Ray on one worker, one at a time (scripts/test.sh).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+# The "cluster" xdist group runs these clusters on one worker, one at a time (scripts/test.sh); an
+# embedded Ray of the "ray" group may run beside them (Ray picks free ports for both).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 
 @pytest.fixture
