@@ -68,7 +68,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from kernels.position_bias import PositionBias, check_position_bias
-from kernels.seqlens import check_varlen_inputs
+from kernels.seqlens import check_varlen_inputs, sequence_ids
 
 __all__ = ["BLOCK_SIZE", "flex_varlen_attention", "masked_fraction"]
 
@@ -80,17 +80,6 @@ _MIN_HEAD_DIM_CUDA = 16
 
 # ----------------------------------------------------------------------------------------------------
 # layout: sequence ids, the mods, the block mask
-
-
-def _sequence_ids(cu_seqlens: Tensor, T: int) -> Tensor:
-    """(T,) int32: the sequence of every row, -1 for rows past ``cu_seqlens[-1]``; on the device of
-    ``cu_seqlens``, without a host sync."""
-    cu = cu_seqlens.to(torch.int64)
-    rows = torch.arange(T, device=cu.device)
-    # the number of sequence ends at or before a row is its sequence (empty sequences end where they
-    # start, so they are counted and skipped)
-    seq = torch.searchsorted(cu[1:], rows, right=True)
-    return torch.where(rows < cu[-1], seq, -1).to(torch.int32)
 
 
 def _mods(seq: Tensor, bias: PositionBias | None, dtype: torch.dtype):
@@ -190,7 +179,7 @@ def masked_fraction(cu_seqlens: Tensor, block_size: int = BLOCK_SIZE, T: int | N
     T = int(cu_seqlens[-1]) if T is None else int(T)
     if T == 0:
         return 0.0
-    seq = _sequence_ids(cu_seqlens.cpu(), T)
+    seq = sequence_ids(cu_seqlens.cpu(), T)
     nonempty, _ = _block_masks(seq, None, block_size)
     computed = int(nonempty.sum()) * block_size * block_size
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).cpu().to(torch.int64)
@@ -276,7 +265,7 @@ def flex_varlen_attention(
     if not cuda:  # FlexAttention refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
 
-    seq = _sequence_ids(cu_seqlens, T)
+    seq = sequence_ids(cu_seqlens, T).to(torch.int32)  # int32 index buffers for the compiled mods
     mask_mod, score_mod = _mods(seq, bias, q.dtype)
     region = None if bias is None else bias.pos[:, 2]
     block_mask = _block_mask(seq, region, block_size, mask_mod)

@@ -17,7 +17,13 @@ import torch
 
 from kernels._dispatch import cpp_kernels, resolve_helper_impl
 
-__all__ = ["cu_seqlens_from_counts", "container_seqlens", "seqlen_sq_sum", "check_varlen_inputs"]
+__all__ = [
+    "cu_seqlens_from_counts",
+    "container_seqlens",
+    "seqlen_sq_sum",
+    "sequence_ids",
+    "check_varlen_inputs",
+]
 
 
 def as_integer_counts(counts) -> torch.Tensor:
@@ -105,6 +111,17 @@ def container_seqlens(
     seq_container = torch.div(starts, L, rounding_mode="floor")
     max_seqlen = int(lengths.max()) if lengths.numel() else 0
     return cuts.to(torch.int32), max_seqlen, seq_image, seq_container
+
+
+def sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """(T,) int64: the sequence of every row of a packed (T, ...) tensor, -1 for rows past
+    ``cu_seqlens[-1]``; on the device of ``cu_seqlens``, without a host sync."""
+    cu = cu_seqlens.to(torch.int64)
+    rows = torch.arange(T, device=cu.device)
+    # the number of sequence ends at or before a row is its sequence (empty sequences end where they
+    # start, so they are counted and skipped)
+    seq = torch.searchsorted(cu[1:], rows, right=True)
+    return torch.where(rows < cu[-1], seq, -1)
 
 
 def seqlen_sq_sum(cu_seqlens: torch.Tensor) -> int:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
 from kernels.position_bias import PositionBias, check_position_bias, pair_bias, relative_index
-from kernels.seqlens import check_varlen_inputs
+from kernels.seqlens import check_varlen_inputs, sequence_ids
 
 __all__ = ["varlen_attention", "varlen_attention_ref"]
 
@@ -222,9 +222,7 @@ def _varlen_attention_torch(
     if R:
         n_rows = bounds[-1] // R
         rows = [t[: n_rows * R].view(n_rows, R, H, D).transpose(1, 2) for t in (q, k, v)]  # (rows, H, R, D)
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths.long())
-        seq = seq[: n_rows * R].view(n_rows, R)  # sequence of every slot
+        seq = sequence_ids(cu_seqlens, n_rows * R).view(n_rows, R)  # sequence of every slot
         mask = None
         if not bool((seq == seq[:, :1]).all()):  # some row holds several sequences: block-diagonal
             mask = (seq[:, :, None] == seq[:, None, :])[:, None]  # (rows, 1, R, R)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from kernels import varlen_attention
 from kernels.position_bias import PositionBias, pair_bias
+from kernels.seqlens import sequence_ids
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 from spa_core.registry import PACK_STRATEGIES
 
@@ -82,12 +83,6 @@ def _padded_sdpa(
     return out.transpose(1, 2).reshape(R * P, H, D).index_select(0, flat)
 
 
-def _seq_of_tokens(packed: PackedTokens) -> Tensor:
-    lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).to(torch.int64)
-    seqs = torch.arange(packed.num_seqs, device=lengths.device)
-    return torch.repeat_interleave(seqs, lengths, output_size=packed.tokens.shape[0])  # (T,)
-
-
 def attend_varlen(
     q: Tensor,
     k: Tensor,
@@ -115,7 +110,7 @@ def attend_padded(
     bias: PositionBias | None = None,
 ) -> Tensor:
     """The sequences padded to the longest, one batched SDPA with a key mask (pad)."""
-    seq = _seq_of_tokens(packed)
+    seq = sequence_ids(packed.cu_seqlens, q.shape[0])  # (T,)
     col = torch.arange(q.shape[0], device=q.device) - packed.cu_seqlens.to(torch.int64)[seq]
     return _padded_sdpa(q, k, v, seq, col, (packed.num_seqs, packed.max_seqlen), softmax_scale, bias)
 

@@ -26,11 +26,11 @@ from kernels.flex_attention import (
     _block_mask,
     _block_masks,
     _mods,
-    _sequence_ids,
     flex_varlen_attention,
     masked_fraction,
 )
 from kernels.position_bias import PositionBias
+from kernels.seqlens import sequence_ids
 from kernels.varlen_attention import varlen_attention_ref
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -176,7 +176,7 @@ def _dense_flex(q, k, v, cu, scale, bias):
     """FlexAttention's math with this module's mods evaluated on broadcast index tensors: scores,
     ``score_mod``, ``mask_mod``, softmax (rows with nothing allowed give zero), PV. (T, H, D)."""
     T, H, D = q.shape
-    mask_mod, score_mod = _mods(_sequence_ids(cu, T), bias, q.dtype)
+    mask_mod, score_mod = _mods(sequence_ids(cu, T), bias, q.dtype)
     b = torch.zeros((), dtype=torch.int64)
     h = torch.arange(H)[:, None, None]
     qi, ki = torch.arange(T)[None, :, None], torch.arange(T)[None, None, :]
@@ -236,7 +236,7 @@ def test_flexattention_own_backward_of_the_table_matches_reference(dtype):
         return varlen_attention_ref(q_, k_, v_, cu, None, bias=b_)
 
     def flex(q_, k_, v_, b_):
-        seq = _sequence_ids(cu, T)
+        seq = sequence_ids(cu, T)
         mask_mod, score_mod = _mods(seq, b_, dtype)
         block_mask = _block_mask(seq, b_.pos[:, 2], BLOCK_SIZE, mask_mod)
         q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q_, k_, v_))  # (1, H, T, D)
@@ -262,7 +262,7 @@ def test_flexattention_own_backward_of_the_table_matches_reference(dtype):
 
 def _dense_tiles(cu, T, block_size, region=None):
     """(nonempty, full) tiles counted over the dense (T, T) mask padded to whole tiles."""
-    seq = _sequence_ids(cu, T)
+    seq = sequence_ids(cu, T)
     allowed = (seq[:, None] == seq[None, :]) & (seq[:, None] >= 0)
     if region is not None:
         allowed &= region[:, None] == region[None, :]
@@ -286,7 +286,7 @@ def test_block_masks_match_the_dense_mask(counts, container_len, extra, block_si
     if T == 0:
         return
     region = torch.randint(0, 2, (T,), generator=torch.Generator().manual_seed(T)) if shifted else None
-    nonempty, full = _block_masks(_sequence_ids(cu, T), region, block_size)
+    nonempty, full = _block_masks(sequence_ids(cu, T), region, block_size)
     any_true, all_true = _dense_tiles(cu, T, block_size, region)
     assert torch.equal(full, all_true)
     if region is None:
@@ -299,7 +299,7 @@ def test_block_masks_match_the_dense_mask(counts, container_len, extra, block_si
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_block_mask_equals_create_block_mask(layout):
     cu, T = _cu(*LAYOUTS[layout])
-    seq = _sequence_ids(cu, T)
+    seq = sequence_ids(cu, T)
     mask_mod, _ = _mods(seq, None, torch.float32)
     ours = _block_mask(seq, None, BLOCK_SIZE, mask_mod)
     theirs = create_block_mask(mask_mod, 1, 1, T, T, device="cpu", BLOCK_SIZE=BLOCK_SIZE)
@@ -333,7 +333,7 @@ def test_masked_fraction_counts_the_dense_mask(counts, container_len, block_size
     if T == 0:
         return
     any_true, _ = _dense_tiles(cu, T, block_size)
-    kept = int((_sequence_ids(cu, T)[:, None] == _sequence_ids(cu, T)[None, :]).sum())
+    kept = int((sequence_ids(cu, T)[:, None] == sequence_ids(cu, T)[None, :]).sum())
     expected = 1 - kept / (int(any_true.sum()) * block_size**2)
     assert masked_fraction(cu, block_size) == pytest.approx(expected)
 
