@@ -294,6 +294,17 @@ def test_offline_wandb_with_results_off_this_disk_needs_wandb_dir(tmp_path, monk
     assert tracking.start_grid("wandb", "toy", "s3://bucket/spa/toy", harness_run_id="r1").dir is None
 
 
+def _run_smoke_grid(store, env, track: str) -> tuple[subprocess.CompletedProcess, dict[str, dict]]:
+    """``spa-harness run`` of the smoke grid (CI size) with ``--track track`` into ``store``; its
+    output and its rows by config hash."""
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(ROOT / "ablations" / "grids" / "smoke.yaml")]
+    cmd += ["--smoke", "--results", str(store), "--no-progress", "--no-report", "--track", track]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    rows = [json.loads(f.read_text()) for f in (store / "smoke" / "trials").glob("*/row.json")]
+    return p, {row["config_hash"]: row for row in rows}
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")  # one Ray at a time (scripts/test.sh)
 def test_smoke_grid_tracked_in_mlflow(tmp_path):
@@ -301,22 +312,7 @@ def test_smoke_grid_tracked_in_mlflow(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     store = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        str(ROOT / "ablations" / "grids" / "smoke.yaml"),
-        "--smoke",
-        "--results",
-        str(store),
-        "--no-progress",
-        "--no-report",
-        "--track",
-        "mlflow",
-    ]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    p, rows = _run_smoke_grid(store, env, "mlflow")
     uri = (store / "smoke" / "mlruns").as_uri()
     assert f"tracking: mlflow {uri}" in p.stdout
 
@@ -327,10 +323,6 @@ def test_smoke_grid_tracked_in_mlflow(tmp_path):
     parent = [r for r in runs if r.data.tags.get("kind") == "grid"]
     trials = {r.data.tags["name"]: r for r in runs if r.data.tags.get("kind") == "trial"}
     assert len(parent) == 1 and len(trials) == 3, [r.data.tags for r in runs]
-    rows = {
-        json.loads(f.read_text())["config_hash"]: json.loads(f.read_text())
-        for f in (store / "smoke" / "trials").glob("*/row.json")
-    }
     for name, run in trials.items():
         tags = run.data.tags
         row = rows[tags["config_hash"]]
@@ -370,22 +362,7 @@ def test_smoke_grid_tracked_in_offline_wandb(tmp_path):
         DS_ACCELERATOR="cpu",
     )
     store = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        "-m",
-        "harness.cli",
-        "run",
-        str(ROOT / "ablations" / "grids" / "smoke.yaml"),
-        "--smoke",
-        "--results",
-        str(store),
-        "--no-progress",
-        "--no-report",
-        "--track",
-        "wandb=spa-smoke",
-    ]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    p, rows = _run_smoke_grid(store, env, "wandb=spa-smoke")
     assert "tracking: wandb spa-smoke" in p.stdout
     assert f"offline W&B runs: {tmp_path / 'wandb-runs'}/wandb (upload: wandb sync" in p.stdout
     assert "tracking: cannot" not in p.stdout + p.stderr  # a trial's tracking failure is only a warning
@@ -394,10 +371,6 @@ def test_smoke_grid_tracked_in_offline_wandb(tmp_path):
     grid = [r for r in runs.values() if r["record"]["job_type"] == "grid"]
     trials = {n: r for n, r in runs.items() if r["record"]["job_type"] == "trial"}
     assert len(grid) == 1 and len(trials) == 3, sorted(runs)
-    rows = {
-        json.loads(f.read_text())["config_hash"]: json.loads(f.read_text())
-        for f in (store / "smoke" / "trials").glob("*/row.json")
-    }
     for name, run in trials.items():
         final = run["final"]
         row = rows[final["config"]["harness"]["config_hash"]]
