@@ -501,3 +501,80 @@ def test_choose_blocks_refuses_configs_that_fit_no_size():
         32,
         {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32},
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the compiled path on CPU: its forward runs there with a counting backend (Inductor's kernel needs a
+# GPU), which shows what Dynamo compiles as the kept token counts change from step to step
+
+
+@pytest.fixture
+def compiled_on_cpu(monkeypatch):
+    """Forces ``flex_varlen_attention`` onto its compiled path on CPU, through Dynamo with the
+    ``aot_eager`` backend; yields the compile counter."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import kernels.flex_attention as flex
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(flex, "_COMPILE_BACKEND", counter)
+    monkeypatch.setattr(flex, "_compiled_here", lambda q: True)
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def _graphs(counter) -> int:
+    """Graphs Dynamo compiled (a restart of the analysis hands the backend an empty one too)."""
+    return sum(1 for gm in counter.graphs if len(gm.graph.nodes))
+
+
+def _step(counts, container_len, seed, H=2, D=32, bias_kind="shifted"):
+    cu, T = _cu(counts, container_len, 0)
+    q, k, v, _ = _qkv(T, H, D, torch.float32, seed)
+    bias = None if bias_kind == "none" else _bias(T, H, 7, bias_kind == "shifted", torch.float32, seed)
+    with torch.no_grad():
+        out = flex_varlen_attention(q, k, v, cu, bias=bias)
+    ref = varlen_attention_ref(*(t.double() for t in (q, k, v)), cu, bias=_as(bias, torch.float64))
+    _check_bound("out", out, ref, varlen_attention_ref(q, k, v, cu, bias=bias), torch.float32)
+
+
+def test_compiled_forward_compiles_once_for_changing_token_counts(compiled_on_cpu):
+    # twelve steps of an SPA block: other images, other kept counts, other layouts and tables, every
+    # pack at least two tiles long: one graph (dynamic from the first call: with automatic dynamic
+    # shapes the second step would compile a second one)
+    g = torch.Generator().manual_seed(0)
+    for step in range(12):
+        counts = torch.randint(0, 120, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        counts[0] = max(counts[0], 40)
+        _step(counts, 49 if step % 2 else None, step)
+    assert _graphs(compiled_on_cpu) == 1
+
+
+def test_compiled_forward_specialises_only_tiny_packs(compiled_on_cpu):
+    # a pack of one tile and a pack of one token are specialised (Dynamo's size 0/1 rule on the
+    # block mask and the token count); nothing else compiles again
+    for counts in ([70, 3], [20, 5], [1], [90, 40], [9], [1], [300], [2, 7]):
+        _step(counts, 49, sum(counts))
+    assert _graphs(compiled_on_cpu) <= 3
+
+
+def test_compiled_call_uses_kernel_blocks(monkeypatch):
+    # the compiled call takes the block size and the kernel options from kernel_blocks, the one place
+    import kernels.flex_attention as flex
+
+    seen = {}
+
+    def fake_run(q4, k4, v4, score_mod, block_mask, scale, kernel_options):
+        seen.update(block=block_mask.BLOCK_SIZE, options=kernel_options)
+        return torch.zeros_like(q4)
+
+    monkeypatch.setattr(flex, "_compiled_here", lambda q: True)
+    monkeypatch.setattr(flex, "_run_compiled", fake_run)
+    monkeypatch.setattr(
+        flex, "kernel_blocks", lambda d, dt, dev: (64, {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32})
+    )
+    cu, T = _cu([70, 3], 49, 0)
+    q, k, v, _ = _qkv(T, 2, 32, torch.float32, 0)
+    flex_varlen_attention(q, k, v, cu)
+    assert seen == {"block": (64, 64), "options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32}}
