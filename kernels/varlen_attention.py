@@ -19,7 +19,9 @@ every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
 -> ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula ->
 ``varlen_attention``. On CUDA, impl "triton" is torch's FlexAttention (compiled to Triton by torch):
 ``kernels.flex_attention.flex_varlen_attention``, imported when it runs and called outside the custom
-op (FlexAttention has its own autograd).
+op (FlexAttention has its own autograd); under a FLOP count (``torch.jit.trace``, as fvcore traces,
+or ``FlopCounterMode``: ``kernels._dispatch.counting_flops``) the custom op runs its torch path
+instead, so that FLOPs are counted the same way on every path.
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
 PV, ``n_i`` the length of sequence i); the bias adds none.
@@ -37,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
+from kernels._dispatch import (
+    counting_flops,
+    cpp_kernels,
+    cpu_op_threads,
+    direct_call,
+    resolve_impl,
+    run_cpu,
+)
 from kernels.position_bias import PositionBias, check_position_bias, pair_bias, relative_index
 from kernels.seqlens import check_varlen_inputs, sequence_ids
 
@@ -470,6 +479,11 @@ def varlen_attention(
         cu_seqlens = cu_seqlens.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     name = resolve_impl(impl, q, k, v, cpp=True)
+    if name == "triton" and counting_flops():
+        # a FLOP count (fvcore's trace, flop_counter) cannot see into the compiled FlexAttention: the
+        # custom op with its torch path computes the same attention, on any device, and is counted
+        # by its formula (sum n_i^2), so the count does not depend on the path
+        name = "torch"
     if name == "triton":  # FlexAttention: its own autograd, so no custom op around it
         from kernels.flex_attention import flex_varlen_attention
 

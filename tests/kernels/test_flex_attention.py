@@ -504,29 +504,9 @@ def test_choose_blocks_refuses_configs_that_fit_no_size():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the compiled path on CPU: its forward runs there with a counting backend (Inductor's kernel needs a
-# GPU), which shows what Dynamo compiles as the kept token counts change from step to step
-
-
-@pytest.fixture
-def compiled_on_cpu(monkeypatch):
-    """Forces ``flex_varlen_attention`` onto its compiled path on CPU, through Dynamo with the
-    ``aot_eager`` backend; yields the compile counter."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    import kernels.flex_attention as flex
-
-    counter = CompileCounterWithBackend("aot_eager")
-    monkeypatch.setattr(flex, "_COMPILE_BACKEND", counter)
-    monkeypatch.setattr(flex, "_compiled_here", lambda q: True)
-    torch._dynamo.reset()
-    yield counter
-    torch._dynamo.reset()
-
-
-def _graphs(counter) -> int:
-    """Graphs Dynamo compiled (a restart of the analysis hands the backend an empty one too)."""
-    return sum(1 for gm in counter.graphs if len(gm.graph.nodes))
+# the compiled path on CPU (the ``compiled_on_cpu`` fixture): its forward runs there with a counting
+# backend (Inductor's kernel needs a GPU), which shows what Dynamo compiles as the kept token counts
+# change from step to step
 
 
 def _step(counts, container_len, seed, H=2, D=32, bias_kind="shifted"):
@@ -548,7 +528,7 @@ def test_compiled_forward_compiles_once_for_changing_token_counts(compiled_on_cp
         counts = torch.randint(0, 120, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
         counts[0] = max(counts[0], 40)
         _step(counts, 49 if step % 2 else None, step)
-    assert _graphs(compiled_on_cpu) == 1
+    assert compiled_on_cpu.graphs == 1
 
 
 def test_compiled_forward_specialises_only_tiny_packs(compiled_on_cpu):
@@ -556,7 +536,7 @@ def test_compiled_forward_specialises_only_tiny_packs(compiled_on_cpu):
     # block mask and the token count); nothing else compiles again
     for counts in ([70, 3], [20, 5], [1], [90, 40], [9], [1], [300], [2, 7]):
         _step(counts, 49, sum(counts))
-    assert _graphs(compiled_on_cpu) <= 3
+    assert compiled_on_cpu.graphs <= 3
 
 
 def test_compiled_call_uses_kernel_blocks(monkeypatch):
