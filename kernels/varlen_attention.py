@@ -423,7 +423,8 @@ def _backward(ctx, dout):
                 leaves.append(table.detach().requires_grad_(True))
                 bias = bias._replace(table=leaves[3])
             o = varlen_attention_ref(*leaves[:3], cu_seqlens, softmax_scale, bias)
-            grads = torch.autograd.grad(o, leaves, dout, allow_unused=True)
+            # no sequence at all (an empty pack): the output is constant zeros, the gradients too
+            grads = torch.autograd.grad(o, leaves, dout, allow_unused=True) if o.requires_grad else [None] * 4
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
         dq, dk, dv = grads[:3]
         dtable = grads[3] if bias is not None else None
