@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_helper_impl", "triton_available",
     "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "cpp_kernels", "counting_flops",
+    "untraced",
 ]  # fmt: skip
 
 IMPLS = ("auto", "triton", "cpp", "torch", "ref")
@@ -161,6 +162,18 @@ def counting_flops() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return any(isinstance(m, flop_counter._FlopCounterMode) for m in _get_current_dispatch_mode_stack())
+
+
+@contextlib.contextmanager
+def untraced():
+    """Host reads (``.tolist()`` of sizes) kept out of a ``torch.jit.trace``: fvcore would list the
+    ops they dispatch (``aten::resolve_conj``, ...) as ops it cannot count."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -32,7 +32,6 @@ torch path, C++ launcher, custom op with its autograd formula, public function, 
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -46,6 +45,7 @@ from kernels._dispatch import (
     direct_call,
     resolve_impl,
     run_cpu,
+    untraced,
 )
 from kernels.position_bias import PositionBias, check_position_bias, pair_bias, relative_index
 from kernels.seqlens import check_varlen_inputs, sequence_ids
@@ -440,16 +440,6 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup)
 # public function
 
 
-@contextlib.contextmanager
-def _untraced():
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        yield
-    finally:
-        torch._C._set_tracing_state(state)
-
-
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -495,7 +485,7 @@ def varlen_attention(
         sq = -1  # reading cu_seqlens would sync the GPU; only a trace needs the number
     else:
         if tracing:
-            with _untraced():  # host reads, kept out of traces (fvcore would list them as ops)
+            with untraced():  # host reads, kept out of traces (fvcore would list them as ops)
                 b = cu_seqlens.tolist()
         else:
             b = cu_seqlens.tolist()

@@ -558,3 +558,26 @@ def test_compiled_call_uses_kernel_blocks(monkeypatch):
     q, k, v, _ = _qkv(T, 2, 32, torch.float32, 0)
     flex_varlen_attention(q, k, v, cu)
     assert seen == {"block": (64, 64), "options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 32}}
+
+
+@pytest.mark.parametrize("bias_kind", ["none", "shifted"])
+@pytest.mark.parametrize("layout", ["ragged", "containers"])
+def test_layout_and_block_mask_read_nothing_back(layout, bias_kind, monkeypatch):
+    # the sequence ids, mods and block mask are built on the device: no host sync on a GPU (counted
+    # with tests/_syncs.py; the kernel itself runs outside the count)
+    import kernels.flex_attention as flex
+    from tests._syncs import count_host_syncs
+
+    eager = flex._eager_flex_attention
+    cu, T = _cu(*LAYOUTS[layout])
+    q, k, v, _ = _qkv(T, 2, 16, torch.float32, 0)
+    bias = None if bias_kind == "none" else _bias(T, 2, 7, True, torch.float32, 0)
+    with count_host_syncs() as syncs:
+
+        def kernel_outside(*args, **kwargs):
+            with syncs.outside():
+                return eager(*args, **kwargs)
+
+        monkeypatch.setattr(flex, "_eager_flex_attention", kernel_outside)
+        flex_varlen_attention(q, k, v, cu, bias=bias)
+    assert len(syncs) == 0, syncs.seen

@@ -272,6 +272,35 @@ def test_gate_training_straight_through_reaches_gate():
     assert blk.gate.score.weight.grad.abs().sum() > 0
 
 
+def test_selection_draws_on_a_generator_of_the_inputs_device(monkeypatch):
+    """A generator on another device (the harness's CPU generators for a GPU model) is replaced by one
+    on the inputs' device, seeded once from it (one draw) and kept until the block's generator is
+    replaced: no copy of random draws from the host in every block and step. The other device is
+    played by the CPU here (``_same_device`` patched to say no)."""
+    import spa_core.block as block_module
+
+    blk = _block("varlen", selection="gate")
+    source = torch.Generator().manual_seed(11)
+    blk.generator = source
+    cpu = torch.device("cpu")
+    assert blk._generator_on(cpu) is source  # same device: the generator itself, no derivation
+    monkeypatch.setattr(block_module, "_same_device", lambda a, b: False)
+    derived = blk._generator_on(cpu)
+    assert derived is not source and blk._generator_on(cpu) is derived  # made once
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11)))
+    assert torch.equal(
+        torch.rand(5, generator=derived), torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    )
+    blk.generator = torch.Generator().manual_seed(11)  # replaced (same seed): derived anew, same stream
+    again = blk._generator_on(cpu)
+    assert again is not derived
+    assert torch.equal(
+        torch.rand(5, generator=again), torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    )
+    blk.generator = None
+    assert blk._generator_on(cpu) is None
+
+
 def test_attn_impl_switch_gives_same_result(monkeypatch, fixed_policy, mask_with_counts):
     """The environment switch and the module attribute (which wins) pick the attention kernel that
     runs, and every kernel gives the same block."""
