@@ -310,7 +310,7 @@ def kernel_blocks(head_dim: int, dtype: torch.dtype, device: torch.device) -> tu
 # with four stages of different head counts, trained and evaluated, holds a few dozen such graphs,
 # past Dynamo's default of 8 per function, beyond which it would run FlexAttention unfused (a full
 # (H, T, T) score matrix). The limit is raised around this module's calls only.
-_RECOMPILE_LIMIT = 256
+_RECOMPILE_LIMIT = 128
 # torch.compile's backend; tests set a counting backend (CPU Inductor cannot run the kernel here)
 _COMPILE_BACKEND = "inductor"
 
@@ -396,9 +396,9 @@ def flex_varlen_attention(
         # zero columns add nothing to q.k and give zero output columns, dropped below
         pad = (0, _MIN_HEAD_DIM_CUDA - D)
         q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
-    chosen, options = kernel_blocks(q.shape[-1], q.dtype, q.device)
+    chosen, options = kernel_blocks(q.shape[-1], _kernel_dtype(q), q.device)
     if block_size is not None and block_size != chosen and q.is_cuda:
-        options = _options_for(block_size, q.shape[-1], q.dtype, needs_grad)
+        options = _options_for(block_size, q.shape[-1], _kernel_dtype(q), needs_grad)
     block_size = block_size or chosen
 
     seq = sequence_ids(cu_seqlens, T).to(torch.int32)  # int32 index buffers for the compiled mods
@@ -423,6 +423,15 @@ def flex_varlen_attention(
     else:
         o = _eager_flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=block_mask, scale=scale)
     return o[0, :, :, :D].transpose(0, 1)  # (T, H, D)
+
+
+def _kernel_dtype(q: Tensor) -> torch.dtype:
+    """The dtype FlexAttention's kernel runs in, which its configs are chosen by: q's, or under
+    autocast the autocast dtype (FlexAttention's autocast rule casts q, k and v to it first)."""
+    device = q.device.type
+    if q.dtype is not torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
 
 
 def _options_for(block_size: int, head_dim: int, dtype: torch.dtype, needs_grad: bool) -> dict[str, int]:

@@ -12,6 +12,7 @@ Error bound (flash-attention's): ``|out - out_ref| <= 2 * |out_pt - out_ref| + f
 elements), ``out_ref`` the reference in float64, ``out_pt`` the reference in the test dtype.
 """
 
+import contextlib
 import warnings
 from unittest import mock
 
@@ -581,3 +582,21 @@ def test_layout_and_block_mask_read_nothing_back(layout, bias_kind, monkeypatch)
         monkeypatch.setattr(flex, "_eager_flex_attention", kernel_outside)
         flex_varlen_attention(q, k, v, cu, bias=bias)
     assert len(syncs) == 0, syncs.seen
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tiles_are_chosen_for_the_dtype_the_kernel_runs_in(autocast, monkeypatch):
+    # under autocast FlexAttention casts q, k, v to the autocast dtype before its kernel: the tiles
+    # must be chosen for that dtype, not for q's (float32 here)
+    import kernels.flex_attention as flex
+
+    seen = []
+    monkeypatch.setattr(flex, "_compiled_here", lambda q: True)
+    monkeypatch.setattr(flex, "_run_compiled", lambda q4, *a, **kw: torch.zeros_like(q4))
+    monkeypatch.setattr(flex, "kernel_blocks", lambda d, dt, dev: seen.append(dt) or (32, {}))
+    cu, T = _cu([70, 3], 49, 0)
+    q, k, v, _ = _qkv(T, 2, 32, torch.float32, 0)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with amp:
+        flex_varlen_attention(q, k, v, cu)
+    assert seen == [torch.bfloat16 if autocast else torch.float32]
