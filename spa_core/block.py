@@ -106,10 +106,13 @@ class WindowAttention(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self._index_cache: dict[tuple[int, int], Tensor] = {}
+        # the bias index per (window, device): made once on the host and copied to the device once,
+        # not on every forward (a copy from the host waits for the GPU's queue: a sync per block)
+        self._index_cache: dict[tuple[tuple[int, int], torch.device], Tensor] = {}
 
     def _bias(self, win: tuple[int, int]) -> Tensor:
-        idx = self._index_cache.get(win)
+        device = self.relative_position_bias_table.device
+        idx = self._index_cache.get((win, device))
         if idx is None:
             # made outside inference mode: a cached index from an evaluation must serve training too
             with torch.inference_mode(False):
@@ -119,9 +122,8 @@ class WindowAttention(nn.Module):
                 ).flatten(1)
                 rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (L, L, 2)
                 M = self.window_size
-                idx = (rel[..., 0] + M - 1) * (2 * M - 1) + (rel[..., 1] + M - 1)  # (L, L)
-            self._index_cache[win] = idx
-        idx = idx.to(self.relative_position_bias_table.device)
+                idx = ((rel[..., 0] + M - 1) * (2 * M - 1) + (rel[..., 1] + M - 1)).to(device)  # (L, L)
+            self._index_cache[(win, device)] = idx
         return self.relative_position_bias_table[idx].permute(2, 0, 1)  # (H, L, L)
 
     def forward(self, x: Tensor, win: tuple[int, int], mask: Tensor | None = None) -> Tensor:
@@ -190,12 +192,27 @@ class SPABlockInfo:
     kept_fraction: Tensor
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when the current device is 0."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index or a.index is None or b.index is None
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 class SPABlock(nn.Module):
     """SPA block. forward(x: (B, H, W, C), prev_scores: (B, h, w) | None) -> (x (B, H, W, C), info).
 
     ``prev_scores`` is the previous SPA block's score map at its own grid (resized here); the new
     score map is ``info.logits.view(B, H, W)``. Works for any N, including maps smaller than a window
-    or a container (N < L).
+    or a container (N < L). ``generator``: the ``torch.Generator`` of the selection's random draws
+    (None: torch's default), on any device (``_generator_on``).
+
+    Host syncs per forward: one, the pack's read of the kept counts (``spa_core.pack``), which every
+    size after it needs. Selection, places, scaling, attention (FlexAttention on CUDA) and unpack read
+    nothing back; the window order, token places and bias indices are cached per device.
     """
 
     def __init__(
@@ -224,7 +241,25 @@ class SPABlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.generator: torch.Generator | None = None  # set for reproducible Gumbel / random selection
+        # set for reproducible Gumbel / random selection (any device: see _generator_on)
+        self.generator: torch.Generator | None = None
+        self._device_generator: tuple[torch.Generator, torch.device, torch.Generator] | None = None
+
+    def _generator_on(self, device: torch.device) -> torch.Generator | None:
+        """The generator the selection draws from on ``device``: ``self.generator`` when it is there,
+        else a generator on ``device`` seeded once from ``self.generator`` (one draw from it) and kept
+        until ``self.generator`` is replaced. Why: a draw on a CPU generator for GPU scores is a copy
+        per block and step, and a copy from the host waits for the GPU's queue (a sync). The draws are
+        then reproducible per seed on one device type (CUDA's generator is not the CPU's)."""
+        g = self.generator
+        if g is None or _same_device(g.device, device):
+            return g
+        cached = self._device_generator
+        if cached is None or cached[0] is not g or cached[1] != device:
+            seed = int(torch.randint(0, 2**62, (), generator=g, device=g.device))
+            cached = (g, device, torch.Generator(device=device).manual_seed(seed))
+            self._device_generator = cached
+        return cached[2]
 
     def forward(self, x: Tensor, prev_scores: Tensor | None = None) -> tuple[Tensor, SPABlockInfo]:
         B, H, W, C = x.shape
@@ -233,7 +268,8 @@ class SPABlock(nn.Module):
         r = self.norm1(x)
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
         s = self.gate(r, prev)  # (B, N)
-        sel = select_tokens(s, self.cfg, training=self.training, generator=self.generator, tokens=r)
+        generator = self._generator_on(x.device)
+        sel = select_tokens(s, self.cfg, training=self.training, generator=generator, tokens=r)
         factor = sel.weight.to(s.dtype)  # (B, N)
         if self.cfg.gate_scaling:
             factor = torch.sigmoid(s) * factor

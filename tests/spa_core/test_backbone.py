@@ -150,6 +150,31 @@ def test_fvcore_traces_the_backbone(strategy):
     assert totals[0] > totals[1] > 0
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("strategy", ["containers", "varlen"])
+def test_fvcore_count_is_the_same_on_the_gpu_attention_path(strategy, compiled_on_cpu, monkeypatch):
+    """fvcore's count (what ``harness.measure`` records) with the GPU's attention path forced on CPU
+    (FlexAttention compiled, ``compiled_on_cpu``) equals the torch path's: the trace runs the custom
+    op's torch path (``kernels._dispatch.counting_flops``), not the compiled function, which
+    ``torch.jit.trace`` cannot trace. The forward itself ran the compiled function."""
+    from fvcore.nn import FlopCountAnalysis
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the dispatcher pick "triton" on CPU tensors
+    x = torch.randn(2, 3, 64, 64)
+    counts, unsupported = [], []
+    for impl in ("triton", "torch"):
+        spa = SPAConfig(selection="topk", ratio=0.4, pack=strategy, attn_impl=impl)
+        model = BackboneFeatures(_build("micro", spa=spa, spa_stages=(2, 3, 4)))
+        with torch.no_grad():
+            model(x)
+            fa = FlopCountAnalysis(model, x).set_op_handle(**kernels.FVCORE_HANDLES)
+            counts.append(fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).by_operator())
+            unsupported.append(fa.unsupported_ops())
+    assert compiled_on_cpu.graphs >= 1  # the triton model's forward ran the compiled FlexAttention
+    assert counts[0] == counts[1] and counts[0]["varlen_attention"] > 0
+    assert unsupported[0] == unsupported[1]
+
+
 def test_import_does_not_pull_ray_or_deepspeed():
     code = (
         "import sys, spa_core, spa_core.backbone, spa_core.loss; "

@@ -211,6 +211,57 @@ def test_gradcheck_containers_every_jacobian_entry(fixed_policy):
     assert torch.autograd.gradcheck(lambda t: blk(t)[0], (x,), eps=1e-6, atol=1e-5)
 
 
+@settings(
+    derandomize=True,
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the policy's mask is set per example
+)
+@given(
+    counts=st.lists(st.sampled_from([0, 0, 1, 5, 16]), min_size=1, max_size=3),
+    strategy=st.sampled_from(["containers", *PER_IMAGE]),
+    position_bias=st.sampled_from(["swin", "none"]),
+    mlp_on=st.sampled_from(["all", "selected"]),
+    gate_scaling=st.booleans(),
+    container_form=st.sampled_from(["varlen", "dense"]),
+)
+def test_every_parameter_gets_a_gradient_whatever_is_kept(
+    fixed_policy, mask_with_counts, counts, strategy, position_bias, mlp_on, gate_scaling, container_form
+):
+    """Which parameters get a gradient does not depend on what the images keep: under DeepSpeed ZeRO a
+    rank whose images keep no token in a block must fill the same gradient buckets as the others.
+    With every image empty, the parameters that only kept tokens reach get zeros."""
+    blk = _block(
+        strategy,
+        dim=8,
+        heads=2,
+        window=2,
+        shift=1,
+        selection=fixed_policy.name,
+        mlp_on=mlp_on,
+        position_bias=position_bias,
+    )
+    blk.cfg.gate_scaling = gate_scaling
+    blk.attn.container_form = container_form
+    x = torch.randn(len(counts), 4, 4, 8)
+
+    def grads(mask):
+        fixed_policy.mask = mask
+        blk.zero_grad(set_to_none=True)
+        blk(x)[0].pow(2).sum().backward()
+        return {n: p.grad for n, p in blk.named_parameters() if p.grad is not None}
+
+    got = grads(mask_with_counts(counts, 16, seed=len(counts)))
+    full = grads(torch.ones(len(counts), 16, dtype=torch.bool))
+    assert set(got) == set(full)
+    if gate_scaling:  # the gate reaches the loss through the scaled tokens: every parameter is used
+        assert set(got) == {n for n, _ in blk.named_parameters()}
+    if not any(counts):
+        for name, g in got.items():
+            reaches_all_tokens = mlp_on == "all" and name.startswith(("mlp.", "norm2."))
+            assert reaches_all_tokens or not g.any(), name
+
+
 def test_gate_training_straight_through_reaches_gate():
     blk = _block("varlen", selection="gate").train()
     blk.generator = torch.Generator().manual_seed(0)
@@ -219,6 +270,35 @@ def test_gate_training_straight_through_reaches_gate():
     assert 0 < int(info.counts.sum()) < 32
     y.sum().backward()
     assert blk.gate.score.weight.grad.abs().sum() > 0
+
+
+def test_selection_draws_on_a_generator_of_the_inputs_device(monkeypatch):
+    """A generator on another device (the harness's CPU generators for a GPU model) is replaced by one
+    on the inputs' device, seeded once from it (one draw) and kept until the block's generator is
+    replaced: no copy of random draws from the host in every block and step. The other device is
+    played by the CPU here (``_same_device`` patched to say no)."""
+    import spa_core.block as block_module
+
+    blk = _block("varlen", selection="gate")
+    source = torch.Generator().manual_seed(11)
+    blk.generator = source
+    cpu = torch.device("cpu")
+    assert blk._generator_on(cpu) is source  # same device: the generator itself, no derivation
+    monkeypatch.setattr(block_module, "_same_device", lambda a, b: False)
+    derived = blk._generator_on(cpu)
+    assert derived is not source and blk._generator_on(cpu) is derived  # made once
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11)))
+    assert torch.equal(
+        torch.rand(5, generator=derived), torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    )
+    blk.generator = torch.Generator().manual_seed(11)  # replaced (same seed): derived anew, same stream
+    again = blk._generator_on(cpu)
+    assert again is not derived
+    assert torch.equal(
+        torch.rand(5, generator=again), torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    )
+    blk.generator = None
+    assert blk._generator_on(cpu) is None
 
 
 def test_attn_impl_switch_gives_same_result(monkeypatch, fixed_policy, mask_with_counts):
