@@ -94,6 +94,15 @@ class BackboneConfig:
         0, range_=(0, None, True, None)
     )  # the paper adds 4, paid for by the savings
     spa: SPAConfig | None = field(default_factory=SPAConfig)  # None -> dense baseline
+    # How padding takes part in attention, in the dense and the SPA blocks alike (padding: the zero
+    # tokens Swin adds where a map is not a multiple of the window, and the batch padding of images
+    # given as ``image_sizes``). "mask": a padding token is never a key of a real token (nor merged into
+    # one), so a map's padding changes nothing; "attend": as Swin and mmdetection, zero tokens after the
+    # norm take part in attention (the outputs then depend on how much padding a window holds).
+    pad_keys: str = checked_field("mask", choices=("mask", "attend"))
+    # A Swin checkpoint on disk (official or timm layout; ``spa_core.pretrained``) loaded into the
+    # backbone when it is built; None: every weight initialised at random.
+    pretrained: str | None = None
 
     @property
     def is_dense(self) -> bool:
