@@ -21,9 +21,10 @@ column) places, and in a shifted block keeps Swin's shift mask (tokens of differ
 not attend; ``spa_core.windows.token_places``, ``kernels.position_bias``). Inside one window that is
 exactly Swin's attention; for two tokens of one container but different windows the offset is
 clamped to the table's range. So with every token kept and ``gate_scaling`` off, a containers SPA
-block computes what the Swin block computes, on any map whose sides are multiples of the window (on
-other maps Swin pads the map and its zero padding tokens take part in attention, where SPA packs
-only real tokens). ``position_bias: none`` drops the table (an ablation of what position is worth).
+block computes what the Swin block computes, on any map: an image that keeps every real token is
+packed over Swin's padded map, in containers of one window's tokens, and padding follows one rule in
+both blocks (``pad_keys``; see ``SPABlock``). ``position_bias: none`` drops the table (an ablation of
+what position is worth).
 """
 
 from __future__ import annotations

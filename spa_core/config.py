@@ -58,7 +58,7 @@ class SPAConfig:
     pack: str = checked_field("containers", registry="pack_strategy")  # containers | varlen | pad | mask
     container_len: int | None = checked_field(
         None, range_=(1, None, True, None)
-    )  # containers' L; None: window ** 2
+    )  # containers' L; None: one window's tokens (M * M; Mh * Mw where a map clips the window)
     # "all": every token goes through the MLP; "selected": an unselected token skips the whole block
     mlp_on: str = checked_field("all", choices=("all", "selected"))
     # "swin": Swin's relative position bias and shift mask on packed pairs; "none": no position information
