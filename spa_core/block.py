@@ -309,6 +309,7 @@ class SPABlock(nn.Module):
         if self.cfg.gate_scaling:
             factor = torch.sigmoid(s) * factor
         Hp, Wp = padded_size((H, W), self.window_size)
+        # only a block with Swin's position bias can be its Swin block; without it padding is never packed
         with_padding = (
             (Hp, Wp) != (H, W) or real is not None
         ) and self.attn.relative_position_bias_table is not None

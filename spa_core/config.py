@@ -101,7 +101,8 @@ class BackboneConfig:
     # norm take part in attention (the outputs then depend on how much padding a window holds).
     pad_keys: str = checked_field("mask", choices=("mask", "attend"))
     # A Swin checkpoint on disk (official or timm layout; ``spa_core.pretrained``) loaded into the
-    # backbone when it is built; None: every weight initialised at random.
+    # backbone when it is built (a path every worker can read: absolute, or relative to where the
+    # trial runs); None: every weight initialised at random.
     pretrained: str | None = None
 
     @property
