@@ -7,10 +7,10 @@
     spa-harness variants
 
 ``run`` expands GRID (``harness.grid.load_grid``), runs the trials that have no finished row yet
-(``harness.runner.run_grid``) into ``RESULTS/<grid name>``, prints each failed trial's error (its
+(``harness.run.runner.run_grid``) into ``RESULTS/<grid name>``, prints each failed trial's error (its
 type, message, the user-code line it came from and its error.txt) and the comparison report
 (``harness.report``: deltas paired by seed with 95% intervals and verdicts; a 120-column table).
-``--track`` also logs each trial that runs to MLflow or W&B (``harness.tracking``).
+``--track`` also logs each trial that runs to MLflow or W&B (``harness.run.tracking``).
 ``report`` reports each experiment of RESULTS apart, or all as one with ``--merge``.
 On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) ``--results`` must be
 a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
@@ -26,6 +26,26 @@ import argparse
 import os
 import sys
 from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from harness.config import smoke_overrides
+from harness.grid import GridError, load_grid
+from harness.names import UnsafeNameError, check_name
+from harness.plugins import (
+    PluginError,
+    list_variants,
+    load_entry_point_plugins,
+    load_plugin,
+    resolve_plugin_spec,
+)
+from harness.report import report_command, write_report_files
+from harness.results import Experiment, ResultsStore, damaged_files, load, split_uri, trial_states
+
+# The run chain (harness.run) is imported by the commands that run or watch trials, not here: it
+# brings Ray Tune and Ray Train, about 2 s of start-up that `report` and `variants` do not need.
 
 __all__ = ["main", "build_parser"]
 
@@ -135,23 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _console():
-    from rich.console import Console
-
+def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _error(console: Any, text: str) -> None:
     """One ``error:`` line, never wrapped (a log reader greps it); ``text`` is not markup."""
-    from rich.markup import escape
-
     console.print(f"[red]error:[/] {escape(text)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def _warn_damaged(path: str, experiment: str | None = None) -> None:
     """A ``warning:`` line on stderr per store file that is there but cannot be read."""
-    from harness.results import ResultsStore, damaged_files
-
     try:
         found = (
             damaged_files(path)
@@ -166,11 +180,8 @@ def _warn_damaged(path: str, experiment: str | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from harness.config import smoke_overrides
-    from harness.grid import GridError, load_grid
-    from harness.names import UnsafeNameError, check_name
-    from harness.runner import plan, run_grid, trial_resources
-    from harness.tracking import TrackingError, parse_track
+    from harness.run.runner import cluster_address, plan, results_problem, run_grid, trial_resources
+    from harness.run.tracking import TrackingError, parse_track
 
     console = _console()
     try:
@@ -184,16 +195,12 @@ def _run(args: argparse.Namespace) -> int:
         _error(console, str(e))
         return 2
     experiment = args.name or grid.name
-    from harness.runner import cluster_address, results_problem
-
     problem = results_problem(args.results, cluster_address(args.address), shared=args.results_shared)
     if problem is not None:
         _error(console, problem)
         return 2
     _warn_damaged(args.results, experiment)
     if args.dry_run:
-        from harness.results import ResultsStore
-
         _print_dry_run(
             console,
             grid,
@@ -214,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
             source=str(grid.source),
             track=track,
             results_shared=args.results_shared,
+            report_files=write_report_files,
         )
     except TrackingError as e:
         _error(console, str(e))
@@ -244,8 +252,6 @@ def _run(args: argparse.Namespace) -> int:
     _print_failures(console, summary)
     if not args.no_report:
         try:
-            from harness.report import report_command
-
             print(report_command(summary.uri, fmt="md"))
         except Exception as e:  # the report is a convenience here; the rows are what matter
             console.print(f"(no report: {type(e).__name__}: {e})", markup=False)
@@ -254,8 +260,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_failures(console: Any, summary: Any) -> None:
     """Each trial that did not finish, with the first line of its error."""
-    from harness.results import Experiment, split_uri
-
     exp = Experiment(*split_uri(summary.uri))
     for p in summary.trials:
         state = summary.states.get(p.config_hash)
@@ -270,8 +274,6 @@ def _print_failures(console: Any, summary: Any) -> None:
 
 
 def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args: argparse.Namespace) -> None:
-    from rich.table import Table
-
     table = Table(title=f"{grid.name}: {len(planned)} trials ({grid.source})")
     for col in ("trial", "seed", "config hash", "workers", "CPUs", "GPUs", "timeout s", "retries", "state"):
         table.add_column(col)
@@ -295,8 +297,7 @@ def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args
 
 
 def _status(args: argparse.Namespace) -> int:
-    from harness.progress import render_states
-    from harness.results import trial_states
+    from harness.run.progress import render_states
 
     _warn_damaged(args.results)
     states = trial_states(args.results)
@@ -309,8 +310,6 @@ def _status(args: argparse.Namespace) -> int:
     for s in states:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
     console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    from harness.results import load
-
     df = load(args.results)
     done = df[df["status"] == "done"]
     if len(done) and "overhead_s" in done.columns:
@@ -323,8 +322,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from harness.report import report_command
-
     _warn_damaged(args.results)
     text = report_command(
         args.results, baseline=args.baseline, fmt=args.format, out=args.out, merge=args.merge
@@ -337,14 +334,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> int:
-    from harness.plugins import (
-        PluginError,
-        list_variants,
-        load_entry_point_plugins,
-        load_plugin,
-        resolve_plugin_spec,
-    )
-
     try:
         load_entry_point_plugins()
     except PluginError as e:

@@ -18,7 +18,7 @@ import sysconfig
 import traceback
 from functools import cache
 
-__all__ = ["root_cause", "user_frame", "describe"]
+__all__ = ["root_cause", "user_frame", "describe", "is_oom"]
 
 _SYSTEM_PACKAGES = ("harness", "spa_core", "kernels", "torch", "ray", "deepspeed")
 _FRAME_LINE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)', re.MULTILINE)
@@ -99,3 +99,13 @@ def describe(exc: BaseException, *, traceback_path: str | None = None, prefix: s
     if where:
         line += f" [{'; '.join(where)}]"
     return f"{line}\n{rest}" if rest else line
+
+
+def is_oom(error: BaseException | str) -> bool:
+    """Whether an exception, or a dead process's error text, is an out-of-memory error (Python's
+    ``MemoryError``, torch's ``OutOfMemoryError``, the Linux OOM killer or Ray's memory monitor)."""
+    if isinstance(error, BaseException):
+        if isinstance(root_cause(error), MemoryError) or isinstance(error, MemoryError):
+            return True
+        error = f"{type(root_cause(error)).__name__} {error}"
+    return "OutOfMemory" in error or "out of memory" in error.lower()

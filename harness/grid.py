@@ -74,8 +74,7 @@ from harness.config import (
 )
 from harness.names import name_problem
 from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
-from spa_core.config import ConfigError, config_rules
-from spa_core.registry import ALL_REGISTRIES
+from spa_core.config import ConfigError, config_rules, rule_problem
 
 __all__ = ["Grid", "GridError", "load_grid", "BUILTIN_GRIDS_DIR", "TOP_LEVEL_KEYS"]
 
@@ -581,43 +580,17 @@ def _check(key: str, v: _Val) -> None:
     except (TypeError, ValueError) as e:  # a value of a shape the config cannot take (a list for a section)
         raise v.loc.error(f"a value of the wrong type or shape ({e}), got {v.value!r}", key) from None
     if isinstance(v.value, dict):  # e.g. an axis over ``model.spa`` mappings: check the names inside
-        for sub, value in _flat(v.value, key).items():
+        for sub, value in flatten_config(v.value, key + ".").items():
             _check_name(sub, _Val(value, v.loc), key)
     _check_name(key, v, key)
 
 
-def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) and v else {f"{prefix}.{k}": v})
-    return out
-
-
 def _check_name(key: str, v: _Val, where: str) -> None:
-    """A value that names a registry entry (or one of a fixed set of choices) names one that exists."""
-    rule = _RULES.get(key, {})
-    if "registry" in rule:
-        reg = ALL_REGISTRIES[rule["registry"]]
-        if len(reg) and v.value not in reg:  # an empty registry: spa_core has not registered yet
-            raise v.loc.error(
-                f"unknown {reg.name} {v.value!r}; registered: {', '.join(reg) or 'nothing'} "
-                f"(plugins add more: `plugins:` in the grid, --plugin, or an entry point)",
-                where,
-            )
-    if "choices" in rule and v.value not in rule["choices"]:
-        what = key.split(".")[-1]
-        raise v.loc.error(f"unknown {what} {v.value!r}; expected one of: {', '.join(rule['choices'])}", where)
-    if "range" in rule and isinstance(v.value, int | float) and not isinstance(v.value, bool):
-        lo, hi, lo_in, hi_in = rule["range"]
-        ok = (lo is None or v.value > lo or (lo_in and v.value == lo)) and (
-            hi is None or v.value < hi or (hi_in and v.value == hi)
-        )
-        if not ok:
-            left = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
-            right = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
-            raise v.loc.error(
-                f"expected a value {' and '.join(x for x in (left, right) if x)}, got {v.value!r}", where
-            )
+    """A value that names a registry entry, one of a fixed set of choices or a number in a range
+    meets the rule its config field declares (``spa_core.config.rule_problem``)."""
+    problem = rule_problem(_RULES.get(key, {}), v.value)
+    if problem is not None:
+        raise v.loc.error(problem, where)
 
 
 def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
@@ -745,7 +718,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
 
 def _attach_baseline(variants: list[tuple[str, dict[str, str], TrialConfig, _Loc]]) -> None:
     """Set ``baseline`` (not hashed) of every variant that is not ``model.variant: dense`` to the grid's
-    dense variant: the model its speedup is timed against (``harness.measure``). Of several dense
+    dense variant: the model its speedup is timed against (``harness.task.measure``). Of several dense
     variants (a dense value crossed with other axes) a variant gets the one whose resolved config
     differs from its own in the fewest keys, the first of them on a tie. No dense variant: none is set."""
     dense = [(name, cfg) for name, _, cfg, _ in variants if cfg.model.variant == "dense"]

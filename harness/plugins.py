@@ -36,6 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import spa_core
 from harness.errors import describe
 from spa_core.registry import ALL_REGISTRIES, registering_as
 
@@ -89,8 +90,6 @@ def resolve_plugin_spec(spec: str, base_dir: str | Path | None = None) -> str:
 
 def load_builtins() -> None:
     """Import every spa_core module, so the built-in variants are registered (origin ``builtin``)."""
-    import spa_core
-
     for info in pkgutil.iter_modules(spa_core.__path__, "spa_core."):
         importlib.import_module(info.name)
 

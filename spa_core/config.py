@@ -23,6 +23,7 @@ __all__ = [
     "check_config",
     "checked_field",
     "config_rules",
+    "rule_problem",
     "ConfigError",
 ]
 
@@ -141,41 +142,47 @@ def config_to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def check_config(cfg: Any, path: str = "") -> None:
-    """Check every field of dataclass ``cfg`` (recursively) against the rule its field declares
-    (``checked_field``): the one place the config's choices, registry names and ranges are checked, used by
-    the blocks and by the harness's grid loader (which adds file and line). Raises ``ConfigError``
-    naming the dotted key, the value and what is allowed."""
+def rule_problem(rule: dict[str, Any], value: Any) -> str | None:
+    """What is wrong with ``value`` under a field's rule (``checked_field``: ``choices``, ``registry``,
+    ``range``), or ``None``. The one place these rules are checked: ``check_config`` uses it on a
+    built config, the harness's grid loader on each key of a file (adding the file and line)."""
     from spa_core.registry import ALL_REGISTRIES
 
+    if value is None:
+        return None
+    if "choices" in rule and value not in rule["choices"]:
+        return f"{value!r} is not one of {', '.join(map(str, rule['choices']))}"
+    if "registry" in rule:
+        reg = ALL_REGISTRIES[rule["registry"]]
+        if value not in reg:
+            return (
+                f"unknown {reg.name} {value!r}; registered: {', '.join(reg) or 'nothing'} "
+                "(plugins add more: `plugins:` in a grid, --plugin, or an entry point)"
+            )
+    if "range" in rule and isinstance(value, int | float) and not isinstance(value, bool):
+        lo, hi, lo_in, hi_in = rule["range"]
+        ok = (lo is None or value > lo or (lo_in and value == lo)) and (
+            hi is None or value < hi or (hi_in and value == hi)
+        )
+        if not ok:
+            left = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
+            right = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
+            return f"expected a value {' and '.join(x for x in (left, right) if x)}, got {value!r}"
+    return None
+
+
+def check_config(cfg: Any, path: str = "") -> None:
+    """Check every field of dataclass ``cfg`` (recursively) against the rule its field declares
+    (``rule_problem``). Raises ``ConfigError`` naming the dotted key, the value and what is allowed."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{path}.{f.name}" if path else f.name
         if dataclasses.is_dataclass(value):
             check_config(value, key)
             continue
-        if value is None:
-            continue
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
-        if "registry" in f.metadata:
-            reg = ALL_REGISTRIES[f.metadata["registry"]]
-            if value not in reg:
-                raise ConfigError(
-                    f"{key}: unknown {reg.name} {value!r}; registered: {', '.join(reg) or 'nothing'} "
-                    "(plugins add more)"
-                )
-        if "range" in f.metadata and isinstance(value, int | float) and not isinstance(value, bool):
-            lo, hi, lo_in, hi_in = f.metadata["range"]
-            ok = (lo is None or value > lo or (lo_in and value == lo)) and (
-                hi is None or value < hi or (hi_in and value == hi)
-            )
-            if not ok:
-                left = "" if lo is None else f"{'>=' if lo_in else '>'} {lo}"
-                right = "" if hi is None else f"{'<=' if hi_in else '<'} {hi}"
-                raise ConfigError(
-                    f"{key}: expected a value {' and '.join(x for x in (left, right) if x)}, got {value!r}"
-                )
+        problem = rule_problem(dict(f.metadata), value)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
 
 
 def config_rules(cls: type, prefix: str = "") -> dict[str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """How ``train_variant`` talks to the machinery that runs it: the ``TrainBackend`` protocol.
 
 ``TorchBackend`` is the single-process implementation (plain PyTorch, CPU or one GPU).
-``harness.distributed.DeepSpeedBackend`` implements the same protocol on DeepSpeed; both build the
+``harness.task.distributed.DeepSpeedBackend`` implements the same protocol on DeepSpeed; both build the
 optimizer and schedule with ``build_optimizer`` / ``warmup_cosine`` below so they train alike.
 """
 

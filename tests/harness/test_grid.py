@@ -378,7 +378,7 @@ def test_bad_override(tmp_path):
 def test_every_trial_carries_its_axis_labels_for_the_report(tmp_path):
     """A trial's label on each axis travels with it (``axis``, not hashed) into its row's ``axis.<axis>``
     columns, where the report's axis tables read them; a point has none."""
-    from harness.trial import failure_row  # the row builder every row goes through
+    from harness.run.rows import RunInfo, TrialSpec, failure_row  # the row builder every row goes through
 
     path = _write(
         tmp_path,
@@ -399,13 +399,9 @@ def test_every_trial_carries_its_axis_labels_for_the_report(tmp_path):
     bare = copy.deepcopy(t)
     bare.axis = {}
     assert config_hash(bare) == config_hash(t)
-    from harness.config import trial_to_dict
-    from harness.trial import TrialContext
-
     row = failure_row(
-        trial_to_dict(t),
-        config_hash(t),
-        TrialContext("file:///x", "e", "r", "c"),
+        TrialSpec(t, config_hash(t)),
+        RunInfo("r", "c"),
         status="failed",
         error="x",
         error_type="X",

@@ -17,7 +17,7 @@ from harness.grid import GridError, load_grid
 from harness.names import MAX_NAME_LEN, UnsafeNameError, check_name, inside, name_problem, safe_name
 from harness.results import ResultsStore
 from harness.results import UnsafeNameError as StoreNameError
-from harness.runner import _trial_dirname, run_grid
+from harness.run.runner import TrialDirname, run_grid
 
 GOOD = ["smoke", "ratio=0.25,selection=topk", "topk-0.5", "a+b", "-1", "x" * MAX_NAME_LEN, "_", "v1.2"]
 BAD = [
@@ -108,15 +108,11 @@ def test_loader_refuses_a_file_stem_that_is_no_name_and_path_like_points_and_lab
 
 def test_crossed_trial_names_name_plain_folders():
     """A crossed trial's name holds its labels (values may be anything); Tune's folder of it is plain."""
+    h = "0123456789abcdef"
     trial = SimpleNamespace(
-        config={
-            "trial": {
-                "config": {"name": "spa={'gate': 'x/../y'},ratio=0.5" + "z" * 200},
-                "config_hash": "0123456789abcdef",
-            }
-        }
-    )
-    name = _trial_dirname(trial)
+        config={"trial": {"config_hash": h, "spec": ("__ref_ph", "x")}}
+    )  # as Tune holds it
+    name = TrialDirname({h: "spa={'gate': 'x/../y'},ratio=0.5" + "z" * 200})(trial)
     assert name_problem(name) is None and name.endswith("-0123456789abcdef")
 
 

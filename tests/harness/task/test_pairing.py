@@ -1,5 +1,5 @@
 """Paired trials: one seed fixes everything that is not the variant (harness/task/detector.py's and
-train.py's pairing, harness/grid.py's baseline, harness/measure.py's speedup baseline).
+train.py's pairing, harness/grid.py's baseline, harness/task/measure.py's speedup baseline).
 
 Trials of one seed share the initial weights of what they share with dense (by name and shape), the
 training batches and evaluation images, and selection's random streams (one generator per SPA block,
@@ -18,7 +18,6 @@ from torch import nn
 
 from harness.config import config_hash, trial_from_dict
 from harness.grid import load_grid
-from harness.measure import DENSE_TWIN, speedup_baseline_config
 from harness.task import train as task_train
 from harness.task.detector import (
     build_detector,
@@ -26,6 +25,7 @@ from harness.task.detector import (
     pretrained_columns,
     set_selection_generators,
 )
+from harness.task.measure import DENSE_TWIN, speedup_baseline_config
 from harness.task.train import train_variant
 from spa_core.backbone import SPABackbone
 from spa_core.block import SPABlock
@@ -387,7 +387,7 @@ def test_under_deepspeed_zero3_the_engine_wraps_the_paired_initial_weights(
 ):
     """The model DeepSpeed is handed (before ZeRO-3 partitions it) is the one build_detector makes from
     the seed: the dense reference's weights where it shares them."""
-    from harness.distributed import DeepSpeedBackend
+    from harness.task.distributed import DeepSpeedBackend
 
     cfg = _cfg(VARIANTS["extra1"], cache=cache, train={"steps": 1, "zero_stage": 3})
     handed = {}

@@ -1,0 +1,5 @@
+"""``python -m harness.bench``: see ``harness.bench``."""
+
+from harness.bench import main
+
+raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""Per-trial measurements beyond the task metrics: FLOPs, timings, memory, parameters.
+
+All on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
+variant), after training, with the trial's real selection (the trained gate, or top-k / random):
+
+- ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
+  image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
+- ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
+  kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
+  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences). It is an
+  upper bound of what this implementation does: the formula counts each container's L x L scores
+  densely and the output projection over all N tokens, while the varlen kernel computes only the
+  blocks of one image inside a container and the projection runs on the kept tokens;
+- ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward and of one training
+  micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
+  runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
+  (a training step counts the samples of every worker);
+- ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
+  the grid's baseline model timed in this process, calls alternating and which goes first alternating,
+  ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of baseline time / model time,
+  ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` / ``paired_dense_ms`` the medians. The baseline
+  (``speedup_baseline_config``) is the grid's dense point (``cfg.baseline``, attached by the grid: for
+  the paper's grid plain Swin-T, without the 4 extra stage-3 blocks the SPA model pays for), so the
+  speedup and the GMACs delta of a row are against the same model; a trial of a grid without a dense
+  point falls back to its dense twin (its own config with ``model.variant: dense``, extra blocks
+  kept). ``speedup_baseline`` names which: the baseline trial's name, or ``dense-twin``. The baseline
+  is built as ``build_detector`` builds every model (the initial weights of the seed; timing does not
+  depend on them), untrained. Both
+  run under the same load, which ``infer_ms`` of two trials do not (other trials train beside them),
+  and both as plain modules: under ZeRO-3 the trial's model is timed as a plain copy of its gathered
+  weights (``timing_copy``), without the hooks ZeRO-3 runs around every submodule;
+- ``peak_mem_mb``: peak resident set of the process (CPU; reset at the trial's start where Linux
+  allows) or ``torch.cuda.max_memory_allocated`` (CUDA), ``peak_mem_kind`` says which;
+- ``backbone_params`` (the task reports ``num_params`` for the whole detector).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+import kernels
+from harness.task.backend import autocast_dtype
+from harness.task.data import build_datasets, fixed_batch
+from harness.task.detector import build_detector
+from harness.task.train import to_device
+from spa_core.backbone import stage_grids
+from spa_core.registry import PACK_STRATEGIES
+
+__all__ = [
+    "measure",
+    "paired_speedup",
+    "reset_peak_memory",
+    "peak_memory",
+    "fvcore_macs",
+    "analytic_attention_macs",
+    "timed",
+    "timed_pairs",
+    "dense_twin_config",
+    "speedup_baseline_config",
+    "timing_copy",
+    "zero3_partitioned",
+    "DENSE_TWIN",
+]
+
+DENSE_TWIN = "dense-twin"  # ``speedup_baseline`` of a trial timed against its own dense twin
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory window (CUDA stats; on Linux, VmHWM via /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # no reset: the peak then covers the process's life
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(peak MiB, kind) since ``reset_peak_memory``."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "rss_peak"
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_peak"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median and IQR (ms) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    q25, q50, q75 = np.percentile(times, [25, 50, 75])
+    return {"median": float(q50), "iqr": float(q75 - q25)}
+
+
+def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
+    ``warmup`` pairs: machine load in a pair falls on both."""
+    for _ in range(warmup):
+        a()
+        b()
+    _sync(device)
+    ta, tb = [], []
+    for i in range(max(1, repeats)):
+        first, second = (a, b) if i % 2 == 0 else (b, a)
+        t0 = time.perf_counter()
+        first()
+        _sync(device)
+        t1 = time.perf_counter()
+        second()
+        _sync(device)
+        t2 = time.perf_counter()
+        d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        ta.append(d1 if i % 2 == 0 else d2)
+        tb.append(d2 if i % 2 == 0 else d1)
+    return ta, tb
+
+
+class _InferenceGraph(nn.Module):
+    """The detector's inference forward as a traceable graph: backbone, head; tensors out (NMS, a
+    data-dependent numpy loop, is left out: it does no multiply-adds worth counting). Every backbone
+    feature is an output too, read by the head or not: the trace drops work whose result reaches no
+    output, and the eager forward computes all four stages (fvcore would otherwise leave out, say, the
+    layer norm of a stage the head does not read)."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        bb = self.detector.backbone(images)
+        feats = [bb.features[s - 1] for s in self.detector.in_stages]
+        cls, ltrb, ctr = self.detector.head(feats)
+        return (*cls, *ltrb, *ctr, *bb.features)
+
+
+def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """fvcore multiply-adds of the inference forward on ``images``: total, backbone, attention+gates
+    (summed over the batch), and the ops fvcore could not count."""
+    graph = _InferenceGraph(detector).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about data-dependent shapes
+        fca = FlopCountAnalysis(graph, (images,)).set_op_handle(**kernels.FVCORE_HANDLES)
+        fca.unsupported_ops_warnings(False)
+        fca.uncalled_modules_warnings(False)
+        fca.tracer_warnings("none")
+        total = fca.total()
+        by_module = fca.by_module()
+        unsupported: Counter[str] = Counter(fca.unsupported_ops())
+    attn = sum(
+        v
+        for k, v in by_module.items()
+        if k.startswith("detector.backbone.") and (k.endswith(".attn") or k.endswith(".gate"))
+    )
+    return {
+        "total": total,
+        "backbone": by_module.get("detector.backbone", 0),
+        "attn": attn,
+        "unsupported": ",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
+    }
+
+
+def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
+    """The paper's attention formulas summed over the backbone's blocks, for a batch of ``batch``
+    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list): W-MSA for Swin
+    blocks, the pack strategy's ``attention_macs`` for SPA blocks."""
+    m = cfg.model
+    depths = list(m.depths)
+    depths[2] += m.extra_stage3_blocks
+    grids = stage_grids(image_hw, m.patch_size)
+    spa_stages = () if m.is_dense else tuple(m.spa_stages)
+    counts = {(b.stage, b.index): b.counts.detach().cpu().long().tolist() for b in blocks}
+    spa = m.spa
+    strategy = None if m.is_dense else PACK_STRATEGIES.get(spa.pack)  # each strategy's own formula
+    total = 0.0
+    for i, depth in enumerate(depths):
+        h, w = grids[i]
+        n = h * w
+        c = m.embed_dim * 2**i
+        mh, mw = min(m.window_size, h), min(m.window_size, w)
+        n_pad = math.ceil(h / mh) * mh * math.ceil(w / mw) * mw
+        for j in range(depth):
+            if i + 1 not in spa_stages:  # W-MSA: B(4NC^2 + 2 M^2 N C)
+                total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
+                continue
+            k = counts.get((i + 1, j), [n] * batch)
+            # containers of one window's tokens (clipped where the map is smaller than the window)
+            total += strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
+    return total
+
+
+def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
+    """The measurement columns of a trial (see the module docstring). Every rank calls it (a
+    training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
+    bc = cfg.bench
+    device = backend.device
+    engine = backend.engine
+    t0 = time.perf_counter()
+    train_ds, val_ds = build_datasets(cfg.data, progress=False)
+    images, targets = fixed_batch(val_ds, bc.batch_size)
+    images, targets = images.to(device), to_device(targets, device)
+    out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
+
+    engine.eval()
+    with torch.no_grad():
+        infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
+    out.update(
+        infer_ms=infer["median"],
+        infer_ms_iqr=infer["iqr"],
+        infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
+    )
+
+    with backend.gathered_parameters():
+        with torch.no_grad():
+            blocks = detector.eval()(images)["backbone"].blocks
+        macs = fvcore_macs(detector, images)
+    b = images.shape[0]
+    out.update(
+        gmacs=macs["total"] / b / 1e9,
+        backbone_gmacs=macs["backbone"] / b / 1e9,
+        fvcore_attn_gmacs=macs["attn"] / b / 1e9,
+        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
+        fvcore_unsupported_ops=macs["unsupported"],
+        backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
+    )
+
+    if bc.train_step:
+        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size)
+        t_images, t_targets = t_images.to(device), to_device(t_targets, device)
+        engine.train()
+
+        def _step() -> None:
+            with backend.autocast():
+                loss = engine(t_images, t_targets)["loss"]
+            backend.backward(loss)
+            backend.step()
+
+        step = timed(_step, bc.warmup, bc.repeats, device)
+        out.update(
+            train_step_ms=step["median"],
+            train_step_ms_iqr=step["iqr"],
+            train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3,
+        )
+        engine.eval()
+    out["bench_time_s"] = time.perf_counter() - t0
+    out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
+    out.update(paired_speedup(cfg, backend, detector, images))
+    return out
+
+
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed's ZeRO-3 manages the module's parameters (its parameters carry ``ds_status``),
+    and so its forward hooks run on every submodule call."""
+    return any(hasattr(p, "ds_status") for p in module.parameters())
+
+
+def timing_copy(cfg, detector: nn.Module) -> nn.Module:
+    """The model ``paired_speedup`` times for the trial: ``detector`` itself, or, under ZeRO-3 (call it
+    with the parameters gathered), a plain copy built from ``cfg`` with the detector's weights and
+    buffers. ZeRO-3's forward hooks fetch and release parameters around every submodule call even while
+    they are gathered: measured here (micro preset, CPU, 2 images), the hooked detector took 101 ms per
+    forward and the plain copy 51 ms, a cost the dense twin does not pay."""
+    if not zero3_partitioned(detector):
+        return detector
+    p = next(detector.parameters())
+    copy = build_detector(cfg)
+    copy.load_state_dict(detector.state_dict())
+    return copy.to(device=p.device, dtype=p.dtype).train(detector.training)
+
+
+def dense_twin_config(cfg):
+    """The trial's config with plain Swin blocks everywhere (``model.variant: dense``)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, variant="dense", spa=None))
+
+
+def speedup_baseline_config(cfg) -> tuple[Any, str]:
+    """``(config, name)`` of the model ``paired_speedup`` times the trial against: the trial's config
+    with the model and head of ``cfg.baseline`` (the grid's dense point) and that point's name, or,
+    without a baseline, ``(dense_twin_config(cfg), DENSE_TWIN)``. Data, bench and seed stay the trial's."""
+    import copy
+    import dataclasses
+
+    if cfg.baseline is None:
+        return dense_twin_config(cfg), DENSE_TWIN
+    b = cfg.baseline
+    return dataclasses.replace(
+        cfg, model=copy.deepcopy(b.model), head=copy.deepcopy(b.head), baseline=None
+    ), b.name
+
+
+def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
+    """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
+    ``speedup_baseline`` (see the module docstring); empty for a dense trial.
+    ``images``: the fixed evaluation batch on the device (default: loaded here).
+
+    Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
+    ``train.precision``, so the two calls of a pair differ only in the model. Under ZeRO-3 the trial's
+    model is timed as a plain copy with its gathered weights (``timing_copy``)."""
+    if cfg.model.is_dense:
+        return {}
+    t0 = time.perf_counter()
+    device = backend.device
+    bc = cfg.bench
+    if images is None:
+        _, val_ds = build_datasets(cfg.data, progress=False)
+        images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
+    dtype = next(detector.parameters()).dtype
+    twin_cfg, baseline = speedup_baseline_config(cfg)
+    twin = build_detector(twin_cfg).to(device=device, dtype=dtype).eval()
+    amp = autocast_dtype(cfg.train.precision, device)
+
+    def _call(model: nn.Module):
+        def run() -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+                model(images)
+
+        return run
+
+    gathered = getattr(backend, "gathered_parameters", contextlib.nullcontext)
+    with gathered():
+        model = timing_copy(cfg, detector)
+        was_training = model.training
+        model.eval()
+        try:
+            t_model, t_dense = timed_pairs(_call(model), _call(twin), bc.warmup, bc.repeats, device)
+        finally:
+            model.train(was_training)
+    ratios = [d / m for d, m in zip(t_dense, t_model)]
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    del twin, model
+    return {
+        "speedup_baseline": baseline,
+        "speedup_vs_dense": float(med),
+        "speedup_vs_dense_q1": float(q1),
+        "speedup_vs_dense_q3": float(q3),
+        "paired_model_ms": float(np.median(t_model)),
+        "paired_dense_ms": float(np.median(t_dense)),
+        "paired_repeats": int(max(1, bc.repeats)),
+        "paired_time_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,52 @@
+"""``harness.run.runner``: what a run restores and what it refuses, without starting Ray."""
+
+import pytest
+
+import harness.run.runner as runner
+from harness.config import config_hash, trial_from_dict
+
+
+@pytest.fixture
+def tune_calls(monkeypatch):
+    """``_run_tune`` replaced by a recorder of its ``restorable`` argument; it runs nothing."""
+    calls = []
+
+    def fake(pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable, *rest):
+        calls.append(restorable)
+        return False
+
+    monkeypatch.setattr(runner, "_run_tune", fake)
+    return calls
+
+
+def _interrupted_run(tmp_path, cfg):
+    """A store whose last run of ``cfg`` was interrupted before its row landed."""
+    runner.run_grid([cfg], results=str(tmp_path), experiment="e", progress=False)
+    exp = runner.ResultsStore(str(tmp_path)).experiment("e")
+    assert exp.read_manifest()["tune"]["trials"] == [config_hash(cfg)]
+
+
+def test_an_interrupted_run_is_restored_only_with_the_same_retries(tmp_path, tune_calls):
+    cfg = trial_from_dict({"name": "a", "resources": {"retries": 0}})
+    _interrupted_run(tmp_path, cfg)
+    runner.run_grid([cfg], results=str(tmp_path), experiment="e", progress=False)
+    more = trial_from_dict({"name": "a", "resources": {"retries": 2}})
+    assert config_hash(more) == config_hash(cfg)  # retries are not part of what the trial computes
+    runner.run_grid([more], results=str(tmp_path), experiment="e", progress=False)
+    assert tune_calls == [False, True, False]  # the new retries start a fresh Tune run
+
+
+def test_a_local_results_path_on_a_cluster_is_refused_before_anything_is_written(tmp_path, tune_calls):
+    cfg = trial_from_dict({"name": "a"})
+    with pytest.raises(runner.SharedResultsError, match="--results-shared"):
+        runner.run_grid([cfg], results=str(tmp_path / "r"), experiment="e", address="head:6379")
+    assert not (tmp_path / "r").exists() and tune_calls == []
+    runner.run_grid(
+        [cfg],
+        results=str(tmp_path / "r"),
+        experiment="e",
+        address="head:6379",
+        results_shared=True,
+        progress=False,
+    )
+    assert tune_calls == [False]

@@ -1,0 +1,229 @@
+"""Measurements: the paper's formulas by hand, fvcore counts with the real selection, timings, memory."""
+
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.config import BaselineConfig, trial_from_dict
+from harness.task.measure import (
+    DENSE_TWIN,
+    analytic_attention_macs,
+    dense_twin_config,
+    fvcore_macs,
+    paired_speedup,
+    peak_memory,
+    reset_peak_memory,
+    speedup_baseline_config,
+    timed,
+    timed_pairs,
+)
+
+
+def _cfg(**model):
+    return trial_from_dict({"preset": "micro", "model": model, "data": {"image_size": 64}})
+
+
+def test_dense_formula_by_hand():
+    cfg = _cfg(variant="dense")  # micro: embed 16, depths (1, 1, 1, 1), window 4
+    # 64x64 images, patch 4: grids 16x16, 8x8, 4x4, 2x2 (the last clips the window to 2x2)
+    expect = 0
+    for (h, w), c in zip([(16, 16), (8, 8), (4, 4), (2, 2)], [16, 32, 64, 128]):
+        m2 = min(4, h) * min(4, w)
+        expect += 4 * h * w * c * c + 2 * m2 * h * w * c
+    assert analytic_attention_macs(cfg, [], (64, 64), batch=1) == expect
+    assert analytic_attention_macs(cfg, [], (64, 64), batch=3) == 3 * expect
+
+
+def test_spa_containers_formula_by_hand():
+    cfg = _cfg(spa_stages=[3], spa={"pack": "containers", "container_len": 8})
+    counts = torch.tensor([5, 9])  # two images keep 14 of 16 tokens at stage 3: two containers of 8
+    block = SimpleNamespace(stage=3, index=0, counts=counts)
+    dense_part = sum(
+        2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
+        for (h, w), c in [((16, 16), 16), ((8, 8), 32), ((2, 2), 128)]
+    )
+    n, c, L = 16, 64, 8
+    spa_part = 2 * (n * c + n * c * c) + math.ceil(14 / L) * (3 * L * c * c + 2 * L * L * c)
+    assert analytic_attention_macs(cfg, [block], (64, 64), batch=2) == dense_part + spa_part
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fvcore_counts_the_real_selection_spa_below_dense():
+    from harness.task.detector import build_detector
+
+    images = torch.randn(2, 3, 64, 64)
+    macs = {}
+    for name, model in (
+        ("dense", {"variant": "dense"}),
+        ("half", {"spa": {"selection": "topk", "ratio": 0.5}}),
+        ("tenth", {"spa": {"selection": "topk", "ratio": 0.1}}),
+    ):
+        torch.manual_seed(0)
+        det = build_detector(_cfg(**model)).eval()
+        macs[name] = fvcore_macs(det, images)
+    assert macs["tenth"]["backbone"] < macs["half"]["backbone"] < macs["dense"]["backbone"]
+    assert macs["tenth"]["total"] < macs["half"]["total"] < macs["dense"]["total"]
+    assert 0 < macs["half"]["attn"] < macs["half"]["backbone"] < macs["half"]["total"]
+    assert "varlen_attention" not in macs["half"]["unsupported"]  # kernels' handle counts it
+
+
+def test_timed_reports_median_and_iqr():
+    """Calls of known durations (sleeps of 10, 30, 20, 50, 40 ms after two warm-up calls): the median
+    is the middle one's, the IQR the spread of the middle half, and the warm-up is left out."""
+    sleeps = iter([0.2, 0.2, 0.010, 0.030, 0.020, 0.050, 0.040])
+    out = timed(lambda: time.sleep(next(sleeps)), warmup=2, repeats=5, device=torch.device("cpu"))
+    assert 30 <= out["median"] < 55  # sleep() overshoots (more on a loaded machine), never undershoots
+    assert 10 <= out["iqr"] < 45  # percentiles 25 and 75 of 10..50 ms: 20 and 40
+
+
+def test_peak_memory_sees_a_big_allocation():
+    device = torch.device("cpu")
+    reset_peak_memory(device)
+    base, kind = peak_memory(device)
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    x += 1
+    peak, _ = peak_memory(device)
+    assert kind == "rss_peak" and peak >= base + 48
+
+
+def test_timed_pairs_alternate_which_goes_first():
+    calls = []
+    ta, tb = timed_pairs(
+        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4, device=torch.device("cpu")
+    )
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(ta) == len(tb) == 4
+    slow, fast = timed_pairs(
+        lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, repeats=4, device=torch.device("cpu")
+    )
+    assert min(slow) >= 20 and min(fast) >= 5  # each time is its own call's, whichever went first
+    assert sorted(slow)[1] > sorted(fast)[2] + 8
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_paired_speedup_times_the_model_against_its_dense_twin():
+    from harness.task.detector import build_detector
+
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"spa": {"selection": "topk", "ratio": 0.5}},
+            "data": {"image_size": 64, "num_train": 8, "num_val": 4},
+            "bench": {"batch_size": 2, "warmup": 1, "repeats": 5},
+        }
+    )
+    twin = dense_twin_config(cfg)
+    assert twin.model.is_dense and twin.model.spa is None and not cfg.model.is_dense
+    assert (twin.model.depths, twin.model.embed_dim, twin.data, twin.bench) == (
+        cfg.model.depths,
+        cfg.model.embed_dim,
+        cfg.data,
+        cfg.bench,
+    )
+    assert not any(type(m).__name__ == "SPABlock" for m in build_detector(twin).modules())
+
+    torch.manual_seed(0)
+    det = build_detector(cfg).train()
+    out = paired_speedup(cfg, SimpleNamespace(device=torch.device("cpu")), det)
+    assert out["paired_repeats"] == 5 and out["paired_model_ms"] > 0 and out["paired_dense_ms"] > 0
+    assert 0 < out["speedup_vs_dense_q1"] <= out["speedup_vs_dense"] <= out["speedup_vs_dense_q3"]
+    assert out["speedup_baseline"] == DENSE_TWIN  # no grid baseline attached
+    assert det.training  # its mode restored
+    assert paired_speedup(twin, SimpleNamespace(device=torch.device("cpu")), det) == {}  # dense: no twin
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_paired_speedup_times_the_model_against_the_grids_baseline(monkeypatch):
+    """A variant with extra stage-3 blocks is timed against the grid's dense point (without them), not
+    against its own dense twin (with them)."""
+    import harness.task.detector as detector_mod
+    import harness.task.measure as measure_mod
+
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"extra_stage3_blocks": 2, "spa": {"selection": "topk"}},
+            "data": {"image_size": 64, "num_train": 8, "num_val": 4},
+            "bench": {"batch_size": 2, "warmup": 0, "repeats": 2},
+        }
+    )
+    dense = trial_from_dict({"preset": "micro", "model": {"variant": "dense"}})
+    cfg.baseline = BaselineConfig(name="swin", model=dense.model, head=dense.head)
+    twin, name = speedup_baseline_config(cfg)
+    assert name == "swin" and twin.model == dense.model and twin.head == dense.head and twin.data == cfg.data
+    assert twin.baseline is None and dense_twin_config(cfg).model.extra_stage3_blocks == 2
+
+    built = []
+    real = detector_mod.build_detector
+    monkeypatch.setattr(measure_mod, "build_detector", lambda c: built.append(c) or real(c))
+    det = real(cfg)
+    out = paired_speedup(cfg, SimpleNamespace(device=torch.device("cpu")), det, torch.randn(2, 3, 64, 64))
+    assert out["speedup_baseline"] == "swin" and out["speedup_vs_dense"] > 0
+    assert [c.model for c in built] == [dense.model]  # the twin timed is the baseline's model
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_fvcore_counts_every_stage_the_forward_computes():
+    """The trace keeps the features the head does not read: the eager forward computes them (a
+    trace drops work whose result reaches no output)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    import kernels
+    from harness.task.detector import build_detector
+    from spa_core.backbone import BackboneFeatures
+
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "model": {"variant": "dense"},
+            "head": {"in_stages": [2, 3]},
+            "data": {"image_size": 64},
+        }
+    )
+    torch.manual_seed(0)
+    det = build_detector(cfg).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fca = FlopCountAnalysis(BackboneFeatures(det.backbone), (images,)).set_op_handle(
+            **kernels.FVCORE_HANDLES
+        )
+        backbone = fca.total()  # all four stages
+    macs = fvcore_macs(det, images)
+    assert macs["backbone"] == backbone
+    assert macs["total"] > backbone
+
+
+def test_a_plugin_pack_strategy_brings_its_own_flop_formula_into_the_row():
+    """A pack strategy registered by a plugin is counted by its own formula in the trial's
+    analytic column; the Swin blocks keep W-MSA's."""
+    import dataclasses
+
+    from spa_core.attention import attend_varlen
+    from spa_core.pack import pack_varlen
+    from spa_core.registry import PACK_STRATEGIES
+    from spa_core.strategies import PackStrategy
+
+    seen = []
+
+    def formula(counts, n, c, container_len):
+        seen.append((list(counts), n, c, container_len))
+        return 1000.0 * sum(counts)
+
+    def pack(x, mask, *, cfg, order=None):
+        return dataclasses.replace(pack_varlen(x, mask, cfg=cfg, order=order), strategy="plugin_formula")
+
+    PACK_STRATEGIES.register("plugin_formula", PackStrategy(pack, attend_varlen, formula))
+    try:
+        cfg = _cfg(spa_stages=[3], spa={"pack": "plugin_formula"})
+        block = SimpleNamespace(stage=3, index=0, counts=torch.tensor([5, 9]))
+        dense_part = sum(
+            2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
+            for (h, w), c in zip([(16, 16), (8, 8), (2, 2)], [16, 32, 128])
+        )
+        assert analytic_attention_macs(cfg, [block], (64, 64), batch=2) == dense_part + 14000.0
+        assert seen == [([5, 9], 16, 64, 16)]  # stage 3 of micro at 64 px: 4x4 tokens, 64 channels, L = 4^2
+    finally:
+        PACK_STRATEGIES.unregister("plugin_formula")
