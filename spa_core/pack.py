@@ -44,7 +44,7 @@ __all__ = [
     "DEFAULT_CONTAINER_LEN",
 ]
 
-DEFAULT_CONTAINER_LEN = 49  # 7 * 7, Swin-T's window; blocks pass window_size ** 2
+DEFAULT_CONTAINER_LEN = 49  # 7 * 7, Swin-T's window; blocks pass one window's tokens on their map
 
 
 @dataclass

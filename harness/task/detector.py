@@ -32,12 +32,18 @@ alone, so that the trials of one seed differ only by their variant:
   ``(seed, "select", stage, index)`` (``set_selection_generators``), so selection never consumes the
   global RNG, one block's draws do not depend on the others', and the stream is the same on any
   device (the policies draw on the generator's device and move the result).
+
+Pretrained backbones. With ``model.pretrained`` the backbone loads the Swin checkpoint when it is
+built (``spa_core.pretrained``), the reference too, so what both have comes from the checkpoint and
+what has no source there (gates, output norms, extra stage-3 blocks) from the seeded initialisation
+above. ``pretrained_columns`` gives the row what the load left as initialised and the file's hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from typing import Any
 
 import torch
@@ -54,6 +60,7 @@ __all__ = [
     "HEAD_TYPES",
     "derived_seed",
     "init_reference_config",
+    "pretrained_columns",
     "share_initial_weights",
     "set_selection_generators",
 ]
@@ -172,6 +179,24 @@ def set_selection_generators(model: nn.Module, seed: int) -> int:
         m.generator = torch.Generator().manual_seed(derived_seed(seed, "select", *key))
         n += 1
     return n
+
+
+def pretrained_columns(model: Detector) -> dict[str, Any]:
+    """The row's ``pretrained_missing`` (the backbone modules the checkpoint had no weights for, left
+    as initialised, comma-separated) and ``pretrained_sha256`` (of the checkpoint file); None for a
+    backbone built without ``model.pretrained``. Logs what was left as initialised."""
+    load = getattr(model.backbone, "pretrained_load", None)
+    if load is None:
+        return {"pretrained_missing": None, "pretrained_sha256": None}
+    missing = ", ".join(load.missing)
+    logging.getLogger(__name__).info(
+        "pretrained %s (%s layout): %d weights loaded; no source, left as initialised: %s",
+        load.source,
+        load.layout,
+        len(load.loaded),
+        missing or "nothing",
+    )
+    return {"pretrained_missing": missing, "pretrained_sha256": load.sha256}
 
 
 def build_detector(cfg: TrialConfig) -> Detector:

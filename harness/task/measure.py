@@ -215,7 +215,8 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
                 total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
-            total += strategy.attention_macs(k, n, c, spa.container_len or m.window_size**2)
+            # containers of one window's tokens (clipped where the map is smaller than the window)
+            total += strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
     return total
 
 

@@ -26,7 +26,7 @@ from harness.config import TrialConfig
 from harness.task.backend import TorchBackend, TrainBackend
 from harness.task.coco import CocoDetection
 from harness.task.data import build_datasets, collate
-from harness.task.detector import Detector, build_detector
+from harness.task.detector import Detector, build_detector, pretrained_columns
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
 
 __all__ = ["train_variant", "evaluate_variant", "NonFiniteLossError", "seed_everything", "to_device"]
@@ -76,7 +76,8 @@ def train_variant(
     ``gate_precision``/``gate_recall``/``gate_f1``/``kept_fraction``/``label_fraction`` with ``*_std``
     (spread over val images) and ``kept_fraction_s{stage}b{index}`` per SPA block (dense: kept
     fraction 1, gate metrics NaN), ``steps``, ``train_samples_per_s``, ``train_time_s``,
-    ``eval_time_s``, ``num_params``."""
+    ``eval_time_s``, ``num_params``, ``pretrained_missing`` and ``pretrained_sha256``
+    (``harness.task.detector.pretrained_columns``)."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
@@ -86,6 +87,7 @@ def train_variant(
             f"{cfg.head.num_classes}"
         )
     model = build_detector(cfg)
+    pretrained = pretrained_columns(model)
     num_params = sum(p.numel() for p in model.parameters())
     module = backend.setup(model, cfg)
 
@@ -162,6 +164,7 @@ def train_variant(
         train_time_s=train_time,
         eval_time_s=time.perf_counter() - t1,
         num_params=num_params,
+        **pretrained,
     )
     return metrics
 

@@ -54,6 +54,7 @@ def test_train_variant_returns_flat_metrics_deterministically(cache):
         "eval_time_s",
     ):
         assert key in a, key
+    assert a.pop("pretrained_missing") is None and a.pop("pretrained_sha256") is None  # no checkpoint
     assert all(isinstance(v, int | float) for v in a.values())
     assert a["steps"] == 2 and any(k.startswith("kept_fraction_s3b") for k in a)
     b = train_variant(cfg, progress=False)
