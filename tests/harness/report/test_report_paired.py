@@ -360,3 +360,29 @@ def test_margin_and_contrasts_come_from_the_experiment_json_or_its_grid_file(tmp
 def test_a_contrast_of_a_variant_without_rows_is_left_out_with_a_note():
     report = build_report(_grid_rows(3), comparisons=Comparisons(None, (Contrast("x", "gate", "gone"),)))
     assert len(report.contrasts) == 0 and any("contrast 'x'" in n and "gone" in n for n in report.notes)
+
+
+def test_the_speedup_header_says_what_was_timed():
+    """Rows timed by the current run path carry ``speedup_timed`` (backbone and head): ``fwd``. Rows of
+    an older run timed the whole inference call, NMS included: ``e2e``. A cross-trial speedup divides
+    ``forward_ms`` when the rows have it, not ``infer_ms``."""
+
+    def header(md: str) -> str:
+        return next(c.strip() for c in _table_lines(md)[0].split("|") if "speedup" in c)
+
+    rows = _grid_rows(3, {"gate": DEFAULT_VARIANTS["gate"]})
+    assert header(report_command(rows, fmt="md")) == "fwd speedup vs dense"
+    older = rows.drop(columns=["speedup_timed"])
+    md = " ".join(report_command(older, fmt="md").split())
+    assert "| e2e speedup vs dense |" in md and "e2e: the whole inference call, NMS included" in md
+    cross = rows.drop(columns=["speedup_vs_dense", "speedup_timed"])
+    t = build_report(cross).table
+    assert (
+        t.loc["gate", "speedup_source"] == "cross-trial" and t.loc["gate", "speedup_timed"] == "backbone+head"
+    )
+    per_seed = cross.pivot(index="seed", columns="name", values="forward_ms")
+    assert t.loc["gate", "speedup"] == pytest.approx(
+        np.exp(np.log(per_seed["dense"] / per_seed["gate"]).mean())
+    )
+    no_forward = build_report(cross.drop(columns=["forward_ms"])).table
+    assert no_forward.loc["gate", "speedup_timed"] == "inference call"
