@@ -138,9 +138,12 @@ def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, floa
     return {"median": float(q50), "iqr": float(q75 - q25)}
 
 
-def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+def timed_pairs(
+    a, b, warmup: int, repeats: int, device: torch.device, clock=time.perf_counter
+) -> tuple[list[float], list[float]]:
     """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
-    ``warmup`` pairs: machine load in a pair falls on both."""
+    ``warmup`` pairs: machine load in a pair falls on both. ``clock``: seconds, wall time by default
+    (``time.process_time``: the process's CPU time, which waiting for a loaded machine does not add to)."""
     for _ in range(warmup):
         a()
         b()
@@ -148,13 +151,13 @@ def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[
     ta, tb = [], []
     for i in range(max(1, repeats)):
         first, second = (a, b) if i % 2 == 0 else (b, a)
-        t0 = time.perf_counter()
+        t0 = clock()
         first()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         second()
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
         d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         ta.append(d1 if i % 2 == 0 else d2)
         tb.append(d2 if i % 2 == 0 else d1)
@@ -355,11 +358,14 @@ def speedup_baseline_config(cfg) -> tuple[Any, str]:
     ), b.name
 
 
-def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
+def paired_speedup(
+    cfg, backend, detector: nn.Module, images: torch.Tensor | None = None, *, clock=time.perf_counter
+) -> dict[str, Any]:
     """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
     ``speedup_baseline``: the ``InferenceForward`` of both models (backbone and head, no postprocessing;
     see the module docstring); empty for a dense trial.
-    ``images``: the fixed evaluation batch on the device (default: loaded here).
+    ``images``: the fixed evaluation batch on the device (default: loaded here); ``clock``: the
+    timer of ``timed_pairs``.
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
     ``train.precision``, so the two calls of a pair differ only in the model. Under ZeRO-3 the trial's
@@ -388,6 +394,7 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
                 bc.warmup,
                 bc.repeats,
                 device,
+                clock,
             )
         finally:
             model.train(was_training)
