@@ -116,6 +116,8 @@ def _timed_tag(report: Report) -> str:
 def _delta_decimals(t: pd.DataFrame, acc: str) -> int:
     """Decimals for Δ of the primary accuracy: the mean's, or enough to show the interval."""
     d = _decimals(t[acc]) if acc in t else 4
+    if f"{acc}_delta_hi" not in t:
+        return d
     half = (t[f"{acc}_delta_hi"] - t[f"{acc}_delta_lo"]) / 2
     spread = half[half > 1e-12]
     return max(d, _decimals(spread, digits=1)) if len(spread) else d
@@ -282,15 +284,14 @@ def _timed(report: Report) -> str:
 def _judgement(report: Report) -> str | None:
     """The line under the tables: the family the verdicts were corrected over, the margin, the MDE's
     level and power."""
-    if not report.primary_accuracy or not report.baselines:
+    if not report.primary_accuracy or report.family == 0:
         return None
     acc, k = _nice(report.primary_accuracy), report.family
-    if k == 0:
-        return None
-    n_rows = int(report.table["verdict"].isin([v for v in stats.VERDICTS if v != "n/a"]).sum())
+    judged = [v for v in stats.VERDICTS if v != "n/a"]
+    n_rows = int(report.table["verdict"].isin(judged).sum()) if "verdict" in report.table else 0
     n_contrasts = k - n_rows
-    what = f"{n_rows} row{'s' if n_rows != 1 else ''}" + (
-        f", {n_contrasts} contrast{'s' if n_contrasts != 1 else ''}" if n_contrasts else ""
+    what = ", ".join(
+        f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((n_rows, "row"), (n_contrasts, "contrast")) if n
     )
     margin = report.comparisons.equivalence_margin
     return (
@@ -300,7 +301,7 @@ def _judgement(report: Report) -> str | None:
         + (f"margin ±{margin:g} {acc}; equivalent when the 90% interval lies inside it)" if margin is not None
            else "none: the grid declares no `equivalence_margin`)")
         + f". MDE at {_pct(stats.POWER)} power and {_pct(report.mde_alpha)} two-sided ({_pct(stats.ALPHA)}/{k}, "
-        f"Holm's strictest step), from each row's SD of its per-seed Δ {acc}."
+        f"Holm's strictest step), from each comparison's SD of its per-seed Δ {acc}."
     )  # fmt: skip
 
 

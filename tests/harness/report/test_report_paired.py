@@ -386,3 +386,13 @@ def test_the_speedup_header_says_what_was_timed():
     )
     no_forward = build_report(cross.drop(columns=["forward_ms"])).table
     assert no_forward.loc["gate", "speedup_timed"] == "inference call"
+
+
+def test_contrasts_are_judged_without_a_dense_baseline_too():
+    rows = _grid_rows(4)
+    rows = rows[rows["name"] != "dense"]
+    report = build_report(rows, comparisons=Comparisons(None, (GATE_VS_RANDOM,)))
+    assert report.baselines == [] and report.family == 1
+    assert report.contrasts.loc["gate vs random-0.5", "verdict"] == "better"
+    md = " ".join(report_command(rows, fmt="md", comparisons=Comparisons(None, (GATE_VS_RANDOM,))).split())
+    assert "| gate vs random-0.5 |" in md and "across the 1 comparison of this report (1 contrast)" in md
