@@ -113,12 +113,14 @@ def _timed_tag(report: Report) -> str:
     return "mixed" if timed else "fwd"
 
 
-def _delta_decimals(t: pd.DataFrame, acc: str) -> int:
-    """Decimals for Δ of the primary accuracy: the mean's, or enough to show the interval."""
+def _delta_decimals(t: pd.DataFrame, acc: str, deltas: pd.DataFrame | None = None) -> int:
+    """Decimals for Δ of the primary accuracy: the accuracy's own (``t``), or more where the intervals
+    of the deltas (``deltas``, default ``t``) need them to show."""
     d = _decimals(t[acc]) if acc in t else 4
-    if f"{acc}_delta_hi" not in t:
+    deltas = t if deltas is None else deltas
+    if f"{acc}_delta_hi" not in deltas:
         return d
-    half = (t[f"{acc}_delta_hi"] - t[f"{acc}_delta_lo"]) / 2
+    half = (deltas[f"{acc}_delta_hi"] - deltas[f"{acc}_delta_lo"]) / 2
     spread = half[half > 1e-12]
     return max(d, _decimals(spread, digits=1)) if len(spread) else d
 
@@ -177,7 +179,7 @@ def contrast_table(report: Report) -> pd.DataFrame:
     out = pd.DataFrame(index=pd.Index(c.index, name="contrast"))
     if not len(c) or not acc or f"{acc}_delta" not in c:
         return out
-    dd = max(_delta_decimals(report.table, acc), _delta_decimals(c, acc))
+    dd = max(_delta_decimals(report.table, acc), _delta_decimals(report.table, acc, c))
     half = (c[f"{acc}_delta_hi"] - c[f"{acc}_delta_lo"]) / 2
     out[f"Δ {_nice(acc)}"] = [_pm(m, h, dd, "+") for m, h in zip(c[f"{acc}_delta"], half)]
     out["verdict"] = c["verdict"].fillna("n/a").to_numpy() if "verdict" in c else "n/a"
