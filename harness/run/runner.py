@@ -5,7 +5,9 @@
 1. plans: every trial is keyed by its config hash; one with a ``done`` row in this experiment is
    kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte),
    the rest are pending (``rerun=True``: all pending, old rows replaced when the new ones land);
-2. writes ``experiment.json`` (the trial list) and each trial's ``config.json``;
+2. writes ``experiment.json`` (the trial list, and under ``report`` how the grid's rows are judged:
+   its equivalence margin and contrasts, ``harness.grid.Comparisons.to_dict``) and each trial's
+   ``config.json``;
 3. connects to Ray (``address`` / ``RAY_ADDRESS``: an existing cluster; otherwise an embedded local
    Ray bound to 127.0.0.1 with the dashboard off) and runs one Tune trial per pending grid point
    (``harness.run.trial.trial_trainable``, given the trial's typed ``TrialSpec``) with that trial's resources, at most ``max_concurrent`` at a
@@ -245,12 +247,14 @@ def run_grid(
     track: Any = None,
     results_shared: bool = False,
     report_files: Callable[[str, Path], list[Path]] | None = None,
+    comparisons: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Run ``trials`` into ``results/<experiment>`` (see the module docstring). ``track``: a
     ``harness.run.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``). On a cluster
     (``address``, ``RAY_ADDRESS``) ``results`` must be a store every node sees (``results_problem``);
     ``SharedResultsError`` otherwise, before anything runs. ``report_files(experiment_uri, folder)``
-    writes the experiment's report into ``folder`` for the tracked parent run."""
+    writes the experiment's report into ``folder`` for the tracked parent run. ``comparisons``: the
+    grid's ``Comparisons.to_dict()``, kept in ``experiment.json`` for the report."""
     track = tracking.parse_track(track)  # a bad value fails before anything is written
     t_start = time.time()
     problem = results_problem(results, cluster_address(address), shared=results_shared)
@@ -303,6 +307,7 @@ def run_grid(
             }
             for p in planned
         ],
+        **({"report": comparisons} if comparisons is not None else {}),
         "tune": {
             "name": tune_name,
             "trials": prev_tune.get("trials") if restorable else pending_hashes,
