@@ -97,11 +97,17 @@ def test_timed_pairs_alternate_which_goes_first():
     )
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(ta) == len(tb) == 4
+    # A clock that each call advances by its own cost: every time must be its own call's, whichever
+    # went first (a fake clock, so machine load cannot blur the check).
+    now = [0.0]
+
+    def cost(seconds):
+        return lambda: now.__setitem__(0, now[0] + seconds)
+
     slow, fast = timed_pairs(
-        lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, repeats=4, device=torch.device("cpu")
+        cost(0.020), cost(0.005), warmup=1, repeats=5, device=torch.device("cpu"), clock=lambda: now[0]
     )
-    assert min(slow) >= 20 and min(fast) >= 5  # each time is its own call's, whichever went first
-    assert sorted(slow)[1] > sorted(fast)[2] + 8
+    assert slow == pytest.approx([20.0] * 5) and fast == pytest.approx([5.0] * 5)
 
 
 @pytest.mark.filterwarnings("ignore")
