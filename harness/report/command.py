@@ -15,7 +15,7 @@ experiment is one of the grid's; otherwise the axes are inferred from the config
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,16 +131,22 @@ def report_command(
     *,
     base: Mapping[str, Any] | None = None,
     merge: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> str:
     """``spa-harness report``: the report as text in ``fmt`` (md, csv, html, json; default: the
     suffix of ``out``, else md), returned. ``out`` a file (``report.html``): written there, plots
     embedded (html) or beside it in ``<stem>-plots/`` (md); ``out`` a folder: ``out/index.html`` or
-    ``out/report.<fmt>``, plots in ``out/plots/``, and for csv also each axis table and the failures.
-    Several experiments in ``results`` give one section each, unless ``merge``."""
+    ``out/report.<fmt>``, plots in ``out/plots/``, and for csv also each axis table, the failures and
+    the provenance. Several experiments in ``results`` give one section each, unless ``merge``.
+    ``warn``: called with each report's provenance warning (rows from several commits), whatever
+    the format."""
     out_path = Path(out) if out is not None else None
     fmt = _format(fmt, out_path)
     is_file = out_path is not None and out_path.suffix.lstrip(".").lower() in FORMATS
     reports = build_reports(results, baseline, merge=merge, base=base)
+    for name, r in reports.items():
+        if warn is not None and r.provenance.warning:
+            warn((f"{name}: " if name else "") + r.provenance.warning.removeprefix("WARNING: "))
     several = len(reports) > 1
     if is_file:
         target, plots_dir, rel = (
@@ -195,6 +201,7 @@ def _write_csv_parts(reports: Mapping[str | None, Report], out: Path) -> None:
         for axis, t in r.axes.items():
             t.to_csv(out / f"{prefix}axis_{render.slug(axis)}.csv")
         r.failures.to_csv(out / f"{prefix}failures.csv", index=False)
+        r.provenance.table.to_csv(out / f"{prefix}provenance.csv", index=False)
 
 
 def write_report(

@@ -7,7 +7,10 @@ interval, kept fraction and gate recall. A line above the table names the baseli
 seeds and what the intervals are; with fewer than ``harness.report.stats.MIN_SEEDS`` seeds a warning above
 it says the deltas cannot be told from noise; the baseline's own spread of mAP (the noise floor) is
 the line under it. CSV and JSON hold every column (all metrics, intervals, paired-seed counts); HTML
-leads with the short table and the Pareto plot, then the axes, then every column.
+leads with the short table and the Pareto plot, then the axes, then every column. Every format says
+where the rows came from (``harness.report.provenance``): a Provenance section (Markdown, HTML,
+JSON) or per-variant columns (CSV, and JSON's table), and a warning above the table when its rows
+come from more than one commit.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.report import stats
+from harness.report import provenance, stats
 from harness.report.tables import Report, main_gmacs
 
 __all__ = [
@@ -245,6 +248,8 @@ def markdown(
     warn = _warning(report)
     if warn:
         parts += [*_wrap(f"**{warn}**"), ""]
+    if report.provenance.warning:
+        parts += [*_wrap(f"**{report.provenance.warning}**"), ""]
     parts += [*_wrap(_explanation(report)), ""]
     table, legend = _fitted(display_table(report))
     parts += [table, ""]
@@ -264,6 +269,7 @@ def markdown(
         parts += [f.to_markdown(index=False), ""]
     else:
         parts += ["None.", ""]
+    parts += provenance.markdown(report.provenance, level)
     if report.notes:
         parts += [f"{h}# Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     return "\n".join(parts)
@@ -306,6 +312,7 @@ def json_data(report: Report) -> dict[str, Any]:
         if len(report.failures)
         else [],
         "notes": report.notes,
+        "provenance": provenance.json_data(report.provenance),
     }
 
 
@@ -356,6 +363,7 @@ def html_section(
     warn = _warning(report)
     if warn:
         parts.append(f"<p class='warn'>{esc(warn)}</p>")
+    parts += [w for w in [provenance.html_warning(report.provenance)] if w]
     parts += [f"<p>{esc(_explanation(report))}</p>", _html_table(display_table(report))]
     floor = _noise_floor(report)
     if floor:
@@ -383,6 +391,7 @@ def html_section(
         if len(report.failures)
         else "<p>None.</p>"
     )
+    parts.append(provenance.html_section(report.provenance, level))
     if report.notes:
         parts.append(
             f"<{h2}>Notes</{h2}><ul>"
