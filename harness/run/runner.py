@@ -3,11 +3,16 @@
 ``run_grid(trials, results=..., experiment=...)``:
 
 1. plans: every trial is keyed by its config hash; one with a ``done`` row in this experiment is
-   kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte),
-   the rest are pending (``rerun=True``: all pending, old rows replaced when the new ones land);
-2. writes ``experiment.json`` (the trial list, and under ``report`` how the grid's rows are judged:
+   kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte,
+   with ``reused.json`` naming where from), the rest are pending (``rerun=True``: all pending, old
+   rows replaced when the new ones land). Each copied trial gets a line naming the experiment it
+   came from, and the kept ones a line of their count, whatever the progress view
+   (``harness.run.progress.announce_stored``);
+2. writes ``experiment.json`` (the grid file as the user named it, the trial list with each trial's
+   state and, for a copied row, ``reused_from``, and under ``report`` how the grid's rows are judged:
    its equivalence margin and contrasts, ``harness.grid.Comparisons.to_dict``) and each trial's
-   ``config.json``;
+   ``config.json``; at the end the
+   trial states in ``experiment.json`` are those of the rows in the store;
 3. connects to Ray (``address`` / ``RAY_ADDRESS``: an existing cluster; otherwise an embedded local
    Ray bound to 127.0.0.1 with the dashboard off) and runs one Tune trial per pending grid point
    (``harness.run.trial.trial_trainable``, given the trials' typed ``TrialSpec`` by hash) with that trial's resources, at most ``max_concurrent`` at a
@@ -15,8 +20,9 @@
    its pending trials are a subset of that run's, its Tune state is restored (``Tuner.restore``);
    finished trials are never re-run, whichever way;
 4. with ``track`` (``--track mlflow[=URI]`` / ``wandb``): each trial that runs logs its config,
-   curves, final metrics and status to a run of its own under a parent run, which gets the report
-   files that ``report_files`` (the caller's renderer) writes (``harness.run.tracking``).
+   curves, final metrics and status to a run of its own under a parent run, each trial whose row
+   came from the store gets a closed run tagged reused, and the parent run gets the report files
+   that ``report_files`` (the caller's renderer) writes (``harness.run.tracking``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from harness.names import name_problem, safe_name
 from harness.provenance import project_commit
 from harness.results import Experiment, ResultsStore, join_uri
 from harness.run import tracking
-from harness.run.progress import GridCallback
+from harness.run.progress import GridCallback, announce_stored
 from harness.run.rows import DeadTrialRecorder, RunInfo, TrialSpec, tune_payload, tune_trial_hash
 from harness.run.trial import TrialContext, trial_trainable
 
@@ -87,13 +93,22 @@ class RunSummary:
     states: dict[str, str] = field(default_factory=dict)  # config hash -> done / failed / timeout / ...
     restored: bool = False
     wall_s: float = 0.0
-    tracking: tracking.TrackRef | None = (
-        None  # harness.run.tracking.TrackRef of the grid's parent run (--track), when trials ran
-    )
+    tracking: tracking.TrackRef | None = None  # the grid's tracked run (--track)
 
     @property
     def ok(self) -> bool:
         return all(s == "done" for s in self.states.values())
+
+    @property
+    def reused(self) -> dict[str, int]:
+        """Experiment -> how many of this run's trials took their row from it instead of running
+        (this experiment's own name for rows kept from its earlier runs)."""
+        out: dict[str, int] = {}
+        for p in self.trials:
+            if p.state in ("done", "reused"):
+                source = p.reused_from or self.experiment
+                out[source] = out.get(source, 0) + 1
+        return out
 
 
 def trial_resources(cfg: TrialConfig) -> dict[str, float]:
@@ -267,6 +282,7 @@ def run_grid(
     for p in planned:
         if p.state == "reused":
             exp.copy_trial_from(store.experiment(p.reused_from), p.config_hash)
+    announce_stored(experiment, planned)
     pending = [p for p in planned if p.state == "pending"]
     for p in pending:
         exp.write_config(p.config_hash, trial_to_dict(p.cfg))
@@ -304,6 +320,7 @@ def run_grid(
                 "config_hash": p.config_hash,
                 "workers": p.cfg.resources.workers,
                 "state": p.state,
+                **({"reused_from": p.reused_from} if p.reused_from else {}),
             }
             for p in planned
         ],
@@ -318,29 +335,52 @@ def run_grid(
     }
     exp.write_manifest(manifest)
     summary = RunSummary(experiment, exp.uri, planned)
-    if pending and track is not None:
-        summary.tracking = tracking.start_grid(
-            track,
-            experiment,
-            exp.uri,
-            harness_run_id=run_id,
-            git_commit=manifest["git_commit"],
-            source=source,
-            trials=len(pending),
-        )
+    if track is not None and planned:
+        summary.tracking = _track_grid(track, exp, planned, manifest, source)
     if pending:
         summary.restored = _run_tune(
             pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable, summary.tracking
         )
         # Stopped early (Ctrl-C: Tune saves its state and returns)? Then the next run restores it.
         manifest["tune"]["finished"] = all(exp.read_row(p.config_hash) is not None for p in pending)
-        exp.write_manifest(manifest)
     for p in planned:
         row = exp.read_row(p.config_hash)
         summary.states[p.config_hash] = row.get("status", "?") if row else "pending"
+    # experiment.json ends as the store does: each trial's state is its row's (pending: no row)
+    for entry in manifest["trials"]:
+        entry["state"] = summary.states.get(entry["config_hash"], entry["state"])
+    manifest["updated"] = time.time()
+    exp.write_manifest(manifest)
     tracking.finish_grid(summary.tracking, exp.uri, summary.states, report_files)
     summary.wall_s = time.time() - t_start
     return summary
+
+
+def _track_grid(
+    track: tracking.TrackingSpec,
+    exp: Experiment,
+    planned: list[PlannedTrial],
+    manifest: dict[str, Any],
+    source: str | None,
+) -> tracking.TrackRef:
+    """Open the grid's tracked run and log one run per trial whose row came from the store, so the
+    grid has a run per trial even when none runs (the trials that run log their own)."""
+    stored = [p for p in planned if p.state in ("done", "reused")]
+    ref = tracking.start_grid(
+        track,
+        exp.name,
+        exp.uri,
+        harness_run_id=manifest["run_id"],
+        git_commit=manifest["git_commit"],
+        source=source,
+        trials=len(planned),
+        reused=len(stored),
+    )
+    for p in stored:
+        row = exp.read_row(p.config_hash)
+        if row is not None:
+            tracking.log_reused(ref, row, p.reused_from or exp.name)
+    return ref
 
 
 def _run_tune(
