@@ -20,6 +20,8 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from spa_core.contracts import probe_pack_strategy
+
 __all__ = [
     "Registry",
     "SELECTION_POLICIES",
@@ -59,9 +61,11 @@ def _builtin(obj: Any) -> str | None:
 class Registry:
     """A name -> object map that rejects duplicates and is loud about unknown names."""
 
-    def __init__(self, name: str, doc: str = "", check: Callable[[str, Any], None] | None = None) -> None:
+    def __init__(
+        self, name: str, doc: str = "", check: Callable[[str, Any, str], None] | None = None
+    ) -> None:
         self._name = name
-        self._check = check  # check(name, obj) raises when obj does not meet the registry's contract
+        self._check = check  # check(name, obj, origin) raises when obj does not meet the registry's contract
         self._obj: dict[str, Any] = {}
         self._origin: dict[str, str] = {}
         self.__doc__ = doc
@@ -77,16 +81,17 @@ class Registry:
             key = name or getattr(o, "__name__", None)
             if not key or not isinstance(key, str):
                 raise ValueError(f"registry {self._name!r}: a name is required for {o!r}")
+            # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
+            where = origin or _builtin(o) or _ORIGIN.get() or getattr(o, "__module__", "?")
             if self._check is not None:
-                self._check(key, o)
+                self._check(key, o, where)
             if key in self._obj:
                 raise KeyError(
                     f"registry {self._name!r}: {key!r} is already registered "
                     f"(by {self._origin[key]}); choose another name"
                 )
             self._obj[key] = o
-            # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
-            self._origin[key] = origin or _builtin(o) or _ORIGIN.get() or getattr(o, "__module__", "?")
+            self._origin[key] = where
             return o
 
         if obj is not None:
@@ -149,7 +154,7 @@ SELECTION_POLICIES = Registry(
 )
 
 
-def _check_pack_strategy(name: str, obj: Any) -> None:
+def _check_pack_strategy(name: str, obj: Any, origin: str) -> None:
     missing = [a for a in ("pack", "attend", "attention_macs") if not callable(getattr(obj, a, None))]
     if missing:
         raise TypeError(
@@ -157,6 +162,8 @@ def _check_pack_strategy(name: str, obj: Any) -> None:
             f"attention_macs, its FLOP formula, which the harness's analytic counts read); missing: "
             f"{', '.join(missing)}"
         )
+    if origin != "builtin":  # the built-ins' probe is a test (tests/spa_core/test_contracts.py)
+        probe_pack_strategy(name, obj)  # its round trip on a small probe, before anything runs it
 
 
 PACK_STRATEGIES = Registry(

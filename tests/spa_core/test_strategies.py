@@ -55,6 +55,8 @@ def test_a_plugin_strategy_packs_attends_and_counts_through_its_own_object():
         return dataclasses.replace(pack_varlen(x, mask, cfg=cfg, order=order), strategy="plugin_pack")
 
     PACK_STRATEGIES.register("plugin_pack", PackStrategy(pack, attend, lambda counts, n, c, L: 42.0))
+    assert calls == ["pack", "attend"]  # the registration's probe (spa_core.contracts)
+    calls.clear()
     try:
         torch.manual_seed(0)
         blk = SPABlock(8, 2, 2, SPAConfig(selection="topk", ratio=0.5, pack="plugin_pack")).eval()
