@@ -98,6 +98,9 @@ class BenchConfig:
     )  # the fixed evaluation batch for FLOPs and timings
     warmup: int = 2
     repeats: int = checked_field(7, range_=(1, None, True, None))
+    # FLOPs are counted over the first flop_images val images (all of them if fewer), traced in one
+    # batch: enough images that a kept fraction's difference shows in the GMACs columns
+    flop_images: int = checked_field(32, range_=(1, None, True, None))
     train_step: bool = True  # also time a training step
 
 

@@ -153,6 +153,8 @@ def _build_report(
         if b is not None:
             _add_deltas(report, by_variant, b, members)
     report.table = table = report.table.loc[order]
+    if "verdict" in table:  # a variant with no verdict reads n/a in every format, as the Markdown shows it
+        table["verdict"] = table["verdict"].fillna("n/a")
     if len(groups) > 1:
         table.insert(1, "baseline", pd.Series([None] * len(table), index=table.index, dtype=object))
         for g, b in zip(groups, bases):
