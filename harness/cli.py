@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
             track=track,
             results_shared=args.results_shared,
             report_files=write_report_files,
+            on_plan=lambda planned: _print_reruns(console, planned),
         )
     except TrackingError as e:
         _error(console, str(e))
@@ -258,6 +259,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _print_reruns(console: Any, planned: list) -> None:
+    """One line per trial that runs although the experiment has a row of it, saying why."""
+    for p in planned:
+        if p.state == "pending" and p.reason and p.reason != "--rerun":
+            console.print(f"rerun: {p.name} (seed {p.cfg.seed}): {p.reason}", markup=False, highlight=False,
+                          soft_wrap=True)  # fmt: skip
+
+
 def _print_failures(console: Any, summary: Any) -> None:
     """Each trial that did not finish, with the first line of its error."""
     exp = Experiment(*split_uri(summary.uri))
@@ -280,6 +289,8 @@ def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args
     for p in planned:
         r = p.cfg.resources
         state = {"done": "done (kept)", "reused": f"reused from {p.reused_from}"}.get(p.state, "would run")
+        if p.reason:
+            state += f": {p.reason}"
         table.add_row(
             p.name,
             str(p.cfg.seed),

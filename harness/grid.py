@@ -73,7 +73,13 @@ from harness.config import (
     trial_to_dict,
 )
 from harness.names import name_problem
-from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
+from harness.plugins import (
+    PluginError,
+    load_entry_point_plugins,
+    load_plugin,
+    plugin_sources,
+    resolve_plugin_spec,
+)
 from spa_core.config import ConfigError, config_rules, rule_problem
 
 __all__ = ["Grid", "GridError", "load_grid", "BUILTIN_GRIDS_DIR", "TOP_LEVEL_KEYS"]
@@ -567,8 +573,11 @@ def _check(key: str, v: _Val) -> None:
         raise v.loc.error("set seeds with the top-level `seeds:` key", key)
     if key == "plugins":
         raise v.loc.error("name plugins with the top-level `plugins:` key", key)
-    if key.split(".")[0] in ("baseline", "axis"):
-        raise v.loc.error(f"`{key.split('.')[0]}` is set by the grid itself (its dense point, its axes)", key)
+    if key.split(".")[0] in ("baseline", "axis", "plugin_sources"):
+        raise v.loc.error(
+            f"`{key.split('.')[0]}` is set by the grid itself (its dense point, its axes, its plugins' sources)",
+            key,
+        )
     d: dict[str, Any] = {}
     set_dotted(d, key, v.value)
     try:
@@ -693,6 +702,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
             t = copy.deepcopy(cfg)
             t.seed = seed
             t.plugins = list(plugins)
+            t.plugin_sources = plugin_sources(t)  # hashed: an edited plugin makes a new trial
             t.axis = dict(labels)  # the report's axis tables read these (axis.<axis> columns of the row)
             h = config_hash(t)
             if h in hashes:
