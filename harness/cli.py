@@ -15,7 +15,8 @@ type, message, the user-code line it came from and its error.txt) and the compar
 On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) ``--results`` must be
 a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
 a plain local path is refused (docs/cluster.md).
-Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
+``run`` (``--dry-run`` too) prints a ``warning:`` line on stderr for each base key that an axis
+overrides in every value (``harness.grid``), naming both places. Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
 for every row file of the store that cannot be read (its trial counts as not done).
 """
@@ -194,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     except (GridError, UnsafeNameError, TrackingError) as e:
         _error(console, str(e))
         return 2
+    for w in grid.warnings:  # what the grid sets but no trial uses, before anything runs
+        print(f"warning: {w}", file=sys.stderr)
     experiment = args.name or grid.name
     problem = results_problem(args.results, cluster_address(args.address), shared=args.results_shared)
     if problem is not None:

@@ -25,7 +25,9 @@ A grid is one YAML file (the built-in ones live in ``ablations/grids/``)::
 
 Merging under ``extends``: ``base``/``resources`` by dotted key (a child key replaces the parent's
 key and anything under or over it), ``axes`` by axis (``null`` removes a parent's axis), ``plugins``
-appended, ``points``/``exclude``/``seeds``/``name``/``description`` replaced when given.
+appended, ``points``/``exclude``/``seeds``/``name``/``description`` replaced when given. A base key
+that an axis overrides in every value reaches no crossed trial: ``Grid.warnings`` names both places
+(``_overridden_base_keys``), and the command line prints it.
 
 Every trial is ``base`` + one value per axis (or one point) + its seed, resolved with
 ``harness.config.trial_from_dict``; its ``name`` is the point's name, or one part per axis joined by
@@ -136,6 +138,8 @@ class Grid:
     seeds: list[int] = field(default_factory=lambda: [0])
     plugins: list[str] = field(default_factory=list)  # resolved specs (absolute file paths, modules)
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # trial name -> {axis: value label}
+    # ``file:line: ...`` lines for what the grid sets but no trial uses (an axis overriding a base key)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.trials)
@@ -252,6 +256,7 @@ class _Spec:
     seeds: _Val | None = None
     plugins: list[_Plugin] = field(default_factory=list)
     names_trials: bool = False  # has base:, axes: or points: (itself or through extends)
+    files: list[Path] = field(default_factory=list)  # this grid's file, then each it extends, in order
 
 
 class _Doc:
@@ -369,7 +374,7 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
             raise doc.loc((key,)).error(
                 f"unknown top-level key; expected one of: {', '.join(TOP_LEVEL_KEYS)}"
             )
-    spec = _Spec(loc=_Loc(file, 1, "<grid>"))
+    spec = _Spec(loc=_Loc(file, 1, "<grid>"), files=[file])
 
     for key in ("name", "description"):
         if key in data:
@@ -542,6 +547,7 @@ def _merge(parent: _Spec, child: _Spec) -> _Spec:
     out.seeds = child.seeds or parent.seeds
     out.plugins = parent.plugins + child.plugins
     out.names_trials = parent.names_trials or child.names_trials
+    out.files = child.files + parent.files
     return out
 
 
@@ -723,7 +729,40 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         seeds=list(seeds),
         plugins=list(plugins),
         labels={name: labels for name, labels, _, _ in kept},
+        warnings=_overridden_base_keys(spec, axes),
     )
+
+
+def _overridden_base_keys(spec: _Spec, axes: list[_Axis]) -> list[str]:
+    """A warning per base key that an axis sets in every one of its values (the same key, or one
+    above or below it), so the base value reaches no crossed trial: ``FILE:LINE: axis AXIS (set at
+    FILE:LINE) overrides KEY ...``. Not when the base value is one of the axis's values and both are
+    written in the same file (a grid that names the default beside its sweep); always when the base
+    key is in a grid that extends the axis's (the case a reader of the child file does not see)."""
+    out = []
+    rank = {f: i for i, f in enumerate(spec.files)}  # 0: the grid loaded; higher: what it extends
+
+    def overlaps(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    for key, base in spec.base.items():
+        for axis in axes:
+            hits = [[v for k, v in av.diff.items() if overlaps(k, key)] for av in axis.values]
+            if not all(hits):
+                continue  # some value of the axis leaves the base key as it is
+            b_rank, a_rank = rank.get(base.loc.file, 0), rank.get(axis.loc.file, 0)
+            values = [v.value for vals in hits for v in vals]
+            if b_rank == a_rank and base.value in values:
+                continue
+            if b_rank > a_rank:
+                continue  # a grid sweeping a key its parent's base sets: the usual extension
+            where = f"{base.loc.file}:{base.loc.line}"
+            out.append(
+                f"{axis.loc.file}:{axis.loc.line}: axis {axis.key} overrides {key} = {base.value!r} set at "
+                f"{where} in every one of its values, so no crossed trial uses the base value; remove the "
+                f"axis with `axes: {{{axis.key}: null}}` in the grid, or drop the base key"
+            )
+    return out
 
 
 def _attach_baseline(variants: list[tuple[str, dict[str, str], TrialConfig, _Loc]]) -> None:
