@@ -16,7 +16,9 @@ On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) 
 a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
 a plain local path is refused (docs/cluster.md).
 ``run`` (``--dry-run`` too) prints a ``warning:`` line on stderr for each base key that an axis
-overrides in every value (``harness.grid``), naming both places. Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
+overrides in every value (``harness.grid``), naming both places, and a ``rerun:`` line for each
+trial that runs again although a row of it is stored, saying why (``--dry-run``: in its state column).
+Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
 for every row file of the store that cannot be read (its trial counts as not done).
 """
