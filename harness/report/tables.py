@@ -57,8 +57,8 @@ _CONFIG_PREFIXES = ("config.", "cfg.", "config/")
 PAIRED_SPEEDUP = "speedup_vs_dense"  # timed per trial: the variant and the baseline model in one process
 _SPREAD = (f"{PAIRED_SPEEDUP}_q1", f"{PAIRED_SPEEDUP}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is paired over; the rest change no result).
-_NOT_VARIANT = {"seed", "name", "plugins", "resources.timeout_s", "resources.retries", "data.num_workers",
-                "data.cache_dir"}  # fmt: skip
+_NOT_VARIANT = {"seed", "name", "plugins", "plugin_sources", "resources.timeout_s", "resources.retries",
+                "data.num_workers", "data.cache_dir"}  # fmt: skip
 _DONE = "done"
 
 

@@ -17,6 +17,7 @@ import torch
 
 from harness.grid import load_grid
 from harness.plugins import isolated_registries, load_plugins
+from harness.report import compare
 from harness.results import load
 from spa_core import contracts
 from spa_core.block import SPABlock
@@ -207,6 +208,9 @@ def test_the_walkthrough_end_to_end_and_an_edited_plugin_runs_again(tmp_path):
     dense_row = (
         store / "gate_at_least" / "trials" / df.loc["dense", "config_hash"] / "row.json"
     ).read_bytes()
+    table = compare(store / "gate_at_least")  # what `spa-harness report` shows: the variant against dense
+    assert table.loc["dense", "verdict"] == "baseline" and math.isfinite(table.loc["ratio=0.1", "map_delta"])
+    assert "ratio=0.1" in first.stdout and "Δ" in first.stdout  # the report printed after the run
 
     plugin.write_text(plugin.read_text() + "\n# fixed a bug\n")
     dry = _cli("run", "my_grid.yaml", "--dry-run", env=env, folder=folder).stdout
