@@ -10,16 +10,16 @@ naming the registry and entry, where the registered object is defined (``file:li
 what was seen::
 
     ContractError: selection_policy 'mine' (select_mine at /home/me/my_variants.py:9) breaks its
-    contract: mask must be (B, N) = (2, 64) bool; got (2, 16) torch.bool ...
+    contract: mask must be (B, N) = (2, 64) torch.bool on cpu; got mask (2, 16) torch.bool on cpu ...
 
 Two kinds of rule:
 
-- shapes, dtypes, types and devices: read from tensor metadata, no device synchronisation; always
-  checked (a few microseconds a call);
+- shapes, dtypes, types and devices: read from tensor metadata, no device synchronisation; checked
+  on every call (about 10 microseconds a check on a CPU);
 - values (``counts == mask.sum(1)``, a finite loss, weights and scores without NaN, the packed
   indices covering exactly the kept tokens, the round-trip probe): each reads a result back to the
-  host, a synchronisation on a GPU. They run on each entry's first ``VALUE_CHECKS`` calls in a
-  process (a trial's first training steps) and then stop.
+  host, a synchronisation on a GPU. They run on each entry's first ``VALUE_CHECKS`` calls of a
+  trial (``reset`` at the trial's start, ``harness.task.train``): its first training steps.
 
 ``SPA_CONTRACTS`` (environment, read at import) or ``set_mode`` picks: ``first`` (the default, as
 above), ``always`` (value rules on every call: the tests), ``off``. Nothing is checked while
