@@ -704,11 +704,12 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
     trials: list[TrialConfig] = []
     hashes: dict[str, str] = {}
     for name, labels, cfg, loc in kept:
+        sources = plugin_sources(cfg)  # hashed: an edited plugin makes a new trial
         for seed in seeds:
             t = copy.deepcopy(cfg)
             t.seed = seed
             t.plugins = list(plugins)
-            t.plugin_sources = plugin_sources(t)  # hashed: an edited plugin makes a new trial
+            t.plugin_sources = dict(sources)
             t.axis = dict(labels)  # the report's axis tables read these (axis.<axis> columns of the row)
             h = config_hash(t)
             if h in hashes:
