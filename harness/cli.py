@@ -15,6 +15,9 @@ type, message, the user-code line it came from and its error.txt) and the compar
 On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) ``--results`` must be
 a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
 a plain local path is refused (docs/cluster.md).
+``run`` (``--dry-run`` too) prints a ``warning:`` line on stderr for each base key that an axis
+overrides in every value (``harness.grid``), naming both places, and a ``rerun:`` line for each
+trial that runs again although a row of it is stored, saying why (``--dry-run``: in its state column).
 Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
 for every row file of the store that cannot be read (its trial counts as not done).
@@ -202,6 +205,8 @@ def _run(args: argparse.Namespace) -> int:
     except (GridError, UnsafeNameError, TrackingError) as e:
         _error(console, str(e))
         return 2
+    for w in grid.warnings:  # what the grid sets but no trial uses, before anything runs
+        print(f"warning: {w}", file=sys.stderr)
     experiment = args.name or grid.name
     problem = results_problem(args.results, cluster_address(args.address), shared=args.results_shared)
     if problem is not None:
@@ -231,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
             results_shared=args.results_shared,
             report_files=write_report_files,
             comparisons=grid.comparisons.to_dict(),
+            on_plan=lambda planned: _print_reruns(console, planned),
         )
     except TrackingError as e:
         _error(console, str(e))
@@ -281,6 +287,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _print_reruns(console: Any, planned: list) -> None:
+    """One line per trial that runs although the experiment has a row of it, saying why."""
+    for p in planned:
+        if p.state == "pending" and p.reason and p.reason != "--rerun":
+            console.print(f"rerun: {p.name} (seed {p.cfg.seed}): {p.reason}", markup=False, highlight=False,
+                          soft_wrap=True)  # fmt: skip
+
+
 def _print_failures(console: Any, summary: Any) -> None:
     """Each trial that did not finish, with the first line of its error."""
     exp = Experiment(*split_uri(summary.uri))
@@ -303,6 +317,8 @@ def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args
     for p in planned:
         r = p.cfg.resources
         state = {"done": "done (kept)", "reused": f"reused from {p.reused_from}"}.get(p.state, "would run")
+        if p.reason:
+            state += f": {p.reason}"
         table.add_row(
             p.name,
             str(p.cfg.seed),

@@ -393,6 +393,8 @@ def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
                 "state": "pending",
                 "detail": "",
             }
+            if t.get("reason"):  # why the run planned it although a row of it was stored
+                entry["detail"] = str(t["reason"])[:_DETAIL_CHARS]
             damaged = exp.damaged(exp.trial_path(h, "row.json"), row=True) if row is None else None
             if damaged is not None:
                 entry["detail"] = f"damaged row file: {damaged}"

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from kernels import varlen_attention
 from kernels.position_bias import PositionBias, empty_output, pair_bias
 from kernels.seqlens import sequence_ids
+from spa_core.contracts import check_attention
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 from spa_core.registry import PACK_STRATEGIES
 
@@ -153,7 +154,8 @@ def packed_attention(
     if q.shape[0] == 0:
         return empty_output(q, bias)
     attend = PACK_STRATEGIES.get(packed.strategy).attend
-    return attend(q, k, v, packed, softmax_scale=softmax_scale, impl=impl, bias=bias)
+    out = attend(q, k, v, packed, softmax_scale=softmax_scale, impl=impl, bias=bias)
+    return check_attention(out, q, packed.strategy, attend)
 
 
 def containers_dense_attention(

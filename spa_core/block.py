@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from kernels import pack_tokens, unpack_tokens
 from spa_core.attention import PackedAttention
 from spa_core.config import SPAConfig, check_config
+from spa_core.contracts import check_gate_scores
 from spa_core.gate import resize_scores
 from spa_core.pack import pack, unpack
 from spa_core.registry import GATES
@@ -333,7 +334,7 @@ class SPABlock(nn.Module):
         x = x.reshape(B, N, C)
         r = self.norm1(x)
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
-        s = self.gate(r, prev)  # (B, N)
+        s = check_gate_scores(self.gate(r, prev), r, self.cfg.gate, type(self.gate))  # (B, N)
         generator = self._generator_on(x.device)
         sel = select_tokens(s, self.cfg, training=self.training, generator=generator, tokens=r)
         keep, counts = sel.mask, sel.counts

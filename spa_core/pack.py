@@ -29,6 +29,7 @@ from torch import Tensor
 from kernels import container_seqlens, cu_seqlens_from_counts, pack_tokens, unpack_tokens
 from kernels._dispatch import untraced
 from spa_core.config import SPAConfig
+from spa_core.contracts import check_packed
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
@@ -204,7 +205,8 @@ def pack(
     (the SPA block passes the shifted-window order, so containers hold neighbours); ``indices`` always
     point into the raster ``(B*N)`` grid of ``x``.
     """
-    return PACK_STRATEGIES.get(strategy).pack(x, mask, cfg=cfg, order=order)
+    entry = PACK_STRATEGIES.get(strategy)
+    return check_packed(entry.pack(x, mask, cfg=cfg, order=order), x, mask, strategy, entry.pack)
 
 
 def unpack(

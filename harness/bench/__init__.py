@@ -26,7 +26,8 @@ ranges of the per-pair ratios, and each block's per-call time.
 
 Other modes: ``--impl auto,torch`` (one SPA block per kernel implementation against the same dense
 calls), ``--bias-cost`` (the SPA block with ``position_bias: swin`` against the same block with
-``none``: the share of its time the bias costs), ``--train-step`` (forward, backward and AdamW step of
+``none``: the share of its time the bias costs), ``--contract-cost`` (the SPA block with the contract
+checks of ``spa_core.contracts`` always on, on shapes only, and off), ``--train-step`` (forward, backward and AdamW step of
 an SPA backbone against its dense twin: Swin-T at 112 px, batch 32, stages 3-4 keeping 25% by
 top-k in containers), ``--ops`` (the varlen attention op alone, with the bias, per
 CPU implementation, and the gate's scores), ``--profile`` (torch.profiler's per-op table of each block),
@@ -66,6 +67,7 @@ from kernels import (
     varlen_attention_macs,
 )
 from kernels.position_bias import PositionBias
+from spa_core import contracts
 from spa_core.backbone import BackboneFeatures, build_backbone
 from spa_core.block import SPABlock, SwinBlock
 from spa_core.config import SPAConfig, backbone_preset, config_rules
@@ -77,6 +79,7 @@ from spa_core.windows import token_places, window_order
 __all__ = [
     "STRATEGIES", "CLOCKS", "BENCH_SELECTION", "KeptCounts", "bench_selection", "block_pair", "dense_window",
     "fvcore_macs", "make_counts", "counts_at", "time_in_rotation", "train_configs", "run", "run_bias_cost",
+    "run_contract_cost",
     "run_train_step", "run_ops", "profile", "time_grid", "main",
 ]  # fmt: skip
 
@@ -447,6 +450,69 @@ def run_bias_cost(
     return rows
 
 
+def run_contract_cost(
+    strategies=("containers",),
+    ratio: float = 0.25,
+    batch: int = 32,
+    grid: int = 14,
+    dim: int = 384,
+    num_heads: int = 6,
+    window: int = 7,
+    spread: float = 0.3,
+    mlp_on: str = "selected",
+    reps: int = 21,
+    warmup: int = 5,
+    seed: int = 0,
+    clock: str = "wall",
+    log=None,
+) -> list[dict]:
+    """One SPA block's forward under the contract checks' modes (``spa_core.contracts``), calls in
+    rotation: ``always`` (every rule on every call), ``shapes`` (mode ``first`` past its first
+    ``VALUE_CHECKS`` calls: metadata rules only) and ``off``. ``*_cost`` = (t_mode - t_off) / t_off
+    per round, median and interquartile range; one row per strategy."""
+    N = grid * grid
+    x = torch.randn(batch, grid, grid, dim, generator=torch.Generator().manual_seed(seed))  # (B, H, W, C)
+    rows = []
+    with bench_selection() as policy:
+        policy.counts = counts_at(0, batch, N, ratio, spread, seed)
+        for strategy in strategies:
+            torch.manual_seed(seed)
+            _, spa = block_pair(
+                strategy, dim=dim, num_heads=num_heads, grid=grid, window=window, mlp_on=mlp_on
+            )
+
+            def under(mode: str, spa=spa):
+                def call() -> None:
+                    with contracts.checking(mode):
+                        spa(x)
+
+                return call
+
+            contracts.reset()
+            with contracts.checking("first"), torch.inference_mode():
+                for _ in range(contracts.VALUE_CHECKS):  # spend the value checks of mode "first"
+                    spa(x)
+            t = time_in_rotation({"always": under("always"), "shapes": under("first"), "off": under("off")},
+                                 reps, warmup, CLOCKS[clock])  # fmt: skip
+            row = {"strategy": strategy, "ratio": ratio,
+                   "kept_fraction": round(float(policy.counts.sum()) / (batch * N), 4)}  # fmt: skip
+            for mode in ("always", "shapes"):
+                q1, med, q3 = _quartiles([(a - b) / b for a, b in zip(t[mode], t["off"])])
+                row.update({f"{mode}_cost": round(med, 4), f"{mode}_cost_q1": round(q1, 4),
+                            f"{mode}_cost_q3": round(q3, 4), **_ms(mode, t[mode])})  # fmt: skip
+            row.update(**_ms("off", t["off"]), mlp_on=mlp_on, **_env(clock, reps))
+            rows.append(row)
+            if log is not None:
+                log(
+                    f"| {strategy} | {ratio:.2f} | {row['kept_fraction']:.3f} | "
+                    f"{100 * row['always_cost']:+.2f}% ({100 * row['always_cost_q1']:+.2f} to "
+                    f"{100 * row['always_cost_q3']:+.2f}) | {100 * row['shapes_cost']:+.2f}% "
+                    f"({100 * row['shapes_cost_q1']:+.2f} to {100 * row['shapes_cost_q3']:+.2f}) | "
+                    f"{row['off_ms']:.2f} ({row['off_ms_q1']:.2f}-{row['off_ms_q3']:.2f}) |"
+                )
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # a training step of a whole backbone
 
@@ -777,6 +843,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--train-step", action="store_true", help="time a training step of an SPA backbone against dense"
     )
+    p.add_argument("--contract-cost", action="store_true", help="time the SPA block with the contract checks "
+                   "(spa_core.contracts) always on, on shapes only, and off")  # fmt: skip
     p.add_argument("--preset", default="swin_t", help="--train-step: backbone preset")
     p.add_argument("--image", type=int, default=112, help="--train-step: image side, pixels")
     p.add_argument("--depths", default=None, help="--train-step: override the preset's depths, e.g. 2,2,6,2")
@@ -795,19 +863,28 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    modes = [m for m in ("bias_cost", "train_step", "ops", "profile", "grid_file") if getattr(a, m)]
+    modes = [
+        m
+        for m in ("bias_cost", "contract_cost", "train_step", "ops", "profile", "grid_file")
+        if getattr(a, m)
+    ]
     if len(modes) > 1:
         p.error(f"one mode at a time, got {', '.join('--' + m.replace('_', '-') for m in modes)}")
     mode = modes[0] if modes else "blocks"
     strategies = _csv(a.strategies) if a.strategies else list(STRATEGIES)
     if mode == "bias_cost" and not a.strategies:
         strategies = ["varlen", "containers"]
+    if mode == "contract_cost" and not a.strategies:
+        strategies = ["containers"]
     for s in strategies:
         if s not in STRATEGIES:
             p.error(f"unknown strategy {s!r}; known: {', '.join(STRATEGIES)}")
-    default_ratios = {"ops": "0.25,0.5", "bias_cost": "0.5", "train_step": "0.25"}.get(
-        mode, "0.1,0.25,0.5,0.75,1.0"
-    )
+    default_ratios = {
+        "ops": "0.25,0.5",
+        "bias_cost": "0.5",
+        "contract_cost": "0.25",
+        "train_step": "0.25",
+    }.get(mode, "0.1,0.25,0.5,0.75,1.0")
     ratios = _csv(a.ratios or default_ratios, float)
     shifts = _csv(a.shifts, int)
     impls = tuple(_csv(a.impl or "")) or (None,)
@@ -866,6 +943,18 @@ def main(argv=None) -> int:
                   "|---|---|---|---|---|---|---|")  # fmt: skip
         rows = run_bias_cost(strategies, ratios[0], shifts=shifts, mlp_on=a.mlp_on, reps=a.reps, warmup=warmup,
                              seed=a.seed, clock=a.clock, log=log, **size)  # fmt: skip
+        _emit(rows, a.json)
+        return 0
+    if mode == "contract_cost":
+        if log:
+            print(f"SPA block under the contract checks (spa_core.contracts), mlp_on {a.mlp_on}: {threads}; {shape}, "
+                  f"reps={a.reps}, {a.clock} clock; cost = (t_mode - t_off) / t_off per round, median (interquartile "
+                  "range); always: every rule, every call; shapes: mode first after its value checks")  # fmt: skip
+            print(
+                "| strategy | ratio | kept | always (IQR) | shapes (IQR) | off ms (IQR) |\n|---|---|---|---|---|---|"
+            )
+        rows = run_contract_cost(strategies, ratios[0], mlp_on=a.mlp_on, reps=a.reps, warmup=warmup, seed=a.seed,
+                                 clock=a.clock, log=log, **size)  # fmt: skip
         _emit(rows, a.json)
         return 0
     if mode == "train_step":

@@ -70,8 +70,8 @@ PAIRED_SPEEDUP = "speedup_vs_dense"  # timed per trial: the variant and the base
 TIMED_FORWARD, TIMED_CALL = "backbone+head", "inference call"
 _SPREAD = (f"{PAIRED_SPEEDUP}_q1", f"{PAIRED_SPEEDUP}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is paired over; the rest change no result).
-_NOT_VARIANT = {"seed", "name", "plugins", "resources.timeout_s", "resources.retries", "data.num_workers",
-                "data.cache_dir"}  # fmt: skip
+_NOT_VARIANT = {"seed", "name", "plugins", "plugin_sources", "resources.timeout_s", "resources.retries",
+                "data.num_workers", "data.cache_dir"}  # fmt: skip
 _DONE = "done"
 
 
@@ -205,6 +205,8 @@ def _build_report(
     judged.update({("contrast", c): d for c, d in _add_contrasts(report, by_variant).items()})
     _judge(report, judged, row_base)
     table = report.table
+    if "verdict" in table:  # a variant with no verdict reads n/a in every format, as the Markdown shows it
+        table["verdict"] = table["verdict"].fillna("n/a")
     if len(groups) > 1:
         table.insert(1, "baseline", pd.Series([None] * len(table), index=table.index, dtype=object))
         for g, b in zip(groups, bases):

@@ -101,8 +101,11 @@ def base_row(spec: TrialSpec, run: RunInfo, attempt: int) -> dict[str, Any]:
     }
     row.update({f"{k}_version": v for k, v in package_versions().items()})
     row.update(node_id=node_id(), hostname=socket.gethostname())  # where the Tune trial's process ran
-    # The baseline's model and head stay in config_json; the row names it in speedup_baseline.
-    row.update(flatten_config({k: v for k, v in cfg_dict.items() if k not in ("baseline", "axis")}))
+    # The baseline's model and head stay in config_json; the row names it in speedup_baseline. So do
+    # the plugin sources: a trial's identity, not a setting a report compares variants by.
+    row.update(
+        flatten_config({k: v for k, v in cfg_dict.items() if k not in ("baseline", "axis", "plugin_sources")})
+    )
     row.update({f"axis.{k}": v for k, v in cfg.axis.items()})  # the report's axis tables
     return row
 

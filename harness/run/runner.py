@@ -42,7 +42,7 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray import tune
 
-from harness.config import TrialConfig, config_hash, trial_from_dict, trial_to_dict
+from harness.config import TrialConfig, config_changes, config_hash, trial_from_dict, trial_to_dict
 from harness.names import name_problem, safe_name
 from harness.provenance import project_commit
 from harness.results import Experiment, ResultsStore, join_uri
@@ -50,12 +50,14 @@ from harness.run import tracking
 from harness.run.progress import GridCallback, announce_stored
 from harness.run.rows import DeadTrialRecorder, RunInfo, TrialSpec, tune_payload, tune_trial_hash
 from harness.run.trial import TrialContext, trial_trainable
+from spa_core.registry import ALL_REGISTRIES
 
 __all__ = [
     "PlannedTrial",
     "RunSummary",
     "SharedResultsError",
     "plan",
+    "rerun_reason",
     "trial_resources",
     "init_ray",
     "cluster_address",
@@ -79,6 +81,9 @@ class PlannedTrial:
     config_hash: str
     state: str  # "pending", "done" (already in this experiment) or "reused" (copied from another)
     reused_from: str | None = None
+    # why a pending trial runs when the experiment has a row of it (its row failed, its plugin or
+    # config changed since, --rerun); None for a trial never run here
+    reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -167,6 +172,7 @@ def plan(
     exp = store.experiment(experiment)
     out: list[PlannedTrial] = []
     seen: dict[str, str] = {}
+    stored: dict[tuple[str, Any], dict[str, Any]] | None = None  # (name, seed) -> done row, read once
     for cfg in trials:
         h = config_hash(cfg)
         if h in seen:
@@ -176,7 +182,7 @@ def plan(
             continue
         seen[h] = cfg.name
         if rerun:
-            out.append(PlannedTrial(cfg, h, "pending"))
+            out.append(PlannedTrial(cfg, h, "pending", reason="--rerun"))
             continue
         row = exp.read_row(h)
         if row is not None and row.get("status") == "done":
@@ -185,9 +191,45 @@ def plan(
         other = store.find_done(h, exclude=experiment)
         if other is not None:
             out.append(PlannedTrial(cfg, h, "reused", reused_from=other.name))
+            continue
+        if row is not None:
+            reason = f"its stored row is {row.get('status')}"
         else:
-            out.append(PlannedTrial(cfg, h, "pending"))
+            if stored is None:
+                stored = {(r.get("name"), r.get("seed")): r for r in exp.rows() if r.get("status") == "done"}
+            reason = rerun_reason(cfg, stored.get((cfg.name, cfg.seed)))
+        out.append(PlannedTrial(cfg, h, "pending", reason=reason))
     return out
+
+
+def rerun_reason(cfg: TrialConfig, row: dict[str, Any] | None) -> str | None:
+    """Why ``cfg`` runs although ``row``, a finished row of a trial of the same name and seed, is
+    stored under another config hash: the plugin entries whose source changed (each with the file it
+    is registered from), or the config keys that changed. ``None`` without a row."""
+    if row is None:
+        return None
+    try:
+        old = json.loads(row.get("config_json") or "")
+    except (TypeError, ValueError):
+        return "the stored row of this trial has another config"
+    changes = config_changes(old, trial_to_dict(cfg))
+    plugins = [k for k, _, _ in changes if k.startswith("plugin_sources.")]
+    if plugins and len(plugins) == len(changes):
+        entries = []
+        for k in plugins:
+            registry, _, name = k[len("plugin_sources.") :].partition(":")
+            entries.append(f"{registry} {name!r} ({_origin(registry, name)})")
+        return f"plugin changed since the stored row: {'; '.join(entries)}"
+    shown = [f"{k} {a!r} -> {b!r}" for k, a, b in changes if not k.startswith("plugin_sources.")][:3]
+    more = len(changes) - len(shown)
+    return "config changed since the stored row: " + ", ".join(shown) + (f" (+{more} more)" if more else "")
+
+
+def _origin(registry: str, name: str) -> str:
+    try:
+        return ALL_REGISTRIES[registry].origin(name)
+    except KeyError:
+        return "not registered"
 
 
 def init_ray(address: str | None = None) -> bool:
@@ -263,13 +305,15 @@ def run_grid(
     results_shared: bool = False,
     report_files: Callable[[str, Path], list[Path]] | None = None,
     comparisons: dict[str, Any] | None = None,
+    on_plan: Callable[[list[PlannedTrial]], None] | None = None,
 ) -> RunSummary:
     """Run ``trials`` into ``results/<experiment>`` (see the module docstring). ``track``: a
     ``harness.run.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``). On a cluster
     (``address``, ``RAY_ADDRESS``) ``results`` must be a store every node sees (``results_problem``);
     ``SharedResultsError`` otherwise, before anything runs. ``report_files(experiment_uri, folder)``
     writes the experiment's report into ``folder`` for the tracked parent run. ``comparisons``: the
-    grid's ``Comparisons.to_dict()``, kept in ``experiment.json`` for the report."""
+    grid's ``Comparisons.to_dict()``, kept in ``experiment.json`` for the report. ``on_plan(planned)``
+    is called once the trials are planned, before any runs (the command line prints why trials rerun)."""
     track = tracking.parse_track(track)  # a bad value fails before anything is written
     t_start = time.time()
     problem = results_problem(results, cluster_address(address), shared=results_shared)
@@ -279,6 +323,8 @@ def run_grid(
     store = ResultsStore(results)
     exp = store.experiment(experiment)
     planned = plan(trials, store, experiment, rerun=rerun)
+    if on_plan is not None:
+        on_plan(planned)
     for p in planned:
         if p.state == "reused":
             exp.copy_trial_from(store.experiment(p.reused_from), p.config_hash)
@@ -321,6 +367,7 @@ def run_grid(
                 "workers": p.cfg.resources.workers,
                 "state": p.state,
                 **({"reused_from": p.reused_from} if p.reused_from else {}),
+                **({"reason": p.reason} if p.reason else {}),
             }
             for p in planned
         ],

@@ -1,7 +1,9 @@
 """Per-trial measurements beyond the task metrics: FLOPs, timings, memory, parameters.
 
-All on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
-variant), after training, with the trial's real selection (the trained gate, or top-k / random).
+Timings on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
+variant), FLOPs on the first ``bench.flop_images`` val images (all of them when the split is smaller;
+``flop_images`` the number counted), after training, with the trial's real selection (the trained
+gate, or top-k / random).
 
 What SPA changes is the forward: the backbone and the detection head (``InferenceForward``). The
 detector's inference call adds the postprocessing (score threshold, NMS), whose cost depends on how
@@ -13,13 +15,13 @@ latency a user of the detector sees.
 
 - ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
   image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
-  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
-- ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
-  kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
-  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences). It is an
-  upper bound of what this implementation does: the formula counts each container's L x L scores
-  densely and the output projection over all N tokens, while the varlen kernel computes only the
-  blocks of one image inside a container and the projection runs on the kept tokens;
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates of every block (Swin and SPA);
+- ``analytic_attn_gmacs``: the same modules by formula, per image, from the kept counts of the same
+  images: Swin blocks W-MSA over the padded map, ``B(4 N_p C^2 + 2 M^2 N_p C)``; SPA blocks their pack
+  strategy's ``attention_macs`` (the gate's scorer, the projections on the kept tokens and attention
+  over the sequences the strategy runs: ``spa_core.strategies``). It follows the kept tokens and
+  equals ``fvcore_attn_gmacs`` (a difference means a kernel computes other than its formula says);
+  the paper's container formula, an upper bound of it, is in ``spa_core/strategies.py``;
 - ``forward_ms``: median wall time of ``InferenceForward`` (backbone and head, no postprocessing) on
   the trial's model, under ``train.precision``'s autocast; ``infer_ms``: of the whole inference call
   through the DeepSpeed engine (postprocessing included); ``train_step_ms``: of one training
@@ -66,6 +68,7 @@ from harness.task.data import build_datasets, fixed_batch
 from harness.task.detector import build_detector
 from harness.task.train import to_device
 from spa_core.backbone import stage_grids
+from spa_core.contracts import check_attention_macs
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
@@ -213,9 +216,11 @@ def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
 
 
 def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
-    """The paper's attention formulas summed over the backbone's blocks, for a batch of ``batch``
-    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list): W-MSA for Swin
-    blocks, the pack strategy's ``attention_macs`` for SPA blocks."""
+    """Multiply-adds of the backbone's attention modules and gates by formula, summed over its blocks,
+    for a batch of ``batch`` images of ``image_hw`` with the kept counts in ``blocks``
+    (``SPABlockInfo`` list): W-MSA over the padded map for Swin blocks (its projections run on the
+    padded tokens too), the pack strategy's ``attention_macs`` for SPA blocks (checked: a finite
+    number >= 0)."""
     m = cfg.model
     depths = list(m.depths)
     depths[2] += m.extra_stage3_blocks
@@ -232,12 +237,13 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
         mh, mw = min(m.window_size, h), min(m.window_size, w)
         n_pad = math.ceil(h / mh) * mh * math.ceil(w / mw) * mw
         for j in range(depth):
-            if i + 1 not in spa_stages:  # W-MSA: B(4NC^2 + 2 M^2 N C)
-                total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
+            if i + 1 not in spa_stages:  # W-MSA: B(4 N_p C^2 + 2 M^2 N_p C)
+                total += batch * (4 * n_pad * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
             # containers of one window's tokens (clipped where the map is smaller than the window)
-            total += strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
+            macs = strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
+            total += check_attention_macs(macs, spa.pack, strategy.attention_macs, k)
     return total
 
 
@@ -267,16 +273,18 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
         infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
     )
 
+    flop_images = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)))[0].to(device)
     with backend.gathered_parameters():
         with torch.no_grad():
-            blocks = detector.eval()(images)["backbone"].blocks
-        macs = fvcore_macs(detector, images)
-    b = images.shape[0]
+            blocks = detector.eval()(flop_images)["backbone"].blocks
+        macs = fvcore_macs(detector, flop_images)
+    b = flop_images.shape[0]
     out.update(
+        flop_images=b,
         gmacs=macs["total"] / b / 1e9,
         backbone_gmacs=macs["backbone"] / b / 1e9,
         fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
+        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(flop_images.shape[-2:]), b) / b / 1e9,
         fvcore_unsupported_ops=macs["unsupported"],
         backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
     )

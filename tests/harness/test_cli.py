@@ -143,3 +143,22 @@ def test_status_shows_each_trials_node_and_commit_and_warns_about_mixed_commits(
     assert main(["status", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert err == f"warning: e: the rows come from 2 commits: {'1' * 12} (2), {'2' * 12}+dirty (1)\n"
+
+
+def test_an_axis_overriding_a_base_key_is_a_warning_at_dry_run_and_at_the_start_of_run(
+    tmp_path, capsys, monkeypatch
+):
+    import harness.run.runner as runner
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"extends: {SMOKE}\nname: g\nbase:\n  model.spa.ratio: 0.1\n")
+    assert main(["run", str(grid), "--dry-run", "--results", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {SMOKE}:" in err and f"overrides model.spa.ratio = 0.1 set at {grid}:4" in err
+
+    def stop(*args, **kwargs):  # the run starts no trial here: the warning came before it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_grid", stop)
+    assert main(["run", str(grid), "--results", str(tmp_path / "r")]) == 130
+    assert "overrides model.spa.ratio = 0.1" in capsys.readouterr().err

@@ -119,6 +119,30 @@ def test_bias_cost_mode(capsys):
     )
 
 
+def test_contract_cost_mode(capsys, monkeypatch):
+    from spa_core import contracts
+
+    seen = []
+    real = contracts.check_selection
+
+    def spy(*args, **kwargs):  # the mode each timed call ran under
+        seen.append(contracts.get_mode())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("spa_core.select.check_selection", spy)
+    assert main(["--contract-cost", "--json", *TINY, "--strategies", "containers,pad"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in rows] == ["containers", "pad"]
+    for r in rows:
+        assert r["off_ms"] > 0 and r["always_ms"] > 0 and r["shapes_ms"] > 0
+        assert r["always_cost_q1"] <= r["always_cost"] <= r["always_cost_q3"]
+    assert {"always", "first", "off"} <= set(seen) and contracts.get_mode() == "first"
+    assert main(["--contract-cost", *TINY]) == 0
+    assert (
+        "| strategy | ratio | kept | always (IQR) | shapes (IQR) | off ms (IQR) |" in capsys.readouterr().out
+    )
+
+
 def test_train_step_mode(capsys):
     argv = "--train-step --preset micro --image 64 --batch 2 --reps 2 --warmup 0".split()
     assert main([*argv, "--json"]) == 0

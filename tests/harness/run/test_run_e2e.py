@@ -33,6 +33,7 @@ DONE_COLUMNS = [
     "num_params",
     "backbone_params",
     "gmacs",
+    "flop_images",
     "backbone_gmacs",
     "analytic_attn_gmacs",
     "fvcore_attn_gmacs",
