@@ -86,8 +86,8 @@ def varlen_attention_ref(
 # Sequences shorter than _SHORT run together in one call, padded to the longest of them (a gather in,
 # a scatter out); the others one call each on views of q, k, v (no copies). Why: at SPA's sizes a
 # call's fixed cost is about that of its arithmetic, so many short sequences cost less as one call.
-# Where it matters is the training step's small stages (``python -m harness.bench --train-step``: 7x7
-# and 4x4 token stages, a few tokens per image and container); the block rows (``--strategies
+# Where it matters is the training step's small stages (``python -m harness.bench train-step``: 7x7
+# and 4x4 token stages, a few tokens per image and container); the block rows (``blocks --strategies
 # varlen,containers --impl torch``, 14x14 tokens, mostly longer sequences) time the same either way.
 # 16 is a round value, not a tuned one.
 _SHORT = 16

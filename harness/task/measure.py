@@ -17,8 +17,8 @@ variant), after training, with the trial's real selection (the trained gate, or 
   runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
   (a training step counts the samples of every worker);
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
-  the grid's baseline model timed in this process, calls alternating and which goes first alternating,
-  ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of baseline time / model time,
+  the grid's baseline model timed in this process in pairs whose first call alternates
+  (``harness.task.timing.time_in_rotation``), ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of baseline time / model time,
   ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` / ``paired_dense_ms`` the medians. The baseline
   (``speedup_baseline_config``) is the grid's dense point (``cfg.baseline``, attached by the grid: for
   the paper's grid plain Swin-T, without the 4 extra stage-3 blocks the SPA model pays for), so the
@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
@@ -53,6 +55,7 @@ import kernels
 from harness.task.backend import autocast_dtype
 from harness.task.data import build_datasets, fixed_batch
 from harness.task.detector import build_detector
+from harness.task.timing import quartiles, time_in_rotation
 from harness.task.train import to_device
 from spa_core.backbone import stage_grids
 from spa_core.registry import PACK_STRATEGIES
@@ -65,7 +68,6 @@ __all__ = [
     "fvcore_macs",
     "analytic_attention_macs",
     "timed",
-    "timed_pairs",
     "dense_twin_config",
     "speedup_baseline_config",
     "timing_copy",
@@ -109,42 +111,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median and IQR (ms) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    q25, q50, q75 = np.percentile(times, [25, 50, 75])
-    return {"median": float(q50), "iqr": float(q75 - q25)}
-
-
-def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
-    """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
-    ``warmup`` pairs: machine load in a pair falls on both."""
-    for _ in range(warmup):
-        a()
-        b()
-    _sync(device)
-    ta, tb = [], []
-    for i in range(max(1, repeats)):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        t0 = time.perf_counter()
-        first()
-        _sync(device)
-        t1 = time.perf_counter()
-        second()
-        _sync(device)
-        t2 = time.perf_counter()
-        d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        ta.append(d1 if i % 2 == 0 else d2)
-        tb.append(d2 if i % 2 == 0 else d1)
-    return ta, tb
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median and IQR (ms) of ``fn()`` over ``max(1, repeats)`` runs after ``warmup`` runs."""
+    times = time_in_rotation({"fn": fn}, max(1, repeats), warmup, sync=partial(_sync, device))["fn"]
+    q1, med, q3 = quartiles([1e3 * t for t in times])
+    return {"median": med, "iqr": q3 - q1}
 
 
 class _InferenceGraph(nn.Module):
@@ -354,19 +325,24 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
         was_training = model.training
         model.eval()
         try:
-            t_model, t_dense = timed_pairs(_call(model), _call(twin), bc.warmup, bc.repeats, device)
+            times = time_in_rotation(
+                {"model": _call(model), "dense": _call(twin)},
+                max(1, bc.repeats),
+                bc.warmup,
+                sync=partial(_sync, device),
+            )
         finally:
             model.train(was_training)
-    ratios = [d / m for d, m in zip(t_dense, t_model)]
-    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    t_model, t_dense = times["model"], times["dense"]
+    q1, med, q3 = quartiles([d / m for d, m in zip(t_dense, t_model)])
     del twin, model
     return {
         "speedup_baseline": baseline,
         "speedup_vs_dense": float(med),
         "speedup_vs_dense_q1": float(q1),
         "speedup_vs_dense_q3": float(q3),
-        "paired_model_ms": float(np.median(t_model)),
-        "paired_dense_ms": float(np.median(t_dense)),
+        "paired_model_ms": 1e3 * statistics.median(t_model),
+        "paired_dense_ms": 1e3 * statistics.median(t_dense),
         "paired_repeats": int(max(1, bc.repeats)),
         "paired_time_s": time.perf_counter() - t0,
     }

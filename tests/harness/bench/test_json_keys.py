@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.bench import main
+from harness.bench.cli import subcommand_argv
 
 SMOKE_GRID = Path(__file__).resolve().parents[3] / "ablations" / "grids" / "smoke.yaml"
 TINY = "--batch 2 --grid 4 --window 2 --dim 32 --heads 2 --reps 1 --warmup 0 --ratios 0.5".split()
@@ -34,27 +35,41 @@ TRAIN_STEP_KEYS = (
 OPS_KEYS = (*"layout ratio impl mmacs position_bias ms ms_q1 ms_q3 gmacs_per_s speedup".split(), *ENV)
 GRID_KEYS = (*"grid model kept_fraction batch ms ms_q1 ms_q3 speedup".split(), *ENV)
 
+# mode: (the subcommand's argv, the same run in the one-command bench's flags, keys, rows or None)
 MODES = {
-    "blocks": (["--json", *TINY], BLOCK_KEYS, 4),
+    "blocks": (["blocks", "--json", *TINY], ["--json", *TINY], BLOCK_KEYS, 4),
     "blocks per impl": (
+        ["blocks", "--json", "--strategies", "containers", "--impl", "auto,torch", *TINY],
         ["--json", "--strategies", "containers", "--impl", "auto,torch", *TINY],
         BLOCK_KEYS,
         2,
     ),
-    "bias cost": (["--bias-cost", "--json", *TINY], BIAS_COST_KEYS, 2),
+    "bias cost": (["bias-cost", "--json", *TINY], ["--bias-cost", "--json", *TINY], BIAS_COST_KEYS, 2),
     "train step": (
+        "train-step --preset micro --image 64 --batch 2 --reps 1 --warmup 0 --json".split(),
         "--train-step --preset micro --image 64 --batch 2 --reps 1 --warmup 0 --json".split(),
         TRAIN_STEP_KEYS,
         None,  # one object, not a list
     ),
-    "ops": (["--ops", "--json", *TINY], OPS_KEYS, 6),
-    "grid": (["--grid-file", str(SMOKE_GRID), "--reps", "1", "--warmup", "0", "--json"], GRID_KEYS, 3),
+    "ops": (["ops", "--json", *TINY], ["--ops", "--json", *TINY], OPS_KEYS, 6),
+    "grid": (
+        ["grid", str(SMOKE_GRID), "--reps", "1", "--warmup", "0", "--json"],
+        ["--grid-file", str(SMOKE_GRID), "--reps", "1", "--warmup", "0", "--json"],
+        GRID_KEYS,
+        3,
+    ),
 }
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_the_old_flags_name_the_same_run(mode):
+    argv, old, _, _ = MODES[mode]
+    assert subcommand_argv(old) == argv
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_json_keys_of_every_mode(mode, capsys):
-    argv, keys, n_rows = MODES[mode]
+    argv, _, keys, n_rows = MODES[mode]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     if n_rows is None:

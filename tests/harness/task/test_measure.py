@@ -18,7 +18,6 @@ from harness.task.measure import (
     reset_peak_memory,
     speedup_baseline_config,
     timed,
-    timed_pairs,
 )
 
 
@@ -87,20 +86,6 @@ def test_peak_memory_sees_a_big_allocation():
     x += 1
     peak, _ = peak_memory(device)
     assert kind == "rss_peak" and peak >= base + 48
-
-
-def test_timed_pairs_alternate_which_goes_first():
-    calls = []
-    ta, tb = timed_pairs(
-        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4, device=torch.device("cpu")
-    )
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
-    assert len(ta) == len(tb) == 4
-    slow, fast = timed_pairs(
-        lambda: time.sleep(0.02), lambda: time.sleep(0.005), warmup=0, repeats=4, device=torch.device("cpu")
-    )
-    assert min(slow) >= 20 and min(fast) >= 5  # each time is its own call's, whichever went first
-    assert sorted(slow)[1] > sorted(fast)[2] + 8
 
 
 @pytest.mark.filterwarnings("ignore")
