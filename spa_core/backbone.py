@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,7 @@ class SPABackbone(nn.Module):
                     mlp_ratio=cfg.mlp_ratio,
                     drop_path=dpr[k],
                 )
-                if i + 1 in spa_stages:
+                if i + 1 in spa_stages and cfg.spa is not None:  # spa_stages is empty without cfg.spa
                     blocks.append(SPABlock(cfg=cfg.spa, stage=i + 1, index=j, **common))
                 else:
                     blocks.append(SwinBlock(**common))
@@ -146,7 +147,7 @@ class SPABackbone(nn.Module):
         features, infos = [], []
         prev = None  # previous SPA block's score map (B, h, w)
         for i, blocks in enumerate(self.stages):
-            for blk in blocks:
+            for blk in cast(nn.ModuleList, blocks):
                 if isinstance(blk, SPABlock):
                     x, info = blk(x, prev)
                     prev = info.logits.view(x.shape[0], *info.grid)

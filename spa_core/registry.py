@@ -86,7 +86,7 @@ class Registry:
                 )
             self._obj[key] = o
             # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
-            self._origin[key] = origin or _builtin(o) or _ORIGIN.get() or getattr(o, "__module__", "?")
+            self._origin[key] = origin or _builtin(o) or _ORIGIN.get() or str(getattr(o, "__module__", "?"))
             return o
 
         if obj is not None:

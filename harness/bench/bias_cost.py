@@ -68,7 +68,9 @@ class BiasCostRunner(Runner):
     def _blocks(self, strategy: str, shift: int) -> tuple[SPABlock, SPABlock]:
         """The SPA block of ``strategy`` with Swin's bias and the same block without it."""
         size = self.size
-        kw = dict(dim=size.dim, num_heads=size.num_heads, grid=size.grid, window=size.window, shift=shift)
+        kw: dict[str, Any] = dict(
+            dim=size.dim, num_heads=size.num_heads, grid=size.grid, window=size.window, shift=shift
+        )
         torch.manual_seed(self.timing.seed)
         _, with_bias = block_pair(strategy, position_bias="swin", mlp_on=self.mlp_on, **kw)
         _, without = block_pair(strategy, position_bias="none", mlp_on=self.mlp_on, **kw)

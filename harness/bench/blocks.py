@@ -24,7 +24,7 @@ per-call time. With several kernel implementations (``impls``), one SPA block pe
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -78,7 +78,9 @@ class BlocksRunner(Runner):
         """The rows of one strategy and shift: one per ratio and implementation."""
         size, seed = self.size, self.timing.seed
         torch.manual_seed(seed)
-        kw = dict(dim=size.dim, num_heads=size.num_heads, grid=size.grid, window=size.window, shift=shift)
+        kw: dict[str, Any] = dict(
+            dim=size.dim, num_heads=size.num_heads, grid=size.grid, window=size.window, shift=shift
+        )
         kw.update(position_bias=self.position_bias, mlp_on=self.mlp_on)
         dense, spa = block_pair(strategy, impl=self.impls[0], **kw)
         spas = {self.impls[0]: spa}
@@ -89,7 +91,7 @@ class BlocksRunner(Runner):
         for i, ratio in enumerate(self.ratios):
             policy.counts = counts_at(i, size.batch, size.num_tokens, ratio, size.spread, seed)
             spa_macs = fvcore_macs(BlockOutput(spa), (x,))  # the same for every impl
-            calls = {"dense": partial(dense, x)}
+            calls: dict[str, Callable[[], object]] = {"dense": partial(dense, x)}
             calls.update({f"spa {n}": with_impl(partial(b, x), n) for n, b in spas.items()})
             t = self.timing.time(calls)
             for impl in spas:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity
@@ -44,7 +45,7 @@ class ProfileRunner:
     def run(self) -> str:
         size, reps, seed = self.size, self.timing.reps, self.timing.seed
         x = size.tokens(seed)  # (B, H, W, C)
-        kw = dict(dim=size.dim, num_heads=size.num_heads, grid=size.grid, window=size.window)
+        kw: dict[str, Any] = dict(dim=size.dim, num_heads=size.num_heads, grid=size.grid, window=size.window)
         out = []
         with bench_selection() as policy:
             for strategy in self.strategies:

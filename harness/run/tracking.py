@@ -29,8 +29,7 @@ Flow: the driver calls ``start_grid`` (a ``TrackRef`` that Tune passes to each t
 ``step_logger``, the driver ``finish_grid``. A tracking failure inside a trial is a logged warning,
 never a failed trial.
 
-Both backends (MLflow, W&B) sit in one file (about 500 lines) behind the same five calls the runner
-and the trial make.
+Both backends (MLflow, W&B) answer the same five calls the runner and the trial make.
 """
 
 from __future__ import annotations

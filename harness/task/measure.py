@@ -54,7 +54,7 @@ from torch import nn
 import kernels
 from harness.task.backend import autocast_dtype
 from harness.task.data import build_datasets, fixed_batch
-from harness.task.detector import build_detector
+from harness.task.detector import Detector, build_detector
 from harness.task.timing import quartiles, time_in_rotation
 from harness.task.train import to_device
 from spa_core.backbone import stage_grids
@@ -125,7 +125,7 @@ class _InferenceGraph(nn.Module):
     output, and the eager forward computes all four stages (fvcore would otherwise leave out, say, the
     layer norm of a stage the head does not read)."""
 
-    def __init__(self, detector: nn.Module) -> None:
+    def __init__(self, detector: Detector) -> None:
         super().__init__()
         self.detector = detector
 
@@ -136,7 +136,7 @@ class _InferenceGraph(nn.Module):
         return (*cls, *ltrb, *ctr, *bb.features)
 
 
-def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+def fvcore_macs(detector: Detector, images: torch.Tensor) -> dict[str, Any]:
     """fvcore multiply-adds of the inference forward on ``images``: total, backbone, attention+gates
     (summed over the batch), and the ops fvcore could not count."""
     graph = _InferenceGraph(detector).eval()
@@ -182,7 +182,7 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
         mh, mw = min(m.window_size, h), min(m.window_size, w)
         n_pad = math.ceil(h / mh) * mh * math.ceil(w / mw) * mw
         for j in range(depth):
-            if i + 1 not in spa_stages:  # W-MSA: B(4NC^2 + 2 M^2 N C)
+            if i + 1 not in spa_stages or strategy is None:  # W-MSA: B(4NC^2 + 2 M^2 N C)
                 total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
@@ -190,7 +190,7 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
     return total
 
 
-def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
+def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
     """The measurement columns of a trial (see the module docstring). Every rank calls it (a
     training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
     bc = cfg.bench
@@ -220,7 +220,9 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
         gmacs=macs["total"] / b / 1e9,
         backbone_gmacs=macs["backbone"] / b / 1e9,
         fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
+        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, (images.shape[-2], images.shape[-1]), b)
+        / b
+        / 1e9,
         fvcore_unsupported_ops=macs["unsupported"],
         backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
     )

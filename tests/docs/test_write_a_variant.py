@@ -29,8 +29,11 @@ def _write(tmp_path: Path) -> tuple[Path, Path]:
     plugin = tmp_path / "my_variants.py"
     plugin.write_text(_block_after("my_variants.py", "python"))
     grid = tmp_path / "my_grid.yaml"
-    grid.write_text(_block_after("my_grid.yaml, beside my_variants.py", "yaml")
-                    .replace("extends: smoke.yaml", f"extends: {ROOT / 'ablations' / 'grids' / 'smoke.yaml'}"))
+    grid.write_text(
+        _block_after("my_grid.yaml, beside my_variants.py", "yaml").replace(
+            "extends: smoke.yaml", f"extends: {ROOT / 'ablations' / 'grids' / 'smoke.yaml'}"
+        )
+    )
     return plugin, grid
 
 
@@ -54,7 +57,12 @@ def test_the_pages_grid_loads_with_its_plugin_and_variants_lists_it(tmp_path):
     with isolated_registries():
         grid = load_grid(grid_file)
         assert {t.model.spa.selection for t in grid.trials if t.model.spa is not None} == {"gate_at_least"}
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "variants", "--plugin", str(plugin)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "variants", "--plugin", str(plugin)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     assert "gate_at_least" in out.stdout
