@@ -90,7 +90,12 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        n = batch if sample is not None else x.shape[0]
+        if sample is None:
+            n = x.shape[0]
+        elif batch is None:
+            raise ValueError("DropPath: packed rows (sample given) need the batch size")
+        else:
+            n = batch
         m = x.new_empty(n).bernoulli_(keep) / keep  # (B,)
         m = m[sample] if sample is not None else m
         return x * m.view(-1, *([1] * (x.dim() - 1)))

@@ -227,9 +227,15 @@ def unpack(
     return unpack_tokens(tokens, packed.indices, base.reshape(B * N, C), add=add).view(B, N, C)
 
 
+def _container_len(packed: PackedTokens, what: str) -> int:
+    if packed.container_len is None:
+        raise ValueError(f"{what} needs a containers pack, got strategy {packed.strategy!r}")
+    return packed.container_len
+
+
 def _slots(packed: PackedTokens) -> tuple[Tensor, Tensor]:
     """Container and slot of every packed token: (T,), (T,) int64."""
-    L = packed.container_len
+    L = _container_len(packed, "_slots")
     t = torch.arange(packed.tokens.shape[0], device=packed.tokens.device)
     return torch.div(t, L, rounding_mode="floor"), t % L
 
@@ -240,10 +246,9 @@ def containers_dense(packed: PackedTokens, tokens: Tensor | None = None) -> tupl
     True where query slot i may attend to key slot j: both filled and of the same image (block-diagonal).
     An empty slot attends to nothing; its output is meaningless and dropped by ``containers_from_dense``.
     """
-    if packed.container_len is None:
-        raise ValueError(f"containers_dense needs a containers pack, got strategy {packed.strategy!r}")
+    L = _container_len(packed, "containers_dense")
     tokens = packed.tokens if tokens is None else tokens
-    L, T = packed.container_len, tokens.shape[0]
+    T = tokens.shape[0]
     Bc = packed.num_containers
     cont, slot = _slots(packed)
     p = tokens.new_zeros(Bc * L, *tokens.shape[1:]).index_copy(0, cont * L + slot, tokens)
@@ -258,6 +263,6 @@ def containers_dense(packed: PackedTokens, tokens: Tensor | None = None) -> tupl
 
 def containers_from_dense(packed: PackedTokens, p: Tensor) -> Tensor:
     """Inverse of ``containers_dense`` on the token values: p (B', L, *F) -> (T, *F)."""
+    L = _container_len(packed, "containers_from_dense")
     cont, slot = _slots(packed)
-    L = packed.container_len
     return p.reshape(-1, *p.shape[2:]).index_select(0, cont * L + slot)

@@ -83,7 +83,7 @@ class Registry:
             if not key or not isinstance(key, str):
                 raise ValueError(f"registry {self._name!r}: a name is required for {o!r}")
             # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
-            where = origin or _builtin(o) or _ORIGIN.get() or getattr(o, "__module__", "?")
+            where = origin or _builtin(o) or _ORIGIN.get() or str(getattr(o, "__module__", "?"))
             if self._check is not None:
                 self._check(key, o, where)
             if key in self._obj:

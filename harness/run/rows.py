@@ -5,6 +5,21 @@ Every row of the store is built here, by the trial for what it ran (``base_row``
 metrics) and for its failures (``failure_row``), and by ``DeadTrialRecorder`` for a trial whose
 process died before it could write its own (the Linux OOM killer, Ray's memory monitor, a
 segfault, a lost node).
+
+A row, flat (what the report and users' scripts read):
+
+- identity and outcome: ``name``, ``experiment``, ``config_hash``, ``seed``, ``run_id``, ``attempt``,
+  ``status`` (done / failed / timeout), ``error``, ``error_type``, ``traceback`` (its tail);
+- the config as dotted columns (``model.spa.ratio``; ``model.spa`` null for dense; lists as tuples),
+  ``config_json``, and ``axis.<axis>`` the trial's value label on each grid axis;
+- the task's metrics (``harness.task.train.train_variant``) and the measurements
+  (``harness.task.measure``: ``gmacs``, timings, ``speedup_vs_dense``, memory, parameters);
+- the run: ``world_size``, ``workers``, ``zero_stage``, ``precision``, ``dp_param_max_diff`` (the
+  parameter checksum's spread across data-parallel ranks; 0 when in step), ``wall_s``, ``work_s``
+  (train_time_s + eval_time_s + bench_time_s + paired_time_s), ``overhead_s`` (wall_s - work_s),
+  ``startup_s``, ``deepspeed_setup_s``, ``prep_s``, ``worker_import_s``, ``node_id``, ``hostname``;
+- provenance: ``git_commit``, ``{torch,deepspeed,ray,fvcore,triton}_version``, ``python_version``,
+  ``device``, ``start_time``, ``end_time`` (epoch seconds).
 """
 
 from __future__ import annotations

@@ -71,7 +71,11 @@ HEAD_TYPES = ("fcos",)
 class Detector(nn.Module):
     """Backbone + FCOS head; see the module docstring for ``forward``."""
 
-    def __init__(self, backbone: nn.Module, cfg: TrialConfig) -> None:
+    # A MODEL_VARIANTS entry, any nn.Module meeting that registry's contract (``stage_channels``,
+    # ``label_grids``, a forward returning ``BackboneOutput``): typed by the contract, not a class.
+    backbone: Any
+
+    def __init__(self, backbone: Any, cfg: TrialConfig) -> None:
         super().__init__()
         hc = cfg.head
         if hc.type not in HEAD_TYPES:
@@ -97,7 +101,7 @@ class Detector(nn.Module):
         feats = [bb.features[s - 1] for s in self.in_stages]
         cls, ltrb, ctr = self.head(feats)
         out: dict[str, Any] = {"backbone": bb}
-        hw = tuple(images.shape[-2:])
+        hw = (images.shape[-2], images.shape[-1])
         if targets is not None:
             parts = fcos_loss(cls, ltrb, ctr, self.strides, targets)
             task = parts["cls"] + parts["box"] + parts["ctr"]
@@ -155,7 +159,7 @@ def _seeded_build(cfg: TrialConfig) -> Detector:
 def share_initial_weights(model: nn.Module, reference: nn.Module) -> list[str]:
     """Copy into ``model`` every parameter and buffer of ``reference`` with the same qualified name and
     shape; returns the names copied."""
-    ref = dict(reference.named_parameters())
+    ref: dict[str, torch.Tensor] = dict(reference.named_parameters())
     ref.update(reference.named_buffers())
     copied = []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

@@ -21,7 +21,6 @@ from harness.task.measure import (
     reset_peak_memory,
     speedup_baseline_config,
     timed,
-    timed_pairs,
 )
 
 
@@ -134,26 +133,6 @@ def test_peak_memory_sees_a_big_allocation():
     x += 1
     peak, _ = peak_memory(device)
     assert kind == "rss_peak" and peak >= base + 48
-
-
-def test_timed_pairs_alternate_which_goes_first():
-    calls = []
-    ta, tb = timed_pairs(
-        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4, device=torch.device("cpu")
-    )
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
-    assert len(ta) == len(tb) == 4
-    # A clock that each call advances by its own cost: every time must be its own call's, whichever
-    # went first (a fake clock, so machine load cannot blur the check).
-    now = [0.0]
-
-    def cost(seconds):
-        return lambda: now.__setitem__(0, now[0] + seconds)
-
-    slow, fast = timed_pairs(
-        cost(0.020), cost(0.005), warmup=1, repeats=5, device=torch.device("cpu"), clock=lambda: now[0]
-    )
-    assert slow == pytest.approx([20.0] * 5) and fast == pytest.approx([5.0] * 5)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -339,14 +318,15 @@ def test_the_timed_forward_never_runs_the_postprocessing(postprocess_calls):
 
 @pytest.mark.filterwarnings("ignore")
 def test_the_bench_times_every_grid_model_without_postprocessing(postprocess_calls, tmp_path):
-    from harness.bench import time_grid
+    from harness.bench.common import Timing
+    from harness.bench.grid import GridRunner
 
     grid = tmp_path / "g.yaml"
     grid.write_text(
         "base: {preset: micro, data: {image_size: 64, num_train: 8, num_val: 4}, bench: {batch_size: 2}}\n"
         "points:\n  - {name: dense, model.variant: dense}\n  - {name: keep-all, model.spa.selection: all}\n"
     )
-    rows = time_grid(str(grid), rounds=3, warmup=1)
+    rows = list(GridRunner(grid, Timing(reps=3, warmup=1)).rows())
     assert [r["model"] for r in rows] == ["dense", "keep-all"]
     assert len(postprocess_calls) == 2  # one inference call per model for its kept fraction, none timed
 
