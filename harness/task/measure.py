@@ -5,15 +5,20 @@ variant), after training, with the trial's real selection (the trained gate, or 
 
 - ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
   image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
-  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover).
+  Counted on each image at its own size (the images of one size together): a keep-ratio batch's
+  padding is not counted, so the dense model is not charged for padding that SPA never selects and a
+  GMACs delta is selection's alone (``bench_padding_fraction``: the share of the batch's pixels that
+  is padding; a ``square`` batch has none, its padding being part of each image);
 - ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
   kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
   containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences). It is an
   upper bound of what this implementation does: the formula counts each container's L x L scores
   densely and the output projection over all N tokens, while the varlen kernel computes only the
   blocks of one image inside a container and the projection runs on the kept tokens;
-- ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward and of one training
-  micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
+- ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward (on the padded batch,
+  its padding known to the model) and of one training micro-step (forward, backward, optimizer step
+  through the DeepSpeed engine) after ``bench.warmup``
   runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
   (a training step counts the samples of every worker);
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
@@ -51,7 +56,7 @@ from torch import nn
 
 import kernels
 from harness.task.backend import autocast_dtype
-from harness.task.data import build_datasets, fixed_batch
+from harness.task.data import build_datasets, fixed_batch, image_sizes, size_divisor
 from harness.task.detector import build_detector
 from harness.task.train import to_device
 from spa_core.backbone import stage_grids
@@ -64,6 +69,7 @@ __all__ = [
     "peak_memory",
     "fvcore_macs",
     "analytic_attention_macs",
+    "real_images",
     "timed",
     "timed_pairs",
     "dense_twin_config",
@@ -220,6 +226,16 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
     return total
 
 
+def real_images(images: torch.Tensor, targets: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """A padded batch ``images (B, 3, H, W)`` -> its images without the batch padding, those of one
+    real size stacked together: ``[(B_k, 3, h_k, w_k)]`` in order of first appearance."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for img, t in zip(images, targets):
+        h, w = t.get("image_size", img.shape[-2:])
+        groups.setdefault((int(h), int(w)), []).append(img[:, :h, :w])
+    return [torch.stack(g) for g in groups.values()]
+
+
 def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
     """The measurement columns of a trial (see the module docstring). Every rank calls it (a
     training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
@@ -228,41 +244,57 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
     engine = backend.engine
     t0 = time.perf_counter()
     train_ds, val_ds = build_datasets(cfg.data, progress=False)
-    images, targets = fixed_batch(val_ds, bc.batch_size)
+    images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
     images, targets = images.to(device), to_device(targets, device)
-    out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
+    sizes = image_sizes(images, targets)
+    parts = real_images(images, targets)
+    real = sum(p.shape[0] * p.shape[-2] * p.shape[-1] for p in parts)
+    out: dict[str, Any] = {
+        "bench_batch": int(images.shape[0]),
+        "bench_padding_fraction": 1.0 - real / (images.shape[0] * images.shape[-2] * images.shape[-1]),
+    }
 
     engine.eval()
     with torch.no_grad():
-        infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
+        infer = timed(lambda: engine(images, None, sizes), bc.warmup, bc.repeats, device)
     out.update(
         infer_ms=infer["median"],
         infer_ms_iqr=infer["iqr"],
         infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
     )
 
+    macs: Counter[str] = Counter()
+    unsupported: Counter[str] = Counter()
+    analytic = 0.0
     with backend.gathered_parameters():
-        with torch.no_grad():
-            blocks = detector.eval()(images)["backbone"].blocks
-        macs = fvcore_macs(detector, images)
+        for part in parts:  # each real size alone: the batch's padding is not counted
+            with torch.no_grad():
+                blocks = detector.eval()(part)["backbone"].blocks
+            counted = fvcore_macs(detector, part)
+            for item in filter(None, counted.pop("unsupported").split(",")):
+                op, n = item.rsplit(":", 1)
+                unsupported[op] += int(n)
+            macs.update(counted)
+            analytic += analytic_attention_macs(cfg, blocks, tuple(part.shape[-2:]), part.shape[0])
     b = images.shape[0]
     out.update(
         gmacs=macs["total"] / b / 1e9,
         backbone_gmacs=macs["backbone"] / b / 1e9,
         fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
-        fvcore_unsupported_ops=macs["unsupported"],
+        analytic_attn_gmacs=analytic / b / 1e9,
+        fvcore_unsupported_ops=",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
         backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
     )
 
     if bc.train_step:
-        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size)
+        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size, size_divisor(cfg))
         t_images, t_targets = t_images.to(device), to_device(t_targets, device)
+        t_sizes = image_sizes(t_images, t_targets)
         engine.train()
 
         def _step() -> None:
             with backend.autocast():
-                loss = engine(t_images, t_targets)["loss"]
+                loss = engine(t_images, t_targets, t_sizes)["loss"]
             backend.backward(loss)
             backend.step()
 
@@ -275,7 +307,7 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
         engine.eval()
     out["bench_time_s"] = time.perf_counter() - t0
     out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
-    out.update(paired_speedup(cfg, backend, detector, images))
+    out.update(paired_speedup(cfg, backend, detector, images, sizes))
     return out
 
 
@@ -321,10 +353,13 @@ def speedup_baseline_config(cfg) -> tuple[Any, str]:
     ), b.name
 
 
-def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
+def paired_speedup(
+    cfg, backend, detector: nn.Module, images: torch.Tensor | None = None, sizes: torch.Tensor | None = None
+) -> dict[str, Any]:
     """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
     ``speedup_baseline`` (see the module docstring); empty for a dense trial.
-    ``images``: the fixed evaluation batch on the device (default: loaded here).
+    ``images``: the fixed evaluation batch on the device, ``sizes`` its ``image_sizes`` (default: both
+    loaded here).
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
     ``train.precision``, so the two calls of a pair differ only in the model. Under ZeRO-3 the trial's
@@ -336,7 +371,9 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
     bc = cfg.bench
     if images is None:
         _, val_ds = build_datasets(cfg.data, progress=False)
-        images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
+        images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
+        images = images.to(device)
+        sizes = image_sizes(images, targets)
     dtype = next(detector.parameters()).dtype
     twin_cfg, baseline = speedup_baseline_config(cfg)
     twin = build_detector(twin_cfg).to(device=device, dtype=dtype).eval()
@@ -345,7 +382,7 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
     def _call(model: nn.Module):
         def run() -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                model(images)
+                model(images, None, sizes)
 
         return run
 
