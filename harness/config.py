@@ -65,7 +65,8 @@ class DataConfig:
     flip: float = checked_field(0.0, range_=(0.0, 1.0, True, True))  # training: horizontal flip probability
     # keep_ratio training: probability of Swin's 3x crop policy (resize, random crop, multi-scale resize)
     crop_prob: float = checked_field(0.0, range_=(0.0, 1.0, True, True))
-    # keep_ratio: a batch's height and width are rounded up to this; None: the backbone's total stride
+    # a batch's height and width are rounded up to this; None: the backbone's total stride (keep_ratio),
+    # 1 (square: every image is the same square already)
     size_divisor: int | None = checked_field(None, range_=(1, None, True, None))
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200

@@ -40,10 +40,13 @@ Batch = tuple[torch.Tensor, list[dict[str, Any]]]
 
 
 def size_divisor(cfg: TrialConfig) -> int:
-    """What a batch's height and width are rounded up to: ``data.size_divisor``, or the backbone's total
-    stride (``patch_size * 2**3``: every stage map of the batch is then whole). The windows need no
-    multiple: a block pads its own map to the window."""
-    return cfg.data.size_divisor or cfg.model.patch_size * 2**3
+    """What a batch's height and width are rounded up to: ``data.size_divisor``, or for ``keep_ratio``
+    the backbone's total stride (``patch_size * 2**3``: every stage map of the batch is then whole), for
+    ``square`` 1 (every image is already the same square). The windows need no multiple: a block pads
+    its own map to the window."""
+    if cfg.data.size_divisor is not None:
+        return cfg.data.size_divisor
+    return cfg.model.patch_size * 2**3 if cfg.data.resize == "keep_ratio" else 1
 
 
 def collate(batch: list[tuple[torch.Tensor, dict[str, Any]]], size_divisor: int = 1) -> Batch:
