@@ -3,9 +3,8 @@ of the format before anything trains or is scored on them.
 
 ``CocoDetection`` reads the instances file, validates it, and gives each image and its boxes through
 a ``harness.task.transforms.DetectionTransform`` (resize, and in training flip, multi-scale, crop).
-The rules (each one a ``DatasetError``
-naming the file and the offending id, or with ``skip_bad=True`` a skip counted by reason in
-``dataset.skipped`` and reported in one log line):
+The rules (each one a ``DatasetError`` naming the file and the offending id, or with ``skip_bad=True``
+a skip counted by reason in ``dataset.skipped`` and reported in one log line):
 
 - the file is a JSON object whose ``images``, ``annotations`` and ``categories`` are lists;
 - categories: objects with an integer ``id``, ids unique (always an error: the label space cannot

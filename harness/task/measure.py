@@ -18,9 +18,10 @@ variant), after training, with the trial's real selection (the trained gate, or 
   blocks of one image inside a container and the projection runs on the kept tokens;
 - ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward (on the padded batch,
   its padding known to the model) and of one training micro-step (forward, backward, optimizer step
-  through the DeepSpeed engine) after ``bench.warmup``
-  runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
-  (a training step counts the samples of every worker);
+  through the DeepSpeed engine) after ``bench.warmup`` runs, over ``bench.repeats``; ``*_iqr`` the
+  inter-quartile range; ``*_samples_per_s`` from the median (a training step counts the samples of
+  every worker). The timed batches are padded: the dense model computes their padding, SPA never
+  selects it (``bench_padding_fraction`` says how much there is);
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
   the grid's baseline model timed in this process, calls alternating and which goes first alternating,
   ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of baseline time / model time,

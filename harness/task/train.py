@@ -6,8 +6,8 @@ columns to make a result row): losses, COCO mAP, gate metrics, steps and through
 
 Trials of one seed are paired: the seed fixes the training batches (the sampler's permutation per
 epoch and the loader's generator) and their augmentation (flips, scales, crops: drawn per sample from
-``(seed, rank, epoch, position)``, ``harness.task.transforms.AugmentedSampler``), the evaluation images (the
-first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
+``(seed, rank, epoch, position)``, ``harness.task.transforms.AugmentedSampler``), the evaluation
+images (the first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
 dense model and selection's random streams (``harness.task.detector``). No loader draws from torch's
 global RNG, which is left to what the variant itself consumes (stochastic depth).
 """
@@ -100,7 +100,8 @@ def train_variant(
     tc = cfg.train
     generator = torch.Generator().manual_seed(cfg.seed)
     order = backend.sampler(train_ds, True, cfg.seed)
-    order = order or torch.utils.data.RandomSampler(train_ds, generator=generator)
+    if order is None:
+        order = torch.utils.data.RandomSampler(train_ds, generator=generator)
     sampler = AugmentedSampler(order, cfg.seed, backend.rank)
     loader = torch.utils.data.DataLoader(
         train_ds,

@@ -114,7 +114,9 @@ def test_step_decay_values():
     assert warmup_step(10, m, 10) == 1.0 and warmup_step(799, m, 10) == 1.0
     assert warmup_step(800, m, 10) == pytest.approx(0.1)  # the milestone step itself is decayed
     assert warmup_step(1099, m, 10) == pytest.approx(0.1)
-    assert warmup_step(1100, m, 10) == pytest.approx(0.01) and warmup_step(10**6, m, 10) == pytest.approx(0.01)
+    assert warmup_step(1100, m, 10) == pytest.approx(0.01) and warmup_step(10**6, m, 10) == pytest.approx(
+        0.01
+    )
     assert warmup_step(5, (3,), 10, gamma=0.5) == pytest.approx(0.5 * 6 / 10)  # decay inside the warmup
     assert warmup_step(3, (), 0) == 1.0
 
