@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.grid import load_grid
-from harness.task.data import build_datasets, fixed_batch
+from harness.task.data import build_datasets, fixed_batch, image_sizes, size_divisor
 from harness.task.detector import build_detector
 from kernels import (
     ENV_VAR,
@@ -679,12 +679,14 @@ def time_grid(path: str, rounds: int = 40, warmup: int = 5, clock: str = "cpu") 
     rotation, so that dense and SPA are timed under the same load (a grid's own ``infer_ms`` is timed
     per trial, while other trials share the machine). The models are untrained: top-k and random keep
     their ratio exactly, a gate keeps what an untrained gate keeps. The batch is the grid's fixed
-    evaluation batch (``bench.batch_size`` val images), as in a trial."""
+    evaluation batch (``bench.batch_size`` val images; a keep-ratio grid's padded to its largest image,
+    the padding known to every model), as in a trial."""
 
     grid = load_grid(path)
     cfg0 = grid.trials[0]
     _, val_ds = build_datasets(cfg0.data, progress=False)
-    images, _ = fixed_batch(val_ds, cfg0.bench.batch_size)
+    images, targets = fixed_batch(val_ds, cfg0.bench.batch_size, size_divisor(cfg0))
+    sizes = image_sizes(images, targets)
     models = {}
     for cfg in grid.trials:
         torch.manual_seed(cfg.seed)
@@ -692,10 +694,10 @@ def time_grid(path: str, rounds: int = 40, warmup: int = 5, clock: str = "cpu") 
     kept = {}
     with torch.inference_mode():
         for name, m in models.items():
-            blocks = m(images)["backbone"].blocks
+            blocks = m(images, None, sizes)["backbone"].blocks
             kept[name] = statistics.fmean(float(b.kept_fraction) for b in blocks) if blocks else 1.0
     times = time_in_rotation(
-        {n: partial(m, images) for n, m in models.items()}, rounds, warmup, CLOCKS[clock]
+        {n: partial(m, images, None, sizes) for n, m in models.items()}, rounds, warmup, CLOCKS[clock]
     )
     base = statistics.median(times["dense"]) if "dense" in times else None
     rows = []
