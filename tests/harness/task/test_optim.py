@@ -183,3 +183,16 @@ def test_the_backend_steps_the_learning_rate_by_the_schedule():
     assert seen == pytest.approx(expect)
     assert seen == pytest.approx([0.005, 0.01, 0.01, 0.001, 0.001, 0.0001])
     assert not math.isnan(backend.lr)
+
+
+def test_a_grid_checks_the_schedule_keys_together(tmp_path):
+    from harness.grid import GridError, load_grid
+
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base:\n  train.schedule: step\n  train.decay_epochs: [8, 11]\n  train.epochs: 12\n")
+    (trial,) = load_grid(ok).trials  # each key alone would not resolve; together they do
+    assert (trial.train.schedule, trial.train.decay_epochs) == ("step", (8.0, 11.0))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base:\n  train.schedule: step\n")
+    with pytest.raises(GridError, match="bad.yaml.*needs train.decay_epochs"):
+        load_grid(bad)
