@@ -341,10 +341,10 @@ class SPABlock(nn.Module):
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
         s = check_gate_scores(self.gate(r, prev), r, self.cfg.gate, type(self.gate))  # (B, N)
         generator = self._generator_on(x.device)
-        sel = select_tokens(s, self.cfg, training=self.training, generator=generator, tokens=r)
-        keep, counts = sel.mask, sel.counts
         real = None if valid is None else valid.reshape(B, N)
-        if real is not None:
+        sel = select_tokens(s, self.cfg, training=self.training, generator=generator, tokens=r, valid=real)
+        keep, counts = sel.mask, sel.counts
+        if real is not None:  # a plugin policy without ``valid`` may keep padding: dropped here
             keep = keep & real
             counts = keep.sum(1, dtype=torch.int64)
         factor = sel.weight.to(s.dtype)  # (B, N)

@@ -136,11 +136,14 @@ SELECTION_POLICIES = Registry(
     "selection_policy",
     """Selection policies: which tokens of each image an SPA block keeps.
 
-    Contract: ``fn(scores, *, cfg, training, generator=None, tokens=None) -> Selection``
+    Contract: ``fn(scores, *, cfg, training, generator=None, tokens=None[, valid=None]) -> Selection``
       - ``scores``: (B, N) float logits of the block's gate (``GATES``), ``s = max(f(r), s_prev)``;
         a policy that ranks tokens by its own rule may ignore them;
       - ``tokens``: (B, N, C) what the gate scored: ``r = norm1(x)``, the block's input after its
         first LayerNorm (so every token has nearly the same norm);
+      - ``valid`` (optional parameter): (B, N) bool, the real tokens of images padded to one batch
+        (None: every token is real). A policy that takes it decides over the real tokens (counts
+        them, never keeps padding); for one that does not, the block drops the padding it keeps;
       - ``cfg``: the block's ``SPAConfig`` (ratio, threshold, gumbel_tau, ...); ``training``: the
         block's mode; ``generator``: the block's own ``torch.Generator`` for any random draw (None:
         torch's global one), so a block's stream does not depend on other work;

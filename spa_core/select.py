@@ -14,6 +14,11 @@ and returns the counts with the mask. Registered in ``SELECTION_POLICIES`` (cont
 - ``gate_random`` / ``gate_norm``: compute-matched controls: the gate's count per image (its own
   decision), the places drawn at random / taken by a fixed score (feature norm).
 
+With ``valid`` (B, N) bool, the real tokens of images padded to one batch, every built-in policy
+decides over the real tokens only: ratios count them, places are drawn among them and padding is
+never kept. A plugin policy without a ``valid`` parameter decides over all N; the block then drops
+what it keeps of the padding.
+
 Host syncs: none. Counts stay on the device (the pack reads them, once); ``round(ratio * N)`` is
 known from shapes; random draws come from a generator on the scores' device (``SPABlock`` keeps one
 there) and are float32, as is the gate's whole decision.
@@ -21,6 +26,7 @@ there) and are float32, as is the gate's whole decision.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -60,13 +66,33 @@ def select_tokens(
     training: bool,
     generator: torch.Generator | None = None,
     tokens: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Selection:
-    """scores: (B, N) gate logits, tokens: (B, N, C) what the gate scored -> ``Selection`` by the
-    policy ``cfg.selection`` (``cfg`` checked first: ``ConfigError`` naming a bad field)."""
+    """scores: (B, N) gate logits, tokens: (B, N, C) what the gate scored, valid: (B, N) bool real
+    tokens (None: all) -> ``Selection`` by the policy ``cfg.selection`` (``cfg`` checked first:
+    ``ConfigError`` naming a bad field). ``valid`` reaches the policies that take it."""
     check_config(cfg)
     policy = SELECTION_POLICIES.get(cfg.selection)
-    sel = policy(scores, cfg=cfg, training=training, generator=generator, tokens=tokens)
+    kwargs = {"valid": valid} if valid is not None and _takes_valid(policy) else {}
+    sel = policy(scores, cfg=cfg, training=training, generator=generator, tokens=tokens, **kwargs)
     return check_selection(sel, scores, cfg.selection, policy)  # the contract, where the core receives it
+
+
+_TAKES_VALID: dict[object, bool] = {}
+
+
+def _takes_valid(policy) -> bool:
+    """Whether a policy has a ``valid`` parameter (cached: this runs on every block's forward)."""
+    known = _TAKES_VALID.get(policy)
+    if known is None:
+        try:
+            params = inspect.signature(policy).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        known = _TAKES_VALID[policy] = "valid" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
+    return known
 
 
 def _from_mask(mask: Tensor, weight: Tensor | None = None) -> Selection:
@@ -78,6 +104,23 @@ def _from_mask(mask: Tensor, weight: Tensor | None = None) -> Selection:
 def _ratio_count(n: int, ratio: float) -> int:
     n = int(n)
     return min(n, max(0, round(ratio * n)))
+
+
+def _ratio_counts(valid: Tensor, ratio: float) -> Tensor:
+    """(B,) int64 ``round(ratio * n_b)`` of every image's real tokens, on the device (float64 rounds
+    half to even, as Python's ``round`` in ``_ratio_count``)."""
+    return (valid.sum(1).to(torch.float64) * ratio).round().to(torch.int64)
+
+
+def _among(values: Tensor, valid: Tensor | None) -> Tensor:
+    """``values`` (B, N) float with padding ranked last (never among an image's real counts)."""
+    if valid is None:
+        return values
+    return values.masked_fill(~valid, float("-inf"))
+
+
+def _real(mask: Tensor, valid: Tensor | None) -> Tensor:
+    return mask if valid is None else mask & valid
 
 
 def _top_mask(values: Tensor, k: int) -> Tensor:
@@ -125,41 +168,54 @@ def _gate_decision(scores: Tensor, cfg: SPAConfig, training: bool, generator) ->
 
 
 @SELECTION_POLICIES.register("gate")
-def select_gate(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+def select_gate(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
+) -> Selection:
     """Hard Gumbel-sigmoid straight-through at ``cfg.threshold`` in training; the threshold at inference."""
     hard, weight = _gate_decision(scores, cfg, training, generator)
-    return _from_mask(hard, weight if training else None)
+    return _from_mask(_real(hard, valid), weight if training else None)
 
 
 @SELECTION_POLICIES.register("topk")
-def select_topk(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
-    """The ``round(ratio*N)`` best-scoring tokens of every image."""
+def select_topk(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
+) -> Selection:
+    """The ``round(ratio*N)`` best-scoring tokens of every image (N its real tokens)."""
+    if valid is not None:
+        return _from_mask(
+            _kept_by_rank(_among(scores.detach().float(), valid), _ratio_counts(valid, cfg.ratio))
+        )
     return _from_mask(_top_mask(scores.detach(), _ratio_count(scores.shape[1], cfg.ratio)))
 
 
 @SELECTION_POLICIES.register("random")
 def select_random(
-    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
 ) -> Selection:
     """``round(ratio*N)`` tokens of every image drawn uniformly, ignoring the scores (the control)."""
-    return _from_mask(_top_mask(_uniform(scores, generator), _ratio_count(scores.shape[1], cfg.ratio)))
+    u = _uniform(scores, generator)
+    if valid is not None:
+        return _from_mask(_kept_by_rank(_among(u, valid), _ratio_counts(valid, cfg.ratio)))
+    return _from_mask(_top_mask(u, _ratio_count(scores.shape[1], cfg.ratio)))
 
 
 @SELECTION_POLICIES.register("all")
-def select_all(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+def select_all(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
+) -> Selection:
     """Every token (the keep-all control: SPA's machinery with nothing dropped)."""
-    return _from_mask(torch.ones(scores.shape, dtype=torch.bool, device=scores.device))
+    return _from_mask(_real(torch.ones(scores.shape, dtype=torch.bool, device=scores.device), valid))
 
 
 @SELECTION_POLICIES.register("gate_random")
 def select_gate_random(
-    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
 ) -> Selection:
     """As many tokens per image as the gate keeps (its decision, as ``gate``), at uniformly random
     places: spends exactly the gate's compute, so gate vs gate_random separates *where* the gate looks
     from *how much* it keeps. No straight-through weight (the places are not the gate's)."""
     hard, _ = _gate_decision(scores, cfg, training, generator)
-    return _from_mask(_kept_by_rank(_uniform(scores, generator), hard.sum(1)))
+    return _from_mask(_kept_by_rank(_among(_uniform(scores, generator), valid), _real(hard, valid).sum(1)))
 
 
 def feature_norm_scores(tokens: Tensor) -> Tensor:
@@ -171,11 +227,11 @@ def feature_norm_scores(tokens: Tensor) -> Tensor:
 
 @SELECTION_POLICIES.register("gate_norm")
 def select_gate_norm(
-    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
 ) -> Selection:
     """As many tokens per image as the gate keeps, at the places of highest feature norm
     (``feature_norm_scores``, a fixed score that nothing learns): the gate's compute, a fixed rule."""
     if tokens is None:
         raise ValueError("selection 'gate_norm' needs the block's tokens (tokens=(B, N, C))")
     hard, _ = _gate_decision(scores, cfg, training, generator)
-    return _from_mask(_kept_by_rank(feature_norm_scores(tokens), hard.sum(1)))
+    return _from_mask(_kept_by_rank(_among(feature_norm_scores(tokens), valid), _real(hard, valid).sum(1)))

@@ -6,6 +6,8 @@ import contextlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spa_core.config import ConfigError, SPAConfig
 from spa_core.registry import SELECTION_POLICIES
@@ -158,3 +160,65 @@ def test_gate_random_places_are_uniform():
     for _ in range(800):
         hits += select_tokens(s, _cfg("gate_random"), training=False, generator=g).mask[0].float()
     assert hits.sum() == 3200 and (hits - 400).abs().max() < 80  # binomial sd ~ 14
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    selection=st.sampled_from(["gate", "topk", "random", "all", "gate_random", "gate_norm"]),
+    ratio=st.floats(0.0, 1.0),
+    training=st.booleans(),
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 40)),
+    seed=st.integers(0, 2**16),
+)
+def test_with_valid_every_builtin_policy_decides_over_the_real_tokens(
+    selection, ratio, training, shape, seed
+):
+    """Any real extent (an image may have no real token, or be all real): no padding is kept; the
+    ratio policies keep ``round(ratio * n_real)`` of each image; the compute-matched controls keep
+    the gate's count of real tokens; ``valid`` all true is the call without it."""
+    g = torch.Generator().manual_seed(seed)
+    B, N = shape
+    scores = torch.randn(B, N, generator=g) * 3
+    tokens = torch.randn(B, N, 4, generator=g)
+    valid = torch.rand(B, N, generator=g) < torch.rand(B, 1, generator=g)
+    cfg = SPAConfig(selection=selection, ratio=ratio, threshold=0.5)
+
+    def run(v, name=selection):
+        c = SPAConfig(selection=name, ratio=ratio, threshold=0.5)
+        return select_tokens(scores, c, training=training, generator=torch.Generator().manual_seed(1),
+                             tokens=tokens, valid=v)  # fmt: skip
+
+    sel = run(valid)
+    assert not (sel.mask & ~valid).any()
+    assert torch.equal(sel.counts, sel.mask.sum(1))
+    n_real = valid.sum(1).tolist()
+    if selection in ("topk", "random"):
+        assert sel.counts.tolist() == [min(n, round(ratio * n)) for n in n_real]
+    if selection == "all":
+        assert torch.equal(sel.mask, valid)
+    if selection in ("gate_random", "gate_norm") and not training:  # no noise: the gate's own decision
+        assert torch.equal(sel.counts, run(valid, "gate").counts)
+    everything = torch.ones(B, N, dtype=torch.bool)
+    plain = select_tokens(
+        scores, cfg, training=training, generator=torch.Generator().manual_seed(1), tokens=tokens
+    )
+    assert torch.equal(run(everything).counts, plain.counts)
+
+
+def test_a_plugin_policy_without_valid_is_called_as_before():
+    """The ``valid`` parameter is optional in the contract: a policy without it is called without it."""
+    seen = []
+
+    def mine(scores, *, cfg, training, generator=None, tokens=None):
+        seen.append(1)
+        return select_tokens(scores, SPAConfig(selection="all"), training=training)
+
+    SELECTION_POLICIES.register("no_valid_param", mine)
+    try:
+        s = torch.randn(2, 6)
+        sel = select_tokens(
+            s, SPAConfig(selection="no_valid_param"), training=False, valid=torch.ones(2, 6, dtype=torch.bool)
+        )
+        assert seen == [1] and sel.mask.all()
+    finally:
+        SELECTION_POLICIES.unregister("no_valid_param")

@@ -78,11 +78,6 @@ def test_padding_is_a_negative_label_never_kept_and_never_counted(selection):
     assert kept["label_fraction"] == pytest.approx(float((pos / real).mean()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spa_core/block.py does not hand the real extent (valid) to select_tokens yet: topk and random "
-    "take round(ratio * N) of the padded map, then drop the padding among them",
-)
 @pytest.mark.parametrize("selection", ["topk", "random"])
 def test_ratio_selections_keep_their_ratio_of_each_images_real_tokens(selection):
     torch.manual_seed(0)
@@ -94,11 +89,6 @@ def test_ratio_selections_keep_their_ratio_of_each_images_real_tokens(selection)
         assert info.counts.tolist() == [round(0.5 * int(n)) for n in real], (info.stage, info.index)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spa_core/block.py does not hand the real extent (valid) to select_tokens yet: gate_random "
-    "takes the gate's count with its decisions on padding and places it over the padded map",
-)
 def test_the_compute_matched_control_keeps_the_gates_count_of_real_tokens():
     images, targets = _batch()
     counts = {}
