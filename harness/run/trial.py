@@ -10,9 +10,10 @@ is its ``TrialSpec``). It skips a trial whose row is already in the store, then 
   the life of the process (Tune reuses it for the next trial with the same resources), which saves
   the ~15 s of starting a worker group and most of DeepSpeed's import and setup.
 
-The trial adds provenance and timing columns (``harness.run.rows``) and writes the row: ``done``, or
-``failed`` with the error and the traceback's tail (an exception, a NaN loss, an out-of-memory error, a
-worker that died), or ``timeout`` (a watchdog writes the row and ends the trial's process past
+The trial adds provenance and timing columns (``harness.run.rows``) and writes the row: ``done``
+(with ``measure_failed``/``measure_error`` if a measurement after training failed), or ``failed``
+with the error and the traceback's tail (an exception, a NaN loss, an out-of-memory error, a worker
+that died; ``error.txt`` keeps the whole traceback), or ``timeout`` (a watchdog writes the row and ends the trial's process past
 ``resources.timeout_s``). Overhead = wall time - (training + evaluation + benchmark time).
 """
 
@@ -31,6 +32,7 @@ from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from harness.errors import full_traceback
 from harness.results import HEARTBEAT_S, Experiment, join_uri
 from harness.run import tracking
 from harness.run.placement import release_placement_groups
@@ -153,7 +155,7 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
     def _timeout() -> None:
         stack = "".join(traceback.format_stack(sys._current_frames().get(thread)))
         tail = "\n".join(stack.splitlines()[-TRACEBACK_LINES:])
-        exp.write_text(h, "error.txt", f"{msg}\n\n{tail}\n")
+        exp.write_text(h, "error.txt", f"{msg}\n\n{stack}")
         row = _failure("timeout", msg, "Timeout", tail)
         exp.write_row(h, row)
         tracking.finish_trial(context.track, context.track_run, row)
@@ -164,9 +166,9 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         try:
             result, startup_s = _fit(spec, context, attempt, deadline)
         except Exception as e:  # the trial failed; the grid goes on
-            tb = error_tail(e)
+            tb = error_tail(e)  # the row's tail; error.txt keeps the whole traceback
             timed_out = time.time() >= deadline  # the workers ended themselves at the deadline
-            exp.write_text(h, "error.txt", (f"{msg}\n\n" if timed_out else "") + tb + "\n")
+            exp.write_text(h, "error.txt", (f"{msg}\n\n" if timed_out else "") + full_traceback(e))
             if timed_out:
                 return _failure("timeout", msg, "Timeout", tb)
             return _failure("failed", error_message(e, exp.trial_uri(h, "error.txt")), error_type(e), tb)
@@ -189,7 +191,11 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         overhead_s=wall - work,
         startup_s=startup_s,
     )
-    exp.delete(exp.trial_path(h, "error.txt"))
+    measure_tb = row.pop("_measure_traceback", None)  # a measurement failed after training
+    if measure_tb:
+        exp.write_text(h, "error.txt", measure_tb)
+    else:
+        exp.delete(exp.trial_path(h, "error.txt"))
     return row
 
 

@@ -1,10 +1,14 @@
 """The Ray Train worker of a trial: train, evaluate and measure one variant under DeepSpeed.
 
 ``train_worker({"job": WorkerJob})`` runs on every rank (in the Tune trial's own process for a
-one-worker trial): it picks the accelerator, joins the process group, trains and evaluates
-(``harness.task.train.train_variant`` with a ``DeepSpeedBackend``), measures (``harness.task.measure``)
-and returns, on rank 0, the metric columns. Each rank's log (Python logging, warnings, prints)
-goes to the trial's folder in the store.
+one-worker trial): it picks the accelerator, joins the process group, probes the variant on one
+batch (``harness.task.probe``: forward, backward, FLOP trace; a variant that cannot train or be
+traced fails here, in seconds), trains and evaluates (``harness.task.train.train_variant`` with a
+``DeepSpeedBackend``), measures (``harness.task.measure``) and returns, on rank 0, the metric
+columns. A measurement that fails after training costs the row none of its other columns: the row
+names it in ``measure_failed`` and describes it in ``measure_error``, and the trial writes its whole
+traceback to ``error.txt``. Each rank's log (Python logging, warnings, prints) goes to the trial's
+folder in the store.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harness.errors import describe, full_traceback
 from harness.plugins import load_entry_point_plugins, load_plugins
 from harness.provenance import environment
 from harness.results import Experiment
@@ -32,6 +37,7 @@ from harness.run.placement import record_placement_group
 from harness.run.rows import TrialSpec
 from harness.task.distributed import DeepSpeedBackend, init_process_group, prepare_accelerator
 from harness.task.measure import measure, reset_peak_memory
+from harness.task.probe import probe
 from harness.task.train import train_variant
 
 __all__ = ["WorkerJob", "train_worker", "torch_threads"]
@@ -87,14 +93,21 @@ def _train_and_measure(
     logging.getLogger("harness").info("trial %s on rank %d of %d, device %s", cfg.name, rank, world, device)
     backend = DeepSpeedBackend(device)
     t_ready = time.time()
+    probed = probe(cfg, device)
     on_log = tracking.step_logger(*job.track) if job.track is not None and rank == 0 else None
+    t_train = time.time()
     metrics = train_variant(cfg, backend=backend, progress=False, on_log=on_log)
     # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
-    prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
+    prep = time.time() - t_train - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
     dp_diff = _replica_divergence(backend)
-    metrics.update(measure(cfg, backend, backend.model))  # peak memory included
+    measured, failed = measure(cfg, backend, backend.model)  # peak memory included
+    metrics.update(probed)
+    metrics.update(measured)
     if rank != 0:
         return None
+    metrics.update(
+        _measurement_failures(failed, Experiment(job.store_uri, job.experiment), job.spec.config_hash)
+    )
     metrics.update(environment(device, world))
     metrics.update(
         world_size=world,
@@ -116,6 +129,24 @@ def _train_and_measure(
     if on_log is not None:
         metrics["_track_points"] = on_log.points  # for a tracker that logs the curve when the trial ends
     return metrics
+
+
+def _measurement_failures(failed: dict[str, BaseException], exp: Experiment, h: str) -> dict[str, Any]:
+    """The row's record of measurements that failed after training: ``measure_failed`` (their names,
+    comma-separated; None when all ran), ``measure_error`` (one ``describe`` line each) and, for
+    the trial to write to ``error.txt``, their whole tracebacks."""
+    if not failed:
+        return {"measure_failed": None, "measure_error": None}
+    where = exp.trial_uri(h, "error.txt")
+    return {
+        "measure_failed": ",".join(failed),
+        "measure_error": "\n".join(
+            describe(e, traceback_path=where).splitlines()[0] for e in failed.values()
+        ),
+        "_measure_traceback": "\n".join(
+            f"measurement {n!r}:\n{full_traceback(e)}" for n, e in failed.items()
+        ),
+    }
 
 
 @contextlib.contextmanager

@@ -33,6 +33,11 @@ variant), after training, with the trial's real selection (the trained gate, or 
 - ``peak_mem_mb``: peak resident set of the process (CPU; reset at the trial's start where Linux
   allows) or ``torch.cuda.max_memory_allocated`` (CUDA), ``peak_mem_kind`` says which;
 - ``backbone_params`` (the task reports ``num_params`` for the whole detector).
+
+Each measurement runs on its own (``MEASUREMENTS``): one that fails gives no columns and is returned
+by name with its exception, the others still run, and the trial keeps its trained metrics
+(``harness.run.worker`` records the failure in the row). A trial finds most such failures before it
+trains: ``harness.task.probe`` runs a forward, a backward and the FLOP trace on one batch first.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from spa_core.backbone import stage_grids
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
+    "MEASUREMENTS",
     "measure",
     "paired_speedup",
     "reset_peak_memory",
@@ -219,9 +225,18 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
     return total
 
 
-def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
-    """The measurement columns of a trial (see the module docstring). Every rank calls it (a
-    training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
+MEASUREMENTS = ("inference_timing", "flops", "train_step_timing", "peak_memory", "paired_speedup")
+
+
+def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """The measurement columns of a trial (see the module docstring) and the measurements that failed.
+
+    Each of ``MEASUREMENTS`` runs on its own: one that raises (fvcore cannot trace a plugin, the
+    timing runs out of memory) gives no columns and is returned in ``failed`` (name -> the
+    exception, with a note naming it), and the others still run, so a trained and evaluated trial
+    keeps every number it got. Every rank calls it (a training step is collective; ZeRO-3 gathers
+    parameters collectively); rank 0 reports. A failure is assumed to strike every rank alike (the
+    same model on the same batch), as a collective inside a measurement needs."""
     bc = cfg.bench
     device = backend.device
     engine = backend.engine
@@ -230,31 +245,43 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
     images, targets = fixed_batch(val_ds, bc.batch_size)
     images, targets = images.to(device), to_device(targets, device)
     out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
+    failed: dict[str, BaseException] = {}
 
-    engine.eval()
-    with torch.no_grad():
-        infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
-    out.update(
-        infer_ms=infer["median"],
-        infer_ms_iqr=infer["iqr"],
-        infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
-    )
+    def attempt(name: str, fn) -> None:
+        try:
+            out.update(fn())
+        except Exception as e:  # recorded in the row; the other measurements go on
+            e.add_note(f"measurement {name!r} after training")
+            failed[name] = e
+            warnings.warn(f"measurement {name!r} failed: {type(e).__name__}: {e}", stacklevel=2)
 
-    with backend.gathered_parameters():
+    def inference_timing() -> dict[str, Any]:
+        engine.eval()
         with torch.no_grad():
-            blocks = detector.eval()(images)["backbone"].blocks
-        macs = fvcore_macs(detector, images)
-    b = images.shape[0]
-    out.update(
-        gmacs=macs["total"] / b / 1e9,
-        backbone_gmacs=macs["backbone"] / b / 1e9,
-        fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
-        fvcore_unsupported_ops=macs["unsupported"],
-        backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
-    )
+            infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
+        return {
+            "infer_ms": infer["median"],
+            "infer_ms_iqr": infer["iqr"],
+            "infer_samples_per_s": images.shape[0] / infer["median"] * 1e3,
+        }
 
-    if bc.train_step:
+    def flops() -> dict[str, Any]:
+        with backend.gathered_parameters():
+            with torch.no_grad():
+                blocks = detector.eval()(images)["backbone"].blocks
+            macs = fvcore_macs(detector, images)
+        b = images.shape[0]
+        return {
+            "gmacs": macs["total"] / b / 1e9,
+            "backbone_gmacs": macs["backbone"] / b / 1e9,
+            "fvcore_attn_gmacs": macs["attn"] / b / 1e9,
+            "analytic_attn_gmacs": analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b)
+            / b
+            / 1e9,
+            "fvcore_unsupported_ops": macs["unsupported"],
+        }
+
+    def train_step_timing() -> dict[str, Any]:
         t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size)
         t_images, t_targets = t_images.to(device), to_device(t_targets, device)
         engine.train()
@@ -265,17 +292,29 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
             backend.backward(loss)
             backend.step()
 
-        step = timed(_step, bc.warmup, bc.repeats, device)
-        out.update(
-            train_step_ms=step["median"],
-            train_step_ms_iqr=step["iqr"],
-            train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3,
-        )
-        engine.eval()
+        try:
+            step = timed(_step, bc.warmup, bc.repeats, device)
+        finally:
+            engine.eval()
+        return {
+            "train_step_ms": step["median"],
+            "train_step_ms_iqr": step["iqr"],
+            "train_step_samples_per_s": t_images.shape[0] * backend.world_size / step["median"] * 1e3,
+        }
+
+    def memory() -> dict[str, Any]:
+        mb, kind = peak_memory(device)
+        return {"peak_mem_mb": mb, "peak_mem_kind": kind}
+
+    out["backbone_params"] = sum(p.numel() for p in detector.backbone.parameters())
+    attempt("inference_timing", inference_timing)
+    attempt("flops", flops)
+    if bc.train_step:
+        attempt("train_step_timing", train_step_timing)
     out["bench_time_s"] = time.perf_counter() - t0
-    out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
-    out.update(paired_speedup(cfg, backend, detector, images))
-    return out
+    attempt("peak_memory", memory)  # before the dense twin exists
+    attempt("paired_speedup", lambda: paired_speedup(cfg, backend, detector, images))
+    return out, failed
 
 
 def zero3_partitioned(module: nn.Module) -> bool:
