@@ -76,7 +76,8 @@ def train_variant(
     ``gate_precision``/``gate_recall``/``gate_f1``/``kept_fraction``/``label_fraction`` with ``*_std``
     (spread over val images) and ``kept_fraction_s{stage}b{index}`` per SPA block (dense: kept
     fraction 1, gate metrics NaN), ``steps``, ``train_samples_per_s``, ``train_time_s``,
-    ``eval_time_s``, ``num_params``."""
+    ``eval_time_s``, ``num_params``, ``train_boxes_dropped`` / ``val_boxes_dropped`` (degenerate
+    boxes the loader dropped)."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
@@ -162,6 +163,9 @@ def train_variant(
         train_time_s=train_time,
         eval_time_s=time.perf_counter() - t1,
         num_params=num_params,
+        # degenerate boxes the loader dropped (harness.task.coco): real COCO train2017 has two
+        train_boxes_dropped=sum(train_ds.dropped.values()),
+        val_boxes_dropped=sum(val_ds.dropped.values()),
     )
     return metrics
 
