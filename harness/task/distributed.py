@@ -136,6 +136,12 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return self.engine.get_lr()[0] if self.engine is not None else float("nan")
 
+    @property
+    def lockstep_forward(self) -> bool:
+        """Whether a forward is collective (ZeRO-3 gathers parameters in it): every rank must then
+        run as many forwards (``evaluate_variant`` pads a shard that has fewer batches)."""
+        return self.ds_config.get("zero_optimization", {}).get("stage") == 3
+
     def setup(self, model: nn.Module, cfg: TrialConfig) -> Any:
         t0 = time.perf_counter()
         import deepspeed

@@ -12,6 +12,7 @@ would learn from (smaller than a stride) gets the location nearest its centre.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -206,22 +207,31 @@ def fcos_loss(
     ctr: list[torch.Tensor],
     strides: list[int],
     targets: list[dict],
+    count_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Focal (classes) + GIoU (boxes) + BCE (centerness), each normalised by the number of positive
-    locations in the batch. ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
+    locations in the batch (at least 1). ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``.
+
+    ``count_mean``: averages a 0-dim tensor over the data-parallel ranks (collective). With it the
+    normaliser is the mean positive count of all ranks, as FCOS's reference does: averaged over the
+    ranks, the gradient is then that of the whole global batch's loss over all its positives, not
+    a mean of per-rank ratios that weights a rank with few objects as much as one with many."""
     points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
     pts = torch.cat(points)
     cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
     tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"]) for t in targets))
     tcls, tbox = torch.stack(tc), torch.stack(tb)  # (B, P), (B, P, 4)
     pos = tcls >= 0
-    num_pos = max(1.0, float(pos.sum()))
+    count = pos.sum().to(torch.float32)
+    if count_mean is not None:
+        count = count_mean(count)
+    num_pos = count.clamp(min=1.0)  # a tensor: no device sync
     onehot = torch.zeros_like(cls_f)
     onehot[pos] = F.one_hot(tcls[pos], cls_f.shape[-1]).to(onehot)
     loss_cls = _focal_loss(cls_f, onehot) / num_pos
     if not pos.any():
         zero = cls_f.sum() * 0 + ltrb_f.sum() * 0 + ctr_f.sum() * 0  # keeps every output in the graph
-        return {"cls": loss_cls, "box": zero, "ctr": zero, "num_pos": torch.tensor(0.0)}
+        return {"cls": loss_cls, "box": zero, "ctr": zero, "num_pos": count.detach()}
     p_xy = pts[None].expand(len(targets), -1, -1)[pos]  # (n, 2)
     d = ltrb_f[pos]  # (n, 4)
     pred_box = torch.cat([p_xy - d[:, :2], p_xy + d[:, 2:]], 1)
@@ -234,7 +244,7 @@ def fcos_loss(
         * (tb_.min(1).values / tb_.max(1).values.clamp(min=1e-6))
     )
     loss_ctr = F.binary_cross_entropy_with_logits(ctr_f[pos], centerness, reduction="sum") / num_pos
-    return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr, "num_pos": torch.tensor(num_pos)}
+    return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr, "num_pos": count.detach()}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from harness.config import TrialConfig
 from harness.task.backend import TorchBackend, TrainBackend
 from harness.task.coco import CocoDetection
 from harness.task.data import build_datasets, collate
-from harness.task.detector import Detector, build_detector
+from harness.task.detector import Detector, build_detector, rank_seed
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
 
 __all__ = ["train_variant", "evaluate_variant", "NonFiniteLossError", "seed_everything", "to_device"]
@@ -36,9 +36,12 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the message names the step and the loss parts."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Python's and torch's global RNGs from ``rank_seed(seed, rank)``: ``seed`` on rank 0, another
+    stream on each other data-parallel rank (stochastic depth must differ between ranks)."""
+    s = rank_seed(seed, rank)
+    random.seed(s)
+    torch.manual_seed(s)
 
 
 def to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -79,20 +82,23 @@ def train_variant(
     ``eval_time_s``, ``num_params``, ``train_boxes_dropped`` / ``val_boxes_dropped`` (degenerate
     boxes the loader dropped)."""
     backend = backend or TorchBackend()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, backend.rank)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
     if train_ds.num_classes > cfg.head.num_classes:
         raise ValueError(
             f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "
             f"{cfg.head.num_classes}"
         )
-    model = build_detector(cfg)
+    model = build_detector(cfg, rank=backend.rank)
     num_params = sum(p.numel() for p in model.parameters())
+    if backend.world_size > 1:
+        model.count_mean = backend.all_reduce_mean  # FCOS's positives over every rank's batch
     module = backend.setup(model, cfg)
 
     tc = cfg.train
-    sampler = backend.sampler(train_ds, True, cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = backend.sampler(train_ds, True, cfg.seed)  # the same permutation on every rank, sharded
+    # seeds the loader's workers (their augmentation draws): one stream per rank
+    generator = torch.Generator().manual_seed(rank_seed(cfg.seed, backend.rank))
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_size=tc.batch_size,
@@ -188,55 +194,104 @@ def evaluate_variant(
     progress: bool = False,
 ) -> dict[str, float]:
     """COCO mAP and gate metrics of ``module`` (a ``Detector`` or the backend's wrapper of one) on
-    ``dataset`` (the first ``cfg.train.eval_images`` images, or all).
+    ``dataset`` (the first ``cfg.train.eval_images`` images, or all), in batches of
+    ``cfg.train.batch_size``.
 
-    Every rank evaluates the same images (so a ZeRO-3 engine's collective forward stays in step);
-    the numbers are identical on every rank."""
+    Sharded over the data-parallel ranks: batch ``k`` (images ``k*b .. (k+1)*b - 1``) runs on rank
+    ``k mod world``, so every batch holds the images a one-process evaluation gives it; rank 0
+    gathers the detections and gate counts, puts them back in batch order, scores them once
+    (COCOeval) and hands the numbers to every rank, which all return them. A policy that draws at
+    inference (``random``) draws from its rank's stream, so only such a policy's numbers depend on
+    the number of ranks. Under ZeRO-3, whose forward is collective, a rank with fewer batches runs
+    its last one again (discarded) until every rank has run as many."""
     backend = backend or TorchBackend()
+    rank, world = backend.rank, backend.world_size
     was_training = getattr(module, "training", False)
     module.eval()
     n = len(dataset) if cfg.train.eval_images is None else min(len(dataset), cfg.train.eval_images)
-    subset = torch.utils.data.Subset(dataset, range(n))
+    bs = cfg.train.batch_size
+    n_batches = math.ceil(n / bs)
+    mine = list(range(rank, n_batches, world))  # this rank's batches, by global index
+    indices = [i for k in mine for i in range(k * bs, min((k + 1) * bs, n))]
     # The generator seeds the workers (the loader would draw that seed from the global RNG otherwise).
     loader = torch.utils.data.DataLoader(
-        subset,
-        batch_size=cfg.train.batch_size,
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=bs,
         shuffle=False,
         collate_fn=collate,
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    detections: list[dict[str, Any]] = []
-    gate = GateMeter()
-    has_blocks = False
-    image_ids = []
+    shard: list[tuple[int, list[dict[str, Any]], list[int], GateMeter, bool]] = []
     bar = _Progress(n, f"eval {cfg.name}", progress and backend.is_main)
-    done = 0
-    for images, targets in loader:
+    batch: tuple[torch.Tensor, list[dict[str, Any]]] | None = None
+    for k, (images, targets) in zip(mine, loader):
         images, targets = images.to(backend.device), to_device(targets, backend.device)
+        batch = (images, targets)
         with backend.autocast():
             out = module(images, targets)
-        detections += to_coco_detections(out["detections"], targets, dataset.label_to_cat)
-        image_ids += [t["image_id"] for t in targets]
+        gate = GateMeter()
         blocks = out["backbone"].blocks
-        has_blocks = has_blocks or bool(blocks)
         gate.update(blocks, out.get("selection_labels"))
-        done += images.shape[0]
-        bar.update(done, "")
+        detections = to_coco_detections(out["detections"], targets, dataset.label_to_cat)
+        shard.append((k, detections, [t["image_id"] for t in targets], gate, bool(blocks)))
+        bar.update(min(n, (len(shard) * world) * bs), "")
     bar.close()
+    if getattr(backend, "lockstep_forward", False):
+        _lockstep(module, backend, batch, dataset, len(mine), math.ceil(n_batches / world))
     if was_training:
         module.train()
-    metrics = coco_map(dataset.coco_gt(), detections, image_ids)
-    if has_blocks:
-        metrics.update(gate.summary())
-    else:  # the dense baseline keeps every token and has no gate
-        metrics.update({k: math.nan for k in ("gate_precision", "gate_recall", "gate_f1", "label_fraction")})
-        metrics.update(
-            {f"{k}_std": math.nan for k in ("gate_precision", "gate_recall", "gate_f1", "label_fraction")}
-        )
-        metrics.update(kept_fraction=1.0, kept_fraction_std=0.0)
-    metrics["eval_images"] = n
-    return metrics
+    parts = _gather_to_main(shard, backend)
+    metrics: dict[str, float] | None = None
+    if backend.is_main:
+        parts.sort(key=lambda p: p[0])  # batch order: what one process would have seen
+        detections = [d for p in parts for d in p[1]]
+        image_ids = [i for p in parts for i in p[2]]
+        metrics = coco_map(dataset.coco_gt(), detections, image_ids)
+        if any(p[4] for p in parts):
+            metrics.update(GateMeter.merged([p[3] for p in parts]).summary())
+        else:  # the dense baseline keeps every token and has no gate
+            keys = ("gate_precision", "gate_recall", "gate_f1", "label_fraction")
+            metrics.update({k: math.nan for k in keys})
+            metrics.update({f"{k}_std": math.nan for k in keys})
+            metrics.update(kept_fraction=1.0, kept_fraction_std=0.0)
+        metrics["eval_images"] = n
+    return _from_main(metrics, backend)
+
+
+def _lockstep(module, backend, batch, dataset, done: int, needed: int) -> None:
+    """Extra forwards (results discarded) until this rank has run ``needed``: a collective forward
+    (ZeRO-3 gathers parameters in it) must run as often on every rank."""
+    if done >= needed:
+        return
+    if batch is None:  # this rank had no batch of its own: any image will do
+        images, targets = collate([dataset[0]])
+        batch = images.to(backend.device), to_device(targets, backend.device)
+    for _ in range(needed - done):
+        with backend.autocast():
+            module(*batch)
+
+
+def _gather_to_main(shard: list[Any], backend: TrainBackend) -> list[Any]:
+    """Every rank's ``shard`` items, concatenated on rank 0 (the others get an empty list)."""
+    if backend.world_size == 1:
+        return list(shard)
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = [None] * backend.world_size if backend.is_main else None
+    dist.gather_object(shard, gathered, dst=0)
+    return [item for part in gathered for item in part] if gathered is not None else []
+
+
+def _from_main(value: Any, backend: TrainBackend) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if backend.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class _Progress:

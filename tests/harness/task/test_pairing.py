@@ -148,8 +148,8 @@ def _record_batches(cfg, monkeypatch) -> dict[str, list]:
     seen: dict[str, list] = {"train": [], "eval": []}
     real = task_train.build_detector
 
-    def recording(c):
-        model = real(c)
+    def recording(c, **kw):
+        model = real(c, **kw)
 
         def hook(module, args):
             images, targets = args

@@ -120,3 +120,38 @@ def test_spa_stages_the_head_does_not_read_are_refused():
         3,
         4,
     )  # the default reads every SPA stage
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_the_normaliser_averaged_over_ranks_gives_the_global_batch_loss(split):
+    """Two ranks holding parts of one batch with different numbers of objects: with the positive
+    count averaged over the ranks (``count_mean``), the mean of the ranks' losses (what data
+    parallelism's gradient averaging optimises) is the loss of the whole batch. Normalised per rank,
+    it is not: a rank with one object would weigh as much as one with many."""
+    torch.manual_seed(0)
+    strides = [8, 16]
+    head = FCOSHead([8, 8], strides, num_classes=3, channels=8)
+    feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 4, 4)]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4, 30, 30]] * n) + torch.arange(n)[:, None] * 5,
+            "labels": torch.arange(n) % 3,
+        }
+        for n in (1, 5, 2, 0)
+    ]
+    cls, ltrb, ctr = head(feats)
+
+    def part(lo, hi, count_mean=None):
+        out = fcos_loss([c[lo:hi] for c in cls], [x[lo:hi] for x in ltrb], [x[lo:hi] for x in ctr], strides,
+                        targets[lo:hi], count_mean=count_mean)  # fmt: skip
+        return out, sum(out[k] for k in ("cls", "box", "ctr"))
+
+    whole, total = part(0, 4)
+    (pa, _), (pb, _) = part(0, split), part(split, 4)
+    mean_count = (pa["num_pos"] + pb["num_pos"]) / 2  # what all_reduce-mean gives each rank
+    assert pa["num_pos"] != pb["num_pos"]
+    _, la = part(0, split, lambda c: mean_count)
+    _, lb = part(split, 4, lambda c: mean_count)
+    torch.testing.assert_close((la + lb) / 2, total)
+    (_, la_local), (_, lb_local) = part(0, split), part(split, 4)
+    assert not torch.allclose((la_local + lb_local) / 2, total)  # per-rank normalisers differ
