@@ -59,7 +59,7 @@ PAIRED_SPEEDUP = "speedup_vs_dense"  # timed per trial: the variant and the base
 _SPREAD = (f"{PAIRED_SPEEDUP}_q1", f"{PAIRED_SPEEDUP}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is paired over; the rest change no result).
 _NOT_VARIANT = {"seed", "name", "plugins", "resources.timeout_s", "resources.retries", "data.num_workers",
-                "data.cache_dir"}  # fmt: skip
+                "data.cache_dir", "train.checkpoint_every", "train.checkpoint_dir"}  # fmt: skip
 _DONE = "done"
 
 

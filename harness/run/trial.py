@@ -2,7 +2,9 @@
 
 ``trial_trainable(config, context)`` is the Tune function (one call per grid point; ``config["trial"]["spec"]``
 is its ``TrialSpec``). It skips a trial whose row is already in the store, then runs up to
-``resources.retries + 1`` attempts of ``harness.run.worker.train_worker``:
+``resources.retries + 1`` attempts of ``harness.run.worker.train_worker`` (with ``train.checkpoint_every``
+an attempt resumes from the last checkpoint an earlier attempt or run saved; a done trial's
+checkpoints are removed):
 
 - ``resources.workers > 1``: a Ray Train ``TorchTrainer`` starts that many workers (``ScalingConfig``;
   gloo on CPU, nccl on GPU via ``TorchConfig``), each runs ``train_worker`` data-parallel under DeepSpeed;
@@ -46,7 +48,8 @@ from harness.run.rows import (
     error_type,
     failure_row,
 )
-from harness.run.worker import WorkerJob, train_worker
+from harness.run.worker import WorkerJob, checkpoint_uri, train_worker
+from harness.task.checkpoint import Checkpointer
 
 __all__ = ["TrialContext", "trial_trainable"]
 
@@ -84,6 +87,8 @@ def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
             break
     points = row.pop("_track_points", None)
     exp.write_row(spec.config_hash, row)
+    if row["status"] == "done" and spec.cfg.train.checkpoint_every:  # a finished trial keeps none
+        Checkpointer(checkpoint_uri(spec, context.store_uri, context.experiment), 1).clear()
     tracking.finish_trial(context.track, context.track_run, row, points)
     tune.report({"status": row["status"], "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s")})
 

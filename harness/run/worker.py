@@ -4,7 +4,8 @@
 one-worker trial): it picks the accelerator, joins the process group, probes the variant on one
 batch (``harness.task.probe``: forward, backward, FLOP trace; a variant that cannot train or be
 traced fails here, in seconds), trains and evaluates (``harness.task.train.train_variant`` with a
-``DeepSpeedBackend``), measures (``harness.task.measure``) and returns, on rank 0, the metric
+``DeepSpeedBackend``; with ``train.checkpoint_every`` it saves checkpoints to ``checkpoint_uri`` and
+resumes from the last one an earlier attempt or run left), measures (``harness.task.measure``) and returns, on rank 0, the metric
 columns. A measurement that fails after training costs the row none of its other columns: the row
 names it in ``measure_failed`` and describes it in ``measure_error``, and the trial writes its whole
 traceback to ``error.txt``. Each rank's log (Python logging, warnings, prints) goes to the trial's
@@ -31,16 +32,17 @@ import torch.distributed as dist
 from harness.errors import describe, full_traceback
 from harness.plugins import load_entry_point_plugins, load_plugins
 from harness.provenance import environment
-from harness.results import Experiment
+from harness.results import Experiment, join_uri
 from harness.run import tracking
 from harness.run.placement import record_placement_group
 from harness.run.rows import TrialSpec
+from harness.task.checkpoint import Checkpointer
 from harness.task.distributed import DeepSpeedBackend, init_process_group, prepare_accelerator
 from harness.task.measure import measure, reset_peak_memory
 from harness.task.probe import probe
 from harness.task.train import train_variant
 
-__all__ = ["WorkerJob", "train_worker", "torch_threads"]
+__all__ = ["WorkerJob", "train_worker", "torch_threads", "checkpoint_uri"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,11 @@ def _train_and_measure(
     probed = probe(cfg, device)
     on_log = tracking.step_logger(*job.track) if job.track is not None and rank == 0 else None
     t_train = time.time()
-    metrics = train_variant(cfg, backend=backend, progress=False, on_log=on_log)
+    every = cfg.train.checkpoint_every
+    checkpoints = (
+        Checkpointer(checkpoint_uri(job.spec, job.store_uri, job.experiment), every) if every else None
+    )
+    metrics = train_variant(cfg, backend=backend, progress=False, on_log=on_log, checkpoints=checkpoints)
     # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
     prep = time.time() - t_train - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
     dp_diff = _replica_divergence(backend)
@@ -129,6 +135,15 @@ def _train_and_measure(
     if on_log is not None:
         metrics["_track_points"] = on_log.points  # for a tracker that logs the curve when the trial ends
     return metrics
+
+
+def checkpoint_uri(spec: TrialSpec, store_uri: str, experiment: str) -> str:
+    """Where the trial's checkpoints go: ``train.checkpoint_dir/<experiment>/<config_hash>`` or the
+    trial's folder in the store (``trials/<config_hash>/checkpoint``)."""
+    root = spec.cfg.train.checkpoint_dir
+    if root:
+        return join_uri(root, experiment, spec.config_hash)
+    return Experiment(store_uri, experiment).trial_uri(spec.config_hash, "checkpoint")
 
 
 def _measurement_failures(failed: dict[str, BaseException], exp: Experiment, h: str) -> dict[str, Any]:

@@ -162,6 +162,20 @@ class DeepSpeedBackend:
         self.setup_s = time.perf_counter() - t0
         return self.engine
 
+    def save_state(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
+        """The engine's checkpoint (model, optimizer shards, schedule, counters) in ``folder/tag``
+        (collective: every rank writes its optimizer shard, rank 0 the model)."""
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_state(self, folder: str, tag: str) -> dict[str, Any]:
+        """Load ``folder/tag`` (``save_state``'s) into the engine; returns its client state."""
+        path, client = self.engine.load_checkpoint(
+            folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")
+        return client or {}
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # the engine divides by gradient_accumulation_steps
 

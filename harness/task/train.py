@@ -24,6 +24,7 @@ import torch
 
 from harness.config import TrialConfig
 from harness.task.backend import TorchBackend, TrainBackend
+from harness.task.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng
 from harness.task.coco import CocoDetection
 from harness.task.data import build_datasets, collate
 from harness.task.detector import Detector, build_detector, rank_seed
@@ -48,11 +49,38 @@ def to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[
     return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
-def _batches(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]]]]:
-    epoch = 0
+class _EpochBatches(torch.utils.data.Sampler[list[int]]):
+    """The batches of ``sampler``'s epochs (``BatchSampler``), the first ``skip`` of the next epoch
+    left out once: where a resumed run starts, without loading the batches it skips."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, batch_size: int, drop_last: bool) -> None:
+        self.sampler = sampler
+        self.batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        it = iter(self.batches)
+        for _ in range(self.skip):
+            next(it, None)
+        self.skip = 0
+        yield from it
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _batches(
+    loader: torch.utils.data.DataLoader, batches: _EpochBatches, start: int = 0
+) -> Iterator[tuple[torch.Tensor, list[dict[str, Any]]]]:
+    """Batches from micro-step ``start`` on, epoch after epoch (``set_epoch`` before each)."""
+    per_epoch = max(1, len(batches))
+    epoch, batches.skip = divmod(start, per_epoch)
     while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        batches.set_epoch(epoch)
         yield from loader
         epoch += 1
 
@@ -63,8 +91,13 @@ def train_variant(
     backend: TrainBackend | None = None,
     progress: bool = True,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoints: Checkpointer | None = None,
 ) -> dict[str, Any]:
     """Train the variant of ``cfg`` on ``cfg.data`` and evaluate it on the val split.
+
+    ``checkpoints``: saves the training state every ``checkpoints.every`` optimizer steps and at the
+    last one (``harness.task.checkpoint``); training resumes from the last checkpoint it holds, and
+    gives the metrics the uninterrupted run gives.
 
     ``on_log(step, metrics)`` (rank 0 only) is called every ``cfg.train.log_every`` micro-steps and
     at the last one with ``step`` (1-based micro-step) and the means over the steps since the
@@ -80,7 +113,8 @@ def train_variant(
     (spread over val images) and ``kept_fraction_s{stage}b{index}`` per SPA block (dense: kept
     fraction 1, gate metrics NaN), ``steps``, ``train_samples_per_s``, ``train_time_s``,
     ``eval_time_s``, ``num_params``, ``train_boxes_dropped`` / ``val_boxes_dropped`` (degenerate
-    boxes the loader dropped)."""
+    boxes the loader dropped), ``resumed_step`` (the optimizer step training resumed from; 0 for a
+    fresh start) and ``checkpoint_s`` (time spent saving checkpoints, not in ``train_time_s``)."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed, backend.rank)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
@@ -97,30 +131,33 @@ def train_variant(
 
     tc = cfg.train
     sampler = backend.sampler(train_ds, True, cfg.seed)  # the same permutation on every rank, sharded
+    if sampler is None:
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    epoch_batches = _EpochBatches(sampler, tc.batch_size, drop_last=len(train_ds) >= tc.batch_size)
     # seeds the loader's workers (their augmentation draws): one stream per rank
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, backend.rank))
     loader = torch.utils.data.DataLoader(
         train_ds,
-        batch_size=tc.batch_size,
-        sampler=sampler,
-        shuffle=sampler is None,
+        batch_sampler=epoch_batches,
         generator=generator,
         collate_fn=collate,
-        drop_last=len(train_ds) >= tc.batch_size,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    micro_steps = tc.steps * max(1, tc.grad_accum)
+    accum = max(1, tc.grad_accum)
+    micro_steps = tc.steps * accum
     tail = max(1, micro_steps // 10)
-    history: list[tuple[float, float]] = []
+    state = (checkpoints.restore(backend) if checkpoints is not None else None) or TrainState()
+    resumed_step = state.micro_step // accum
+    if state.rng:
+        restore_rng(model, backend.device, state.rng)
+    history, window = state.history, state.window  # window: (task, gate, loss, kept) since on_log's last call
     bar = _Progress(micro_steps, f"train {cfg.name}", progress and backend.is_main)
     model.train()
-    samples = 0
     t0 = time.perf_counter()
-    batches = _batches(loader)
+    batches = _batches(loader, epoch_batches, state.micro_step)
     on_log = on_log if backend.is_main else None
-    window: list[tuple[float, float, float, float]] = []  # (task, gate, loss, kept) since on_log's last call
-    for step in range(micro_steps):
+    for step in range(state.micro_step, micro_steps):
         images, targets = next(batches)
         images, targets = images.to(backend.device), to_device(targets, backend.device)
         with backend.autocast():
@@ -139,7 +176,7 @@ def train_variant(
             )
         backend.backward(loss)
         backend.step()
-        samples += images.shape[0]
+        state.samples += images.shape[0]
         history.append((task, gate))
         logged_step = (step + 1) % max(1, tc.log_every) == 0 or step + 1 == micro_steps
         if on_log is not None:
@@ -153,7 +190,18 @@ def train_variant(
                 window.clear()
         if bar.enabled and logged_step:
             bar.update(step + 1, f"task {task:.3f} gate {gate:.4f}")
-    train_time = time.perf_counter() - t0
+        if (
+            checkpoints is not None
+            and (step + 1) % accum == 0
+            and checkpoints.due((step + 1) // accum, tc.steps)
+        ):
+            state.micro_step = step + 1
+            state.train_time += time.perf_counter() - t0
+            state.rng = capture_rng(model, backend.device)
+            checkpoints.save(backend, (step + 1) // accum, state)
+            t0 = time.perf_counter()  # saving is not training
+    state.train_time += time.perf_counter() - t0
+    train_time, samples = state.train_time, state.samples
     bar.close()
 
     recent = np.array(history[-tail:], dtype=np.float64).reshape(-1, 2)
@@ -169,6 +217,8 @@ def train_variant(
         train_time_s=train_time,
         eval_time_s=time.perf_counter() - t1,
         num_params=num_params,
+        resumed_step=resumed_step,
+        checkpoint_s=checkpoints.save_s if checkpoints is not None else 0.0,
         # degenerate boxes the loader dropped (harness.task.coco): real COCO train2017 has two
         train_boxes_dropped=sum(train_ds.dropped.values()),
         val_boxes_dropped=sum(val_ds.dropped.values()),
