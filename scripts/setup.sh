@@ -13,7 +13,7 @@ fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 # DeepSpeed's setup.py imports torch: build it against the torch installed above.
 .venv/bin/python -c "import deepspeed" 2>/dev/null || \
-    DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+    DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.17.6,<0.20"
 .venv/bin/python -m pip install -q -e ".[test]"
 # Build the C++ CPU kernels now (about a minute, once per machine and torch version; cached under
 # ~/.cache/torch_extensions) rather than in the first test or trial that runs attention.

@@ -39,6 +39,7 @@ from harness.names import name_problem, safe_name
 from harness.provenance import project_commit
 from harness.results import Experiment, ResultsStore, join_uri
 from harness.run import tracking
+from harness.run.placement import placement_strategy
 from harness.run.progress import GridCallback
 from harness.run.rows import DeadTrialRecorder, RunInfo, TrialSpec, tune_payload, tune_trial_hash
 from harness.run.trial import TrialContext, trial_trainable
@@ -49,6 +50,7 @@ __all__ = [
     "SharedResultsError",
     "plan",
     "trial_resources",
+    "trial_placement_group",
     "init_ray",
     "cluster_address",
     "results_problem",
@@ -104,6 +106,12 @@ def trial_resources(cfg: TrialConfig) -> dict[str, float]:
             out["GPU"] = float(r.gpus_per_worker)
         return out
     return {"memory": float(_DRIVER_MEMORY)}
+
+
+def trial_placement_group(cfg: TrialConfig) -> tune.PlacementGroupFactory:
+    """The Tune trial's placement group: its one bundle (``trial_resources``), with the strategy of
+    the trial's Ray Train workers (``STRICT_PACK`` for several GPU workers)."""
+    return tune.PlacementGroupFactory([trial_resources(cfg)], strategy=placement_strategy(cfg))
 
 
 class SharedResultsError(ValueError):
@@ -362,7 +370,7 @@ def _run_tune(
         by_hash = {p.config_hash: p.cfg for p in pending}
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-            return tune.PlacementGroupFactory([trial_resources(by_hash[config["trial"]["config_hash"]])])
+            return trial_placement_group(by_hash[config["trial"]["config_hash"]])
 
         trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
         tune_path = join_uri(exp.uri, tune_name)

@@ -37,7 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from harness.errors import full_traceback
 from harness.results import HEARTBEAT_S, Experiment, join_uri
 from harness.run import tracking
-from harness.run.placement import release_placement_groups
+from harness.run.placement import placement_strategy, release_placement_groups
 from harness.run.rows import (
     TRACEBACK_LINES,
     RunInfo,
@@ -236,7 +236,10 @@ def _fit_ray_train(job: WorkerJob, context: TrialContext, attempt: int) -> Any:
         train_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=res.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            placement_strategy=placement_strategy(job.spec.cfg),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -122,13 +122,7 @@ def _train_and_measure(
         worker_import_s=t_ready - started,
         prep_s=prep - backend.setup_s,
         zero_stage=backend.ds_config["zero_optimization"]["stage"],
-        precision=(
-            "bf16"
-            if "torch_autocast" in backend.ds_config
-            else "fp16"
-            if "fp16" in backend.ds_config
-            else "fp32"
-        ),
+        precision=backend.precision,  # what the engine runs in, not what its config asked for
         _worker_started=started,
         _launched=job.launched,
     )
