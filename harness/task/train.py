@@ -163,11 +163,10 @@ def train_variant(
         with backend.autocast():
             out = module(images, targets)
         loss = out["loss"]
-        task, gate, total = (
-            float(out["task_loss"].detach()),
-            float(out["gate_loss"].detach()),
-            float(loss.detach()),
-        )
+        # The step's numbers in one read from the device (one host sync per step, not one per number);
+        # float64 holds the float32 losses and the kept share exactly
+        numbers = (out["task_loss"], out["gate_loss"], loss, _kept_fraction(out["backbone"].blocks, loss))
+        task, gate, total, kept = torch.stack([n.detach().double() for n in numbers]).tolist()
         if not math.isfinite(total):
             parts = {k: round(float(v), 4) for k, v in out.get("loss_parts", {}).items()}
             raise NonFiniteLossError(
@@ -180,7 +179,7 @@ def train_variant(
         history.append((task, gate))
         logged_step = (step + 1) % max(1, tc.log_every) == 0 or step + 1 == micro_steps
         if on_log is not None:
-            window.append((task, gate, total, _kept_fraction(out["backbone"].blocks)))
+            window.append((task, gate, total, kept))
             if logged_step:
                 means = np.array(window, dtype=np.float64).mean(0)
                 on_log(
@@ -226,12 +225,13 @@ def train_variant(
     return metrics
 
 
-def _kept_fraction(blocks: list[Any]) -> float:
-    """Kept share of all SPA-block tokens of a batch (``mask (B, N)`` per block); 1 without blocks."""
+def _kept_fraction(blocks: list[Any], like: torch.Tensor) -> torch.Tensor:
+    """Kept share of all SPA-block tokens of a batch (``mask (B, N)`` per block), a float64 0-dim
+    tensor on ``like``'s device (read with the step's other numbers); 1 without blocks."""
     if not blocks:
-        return 1.0
-    kept = sum(int(b.mask.detach().sum()) for b in blocks)
-    return kept / sum(b.mask.numel() for b in blocks)
+        return torch.ones((), dtype=torch.float64, device=like.device)
+    kept = torch.stack([b.mask.detach().sum() for b in blocks]).sum()
+    return kept.double() / sum(b.mask.numel() for b in blocks)
 
 
 @torch.no_grad()
