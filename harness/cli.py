@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace) -> int:
             track=track,
             results_shared=args.results_shared,
             report_files=write_report_files,
+            comparisons=grid.comparisons.to_dict(),
         )
     except TrackingError as e:
         _error(console, str(e))

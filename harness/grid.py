@@ -22,10 +22,20 @@ A grid is one YAML file (the built-in ones live in ``ablations/grids/``)::
     points:                           # extra trials: diffs over base, not crossed with the axes
       - {name: dense, model.variant: dense}
     seeds: 3                          # a count (seeds 0..2) or a list of seeds; every trial repeats
+    equivalence_margin: 0.01          # |delta mAP| below this is no difference that matters (the report)
+    contrasts:                        # paired comparisons between two variants besides the baseline's:
+      - [gate, gate-random]           # gate - gate-random per seed, labelled "gate vs gate-random"
+    # or a mapping label -> pair:  contrasts: {where-the-gate-looks: [gate, gate-random]}
 
 Merging under ``extends``: ``base``/``resources`` by dotted key (a child key replaces the parent's
 key and anything under or over it), ``axes`` by axis (``null`` removes a parent's axis), ``plugins``
-appended, ``points``/``exclude``/``seeds``/``name``/``description`` replaced when given.
+appended, ``points``/``exclude``/``seeds``/``name``/``description``/``equivalence_margin``/
+``contrasts`` replaced when given.
+
+``equivalence_margin`` and ``contrasts`` change no trial: they say how the report judges the rows
+(``harness.report.stats``) and travel to it in ``Grid.comparisons`` (the run writes them into the
+experiment's ``experiment.json``). A contrast names two variants of the grid (points or crossed
+trials, by trial name); a name the grid does not have is an error at the contrast's line.
 
 Every trial is ``base`` + one value per axis (or one point) + its seed, resolved with
 ``harness.config.trial_from_dict``; its ``name`` is the point's name, or one part per axis joined by
@@ -36,15 +46,16 @@ before building it, and, when the grid has a dense variant (``model.variant: den
 Anything wrong (an empty file, a top level that is not a mapping, a grid that names no trial: no
 ``base``, ``axes`` or ``points`` of its own or inherited; an unknown top-level key or config key, a
 wrong type, a name no registry holds, a file that does not exist, an exclude rule that matches
-nothing, two trials with the same config) raises ``GridError`` naming the file, the line and the key
-and what was expected, before anything runs.
+nothing, two trials with the same config, a contrast naming a variant the grid does not have)
+raises ``GridError`` naming the file, the line and the key and what was expected, before anything
+runs.
 
 Names that become parts of paths are plain names (``harness.names``: letters, digits and
 ``. _ - = , +``, not starting with ``.``, at most 100 characters): the grid's ``name`` (or its
 file's stem), each point's ``name`` and each label of a named axis. A crossed trial's name is made
 of its labels; where it names a folder it is mapped onto a plain name.
 
-One file for one format (about 800 lines): reading it with the line of every value, merging under
+One file for one format (about 900 lines): reading it with the line of every value, merging under
 ``extends``, checking every key and name, and expanding the result share the located values
 (``_Val``, ``_Loc``) that every error message needs; split, each part would pass them across a module
 boundary.
@@ -76,7 +87,7 @@ from harness.names import name_problem
 from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
 from spa_core.config import ConfigError, config_rules, rule_problem
 
-__all__ = ["Grid", "GridError", "load_grid", "BUILTIN_GRIDS_DIR", "TOP_LEVEL_KEYS"]
+__all__ = ["Grid", "GridError", "load_grid", "Comparisons", "Contrast", "BUILTIN_GRIDS_DIR", "TOP_LEVEL_KEYS"]
 
 BUILTIN_GRIDS_DIR = Path(__file__).resolve().parent.parent / "ablations" / "grids"
 
@@ -91,6 +102,9 @@ TOP_LEVEL_KEYS = {
     "exclude": "a list of rules (mappings: config key or axis name -> value or list of values)",
     "seeds": "a positive count or a list of distinct integers",
     "plugins": "a list of dotted modules or .py file paths",
+    "equivalence_margin": "a positive number: the absolute difference of the primary metric (mAP) "
+    "below which two variants count as equivalent",
+    "contrasts": "a list of [variant, variant] pairs, or a mapping label -> [variant, variant]",
 }
 
 _DEFAULTS = trial_to_dict(TrialConfig())  # every config key (the default model has an spa section)
@@ -117,6 +131,49 @@ class GridError(ValueError):
         super().__init__(f"{where}: {text}" if where else text)
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """A paired comparison the grid declares: ``a``'s metric minus ``b``'s, per seed."""
+
+    label: str
+    a: str  # a variant's trial name
+    b: str
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    """How the report judges a grid's rows beyond each against its baseline: the equivalence margin
+    of the primary metric (absolute; None: no variant can be called equivalent) and the contrasts."""
+
+    equivalence_margin: float | None = None
+    contrasts: tuple[Contrast, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (what ``experiment.json`` holds under ``report``)."""
+        return {
+            "equivalence_margin": self.equivalence_margin,
+            "contrasts": [{"label": c.label, "a": c.a, "b": c.b} for c in self.contrasts],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Comparisons:
+        """The inverse of ``to_dict``; ``ValueError`` naming what is wrong in ``data``."""
+        if not data:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ValueError(f"comparisons: expected a mapping, got {data!r}")
+        margin = data.get("equivalence_margin")
+        problem = _margin_problem(margin) if margin is not None else None
+        if problem:
+            raise ValueError(f"equivalence_margin: {problem}")
+        contrasts = []
+        for c in data.get("contrasts") or []:
+            if not (isinstance(c, Mapping) and all(isinstance(c.get(k), str) for k in ("label", "a", "b"))):
+                raise ValueError(f"contrasts: expected mappings with label, a, b (strings), got {c!r}")
+            contrasts.append(Contrast(c["label"], c["a"], c["b"]))
+        return cls(None if margin is None else float(margin), tuple(contrasts))
+
+
 @dataclass
 class Grid:
     """An expanded grid: ``trials`` are fully resolved, ready to run (one per variant and seed)."""
@@ -130,6 +187,7 @@ class Grid:
     seeds: list[int] = field(default_factory=lambda: [0])
     plugins: list[str] = field(default_factory=list)  # resolved specs (absolute file paths, modules)
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # trial name -> {axis: value label}
+    comparisons: Comparisons = field(default_factory=Comparisons)  # margin and contrasts for the report
 
     def __len__(self) -> int:
         return len(self.trials)
@@ -245,6 +303,8 @@ class _Spec:
     exclude: list[tuple[_Loc, dict[str, _Val]]] | None = None
     seeds: _Val | None = None
     plugins: list[_Plugin] = field(default_factory=list)
+    margin: _Val | None = None  # equivalence_margin
+    contrasts: list[tuple[Contrast, _Loc]] | None = None
     names_trials: bool = False  # has base:, axes: or points: (itself or through extends)
 
 
@@ -424,6 +484,8 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
                 raise doc.loc(path).error(f"a rule is a non-empty mapping (key: value or list), got {rule!r}")
             spec.exclude.append((doc.loc(path), {k: _Val(v, doc.loc(path + (k,))) for k, v in rule.items()}))
 
+    _read_comparisons(doc, data, spec)
+
     if "seeds" in data:
         s = data["seeds"]
         loc = doc.loc(("seeds",))
@@ -535,6 +597,8 @@ def _merge(parent: _Spec, child: _Spec) -> _Spec:
     out.exclude = child.exclude if child.exclude is not None else parent.exclude
     out.seeds = child.seeds or parent.seeds
     out.plugins = parent.plugins + child.plugins
+    out.margin = child.margin if child.margin is not None else parent.margin
+    out.contrasts = child.contrasts if child.contrasts is not None else parent.contrasts
     out.names_trials = parent.names_trials or child.names_trials
     return out
 
@@ -685,6 +749,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
             raise loc.error(f"two variants are named {name!r}; give each point a distinct name", "name")
         seen[name] = loc
     _attach_baseline(kept)
+    comparisons = _checked_comparisons(spec, [name for name, _, _, _ in kept])
 
     trials: list[TrialConfig] = []
     hashes: dict[str, str] = {}
@@ -713,6 +778,7 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         seeds=list(seeds),
         plugins=list(plugins),
         labels={name: labels for name, labels, _, _ in kept},
+        comparisons=comparisons,
     )
 
 
@@ -738,6 +804,68 @@ def _attach_baseline(variants: list[tuple[str, dict[str, str], TrialConfig, _Loc
         cfg.baseline = BaselineConfig(
             name=name, model=copy.deepcopy(best.model), head=copy.deepcopy(best.head)
         )
+
+
+# --- how the report judges the rows: equivalence margin and contrasts -----------------------------------
+
+
+def _margin_problem(margin: Any) -> str | None:
+    if isinstance(margin, bool) or not isinstance(margin, int | float):
+        return f"expected {TOP_LEVEL_KEYS['equivalence_margin']}, got {margin!r}"
+    if not (math.isfinite(margin) and margin > 0):
+        return f"expected a positive finite number, got {margin!r}"
+    return None
+
+
+def _read_comparisons(doc: _Doc, data: dict[str, Any], spec: _Spec) -> None:
+    """``equivalence_margin`` and ``contrasts`` of one file, checked for shape (names: ``_checked_comparisons``)."""
+    if "equivalence_margin" in data:
+        loc = doc.loc(("equivalence_margin",))
+        problem = _margin_problem(data["equivalence_margin"])
+        if problem:
+            raise loc.error(problem)
+        spec.margin = _Val(float(data["equivalence_margin"]), loc)
+    if "contrasts" not in data:
+        return
+    raw = data["contrasts"]
+    if raw is None:
+        spec.contrasts = []  # removes the parent's
+        return
+    if isinstance(raw, list):
+        items = [(None, pair, ("contrasts", i)) for i, pair in enumerate(raw)]
+    elif isinstance(raw, dict):
+        items = [(label, pair, ("contrasts", label)) for label, pair in raw.items()]
+    else:
+        raise doc.loc(("contrasts",)).error(f"expected {TOP_LEVEL_KEYS['contrasts']}, got {raw!r}")
+    spec.contrasts = []
+    seen: set[str] = set()
+    for label, pair, path in items:
+        loc = doc.loc(path)
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) and v for v in pair)):
+            raise loc.error(f"a contrast is a pair of variant names [a, b] (a - b per seed), got {pair!r}")
+        a, b = pair
+        if a == b:
+            raise loc.error(f"a contrast compares two different variants, got [{a}, {b}]")
+        label = f"{a} vs {b}" if label is None else label
+        if label in seen:
+            raise loc.error(f"the contrast {label!r} is declared twice")
+        seen.add(label)
+        spec.contrasts.append((Contrast(label, a, b), loc))
+
+
+def _checked_comparisons(spec: _Spec, names: list[str]) -> Comparisons:
+    """The grid's ``Comparisons``; a contrast naming a variant the expanded grid does not have is an
+    error at its line."""
+    known = set(names)
+    for c, loc in spec.contrasts or []:
+        for v in (c.a, c.b):
+            if v not in known:
+                raise loc.error(
+                    f"unknown variant {v!r} in a contrast; the grid's variants: {', '.join(names)}"
+                )
+    return Comparisons(
+        spec.margin.value if spec.margin is not None else None, tuple(c for c, _ in spec.contrasts or [])
+    )
 
 
 def _resolve(diff: dict[str, _Val], over: dict[str, _Val], name: str, loc: _Loc) -> TrialConfig:

@@ -24,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import torch
 
 __all__ = [
     "IMPLS", "ENV_VAR", "THREADS_ENV_VAR", "resolve_impl", "resolve_helper_impl", "triton_available",
-    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "cpp_kernels",
+    "cpu_op_threads", "cpu_op_thread_count", "direct_call", "run_cpu", "cpp_kernels", "counting_flops",
+    "untraced",
 ]  # fmt: skip
 
 IMPLS = ("auto", "triton", "cpp", "torch", "ref")
@@ -143,6 +145,35 @@ def resolve_helper_impl(impl: str | None, *tensors: torch.Tensor) -> str:
     if torch._C._get_tracing_state() is not None or torch.compiler.is_compiling():
         return "torch"
     return "cpp" if _resolve(name, tensors, True) == "cpp" else "torch"
+
+
+def counting_flops() -> bool:
+    """True under a FLOP count: ``torch.jit.trace`` (fvcore's ``FlopCountAnalysis`` counts the ops of
+    its trace) or ``torch.utils.flop_counter.FlopCounterMode``. An op whose fast path the counters
+    cannot see through (FlexAttention: a compiled function, which ``torch.jit.trace`` refuses, and
+    which ``FlopCounterMode`` counts as dense attention) runs its custom op there instead, so that
+    the count is the op's formula whatever the device."""
+    if torch._C._get_tracing_state() is not None:
+        return True
+    # a FlopCounterMode in use has imported its module (not imported here: it imports Triton)
+    flop_counter = sys.modules.get("torch.utils.flop_counter")
+    if flop_counter is None or not torch._C._len_torch_dispatch_stack():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(m, flop_counter._FlopCounterMode) for m in _get_current_dispatch_mode_stack())
+
+
+@contextlib.contextmanager
+def untraced():
+    """Host reads (``.tolist()`` of sizes) kept out of a ``torch.jit.trace``: fvcore would list the
+    ops they dispatch (``aten::resolve_conj``, ...) as ops it cannot count."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

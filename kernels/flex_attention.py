@@ -29,12 +29,39 @@ scores that the mask discards (``masked_fraction``; 32 images of 196 tokens):
     one sequence per image, ratio 0.5 (98)   0.22      0.38      0.58      0.74
     =======================================  ========  ========  ========  ===================
 
-So ``BLOCK_SIZE = 32``: in containers the kernel computes 7.9 scores for every one it keeps at 128,
-3.9 at 64, 2.4 at 32, 1.6 at 16. 16 is the least Triton's ``tl.dot`` takes and gives each program
-very little work per loaded tile; 32 takes most of the saving. Not timed on a GPU here: the
-``block_size`` keyword lets a benchmark sweep it. The kernel's own forward tile (``BLOCK_M``,
-``BLOCK_N``) must divide the block size, so it is set to the block size (``fwd_BLOCK_M/N``;
-Inductor's defaults go up to 128); the backward's default tiles (16) divide it.
+So the smaller the tile the better, down to 32 (16 is the least Triton's ``tl.dot`` takes and gives
+each program very little work per loaded tile; 32 takes most of the saving). What bounds it from
+below is the kernel: Inductor compiles FlexAttention with tiles from its config heuristic, and a
+config serves a block mask only if its tiles divide the mask's block size (torch's rule, in
+``torch/_inductor/kernel/flex/flex_attention.py``: forward ``SPARSE_Q_BLOCK_SIZE % BLOCK_M == 0`` and
+``SPARSE_KV_BLOCK_SIZE % BLOCK_N == 0``, else the config is skipped, or refused when it is the only
+one; backward ``SPARSE_Q % BLOCK_M1``, ``SPARSE_KV % BLOCK_N1``, ``SPARSE_KV % BLOCK_N2`` and
+``SPARSE_Q % BLOCK_M2`` all zero, checked on the config before any kernel option applies, so a
+backward with no such config has no kernel at all and compilation raises ``NoValidChoicesError``).
+Inductor's backward default for head dim 32 in bfloat16 is (32, 128, 128, 32) on sm80 and
+(64, 64, 64, 64) on sm90: a fixed block size of 32 has no backward there.
+
+``kernel_blocks`` is the one place that chooses: the smallest of 32, 64, 128 that one of Inductor's
+backward configs for this (head dim, dtype, GPU) fits, asked from Inductor's own heuristic
+(``V.choices``, as the lowering asks it). The forward's tiles are left to the heuristic when one of
+its configs fits that size, else shrunk to divide it (``fwd_BLOCK_M/N``: the gcd with the default's,
+so never larger, never more shared memory). What it gives without autotuning (``tests/kernels/
+test_flex_attention.py`` checks every head dim of the presets against Inductor's configs)::
+
+    ===========================  ===========  ===========  ===========
+    dtype, GPU                   head dim 16  head dim 32  head dim 64
+    ===========================  ===========  ===========  ===========
+    float32, sm80 and sm90       32 (a)       32 (a)       32 (a)
+    bfloat16/float16, sm80       128          128          64 (b)
+    bfloat16/float16, sm90       64           64           128
+    ===========================  ===========  ===========  ===========
+    (a) forward tiles 32 x 32; (b) forward tiles 64 x 64
+
+So Swin-T in bfloat16 on an A100 (head dim 32) runs tiles of 128, where containers waste 0.87 of the
+computed scores (table above) against 0.58 at 32: a correct kernel, not the cheapest one. With
+``torch._inductor.config.max_autotune`` on, Inductor's autotuning list holds 32-wide backward tiles
+and the block size follows to 32, at the cost of autotuning every compiled graph. Neither was timed
+on a GPU here.
 
 The block mask is built from the layout, not by evaluating ``mask_mod`` on all ``T x T`` pairs as
 ``create_block_mask`` does (its dense ``(T, T)`` evaluation costs hundreds of MB at T = 10k, on every
@@ -43,23 +70,31 @@ holds pairs of one sequence iff the ranges of sequence ids of its query and key 
 is fully unmasked iff both blocks lie in one sequence (and, with a bias, in one region). A tile whose
 pairs are all of different regions is kept as partial: correct (``mask_mod`` masks it), a little work.
 
-Devices: on CUDA the compiled FlexAttention runs (``torch.compile`` once per process; a new layout,
-bias table or token count reuses the graphs of its signature, see ``_RECOMPILE_LIMIT``), forward and
-backward, with gradients for q, k, v and the bias table. On CPU FlexAttention runs unfused in eager
-mode (the full score matrix, forward only): a CPU call whose inputs need gradients raises, naming the
-CPU attention that has a backward.
+Devices: on CUDA the compiled FlexAttention runs (``torch.compile`` once per process, with dynamic
+shapes: a new layout, bias table or token count reuses the graphs of its signature, see
+``_RECOMPILE_LIMIT``), forward and backward, with gradients for q, k, v and the bias table. On CPU
+FlexAttention runs unfused in eager mode (the full score matrix, forward only): a CPU call whose
+inputs need gradients raises, naming the CPU attention that has a backward.
+
+Host syncs: none. The layout, the block mask and the mods are built on the device from
+``cu_seqlens`` (searchsorted, argsort; no ``nonzero``, no ``.item()``); the kernel's choice of tiles
+is made on the host from shapes and dtypes only.
 
 Tests (``tests/kernels/test_flex_attention.py``): on CPU, the eager forward against the float64
 reference on ragged packs, containers and shifted regions; the ``score_mod`` and ``mask_mod`` that the
 GPU kernel runs and differentiates, materialised densely and differentiated by autograd (q, k, v and
 the table) against the reference's gradients; FlexAttention's own derivation of the table's gradient
 (which its CPU path runs when only the table needs one); the block mask against ``create_block_mask``
-and the dense mask; ``masked_fraction`` and the figures above. On CUDA, the compiled forward and
-backward against the reference.
+and the dense mask; ``masked_fraction`` and the figures above; Inductor's CUDA configs (its heuristic
+asked with the GPU faked as sm80 and sm90) against ``kernel_blocks``'s choice for every head dim of
+the presets in bfloat16, float16 and float32; the compiled path's forward on CPU through Dynamo
+(``aot_eager``): one graph for changing token counts; no host sync in the layout. On CUDA, the
+compiled forward and backward against the reference.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import cache
 
@@ -67,11 +102,21 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from kernels.position_bias import PositionBias, check_position_bias
+from kernels.position_bias import PositionBias, check_position_bias, empty_output
 from kernels.seqlens import check_varlen_inputs, sequence_ids
 
-__all__ = ["BLOCK_SIZE", "flex_varlen_attention", "masked_fraction"]
+__all__ = [
+    "BLOCK_SIZE",
+    "bwd_config_fits",
+    "choose_blocks",
+    "flex_varlen_attention",
+    "fwd_config_fits",
+    "kernel_blocks",
+    "masked_fraction",
+]
 
+# the smallest block-sparsity tile (see the module docstring); the eager path uses it, and on CUDA
+# ``kernel_blocks`` takes it where Inductor's configs allow
 BLOCK_SIZE = 32
 # Triton's tl.dot asks for inner dimensions of at least 16 and FlexAttention only rounds the head dim
 # up to a power of two: smaller head dims are zero-padded on CUDA
@@ -188,29 +233,106 @@ def masked_fraction(cu_seqlens: Tensor, block_size: int = BLOCK_SIZE, T: int | N
 
 
 # ----------------------------------------------------------------------------------------------------
-# the call
+# the kernel's tiles: one place chooses the block size
 
 
-# Dynamo compiles one graph per input signature: dtype, head count and head dim (FlexAttention keeps
-# those static), bias or none and its window, gradients or none, plus the token count's guards
-# (static on the first call, dynamic after it changes; fewer than 128 tokens or not). A Swin backbone
-# with four stages of different head counts, trained and evaluated, holds ~20 such graphs, past
-# Dynamo's default of 8 per function, beyond which it would run FlexAttention unfused (a full
-# (H, T, T) score matrix). The limit is raised around this module's calls only.
-_RECOMPILE_LIMIT = 128
+# Block sizes tried, smallest first (see the module docstring): the first one that Inductor's kernel
+# configs serve is the block mask's
+_BLOCK_SIZES = (32, 64, 128)
+
+
+def fwd_config_fits(block_m: int, block_n: int, block_size: int) -> bool:
+    """torch's forward rule: tiles ``(BLOCK_M, BLOCK_N)`` serve a square block mask of ``block_size``
+    when both divide it."""
+    return block_size % block_m == 0 and block_size % block_n == 0
+
+
+def bwd_config_fits(conf, block_size: int) -> bool:
+    """torch's backward rule for a ``FlexBwDConfig`` and a square block mask of ``block_size``: its
+    four tiles (``block_m1``, ``block_n1``, ``block_m2``, ``block_n2``) all divide it."""
+    return all(block_size % b == 0 for b in (conf.block_m1, conf.block_n1, conf.block_m2, conf.block_n2))
+
+
+def fwd_tile_options(fwd_configs: list, block_size: int) -> dict[str, int]:
+    """Kernel options that make the forward serve ``block_size``: none when one of Inductor's forward
+    configs fits it as it is, else its default config's tiles (the last in the list, as torch appends
+    it) cut to their gcd with the block size: never larger, so never more shared memory."""
+    if any(fwd_config_fits(c.block_m, c.block_n, block_size) for c in fwd_configs):
+        return {}
+    default = fwd_configs[-1]
+    return {
+        "fwd_BLOCK_M": math.gcd(default.block_m, block_size),
+        "fwd_BLOCK_N": math.gcd(default.block_n, block_size),
+    }
+
+
+def choose_blocks(fwd_configs: list, bwd_configs: list) -> tuple[int, dict[str, int]]:
+    """(block_size, kernel options) for Inductor's forward and backward config lists: the smallest of
+    ``_BLOCK_SIZES`` that a backward config fits, and the forward tiles for it (``fwd_tile_options``).
+    RuntimeError naming the configs when none fits."""
+    for block_size in _BLOCK_SIZES:
+        if any(bwd_config_fits(c, block_size) for c in bwd_configs):
+            return block_size, fwd_tile_options(fwd_configs, block_size)
+    raise RuntimeError(
+        f"no FlexAttention backward config of Inductor fits a block size of {_BLOCK_SIZES}: {bwd_configs}"
+    )
 
 
 @cache
-def _compiled_flex_attention():
-    """``torch.compile(flex_attention)``, built once per process. A call with a new layout, bias table
-    or token count of a signature already compiled reuses its graph (the mods' captured tensors are
-    graph inputs)."""
-    return torch.compile(flex_attention)
+def _cuda_blocks(head_dim: int, dtype: torch.dtype, capability: tuple[int, int], autotune: tuple) -> tuple:
+    from torch._inductor.virtualized import V
+
+    # the lists the lowering itself asks for (torch/_inductor/kernel/flex/flex_attention.py)
+    fwd = V.choices.get_flex_attention_fwd_configs(head_dim, dtype, "cuda")
+    bwd = V.choices.get_flex_attention_bwd_configs(head_dim, dtype, "cuda")
+    block_size, options = choose_blocks(fwd, bwd)
+    return block_size, tuple(options.items())
+
+
+def kernel_blocks(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, dict[str, int]]:
+    """The block mask's block size and the kernel options for FlexAttention on ``device`` with this
+    head dim (as the kernel sees it: zero-padded to 16 on CUDA) and dtype: the one place both are
+    chosen. CUDA: ``choose_blocks`` over the configs Inductor's heuristic gives this GPU (its compute
+    capability) and Inductor's autotune settings. Elsewhere (the eager path): ``BLOCK_SIZE``, no
+    options."""
+    if device.type != "cuda":
+        return BLOCK_SIZE, {}
+    from torch._inductor import config as inductor_config
+
+    capability = tuple(torch.cuda.get_device_capability(device))
+    autotune = (inductor_config.max_autotune, inductor_config.max_autotune_flex_search_space)
+    block_size, options = _cuda_blocks(int(head_dim), dtype, capability, autotune)
+    return block_size, dict(options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the call
+
+
+# Dynamo compiles one graph per input signature: dtype, head count and head dim, bias or none and
+# its window, gradients or none, plus the token count's guards (compiled with dynamic shapes, so a
+# new token count reuses its graph; Dynamo and Inductor still specialise a token count of 1, a
+# single tile, and fewer than 128 tokens, where Inductor weighs its decoding kernel). A Swin backbone
+# with four stages of different head counts, trained and evaluated, holds a few dozen such graphs,
+# past Dynamo's default of 8 per function, beyond which it would run FlexAttention unfused (a full
+# (H, T, T) score matrix). The limit is raised around this module's calls only.
+_RECOMPILE_LIMIT = 128
+# torch.compile's backend; tests set a counting backend (CPU Inductor cannot run the kernel here)
+_COMPILE_BACKEND = "inductor"
+
+
+@cache
+def _compiled_flex_attention(backend):
+    """``torch.compile(flex_attention, dynamic=True)``, built once per process (and backend). A call
+    with a new layout, bias table or token count of a signature already compiled reuses its graph
+    (the mods' captured tensors are graph inputs). Dynamic from the first call: with automatic
+    dynamic shapes the first token count would get a static graph of its own."""
+    return torch.compile(flex_attention, backend=backend, dynamic=True)
 
 
 def _run_compiled(*args, **kwargs):
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        return _compiled_flex_attention()(*args, **kwargs)
+        return _compiled_flex_attention(_COMPILE_BACKEND)(*args, **kwargs)
 
 
 def _eager_flex_attention(*args, **kwargs):
@@ -218,6 +340,12 @@ def _eager_flex_attention(*args, **kwargs):
         # the unfused eager path is what a CPU call asks for; its performance warning says nothing new
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         return flex_attention(*args, **kwargs)
+
+
+def _compiled_here(q: Tensor) -> bool:
+    """Whether a call on ``q`` runs the compiled kernel (CUDA) or the eager path (CPU). Tests force the
+    compiled path on CPU through this function (its forward runs there, with another backend)."""
+    return q.is_cuda
 
 
 def flex_varlen_attention(
@@ -228,7 +356,7 @@ def flex_varlen_attention(
     softmax_scale: float | None = None,
     bias: PositionBias | None = None,
     *,
-    block_size: int = BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> Tensor:
     """Non-causal attention within each sequence of a packed batch, through FlexAttention.
 
@@ -236,52 +364,93 @@ def flex_varlen_attention(
     int, non-decreasing from 0 to at most T (empty sequences allowed; rows past ``cu_seqlens[-1]``
     come out zero); softmax_scale: default ``D ** -0.5``; bias: Swin's relative position bias and shift
     mask from the tokens' places (``kernels.position_bias``), or None; block_size: the block-sparsity
-    tile (a multiple of 16). Returns (T, H, D) in the dtype of q, a transposed view of the kernel's
-    (1, H, T, D) output (call ``.contiguous()`` if rows must be contiguous).
+    tile (a multiple of 16), default ``kernel_blocks``'s choice for this head dim, dtype and device
+    (on CUDA a size no backward config of Inductor fits raises ValueError when gradients are asked
+    for). Returns (T, H, D) in the dtype of q, a transposed view of the kernel's (1, H, T, D) output
+    (call ``.contiguous()`` if rows must be contiguous). An empty pack (T = 0) returns an empty
+    tensor that is still part of the graph of q and the bias table (zero gradients for both).
 
     CUDA: compiled FlexAttention, differentiable in q, k, v and ``bias.table``. CPU: eager and forward
     only; inputs that need gradients raise ``RuntimeError``. ``cu_seqlens`` is not checked against T
     on the host (that would sync the GPU).
     """
     check_varlen_inputs(q, k, v, cu_seqlens)
-    if block_size < 16 or block_size % 16:
+    if block_size is not None and (block_size < 16 or block_size % 16):
         raise ValueError(f"block_size must be a positive multiple of 16, got {block_size}")
     T, H, D = q.shape
     if bias is not None:
         check_position_bias(bias, T, H, q.device)
     scale = float(softmax_scale) if softmax_scale is not None else D**-0.5
-    cuda = q.device.type == "cuda"
+    compiled = _compiled_here(q)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, *(() if bias is None else (bias.table,)))
     )
-    if needs_grad and not cuda:
+    if needs_grad and not q.is_cuda:
         raise RuntimeError(
             "flex_varlen_attention has no backward on CPU (FlexAttention's eager CPU path is forward "
             "only): on CPU use kernels.varlen_attention.varlen_attention (its CPU paths have a "
             "backward), or kernels.varlen_attention.varlen_attention_ref (float64 reference, with bias)"
         )
     if T == 0:
-        return q * 0  # empty, and still part of q's graph when gradients are asked for
-    if not cuda:  # FlexAttention refuses CPU inputs that require grad even under no_grad
+        return empty_output(q, bias)
+    if not q.is_cuda:  # FlexAttention refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
+        if bias is not None:
+            bias = bias._replace(table=bias.table.detach())
+
+    if q.is_cuda and D < _MIN_HEAD_DIM_CUDA:
+        # zero columns add nothing to q.k and give zero output columns, dropped below
+        pad = (0, _MIN_HEAD_DIM_CUDA - D)
+        q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
+    chosen, options = kernel_blocks(q.shape[-1], _kernel_dtype(q), q.device)
+    if block_size is not None and block_size != chosen and q.is_cuda:
+        options = _options_for(block_size, q.shape[-1], _kernel_dtype(q), needs_grad)
+    block_size = block_size or chosen
 
     seq = sequence_ids(cu_seqlens, T).to(torch.int32)  # int32 index buffers for the compiled mods
     mask_mod, score_mod = _mods(seq, bias, q.dtype)
     region = None if bias is None else bias.pos[:, 2]
     block_mask = _block_mask(seq, region, block_size, mask_mod)
-
-    if cuda and D < _MIN_HEAD_DIM_CUDA:
-        # zero columns add nothing to q.k and give zero output columns, dropped below
-        pad = (0, _MIN_HEAD_DIM_CUDA - D)
-        q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, T, D)
-    if cuda:
-        # the main kernel always: under 128 queries Inductor would otherwise pick its decoding kernel,
-        # made for few queries against a long cache, not for a block-diagonal batch
-        options = {"BACKEND": "TRITON", "fwd_BLOCK_M": block_size, "fwd_BLOCK_N": block_size}
+    if compiled:
+        if q.is_cuda:
+            # the main kernel always: under 128 queries Inductor would otherwise pick its decoding
+            # kernel, made for few queries against a long cache, not for a block-diagonal batch
+            options = {"BACKEND": "TRITON", **options}
         o = _run_compiled(
-            q4, k4, v4, score_mod=score_mod, block_mask=block_mask, scale=scale, kernel_options=options
+            q4,
+            k4,
+            v4,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            kernel_options=options or None,
         )
     else:
         o = _eager_flex_attention(q4, k4, v4, score_mod=score_mod, block_mask=block_mask, scale=scale)
     return o[0, :, :, :D].transpose(0, 1)  # (T, H, D)
+
+
+def _kernel_dtype(q: Tensor) -> torch.dtype:
+    """The dtype FlexAttention's kernel runs in, which its configs are chosen by: q's, or under
+    autocast the autocast dtype (FlexAttention's autocast rule casts q, k and v to it first)."""
+    device = q.device.type
+    if q.dtype is not torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return q.dtype
+
+
+def _options_for(block_size: int, head_dim: int, dtype: torch.dtype, needs_grad: bool) -> dict[str, int]:
+    """Kernel options for a block size the caller chose (a benchmark's sweep) on CUDA; ValueError
+    when gradients are asked for and no backward config of Inductor fits it."""
+    from torch._inductor.virtualized import V
+
+    fwd = V.choices.get_flex_attention_fwd_configs(head_dim, dtype, "cuda")
+    bwd = V.choices.get_flex_attention_bwd_configs(head_dim, dtype, "cuda")
+    if needs_grad and not any(bwd_config_fits(c, block_size) for c in bwd):
+        fits = [b for b in _BLOCK_SIZES if any(bwd_config_fits(c, b) for c in bwd)]
+        raise ValueError(
+            f"block_size={block_size}: no FlexAttention backward config of Inductor fits it for head dim "
+            f"{head_dim} in {dtype} on this GPU (sizes that fit: {fits}; configs: {bwd})"
+        )
+    return fwd_tile_options(fwd, block_size)

@@ -9,8 +9,10 @@ flop (so it reports MACs), ``torch.utils.flop_counter`` counts 2 flops per multi
   Swin's relative position bias and shift mask (``pos``, ``table``) add no multiply-adds: a gather
   and an add per score, like the softmax, which counts 0. Its backward (the torch backward) is five
   such matmuls: ``5 * H * D * sum_i n_i^2`` MACs, as torch counts SDPA's; the table's gradient is a
-  scatter-add (0). On CUDA the attention is FlexAttention's (``kernels.flex_attention``), counted
-  by its own ops, not by these handles.
+  scatter-add (0). On CUDA the attention runs FlexAttention (``kernels.flex_attention``), a compiled
+  function that ``torch.jit.trace`` refuses and ``FlopCounterMode`` counts as dense; under either
+  counter ``varlen_attention`` runs this custom op (its torch path) instead, so both counters see
+  ``spa::varlen_attention`` and its formula on every path.
 - ``aten::scaled_dot_product_attention`` (q: (..., L, E), k: (..., S, E), v: (..., S, Ev)):
   ``prod(...) * L * S * (E + Ev)`` MACs; masks do not reduce it (SDPA computes densely).
   (flop_counter counts SDPA already.)
@@ -18,6 +20,8 @@ flop (so it reports MACs), ``torch.utils.flop_counter`` counts 2 flops per multi
   in torch (counted there).
 - ``spa::pack_tokens`` / ``spa::unpack_tokens``: data movement, 0 (fvcore likewise ignores the
   element-wise add of a residual).
+- ``aten::nonzero_static`` (the pack's selected rows at a size known on the host): 0, as fvcore
+  ignores ``aten::nonzero``.
 
 fvcore traces with ``torch.jit.trace``, whose graph holds shapes but not the contents of
 ``cu_seqlens``; ``varlen_attention`` therefore passes ``sum_i n_i^2`` to the op as an int argument,
@@ -125,6 +129,7 @@ FVCORE_HANDLES: dict[str, Any] = {
     "spa::unpack_tokens": _fvcore_zero,
     "spa::token_scores": _fvcore_token_scores,
     "aten::scaled_dot_product_attention": _fvcore_sdpa,
+    "aten::nonzero_static": _fvcore_zero,
 }
 
 

@@ -70,7 +70,8 @@ def _blocks(T: int, C: int) -> tuple[int, int]:
 
 
 def pack_tokens_triton(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x: (R, C); indices: (T,) integer row ids -> (T, C)."""
+    """x: (R, C) any strides (the kernel reads rows of unit column stride: others are copied first);
+    indices: (T,) integer row ids -> (T, C) contiguous."""
     if x.dim() != 2 or indices.dim() != 1:
         raise ValueError(
             f"expected x (R, C) and indices (T,), got {tuple(x.shape)} and {tuple(indices.shape)}"
@@ -90,7 +91,8 @@ def pack_tokens_triton(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def unpack_tokens_triton(
     packed: torch.Tensor, indices: torch.Tensor, base: torch.Tensor, add: bool
 ) -> torch.Tensor:
-    """packed: (T, C); indices: (T,) unique row ids; base: (R, C) -> (R, C), out of place."""
+    """packed: (T, C); indices: (T,) unique row ids; base: (R, C), any strides -> (R, C) contiguous,
+    out of place."""
     if packed.dim() != 2 or base.dim() != 2 or indices.dim() != 1 or packed.shape[0] != indices.numel():
         raise ValueError(
             f"expected packed (T, C), indices (T,), base (R, C); got {tuple(packed.shape)}, "
@@ -98,7 +100,7 @@ def unpack_tokens_triton(
         )
     packed = packed.to(base.dtype).contiguous()
     indices = indices.contiguous()
-    out = base.contiguous().clone()
+    out = base.clone(memory_format=torch.contiguous_format)  # one copy, row-major whatever base's strides
     T, C = packed.shape
     if T == 0 or C == 0:
         return out

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["PositionBias", "relative_index", "pair_bias", "check_position_bias"]
+__all__ = ["PositionBias", "relative_index", "pair_bias", "check_position_bias", "empty_output"]
 
 
 class PositionBias(NamedTuple):
@@ -84,3 +84,14 @@ def check_position_bias(pb: PositionBias, T: int, H: int, device: torch.device) 
     for name, t in (("pos", pb.pos), ("table", pb.table)):
         if t.device != device:
             raise ValueError(f"position bias: {name} on {t.device} but q on {device}")
+
+
+def empty_output(q: Tensor, bias: PositionBias | None) -> Tensor:
+    """The attention output of an empty pack: q (0, H, D) -> (0, H, D), part of the graph of q and of
+    ``bias.table``, so that a backward gives both a gradient (zeros) as a non-empty pack does. Why: a
+    parameter that gets a gradient on some steps and none on others (a GPU whose images keep no
+    token in a block) fills different gradient buckets on different ranks under DeepSpeed ZeRO."""
+    out = q * 0
+    if bias is not None:
+        out = out + (bias.table.sum() * 0).to(q.dtype)
+    return out

@@ -19,7 +19,9 @@ every dtype, and the backward of the CPU paths, incl. the bias table's gradient)
 -> ``torch.library.custom_op`` ``spa::varlen_attention`` with its autograd formula ->
 ``varlen_attention``. On CUDA, impl "triton" is torch's FlexAttention (compiled to Triton by torch):
 ``kernels.flex_attention.flex_varlen_attention``, imported when it runs and called outside the custom
-op (FlexAttention has its own autograd).
+op (FlexAttention has its own autograd); under a FLOP count (``torch.jit.trace``, as fvcore traces,
+or ``FlopCounterMode``: ``kernels._dispatch.counting_flops``) the custom op runs its torch path
+instead, so that FLOPs are counted the same way on every path.
 
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
 PV, ``n_i`` the length of sequence i); the bias adds none.
@@ -30,14 +32,21 @@ torch path, C++ launcher, custom op with its autograd formula, public function, 
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import cpp_kernels, cpu_op_threads, direct_call, resolve_impl, run_cpu
+from kernels._dispatch import (
+    counting_flops,
+    cpp_kernels,
+    cpu_op_threads,
+    direct_call,
+    resolve_impl,
+    run_cpu,
+    untraced,
+)
 from kernels.position_bias import PositionBias, check_position_bias, pair_bias, relative_index
 from kernels.seqlens import check_varlen_inputs, sequence_ids
 
@@ -414,7 +423,8 @@ def _backward(ctx, dout):
                 leaves.append(table.detach().requires_grad_(True))
                 bias = bias._replace(table=leaves[3])
             o = varlen_attention_ref(*leaves[:3], cu_seqlens, softmax_scale, bias)
-            grads = torch.autograd.grad(o, leaves, dout, allow_unused=True)
+            # no sequence at all (an empty pack): the output is constant zeros, the gradients too
+            grads = torch.autograd.grad(o, leaves, dout, allow_unused=True) if o.requires_grad else [None] * 4
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
         dq, dk, dv = grads[:3]
         dtable = grads[3] if bias is not None else None
@@ -428,16 +438,6 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------------------------------
 # public function
-
-
-@contextlib.contextmanager
-def _untraced():
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        yield
-    finally:
-        torch._C._set_tracing_state(state)
 
 
 def varlen_attention(
@@ -470,6 +470,11 @@ def varlen_attention(
         cu_seqlens = cu_seqlens.to(torch.int32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     name = resolve_impl(impl, q, k, v, cpp=True)
+    if name == "triton" and counting_flops():
+        # a FLOP count (fvcore's trace, flop_counter) cannot see into the compiled FlexAttention: the
+        # custom op with its torch path computes the same attention, on any device, and is counted
+        # by its formula (sum n_i^2), so the count does not depend on the path
+        name = "torch"
     if name == "triton":  # FlexAttention: its own autograd, so no custom op around it
         from kernels.flex_attention import flex_varlen_attention
 
@@ -480,7 +485,7 @@ def varlen_attention(
         sq = -1  # reading cu_seqlens would sync the GPU; only a trace needs the number
     else:
         if tracing:
-            with _untraced():  # host reads, kept out of traces (fvcore would list them as ops)
+            with untraced():  # host reads, kept out of traces (fvcore would list them as ops)
                 b = cu_seqlens.tolist()
         else:
             b = cu_seqlens.tolist()

@@ -14,7 +14,12 @@ fi
 # DeepSpeed's setup.py imports torch: build it against the torch installed above.
 .venv/bin/python -c "import deepspeed" 2>/dev/null || \
     DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.17.6,<0.20"
-.venv/bin/python -m pip install -q -e ".[test]"
+# The installed torch is pinned for this step: timm (a test dependency) needs torchvision, and pip would
+# otherwise satisfy it with the newest torchvision and the newer (CUDA) torch that one pins.
+PIN=$(mktemp)
+.venv/bin/python -c "import torch; print('torch==' + torch.__version__)" > "$PIN"
+.venv/bin/python -m pip install -q -e ".[test]" -c "$PIN"
+rm -f "$PIN"
 # Build the C++ CPU kernels now (about a minute, once per machine and torch version; cached under
 # ~/.cache/torch_extensions) rather than in the first test or trial that runs attention.
 .venv/bin/python -m kernels.cpu_ext

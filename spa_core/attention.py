@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels import varlen_attention
-from kernels.position_bias import PositionBias, pair_bias
+from kernels.position_bias import PositionBias, empty_output, pair_bias
 from kernels.seqlens import sequence_ids
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 from spa_core.registry import PACK_STRATEGIES
@@ -146,9 +146,12 @@ def packed_attention(
 
     impl: kernel implementation for the varlen layout (None: ``SPA_ATTN_IMPL``, default auto);
     bias: Swin's relative position bias and shift mask from the tokens' places (``pos (T, 3)``).
+    An empty pack (no image kept a token) gives an empty output that a backward still reaches q
+    and the bias table through (zero gradients): every parameter gets a gradient on every step, so
+    data-parallel ranks fill the same gradient buckets.
     """
     if q.shape[0] == 0:
-        return q.clone()
+        return empty_output(q, bias)
     attend = PACK_STRATEGIES.get(packed.strategy).attend
     return attend(q, k, v, packed, softmax_scale=softmax_scale, impl=impl, bias=bias)
 
@@ -165,7 +168,7 @@ def containers_dense_attention(
     """The paper's form of container attention: ``(B', L)`` containers, block-diagonal mask, one SDPA.
     Same result as ``packed_attention`` on a containers pack. q, k, v: (T, H, D) -> (T, H, D)."""
     if q.shape[0] == 0:
-        return q.clone()
+        return empty_output(q, bias)
     (qc, kc, vc), same_image = zip(*(containers_dense(packed, t) for t in (q, k, v)))  # (B', L, H, D)
     same_image = same_image[0]  # (B', L, L): both filled, same image
     filled = same_image.any(-1)  # (B', L)

@@ -7,8 +7,15 @@ from Swin blocks (shifted windows every second block in both); ``extra_stage3_bl
 no ``spa_stages``) is the same network with Swin blocks everywhere. Any image size works: the image
 is padded to the patch size, odd maps are padded before merging, windows are padded or clipped.
 
-``forward(images) -> BackboneOutput(features, blocks)``: the four stage maps (each layer-normed, as
-Swin for detection) and one ``SPABlockInfo`` per SPA block in forward order.
+``forward(images, image_sizes=None) -> BackboneOutput(features, blocks, valid)``: the four stage maps
+(each layer-normed, as Swin for detection), one ``SPABlockInfo`` per SPA block in forward order, and
+each stage's real tokens. ``image_sizes: (B, 2)`` (height, width) in pixels says how much of each
+image of a padded batch is real (padding at the bottom/right): SPA never selects padding, and with
+``pad_keys: mask`` (the default) padding is never attended to, merged into a real token or output
+(its features are zero), so an image's features do not depend on the batch it is padded into.
+
+``cfg.pretrained``: ``build_backbone`` loads a Swin checkpoint (``spa_core.pretrained``) into the
+model and keeps what it did as ``model.pretrained_load``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import Tensor, nn
 
 from spa_core.block import SPABlock, SPABlockInfo, SwinBlock
 from spa_core.config import BackboneConfig
+from spa_core.pretrained import load_pretrained
 from spa_core.registry import MODEL_VARIANTS
 
 __all__ = [
@@ -32,15 +40,18 @@ __all__ = [
     "PatchMerging",
     "build_backbone",
     "stage_grids",
+    "valid_masks",
 ]
 
 
 @dataclass
 class BackboneOutput:
-    """features: 4 maps (B, C_i, H_i, W_i) at strides 4/8/16/32 (patch 4); blocks: SPA block infos."""
+    """features: 4 maps (B, C_i, H_i, W_i) at strides 4/8/16/32 (patch 4); blocks: SPA block infos;
+    valid: per stage (B, H_i, W_i) bool real tokens, or None (no ``image_sizes`` given: all real)."""
 
     features: list[Tensor]
     blocks: list[SPABlockInfo]
+    valid: list[Tensor] | None = None
 
 
 class PatchEmbed(nn.Module):
@@ -88,6 +99,25 @@ def stage_grids(image_hw: tuple[int, int], patch_size: int, num_stages: int = 4)
     return grids
 
 
+def valid_masks(image_sizes: Tensor, grids: list[tuple[int, int]], patch_size: int) -> list[Tensor]:
+    """Real tokens of every stage: image_sizes (B, 2) int (height, width) of each image's real pixels
+    (the rest of the batch's ``(H, W)`` is padding at the bottom/right); grids: the stages' (H_i, W_i)
+    (``stage_grids``) -> per stage (B, H_i, W_i) bool. A token is real if any real pixel falls in it
+    (``ceil`` at the patch embedding and at every merge, as the grids themselves)."""
+    sizes = torch.as_tensor(image_sizes).to(torch.int64)
+    if sizes.dim() != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"image_sizes must be (B, 2) (height, width), got {tuple(sizes.shape)}")
+    ext = torch.div(sizes + patch_size - 1, patch_size, rounding_mode="floor")  # (B, 2) tokens
+    out = []
+    for i, (h, w) in enumerate(grids):
+        if i:
+            ext = torch.div(ext + 1, 2, rounding_mode="floor")
+        rows = torch.arange(h, device=ext.device)[None, :, None] < ext[:, 0, None, None]
+        cols = torch.arange(w, device=ext.device)[None, None, :] < ext[:, 1, None, None]
+        out.append(rows & cols)  # (B, h, w)
+    return out
+
+
 class SPABackbone(nn.Module):
     """Swin-style hierarchy with SPA blocks in ``cfg.spa_stages``; see the module docstring.
 
@@ -124,6 +154,7 @@ class SPABackbone(nn.Module):
                     shift=shift,
                     mlp_ratio=cfg.mlp_ratio,
                     drop_path=dpr[k],
+                    pad_keys=cfg.pad_keys,
                 )
                 if i + 1 in spa_stages:
                     blocks.append(SPABlock(cfg=cfg.spa, stage=i + 1, index=j, **common))
@@ -141,21 +172,36 @@ class SPABackbone(nn.Module):
         grids = stage_grids(image_hw, self.cfg.patch_size)
         return [grids[s - 1] for s in sorted(self.spa_stages)]
 
-    def forward(self, images: Tensor) -> BackboneOutput:
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> BackboneOutput:
+        """images (B, 3, H, W); image_sizes (B, 2) int real (height, width) per image, or None (every
+        pixel real) -> ``BackboneOutput`` (see the module docstring)."""
         x = self.patch_embed(images)  # (B, H1, W1, C1)
+        valid = None
+        if image_sizes is not None:
+            grids = stage_grids(tuple(images.shape[-2:]), self.cfg.patch_size)
+            valid = valid_masks(torch.as_tensor(image_sizes, device=x.device), grids, self.cfg.patch_size)
+        masked = valid is not None and self.cfg.pad_keys == "mask"
         features, infos = [], []
         prev = None  # previous SPA block's score map (B, h, w)
         for i, blocks in enumerate(self.stages):
+            v = valid[i] if valid is not None else None
             for blk in blocks:
                 if isinstance(blk, SPABlock):
-                    x, info = blk(x, prev)
+                    x, info = blk(x, prev, v)
                     prev = info.logits.view(x.shape[0], *info.grid)
+                    if v is not None:  # padding's scores reach no real token through the max
+                        prev = prev.masked_fill(~v, float("-inf"))
                     infos.append(info)
                 else:
-                    x = blk(x)
-            features.append(self.norms[i](x).permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
+                    x = blk(x, v)
+            if masked:  # padding is merged into no real token and outputs nothing
+                x = x.masked_fill(~v[..., None], 0.0)
+            f = self.norms[i](x)
+            if masked:
+                f = f.masked_fill(~v[..., None], 0.0)
+            features.append(f.permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
             x = self.merges[i](x)
-        return BackboneOutput(features=features, blocks=infos)
+        return BackboneOutput(features=features, blocks=infos, valid=valid)
 
 
 class BackboneFeatures(nn.Module):
@@ -166,8 +212,8 @@ class BackboneFeatures(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.backbone(images).features)
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> tuple[Tensor, ...]:
+        return tuple(self.backbone(images, image_sizes).features)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -193,5 +239,10 @@ def build_dense(cfg: BackboneConfig) -> SPABackbone:
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """The backbone ``MODEL_VARIANTS[cfg.variant]`` builds from ``cfg``."""
-    return MODEL_VARIANTS.get(cfg.variant)(cfg)
+    """The backbone ``MODEL_VARIANTS[cfg.variant]`` builds from ``cfg``; with ``cfg.pretrained`` the
+    Swin checkpoint at that path is loaded into it (``spa_core.pretrained.load_pretrained``; what it
+    loaded, what had no source and what it ignored are kept as ``model.pretrained_load``)."""
+    model = MODEL_VARIANTS.get(cfg.variant)(cfg)
+    if cfg.pretrained is not None:
+        model.pretrained_load = load_pretrained(model, cfg.pretrained)
+    return model

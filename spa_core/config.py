@@ -59,7 +59,7 @@ class SPAConfig:
     pack: str = checked_field("containers", registry="pack_strategy")  # containers | varlen | pad | mask
     container_len: int | None = checked_field(
         None, range_=(1, None, True, None)
-    )  # containers' L; None: window ** 2
+    )  # containers' L; None: one window's tokens (M * M; Mh * Mw where a map clips the window)
     # "all": every token goes through the MLP; "selected": an unselected token skips the whole block
     mlp_on: str = checked_field("all", choices=("all", "selected"))
     # "swin": Swin's relative position bias and shift mask on packed pairs; "none": no position information
@@ -95,6 +95,16 @@ class BackboneConfig:
         0, range_=(0, None, True, None)
     )  # the paper adds 4, paid for by the savings
     spa: SPAConfig | None = field(default_factory=SPAConfig)  # None -> dense baseline
+    # How padding takes part in attention, in the dense and the SPA blocks alike (padding: the zero
+    # tokens Swin adds where a map is not a multiple of the window, and the batch padding of images
+    # given as ``image_sizes``). "mask": a padding token is never a key of a real token (nor merged into
+    # one), so a map's padding changes nothing; "attend": as Swin and mmdetection, zero tokens after the
+    # norm take part in attention (the outputs then depend on how much padding a window holds).
+    pad_keys: str = checked_field("mask", choices=("mask", "attend"))
+    # A Swin checkpoint on disk (official or timm layout; ``spa_core.pretrained``) loaded into the
+    # backbone when it is built (a path every worker can read: absolute, or relative to where the
+    # trial runs); None: every weight initialised at random.
+    pretrained: str | None = None
 
     @property
     def is_dense(self) -> bool:

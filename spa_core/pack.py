@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from kernels import container_seqlens, cu_seqlens_from_counts, pack_tokens, unpack_tokens
+from kernels._dispatch import untraced
 from spa_core.config import SPAConfig
 from spa_core.registry import PACK_STRATEGIES
 
@@ -43,7 +44,7 @@ __all__ = [
     "DEFAULT_CONTAINER_LEN",
 ]
 
-DEFAULT_CONTAINER_LEN = 49  # 7 * 7, Swin-T's window; blocks pass window_size ** 2
+DEFAULT_CONTAINER_LEN = 49  # 7 * 7, Swin-T's window; blocks pass one window's tokens on their map
 
 
 @dataclass
@@ -91,23 +92,46 @@ class PackedTokens:
         return dataclasses.replace(self, tokens=tokens)
 
 
-def _selected(x: Tensor, mask: Tensor, order: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Kept tokens (T, C), their raster rows (T,) and counts (B,): image-major, each image's tokens in
-    ``order`` (default raster order). Gathers from x directly (no permuted copy of x)."""
+def _selected(
+    x: Tensor, mask: Tensor, order: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Kept tokens (T, C), their raster rows (T,), counts (B,) and the counts on the host: image-major,
+    each image's tokens in ``order`` (default raster order). Gathers from x directly (no permuted copy
+    of x).
+
+    The one host read of a pack (a GPU sync): the counts. Every size after it is known on the host,
+    so the rows come from ``nonzero_static`` at that size (``nonzero`` would read its size back from
+    the GPU a second time) and the layouts are made on the host from the counts (``_layouts_on``)."""
     if x.dim() != 3 or mask.shape != x.shape[:2]:
         raise ValueError(
             f"pack expects x (B, N, C) and mask (B, N), got {tuple(x.shape)} and {tuple(mask.shape)}"
         )
     B, N, C = x.shape
-    if order is None:
-        indices = mask.reshape(-1).nonzero().squeeze(1)  # (T,) image-major, ascending within an image
-    else:
-        _check_order(order, N)
-        pos = mask[:, order].reshape(-1).nonzero().squeeze(1)  # (T,) into the permuted grid
-        indices = _raster_rows(pos, order, N)
-    tokens = pack_tokens(x.reshape(B * N, C), indices)  # (T, C)
     counts = mask.sum(1, dtype=torch.int64)  # (B,)
-    return tokens, indices, counts
+    with untraced():
+        host = counts.tolist()
+    if order is not None:
+        _check_order(order, N)
+        mask = mask[:, order]  # (B, N) the permuted grid
+    rows = torch.nonzero_static(mask.reshape(-1), size=sum(host)).squeeze(1)  # (T,) image-major
+    indices = rows if order is None else _raster_rows(rows, order, N)
+    tokens = pack_tokens(x.reshape(B * N, C), indices)  # (T, C)
+    return tokens, indices, counts, host
+
+
+def _layouts_on(device: torch.device, *layout: Tensor) -> list[Tensor]:
+    """Integer layout tensors made on the host, moved to ``device`` in one copy. On CUDA the copy is
+    from pinned memory and does not block: a copy from pageable memory waits for the GPU's queue to
+    drain (a sync). Each keeps its dtype and shape."""
+    if device.type == "cpu":
+        return list(layout)
+    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in layout])  # one buffer, one copy
+    if device.type == "cuda" and torch._C._get_tracing_state() is None:  # a trace records plain ops
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    parts = flat.split([t.numel() for t in layout])
+    return [p.view(t.shape).to(t.dtype) for p, t in zip(parts, layout)]
 
 
 def _raster_rows(pos: Tensor, order: Tensor, n: int) -> Tensor:
@@ -124,8 +148,9 @@ def _check_order(order: Tensor, n: int) -> None:
 
 
 def _per_image(x: Tensor, mask: Tensor, strategy: str, order: Tensor | None) -> PackedTokens:
-    tokens, indices, counts = _selected(x, mask, order)
-    cu, max_seqlen = cu_seqlens_from_counts(counts)
+    tokens, indices, counts, host = _selected(x, mask, order)
+    cu, max_seqlen = cu_seqlens_from_counts(torch.tensor(host, dtype=torch.int64))  # on the host
+    (cu,) = _layouts_on(x.device, cu)
     seq_image = torch.arange(counts.numel(), device=x.device)
     return PackedTokens(tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], strategy)
 
@@ -136,8 +161,9 @@ def pack_containers(
     """The paper's containers of ``cfg.container_len`` slots (None -> ``DEFAULT_CONTAINER_LEN``), as
     varlen sequences cut at image and container boundaries."""
     L = (cfg.container_len if cfg is not None else None) or DEFAULT_CONTAINER_LEN
-    tokens, indices, counts = _selected(x, mask, order)
-    cu, max_seqlen, seq_image, seq_container = container_seqlens(counts, L)
+    tokens, indices, counts, host = _selected(x, mask, order)
+    cu, max_seqlen, seq_image, seq_container = container_seqlens(torch.tensor(host, dtype=torch.int64), L)
+    cu, seq_image, seq_container = _layouts_on(x.device, cu, seq_image, seq_container)
     return PackedTokens(
         tokens, cu, max_seqlen, indices, seq_image, counts, x.shape[1], "containers", L, seq_container
     )

@@ -13,6 +13,10 @@ and returns the counts with the mask. Registered in ``SELECTION_POLICIES`` (cont
 - ``all``: every token (the keep-all control for the machinery itself).
 - ``gate_random`` / ``gate_norm``: compute-matched controls: the gate's count per image (its own
   decision), the places drawn at random / taken by a fixed score (feature norm).
+
+Host syncs: none. Counts stay on the device (the pack reads them, once); ``round(ratio * N)`` is
+known from shapes; random draws come from a generator on the scores' device (``SPABlock`` keeps one
+there) and are float32, as is the gate's whole decision.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ __all__ = [
 
 @dataclass
 class Selection:
-    """mask: (B, N) bool kept tokens; counts: (B,) int64 kept per image; weight: (B, N) float
+    """mask: (B, N) bool kept tokens; counts: (B,) int64 kept per image; weight: (B, N) float32
     multiplier for the kept tokens (the straight-through estimator of ``gate``; ones otherwise)."""
 
     mask: Tensor
@@ -93,20 +97,28 @@ def _kept_by_rank(values: Tensor, counts: Tensor) -> Tensor:
 
 
 def _uniform(scores: Tensor, generator) -> Tensor:
-    """(B, N) uniform draws from ``generator`` (on its device), on the scores' device."""
+    """(B, N) float32 uniform draws from ``generator`` (on its device), on the scores' device. Draw on
+    a generator of the scores' device (``SPABlock`` does): a generator elsewhere means a copy per
+    call, which on a GPU waits for its queue (a sync)."""
     gen_device = generator.device if generator is not None else scores.device
     return torch.rand(scores.shape, generator=generator, device=gen_device).to(scores.device)
 
 
 def _gate_decision(scores: Tensor, cfg: SPAConfig, training: bool, generator) -> tuple[Tensor, Tensor]:
-    """The gate's hard decision (B, N) bool and its straight-through weight (B, N)."""
+    """The gate's hard decision (B, N) bool and its straight-through weight (B, N) float32.
+
+    Noise, soft sample and decision are computed in float32 whatever the scores' dtype: in bfloat16
+    (a model cast to bf16, or scores from bf16 activations) ``u`` would be rounded to 8 bits, the
+    logistic noise cut off at about +-5.5 and coarsely stepped, and the decision near the threshold
+    decided by rounding."""
+    s = scores.float()
     if not training:
-        hard = torch.sigmoid(scores.detach()) > cfg.threshold
+        hard = torch.sigmoid(s.detach()) > cfg.threshold
         return hard, torch.ones(scores.shape, dtype=torch.float32, device=scores.device)
-    u = _uniform(scores, generator).to(scores.dtype)
-    u = u.clamp(torch.finfo(scores.dtype).tiny, 1.0 - torch.finfo(scores.dtype).eps)
+    u = _uniform(s, generator)
+    u = u.clamp(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
     noise = torch.log(u) - torch.log1p(-u)  # logistic = difference of two Gumbels
-    soft = torch.sigmoid((scores + noise) / cfg.gumbel_tau)  # (B, N)
+    soft = torch.sigmoid((s + noise) / cfg.gumbel_tau)  # (B, N) float32
     hard = soft.detach() > cfg.threshold
     return hard, hard.to(soft.dtype) - soft.detach() + soft  # value 1 on kept tokens, gradient of soft
 

@@ -10,7 +10,11 @@ attention op so that packed tokens get Swin's relative position bias and shift m
 
 ``window_order`` gives the same grouping as a permutation of the (unpadded) tokens: SPA packs the
 selected tokens in this order, so a container of ``L = M*M`` slots holds spatial neighbours, and the
-shift of every second block changes which neighbours share a container.
+shift of every second block changes which neighbours share a container. With ``padded=True`` both
+cover the padded map's ``Hp * Wp`` places (padding included, raster order over the padded map): what
+an SPA block uses for an image that keeps every token, so that its containers are Swin's windows.
+``padding_window_mask`` is Swin's shift mask plus the separation of padding from real tokens
+(``BackboneConfig.pad_keys: mask``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from torch import Tensor
 
 __all__ = [
     "effective_window",
+    "padded_size",
+    "padding_map",
+    "padding_window_mask",
+    "window_groups",
     "window_partition",
     "window_reverse",
     "window_order",
@@ -55,6 +63,12 @@ def effective_window(hw: tuple[int, int], window: int, shift: int) -> tuple[tupl
     return win, sft
 
 
+def padded_size(hw: tuple[int, int], window: int) -> tuple[int, int]:
+    """``(Hp, Wp)``: the map ``hw`` padded at the bottom/right to multiples of its effective window."""
+    (Mh, Mw), _ = effective_window(hw, window, 0)
+    return -(-hw[0] // Mh) * Mh, -(-hw[1] // Mw) * Mw
+
+
 def window_partition(x: Tensor, win: tuple[int, int]) -> Tensor:
     """x: (B, H, W, C) with H % Mh == W % Mw == 0 -> (B * nW, Mh * Mw, C)."""
     B, H, W, C = x.shape
@@ -73,11 +87,14 @@ def window_reverse(windows: Tensor, win: tuple[int, int], hw: tuple[int, int]) -
 
 
 @_cached(256)
-def _window_order_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
+def _window_order_cpu(H: int, W: int, window: int, shift: int, padded: bool) -> Tensor:
     (Mh, Mw), (sh, sw) = effective_window((H, W), window, shift)
-    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
-    idx = torch.full((Hp, Wp), -1, dtype=torch.int64)
-    idx[:H, :W] = torch.arange(H * W).view(H, W)
+    Hp, Wp = padded_size((H, W), window)
+    if padded:
+        idx = torch.arange(Hp * Wp).view(Hp, Wp)
+    else:
+        idx = torch.full((Hp, Wp), -1, dtype=torch.int64)
+        idx[:H, :W] = torch.arange(H * W).view(H, W)
     if sh or sw:
         idx = torch.roll(idx, shifts=(-sh, -sw), dims=(0, 1))  # as Swin rolls the features
     order = window_partition(idx[None, :, :, None], (Mh, Mw)).reshape(-1)
@@ -85,15 +102,21 @@ def _window_order_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
 
 
 @_cached(256)
-def _window_order_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
-    return _window_order_cpu(H, W, window, shift).to(device)
+def _window_order_on(H: int, W: int, window: int, shift: int, padded: bool, device: torch.device) -> Tensor:
+    return _window_order_cpu(H, W, window, shift, padded).to(device)
 
 
-def window_order(hw: tuple[int, int], window: int, shift: int = 0, device=None) -> Tensor:
+def window_order(
+    hw: tuple[int, int], window: int, shift: int = 0, device=None, padded: bool = False
+) -> Tensor:
     """Raster token ids ``(N,) int64`` (``N = H*W``) listed window by window (each window in raster
     order) after the cyclic shift; padding positions are left out, so this is a permutation of
-    ``range(N)``. Cached per geometry and device (do not modify the result in place)."""
-    return _window_order_on(int(hw[0]), int(hw[1]), int(window), int(shift), torch.device(device or "cpu"))
+    ``range(N)``. ``padded``: the ids of the padded map's ``Hp * Wp`` raster places instead, padding
+    included (``(Hp*Wp,)``, every window whole). Cached per geometry and device (do not modify the
+    result in place)."""
+    return _window_order_on(
+        int(hw[0]), int(hw[1]), int(window), int(shift), bool(padded), torch.device(device or "cpu")
+    )
 
 
 @_cached(64)
@@ -124,9 +147,11 @@ def _shifted_window_mask_on(
 
 
 @_cached(256)
-def _token_places_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
+def _token_places_cpu(H: int, W: int, window: int, shift: int, padded: bool) -> Tensor:
     (Mh, Mw), (sh, sw) = effective_window((H, W), window, shift)
-    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
+    Hp, Wp = padded_size((H, W), window)
+    if padded:
+        H, W = Hp, Wp
 
     def region(n: int, size: int, m: int, s: int) -> Tensor:
         # Swin's mask labels the rolled padded map by the slices (0:-m), (-m:-s), (-s:) per dimension;
@@ -143,15 +168,71 @@ def _token_places_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
 
 
 @_cached(256)
-def _token_places_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
-    return _token_places_cpu(H, W, window, shift).to(device)
+def _token_places_on(H: int, W: int, window: int, shift: int, padded: bool, device: torch.device) -> Tensor:
+    return _token_places_cpu(H, W, window, shift, padded).to(device)
 
 
-def token_places(hw: tuple[int, int], window: int, shift: int = 0, device=None) -> Tensor:
+def token_places(
+    hw: tuple[int, int], window: int, shift: int = 0, device=None, padded: bool = False
+) -> Tensor:
     """``(N, 3) int32`` per raster token: its row, its column, and its region of Swin's shift mask
     (``3 * row_region + col_region``, each 0..2; 0 everywhere when the block is not shifted). Two
     tokens that Swin's shifted windows would put in one window attend to each other exactly when
     their regions are equal (``shifted_window_mask``'s rule, per token instead of per window); the
     regions are those of the padded map, so they hold for maps that are not multiples of the window.
+    ``padded``: the places of the padded map's ``Hp * Wp`` raster places instead (``(Hp*Wp, 3)``).
     Cached per geometry and device (do not modify the result in place)."""
-    return _token_places_on(int(hw[0]), int(hw[1]), int(window), int(shift), torch.device(device or "cpu"))
+    return _token_places_on(
+        int(hw[0]), int(hw[1]), int(window), int(shift), bool(padded), torch.device(device or "cpu")
+    )
+
+
+@_cached(64)
+def _padding_map_cpu(H: int, W: int, window: int) -> Tensor:
+    Hp, Wp = padded_size((H, W), window)
+    pad = torch.ones(Hp, Wp, dtype=torch.bool)
+    pad[:H, :W] = False
+    return pad
+
+
+@_cached(64)
+def _padding_map_on(H: int, W: int, window: int, device: torch.device) -> Tensor:
+    return _padding_map_cpu(H, W, window).to(device)
+
+
+def padding_map(hw: tuple[int, int], window: int, device=None) -> Tensor:
+    """``(Hp, Wp) bool``: True at the places Swin's padding adds to the map ``hw`` (bottom rows, right
+    columns). Cached per geometry and device (do not modify the result in place)."""
+    return _padding_map_on(int(hw[0]), int(hw[1]), int(window), torch.device(device or "cpu"))
+
+
+def window_groups(labels: Tensor, win: tuple[int, int], sft: tuple[int, int]) -> Tensor:
+    """Per-place labels of padded maps ``(B, Hp, Wp)`` -> ``(B * nW, Mh * Mw)``: each window's labels
+    after Swin's cyclic shift, in the order of ``window_partition``."""
+    if any(sft):
+        labels = torch.roll(labels, shifts=(-sft[0], -sft[1]), dims=(1, 2))
+    return window_partition(labels[..., None], win).squeeze(-1)
+
+
+@_cached(64)
+def _padding_window_mask_cpu(H: int, W: int, window: int, shift: int) -> Tensor:
+    win, sft = effective_window((H, W), window, shift)
+    pad = window_groups(_padding_map_cpu(H, W, window)[None], win, sft)  # (nW, L)
+    blocked = pad[:, :, None] != pad[:, None, :]  # (nW, L, L)
+    Hp, Wp = padded_size((H, W), window)
+    shifted = shifted_window_mask((Hp, Wp), win, sft)
+    return blocked if shifted is None else blocked | shifted
+
+
+@_cached(64)
+def _padding_window_mask_on(H: int, W: int, window: int, shift: int, device: torch.device) -> Tensor:
+    return _padding_window_mask_cpu(H, W, window, shift).to(device)
+
+
+def padding_window_mask(hw: tuple[int, int], window: int, shift: int = 0, device=None) -> Tensor:
+    """``(nW, L, L) bool``, True where a Swin block with ``pad_keys: mask`` blocks attention on the map
+    ``hw``: Swin's shift mask, and every pair of a padding place and a real token (padding attends only
+    to padding of its own region, so no row is empty). Cached (do not modify the result in place)."""
+    return _padding_window_mask_on(
+        int(hw[0]), int(hw[1]), int(window), int(shift), torch.device(device or "cpu")
+    )

@@ -30,7 +30,7 @@ calls), ``--bias-cost`` (the SPA block with ``position_bias: swin`` against the 
 an SPA backbone against its dense twin: Swin-T at 112 px, batch 32, stages 3-4 keeping 25% by
 top-k in containers), ``--ops`` (the varlen attention op alone, with the bias, per
 CPU implementation, and the gate's scores), ``--profile`` (torch.profiler's per-op table of each block),
-``--grid-file GRID`` (the inference forward of every model of a grid, in rotation).
+``--grid-file GRID`` (the backbone and head forward of every model of a grid, in rotation).
 
 One command, several modes (about 900 lines): they share the block pair builder, the alternating-pairs
 timer, the clocks and threads and the table writer, which is most of the file.
@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from harness.grid import load_grid
 from harness.task.data import build_datasets, fixed_batch
 from harness.task.detector import build_detector
+from harness.task.measure import InferenceForward
 from kernels import (
     ENV_VAR,
     FVCORE_HANDLES,
@@ -675,11 +676,13 @@ def profile(strategies, ratios, batch=32, grid=14, dim=384, num_heads=6, window=
 
 
 def time_grid(path: str, rounds: int = 40, warmup: int = 5, clock: str = "cpu") -> list[dict]:
-    """The inference forward of every model of the grid at ``path`` in one process, the models called in
-    rotation, so that dense and SPA are timed under the same load (a grid's own ``infer_ms`` is timed
-    per trial, while other trials share the machine). The models are untrained: top-k and random keep
-    their ratio exactly, a gate keeps what an untrained gate keeps. The batch is the grid's fixed
-    evaluation batch (``bench.batch_size`` val images), as in a trial."""
+    """The forward SPA changes (``harness.task.measure.InferenceForward``: backbone and head, without the
+    score threshold and NMS, whose cost follows how many boxes an untrained head lets through) of every
+    model of the grid at ``path`` in one process, the models called in rotation, so that dense and SPA
+    are timed under the same load (a grid's own ``forward_ms`` is timed per trial, while other trials
+    share the machine). The models are untrained: top-k and random keep their ratio exactly, a gate
+    keeps what an untrained gate keeps. The batch is the grid's fixed evaluation batch
+    (``bench.batch_size`` val images), as in a trial."""
 
     grid = load_grid(path)
     cfg0 = grid.trials[0]
@@ -695,7 +698,7 @@ def time_grid(path: str, rounds: int = 40, warmup: int = 5, clock: str = "cpu") 
             blocks = m(images)["backbone"].blocks
             kept[name] = statistics.fmean(float(b.kept_fraction) for b in blocks) if blocks else 1.0
     times = time_in_rotation(
-        {n: partial(m, images) for n, m in models.items()}, rounds, warmup, CLOCKS[clock]
+        {n: partial(InferenceForward(m), images) for n, m in models.items()}, rounds, warmup, CLOCKS[clock]
     )
     base = statistics.median(times["dense"]) if "dense" in times else None
     rows = []
@@ -787,7 +790,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--profile", action="store_true", help="print torch.profiler's per-op table of each block")
     p.add_argument("--grid-file", default=None, metavar="GRID",
-                   help="time the inference forward of every model of this grid file, in rotation")  # fmt: skip
+                   help="time the backbone and head forward (no NMS) of every model of this grid file, in rotation")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
@@ -834,7 +837,7 @@ def main(argv=None) -> int:
     if mode == "grid_file":
         rows = time_grid(a.grid_file, rounds=a.reps, warmup=warmup, clock=a.clock)
         if log:
-            print(f"{rows[0]['grid']}: inference forward, batch {rows[0]['batch']}, {threads}, {a.clock} clock, "
+            print(f"{rows[0]['grid']}: backbone and head forward (no score threshold, no NMS), batch {rows[0]['batch']}, {threads}, {a.clock} clock, "
                   f"{a.reps} rounds, untrained models; median (interquartile range)")  # fmt: skip
             print("| model | kept | ms (IQR) | dense / model |\n|---|---|---|---|")
             for r in rows:

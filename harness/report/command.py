@@ -11,6 +11,10 @@ The grid's axes: rows that record them (``axis.<name>`` columns, see ``harness.r
 axis its table under its own name. For rows that do not, the experiment's grid file (the ``source``
 its ``experiment.json`` names) is read again and its labels are used when every trial name of the
 experiment is one of the grid's; otherwise the axes are inferred from the config columns.
+
+How the grid judges its rows (its equivalence margin and contrasts, ``harness.grid.Comparisons``)
+comes from the experiment's ``experiment.json`` (``report``, written by the run), else from its grid
+file; ``comparisons=`` sets it for every experiment (rows given as a DataFrame have no other source).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.grid import load_grid
+from harness.grid import Comparisons, load_grid
 from harness.report import render
 from harness.report.axes import AXIS_PREFIX
 from harness.report.plots import render_plots
@@ -49,23 +53,39 @@ def build_reports(
     *,
     merge: bool = False,
     base: Mapping[str, Any] | None = None,
+    comparisons: Comparisons | None = None,
 ) -> dict[str | None, Report]:
     """Experiment name -> its ``Report`` (key None when the rows name no experiment). With ``merge``
-    one report over every row (a store's copies of one trial counted once)."""
+    one report over every row (a store's copies of one trial counted once). ``comparisons``: the
+    equivalence margin and contrasts for every experiment (default: each experiment's own)."""
     df = _load(results, merge)
     several = "experiment" in df and df["experiment"].nunique() > 1
+    names = [str(n) for n in df["experiment"].dropna().unique()] if "experiment" in df else []
+    notes: dict[str, list[str]] = {}
+    if comparisons is not None or isinstance(results, pd.DataFrame):
+        declared = {n: comparisons or Comparisons() for n in names}
+    else:
+        declared = {n: _declared(str(results), n, notes.setdefault(n, [])) for n in names}
     if merge or not several:
         name = None if several or "experiment" not in df or not len(df) else str(df["experiment"].iloc[0])
-        report = build_report(df, baseline, base=base)
+        found = set(declared.values())
+        merged = comparisons or (found.pop() if len(found) == 1 else Comparisons())
+        report = build_report(df, baseline, base=base, comparisons=merged)
+        report.notes += [n for ns in notes.values() for n in ns]
+        if len(found) > 1:
+            report.notes.append("The merged experiments declare different equivalence margins or contrasts: none "
+                                "are used here (each experiment's own apply without --merge).")  # fmt: skip
         report.experiment = name
         return {name: report}
     out: dict[str | None, Report] = {}
     for name, rows in df.groupby("experiment", sort=True):
+        comp = declared.get(str(name), Comparisons())
         try:
-            report = build_report(rows, baseline, base=base)
+            report = build_report(rows, baseline, base=base, comparisons=comp)
         except ValueError as e:  # the named baseline belongs to another experiment
-            report = build_report(rows, None, base=base)
+            report = build_report(rows, None, base=base, comparisons=comp)
             report.notes.append(f"{e}; this experiment is compared with its own dense variant.")
+        report.notes += notes.get(str(name), [])
         report.experiment = str(name)
         out[str(name)] = report
     return out
@@ -80,14 +100,38 @@ def _load(results: pd.DataFrame | str | Path, merge: bool) -> pd.DataFrame:
     return df
 
 
+def _manifest(uri: str, name: str) -> dict[str, Any]:
+    """The ``experiment.json`` of experiment ``name`` at ``uri`` (a store, or the experiment itself)."""
+    parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+    exp = next((e for e in (Experiment(uri, name), Experiment(parent, name)) if e.exists()), None)
+    return (exp.read_manifest() or {}) if exp is not None else {}
+
+
+def _declared(uri: str, name: str, notes: list[str]) -> Comparisons:
+    """Experiment ``name``'s margin and contrasts: its ``experiment.json``'s ``report``, else its grid
+    file's (an experiment run before the manifest held them), else none."""
+    manifest = _manifest(uri, name)
+    if "report" in manifest:
+        try:
+            return Comparisons.from_dict(manifest["report"])
+        except ValueError as e:
+            notes.append(f"experiment.json of {name}: {e}; no equivalence margin or contrasts are used.")
+            return Comparisons()
+    source = manifest.get("source")
+    if not source or not Path(source).is_file():
+        return Comparisons()
+    try:
+        return load_grid(source).comparisons
+    except Exception:  # a grid edited or broken since the run: judged without a margin or contrasts
+        return Comparisons()
+
+
 def _with_grid_labels(df: pd.DataFrame, uri: str) -> pd.DataFrame:
     """``axis.<name>`` columns from each experiment's grid file, where its trial names all match."""
     if "experiment" not in df or not len(df):
         return df
-    parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
     for name in df["experiment"].dropna().unique():
-        exp = next((e for e in (Experiment(uri, name), Experiment(parent, name)) if e.exists()), None)
-        source = (exp.read_manifest() or {}).get("source") if exp is not None else None
+        source = _manifest(uri, name).get("source")
         labels = _grid_labels(source)
         rows = df["experiment"] == name
         if not labels or not set(df.loc[rows, "name"].astype(str)) <= set(labels):
@@ -131,16 +175,18 @@ def report_command(
     *,
     base: Mapping[str, Any] | None = None,
     merge: bool = False,
+    comparisons: Comparisons | None = None,
 ) -> str:
     """``spa-harness report``: the report as text in ``fmt`` (md, csv, html, json; default: the
     suffix of ``out``, else md), returned. ``out`` a file (``report.html``): written there, plots
     embedded (html) or beside it in ``<stem>-plots/`` (md); ``out`` a folder: ``out/index.html`` or
     ``out/report.<fmt>``, plots in ``out/plots/``, and for csv also each axis table and the failures.
-    Several experiments in ``results`` give one section each, unless ``merge``."""
+    Several experiments in ``results`` give one section each, unless ``merge``. ``comparisons``: see
+    ``build_reports``."""
     out_path = Path(out) if out is not None else None
     fmt = _format(fmt, out_path)
     is_file = out_path is not None and out_path.suffix.lstrip(".").lower() in FORMATS
-    reports = build_reports(results, baseline, merge=merge, base=base)
+    reports = build_reports(results, baseline, merge=merge, base=base, comparisons=comparisons)
     several = len(reports) > 1
     if is_file:
         target, plots_dir, rel = (
@@ -194,6 +240,8 @@ def _write_csv_parts(reports: Mapping[str | None, Report], out: Path) -> None:
         prefix = f"{render.slug(name)}-" if len(reports) > 1 and name else ""
         for axis, t in r.axes.items():
             t.to_csv(out / f"{prefix}axis_{render.slug(axis)}.csv")
+        if len(r.contrasts):
+            r.contrasts.to_csv(out / f"{prefix}contrasts.csv")
         r.failures.to_csv(out / f"{prefix}failures.csv", index=False)
 
 

@@ -5,8 +5,9 @@
   as a step line, the dense baseline marked;
 - ``axis_<axis>``: per axis table, Δ mAP against the baseline per axis value with its paired 95%
   interval, and the speedup with its interval;
-- ``speedup_vs_ratio``: measured inference speedup over the baseline against the kept fraction
-  (or the configured selection ratio), with the speedup the GMACs alone predict (the ideal FLOP line);
+- ``speedup_vs_ratio``: measured speedup over the baseline against the kept fraction (or the
+  configured selection ratio), with the speedup the GMACs alone predict (the ideal FLOP line); its
+  title says what was timed (the backbone and head forward, or the whole inference call of older rows);
 - ``gate_pr_vs_ratio``: gate precision and recall against the kept fraction.
 
 A plot whose columns the results lack is left out.
@@ -24,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.report.render import slug
-from harness.report.tables import main_gmacs
+from harness.report.tables import TIMED_CALL, TIMED_FORWARD, main_gmacs
 
 if TYPE_CHECKING:
     from harness.report.tables import Report
@@ -93,7 +94,7 @@ def _axis_deltas(report: Report, axis: str, t: pd.DataFrame) -> Figure | None:
         sp = fig.add_subplot(1, panels, 2)
         sp.errorbar(x, t["speedup"], yerr=_bounds(t, "speedup"), fmt="s", capsize=4, color="tab:orange")
         sp.axhline(1.0, color="0.5", lw=1)
-        sp.set_ylabel("speedup vs baseline (x, 95% interval)")
+        sp.set_ylabel(f"{_timed(report)} speedup vs baseline (x, 95% interval)")
     for a in fig.axes:
         a.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         a.set_xlabel(name)
@@ -150,6 +151,15 @@ def _accuracy_vs_gmacs(report: Report) -> Figure | None:
     return fig
 
 
+def _timed(report: Report) -> str:
+    """What the report's speedups timed, for a plot's labels."""
+    t = report.table
+    timed = set(t["speedup_timed"].dropna()) if "speedup_timed" in t else set()
+    if timed == {TIMED_CALL}:
+        return "inference call (NMS included)"
+    return "forward (backbone + head)" if timed <= {TIMED_FORWARD} else "mixed"
+
+
 def _speedup_vs_ratio(report: Report) -> Figure | None:
     t = report.table
     if "speedup" not in t:
@@ -160,7 +170,7 @@ def _speedup_vs_ratio(report: Report) -> Figure | None:
     if xr is None or t.empty:
         return None
     x, xlabel = xr
-    fig = _fig("inference speedup over the dense baseline")
+    fig = _fig(f"{_timed(report)} speedup over the dense baseline")
     ax = fig.axes[0]
     ax.errorbar(x, t["speedup"], yerr=_bounds(t, "speedup"), fmt="o", color="tab:blue", capsize=3, zorder=3,
                 label="measured speedup (95% interval)")  # fmt: skip

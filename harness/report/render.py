@@ -2,12 +2,16 @@
 
 Markdown (what ``spa-harness run`` prints at the end and ``report --format md`` gives) shows the
 columns people read and fits a 120-column terminal: variant, seeds (when they differ), mAP with its
-interval, Δ mAP with its interval, the verdict, Δ GMACs %, the speedup against the baseline with its
-interval, kept fraction and gate recall. A line above the table names the baseline, the number of
-seeds and what the intervals are; with fewer than ``harness.report.stats.MIN_SEEDS`` seeds a warning above
-it says the deltas cannot be told from noise; the baseline's own spread of mAP (the noise floor) is
-the line under it. CSV and JSON hold every column (all metrics, intervals, paired-seed counts); HTML
-leads with the short table and the Pareto plot, then the axes, then every column.
+interval, Δ mAP with its interval, the verdict, the minimum detectable effect (MDE), Δ GMACs %, the
+speedup against the baseline with its interval (its header says what was timed: ``fwd``, the
+backbone and head; ``e2e``, the whole inference call with its postprocessing), kept fraction and gate
+recall. A paragraph above the table names the baseline, the number of seeds and what the intervals
+and verdicts are; with fewer than ``harness.report.stats.MIN_SEEDS`` seeds a warning above it says
+the deltas cannot be told from noise. Under it: the contrasts the grid declares (a table of their
+own), the correction and the level of the MDE, and the noise: the spread of the per-seed differences
+and the baseline's own spread of mAP. CSV and JSON hold every column (all metrics, intervals, p-values,
+paired-seed counts) and the contrasts; HTML leads with the short table, the contrasts and the Pareto
+plot, then the axes, then every column.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import numpy as np
 import pandas as pd
 
 from harness.report import stats
-from harness.report.tables import Report, main_gmacs
+from harness.report.tables import TIMED_CALL, TIMED_FORWARD, Report, main_gmacs
 
 __all__ = [
     "WIDTH",
     "display_table",
+    "contrast_table",
     "markdown",
     "md_table",
     "csv",
@@ -96,6 +101,34 @@ def _speedup(row: pd.Series) -> str:
 # --- the short table ----------------------------------------------------------------------------------------
 
 
+_TIMED_TAG = {TIMED_FORWARD: "fwd", TIMED_CALL: "e2e"}
+
+
+def _timed_tag(report: Report) -> str:
+    """``fwd`` / ``e2e``: what every speedup of the report timed (``speedup_timed``); ``mixed``."""
+    t = report.table
+    timed = set(t["speedup_timed"].dropna()) if "speedup_timed" in t else set()
+    if len(timed) == 1:
+        return _TIMED_TAG.get(next(iter(timed)), next(iter(timed)))
+    return "mixed" if timed else "fwd"
+
+
+def _delta_decimals(t: pd.DataFrame, acc: str, deltas: pd.DataFrame | None = None) -> int:
+    """Decimals for Δ of the primary accuracy: the accuracy's own (``t``), or more where the intervals
+    of the deltas (``deltas``, default ``t``) need them to show."""
+    d = _decimals(t[acc]) if acc in t else 4
+    deltas = t if deltas is None else deltas
+    if f"{acc}_delta_hi" not in deltas:
+        return d
+    half = (deltas[f"{acc}_delta_hi"] - deltas[f"{acc}_delta_lo"]) / 2
+    spread = half[half > 1e-12]
+    return max(d, _decimals(spread, digits=1)) if len(spread) else d
+
+
+def _mde(v: Any, decimals: int) -> str:
+    return "n/a" if _missing(v) else f"{v:.{decimals}f}"
+
+
 def display_table(report: Report, table: pd.DataFrame | None = None, axis: str | None = None) -> pd.DataFrame:
     """The table for people (strings): one row per variant (index: the variant, or the axis value
     on an axis table), the columns the module docstring lists."""
@@ -114,12 +147,13 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
         out[_nice(acc)] = [_pm(m, h, d) for m, h in zip(t[acc], t[f"{acc}_ci95"])]
         if f"{acc}_delta" in t:
             half = (t[f"{acc}_delta_hi"] - t[f"{acc}_delta_lo"]) / 2
-            spread = half[half > 1e-12]  # enough decimals to show the interval
-            dd = max(d, _decimals(spread, digits=1)) if len(spread) else d
+            dd = _delta_decimals(report.table, acc)  # one precision for the main table and its axes
             out[f"Δ {_nice(acc)}"] = [
                 "" if b else _pm(m, h, dd, "+") for m, h, b in zip(t[f"{acc}_delta"], half, is_base)
             ]
             out["verdict"] = t["verdict"].fillna("n/a").to_numpy()
+            if f"{acc}_mde" in t:
+                out["MDE"] = ["" if b else _mde(x, dd) for x, b in zip(t[f"{acc}_mde"], is_base)]
     g = main_gmacs(report.metrics)
     if g and f"{g}_delta_pct" in t:
         out["Δ GMACs"] = [
@@ -128,11 +162,34 @@ def display_table(report: Report, table: pd.DataFrame | None = None, axis: str |
         ]
     if "speedup" in t and t["speedup"].notna().any():
         vs = report.baseline if report.baseline and len(report.baseline) <= 12 else "baseline"
-        out[f"speedup vs {vs}"] = ["" if b else _speedup(row) for (_, row), b in zip(t.iterrows(), is_base)]
+        header = f"{_timed_tag(report)} speedup vs {vs}"
+        out[header] = ["" if b else _speedup(row) for (_, row), b in zip(t.iterrows(), is_base)]
     for m in ("kept_fraction", "gate_recall"):
         if m in t and t[m].notna().any():
             out[_nice(m)] = [("" if _missing(x) else f"{x:.2f}") for x in t[m]]
     out.index.name = axis.rsplit(".", 1)[-1] if axis is not None else "variant"  # the title names it in full
+    return out
+
+
+def contrast_table(report: Report) -> pd.DataFrame:
+    """The contrasts for people (strings): one row per declared contrast (index: its label), Δ of the
+    primary accuracy (the first variant minus the second, per seed) with its interval, the verdict,
+    the MDE and Δ GMACs %."""
+    c, acc = report.contrasts, report.primary_accuracy
+    out = pd.DataFrame(index=pd.Index(c.index, name="contrast"))
+    if not len(c) or not acc or f"{acc}_delta" not in c:
+        return out
+    dd = max(_delta_decimals(report.table, acc), _delta_decimals(report.table, acc, c))
+    half = (c[f"{acc}_delta_hi"] - c[f"{acc}_delta_lo"]) / 2
+    out[f"Δ {_nice(acc)}"] = [_pm(m, h, dd, "+") for m, h in zip(c[f"{acc}_delta"], half)]
+    out["verdict"] = c["verdict"].fillna("n/a").to_numpy() if "verdict" in c else "n/a"
+    if f"{acc}_mde" in c:
+        out["MDE"] = [_mde(x, dd) for x in c[f"{acc}_mde"]]
+    g = main_gmacs(report.metrics)
+    if g and f"{g}_delta_pct" in c:
+        out["Δ GMACs"] = ["n/a" if _missing(x) else f"{x:+.1f}%" for x in c[f"{g}_delta_pct"]]
+    if c["n_paired"].nunique() > 1 or (len(c) and int(c["n_paired"].iloc[0]) != report.n_seeds):
+        out["seeds"] = c["n_paired"].astype(int).astype(str).to_numpy()
     return out
 
 
@@ -177,6 +234,10 @@ def _fitted(t: pd.DataFrame, width: int = WIDTH) -> tuple[str, list[str]]:
     return md_table(short), legend
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2g}%"
+
+
 def _explanation(report: Report) -> str:
     acc = _nice(report.primary_accuracy or "map")
     n = report.n_seeds
@@ -186,23 +247,64 @@ def _explanation(report: Report) -> str:
         who = "Baseline: the dense variant with the same size, data, training and benchmark settings (column `vs`)"
     else:
         return f"No baseline: no deltas. {n} seed(s); values are mean±95% interval over seeds (Student's t)."
+    margin = report.comparisons.equivalence_margin
+    equivalent = (
+        f"equivalent (inside ±{margin:g} by two one-sided tests)" if margin is not None
+        else "equivalent (never: the grid declares no margin)"
+    )  # fmt: skip
     return (
         f"{who}; {n} seed{'s' if n != 1 else ''}, paired by seed. {acc}: mean±95% interval over seeds (Student's t). "
         f"Δ: the difference from the baseline per seed (Δ {acc} absolute, Δ GMACs in percent), mean±95% "
-        f"interval over the paired seeds. verdict: better/worse when the interval of Δ {acc} excludes 0, "
-        f"no detectable difference when it holds 0, n/a below {stats.MIN_SEEDS} paired seeds. speedup: "
-        f"the baseline's inference time over the variant's per seed ({_timed(report)}), geometric mean "
+        f"interval over the paired seeds. verdict on Δ {acc}: better/worse (a paired t-test tells it from 0), "
+        f"{equivalent}, inconclusive (neither), n/a (below {stats.MIN_SEEDS} paired seeds); corrected across "
+        f"the table, see under it. MDE: the smallest |Δ {acc}| the row's test finds with {_pct(stats.POWER)} "
+        f"power. speedup: the baseline's time over the variant's per seed ({_timed(report)}), geometric mean "
         f"(95% interval)."
     )
 
 
 def _timed(report: Report) -> str:
-    sources = set(report.table["speedup_source"].dropna()) if "speedup_source" in report.table else set()
+    t = report.table
+    sources = set(t["speedup_source"].dropna()) if "speedup_source" in t else set()
+    timed = set(t["speedup_timed"].dropna()) if "speedup_timed" in t else set()
+    what = []
+    if TIMED_FORWARD in timed:
+        what.append("fwd: the backbone and head forward, without score threshold and NMS")
+    if TIMED_CALL in timed:
+        what.append(
+            "e2e: the whole inference call, NMS included, whose load depends on how far each model trained"
+        )
     same = "timed in the variant's trial process against the baseline model"
-    cross = "from the two trials' inference times"
+    cross = "from the two trials' times"
     if "same-process" in sources and "cross-trial" in sources:
-        return f"{same}, or {cross} where the trial has no such timing (see the notes)"
-    return same if "same-process" in sources else cross
+        where = f"{same}, or {cross} where the trial has no such timing (see the notes)"
+    else:
+        where = same if "same-process" in sources else cross
+    return "; ".join([*what, where])
+
+
+def _judgement(report: Report) -> str | None:
+    """The line under the tables: the family the verdicts were corrected over, the margin, the MDE's
+    level and power."""
+    if not report.primary_accuracy or report.family == 0:
+        return None
+    acc, k = _nice(report.primary_accuracy), report.family
+    judged = [v for v in stats.VERDICTS if v != "n/a"]
+    n_rows = int(report.table["verdict"].isin(judged).sum()) if "verdict" in report.table else 0
+    n_contrasts = k - n_rows
+    what = ", ".join(
+        f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((n_rows, "row"), (n_contrasts, "contrast")) if n
+    )
+    margin = report.comparisons.equivalence_margin
+    return (
+        f"Verdicts: {stats.CORRECTION}'s correction across the {k} comparison{'s' if k != 1 else ''} of this "
+        f"report ({what}) at {_pct(stats.ALPHA)} family-wise, once over the difference tests (paired t, Δ = 0) "
+        f"and once over the equivalence tests (TOST, "
+        + (f"margin ±{margin:g} {acc}; equivalent when the 90% interval lies inside it)" if margin is not None
+           else "none: the grid declares no `equivalence_margin`)")
+        + f". MDE at {_pct(stats.POWER)} power and {_pct(report.mde_alpha)} two-sided ({_pct(stats.ALPHA)}/{k}, "
+        f"Holm's strictest step), from each comparison's SD of its per-seed Δ {acc}."
+    )  # fmt: skip
 
 
 def _warning(report: Report) -> str | None:
@@ -215,14 +317,34 @@ def _warning(report: Report) -> str | None:
 
 
 def _noise_floor(report: Report) -> str | None:
+    """The noise line: the spread of the per-seed differences (what the verdicts rest on), per
+    baseline the range over its rows and their pooled SD, and the baseline's own spread of mAP."""
     acc = report.primary_accuracy
     if acc is None or not report.noise_floor:
         return None
+    t, nice = report.table, _nice(acc)
     parts = []
     for b, s in report.noise_floor.items():
-        n = int(report.table.loc[b, "n_seeds"])
-        parts.append(f"`{b}` has one seed: unknown" if _missing(s) else f"`{b}` {s:.4f} (std over {n} seeds)")
-    return f"Noise floor (the baseline's own seed-to-seed spread of {_nice(acc)}): " + "; ".join(parts) + "."
+        n = int(t.loc[b, "n_seeds"])
+        rows = t[t["baseline"] == b] if "baseline" in t else t
+        sd = rows[f"{acc}_delta_sd"].dropna() if f"{acc}_delta_sd" in rows else pd.Series(dtype=float)
+        pooled = report.delta_spread.get(b, math.nan)
+        if len(sd) and not _missing(pooled):
+            spread = f"{sd.min():.4f}" if len(sd) == 1 else f"{sd.min():.4f}-{sd.max():.4f} over its rows"
+            diffs = f"per-seed Δ {nice} from `{b}`: SD {spread}" + (
+                f" (pooled {pooled:.4f})" if len(sd) > 1 else ""
+            )
+        else:
+            diffs = f"per-seed Δ {nice} from `{b}`: no spread (fewer than 2 paired seeds)"
+        own = "one seed: unknown" if _missing(s) else f"{s:.4f} over {n} seeds"
+        parts.append(f"{diffs}; `{b}`'s own SD of {nice}: {own}")
+    return "Noise: " + "; ".join(parts) + ". The verdicts and MDEs rest on the first."
+
+
+_CONTRASTS = (
+    "Contrasts the grid declares (`contrasts:`): Δ is the first variant minus the second, per seed; interval, "
+    "verdict and MDE as above."
+)
 
 
 def _wrap(text: str) -> list[str]:
@@ -250,9 +372,12 @@ def markdown(
     parts += [table, ""]
     if legend:
         parts += [*legend, ""]
-    floor = _noise_floor(report)
-    if floor:
-        parts += [*_wrap(floor), ""]
+    if len(report.contrasts):
+        table, legend = _fitted(contrast_table(report))
+        parts += [*_wrap(_CONTRASTS), "", table, ""] + ([*legend, ""] if legend else [])
+    for line in (_judgement(report), _noise_floor(report)):
+        if line:
+            parts += [*_wrap(line), ""]
     for axis, t in report.axes.items():
         table, legend = _fitted(display_table(report, t, t.attrs.get("axis", axis)))
         parts += [f"{h}# Axis `{axis}` ({_held(t)})", "", table, "", *legend] + ([""] if legend else [])
@@ -270,10 +395,21 @@ def markdown(
 
 
 def csv(reports: Mapping[str | None, Report]) -> str:
-    """Every column of every report's table; with several experiments, an ``experiment`` column first."""
+    """Every column of every report's table; with several experiments, an ``experiment`` column first.
+    Where a report has contrasts they follow its variants as rows of their own, a ``row`` column
+    saying which is which (``variant`` / ``contrast``; a contrast's ``a`` and ``b`` its two variants)."""
     frames = []
+    contrasts = any(len(r.contrasts) for r in reports.values())
     for name, r in reports.items():
-        t = r.table.copy()
+        parts = [r.table.copy()]
+        if contrasts:
+            parts[0].insert(0, "row", "variant")
+            if len(r.contrasts):
+                c = r.contrasts.copy()
+                c.insert(0, "row", "contrast")
+                c.index.name = parts[0].index.name
+                parts.append(c)
+        t = pd.concat(parts) if len(parts) > 1 else parts[0]
         if len(reports) > 1:
             t.insert(0, "experiment", name)
         frames.append(t)
@@ -297,7 +433,20 @@ def json_data(report: Report) -> dict[str, Any]:
         "interval": f"{int(stats.LEVEL * 100)}% Student-t over seeds; deltas paired by seed",
         "warning": _warning(report),
         "noise_floor": {b: (None if _missing(s) else s) for b, s in report.noise_floor.items()},
+        "delta_spread": {b: (None if _missing(s) else s) for b, s in report.delta_spread.items()},
+        "verdicts": {
+            "correction": f"{stats.CORRECTION} across {report.family} comparisons, separately for the difference "
+            "tests (paired t) and the equivalence tests (TOST)",
+            "alpha": stats.ALPHA,
+            "equivalence_margin": report.comparisons.equivalence_margin,
+            "family": report.family,
+            "mde_power": stats.POWER,
+            "mde_alpha": None if _missing(report.mde_alpha) else report.mde_alpha,
+            "text": _judgement(report),
+        },
+        "speedup_timed": _timed(report) if "speedup_timed" in report.table else None,
         "table": _records(report.table),
+        "contrasts": _records(report.contrasts) if len(report.contrasts) else [],
         "axes": {
             k: {"axis": t.attrs.get("axis", k), "held": t.attrs.get("held", {}), "rows": _records(t)}
             for k, t in report.axes.items()
@@ -357,9 +506,11 @@ def html_section(
     if warn:
         parts.append(f"<p class='warn'>{esc(warn)}</p>")
     parts += [f"<p>{esc(_explanation(report))}</p>", _html_table(display_table(report))]
-    floor = _noise_floor(report)
-    if floor:
-        parts.append(f"<p>{esc(floor)}</p>")
+    if len(report.contrasts):
+        parts += [f"<p>{esc(_CONTRASTS)}</p>", _html_table(contrast_table(report))]
+    for line in (_judgement(report), _noise_floor(report)):
+        if line:
+            parts.append(f"<p>{esc(line)}</p>")
     shown = set()
     if "accuracy_vs_gmacs" in images:
         parts.append(f"<div class='plots'>{_img('accuracy_vs_gmacs', images['accuracy_vs_gmacs'])}</div>")
@@ -377,6 +528,8 @@ def html_section(
             f"<{h2}>Plots</{h2}><div class='plots'>" + "".join(_img(k, v) for k, v in rest.items()) + "</div>"
         )
     parts += [f"<{h2}>Every column</{h2}>", _html_table(_full(report.table), "full")]
+    if len(report.contrasts):
+        parts += [f"<{h2}>Every column of the contrasts</{h2}>", _html_table(_full(report.contrasts), "full")]
     parts.append(f"<{h2}>Failed trials</{h2}>")
     parts.append(
         _html_table(report.failures.set_index(report.failures.columns[0]))

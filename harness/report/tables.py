@@ -6,9 +6,14 @@ aggregated: mean and 95% interval, Student's t over seeds) and, for every metric
 delta against the baseline computed per seed (rows matched by ``seed``) and summarised over the
 paired seeds (``harness.report.stats``): absolute for mAP and the other scores (``map_delta``, ``_lo``,
 ``_hi``, ``_n``), percent for compute, time and memory (``gmacs_delta_pct`` ...), the measured
-``speedup`` as a ratio (geometric mean over seeds with its interval), a ``verdict`` on the mAP delta
-and the baseline's seed-to-seed spread of mAP (``map_noise_floor``). Axis tables (``harness.report.axes``),
-failed trials and notes complete it.
+``speedup`` as a ratio (geometric mean over seeds with its interval), and on the primary accuracy
+(mAP) the tests behind the ``verdict`` (``harness.report.stats.judge``): the standard deviation of the
+per-seed differences (``map_delta_sd``), the minimum detectable effect (``map_mde``), the p-values of
+the difference and equivalence tests with their Holm-corrected values; and the baseline's own
+seed-to-seed spread of mAP (``map_noise_floor``). ``contrasts`` holds the paired comparisons the grid
+declares between two of its variants (``harness.grid.Comparisons``), with the same columns; the
+rows' and the contrasts' verdicts are one family for the correction. Axis tables
+(``harness.report.axes``), failed trials and notes complete it.
 
 A variant is a trial config without its seed: the rows of one variant share a ``name`` and every
 config column but ``seed`` (and the keys that do not change what a trial computes).
@@ -25,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness.config import TrialConfig, flatten_config, trial_to_dict
 from harness.errors import first_line
+from harness.grid import Comparisons
 from harness.report import stats
 from harness.report.axes import AXIS_PREFIX, axis_tables_of, hashable, natural
 from harness.results import load
@@ -56,6 +63,11 @@ _SKIP = re.compile(
 )
 _CONFIG_PREFIXES = ("config.", "cfg.", "config/")
 PAIRED_SPEEDUP = "speedup_vs_dense"  # timed per trial: the variant and the baseline model in one process
+# What a speedup timed (``speedup_timed``): the backbone and head forward (the run path's
+# ``speedup_timed`` value and its ``forward_ms``), or the detector's whole inference call, score
+# threshold and NMS included, whose cost follows how far the model trained (rows measured before the
+# forward was timed alone, and ``infer_ms``).
+TIMED_FORWARD, TIMED_CALL = "backbone+head", "inference call"
 _SPREAD = (f"{PAIRED_SPEEDUP}_q1", f"{PAIRED_SPEEDUP}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is paired over; the rest change no result).
 _NOT_VARIANT = {"seed", "name", "plugins", "resources.timeout_s", "resources.retries", "data.num_workers",
@@ -78,7 +90,12 @@ class Report:
     inference_time: str | None = None  # the timing column a cross-trial speedup is computed from
     n_seeds: int = 0  # the most seeds any variant has
     noise_floor: dict[str, float] = field(default_factory=dict)  # baseline -> its std of mAP over seeds
+    delta_spread: dict[str, float] = field(default_factory=dict)  # baseline -> pooled std of per-seed Δ
     experiment: str | None = None  # the experiment these rows come from (None: merged or unknown)
+    comparisons: Comparisons = field(default_factory=Comparisons)  # the grid's margin and contrasts
+    contrasts: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per contrast (index: label)
+    family: int = 0  # comparisons judged together (rows with a verdict and contrasts)
+    mde_alpha: float = math.nan  # the level the minimum detectable effects are stated at
 
 
 def compare(results: pd.DataFrame | str | Path, baseline: str | None = None) -> pd.DataFrame:
@@ -95,19 +112,27 @@ def axis_tables(results: pd.DataFrame | str | Path, baseline: str | None = None)
 
 
 def build_report(
-    results: pd.DataFrame | str | Path, baseline: str | None = None, *, base: Mapping[str, Any] | None = None
+    results: pd.DataFrame | str | Path,
+    baseline: str | None = None,
+    *,
+    base: Mapping[str, Any] | None = None,
+    comparisons: Comparisons | None = None,
 ) -> Report:
     """The whole report of one set of rows. ``base``: dotted config key -> the grid's base value,
-    used to pick the slice an inferred axis is read on (default: the most common value)."""
+    used to pick the slice an inferred axis is read on (default: the most common value).
+    ``comparisons``: the grid's equivalence margin and contrasts (default: none)."""
     # The tables hold one row per variant: filling them column by column costs nothing at that size,
     # and pandas' warning about fragmented frames would only bury the report under noise.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-        return _build_report(results, baseline, base)
+        return _build_report(results, baseline, base, comparisons or Comparisons())
 
 
 def _build_report(
-    results: pd.DataFrame | str | Path, baseline: str | None, base: Mapping[str, Any] | None
+    results: pd.DataFrame | str | Path,
+    baseline: str | None,
+    base: Mapping[str, Any] | None,
+    comparisons: Comparisons,
 ) -> Report:
     df = _load(results)
     notes: list[str] = [] if len(df) else ["No trial rows in these results."]
@@ -145,7 +170,7 @@ def _build_report(
     accuracy = [m for m, k in metrics.items() if k == "accuracy"]
     primary = "map" if "map" in accuracy else (accuracy[0] if accuracy else None)
     report = Report(table=table, failures=failures, notes=notes, metrics=metrics, primary_accuracy=primary,
-                    inference_time=_inference_time_column(metrics))  # fmt: skip
+                    inference_time=_inference_time_column(metrics), comparisons=comparisons)  # fmt: skip
     if baseline is not None:  # the user's baseline serves every variant
         groups = [list(table.index)]
         bases = [_pick_baseline(table, baseline, notes)]
@@ -158,12 +183,19 @@ def _build_report(
                          "(--baseline names one for all).")  # fmt: skip
     order: list[str] = []
     by_variant = {v: g.set_index("_seed") for v, g in done.groupby("_variant", sort=False)}
+    # ("row" | "contrast", name) -> the delta of the primary accuracy that ``_judge`` tests
+    judged: dict[tuple[str, str], stats.PairedDelta] = {}
+    row_base: dict[str, str] = {}
     for g, b in sorted(zip(groups, bases), key=lambda gb: natural(gb[1] or (gb[0] or [""])[0])):
         members = sorted(g, key=lambda v: (v != b, natural(v)))
         order += members
         if b is not None:
-            _add_deltas(report, by_variant, b, members)
-    report.table = table = report.table.loc[order]
+            for r, d in _add_deltas(report, by_variant, b, members).items():
+                judged[("row", r)], row_base[r] = d, b
+    report.table = report.table.loc[order]
+    judged.update({("contrast", c): d for c, d in _add_contrasts(report, by_variant).items()})
+    _judge(report, judged, row_base)
+    table = report.table
     if len(groups) > 1:
         table.insert(1, "baseline", pd.Series([None] * len(table), index=table.index, dtype=object))
         for g, b in zip(groups, bases):
@@ -228,8 +260,10 @@ def _delta_kind(kind: str) -> str | None:
 
 
 def _inference_time_column(metrics: Mapping[str, str]) -> str | None:
+    """The time a cross-trial speedup divides: the forward SPA changes (``forward_ms``) before the whole
+    inference call (``infer_ms``), whose postprocessing depends on training."""
     times = [m for m, k in metrics.items() if k == "time"]
-    for pat in (r"(infer|forward).*median", r"(infer|forward)", r"median"):
+    for pat in (r"forward.*median", r"forward", r"infer.*median", r"infer", r"median"):
         hit = [m for m in times if re.search(pat, m, re.I) and not re.search(r"train|wall|overhead", m, re.I)]
         if hit:
             return hit[0]
@@ -324,29 +358,51 @@ def _set(table: pd.DataFrame, row: str, col: str, d: stats.Interval) -> None:
         table.loc[row, f"{col}{suffix}"] = value
 
 
-def _add_deltas(report: Report, by_variant: Mapping[str, pd.DataFrame], base: str, rows: list[str]) -> None:
+def _metric_deltas(
+    report: Report, table: pd.DataFrame, row: str, base: pd.DataFrame, other: pd.DataFrame
+) -> stats.PairedDelta | None:
+    """Every metric's paired delta of ``other`` against ``base`` into ``table``'s ``row``; returns the
+    primary accuracy's (None without one)."""
+    acc, out = report.primary_accuracy, None
+    for m, kind in report.metrics.items():
+        d = _delta_kind(kind)
+        if d is None:
+            continue
+        delta = stats.paired_delta(base[m], other[m], d)
+        _set(table, row, f"{m}_delta" if d == "abs" else f"{m}_delta_pct", delta)
+        if m == acc:
+            out = delta
+    return out
+
+
+def _add_deltas(
+    report: Report, by_variant: Mapping[str, pd.DataFrame], base: str, rows: list[str]
+) -> dict[str, stats.PairedDelta]:
     """Paired deltas of ``rows`` against ``base`` (per seed, then mean and interval over seeds), the
-    verdict on the primary accuracy, the measured ``speedup`` and the one the GMACs predict."""
+    measured ``speedup`` and the one the GMACs predict; returns each row's delta of the primary
+    accuracy (what ``_judge`` tests), the baseline's own row left out."""
     table, notes, b = report.table, report.notes, by_variant[base]
     acc, it = report.primary_accuracy, report.inference_time
     paired_speedup = is_dense(table.loc[base])
     floor = float(b[acc].std(ddof=1)) if acc and b[acc].notna().sum() >= 2 else math.nan
     report.noise_floor[base] = floor
     cross: list[str] = []
+    acc_deltas: dict[str, stats.PairedDelta] = {}
     for r in rows:
         g = by_variant[r]
         table.loc[r, "n_paired"] = len(set(g.index) & set(b.index))
         if acc:
             table.loc[r, f"{acc}_noise_floor"] = floor
-        for m, kind in report.metrics.items():
-            d = _delta_kind(kind)
-            if d is None:
-                continue
-            col = f"{m}_delta" if d == "abs" else f"{m}_delta_pct"
-            if r == base:
-                _set(table, r, col, stats.Interval(0.0, math.nan, math.nan, len(g)))
-            else:
-                _set(table, r, col, stats.paired_delta(b[m], g[m], d))
+        if r == base:
+            for m, kind in report.metrics.items():
+                d = _delta_kind(kind)
+                if d is not None:
+                    col = f"{m}_delta" if d == "abs" else f"{m}_delta_pct"
+                    _set(table, r, col, stats.Interval(0.0, math.nan, math.nan, len(g)))
+        else:
+            acc_delta = _metric_deltas(report, table, r, b, g)
+            if acc_delta is not None:
+                acc_deltas[r] = acc_delta
         if r == base:
             table.loc[r, "verdict"] = "baseline"
             _set(table, r, "speedup", stats.Interval(1.0, math.nan, math.nan, len(g)))
@@ -363,12 +419,6 @@ def _add_deltas(report: Report, by_variant: Mapping[str, pd.DataFrame], base: st
                 if s
             ]
             notes.append(f"{r} vs {base}: {'; '.join(parts)}: left out of the paired deltas.")
-        if acc:
-            d = stats.Interval(
-                *(table.loc[r, f"{acc}_delta{s}"] for s in ("", "_lo", "_hi")),
-                int(table.loc[r, f"{acc}_delta_n"]),
-            )
-            table.loc[r, "verdict"] = stats.verdict(d)
         if it is not None:
             _set(table, r, "speedup_cross_trial", stats.paired_delta(b[it], g[it], "ratio"))
         has_paired = PAIRED_SPEEDUP in g and g[PAIRED_SPEEDUP].notna().any()
@@ -376,10 +426,13 @@ def _add_deltas(report: Report, by_variant: Mapping[str, pd.DataFrame], base: st
             seeds_of_base = pd.Series(1.0, index=b.index)
             _set(table, r, "speedup", stats.paired_delta(seeds_of_base, g[PAIRED_SPEEDUP], "given_ratio"))
             table.loc[r, "speedup_source"] = "same-process"
+            timed = g["speedup_timed"].dropna() if "speedup_timed" in g else pd.Series(dtype=object)
+            table.loc[r, "speedup_timed"] = str(timed.iloc[0]) if len(timed) else TIMED_CALL
         elif it is not None:
             for s in ("", "_lo", "_hi", "_n"):
                 table.loc[r, f"speedup{s}"] = table.loc[r, f"speedup_cross_trial{s}"]
             table.loc[r, "speedup_source"] = "cross-trial"
+            table.loc[r, "speedup_timed"] = TIMED_FORWARD if it.startswith("forward") else TIMED_CALL
             cross.append(r)
     if cross:
         notes.append(
@@ -390,6 +443,71 @@ def _add_deltas(report: Report, by_variant: Mapping[str, pd.DataFrame], base: st
     gmacs = main_gmacs(report.metrics)
     if gmacs is not None:
         table.loc[rows, "flop_speedup"] = table.loc[base, gmacs] / table.loc[rows, gmacs]
+    return acc_deltas
+
+
+def _add_contrasts(report: Report, by_variant: Mapping[str, pd.DataFrame]) -> dict[str, stats.PairedDelta]:
+    """``report.contrasts``: each declared contrast ``a`` vs ``b`` as every metric's paired delta of
+    ``a`` against ``b`` (``b`` in the baseline's place); returns each one's delta of the primary
+    accuracy. A contrast whose variant has no finished rows is left out with a note."""
+    rows = []
+    for c in report.comparisons.contrasts:
+        missing = [v for v in (c.a, c.b) if v not in by_variant]
+        if missing:
+            report.notes.append(
+                f"contrast {c.label!r}: no finished trials of {', '.join(missing)} in these results; left out."
+            )
+            continue
+        rows.append(c)
+    table = pd.DataFrame(
+        {"a": [c.a for c in rows], "b": [c.b for c in rows]},
+        index=pd.Index([c.label for c in rows], name="contrast"),
+    )
+    out: dict[str, stats.PairedDelta] = {}
+    for c in rows:
+        a, b = by_variant[c.a], by_variant[c.b]
+        table.loc[c.label, "n_paired"] = len(set(a.index) & set(b.index))
+        acc_delta = _metric_deltas(report, table, c.label, b, a)
+        if acc_delta is not None:
+            out[c.label] = acc_delta
+        for who, seeds in ((c.b, sorted(set(b.index) - set(a.index), key=str)),
+                           (c.a, sorted(set(a.index) - set(b.index), key=str))):  # fmt: skip
+            if seeds:
+                report.notes.append(
+                    f"contrast {c.label!r}: seed(s) {', '.join(map(str, seeds))} only in {who}: left out of its pairs."
+                )
+    report.contrasts = table
+    return out
+
+
+def _judge(
+    report: Report, deltas: Mapping[tuple[str, str], stats.PairedDelta], row_base: Mapping[str, str]
+) -> None:
+    """Verdicts on the primary accuracy for every row against its baseline (``row_base``) and every
+    contrast, one family for Holm's correction (``harness.report.stats.judge``), and the spread of
+    the per-seed differences they rest on."""
+    acc, table = report.primary_accuracy, report.table
+    if acc is None:
+        return
+    judgements = stats.judge(deltas, margin=report.comparisons.equivalence_margin)
+    report.family = sum(j.verdict != "n/a" for j in judgements.values())
+    report.mde_alpha = stats.ALPHA / max(1, report.family)
+    for (kind, name), j in judgements.items():
+        t = table if kind == "row" else report.contrasts
+        t.loc[name, "verdict"] = j.verdict
+        for col, value in ((f"{acc}_delta_sd", j.sd), (f"{acc}_mde", j.mde),
+                           (f"{acc}_p_difference", j.p_difference), (f"{acc}_p_difference_holm", j.p_difference_holm),
+                           (f"{acc}_p_equivalence", j.p_equivalence),
+                           (f"{acc}_p_equivalence_holm", j.p_equivalence_holm)):  # fmt: skip
+            t.loc[name, col] = value
+    for b in dict.fromkeys(row_base.values()):  # the pooled spread of the per-seed Δ from each baseline
+        rows = [r for r, rb in row_base.items() if rb == b]
+        sd = table.loc[rows, f"{acc}_delta_sd"].to_numpy(float)
+        dof = table.loc[rows, f"{acc}_delta_n"].to_numpy(float) - 1
+        ok = np.isfinite(sd) & (dof > 0)
+        report.delta_spread[b] = (
+            float(np.sqrt((dof[ok] * sd[ok] ** 2).sum() / dof[ok].sum())) if ok.any() else math.nan
+        )
 
 
 # Config keys SPA ablates: a variant differs from its dense baseline in these. Every other config key

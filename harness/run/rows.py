@@ -47,16 +47,18 @@ TRACEBACK_LINES = 40
 @dataclass(frozen=True)
 class TrialSpec:
     """One grid point: the typed config and its content hash (the store's key). Tune's param space
-    holds it as ``{"config_hash": h, "spec": TrialSpec}`` (``tune_payload``): Tune keeps objects in
-    its object store and hands the trial function the object, but its callbacks and folder namer
-    see a placeholder, so they go by the hash."""
+    holds only the hash (``tune_payload``); the trial function gets the specs by hash through
+    ``tune.with_parameters``, which a restored run passes again. Objects in a param space would live
+    in the object store of the driver that made them, and a restored run's trials would get dead
+    references instead."""
 
     cfg: TrialConfig
     config_hash: str
 
 
-def tune_payload(spec: TrialSpec) -> dict[str, Any]:
-    return {"config_hash": spec.config_hash, "spec": spec}
+def tune_payload(config_hash: str) -> dict[str, Any]:
+    """One grid point of Tune's param space: plain data, which Tune saves and restores as it is."""
+    return {"config_hash": config_hash}
 
 
 def tune_trial_hash(trial: Any) -> str | None:

@@ -5,10 +5,12 @@
 1. plans: every trial is keyed by its config hash; one with a ``done`` row in this experiment is
    kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte),
    the rest are pending (``rerun=True``: all pending, old rows replaced when the new ones land);
-2. writes ``experiment.json`` (the trial list) and each trial's ``config.json``;
+2. writes ``experiment.json`` (the trial list, and under ``report`` how the grid's rows are judged:
+   its equivalence margin and contrasts, ``harness.grid.Comparisons.to_dict``) and each trial's
+   ``config.json``;
 3. connects to Ray (``address`` / ``RAY_ADDRESS``: an existing cluster; otherwise an embedded local
    Ray bound to 127.0.0.1 with the dashboard off) and runs one Tune trial per pending grid point
-   (``harness.run.trial.trial_trainable``, given the trial's typed ``TrialSpec``) with that trial's resources, at most ``max_concurrent`` at a
+   (``harness.run.trial.trial_trainable``, given the trials' typed ``TrialSpec`` by hash) with that trial's resources, at most ``max_concurrent`` at a
    time. If the previous run of this experiment was interrupted (Ctrl-C, a killed driver) and
    its pending trials are a subset of that run's, its Tune state is restored (``Tuner.restore``);
    finished trials are never re-run, whichever way;
@@ -34,7 +36,7 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray import tune
 
-from harness.config import TrialConfig, config_hash, trial_to_dict
+from harness.config import TrialConfig, config_hash, trial_from_dict, trial_to_dict
 from harness.names import name_problem, safe_name
 from harness.provenance import project_commit
 from harness.results import Experiment, ResultsStore, join_uri
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 _DRIVER_MEMORY = 64 * 2**20
 
 # Tune's state holds each trial's ``tune_payload``; a state written in another form is not restored.
-_TUNE_FORMAT = 2
+_TUNE_FORMAT = 3
 
 
 @dataclass
@@ -253,12 +255,14 @@ def run_grid(
     track: Any = None,
     results_shared: bool = False,
     report_files: Callable[[str, Path], list[Path]] | None = None,
+    comparisons: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Run ``trials`` into ``results/<experiment>`` (see the module docstring). ``track``: a
     ``harness.run.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``). On a cluster
     (``address``, ``RAY_ADDRESS``) ``results`` must be a store every node sees (``results_problem``);
     ``SharedResultsError`` otherwise, before anything runs. ``report_files(experiment_uri, folder)``
-    writes the experiment's report into ``folder`` for the tracked parent run."""
+    writes the experiment's report into ``folder`` for the tracked parent run. ``comparisons``: the
+    grid's ``Comparisons.to_dict()``, kept in ``experiment.json`` for the report."""
     track = tracking.parse_track(track)  # a bad value fails before anything is written
     t_start = time.time()
     problem = results_problem(results, cluster_address(address), shared=results_shared)
@@ -311,6 +315,7 @@ def run_grid(
             }
             for p in planned
         ],
+        **({"report": comparisons} if comparisons is not None else {}),
         "tune": {
             "name": tune_name,
             "trials": prev_tune.get("trials") if restorable else pending_hashes,
@@ -370,9 +375,16 @@ def _run_tune(
         by_hash = {p.config_hash: p.cfg for p in pending}
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-            return trial_placement_group(by_hash[config["trial"]["config_hash"]])
+            h = config["trial"]["config_hash"]
+            # a restored trial this run did not plan (its row landed after Tune's last save): the
+            # config the store keeps for it
+            cfg = by_hash.get(h) or trial_from_dict(exp.read_json(exp.trial_path(h, "config.json")) or {})
+            return trial_placement_group(cfg)
 
-        trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
+        specs = {p.config_hash: TrialSpec(p.cfg, p.config_hash) for p in pending}
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_trainable, context=context, specs=specs), resources
+        )
         tune_path = join_uri(exp.uri, tune_name)
         restored = False
         if restorable and tune.Tuner.can_restore(tune_path):
@@ -386,7 +398,7 @@ def _run_tune(
             )
             restored = True
         else:
-            payloads = [tune_payload(TrialSpec(p.cfg, p.config_hash)) for p in pending]
+            payloads = [tune_payload(p.config_hash) for p in pending]
             retries = max((p.cfg.resources.retries for p in pending), default=0)
             if max_concurrent is None:
                 max_concurrent = _default_concurrency(pending, ray.cluster_resources())

@@ -1,7 +1,7 @@
 """One trial: a Ray Tune trial that runs a DeepSpeed job under Ray Train and writes one result row.
 
-``trial_trainable(config, context)`` is the Tune function (one call per grid point; ``config["trial"]["spec"]``
-is its ``TrialSpec``). It skips a trial whose row is already in the store, then runs up to
+``trial_trainable(config, context)`` is the Tune function (one call per grid point; ``config["trial"]``
+holds its config hash and ``specs`` the typed ``TrialSpec`` of each). It skips a trial whose row is already in the store, then runs up to
 ``resources.retries + 1`` attempts of ``harness.run.worker.train_worker`` (with ``train.checkpoint_every``
 an attempt resumes from the last checkpoint an earlier attempt or run saved; a done trial's
 checkpoints are removed):
@@ -34,6 +34,7 @@ from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from harness.config import trial_from_dict
 from harness.errors import full_traceback
 from harness.results import HEARTBEAT_S, Experiment, join_uri
 from harness.run import tracking
@@ -66,17 +67,21 @@ class TrialContext:
     track_run: str | None = None  # the trial's own run there (set in the trial's process)
 
 
-def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
-    """Ray Tune function of one grid point; ``config["trial"]`` is its ``tune_payload``."""
-    spec: TrialSpec = config["trial"]["spec"]
+def trial_trainable(config: dict[str, Any], context: TrialContext, specs: dict[str, TrialSpec]) -> None:
+    """Ray Tune function of one grid point: ``config["trial"]`` is its ``tune_payload`` (the config
+    hash), ``specs`` the run's pending trials by hash."""
+    h = config["trial"]["config_hash"]
     exp = Experiment(context.store_uri, context.experiment)
-    existing = exp.read_row(spec.config_hash)
+    existing = exp.read_row(h)
     if existing is not None and (
         (existing.get("status") == "done" and not context.rerun)
         or existing.get("run_id") == context.run.run_id
     ):
         tune.report({"status": existing.get("status"), "skipped": True})  # restored / re-scheduled
         return
+    spec = specs.get(h)
+    if spec is None:  # a restored trial this run did not plan: the config the store keeps for it
+        spec = TrialSpec(trial_from_dict(exp.read_json(exp.trial_path(h, "config.json")) or {}), h)
 
     if context.track is not None:
         context = replace(context, track_run=tracking.start_trial(context.track, spec.cfg, spec.config_hash))

@@ -38,12 +38,18 @@ alone, so that the trials of one seed differ only by their variant:
   global RNG (stochastic depth) and its loader's workers with ``rank_seed(seed, r)``. Rank 0 draws
   exactly what a one-worker trial draws, so a one-worker row is rank 0 of any multi-worker one.
   Initial weights do not depend on the rank (``build_detector`` seeds them from the trial seed).
+
+Pretrained backbones. With ``model.pretrained`` the backbone loads the Swin checkpoint when it is
+built (``spa_core.pretrained``), the reference too, so what both have comes from the checkpoint and
+what has no source there (gates, output norms, extra stage-3 blocks) from the seeded initialisation
+above. ``pretrained_columns`` gives the row what the load left as initialised and the file's hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +68,7 @@ __all__ = [
     "derived_seed",
     "rank_seed",
     "init_reference_config",
+    "pretrained_columns",
     "share_initial_weights",
     "set_selection_generators",
 ]
@@ -193,6 +200,24 @@ def set_selection_generators(model: nn.Module, seed: int, rank: int = 0) -> int:
         m.generator = torch.Generator().manual_seed(derived_seed(seed, "select", *key))
         n += 1
     return n
+
+
+def pretrained_columns(model: Detector) -> dict[str, Any]:
+    """The row's ``pretrained_missing`` (the backbone modules the checkpoint had no weights for, left
+    as initialised, comma-separated) and ``pretrained_sha256`` (of the checkpoint file); None for a
+    backbone built without ``model.pretrained``. Logs what was left as initialised."""
+    load = getattr(model.backbone, "pretrained_load", None)
+    if load is None:
+        return {"pretrained_missing": None, "pretrained_sha256": None}
+    missing = ", ".join(load.missing)
+    logging.getLogger(__name__).info(
+        "pretrained %s (%s layout): %d weights loaded; no source, left as initialised: %s",
+        load.source,
+        load.layout,
+        len(load.loaded),
+        missing or "nothing",
+    )
+    return {"pretrained_missing": missing, "pretrained_sha256": load.sha256}
 
 
 def build_detector(cfg: TrialConfig, rank: int = 0) -> Detector:

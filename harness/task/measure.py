@@ -1,7 +1,15 @@
 """Per-trial measurements beyond the task metrics: FLOPs, timings, memory, parameters.
 
 All on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
-variant), after training, with the trial's real selection (the trained gate, or top-k / random):
+variant), after training, with the trial's real selection (the trained gate, or top-k / random).
+
+What SPA changes is the forward: the backbone and the detection head (``InferenceForward``). The
+detector's inference call adds the postprocessing (score threshold, NMS), whose cost depends on how
+many boxes pass the threshold, so on how far the model has trained rather than on SPA: an untrained
+head scores every location about 0.07, above the 0.05 threshold, and sends 100 boxes per image to
+NMS, while a trained one sends few. The speedup and ``forward_ms`` therefore time
+``InferenceForward`` only, the same graph fvcore counts; ``infer_ms`` keeps the whole call, for the
+latency a user of the detector sees.
 
 - ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
   image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
@@ -12,21 +20,24 @@ variant), after training, with the trial's real selection (the trained gate, or 
   upper bound of what this implementation does: the formula counts each container's L x L scores
   densely and the output projection over all N tokens, while the varlen kernel computes only the
   blocks of one image inside a container and the projection runs on the kept tokens;
-- ``infer_ms`` / ``train_step_ms``: median wall time of the inference forward and of one training
-  micro-step (forward, backward, optimizer step through the DeepSpeed engine) after ``bench.warmup``
-  runs, over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median
-  (a training step counts the samples of every worker);
-- ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): the trial's model and
-  the grid's baseline model timed in this process, calls alternating and which goes first alternating,
-  ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs of baseline time / model time,
-  ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` / ``paired_dense_ms`` the medians. The baseline
+- ``forward_ms``: median wall time of ``InferenceForward`` (backbone and head, no postprocessing) on
+  the trial's model, under ``train.precision``'s autocast; ``infer_ms``: of the whole inference call
+  through the DeepSpeed engine (postprocessing included); ``train_step_ms``: of one training
+  micro-step (forward, backward, optimizer step through the engine); each after ``bench.warmup`` runs,
+  over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median (a
+  training step counts the samples of every worker);
+- ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): ``InferenceForward``
+  of the trial's model and of the grid's baseline model timed in this process, calls alternating and
+  which goes first alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs
+  of baseline time / model time, ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` /
+  ``paired_dense_ms`` the medians, ``speedup_timed`` what was timed (``SPEEDUP_TIMED``). The baseline
   (``speedup_baseline_config``) is the grid's dense point (``cfg.baseline``, attached by the grid: for
   the paper's grid plain Swin-T, without the 4 extra stage-3 blocks the SPA model pays for), so the
   speedup and the GMACs delta of a row are against the same model; a trial of a grid without a dense
   point falls back to its dense twin (its own config with ``model.variant: dense``, extra blocks
   kept). ``speedup_baseline`` names which: the baseline trial's name, or ``dense-twin``. The baseline
-  is built as ``build_detector`` builds every model (the initial weights of the seed; timing does not
-  depend on them), untrained. Both
+  is built as ``build_detector`` builds every model (the initial weights of the seed), untrained: the
+  forward's time does not depend on the weights (the postprocessing's would). Both
   run under the same load, which ``infer_ms`` of two trials do not (other trials train beside them),
   and both as plain modules: under ZeRO-3 the trial's model is timed as a plain copy of its gathered
   weights (``timing_copy``), without the hooks ZeRO-3 runs around every submodule;
@@ -76,10 +87,13 @@ __all__ = [
     "speedup_baseline_config",
     "timing_copy",
     "zero3_partitioned",
+    "InferenceForward",
     "DENSE_TWIN",
+    "SPEEDUP_TIMED",
 ]
 
 DENSE_TWIN = "dense-twin"  # ``speedup_baseline`` of a trial timed against its own dense twin
+SPEEDUP_TIMED = "backbone+head"  # ``speedup_timed``: what the speedup times (no score threshold, no NMS)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -130,9 +144,12 @@ def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, floa
     return {"median": float(q50), "iqr": float(q75 - q25)}
 
 
-def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[list[float], list[float]]:
+def timed_pairs(
+    a, b, warmup: int, repeats: int, device: torch.device, clock=time.perf_counter
+) -> tuple[list[float], list[float]]:
     """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
-    ``warmup`` pairs: machine load in a pair falls on both."""
+    ``warmup`` pairs: machine load in a pair falls on both. ``clock``: seconds, wall time by default
+    (``time.process_time``: the process's CPU time, which waiting for a loaded machine does not add to)."""
     for _ in range(warmup):
         a()
         b()
@@ -140,25 +157,29 @@ def timed_pairs(a, b, warmup: int, repeats: int, device: torch.device) -> tuple[
     ta, tb = [], []
     for i in range(max(1, repeats)):
         first, second = (a, b) if i % 2 == 0 else (b, a)
-        t0 = time.perf_counter()
+        t0 = clock()
         first()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         second()
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
         d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         ta.append(d1 if i % 2 == 0 else d2)
         tb.append(d2 if i % 2 == 0 else d1)
     return ta, tb
 
 
-class _InferenceGraph(nn.Module):
-    """The detector's inference forward as a traceable graph: backbone, head; tensors out (NMS, a
-    data-dependent numpy loop, is left out: it does no multiply-adds worth counting). Every backbone
-    feature is an output too, read by the head or not: the trace drops work whose result reaches no
-    output, and the eager forward computes all four stages (fvcore would otherwise leave out, say, the
-    layer norm of a stage the head does not read)."""
+class InferenceForward(nn.Module):
+    """The part of the detector's inference that SPA changes: backbone and head, tensors out, without
+    the postprocessing (score threshold and NMS: a data-dependent loop whose cost follows the number of
+    boxes above the threshold, so the training, and does no multiply-adds worth counting). What fvcore
+    counts and what the timings time. Every backbone feature is an output too, read by the head or
+    not: a trace drops work whose result reaches no output, and the eager forward computes all four
+    stages (fvcore would otherwise leave out, say, the layer norm of a stage the head does not read).
+
+    ``forward(images: (B, 3, H, W))`` -> per head level ``cls (B, K, h, w)``, then every ``ltrb (B, 4,
+    h, w)``, every ``ctr (B, 1, h, w)``, then the backbone's four stage features."""
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
@@ -174,7 +195,7 @@ class _InferenceGraph(nn.Module):
 def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     """fvcore multiply-adds of the inference forward on ``images``: total, backbone, attention+gates
     (summed over the batch), and the ops fvcore could not count."""
-    graph = _InferenceGraph(detector).eval()
+    graph = InferenceForward(detector).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about data-dependent shapes
         fca = FlopCountAnalysis(graph, (images,)).set_op_handle(**kernels.FVCORE_HANDLES)
@@ -221,7 +242,8 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
                 total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
-            total += strategy.attention_macs(k, n, c, spa.container_len or m.window_size**2)
+            # containers of one window's tokens (clipped where the map is smaller than the window)
+            total += strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
     return total
 
 
@@ -257,9 +279,14 @@ def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str
 
     def inference_timing() -> dict[str, Any]:
         engine.eval()
+        forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device)
         with torch.no_grad():
+            fwd = timed(forward, bc.warmup, bc.repeats, device)
             infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
         return {
+            "forward_ms": fwd["median"],
+            "forward_ms_iqr": fwd["iqr"],
+            "forward_samples_per_s": images.shape[0] / fwd["median"] * 1e3,
             "infer_ms": infer["median"],
             "infer_ms_iqr": infer["iqr"],
             "infer_samples_per_s": images.shape[0] / infer["median"] * 1e3,
@@ -317,6 +344,18 @@ def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str
     return out, failed
 
 
+def _autocast_call(forward: nn.Module, images: torch.Tensor, cfg, device: torch.device):
+    """``forward(images)`` without gradients under the autocast of ``train.precision`` (what the
+    DeepSpeed engine's own forward applies), as a function of no arguments for the timers."""
+    amp = autocast_dtype(cfg.train.precision, device)
+
+    def run() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            forward(images)
+
+    return run
+
+
 def zero3_partitioned(module: nn.Module) -> bool:
     """Whether DeepSpeed's ZeRO-3 manages the module's parameters (its parameters carry ``ds_status``),
     and so its forward hooks run on every submodule call."""
@@ -359,10 +398,14 @@ def speedup_baseline_config(cfg) -> tuple[Any, str]:
     ), b.name
 
 
-def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | None = None) -> dict[str, Any]:
+def paired_speedup(
+    cfg, backend, detector: nn.Module, images: torch.Tensor | None = None, *, clock=time.perf_counter
+) -> dict[str, Any]:
     """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
-    ``speedup_baseline`` (see the module docstring); empty for a dense trial.
-    ``images``: the fixed evaluation batch on the device (default: loaded here).
+    ``speedup_baseline``: the ``InferenceForward`` of both models (backbone and head, no postprocessing;
+    see the module docstring); empty for a dense trial.
+    ``images``: the fixed evaluation batch on the device (default: loaded here); ``clock``: the
+    timer of ``timed_pairs``.
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
     ``train.precision``, so the two calls of a pair differ only in the model. Under ZeRO-3 the trial's
@@ -378,14 +421,6 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
     dtype = next(detector.parameters()).dtype
     twin_cfg, baseline = speedup_baseline_config(cfg)
     twin = build_detector(twin_cfg).to(device=device, dtype=dtype).eval()
-    amp = autocast_dtype(cfg.train.precision, device)
-
-    def _call(model: nn.Module):
-        def run() -> None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                model(images)
-
-        return run
 
     gathered = getattr(backend, "gathered_parameters", contextlib.nullcontext)
     with gathered():
@@ -393,7 +428,14 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
         was_training = model.training
         model.eval()
         try:
-            t_model, t_dense = timed_pairs(_call(model), _call(twin), bc.warmup, bc.repeats, device)
+            t_model, t_dense = timed_pairs(
+                _autocast_call(InferenceForward(model), images, cfg, device),
+                _autocast_call(InferenceForward(twin), images, cfg, device),
+                bc.warmup,
+                bc.repeats,
+                device,
+                clock,
+            )
         finally:
             model.train(was_training)
     ratios = [d / m for d, m in zip(t_dense, t_model)]
@@ -401,6 +443,7 @@ def paired_speedup(cfg, backend, detector: nn.Module, images: torch.Tensor | Non
     del twin, model
     return {
         "speedup_baseline": baseline,
+        "speedup_timed": SPEEDUP_TIMED,
         "speedup_vs_dense": float(med),
         "speedup_vs_dense_q1": float(q1),
         "speedup_vs_dense_q3": float(q3),

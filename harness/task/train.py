@@ -27,7 +27,7 @@ from harness.task.backend import TorchBackend, TrainBackend
 from harness.task.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng
 from harness.task.coco import CocoDetection
 from harness.task.data import build_datasets, collate
-from harness.task.detector import Detector, build_detector, rank_seed
+from harness.task.detector import Detector, build_detector, pretrained_columns, rank_seed
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
 
 __all__ = ["train_variant", "evaluate_variant", "NonFiniteLossError", "seed_everything", "to_device"]
@@ -112,9 +112,10 @@ def train_variant(
     ``gate_precision``/``gate_recall``/``gate_f1``/``kept_fraction``/``label_fraction`` with ``*_std``
     (spread over val images) and ``kept_fraction_s{stage}b{index}`` per SPA block (dense: kept
     fraction 1, gate metrics NaN), ``steps``, ``train_samples_per_s``, ``train_time_s``,
-    ``eval_time_s``, ``num_params``, ``train_boxes_dropped`` / ``val_boxes_dropped`` (degenerate
-    boxes the loader dropped), ``resumed_step`` (the optimizer step training resumed from; 0 for a
-    fresh start) and ``checkpoint_s`` (time spent saving checkpoints, not in ``train_time_s``)."""
+    ``eval_time_s``, ``num_params``, ``pretrained_missing`` and ``pretrained_sha256``
+    (``harness.task.detector.pretrained_columns``), ``train_boxes_dropped`` / ``val_boxes_dropped``
+    (degenerate boxes the loader dropped), ``resumed_step`` (the optimizer step training resumed from;
+    0 for a fresh start) and ``checkpoint_s`` (time spent saving checkpoints, not in ``train_time_s``)."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed, backend.rank)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
@@ -124,6 +125,7 @@ def train_variant(
             f"{cfg.head.num_classes}"
         )
     model = build_detector(cfg, rank=backend.rank)
+    pretrained = pretrained_columns(model)
     num_params = sum(p.numel() for p in model.parameters())
     if backend.world_size > 1:
         model.count_mean = backend.all_reduce_mean  # FCOS's positives over every rank's batch
@@ -221,6 +223,7 @@ def train_variant(
         # degenerate boxes the loader dropped (harness.task.coco): real COCO train2017 has two
         train_boxes_dropped=sum(train_ds.dropped.values()),
         val_boxes_dropped=sum(val_ds.dropped.values()),
+        **pretrained,
     )
     return metrics
 

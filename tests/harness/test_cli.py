@@ -90,3 +90,22 @@ def test_status_and_report_warn_about_a_damaged_row(tmp_path, capsys):
     assert "its trial counts as not done" in out.err and "1 done, 1 pending" in out.out
     main(["report", str(tmp_path), "--format", "csv"])
     assert str(row) in capsys.readouterr().err
+
+
+def test_run_keeps_the_grids_margin_and_contrasts_for_the_report(tmp_path, monkeypatch, capsys):
+    """``spa-harness run`` writes the grid's ``equivalence_margin`` and ``contrasts`` into
+    ``experiment.json``, where ``report`` reads them (Tune replaced: nothing is trained)."""
+    import harness.run.runner as runner
+    from harness.grid import Comparisons, load_grid
+    from harness.results import ResultsStore
+
+    monkeypatch.setattr(runner, "_run_tune", lambda *a, **k: False)
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        "name: g\nbase: {preset: micro}\npoints:\n  - {name: dense, model.variant: dense}\n"
+        "  - {name: topk, model.spa.selection: topk}\nequivalence_margin: 0.02\ncontrasts: [[topk, dense]]\n"
+    )
+    main(["run", str(grid), "--results", str(tmp_path / "r"), "--no-report", "--no-progress"])
+    manifest = ResultsStore(str(tmp_path / "r")).experiment("g").read_manifest()
+    assert Comparisons.from_dict(manifest["report"]) == load_grid(grid).comparisons
+    assert manifest["report"]["equivalence_margin"] == 0.02

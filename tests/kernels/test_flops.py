@@ -11,6 +11,7 @@ sequences of lengths n_i):
 Biases, softmax, pack/unpack and the residual add count 0 (fvcore's convention).
 """
 
+import importlib
 import warnings
 
 import pytest
@@ -29,6 +30,7 @@ from kernels import (
     unpack_tokens,
     varlen_attention,
 )
+from kernels.position_bias import PositionBias
 
 B, GRID, C, H, M = 3, 7, 48, 4, 7
 N = GRID * GRID
@@ -54,10 +56,11 @@ class _PackedAttention(nn.Module):
     """Gate scores, per-image top-k, pack, qkv, varlen attention over ``layout``'s sequences, proj, unpack:
     x (B, N, C), counts (B,) -> (B, N, C)."""
 
-    def __init__(self, layout: str):
+    def __init__(self, layout: str, impl: str | None = None, bias: bool = False):
         super().__init__()
-        self.layout = layout
+        self.layout, self.impl = layout, impl
         self.gate, self.qkv, self.proj = nn.Linear(C, 1), nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.table = nn.Parameter(torch.randn((2 * M - 1) ** 2, H)) if bias else None
 
     def forward(self, x, counts):
         flat = x.reshape(B * N, C)
@@ -68,7 +71,12 @@ class _PackedAttention(nn.Module):
         else:
             cu, max_seqlen, _, _ = container_seqlens(counts, M * M)
         q, k, v = self.qkv(packed).view(-1, 3, H, C // H).unbind(1)  # (T, H, D)
-        o = varlen_attention(q, k, v, cu, max_seqlen).reshape(-1, C)
+        bias = None
+        if self.table is not None:  # places on the 7x7 grid, two shift regions
+            n = indices % N
+            pos = torch.stack([n // GRID, n % GRID, (n // GRID >= 4).to(n.dtype)], 1).to(torch.int32)
+            bias = PositionBias(pos, self.table, M)
+        o = varlen_attention(q, k, v, cu, max_seqlen, impl=self.impl, bias=bias).reshape(-1, C)
         return unpack_tokens(self.proj(o), indices, flat, add=True).view(B, N, C)
 
 
@@ -160,3 +168,62 @@ def test_flop_counter_counts_cpu_sdpa():
     with FlopCounterMode(display=False) as fc:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert fc.get_total_flops() == 2 * (2 * 2 * H * 10 * 10 * 8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the count does not depend on the attention's path: the compiled FlexAttention (CUDA's path, forced
+# on CPU by the ``compiled_on_cpu`` fixture) counts as the torch path
+
+
+def _twin_modules(layout, bias):
+    torch.manual_seed(0)
+    flex = _PackedAttention(layout, impl="triton", bias=bias).eval()
+    ref = _PackedAttention(layout, impl="torch", bias=bias).eval()
+    ref.load_state_dict(flex.state_dict())
+    return flex, ref
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "swin_bias"])
+@pytest.mark.parametrize("layout", ["varlen", "containers"])
+def test_fvcore_counts_the_compiled_flex_path_as_the_torch_path(compiled_on_cpu, layout, bias):
+    x = torch.randn(B, N, C)
+    flex, ref = _twin_modules(layout, bias)
+    with torch.no_grad():
+        y, y_ref = flex(x, COUNTS), ref(x, COUNTS)
+    assert compiled_on_cpu.graphs >= 1  # the forward ran the compiled FlexAttention
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    total, by_op = _fvcore(flex, (x, COUNTS))
+    total_ref, by_op_ref = _fvcore(ref, (x, COUNTS))
+    assert total == total_ref and by_op == by_op_ref
+    cu = cu_seqlens_from_counts(COUNTS)[0] if layout == "varlen" else container_seqlens(COUNTS, M * M)[0]
+    assert by_op["varlen_attention"] == 2 * C * _sq_sum(cu)
+
+
+@pytest.mark.triton
+def test_without_the_torch_path_the_trace_fails_in_the_flex_path(compiled_on_cpu, monkeypatch):
+    # what a FLOP count on a GPU met before: fvcore's torch.jit.trace ran FlexAttention's path, which
+    # fails under the trace (first in BlockMask's vmap, then at the compiled function)
+    va = importlib.import_module("kernels.varlen_attention")  # the module (the package exports the function)
+    monkeypatch.setattr(va, "counting_flops", lambda: False)
+    flex, _ = _twin_modules("containers", True)
+    with torch.no_grad(), pytest.raises(RuntimeError) as failure:  # no_grad: as harness.measure counts
+        _fvcore(flex, (torch.randn(B, N, C), COUNTS))
+    assert any(str(entry.path).endswith("kernels/flex_attention.py") for entry in failure.traceback)
+
+
+@pytest.mark.triton
+def test_flop_counter_counts_the_compiled_flex_path_as_the_torch_path(compiled_on_cpu):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernels.register_flop_handles()
+    x = torch.randn(B, N, C)
+    flex, ref = _twin_modules("containers", True)
+    totals = []
+    for module in (flex, ref):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            module(x, COUNTS)
+        totals.append(fc.get_total_flops())
+    cu = container_seqlens(COUNTS, M * M)[0]
+    T = int(COUNTS.sum())
+    assert totals[0] == totals[1] == 2 * (B * N * C + 4 * T * C * C + 2 * C * _sq_sum(cu))

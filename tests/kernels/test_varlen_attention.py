@@ -152,7 +152,12 @@ def test_no_tokens(impl):
     out = varlen_attention(q, q, q, cu, m, impl=impl)
     assert out.shape == (0, 2, 24)
     bias = PositionBias(torch.zeros(0, 3, dtype=torch.int32), torch.randn(9, 2, requires_grad=True), 2)
-    assert varlen_attention(q, q, q, cu, m, impl=impl, bias=bias).shape == (0, 2, 24)
+    out = varlen_attention(q, q, q, cu, m, impl=impl, bias=bias)
+    assert out.shape == (0, 2, 24)
+    # an empty pack still gives q and the table a gradient (zeros), as a non-empty one does: a rank
+    # whose images keep nothing fills the same ZeRO gradient buckets as the others
+    dq, dtable = torch.autograd.grad(out.sum(), [q, bias.table])
+    assert dq.shape == q.shape and dtable.shape == (9, 2) and not dtable.any()
 
 
 @pytest.mark.parametrize("impl", ["torch", "ref"])
@@ -321,3 +326,17 @@ def test_cpu_op_threads_restores(monkeypatch):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_output_keeps_q_and_the_table_in_the_graph(dtype):
+    # what every path's empty pack returns (FlexAttention's on CUDA, spa_core's before any kernel)
+    from kernels.position_bias import empty_output
+
+    q = torch.randn(0, 2, 24, dtype=dtype, requires_grad=True)
+    table = torch.randn(9, 2, requires_grad=True)  # a float32 parameter, as under autocast
+    out = empty_output(q, PositionBias(torch.zeros(0, 3, dtype=torch.int32), table, 2))
+    assert out.shape == q.shape and out.dtype == dtype
+    dq, dtable = torch.autograd.grad(out.sum(), [q, table])
+    assert dq.shape == q.shape and dtable.shape == table.shape and not dtable.any()
+    assert empty_output(q, None).shape == q.shape

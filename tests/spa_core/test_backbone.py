@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
@@ -150,6 +152,31 @@ def test_fvcore_traces_the_backbone(strategy):
     assert totals[0] > totals[1] > 0
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("strategy", ["containers", "varlen"])
+def test_fvcore_count_is_the_same_on_the_gpu_attention_path(strategy, compiled_on_cpu, monkeypatch):
+    """fvcore's count (what ``harness.measure`` records) with the GPU's attention path forced on CPU
+    (FlexAttention compiled, ``compiled_on_cpu``) equals the torch path's: the trace runs the custom
+    op's torch path (``kernels._dispatch.counting_flops``), not the compiled function, which
+    ``torch.jit.trace`` cannot trace. The forward itself ran the compiled function."""
+    from fvcore.nn import FlopCountAnalysis
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the dispatcher pick "triton" on CPU tensors
+    x = torch.randn(2, 3, 64, 64)
+    counts, unsupported = [], []
+    for impl in ("triton", "torch"):
+        spa = SPAConfig(selection="topk", ratio=0.4, pack=strategy, attn_impl=impl)
+        model = BackboneFeatures(_build("micro", spa=spa, spa_stages=(2, 3, 4)))
+        with torch.no_grad():
+            model(x)
+            fa = FlopCountAnalysis(model, x).set_op_handle(**kernels.FVCORE_HANDLES)
+            counts.append(fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).by_operator())
+            unsupported.append(fa.unsupported_ops())
+    assert compiled_on_cpu.graphs >= 1  # the triton model's forward ran the compiled FlexAttention
+    assert counts[0] == counts[1] and counts[0]["varlen_attention"] > 0
+    assert unsupported[0] == unsupported[1]
+
+
 def test_import_does_not_pull_ray_or_deepspeed():
     code = (
         "import sys, spa_core, spa_core.backbone, spa_core.loss; "
@@ -161,33 +188,130 @@ def test_import_does_not_pull_ray_or_deepspeed():
     )
 
 
-@pytest.mark.parametrize("spa_stages", [(3, 4), (1, 2, 3, 4)])
-def test_keep_all_backbone_is_the_dense_backbone(spa_stages):
-    """A keep-all containers SPA backbone without gate scaling, given the dense backbone's weights,
-    computes the dense backbone's features and gradients: every stage grid of a 64-px image (16, 8,
-    4, 2 for the tiny preset's window 4; the last a clipped 2 x 2 window) is a multiple of its window."""
+def _keep_all_twins(preset="tiny", dtype=torch.float64, **kw):
+    """The dense backbone and a keep-all containers SPA backbone without gate scaling with its weights."""
     cfg = dict(
-        spa_stages=spa_stages,
-        spa=SPAConfig(selection="all", pack="containers", gate_scaling=False),
-        depths=(2, 2, 2, 2),
-    )  # two blocks per stage: unshifted and shifted
-    dense = _build(variant="dense", **cfg).double()
-    spa = _build(variant="spa", **cfg).double()
+        spa=SPAConfig(selection="all", pack="containers", gate_scaling=False), drop_path_rate=0.0, **kw
+    )
+    dense = _build(preset, variant="dense", **cfg).to(dtype)
+    spa = _build(preset, variant="spa", **cfg).to(dtype)
     missing, unexpected = spa.load_state_dict(dense.state_dict(), strict=False)
     assert not unexpected and missing and all(".gate." in k for k in missing)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    feats, grads = [], []
-    for model in (dense, spa):
-        out = model(x).features
-        loss = sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in out)
-        named = {n: p for n, p in model.named_parameters() if ".gate." not in n}
-        feats.append(out)
-        grads.append(dict(zip(named, torch.autograd.grad(loss, list(named.values())))))
-    for a, b in zip(*feats):
-        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-10, rtol=1e-9, msg=name)
+    return dense, spa
+
+
+def _features_and_grads(model, x, image_sizes=None):
+    """Stage features and the gradients of every non-gate weight and of the input of a loss that
+    weighs every output differently."""
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x, image_sizes).features
+    loss = sum((f * torch.linspace(-1, 1, f.numel(), dtype=f.dtype).view_as(f)).sum() for f in out)
+    named = {n: p for n, p in model.named_parameters() if ".gate." not in n}
+    grads = torch.autograd.grad(loss, [x, *named.values()])
+    return [f.detach() for f in out], dict(zip(["input", *named], grads))
+
+
+def _assert_twins_agree(dense, spa, x, image_sizes=None, tol=None):
+    tol = tol or dict(atol=1e-10, rtol=1e-9)
+    (f_dense, g_dense), (f_spa, g_spa) = (_features_and_grads(m, x, image_sizes) for m in (dense, spa))
+    for i, (a, b) in enumerate(zip(f_dense, f_spa)):
+        torch.testing.assert_close(b, a, **tol, msg=f"stage {i + 1}")
+    assert g_dense.keys() == g_spa.keys()
+    for name in g_dense:
+        torch.testing.assert_close(g_spa[name], g_dense[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("spa_stages", [(3, 4), (1, 2, 3, 4)])
+@pytest.mark.parametrize("hw", [(64, 64), (96, 96), (112, 112), (100, 76)])
+def test_keep_all_backbone_is_the_dense_backbone(spa_stages, hw):
+    """A keep-all containers SPA backbone without gate scaling, given the dense backbone's weights,
+    computes the dense backbone's features and gradients (input and every weight), float64, at sizes
+    whose stage maps are multiples of the window (64 px: 16, 8, 4, 2 for the tiny preset's window 4)
+    and at sizes where they are not (96 px: 24, 12, 6, 3; 112 px: 28, 14, 7, 4; 100 x 76: 25 x 19,
+    13 x 10, 7 x 5, 4 x 3): Swin's padding and clipped windows, shifted blocks in every stage."""
+    dense, spa = _keep_all_twins(spa_stages=spa_stages, depths=(2, 2, 2, 2))
+    _assert_twins_agree(dense, spa, torch.randn(2, 3, *hw, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("pad_keys", ["mask", "attend"])
+@pytest.mark.parametrize("size", [96, 112])
+def test_keep_all_swin_t_is_the_dense_swin_t(size, pad_keys):
+    """The same at the swin_t preset (window 7, SPA stages 3-4): at 96 px the stage-3 map is 6 x 6
+    (a clipped window), at 112 px 7 x 7 with a clipped 4 x 4 map at stage 4; stages 1-2 (24, 12 or 28,
+    14) are padded, so ``pad_keys`` matters there."""
+    dense, spa = _keep_all_twins("swin_t", depths=(2, 2, 2, 2), pad_keys=pad_keys)
+    _assert_twins_agree(dense, spa, torch.randn(2, 3, size, size, dtype=torch.float64))
+
+
+@settings(derandomize=True, max_examples=8, deadline=None)
+@given(
+    h=st.integers(33, 150),
+    w=st.integers(33, 150),
+    batch=st.integers(1, 2),
+    pad_keys=st.sampled_from(["mask", "attend"]),
+    spa_stages=st.sampled_from([(3, 4), (2, 3, 4)]),
+    padded=st.booleans(),
+    data=st.data(),
+)
+def test_keep_all_backbone_is_the_dense_backbone_at_any_size(h, w, batch, pad_keys, spa_stages, padded, data):
+    """Any image size, with or without batch padding (``image_sizes``: each image real on a top-left
+    part of the batch's size), both ``pad_keys``: features and gradients equal (tiny preset, float64)."""
+    sizes = None
+    if padded:
+        sizes = torch.tensor(
+            [[data.draw(st.integers(1, h)), data.draw(st.integers(1, w))] for _ in range(batch)]
+        )
+    dense, spa = _keep_all_twins(spa_stages=spa_stages, pad_keys=pad_keys)
+    _assert_twins_agree(dense, spa, torch.randn(batch, 3, h, w, dtype=torch.float64), sizes)
+
+
+def test_keep_all_tiny_is_the_dense_tiny_at_800_by_1216():
+    """The paper's input size at the tiny preset (stage maps 200 x 304, 100 x 152, 50 x 76 and 25 x 38,
+    the last two padded for window 4; shifted blocks in stage 3), float64, forward and gradients."""
+    dense, spa = _keep_all_twins()
+    _assert_twins_agree(dense, spa, torch.randn(1, 3, 800, 1216, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_keep_all_swin_t_is_the_dense_swin_t_at_800_by_1216():
+    """The paper's input size at the swin_t preset (window 7: every stage map, 200 x 304 down to
+    25 x 38, is padded), float32 (float64 would take minutes here): features to 1e-4 (they are
+    layer-normed, so of order 1) and every gradient to 1e-4 of its largest entry."""
+    dense, spa = _keep_all_twins("swin_t", dtype=torch.float32)
+    x = torch.randn(1, 3, 800, 1216)
+    (f_dense, g_dense), (f_spa, g_spa) = (_features_and_grads(m, x) for m in (dense, spa))
+    for i, (a, b) in enumerate(zip(f_dense, f_spa)):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=f"stage {i + 1}")
+    for name in g_dense:
+        scale = float(g_dense[name].abs().max())
+        torch.testing.assert_close(g_spa[name], g_dense[name], atol=1e-4 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["dense", "spa"])
+def test_an_image_padded_into_a_batch_keeps_its_features(variant):
+    """``pad_keys: mask`` with ``image_sizes``: a 100 x 76 image alone and the same image padded (with
+    zeros, at the bottom/right) into a 128 x 128 batch beside another image give the same features
+    on its real tokens (dense and keep-all SPA), zero features on its padding; ``attend`` does not."""
+    img = torch.randn(1, 3, 100, 76, dtype=torch.float64)
+    batch = torch.zeros(2, 3, 128, 128, dtype=torch.float64)
+    batch[0, :, :100, :76] = img[0]
+    batch[1] = torch.randn(3, 128, 128, dtype=torch.float64)
+    sizes = torch.tensor([[100, 76], [128, 128]])
+    for pad_keys in ("mask", "attend"):
+        dense, spa = _keep_all_twins(pad_keys=pad_keys)
+        model = dense if variant == "dense" else spa
+        with torch.no_grad():
+            alone = model(img).features
+            out = model(batch, sizes)
+        assert [tuple(v.shape) for v in out.valid] == [(2, 32, 32), (2, 16, 16), (2, 8, 8), (2, 4, 4)]
+        same = []
+        for a, f, v in zip(alone, out.features, out.valid):
+            h, w = a.shape[-2:]
+            assert bool(v[0, :h, :w].all()) and not bool(v[0].sum() > h * w)
+            same.append(torch.allclose(f[0, :, :h, :w], a[0], atol=1e-10, rtol=1e-9))
+            if pad_keys == "mask":
+                assert bool((f[0][:, ~v[0]] == 0).all())
+        assert all(same) if pad_keys == "mask" else not all(same), same
 
 
 def _pattern_policy(scores, *, cfg, training, generator=None, tokens=None):

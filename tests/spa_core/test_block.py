@@ -115,15 +115,32 @@ def _per_image_runs(b, kept):
     return [kept.nonzero().squeeze(1)]
 
 
+def _padded_window_order(hw, window, shift):
+    """The padded map's places in shifted-window order, each as its real token id (None: padding)."""
+    H, W = hw
+    (Mh, Mw), (sh, sw) = effective_window(hw, window, shift)
+    Hp, Wp = -(-H // Mh) * Mh, -(-W // Mw) * Mw
+    idx = torch.arange(Hp * Wp).view(Hp, Wp).roll((-sh, -sw), (0, 1))
+    order = idx.view(Hp // Mh, Mh, Wp // Mw, Mw).permute(0, 2, 1, 3).reshape(-1).tolist()
+    return [(p // Wp) * W + p % Wp if p // Wp < H and p % Wp < W else None for p in order]
+
+
 def _container_runs(hw, window, shift, L, mask):
     """Runs of the paper's containers: the kept tokens of all images in shifted-window order, poured
-    into containers of L slots; within a container a token attends to its own image's tokens."""
-    order = window_order(hw, window, shift)
-    stream = [(b, int(j)) for b in range(mask.shape[0]) for j in order if mask[b, j]]
+    into containers of L slots; within a container a token attends to its own image's tokens. An
+    image that keeps every token pours its padded map, Swin's window padding taking slots (the
+    padding attends to no real token)."""
+    stream = []
+    for b in range(mask.shape[0]):
+        if bool(mask[b].all()):
+            stream += [(b, j) for j in _padded_window_order(hw, window, shift)]
+        else:
+            stream += [(b, int(j)) for j in window_order(hw, window, shift) if mask[b, j]]
     runs = {}
     for c in range(0, len(stream), L):
         for b, j in stream[c : c + L]:
-            runs.setdefault((c, b), []).append(j)
+            if j is not None:
+                runs.setdefault((c, b), []).append(j)
     return lambda b, kept: [torch.tensor(v) for (c, bb), v in runs.items() if bb == b]
 
 
@@ -148,7 +165,7 @@ def test_containers_equal_per_container_loop(fixed_policy, mask_with_counts, hw,
     x = torch.randn(3, *hw, 24)
     with torch.no_grad():
         y, _ = blk(x)
-        runs = _container_runs(hw, window, blk.shift, blk.cfg.container_len, fixed_policy.mask)
+        runs = _container_runs(hw, window, blk.shift, blk.container_len(hw), fixed_policy.mask)
         ref = _reference(blk, x, fixed_policy.mask, runs)
     torch.testing.assert_close(y, ref, **TOL[torch.float32])
 
@@ -211,6 +228,57 @@ def test_gradcheck_containers_every_jacobian_entry(fixed_policy):
     assert torch.autograd.gradcheck(lambda t: blk(t)[0], (x,), eps=1e-6, atol=1e-5)
 
 
+@settings(
+    derandomize=True,
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the policy's mask is set per example
+)
+@given(
+    counts=st.lists(st.sampled_from([0, 0, 1, 5, 16]), min_size=1, max_size=3),
+    strategy=st.sampled_from(["containers", *PER_IMAGE]),
+    position_bias=st.sampled_from(["swin", "none"]),
+    mlp_on=st.sampled_from(["all", "selected"]),
+    gate_scaling=st.booleans(),
+    container_form=st.sampled_from(["varlen", "dense"]),
+)
+def test_every_parameter_gets_a_gradient_whatever_is_kept(
+    fixed_policy, mask_with_counts, counts, strategy, position_bias, mlp_on, gate_scaling, container_form
+):
+    """Which parameters get a gradient does not depend on what the images keep: under DeepSpeed ZeRO a
+    rank whose images keep no token in a block must fill the same gradient buckets as the others.
+    With every image empty, the parameters that only kept tokens reach get zeros."""
+    blk = _block(
+        strategy,
+        dim=8,
+        heads=2,
+        window=2,
+        shift=1,
+        selection=fixed_policy.name,
+        mlp_on=mlp_on,
+        position_bias=position_bias,
+    )
+    blk.cfg.gate_scaling = gate_scaling
+    blk.attn.container_form = container_form
+    x = torch.randn(len(counts), 4, 4, 8)
+
+    def grads(mask):
+        fixed_policy.mask = mask
+        blk.zero_grad(set_to_none=True)
+        blk(x)[0].pow(2).sum().backward()
+        return {n: p.grad for n, p in blk.named_parameters() if p.grad is not None}
+
+    got = grads(mask_with_counts(counts, 16, seed=len(counts)))
+    full = grads(torch.ones(len(counts), 16, dtype=torch.bool))
+    assert set(got) == set(full)
+    if gate_scaling:  # the gate reaches the loss through the scaled tokens: every parameter is used
+        assert set(got) == {n for n, _ in blk.named_parameters()}
+    if not any(counts):
+        for name, g in got.items():
+            reaches_all_tokens = mlp_on == "all" and name.startswith(("mlp.", "norm2."))
+            assert reaches_all_tokens or not g.any(), name
+
+
 def test_gate_training_straight_through_reaches_gate():
     blk = _block("varlen", selection="gate").train()
     blk.generator = torch.Generator().manual_seed(0)
@@ -219,6 +287,35 @@ def test_gate_training_straight_through_reaches_gate():
     assert 0 < int(info.counts.sum()) < 32
     y.sum().backward()
     assert blk.gate.score.weight.grad.abs().sum() > 0
+
+
+def test_selection_draws_on_a_generator_of_the_inputs_device(monkeypatch):
+    """A generator on another device (the harness's CPU generators for a GPU model) is replaced by one
+    on the inputs' device, seeded once from it (one draw) and kept until the block's generator is
+    replaced: no copy of random draws from the host in every block and step. The other device is
+    played by the CPU here (``_same_device`` patched to say no)."""
+    import spa_core.block as block_module
+
+    blk = _block("varlen", selection="gate")
+    source = torch.Generator().manual_seed(11)
+    blk.generator = source
+    cpu = torch.device("cpu")
+    assert blk._generator_on(cpu) is source  # same device: the generator itself, no derivation
+    monkeypatch.setattr(block_module, "_same_device", lambda a, b: False)
+    derived = blk._generator_on(cpu)
+    assert derived is not source and blk._generator_on(cpu) is derived  # made once
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(11)))
+    assert torch.equal(
+        torch.rand(5, generator=derived), torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    )
+    blk.generator = torch.Generator().manual_seed(11)  # replaced (same seed): derived anew, same stream
+    again = blk._generator_on(cpu)
+    assert again is not derived
+    assert torch.equal(
+        torch.rand(5, generator=again), torch.rand(5, generator=torch.Generator().manual_seed(seed))
+    )
+    blk.generator = None
+    assert blk._generator_on(cpu) is None
 
 
 def test_attn_impl_switch_gives_same_result(monkeypatch, fixed_policy, mask_with_counts):
@@ -298,9 +395,9 @@ def test_bad_config_fails_at_build_naming_the_field(field, value):
 # Swin block
 
 
-def _swin(shift):
+def _swin(shift, pad_keys="mask"):
     torch.manual_seed(0)
-    blk = SwinBlock(16, 2, window_size=4, shift=shift).double().eval()
+    blk = SwinBlock(16, 2, window_size=4, shift=shift, pad_keys=pad_keys).double().eval()
     with torch.no_grad():  # weights large enough for one token to visibly move its window
         for p in blk.parameters():
             p.normal_(0, 0.1)
@@ -349,10 +446,11 @@ def test_spa_block_on_maps_smaller_than_a_container():
             assert y.shape == x.shape and info.grid == hw
 
 
-def _swin_reference(blk, x):
+def _swin_reference(blk, x, valid=None):
     """Swin's shifted-window block by its definition, densely: token p attends to token q iff, after
     the cyclic shift of the zero-padded map, both fall in the same window and came from the same
-    region; the bias is the relative position inside the window."""
+    region (and, with ``pad_keys: mask``, both are real or both are padding: Swin's zero padding and
+    the False places of ``valid (B, H, W)``); the bias is the relative position inside the window."""
     B, H, W, C = x.shape
     M = blk.window_size
     (Mh, Mw), (sh, sw) = effective_window((H, W), M, blk.shift)
@@ -367,6 +465,11 @@ def _swin_reference(blk, x):
 
     key = torch.stack([ri // Mh, rj // Mw, region(ri, Hp, Mh, sh), region(rj, Wp, Mw, sw)], 1)
     allowed = (key[:, None] == key[None]).all(-1)  # (P, P)
+    if blk.pad_keys == "mask":
+        real = torch.zeros(B, Hp, Wp, dtype=torch.bool)
+        real[:, :H, :W] = True if valid is None else valid
+        real = real.reshape(B, Hp * Wp)
+        allowed = allowed & (real[:, :, None] == real[:, None, :])[:, None]  # (B, 1, P, P)
     dy = (ri % Mh)[:, None] - (ri % Mh)[None]
     dx = (rj % Mw)[:, None] - (rj % Mw)[None]
     bias = blk.attn.relative_position_bias_table[(dy + M - 1) * (2 * M - 1) + dx + M - 1].permute(2, 0, 1)
@@ -380,12 +483,39 @@ def _swin_reference(blk, x):
     return y + blk.mlp(blk.norm2(y))
 
 
+@pytest.mark.parametrize("pad_keys", ["mask", "attend"])
 @pytest.mark.parametrize("hw,shift", [((8, 8), 0), ((8, 8), 2), ((6, 10), 2), ((5, 7), 2), ((3, 9), 2)])
-def test_swin_block_equals_its_definition(hw, shift):
-    blk = _swin(shift)
+def test_swin_block_equals_its_definition(hw, shift, pad_keys):
+    blk = _swin(shift, pad_keys)
     x = torch.randn(2, *hw, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(blk(x), _swin_reference(blk, x), **TOL[torch.float64])
+    # batch padding: image 0 real on 4 x 3 places, image 1 everywhere
+    valid = torch.zeros(2, *hw, dtype=torch.bool)
+    valid[0, :4, :3] = True
+    valid[1] = True
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x, valid), _swin_reference(blk, x, valid), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_swin_block_with_masked_padding_ignores_the_padding(shift):
+    """With ``pad_keys: mask`` a real token's output does not depend on how much padding its map or
+    batch adds: an 5 x 7 image alone equals the same image padded into a 9 x 13 batch (window 4, so
+    Swin's own padding differs too); with ``attend`` it does depend on it."""
+    x = torch.randn(1, 5, 7, 16, dtype=torch.float64)
+    big = torch.randn(1, 9, 13, 16, dtype=torch.float64)  # the padding's values must not matter either
+    big[:, :5, :7] = x
+    valid = torch.zeros(1, 9, 13, dtype=torch.bool)
+    valid[:, :5, :7] = True
+    for pad_keys in ("mask", "attend"):
+        blk = _swin(shift, pad_keys)
+        with torch.no_grad():
+            alone, padded = blk(x), blk(big, valid)[:, :5, :7]
+        if pad_keys == "mask":
+            torch.testing.assert_close(padded, alone, **TOL[torch.float64])
+        else:
+            assert not torch.allclose(padded, alone, atol=1e-6)
 
 
 _GPU_PATH_SCRIPT = """
@@ -424,14 +554,21 @@ def test_block_on_the_gpu_path_matches_torch():
 # SPA with every token kept is the Swin block (the delta of a table is the effect of selection)
 
 
-def _twins(dim, heads, window, shift, pack="containers", dtype=torch.float64, seed=0):
+def _twins(dim, heads, window, shift, pack="containers", dtype=torch.float64, seed=0, pad_keys="mask"):
     """A Swin block and a keep-all SPA block (no gate scaling) with the Swin block's weights."""
     torch.manual_seed(seed)
-    swin = SwinBlock(dim, heads, window_size=window, shift=shift).to(dtype)
+    swin = SwinBlock(dim, heads, window_size=window, shift=shift, pad_keys=pad_keys).to(dtype)
     with torch.no_grad():
         for p in swin.parameters():
             p.normal_(0, 0.3)
-    spa = SPABlock(dim, heads, window, SPAConfig(selection="all", pack=pack, gate_scaling=False), shift=shift)
+    spa = SPABlock(
+        dim,
+        heads,
+        window,
+        SPAConfig(selection="all", pack=pack, gate_scaling=False),
+        shift=shift,
+        pad_keys=pad_keys,
+    )
     missing, unexpected = spa.to(dtype).load_state_dict(swin.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("gate.") for k in missing), (missing, unexpected)
     return swin, spa
@@ -489,13 +626,80 @@ def test_keep_all_equals_swin_through_each_cpu_path(impl, shift):
         torch.testing.assert_close(g_spa[name], g_swin[name], atol=5e-5, rtol=1e-4, msg=name)
 
 
-def test_keep_all_differs_from_swin_where_swin_pads():
-    """On a map that is not a multiple of the window Swin's zero padding tokens take part in attention
-    and SPA's packs hold only real tokens: the two differ there (the documented exception)."""
-    swin, spa = _twins(8, 2, 4, 0)
-    x = torch.randn(1, 6, 8, 8, dtype=torch.float64)
+@settings(derandomize=True, max_examples=40, deadline=None)
+@given(
+    window=st.integers(2, 5),
+    h=st.integers(1, 17),
+    w=st.integers(1, 17),
+    shifted=st.booleans(),
+    batch=st.integers(1, 3),
+    heads=st.sampled_from([1, 2]),
+    pad_keys=st.sampled_from(["mask", "attend"]),
+    batch_padding=st.booleans(),
+    data=st.data(),
+)
+def test_keep_all_containers_equal_swin_block_at_every_size(
+    window, h, w, shifted, batch, heads, pad_keys, batch_padding, data
+):
+    """The same equality on any map, multiple of the window or not, smaller than it or not, with or
+    without batch padding (each image real on a top-left part of its own size), for both ``pad_keys``:
+    an image that keeps every real token packs its padded map, so its containers are Swin's windows
+    and its padding takes part in attention exactly as in the Swin block. Outputs and gradients."""
+    shift = window // 2 if shifted else 0
+    valid = None
+    if batch_padding:
+        valid = torch.zeros(batch, h, w, dtype=torch.bool)
+        for b in range(batch):
+            valid[b, : data.draw(st.integers(1, h)), : data.draw(st.integers(1, w))] = True
+    swin, spa = _twins(8, heads, window, shift, pad_keys=pad_keys)
+    x = torch.randn(batch, h, w, 8, dtype=torch.float64)
+    y_swin, g_swin = _outputs_and_grads(swin, x, valid)
+    y_spa, g_spa = _outputs_and_grads(spa, x, None, valid)
+    torch.testing.assert_close(y_spa, y_swin, **TOL[torch.float64])
+    assert g_spa.keys() == g_swin.keys()
+    for name in g_swin:
+        torch.testing.assert_close(g_spa[name], g_swin[name], **TOL[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("hw", [(6, 8), (7, 10), (3, 9)])
+def test_pad_keys_decide_whether_window_padding_is_attended(hw):
+    """Where Swin pads the map, "mask" and "attend" give different blocks (the option matters), and a
+    keep-all SPA block follows its Swin block in both. (Unshifted: in a shifted block Swin's shift
+    mask already keeps a padding of at most ``M - shift`` rows away from the real tokens.)"""
+    x = torch.randn(2, *hw, 8, dtype=torch.float64)
+    outs = {}
+    for pad_keys in ("mask", "attend"):
+        swin, spa = _twins(8, 2, 4, 0, pad_keys=pad_keys)
+        with torch.no_grad():
+            outs[pad_keys] = swin(x)
+            torch.testing.assert_close(spa(x)[0], outs[pad_keys], **TOL[torch.float64])
+    assert not torch.allclose(outs["mask"], outs["attend"], atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["containers", *PER_IMAGE])
+def test_padding_is_never_selected_nor_read(fixed_policy, strategy):
+    """An image that drops tokens never keeps batch padding (``info.mask`` is False there, the kept
+    fraction counts real tokens only), and its real tokens' outputs do not depend on the padding's
+    values: the same block on the image alone gives the same outputs."""
+    hw, N = (6, 7), 42
+    valid = torch.zeros(2, *hw, dtype=torch.bool)
+    valid[0, :4, :5] = True
+    valid[1] = True
+    keep = torch.zeros(2, N, dtype=torch.bool)
+    keep[:, ::3] = True  # ragged: some padding places among them, dropped by the block
+    fixed_policy.mask = keep
+    blk = _block(strategy, dim=8, window=3, shift=1, selection=fixed_policy.name, dtype=torch.float64)
+    x = torch.randn(2, *hw, 8, dtype=torch.float64)
     with torch.no_grad():
-        assert not torch.allclose(spa(x)[0], swin(x), atol=1e-6)
+        y, info = blk(x, None, valid)
+    assert torch.equal(info.mask, keep & valid.view(2, N))
+    assert float(info.kept_fraction) == pytest.approx(float((keep & valid.view(2, N)).sum()) / 62)
+    assert torch.equal(info.valid, valid.view(2, N))
+    x2 = x.clone()
+    x2[0][~valid[0]] = 100.0  # other padding values: nothing real may move
+    with torch.no_grad():
+        y2, _ = blk(x2, None, valid)
+    torch.testing.assert_close(y2[0][valid[0]], y[0][valid[0]], **TOL[torch.float64])
 
 
 @settings(
@@ -556,7 +760,7 @@ def test_bias_table_gradient_equals_reference(fixed_policy, mask_with_counts, st
     x = torch.randn(4, *hw, 8, dtype=torch.float64)
     table = blk.attn.relative_position_bias_table
     runs = (
-        _container_runs(hw, 3, 1, blk.cfg.container_len, fixed_policy.mask)
+        _container_runs(hw, 3, 1, blk.container_len(hw), fixed_policy.mask)
         if strategy == "containers"
         else _per_image_runs
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -42,6 +44,25 @@ def test_gate_noise_varies_and_is_reproducible():
     b = select_tokens(s, cfg, training=True, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.mask, b.mask)
     assert 0.4 < a.mask.float().mean() < 0.6  # logistic noise around a 0.5 threshold
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_scores", "bf16_autocast"])
+@pytest.mark.parametrize("policy", ["gate", "gate_random"])
+def test_gate_decision_is_float32_for_bfloat16_scores(policy, autocast):
+    """Noise, soft sample, decision and straight-through weight in float32 for bfloat16 scores (a model
+    in bf16, or under autocast): the decision equals the float32 one on the same scores and draws,
+    and the gradient still reaches the bf16 scores. In bf16 the draws would be rounded to 8 bits."""
+    s = torch.randn(4, 784, generator=torch.Generator().manual_seed(5)).bfloat16().requires_grad_(True)
+    cfg = SPAConfig(selection=policy, threshold=0.5)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with amp:
+        sel = select_tokens(s, cfg, training=True, generator=torch.Generator().manual_seed(6))
+    ref = select_tokens(s.detach().float(), cfg, training=True, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(sel.mask, ref.mask)
+    assert sel.weight.dtype == torch.float32 and torch.equal(sel.weight.detach(), ref.weight)
+    if policy == "gate":
+        sel.weight.sum().backward()
+        assert s.grad.dtype == torch.bfloat16 and s.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("ratio,k", [(0.0, 0), (0.25, 2), (0.5, 5), (1.0, 10)])

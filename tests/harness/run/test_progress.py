@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 
-from harness.config import TrialConfig
 from harness.results import Experiment
 from harness.run.progress import GridCallback
-from harness.run.rows import TrialSpec, tune_payload
+from harness.run.rows import tune_payload
 
 
 class _Trial:
     def __init__(self, h, node="127.0.0.1"):
-        self.config = {"trial": tune_payload(TrialSpec(TrialConfig(), h))}
+        self.config = {"trial": tune_payload(h)}
         self.node_ip = node
 
 

@@ -31,7 +31,8 @@ from harness.run.rows import RunInfo, TrialSpec, tune_payload
 from harness.run.trial import TrialContext, trial_trainable
 cfg = trial_from_dict(json.loads(sys.argv[1]))
 spec = TrialSpec(cfg, config_hash(cfg))
-trial_trainable({"trial": tune_payload(spec)}, TrialContext(sys.argv[2], sys.argv[3], RunInfo(sys.argv[4], "abc")))
+context = TrialContext(sys.argv[2], sys.argv[3], RunInfo(sys.argv[4], "abc"))
+trial_trainable({"trial": tune_payload(spec.config_hash)}, context, {spec.config_hash: spec})
 """
 STEPS = 60
 EVERY = 4

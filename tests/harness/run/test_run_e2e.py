@@ -34,6 +34,9 @@ DONE_COLUMNS = [
     "backbone_gmacs",
     "analytic_attn_gmacs",
     "fvcore_attn_gmacs",
+    "forward_ms",
+    "forward_ms_iqr",
+    "forward_samples_per_s",
     "infer_ms",
     "infer_ms_iqr",
     "infer_samples_per_s",
@@ -111,6 +114,7 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
     assert (spa["speedup_vs_dense_q1"] <= spa["speedup_vs_dense"]).all()
     assert (spa["speedup_vs_dense"] <= spa["speedup_vs_dense_q3"]).all()
     assert pd.isna(dense.get("speedup_vs_dense"))
+    assert (spa["speedup_timed"] == "backbone+head").all()  # the forward SPA changes, without NMS
     assert (df["overhead_s"] >= 0).all() and (df["wall_s"] >= df["work_s"]).all()
     for h in df["config_hash"]:
         files = {p.name for p in (store / "smoke" / "trials" / h).iterdir()}

@@ -50,3 +50,17 @@ def test_a_local_results_path_on_a_cluster_is_refused_before_anything_is_written
         progress=False,
     )
     assert tune_calls == [False]
+
+
+def test_the_grids_margin_and_contrasts_land_in_experiment_json_for_the_report(tmp_path, tune_calls):
+    from harness.grid import Comparisons, Contrast
+
+    declared = Comparisons(0.01, (Contrast("gate vs gate-random", "gate", "gate-random"),))
+    cfg = trial_from_dict({"name": "a"})
+    runner.run_grid(
+        [cfg], results=str(tmp_path), experiment="e", progress=False, comparisons=declared.to_dict()
+    )
+    manifest = runner.ResultsStore(str(tmp_path)).experiment("e").read_manifest()
+    assert Comparisons.from_dict(manifest["report"]) == declared
+    runner.run_grid([cfg], results=str(tmp_path), experiment="e", progress=False)  # a caller without a grid
+    assert "report" not in runner.ResultsStore(str(tmp_path)).experiment("e").read_manifest()

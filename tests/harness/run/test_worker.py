@@ -51,7 +51,7 @@ def run_trial(tmp_path, monkeypatch, one_process_group):
     def run(spec):
         exp.write_manifest({"trials": [{"name": spec.cfg.name, "config_hash": spec.config_hash}]})
         with isolated_registries():
-            trial_trainable({"trial": tune_payload(spec)}, ctx)
+            trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
         return exp.read_row(spec.config_hash), exp
 
     return run

@@ -110,7 +110,9 @@ def test_a_finished_trainings_checkpoint_skips_training(tmp_path, cache):
     again = train_variant(
         cfg, backend=_backend("torch"), progress=False, checkpoints=Checkpointer(str(tmp_path), 5)
     )
-    assert again["resumed_step"] == 3 and again["train_time_s"] == pytest.approx(first["train_time_s"], abs=0.05)
+    assert again["resumed_step"] == 3 and again["train_time_s"] == pytest.approx(
+        first["train_time_s"], abs=0.05
+    )
     _same(first, again)
     Checkpointer(str(tmp_path), 5).clear()
     assert not tmp_path.exists()

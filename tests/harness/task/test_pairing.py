@@ -9,6 +9,7 @@ none drawing from the global RNG); a variant's speedup is timed against the grid
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 
 import pytest
@@ -18,7 +19,12 @@ from torch import nn
 from harness.config import config_hash, trial_from_dict
 from harness.grid import load_grid
 from harness.task import train as task_train
-from harness.task.detector import build_detector, init_reference_config, set_selection_generators
+from harness.task.detector import (
+    build_detector,
+    init_reference_config,
+    pretrained_columns,
+    set_selection_generators,
+)
 from harness.task.measure import DENSE_TWIN, speedup_baseline_config
 from harness.task.train import train_variant
 from spa_core.backbone import SPABackbone
@@ -87,6 +93,48 @@ def test_variants_of_one_seed_start_from_the_dense_weights_they_share():
             assert any(".gate." in k for k in mine if k not in dense), name  # the variant's own parameters
     extra = _tensors(build_detector(_cfg(VARIANTS["extra1"])))
     assert "backbone.stages.2.1.norm1.weight" in extra and "backbone.stages.2.1.norm1.weight" not in dense
+
+
+def _official_checkpoint(path, seed=7):
+    """A dense micro backbone's weights saved as the official Swin code saves them."""
+    torch.manual_seed(seed)
+    state = build_detector(_cfg(VARIANTS["dense"], seed=seed)).backbone.state_dict()
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"layers.\1.blocks.\2.", k)
+        k = re.sub(r"^merges\.(\d+)\.", r"layers.\1.downsample.", k)
+        if not k.startswith("norms."):
+            out[k] = v + 0.5  # away from any initial value
+    torch.save({"model": out}, path)
+    return out
+
+
+def test_pretrained_weights_reach_every_variant_and_the_rest_is_paired(tmp_path):
+    """With ``model.pretrained`` every variant's backbone holds the checkpoint's weights; what the
+    checkpoint has no source for is shared with dense as usual (output norms) or the variant's own
+    (gates, extra stage-3 block); ``pretrained_columns`` says what was left as initialised."""
+    path = tmp_path / "swin.pth"
+    ckpt = _official_checkpoint(path)
+    models = {n: build_detector(_cfg({**m, "pretrained": str(path)})) for n, m in VARIANTS.items()}
+    dense = _tensors(models["dense"])
+    for name, model in models.items():
+        mine = _tensors(model)
+        assert torch.equal(
+            mine["backbone.stages.0.0.attn.qkv.weight"], ckpt["layers.0.blocks.0.attn.qkv.weight"]
+        )
+        assert torch.equal(
+            mine["backbone.merges.2.reduction.weight"], ckpt["layers.2.downsample.reduction.weight"]
+        )
+        for k in ("backbone.norms.0.weight", "head.cls_logits.weight"):
+            if k in mine:
+                assert torch.equal(mine[k], dense[k]), (name, k)
+        cols = pretrained_columns(model)
+        assert len(cols["pretrained_sha256"]) == 64
+        missing = cols["pretrained_missing"].split(", ")
+        assert "norms" in missing and (name == "dense") == (not any(m.endswith(".gate") for m in missing))
+        assert ("stages.2.1" in missing) == (name == "extra1")
+    plain = pretrained_columns(build_detector(_cfg(VARIANTS["dense"])))
+    assert plain == {"pretrained_missing": None, "pretrained_sha256": None}
 
 
 def test_a_plugin_variant_that_builds_in_another_order_shares_the_dense_weights():

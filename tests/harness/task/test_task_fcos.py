@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.config import ConfigError, trial_from_dict
 from harness.task.detector import build_detector
 from harness.task.fcos import FCOSHead, fcos_loss, fcos_postprocess, fcos_targets, level_points, nms
 from spa_core import MODEL_VARIANTS
+from tests._syncs import count_host_syncs
 
 
 def test_targets_assign_by_size_centre_and_orphans():
@@ -224,22 +224,6 @@ def _image_boxes(draw, size=64):
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)}
 
 
-class _SyncCounter(TorchDispatchMode):
-    """Counts the ops that make the host wait for the device: reading a value out (``item``,
-    ``bool``, ``float`` of a tensor) and ``nonzero`` (boolean indexing)."""
-
-    SYNCS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.SYNCS:
-            self.ops.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
 @given(images=st.lists(_image_boxes(), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 @settings(max_examples=40, deadline=None)
 def test_targets_and_loss_as_before_without_a_host_sync(images, seed):
@@ -261,9 +245,9 @@ def test_targets_and_loss_as_before_without_a_host_sync(images, seed):
     head = FCOSHead([8, 8, 8], strides, num_classes=3, channels=8)
     feats = [torch.randn(len(images), 8, s, s) for s in (8, 4, 2)]
     cls, ltrb, ctr = head(feats)
-    with _SyncCounter() as syncs:
+    with count_host_syncs() as syncs:
         out = fcos_loss(cls, ltrb, ctr, strides, images)
-    assert syncs.ops == []
+    assert syncs.seen == []
     ref = _loss_ref(cls, ltrb, ctr, strides, images)
     for k in ("cls", "box", "ctr"):
         torch.testing.assert_close(out[k], ref[k].to(out[k]), rtol=1e-5, atol=1e-6)
