@@ -224,6 +224,7 @@ def _image_boxes(draw, size=64):
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)}
 
 
+@pytest.mark.slow  # 40 examples of a head's forward and the loss twice: over a minute on a shared CPU
 @given(images=st.lists(_image_boxes(), min_size=1, max_size=3), seed=st.integers(0, 2**16))
 @settings(max_examples=40, deadline=None)
 def test_targets_and_loss_as_before_without_a_host_sync(images, seed):

@@ -146,6 +146,7 @@ def test_supervised_gate_recalls_labelled_tokens_far_above_chance(cache):
     assert sup["gate_recall"] > 1.5 * control["gate_recall"]
 
 
+@pytest.mark.slow
 def test_the_training_loop_reads_the_device_once_per_step(cache):
     """The loop's own reads of a step's numbers (losses, kept share) are one ``tolist``; target
     assignment and the loss read nothing (the model's own reads are spa_core's, counted there)."""
