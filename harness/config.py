@@ -34,6 +34,7 @@ __all__ = [
     "trial_from_dict",
     "trial_to_dict",
     "config_hash",
+    "config_changes",
     "set_dotted",
     "get_dotted",
     "flatten_config",
@@ -52,9 +53,22 @@ class DataConfig:
     train_ann: str = "annotations/instances_train.json"
     val_images: str = "val"
     val_ann: str = "annotations/instances_val.json"
-    image_size: int = checked_field(
-        128, range_=(1, None, True, None)
-    )  # images are resized (keeping aspect, padded) to this square size
+    # "square": the longer side resized to image_size and padded to image_size x image_size inside the
+    # image (a batch of equal squares; the model is not told about the padding). "keep_ratio": Swin's
+    # detection pipeline: resized to fit `scale` (long, short), the batch padded to its largest image
+    # (rounded up to size_divisor) and the padding's extent passed to the model (harness/task/transforms.py)
+    resize: str = checked_field("square", choices=("square", "keep_ratio"))
+    image_size: int = checked_field(128, range_=(1, None, True, None))  # square: the side
+    scale: tuple[int, ...] = (1333, 800)  # keep_ratio: (long, short) limits of evaluation and training
+    # keep_ratio multi-scale training: a short side drawn per image from this list (long <= scale[0]);
+    # empty: scale[1]. Swin's 3x recipe: 480, 512, ..., 800
+    train_short_sides: tuple[int, ...] = ()
+    flip: float = checked_field(0.0, range_=(0.0, 1.0, True, True))  # training: horizontal flip probability
+    # keep_ratio training: probability of Swin's 3x crop policy (resize, random crop, multi-scale resize)
+    crop_prob: float = checked_field(0.0, range_=(0.0, 1.0, True, True))
+    # a batch's height and width are rounded up to this; None: the backbone's total stride (keep_ratio),
+    # 1 (square: every image is the same square already)
+    size_divisor: int | None = checked_field(None, range_=(1, None, True, None))
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200
     data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
@@ -76,12 +90,20 @@ class HeadConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = checked_field(300, range_=(1, None, True, None))
+    steps: int = checked_field(300, range_=(1, None, True, None))  # optimizer steps (unless epochs is set)
+    # passes over the train split; when set it replaces steps (rounded to whole optimizer steps)
+    epochs: float | None = checked_field(None, range_=(0.0, None, False, None))
     batch_size: int = checked_field(16, range_=(1, None, True, None))  # micro-batch per worker
     grad_accum: int = checked_field(1, range_=(1, None, True, None))
     lr: float = checked_field(1e-3, range_=(0.0, None, False, None))
     weight_decay: float = 0.05
     warmup_steps: int = 20
+    # learning rate after warmup: "cosine" (to 1% of lr at the last step) or "step" (lr, times
+    # decay_gamma at each of decay_epochs or decay_steps: Swin's 1x recipe decays at epochs 8 and 11)
+    schedule: str = checked_field("cosine", choices=("cosine", "step"))
+    decay_epochs: tuple[float, ...] = ()
+    decay_steps: tuple[int, ...] = ()
+    decay_gamma: float = checked_field(0.1, range_=(0.0, None, False, None))
     zero_stage: int = checked_field(0, range_=(0, 3, True, True))  # DeepSpeed ZeRO stage
     precision: str = checked_field(
         "auto", choices=("auto", "bf16", "fp16", "fp32")
@@ -102,6 +124,9 @@ class BenchConfig:
     )  # the fixed evaluation batch for FLOPs and timings
     warmup: int = 2
     repeats: int = checked_field(7, range_=(1, None, True, None))
+    # FLOPs are counted over the first flop_images val images (all of them if fewer), traced in one
+    # batch: enough images that a kept fraction's difference shows in the GMACs columns
+    flop_images: int = checked_field(32, range_=(1, None, True, None))
     train_step: bool = True  # also time a training step
 
 
@@ -142,6 +167,9 @@ class TrialConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0
     plugins: list[str] = field(default_factory=list)  # modules / files to import before building
+    # set by the grid: "registry:name" -> the source hash of each plugin entry the trial uses
+    # (harness.plugins.plugin_sources); hashed, so an edited plugin makes a new trial
+    plugin_sources: dict[str, str] = field(default_factory=dict)
     baseline: BaselineConfig | None = None  # set by the grid from its dense point; None: no dense point
     axis: dict[str, str] = field(
         default_factory=dict
@@ -163,8 +191,10 @@ _UNHASHED = (
 )
 
 
-def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
-    """A ``TrialConfig`` from a (possibly partial) dict; ``model`` keys override the preset's."""
+def trial_from_dict(data: dict[str, Any], *, partial: bool = False) -> TrialConfig:
+    """A ``TrialConfig`` from a (possibly partial) dict; ``model`` keys override the preset's.
+    ``partial``: ``data`` sets a few keys only (a grid file's key checked alone), so the rules between
+    keys (the head reads every SPA stage, ``_check_pipeline``) wait for the whole trial."""
     data = copy.deepcopy(data or {})
     preset = data.get("preset", TrialConfig.preset)
     model = data.pop("model", {}) or {}
@@ -177,8 +207,33 @@ def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
     cfg.model = config_from_dict(BackboneConfig, {**base, **model}, "model")
     if cfg.model.variant == "dense":
         cfg.model.spa = None
-    _check_head_reads_spa(cfg)
+    if not partial:
+        _check_head_reads_spa(cfg)
+        _check_pipeline(cfg)
     return cfg
+
+
+def _check_pipeline(cfg: TrialConfig) -> None:
+    """The data and schedule keys that depend on each other (each field's own range is its rule)."""
+    d, t = cfg.data, cfg.train
+    if len(d.scale) != 2 or min(d.scale) < 1 or d.scale[0] < d.scale[1]:
+        raise ConfigError(f"data.scale: expected [long, short], positive, long >= short, got {list(d.scale)}")
+    if any(s < 1 for s in d.train_short_sides):
+        raise ConfigError(f"data.train_short_sides: expected positive sides, got {list(d.train_short_sides)}")
+    if d.resize == "square" and (d.train_short_sides or d.crop_prob):
+        raise ConfigError(
+            "data.train_short_sides and data.crop_prob need data.resize: keep_ratio "
+            "(square images have one size)"
+        )
+    if t.decay_epochs and t.decay_steps:
+        raise ConfigError("train.decay_epochs and train.decay_steps: set one of them, not both")
+    if t.schedule == "step" and not (t.decay_epochs or t.decay_steps):
+        raise ConfigError("train.schedule 'step' needs train.decay_epochs or train.decay_steps")
+    if t.schedule != "step" and (t.decay_epochs or t.decay_steps):
+        raise ConfigError("train.decay_epochs / train.decay_steps are read by train.schedule: step only")
+    for key, values in (("decay_epochs", t.decay_epochs), ("decay_steps", t.decay_steps)):
+        if any(v <= 0 for v in values) or list(values) != sorted(values):
+            raise ConfigError(f"train.{key}: expected increasing positive values, got {list(values)}")
 
 
 def _check_head_reads_spa(cfg: TrialConfig) -> None:
@@ -206,6 +261,26 @@ def config_hash(cfg: TrialConfig | dict[str, Any], length: int = 12) -> str:
         _pop_dotted(d, key)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` of every hashed key whose value differs between two
+    config dicts (``trial_to_dict`` form; a key one of them lacks reads ``"(absent)"``), sorted."""
+    flat = []
+    for d in (old, new):
+        d = copy.deepcopy(d)
+        for key in _UNHASHED:
+            _pop_dotted(d, key)
+        flat.append(flatten_config(d))
+    a, b = flat
+    return [
+        (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if json.dumps(a.get(k, _ABSENT), default=str) != json.dumps(b.get(k, _ABSENT), default=str)
+    ]
 
 
 def get_dotted(d: dict[str, Any], key: str) -> Any:
@@ -256,6 +331,7 @@ def smoke_overrides() -> dict[str, Any]:
     """What ``--smoke`` changes: few steps, little data, small benchmark (a quick end-to-end check)."""
     return {
         "train.steps": 4,
+        "train.epochs": None,
         "train.batch_size": 4,
         "train.log_every": 2,
         "data.num_train": 48,

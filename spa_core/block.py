@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from kernels import pack_tokens, unpack_tokens
 from spa_core.attention import PackedAttention
 from spa_core.config import SPAConfig, check_config
+from spa_core.contracts import check_gate_scores
 from spa_core.gate import resize_scores
 from spa_core.pack import pack, unpack
 from spa_core.registry import GATES
@@ -89,7 +90,12 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        n = batch if sample is not None else x.shape[0]
+        if sample is None:
+            n = x.shape[0]
+        elif batch is None:
+            raise ValueError("DropPath: packed rows (sample given) need the batch size")
+        else:
+            n = batch
         m = x.new_empty(n).bernoulli_(keep) / keep  # (B,)
         m = m[sample] if sample is not None else m
         return x * m.view(-1, *([1] * (x.dim() - 1)))
@@ -333,7 +339,7 @@ class SPABlock(nn.Module):
         x = x.reshape(B, N, C)
         r = self.norm1(x)
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
-        s = self.gate(r, prev)  # (B, N)
+        s = check_gate_scores(self.gate(r, prev), r, self.cfg.gate, type(self.gate))  # (B, N)
         generator = self._generator_on(x.device)
         sel = select_tokens(s, self.cfg, training=self.training, generator=generator, tokens=r)
         keep, counts = sel.mask, sel.counts
@@ -353,6 +359,7 @@ class SPABlock(nn.Module):
             rows, kept, factor, is_pad = self._padded(r, keep, factor, real, (H, W))
         else:
             rows, kept, is_pad = r, keep, None
+            Hp, Wp = H, W
         Np = rows.shape[1]
         order = window_order((H, W), self.window_size, self.shift, device=x.device, padded=with_padding)
         packed = pack(rows, kept, self.cfg.pack, cfg=self._pack_cfg((H, W)), order=order)

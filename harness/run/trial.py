@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from harness.run.rows import (
     error_tail,
     error_type,
     failure_row,
+    node_id,
 )
 from harness.run.worker import WorkerJob, checkpoint_uri, train_worker
 from harness.task.checkpoint import Checkpointer
@@ -170,7 +172,16 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         exp.write_row(h, row)
         tracking.finish_trial(context.track, context.track_run, row)
 
-    info = {"attempt": attempt, "start_time": start, "run_id": context.run.run_id, "pid": os.getpid()}
+    info = {
+        "attempt": attempt,
+        "start_time": start,
+        "run_id": context.run.run_id,
+        "pid": os.getpid(),
+        # where it runs, for `spa-harness status` while it does (a row says it once written)
+        "hostname": socket.gethostname(),
+        "node_id": node_id(),
+        "git_commit": context.run.git_commit,
+    }
     backstop = res.timeout_s if res.workers <= 1 else res.timeout_s + _WORKER_STOP_GRACE_S
     with _Watchdog(exp, h, backstop, _timeout, info):
         try:

@@ -149,7 +149,7 @@ def _compose(
     ch, cw = min(photo.shape[0], int(h * zoom)), min(photo.shape[1], int(w * zoom))
     y0 = int(rng.integers(0, photo.shape[0] - ch + 1))
     x0 = int(rng.integers(0, photo.shape[1] - cw + 1))
-    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR)
+    crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.Resampling.BILINEAR)
     image = np.asarray(crop, dtype=np.float32).copy()
 
     boxes: list[tuple[int, int, int, int, int]] = []
@@ -159,7 +159,7 @@ def _compose(
         pw = int(round(side * rng.uniform(0.8, 1.2)))
         ph = int(round(side))
         alpha = np.asarray(
-            Image.fromarray(ink[k], mode="F").resize((pw, ph), Image.BILINEAR), dtype=np.float32
+            Image.fromarray(ink[k], mode="F").resize((pw, ph), Image.Resampling.BILINEAR), dtype=np.float32
         )
         alpha = np.clip(alpha * 1.5, 0.0, 1.0)
         rows, cols = np.nonzero(alpha > _INK)

@@ -15,8 +15,9 @@ interrupted save leaves the previous checkpoint in force.
 local folder (the checkpoint's own on a local filesystem, a temporary one otherwise, uploaded by
 each rank and removed). A resumed run is the uninterrupted run, step for step, on the same machine
 and thread count, except for draws made inside DataLoader worker processes (their generators
-restart from the loader's seed): augmentation that must resume exactly draws from a generator
-seeded per sample.
+restart from the loader's seed). The training augmentation is not such a draw: it comes from a
+generator keyed per sample by ``(seed, rank, epoch, position)`` (``harness.task.transforms``), which
+the micro-step reached fixes.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class Checkpointer:
         tag = f"step{optimizer_step:08d}"
         previous = self.latest() if backend.rank == 0 else None
         tmp = None if self.local else tempfile.mkdtemp(prefix="spa-ckpt-")
-        folder = self.path if self.local else tmp
+        folder = self.path if tmp is None else tmp
         try:
             if self.local:
                 os.makedirs(folder, exist_ok=True)
@@ -172,7 +173,7 @@ class Checkpointer:
             return None
         tag = marker["tag"]
         tmp = None if self.local else tempfile.mkdtemp(prefix="spa-ckpt-")
-        folder = self.path if self.local else tmp
+        folder = self.path if tmp is None else tmp
         try:
             if not self.local:
                 self._download(f"{self.path}/{tag}", os.path.join(folder, tag))

@@ -1,7 +1,9 @@
 """The detector the harness trains: an SPA (or dense Swin) backbone from ``spa_core`` plus a small
 anchor-free head (``harness.task.fcos``) over one or two of its stages.
 
-``Detector.forward(images, targets=None)`` returns a dict: ``backbone`` (the ``BackboneOutput``),
+``Detector.forward(images, targets=None, image_sizes=None)`` returns a dict: ``backbone`` (the
+``BackboneOutput``; ``image_sizes (B, 2)``, each image's real (height, width) in a padded batch, goes to
+the backbone, which treats the rest as padding: ``spa_core.backbone``),
 with targets ``loss = task_loss + gate_loss``, ``task_loss``, ``gate_loss`` and
 ``selection_labels`` (``{(H, W): (B, H, W)}`` at the grids the backbone asks for; None for a dense
 backbone), and in eval mode ``detections`` (per image ``boxes (n, 4)`` xyxy pixels of the input,
@@ -79,7 +81,11 @@ HEAD_TYPES = ("fcos",)
 class Detector(nn.Module):
     """Backbone + FCOS head; see the module docstring for ``forward``."""
 
-    def __init__(self, backbone: nn.Module, cfg: TrialConfig) -> None:
+    # A MODEL_VARIANTS entry, any nn.Module meeting that registry's contract (``stage_channels``,
+    # ``label_grids``, a forward returning ``BackboneOutput``): typed by the contract, not a class.
+    backbone: Any
+
+    def __init__(self, backbone: Any, cfg: TrialConfig) -> None:
         super().__init__()
         hc = cfg.head
         if hc.type not in HEAD_TYPES:
@@ -103,13 +109,20 @@ class Detector(nn.Module):
         # training only, where every rank runs the same number of forwards.
         self.count_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """images: (B, 3, S, S); targets: per image ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
-        bb = self.backbone(images)
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: list[dict[str, Any]] | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """images: (B, 3, H, W); targets: per image ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``;
+        image_sizes: (B, 2) int real (height, width) per image of a padded batch, or None (all real;
+        ``harness.task.data.image_sizes`` gives it for a batch)."""
+        bb = self.backbone(images, image_sizes)
         feats = [bb.features[s - 1] for s in self.in_stages]
         cls, ltrb, ctr = self.head(feats)
         out: dict[str, Any] = {"backbone": bb}
-        hw = tuple(images.shape[-2:])
+        hw = (images.shape[-2], images.shape[-1])
         if targets is not None:
             parts = fcos_loss(
                 cls, ltrb, ctr, self.strides, targets, count_mean=self.count_mean if self.training else None
@@ -175,7 +188,7 @@ def _seeded_build(cfg: TrialConfig) -> Detector:
 def share_initial_weights(model: nn.Module, reference: nn.Module) -> list[str]:
     """Copy into ``model`` every parameter and buffer of ``reference`` with the same qualified name and
     shape; returns the names copied."""
-    ref = dict(reference.named_parameters())
+    ref: dict[str, torch.Tensor] = dict(reference.named_parameters())
     ref.update(reference.named_buffers())
     copied = []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

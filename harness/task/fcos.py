@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,10 +68,11 @@ class FCOSHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for lat in self.lateral:  # lateral convs see backbone features of any scale: keep their gain
-            nn.init.kaiming_uniform_(lat.weight, a=1)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+            nn.init.kaiming_uniform_(cast(nn.Conv2d, lat).weight, a=1)
+        nn.init.constant_(cast(torch.Tensor, self.cls_logits.bias), -math.log((1 - prior_prob) / prior_prob))
 
     def forward(
         self, features: list[torch.Tensor]
@@ -225,7 +227,7 @@ def fcos_loss(
     normaliser is the mean positive count of all ranks, as FCOS's reference does: averaged over the
     ranks, the gradient is then that of the whole global batch's loss over all its positives, not
     a mean of per-rank ratios that weights a rank with few objects as much as one with many."""
-    points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
+    points = level_points([(x.shape[-2], x.shape[-1]) for x in cls], strides, cls[0].device)
     pts = torch.cat(points)
     cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
     tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"]) for t in targets))
@@ -272,7 +274,7 @@ def fcos_postprocess(
 ) -> list[dict[str, torch.Tensor]]:
     """Per image: ``boxes (n, 4)`` xyxy pixels of the network's input (clipped to ``image_size``
     (h, w)), ``scores (n,)`` = sqrt(class prob * centerness), ``labels (n,)`` 0-based; class-wise NMS."""
-    points = torch.cat(level_points([x.shape[-2:] for x in cls], strides, cls[0].device))
+    points = torch.cat(level_points([(x.shape[-2], x.shape[-1]) for x in cls], strides, cls[0].device))
     prob = torch.sqrt(
         torch.sigmoid(_flatten(cls).float()) * torch.sigmoid(_flatten(ctr).float())
     )  # (B, P, K)

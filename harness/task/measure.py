@@ -1,7 +1,9 @@
 """Per-trial measurements beyond the task metrics: FLOPs, timings, memory, parameters.
 
-All on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
-variant), after training, with the trial's real selection (the trained gate, or top-k / random).
+Timings on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
+variant), FLOPs on the first ``bench.flop_images`` val images (all of them when the split is smaller;
+``flop_images`` the number counted), after training, with the trial's real selection (the trained
+gate, or top-k / random).
 
 What SPA changes is the forward: the backbone and the detection head (``InferenceForward``). The
 detector's inference call adds the postprocessing (score threshold, NMS), whose cost depends on how
@@ -13,23 +15,28 @@ latency a user of the detector sees.
 
 - ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
   image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
-  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
-- ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
-  kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
-  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences). It is an
-  upper bound of what this implementation does: the formula counts each container's L x L scores
-  densely and the output projection over all N tokens, while the varlen kernel computes only the
-  blocks of one image inside a container and the projection runs on the kept tokens;
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates of every block (Swin and SPA).
+  Counted on each image at its own size (the images of one size together): a keep-ratio batch's
+  padding is not counted, so the dense model is not charged for padding that SPA never selects and a
+  GMACs delta is selection's alone (``bench_padding_fraction``: the share of the timed batch's pixels
+  that is padding; a ``square`` batch has none, its padding being part of each image);
+- ``analytic_attn_gmacs``: the same modules by formula, per image, from the kept counts of the same
+  images: Swin blocks W-MSA over the padded map, ``B(4 N_p C^2 + 2 M^2 N_p C)``; SPA blocks their pack
+  strategy's ``attention_macs`` (the projections on the packed tokens and attention over the
+  sequences the strategy runs: ``spa_core.strategies``) plus the gate's scorer ``BNC``. It follows the kept tokens and
+  equals ``fvcore_attn_gmacs`` (a difference means a kernel computes other than its formula says);
+  the paper's container formula, an upper bound of it, is in ``spa_core/strategies.py``;
 - ``forward_ms``: median wall time of ``InferenceForward`` (backbone and head, no postprocessing) on
   the trial's model, under ``train.precision``'s autocast; ``infer_ms``: of the whole inference call
   through the DeepSpeed engine (postprocessing included); ``train_step_ms``: of one training
   micro-step (forward, backward, optimizer step through the engine); each after ``bench.warmup`` runs,
   over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median (a
-  training step counts the samples of every worker);
+  training step counts the samples of every worker). The timed batches are padded, their padding known
+  to the model: the dense model computes it, SPA never selects it (``bench_padding_fraction``);
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): ``InferenceForward``
   of the trial's model and of the grid's baseline model timed in this process, calls alternating and
   which goes first alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs
-  of baseline time / model time, ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` /
+  of baseline time / model time (``harness.task.timing.time_in_rotation``), ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` /
   ``paired_dense_ms`` the medians, ``speedup_timed`` what was timed (``SPEEDUP_TIMED``). The baseline
   (``speedup_baseline_config``) is the grid's dense point (``cfg.baseline``, attached by the grid: for
   the paper's grid plain Swin-T, without the 4 extra stage-3 blocks the SPA model pays for), so the
@@ -55,22 +62,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 import warnings
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
 
-import numpy as np
 import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 import kernels
 from harness.task.backend import autocast_dtype
-from harness.task.data import build_datasets, fixed_batch
-from harness.task.detector import build_detector
+from harness.task.data import build_datasets, fixed_batch, image_sizes, size_divisor
+from harness.task.detector import Detector, build_detector
+from harness.task.timing import quartiles, time_in_rotation
 from harness.task.train import to_device
 from spa_core.backbone import stage_grids
+from spa_core.contracts import check_attention_macs
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
@@ -82,7 +93,6 @@ __all__ = [
     "fvcore_macs",
     "analytic_attention_macs",
     "timed",
-    "timed_pairs",
     "dense_twin_config",
     "speedup_baseline_config",
     "timing_copy",
@@ -129,45 +139,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median and IQR (ms) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    q25, q50, q75 = np.percentile(times, [25, 50, 75])
-    return {"median": float(q50), "iqr": float(q75 - q25)}
-
-
-def timed_pairs(
-    a, b, warmup: int, repeats: int, device: torch.device, clock=time.perf_counter
-) -> tuple[list[float], list[float]]:
-    """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
-    ``warmup`` pairs: machine load in a pair falls on both. ``clock``: seconds, wall time by default
-    (``time.process_time``: the process's CPU time, which waiting for a loaded machine does not add to)."""
-    for _ in range(warmup):
-        a()
-        b()
-    _sync(device)
-    ta, tb = [], []
-    for i in range(max(1, repeats)):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        t0 = clock()
-        first()
-        _sync(device)
-        t1 = clock()
-        second()
-        _sync(device)
-        t2 = clock()
-        d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        ta.append(d1 if i % 2 == 0 else d2)
-        tb.append(d2 if i % 2 == 0 else d1)
-    return ta, tb
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median and IQR (ms) of ``fn()`` over ``max(1, repeats)`` runs after ``warmup`` runs."""
+    times = time_in_rotation({"fn": fn}, max(1, repeats), warmup, sync=partial(_sync, device))["fn"]
+    q1, med, q3 = quartiles([1e3 * t for t in times])
+    return {"median": med, "iqr": q3 - q1}
 
 
 class InferenceForward(nn.Module):
@@ -178,21 +154,24 @@ class InferenceForward(nn.Module):
     not: a trace drops work whose result reaches no output, and the eager forward computes all four
     stages (fvcore would otherwise leave out, say, the layer norm of a stage the head does not read).
 
-    ``forward(images: (B, 3, H, W))`` -> per head level ``cls (B, K, h, w)``, then every ``ltrb (B, 4,
-    h, w)``, every ``ctr (B, 1, h, w)``, then the backbone's four stage features."""
+    ``forward(images: (B, 3, H, W), image_sizes: (B, 2) | None)`` -> per head level ``cls (B, K, h,
+    w)``, then every ``ltrb (B, 4, h, w)``, every ``ctr (B, 1, h, w)``, then the backbone's four stage
+    features. ``image_sizes``: each image's real extent in a padded batch (``harness.task.data``)."""
 
-    def __init__(self, detector: nn.Module) -> None:
+    def __init__(self, detector: Detector) -> None:
         super().__init__()
         self.detector = detector
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        bb = self.detector.backbone(images)
+    def forward(
+        self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        bb = self.detector.backbone(images, image_sizes)
         feats = [bb.features[s - 1] for s in self.detector.in_stages]
         cls, ltrb, ctr = self.detector.head(feats)
         return (*cls, *ltrb, *ctr, *bb.features)
 
 
-def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+def fvcore_macs(detector: Detector, images: torch.Tensor) -> dict[str, Any]:
     """fvcore multiply-adds of the inference forward on ``images``: total, backbone, attention+gates
     (summed over the batch), and the ops fvcore could not count."""
     graph = InferenceForward(detector).eval()
@@ -219,9 +198,11 @@ def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
 
 
 def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
-    """The paper's attention formulas summed over the backbone's blocks, for a batch of ``batch``
-    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list): W-MSA for Swin
-    blocks, the pack strategy's ``attention_macs`` for SPA blocks."""
+    """Multiply-adds of the backbone's attention modules and gates by formula, summed over its blocks,
+    for a batch of ``batch`` images of ``image_hw`` with the kept counts in ``blocks``
+    (``SPABlockInfo`` list): W-MSA over the padded map for Swin blocks (its projections run on the
+    padded tokens too), the pack strategy's ``attention_macs`` for SPA blocks (checked: a finite
+    number >= 0)."""
     m = cfg.model
     depths = list(m.depths)
     depths[2] += m.extra_stage3_blocks
@@ -238,19 +219,38 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
         mh, mw = min(m.window_size, h), min(m.window_size, w)
         n_pad = math.ceil(h / mh) * mh * math.ceil(w / mw) * mw
         for j in range(depth):
-            if i + 1 not in spa_stages:  # W-MSA: B(4NC^2 + 2 M^2 N C)
-                total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
+            if i + 1 not in spa_stages:  # W-MSA: B(4 N_p C^2 + 2 M^2 N_p C)
+                total += batch * (4 * n_pad * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
+            assert strategy is not None and spa is not None  # an SPA stage of a model that is not dense
+            # The block packs from the map padded to whole windows when it has Swin's position bias;
+            # an image that keeps every real token packs the padding too (spa_core.block).
+            if n_pad != n and spa.position_bias == "swin":
+                positions, packed = n_pad, [n_pad if kb == n else kb for kb in k]
+            else:
+                positions, packed = n, k
             # containers of one window's tokens (clipped where the map is smaller than the window)
-            total += strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
+            macs = strategy.attention_macs(packed, positions, c, spa.container_len or mh * mw)
+            total += batch * n * c  # the gate's scorer over the real tokens
+            total += check_attention_macs(macs, spa.pack, strategy.attention_macs, packed)
     return total
 
 
 MEASUREMENTS = ("inference_timing", "flops", "train_step_timing", "peak_memory", "paired_speedup")
 
 
-def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str, BaseException]]:
+def real_images(images: torch.Tensor, targets: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """A padded batch ``images (B, 3, H, W)`` -> its images without the batch padding, those of one
+    real size stacked together: ``[(B_k, 3, h_k, w_k)]`` in order of first appearance."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for img, t in zip(images, targets):
+        h, w = t.get("image_size", img.shape[-2:])
+        groups.setdefault((int(h), int(w)), []).append(img[:, :h, :w])
+    return [torch.stack(g) for g in groups.values()]
+
+
+def measure(cfg, backend, detector: Detector) -> tuple[dict[str, Any], dict[str, BaseException]]:
     """The measurement columns of a trial (see the module docstring) and the measurements that failed.
 
     Each of ``MEASUREMENTS`` runs on its own: one that raises (fvcore cannot trace a plugin, the
@@ -264,12 +264,17 @@ def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str
     engine = backend.engine
     t0 = time.perf_counter()
     train_ds, val_ds = build_datasets(cfg.data, progress=False)
-    images, targets = fixed_batch(val_ds, bc.batch_size)
+    images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
     images, targets = images.to(device), to_device(targets, device)
-    out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
+    sizes = image_sizes(images, targets)
+    real = sum(p.shape[0] * p.shape[-2] * p.shape[-1] for p in real_images(images, targets))
+    out: dict[str, Any] = {
+        "bench_batch": int(images.shape[0]),
+        "bench_padding_fraction": 1.0 - real / (images.shape[0] * images.shape[-2] * images.shape[-1]),
+    }
     failed: dict[str, BaseException] = {}
 
-    def attempt(name: str, fn) -> None:
+    def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> None:
         try:
             out.update(fn())
         except Exception as e:  # recorded in the row; the other measurements go on
@@ -279,10 +284,10 @@ def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str
 
     def inference_timing() -> dict[str, Any]:
         engine.eval()
-        forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device)
+        forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device, sizes)
         with torch.no_grad():
             fwd = timed(forward, bc.warmup, bc.repeats, device)
-            infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
+            infer = timed(lambda: engine(images, None, sizes), bc.warmup, bc.repeats, device)
         return {
             "forward_ms": fwd["median"],
             "forward_ms_iqr": fwd["iqr"],
@@ -293,29 +298,41 @@ def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str
         }
 
     def flops() -> dict[str, Any]:
+        flop_batch, flop_targets = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)), size_divisor(cfg))
+        macs: Counter[str] = Counter()
+        unsupported: Counter[str] = Counter()
+        analytic = 0.0
         with backend.gathered_parameters():
-            with torch.no_grad():
-                blocks = detector.eval()(images)["backbone"].blocks
-            macs = fvcore_macs(detector, images)
-        b = images.shape[0]
+            for part in real_images(flop_batch.to(device), flop_targets):  # each real size alone: no padding
+                with torch.no_grad():
+                    blocks = detector.eval()(part)["backbone"].blocks
+                counted = fvcore_macs(detector, part)
+                for item in filter(None, counted.pop("unsupported").split(",")):
+                    op, n = item.rsplit(":", 1)
+                    unsupported[op] += int(n)
+                macs.update(counted)
+                analytic += analytic_attention_macs(
+                    cfg, blocks, (part.shape[-2], part.shape[-1]), part.shape[0]
+                )
+        b = flop_batch.shape[0]
         return {
+            "flop_images": b,
             "gmacs": macs["total"] / b / 1e9,
             "backbone_gmacs": macs["backbone"] / b / 1e9,
             "fvcore_attn_gmacs": macs["attn"] / b / 1e9,
-            "analytic_attn_gmacs": analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b)
-            / b
-            / 1e9,
-            "fvcore_unsupported_ops": macs["unsupported"],
+            "analytic_attn_gmacs": analytic / b / 1e9,
+            "fvcore_unsupported_ops": ",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
         }
 
     def train_step_timing() -> dict[str, Any]:
-        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size)
+        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size, size_divisor(cfg))
         t_images, t_targets = t_images.to(device), to_device(t_targets, device)
+        t_sizes = image_sizes(t_images, t_targets)
         engine.train()
 
         def _step() -> None:
             with backend.autocast():
-                loss = engine(t_images, t_targets)["loss"]
+                loss = engine(t_images, t_targets, t_sizes)["loss"]
             backend.backward(loss)
             backend.step()
 
@@ -340,18 +357,20 @@ def measure(cfg, backend, detector: nn.Module) -> tuple[dict[str, Any], dict[str
         attempt("train_step_timing", train_step_timing)
     out["bench_time_s"] = time.perf_counter() - t0
     attempt("peak_memory", memory)  # before the dense twin exists
-    attempt("paired_speedup", lambda: paired_speedup(cfg, backend, detector, images))
+    attempt("paired_speedup", lambda: paired_speedup(cfg, backend, detector, images, sizes))
     return out, failed
 
 
-def _autocast_call(forward: nn.Module, images: torch.Tensor, cfg, device: torch.device):
-    """``forward(images)`` without gradients under the autocast of ``train.precision`` (what the
+def _autocast_call(
+    forward: nn.Module, images: torch.Tensor, cfg, device: torch.device, sizes: torch.Tensor | None = None
+):
+    """``forward(images, sizes)`` without gradients under the autocast of ``train.precision`` (what the
     DeepSpeed engine's own forward applies), as a function of no arguments for the timers."""
     amp = autocast_dtype(cfg.train.precision, device)
 
     def run() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            forward(images)
+            forward(images, sizes)
 
     return run
 
@@ -399,13 +418,20 @@ def speedup_baseline_config(cfg) -> tuple[Any, str]:
 
 
 def paired_speedup(
-    cfg, backend, detector: nn.Module, images: torch.Tensor | None = None, *, clock=time.perf_counter
+    cfg,
+    backend,
+    detector: nn.Module,
+    images: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
+    *,
+    clock=time.perf_counter,
 ) -> dict[str, Any]:
     """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
     ``speedup_baseline``: the ``InferenceForward`` of both models (backbone and head, no postprocessing;
     see the module docstring); empty for a dense trial.
-    ``images``: the fixed evaluation batch on the device (default: loaded here); ``clock``: the
-    timer of ``timed_pairs``.
+    ``images``: the fixed evaluation batch on the device, ``sizes`` its ``image_sizes`` (default: both
+    loaded here); ``clock``: the
+    timer of ``harness.task.timing.time_in_rotation``.
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
     ``train.precision``, so the two calls of a pair differ only in the model. Under ZeRO-3 the trial's
@@ -417,7 +443,9 @@ def paired_speedup(
     bc = cfg.bench
     if images is None:
         _, val_ds = build_datasets(cfg.data, progress=False)
-        images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
+        images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
+        images = images.to(device)
+        sizes = image_sizes(images, targets)
     dtype = next(detector.parameters()).dtype
     twin_cfg, baseline = speedup_baseline_config(cfg)
     twin = build_detector(twin_cfg).to(device=device, dtype=dtype).eval()
@@ -428,18 +456,22 @@ def paired_speedup(
         was_training = model.training
         model.eval()
         try:
-            t_model, t_dense = timed_pairs(
-                _autocast_call(InferenceForward(model), images, cfg, device),
-                _autocast_call(InferenceForward(twin), images, cfg, device),
+            times = time_in_rotation(
+                {
+                    "model": _autocast_call(
+                        InferenceForward(cast(Detector, model)), images, cfg, device, sizes
+                    ),
+                    "dense": _autocast_call(InferenceForward(twin), images, cfg, device, sizes),
+                },
+                max(1, bc.repeats),
                 bc.warmup,
-                bc.repeats,
-                device,
-                clock,
+                clock=clock,
+                sync=partial(_sync, device),
             )
         finally:
             model.train(was_training)
-    ratios = [d / m for d, m in zip(t_dense, t_model)]
-    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    t_model, t_dense = times["model"], times["dense"]
+    q1, med, q3 = quartiles([d / m for d, m in zip(t_dense, t_model)])
     del twin, model
     return {
         "speedup_baseline": baseline,
@@ -447,8 +479,8 @@ def paired_speedup(
         "speedup_vs_dense": float(med),
         "speedup_vs_dense_q1": float(q1),
         "speedup_vs_dense_q3": float(q3),
-        "paired_model_ms": float(np.median(t_model)),
-        "paired_dense_ms": float(np.median(t_dense)),
+        "paired_model_ms": 1e3 * statistics.median(t_model),
+        "paired_dense_ms": 1e3 * statistics.median(t_dense),
         "paired_repeats": int(max(1, bc.repeats)),
         "paired_time_s": time.perf_counter() - t0,
     }

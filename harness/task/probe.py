@@ -7,9 +7,10 @@ weights, its own selection streams), then on the trial's device and precision:
 - forward: one training micro-batch (the first ``train.batch_size`` train images) in training mode,
   through the loss (a selection plugin, a supervision mode, a pack strategy all run);
 - backward: that loss back to every parameter;
-- FLOP trace: fvcore's count of the inference forward on the fixed evaluation batch, exactly as
-  ``harness.task.measure`` counts after training (``fvcore_macs``): fvcore traces the model with
-  ``torch.jit.trace``, where Python arithmetic on a shape sees a tensor.
+- FLOP trace: fvcore's count of the inference forward on the fixed evaluation batch, each real image
+  size alone, as ``harness.task.measure`` counts after training (``fvcore_macs`` over
+  ``real_images``): fvcore traces the model with ``torch.jit.trace``, where Python arithmetic on a
+  shape sees a tensor.
 
 A stage that raises re-raises its exception with a note naming the stage (``harness.errors.describe``
 shows it in the row). The probe leaves no trace in the trial: its model is a separate copy, and the
@@ -29,9 +30,9 @@ import torch
 
 from harness.config import TrialConfig
 from harness.task.backend import autocast_dtype
-from harness.task.data import build_datasets, fixed_batch
+from harness.task.data import build_datasets, fixed_batch, image_sizes, size_divisor
 from harness.task.detector import build_detector
-from harness.task.measure import fvcore_macs
+from harness.task.measure import fvcore_macs, real_images
 from harness.task.train import to_device
 
 __all__ = ["probe", "PROBE_STAGES"]
@@ -70,18 +71,19 @@ def probe(cfg: TrialConfig, device: torch.device) -> dict[str, Any]:
     with _rng_kept(device):
         model = build_detector(cfg).to(device).train()
         try:
-            images, targets = fixed_batch(train_ds, cfg.train.batch_size)
+            images, targets = fixed_batch(train_ds, cfg.train.batch_size, size_divisor(cfg))
             images, targets = images.to(device), to_device(targets, device)
             with _stage("forward"):
                 with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-                    loss = model(images, targets)["loss"]
+                    loss = model(images, targets, image_sizes(images, targets))["loss"]
             with _stage("backward"):
                 loss.backward()
             del loss
             model.zero_grad(set_to_none=True)
-            bench = fixed_batch(val_ds, cfg.bench.batch_size)[0].to(device)
+            bench, bench_targets = fixed_batch(val_ds, cfg.bench.batch_size, size_divisor(cfg))
             with _stage("FLOP trace"):
-                fvcore_macs(model.eval(), bench)
+                for part in real_images(bench.to(device), bench_targets):
+                    fvcore_macs(model.eval(), part)
         finally:
             del model
             if device.type == "cuda":

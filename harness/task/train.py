@@ -5,14 +5,16 @@ entry point, independent of Ray and usable with or without DeepSpeed (through a 
 columns to make a result row): losses, COCO mAP, gate metrics, steps and throughput.
 
 Trials of one seed are paired: the seed fixes the training batches (the sampler's permutation per
-epoch and the loader's generator; the data has no random augmentation), the evaluation images (the
-first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
+epoch and the loader's generator) and their augmentation (flips, scales, crops: drawn per sample from
+``(seed, rank, epoch, position)``, ``harness.task.transforms.AugmentedSampler``), the evaluation
+images (the first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
 dense model and selection's random streams (``harness.task.detector``). No loader draws from torch's
 global RNG, which is left to what the variant itself consumes (stochastic depth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -26,9 +28,12 @@ from harness.config import TrialConfig
 from harness.task.backend import TorchBackend, TrainBackend
 from harness.task.checkpoint import Checkpointer, TrainState, capture_rng, restore_rng
 from harness.task.coco import CocoDetection
-from harness.task.data import build_datasets, collate
+from harness.task.data import build_datasets, collate_fn, image_sizes
 from harness.task.detector import Detector, build_detector, pretrained_columns, rank_seed
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
+from harness.task.optim import resolve_schedule
+from harness.task.transforms import AugmentedSampler
+from spa_core import contracts
 
 __all__ = ["train_variant", "evaluate_variant", "NonFiniteLossError", "seed_everything", "to_device"]
 
@@ -102,7 +107,7 @@ def train_variant(
     ``on_log(step, metrics)`` (rank 0 only) is called every ``cfg.train.log_every`` micro-steps and
     at the last one with ``step`` (1-based micro-step) and the means over the steps since the
     previous call of ``task_loss``, ``gate_loss``, ``loss`` and ``kept_fraction`` (the kept share of
-    all SPA-block tokens of the batch; 1 for the dense model).
+    the real SPA-block tokens of the batch, batch padding left out; 1 for the dense model).
 
     Deterministic from ``cfg.seed`` (and ``cfg.data.data_seed`` for the built-in set) on a given
     machine and thread count. Raises ``NonFiniteLossError`` if the loss is NaN/inf.
@@ -111,38 +116,43 @@ def train_variant(
     ``MAP_KEYS`` (``map``, ``map_50``, ``map_75``, ``map_small``, ``map_medium``, ``map_large``),
     ``gate_precision``/``gate_recall``/``gate_f1``/``kept_fraction``/``label_fraction`` with ``*_std``
     (spread over val images) and ``kept_fraction_s{stage}b{index}`` per SPA block (dense: kept
-    fraction 1, gate metrics NaN), ``steps``, ``train_samples_per_s``, ``train_time_s``,
+    fraction 1, gate metrics NaN), ``steps`` (optimizer steps: ``train.epochs`` resolved),
+    ``train_samples_per_s``, ``train_time_s``,
     ``eval_time_s``, ``num_params``, ``pretrained_missing`` and ``pretrained_sha256``
     (``harness.task.detector.pretrained_columns``), ``train_boxes_dropped`` / ``val_boxes_dropped``
     (degenerate boxes the loader dropped), ``resumed_step`` (the optimizer step training resumed from;
     0 for a fresh start) and ``checkpoint_s`` (time spent saving checkpoints, not in ``train_time_s``)."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed, backend.rank)
+    contracts.reset()  # value rules on this trial's first calls too (Ray reuses a worker's process)
     train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
     if train_ds.num_classes > cfg.head.num_classes:
         raise ValueError(
             f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "
             f"{cfg.head.num_classes}"
         )
+    cfg = dataclasses.replace(cfg, train=resolve_schedule(cfg.train, len(train_ds), backend.world_size))
     model = build_detector(cfg, rank=backend.rank)
     pretrained = pretrained_columns(model)
     num_params = sum(p.numel() for p in model.parameters())
     if backend.world_size > 1:
-        model.count_mean = backend.all_reduce_mean  # FCOS's positives over every rank's batch
+        # FCOS's positives over every rank's batch (a tensor in, a tensor out: no host sync)
+        model.count_mean = lambda count: torch.as_tensor(backend.all_reduce_mean(count))
     module = backend.setup(model, cfg)
 
     tc = cfg.train
-    sampler = backend.sampler(train_ds, True, cfg.seed)  # the same permutation on every rank, sharded
-    if sampler is None:
-        sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    order = backend.sampler(train_ds, True, cfg.seed)  # the same permutation on every rank, sharded
+    if order is None:
+        order = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = AugmentedSampler(order, cfg.seed, backend.rank)  # each index with its augmentation key
     epoch_batches = _EpochBatches(sampler, tc.batch_size, drop_last=len(train_ds) >= tc.batch_size)
-    # seeds the loader's workers (their augmentation draws): one stream per rank
+    # seeds the loader's workers (what a dataset draws beside the keyed augmentation): one stream per rank
     generator = torch.Generator().manual_seed(rank_seed(cfg.seed, backend.rank))
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_sampler=epoch_batches,
         generator=generator,
-        collate_fn=collate,
+        collate_fn=collate_fn(cfg),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
     )
@@ -163,7 +173,7 @@ def train_variant(
         images, targets = next(batches)
         images, targets = images.to(backend.device), to_device(targets, backend.device)
         with backend.autocast():
-            out = module(images, targets)
+            out = module(images, targets, image_sizes(images, targets))
         loss = out["loss"]
         # The step's numbers in one read from the device (one host sync per step, not one per number);
         # float64 holds the float32 losses and the kept share exactly
@@ -229,12 +239,17 @@ def train_variant(
 
 
 def _kept_fraction(blocks: list[Any], like: torch.Tensor) -> torch.Tensor:
-    """Kept share of all SPA-block tokens of a batch (``mask (B, N)`` per block), a float64 0-dim
-    tensor on ``like``'s device (read with the step's other numbers); 1 without blocks."""
+    """Kept share of the real SPA-block tokens of a batch (``mask (B, N)`` per block, ``valid (B, N)``
+    its real tokens: batch padding is neither kept nor dropped), a float64 0-dim tensor on ``like``'s
+    device (read with the step's other numbers); 1 without blocks."""
     if not blocks:
         return torch.ones((), dtype=torch.float64, device=like.device)
-    kept = torch.stack([b.mask.detach().sum() for b in blocks]).sum()
-    return kept.double() / sum(b.mask.numel() for b in blocks)
+    kept = torch.stack([b.mask.detach().sum() for b in blocks]).sum().double()
+    valid = [getattr(b, "valid", None) for b in blocks]
+    unpadded = sum(b.mask.numel() for b, v in zip(blocks, valid) if v is None)  # every token is real
+    padded = [v.detach().sum() for v in valid if v is not None]
+    real = torch.stack(padded).sum().double() + unpadded if padded else torch.tensor(float(unpadded))
+    return kept / real.to(kept.device).clamp(min=1)
 
 
 @torch.no_grad()
@@ -271,7 +286,7 @@ def evaluate_variant(
         torch.utils.data.Subset(dataset, indices),
         batch_size=bs,
         shuffle=False,
-        collate_fn=collate,
+        collate_fn=collate_fn(cfg),
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -282,7 +297,7 @@ def evaluate_variant(
         images, targets = images.to(backend.device), to_device(targets, backend.device)
         batch = (images, targets)
         with backend.autocast():
-            out = module(images, targets)
+            out = module(images, targets, image_sizes(images, targets))
         gate = GateMeter()
         blocks = out["backbone"].blocks
         gate.update(blocks, out.get("selection_labels"))
@@ -291,7 +306,7 @@ def evaluate_variant(
         bar.update(min(n, (len(shard) * world) * bs), "")
     bar.close()
     if getattr(backend, "lockstep_forward", False):
-        _lockstep(module, backend, batch, dataset, len(mine), math.ceil(n_batches / world))
+        _lockstep(module, backend, batch, dataset, cfg, len(mine), math.ceil(n_batches / world))
     if was_training:
         module.train()
     parts = _gather_to_main(shard, backend)
@@ -312,17 +327,18 @@ def evaluate_variant(
     return _from_main(metrics, backend)
 
 
-def _lockstep(module, backend, batch, dataset, done: int, needed: int) -> None:
+def _lockstep(module, backend, batch, dataset, cfg: TrialConfig, done: int, needed: int) -> None:
     """Extra forwards (results discarded) until this rank has run ``needed``: a collective forward
     (ZeRO-3 gathers parameters in it) must run as often on every rank."""
     if done >= needed:
         return
     if batch is None:  # this rank had no batch of its own: any image will do
-        images, targets = collate([dataset[0]])
+        images, targets = collate_fn(cfg)([dataset[0]])
         batch = images.to(backend.device), to_device(targets, backend.device)
+    images, targets = batch
     for _ in range(needed - done):
         with backend.autocast():
-            module(*batch)
+            module(images, targets, image_sizes(images, targets))
 
 
 def _gather_to_main(shard: list[Any], backend: TrainBackend) -> list[Any]:

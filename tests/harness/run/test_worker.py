@@ -11,7 +11,7 @@ import pytest
 import ray.tune
 
 from harness.config import config_hash, trial_from_dict
-from harness.plugins import isolated_registries
+from harness.plugins import isolated_registries, load_plugins, plugin_sources
 from harness.report.tables import build_report
 from harness.results import ResultsStore
 from harness.run.rows import RunInfo, TrialSpec, tune_payload
@@ -39,6 +39,9 @@ def _spec(tmp_path, steps=2, **spa):
             "bench": {"batch_size": 2, "warmup": 0, "repeats": 1},
         }
     )
+    with isolated_registries():  # the plugin's source is part of the trial, as a grid makes it
+        load_plugins(cfg.plugins)
+        cfg.plugin_sources = plugin_sources(cfg)
     return TrialSpec(cfg, config_hash(cfg))
 
 
