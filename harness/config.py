@@ -111,6 +111,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_images: int | None = None  # None: the whole val split
     log_every: int = 10
+    # optimizer steps between checkpoints (0: none); a retried or re-run trial resumes from the last
+    checkpoint_every: int = checked_field(0, range_=(0, None, True, None))
+    # where: a folder or URI (<dir>/<experiment>/<config_hash>/); None: the trial's folder in the store
+    checkpoint_dir: str | None = None
 
 
 @dataclass
@@ -180,6 +184,8 @@ _UNHASHED = (
     "plugins",
     "data.num_workers",
     "data.cache_dir",
+    "train.checkpoint_every",  # a resumed trial computes what an uninterrupted one does
+    "train.checkpoint_dir",
     "baseline",
     "axis",
 )

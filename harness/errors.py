@@ -6,7 +6,9 @@ message, the innermost frame of *user code* (any file outside the harness, spa_c
 packages, torch, ray, deepspeed and the Python standard library) and where the whole traceback is.
 The frame comes from the exception's own traceback, its causes', or, for an error that crossed a
 process boundary as text (Ray Train's ``TrainingFailedError`` carries the worker's traceback in its
-message), from that text.
+message), from that text. Where the harness was when it failed (the probe before training, one
+measurement after it) travels as a note on the exception (``add_note``, PEP 678), which pickles with
+it across Ray's process boundary, and is named in the bracket.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import sysconfig
 import traceback
 from functools import cache
 
-__all__ = ["root_cause", "user_frame", "describe", "is_oom", "is_user_file"]
+__all__ = [
+    "root_cause",
+    "user_frame",
+    "describe",
+    "is_oom",
+    "is_user_file",
+    "first_line",
+    "full_traceback",
+]
 
 _SYSTEM_PACKAGES = ("harness", "spa_core", "kernels", "torch", "ray", "deepspeed")
 _FRAME_LINE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)', re.MULTILINE)
@@ -49,15 +59,41 @@ def is_user_file(filename: str) -> bool:
     return not any(path.startswith(d) for d in _system_dirs())
 
 
+def _next_cause(exc: BaseException) -> BaseException | None:
+    """``__cause__``, Ray's ``cause``, or the failure of the lowest rank of a Ray Train
+    ``WorkerGroupError`` (``worker_failures``: rank -> exception)."""
+    nxt = exc.__cause__ or getattr(exc, "cause", None)
+    failures = getattr(exc, "worker_failures", None)
+    if nxt is None and isinstance(failures, dict) and failures:
+        nxt = failures[min(failures)]
+    return nxt if isinstance(nxt, BaseException) else None
+
+
 def root_cause(exc: BaseException) -> BaseException:
-    """The innermost cause (``__cause__``, or Ray's ``cause``) of ``exc``; ``exc`` itself if none."""
+    """The innermost cause (``__cause__``, Ray's ``cause``, a Ray Train worker's failure) of ``exc``;
+    ``exc`` itself if none."""
     seen = exc
     for _ in range(8):
-        nxt = seen.__cause__ or getattr(seen, "cause", None)
-        if not isinstance(nxt, BaseException) or nxt is seen:
+        nxt = _next_cause(seen)
+        if nxt is None or nxt is seen:
             break
         seen = nxt
     return seen
+
+
+def _notes(exc: BaseException) -> list[str]:
+    """The notes (``add_note``) of ``exc`` and of its causes, outermost first, each once."""
+    out: list[str] = []
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        for note in getattr(seen, "__notes__", ()) or ():
+            if isinstance(note, str) and note.strip() and note.strip() not in out:
+                out.append(note.strip())
+        nxt = _next_cause(seen)
+        seen = nxt if nxt is not seen else None
+    return out
 
 
 def user_frame(exc: BaseException) -> tuple[str, int, str] | None:
@@ -66,7 +102,7 @@ def user_frame(exc: BaseException) -> tuple[str, int, str] | None:
     chain, seen = [], exc
     for _ in range(8):
         chain.append(seen)
-        nxt = seen.__cause__ or getattr(seen, "cause", None) or seen.__context__
+        nxt = _next_cause(seen) or seen.__context__
         if not isinstance(nxt, BaseException) or nxt in chain:
             break
         seen = nxt
@@ -82,8 +118,9 @@ def user_frame(exc: BaseException) -> tuple[str, int, str] | None:
 
 
 def describe(exc: BaseException, *, traceback_path: str | None = None, prefix: str = "") -> str:
-    """``[prefix]Type: message [in func at file:line; full traceback: PATH]``, the bracket on the
-    first line (what a table shows); a message's further lines follow it."""
+    """``[prefix]Type: message [in func at file:line; NOTE; full traceback: PATH]``, the bracket on
+    the first line (what a table shows); a message's further lines follow it. ``NOTE``: where the
+    harness was (the exception's notes, ``add_note``)."""
     root = root_cause(exc)
     if isinstance(root, KeyError) and len(root.args) == 1 and isinstance(root.args[0], str):
         message = root.args[0].strip()  # str(KeyError) is the repr of its message: quotes and escapes
@@ -95,6 +132,7 @@ def describe(exc: BaseException, *, traceback_path: str | None = None, prefix: s
     frame = user_frame(exc)
     if frame is not None:
         where.append(f"in {frame[2]} at {frame[0]}:{frame[1]}")
+    where += _notes(exc)
     if traceback_path:
         where.append(f"full traceback: {traceback_path}")
     line = f"{prefix}{type(root).__name__}: {first}" if first else f"{prefix}{type(root).__name__}"
@@ -111,3 +149,28 @@ def is_oom(error: BaseException | str) -> bool:
             return True
         error = f"{type(root_cause(error)).__name__} {error}"
     return "OutOfMemory" in error or "out of memory" in error.lower()
+
+
+_TRACEBACK_HEAD = "Traceback (most recent call last):"
+
+
+def first_line(error: str, limit: int = 400) -> str:
+    """The line of an error text that says what happened, at most ``limit`` characters: its first
+    non-empty line (``describe`` puts type, message and place there), or, for a text that is a
+    Python traceback, the exception line that ends it (``Type: message``, the first unindented line
+    after the last frame), never a line of what a message dumps after its first (a schema, a
+    tensor, a list of candidates)."""
+    raw = [ln.rstrip() for ln in str(error).strip().splitlines() if ln.strip()]
+    if not raw:
+        return ""
+    line = raw[0].strip()
+    if line.startswith(_TRACEBACK_HEAD):
+        last_frame = max((i for i, ln in enumerate(raw) if _FRAME_LINE.match(ln)), default=0)
+        after = [ln for ln in raw[last_frame + 1 :] if not ln[:1].isspace()]
+        line = (after[0] if after else raw[-1]).strip()
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def full_traceback(exc: BaseException) -> str:
+    """The whole traceback of ``exc`` with its causes and notes (what ``error.txt`` keeps)."""
+    return "".join(traceback.format_exception(exc)).rstrip() + "\n"

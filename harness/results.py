@@ -52,6 +52,7 @@ __all__ = [
     "damaged_files",
     "join_uri",
     "split_uri",
+    "filesystem",
     "load",
     "trial_states",
 ]
@@ -69,6 +70,11 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem of ``uri`` (a local path or a URI such as ``s3://...``) and the path in it."""
+    return _filesystem(uri)
 
 
 def _join(*parts: str) -> str:

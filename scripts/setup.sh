@@ -13,7 +13,7 @@ fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 # DeepSpeed's setup.py imports torch: build it against the torch installed above.
 .venv/bin/python -c "import deepspeed" 2>/dev/null || \
-    DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
+    DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.17.6,<0.20"
 # The installed torch is pinned for this step: timm (a test dependency) needs torchvision, and pip would
 # otherwise satisfy it with the newest torchvision and the newer (CUDA) torch that one pins.
 PIN=$(mktemp)

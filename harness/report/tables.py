@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from harness.config import TrialConfig, flatten_config, trial_to_dict
+from harness.errors import first_line
 from harness.grid import Comparisons
 from harness.report import stats
 from harness.report.axes import AXIS_PREFIX, axis_tables_of, hashable, natural
@@ -71,7 +72,7 @@ TIMED_FORWARD, TIMED_CALL = "backbone+head", "inference call"
 _SPREAD = (f"{PAIRED_SPEEDUP}_q1", f"{PAIRED_SPEEDUP}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is paired over; the rest change no result).
 _NOT_VARIANT = {"seed", "name", "plugins", "plugin_sources", "resources.timeout_s", "resources.retries",
-                "data.num_workers", "data.cache_dir"}  # fmt: skip
+                "data.num_workers", "data.cache_dir", "train.checkpoint_every", "train.checkpoint_dir"}  # fmt: skip
 _DONE = "done"
 
 
@@ -160,6 +161,7 @@ def _build_report(
     done = df[status == _DONE].copy()
     done["_seed"] = done["seed"] if "seed" in done.columns else 0
     failures = _failures(df[status != _DONE])
+    partial = _measurement_failures(df[status == _DONE])
 
     metrics = _metric_columns(done, set(cfg_cols.values()))
     key_cols = {k: c for k, c in cfg_cols.items() if k not in _NOT_VARIANT}
@@ -170,6 +172,15 @@ def _build_report(
             notes.append(
                 f"{v}: {n} trial(s) failed or timed out (listed below); its statistics exclude them."
             )
+    if len(partial):
+        partial.insert(0, "variant", _variant_labels(df.loc[partial.index], key_cols))
+        for v, g in partial.groupby("variant"):
+            names = sorted({n for m in df.loc[g.index, "measure_failed"] for n in str(m).split(",")})
+            notes.append(
+                f"{v}: {len(g)} trial(s) trained and evaluated but measurement(s) {', '.join(names)} failed "
+                "(listed below): their other columns count, the failed measurements' columns are missing."
+            )
+        failures = pd.concat([failures, partial]) if len(failures) else partial
 
     table = _aggregate(done, metrics, key_cols)
     if baseline is not None and baseline not in table.index and "config_hash" in done:
@@ -544,13 +555,27 @@ def _failures(df: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in ("name", "seed", "status", "config_hash", "error") if c in df.columns]
     out = df[cols].copy()
     if "error" in out:
-        out["error"] = out["error"].map(_error_tail)
+        out["error"] = out["error"].map(_error_line)
     return out
 
 
-def _error_tail(e: Any, limit: int = 400) -> str:
+def _measurement_failures(done: pd.DataFrame) -> pd.DataFrame:
+    """Done rows whose measurements after training failed (``measure_failed``), as failure rows:
+    status ``done, <names> failed``, error the first ``measure_error`` line."""
+    if "measure_failed" not in done.columns:
+        return pd.DataFrame()
+    rows = done[done["measure_failed"].notna() & (done["measure_failed"].astype(str) != "")]
+    cols = [c for c in ("name", "seed", "config_hash") if c in rows.columns]
+    out = rows[cols].copy()
+    out["status"] = "done, " + rows["measure_failed"].astype(str) + " failed"
+    err = rows["measure_error"] if "measure_error" in rows.columns else pd.Series(None, index=rows.index)
+    out["error"] = err.map(_error_line)
+    return out
+
+
+def _error_line(e: Any, limit: int = 400) -> str:
+    """The error's type and first meaningful line (``harness.errors.first_line``), not the last line
+    of whatever its message dumps."""
     if e is None or (isinstance(e, float) and math.isnan(e)):
         return "(no error recorded)"
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    tail = lines[-1] if lines else ""
-    return tail if len(tail) <= limit else tail[: limit - 3] + "..."
+    return first_line(str(e), limit) or "(no error recorded)"

@@ -1,5 +1,6 @@
-"""Placement groups of a trial's Ray Train attempts: rank 0 records its group in the store, and the
-trial removes the groups of earlier attempts before it retries.
+"""Placement groups of a trial's Ray Train attempts: where their workers go (``placement_strategy``),
+rank 0 records its group in the store, and the trial removes the groups of earlier attempts before it
+retries.
 
 Ray ties a placement group to the job, not to the Train controller that made it: when a node dies
 with the trial's process, the dead attempt's group keeps the CPUs it holds on the surviving nodes,
@@ -15,13 +16,22 @@ import logging
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from harness.config import TrialConfig
 from harness.results import Experiment
 
-__all__ = ["record_placement_group", "release_placement_groups"]
+__all__ = ["placement_strategy", "record_placement_group", "release_placement_groups"]
 
 log = logging.getLogger(__name__)
 
 _PLACEMENT_GROUPS = "placement_groups.json"  # of a trial: its Ray Train attempts' placement groups
+
+
+def placement_strategy(cfg: TrialConfig) -> str:
+    """``STRICT_PACK`` for a trial of several GPU workers: all its GPUs on one node, or the trial
+    waits (Ray's default soft ``PACK`` lets an 8-GPU trial straddle nodes, where NCCL's all-reduce
+    crosses the network every step); ``PACK`` otherwise (CPU workers may spread when one node is full)."""
+    r = cfg.resources
+    return "STRICT_PACK" if r.workers > 1 and r.gpus_per_worker > 0 else "PACK"
 
 
 def release_placement_groups(exp: Experiment, h: str) -> None:

@@ -9,14 +9,19 @@ segfault, a lost node).
 A row, flat (what the report and users' scripts read):
 
 - identity and outcome: ``name``, ``experiment``, ``config_hash``, ``seed``, ``run_id``, ``attempt``,
-  ``status`` (done / failed / timeout), ``error``, ``error_type``, ``traceback`` (its tail);
+  ``status`` (done / failed / timeout), ``error``, ``error_type``, ``traceback`` (its tail;
+  ``error.txt`` keeps the whole), ``measure_failed`` (the measurements that failed after training,
+  comma-separated: the row stays ``done`` with its other columns) and ``measure_error`` (a
+  ``describe`` line each);
 - the config as dotted columns (``model.spa.ratio``; ``model.spa`` null for dense; lists as tuples),
   ``config_json``, and ``axis.<axis>`` the trial's value label on each grid axis;
-- the task's metrics (``harness.task.train.train_variant``) and the measurements
-  (``harness.task.measure``: ``gmacs``, timings, ``speedup_vs_dense``, memory, parameters);
-- the run: ``world_size``, ``workers``, ``zero_stage``, ``precision``, ``dp_param_max_diff`` (the
-  parameter checksum's spread across data-parallel ranks; 0 when in step), ``wall_s``, ``work_s``
-  (train_time_s + eval_time_s + bench_time_s + paired_time_s), ``overhead_s`` (wall_s - work_s),
+- the task's metrics (``harness.task.train.train_variant``: with ``resumed_step``, ``checkpoint_s``,
+  ``train_boxes_dropped`` / ``val_boxes_dropped``), ``probe_s`` (``harness.task.probe``) and the
+  measurements (``harness.task.measure``: ``gmacs``, timings, ``speedup_vs_dense``, memory, parameters);
+- the run: ``world_size``, ``workers``, ``zero_stage``, ``precision`` (what the DeepSpeed engine ran
+  in), ``dp_param_max_diff`` (the parameter checksum's spread across data-parallel ranks; 0 when in
+  step), ``wall_s``, ``work_s`` (train_time_s + eval_time_s + bench_time_s + paired_time_s),
+  ``overhead_s`` (wall_s - work_s),
   ``startup_s``, ``deepspeed_setup_s``, ``prep_s``, ``worker_import_s``, ``node_id``, ``hostname``;
 - provenance: ``git_commit``, ``{torch,deepspeed,ray,fvcore,triton}_version``, ``python_version``,
   ``device``, ``start_time``, ``end_time`` (epoch seconds).

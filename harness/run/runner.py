@@ -47,6 +47,7 @@ from harness.names import name_problem, safe_name
 from harness.provenance import project_commit
 from harness.results import Experiment, ResultsStore, join_uri
 from harness.run import tracking
+from harness.run.placement import placement_strategy
 from harness.run.progress import GridCallback, announce_stored
 from harness.run.rows import DeadTrialRecorder, RunInfo, TrialSpec, tune_payload, tune_trial_hash
 from harness.run.trial import TrialContext, trial_trainable
@@ -59,6 +60,7 @@ __all__ = [
     "plan",
     "rerun_reason",
     "trial_resources",
+    "trial_placement_group",
     "init_ray",
     "cluster_address",
     "results_problem",
@@ -126,6 +128,12 @@ def trial_resources(cfg: TrialConfig) -> dict[str, float]:
             out["GPU"] = float(r.gpus_per_worker)
         return out
     return {"memory": float(_DRIVER_MEMORY)}
+
+
+def trial_placement_group(cfg: TrialConfig) -> tune.PlacementGroupFactory:
+    """The Tune trial's placement group: its one bundle (``trial_resources``), with the strategy of
+    the trial's Ray Train workers (``STRICT_PACK`` for several GPU workers)."""
+    return tune.PlacementGroupFactory([trial_resources(cfg)], strategy=placement_strategy(cfg))
 
 
 class SharedResultsError(ValueError):
@@ -458,7 +466,7 @@ def _run_tune(
             # a restored trial this run did not plan (its row landed after Tune's last save): the
             # config the store keeps for it
             cfg = by_hash.get(h) or trial_from_dict(exp.read_json(exp.trial_path(h, "config.json")) or {})
-            return tune.PlacementGroupFactory([trial_resources(cfg)])
+            return trial_placement_group(cfg)
 
         specs = {p.config_hash: TrialSpec(p.cfg, p.config_hash) for p in pending}
         trainable = tune.with_resources(

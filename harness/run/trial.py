@@ -2,7 +2,9 @@
 
 ``trial_trainable(config, context)`` is the Tune function (one call per grid point; ``config["trial"]``
 holds its config hash and ``specs`` the typed ``TrialSpec`` of each). It skips a trial whose row is already in the store, then runs up to
-``resources.retries + 1`` attempts of ``harness.run.worker.train_worker``:
+``resources.retries + 1`` attempts of ``harness.run.worker.train_worker`` (with ``train.checkpoint_every``
+an attempt resumes from the last checkpoint an earlier attempt or run saved; a done trial's
+checkpoints are removed):
 
 - ``resources.workers > 1``: a Ray Train ``TorchTrainer`` starts that many workers (``ScalingConfig``;
   gloo on CPU, nccl on GPU via ``TorchConfig``), each runs ``train_worker`` data-parallel under DeepSpeed;
@@ -10,9 +12,10 @@ holds its config hash and ``specs`` the typed ``TrialSpec`` of each). It skips a
   the life of the process (Tune reuses it for the next trial with the same resources), which saves
   the ~15 s of starting a worker group and most of DeepSpeed's import and setup.
 
-The trial adds provenance and timing columns (``harness.run.rows``) and writes the row: ``done``, or
-``failed`` with the error and the traceback's tail (an exception, a NaN loss, an out-of-memory error, a
-worker that died), or ``timeout`` (a watchdog writes the row and ends the trial's process past
+The trial adds provenance and timing columns (``harness.run.rows``) and writes the row: ``done``
+(with ``measure_failed``/``measure_error`` if a measurement after training failed), or ``failed``
+with the error and the traceback's tail (an exception, a NaN loss, an out-of-memory error, a worker
+that died; ``error.txt`` keeps the whole traceback), or ``timeout`` (a watchdog writes the row and ends the trial's process past
 ``resources.timeout_s``). Overhead = wall time - (training + evaluation + benchmark time).
 """
 
@@ -33,9 +36,10 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from harness.config import trial_from_dict
+from harness.errors import full_traceback
 from harness.results import HEARTBEAT_S, Experiment, join_uri
 from harness.run import tracking
-from harness.run.placement import release_placement_groups
+from harness.run.placement import placement_strategy, release_placement_groups
 from harness.run.rows import (
     TRACEBACK_LINES,
     RunInfo,
@@ -47,7 +51,8 @@ from harness.run.rows import (
     failure_row,
     node_id,
 )
-from harness.run.worker import WorkerJob, train_worker
+from harness.run.worker import WorkerJob, checkpoint_uri, train_worker
+from harness.task.checkpoint import Checkpointer
 
 __all__ = ["TrialContext", "trial_trainable"]
 
@@ -89,6 +94,8 @@ def trial_trainable(config: dict[str, Any], context: TrialContext, specs: dict[s
             break
     points = row.pop("_track_points", None)
     exp.write_row(spec.config_hash, row)
+    if row["status"] == "done" and spec.cfg.train.checkpoint_every:  # a finished trial keeps none
+        Checkpointer(checkpoint_uri(spec, context.store_uri, context.experiment), 1).clear()
     tracking.finish_trial(context.track, context.track_run, row, points)
     tune.report({"status": row["status"], "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s")})
 
@@ -160,7 +167,7 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
     def _timeout() -> None:
         stack = "".join(traceback.format_stack(sys._current_frames().get(thread)))
         tail = "\n".join(stack.splitlines()[-TRACEBACK_LINES:])
-        exp.write_text(h, "error.txt", f"{msg}\n\n{tail}\n")
+        exp.write_text(h, "error.txt", f"{msg}\n\n{stack}")
         row = _failure("timeout", msg, "Timeout", tail)
         exp.write_row(h, row)
         tracking.finish_trial(context.track, context.track_run, row)
@@ -180,9 +187,9 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         try:
             result, startup_s = _fit(spec, context, attempt, deadline)
         except Exception as e:  # the trial failed; the grid goes on
-            tb = error_tail(e)
+            tb = error_tail(e)  # the row's tail; error.txt keeps the whole traceback
             timed_out = time.time() >= deadline  # the workers ended themselves at the deadline
-            exp.write_text(h, "error.txt", (f"{msg}\n\n" if timed_out else "") + tb + "\n")
+            exp.write_text(h, "error.txt", (f"{msg}\n\n" if timed_out else "") + full_traceback(e))
             if timed_out:
                 return _failure("timeout", msg, "Timeout", tb)
             return _failure("failed", error_message(e, exp.trial_uri(h, "error.txt")), error_type(e), tb)
@@ -205,7 +212,11 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         overhead_s=wall - work,
         startup_s=startup_s,
     )
-    exp.delete(exp.trial_path(h, "error.txt"))
+    measure_tb = row.pop("_measure_traceback", None)  # a measurement failed after training
+    if measure_tb:
+        exp.write_text(h, "error.txt", measure_tb)
+    else:
+        exp.delete(exp.trial_path(h, "error.txt"))
     return row
 
 
@@ -241,7 +252,10 @@ def _fit_ray_train(job: WorkerJob, context: TrialContext, attempt: int) -> Any:
         train_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
-            num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            num_workers=res.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+            placement_strategy=placement_strategy(job.spec.cfg),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

@@ -1,10 +1,15 @@
 """The Ray Train worker of a trial: train, evaluate and measure one variant under DeepSpeed.
 
 ``train_worker({"job": WorkerJob})`` runs on every rank (in the Tune trial's own process for a
-one-worker trial): it picks the accelerator, joins the process group, trains and evaluates
-(``harness.task.train.train_variant`` with a ``DeepSpeedBackend``), measures (``harness.task.measure``)
-and returns, on rank 0, the metric columns. Each rank's log (Python logging, warnings, prints)
-goes to the trial's folder in the store.
+one-worker trial): it picks the accelerator, joins the process group, probes the variant on one
+batch (``harness.task.probe``: forward, backward, FLOP trace; a variant that cannot train or be
+traced fails here, in seconds), trains and evaluates (``harness.task.train.train_variant`` with a
+``DeepSpeedBackend``; with ``train.checkpoint_every`` it saves checkpoints to ``checkpoint_uri`` and
+resumes from the last one an earlier attempt or run left), measures (``harness.task.measure``) and returns, on rank 0, the metric
+columns. A measurement that fails after training costs the row none of its other columns: the row
+names it in ``measure_failed`` and describes it in ``measure_error``, and the trial writes its whole
+traceback to ``error.txt``. Each rank's log (Python logging, warnings, prints) goes to the trial's
+folder in the store.
 """
 
 from __future__ import annotations
@@ -24,17 +29,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harness.errors import describe, full_traceback
 from harness.plugins import check_plugin_sources, load_entry_point_plugins, load_plugins
 from harness.provenance import environment
-from harness.results import Experiment
+from harness.results import Experiment, join_uri
 from harness.run import tracking
 from harness.run.placement import record_placement_group
 from harness.run.rows import TrialSpec
+from harness.task.checkpoint import Checkpointer
 from harness.task.distributed import DeepSpeedBackend, init_process_group, prepare_accelerator
 from harness.task.measure import measure, reset_peak_memory
+from harness.task.probe import probe
 from harness.task.train import train_variant
 
-__all__ = ["WorkerJob", "train_worker", "torch_threads"]
+__all__ = ["WorkerJob", "train_worker", "torch_threads", "checkpoint_uri"]
 
 
 @dataclass(frozen=True)
@@ -88,14 +96,25 @@ def _train_and_measure(
     logging.getLogger("harness").info("trial %s on rank %d of %d, device %s", cfg.name, rank, world, device)
     backend = DeepSpeedBackend(device)
     t_ready = time.time()
+    probed = probe(cfg, device)
     on_log = tracking.step_logger(*job.track) if job.track is not None and rank == 0 else None
-    metrics = train_variant(cfg, backend=backend, progress=False, on_log=on_log)
+    t_train = time.time()
+    every = cfg.train.checkpoint_every
+    checkpoints = (
+        Checkpointer(checkpoint_uri(job.spec, job.store_uri, job.experiment), every) if every else None
+    )
+    metrics = train_variant(cfg, backend=backend, progress=False, on_log=on_log, checkpoints=checkpoints)
     # data + model build and DeepSpeed setup inside train_variant: what its own timers leave out
-    prep = time.time() - t_ready - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
+    prep = time.time() - t_train - metrics.get("train_time_s", 0.0) - metrics.get("eval_time_s", 0.0)
     dp_diff = _replica_divergence(backend)
-    metrics.update(measure(cfg, backend, backend.model))  # peak memory included
+    measured, failed = measure(cfg, backend, backend.model)  # peak memory included
+    metrics.update(probed)
+    metrics.update(measured)
     if rank != 0:
         return None
+    metrics.update(
+        _measurement_failures(failed, Experiment(job.store_uri, job.experiment), job.spec.config_hash)
+    )
     metrics.update(environment(device, world))
     metrics.update(
         world_size=world,
@@ -104,19 +123,40 @@ def _train_and_measure(
         worker_import_s=t_ready - started,
         prep_s=prep - backend.setup_s,
         zero_stage=backend.ds_config["zero_optimization"]["stage"],
-        precision=(
-            "bf16"
-            if "torch_autocast" in backend.ds_config
-            else "fp16"
-            if "fp16" in backend.ds_config
-            else "fp32"
-        ),
+        precision=backend.precision,  # what the engine runs in, not what its config asked for
         _worker_started=started,
         _launched=job.launched,
     )
     if on_log is not None:
         metrics["_track_points"] = on_log.points  # for a tracker that logs the curve when the trial ends
     return metrics
+
+
+def checkpoint_uri(spec: TrialSpec, store_uri: str, experiment: str) -> str:
+    """Where the trial's checkpoints go: ``train.checkpoint_dir/<experiment>/<config_hash>`` or the
+    trial's folder in the store (``trials/<config_hash>/checkpoint``)."""
+    root = spec.cfg.train.checkpoint_dir
+    if root:
+        return join_uri(root, experiment, spec.config_hash)
+    return Experiment(store_uri, experiment).trial_uri(spec.config_hash, "checkpoint")
+
+
+def _measurement_failures(failed: dict[str, BaseException], exp: Experiment, h: str) -> dict[str, Any]:
+    """The row's record of measurements that failed after training: ``measure_failed`` (their names,
+    comma-separated; None when all ran), ``measure_error`` (one ``describe`` line each) and, for
+    the trial to write to ``error.txt``, their whole tracebacks."""
+    if not failed:
+        return {"measure_failed": None, "measure_error": None}
+    where = exp.trial_uri(h, "error.txt")
+    return {
+        "measure_failed": ",".join(failed),
+        "measure_error": "\n".join(
+            describe(e, traceback_path=where).splitlines()[0] for e in failed.values()
+        ),
+        "_measure_traceback": "\n".join(
+            f"measurement {n!r}:\n{full_traceback(e)}" for n, e in failed.items()
+        ),
+    }
 
 
 @contextlib.contextmanager

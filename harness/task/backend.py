@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sized
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -44,6 +45,9 @@ class TrainBackend(Protocol):
     - ``all_reduce_mean(value)``: a float or tensor averaged over ranks (identity on one process).
     - ``sampler(dataset, shuffle, seed)``: a sampler giving this rank its share (or ``None`` for the
       default order); ``train_variant`` calls ``set_epoch`` on it when it has one.
+    - ``save_state(folder, tag, client_state)`` / ``load_state(folder, tag) -> client_state``: the
+      training state (model, optimizer, schedule) for ``harness.task.checkpoint`` (optional: only
+      a trial with ``train.checkpoint_every`` calls them).
     """
 
     device: torch.device
@@ -129,6 +133,42 @@ class TorchBackend:
         self._clip = tc.grad_clip
         self._micro = 0
         return model
+
+    def _trained(
+        self, what: str
+    ) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        if self._model is None or self._opt is None or self._sched is None:
+            raise RuntimeError(f"{what} before setup(): the backend has no model and optimizer yet")
+        return self._model, self._opt, self._sched
+
+    def save_state(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
+        """Model, optimizer, schedule and micro-step counter in ``folder/tag/torch_state.pt``."""
+        model, opt, sched = self._trained("save_state()")
+        os.makedirs(os.path.join(folder, tag), exist_ok=True)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": self._scaler.state_dict() if self._scaler else None,
+                "micro": self._micro,
+                "client": client_state,
+            },
+            os.path.join(folder, tag, "torch_state.pt"),
+        )
+
+    def load_state(self, folder: str, tag: str) -> dict[str, Any]:
+        model, opt, sched = self._trained("load_state()")
+        state = torch.load(
+            os.path.join(folder, tag, "torch_state.pt"), map_location=self.device, weights_only=False
+        )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if self._scaler is not None and state["scaler"] is not None:
+            self._scaler.load_state_dict(state["scaler"])
+        self._micro = state["micro"]
+        return state["client"]
 
     def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self._accum

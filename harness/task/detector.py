@@ -34,6 +34,12 @@ alone, so that the trials of one seed differ only by their variant:
   ``(seed, "select", stage, index)`` (``set_selection_generators``), so selection never consumes the
   global RNG, one block's draws do not depend on the others', and the stream is the same on any
   device (the policies draw on the generator's device and move the result).
+- Per rank. What is drawn per step differs between the data-parallel ranks of a multi-worker trial
+  (else 8 GPUs would draw the same Gumbel noise and stochastic depth: 2 independent draws per global
+  batch of 16): rank ``r > 0`` keys its selection streams with ``("rank", r)`` as well, and seeds the
+  global RNG (stochastic depth) and its loader's workers with ``rank_seed(seed, r)``. Rank 0 draws
+  exactly what a one-worker trial draws, so a one-worker row is rank 0 of any multi-worker one.
+  Initial weights do not depend on the rank (``build_detector`` seeds them from the trial seed).
 
 Pretrained backbones. With ``model.pretrained`` the backbone loads the Swin checkpoint when it is
 built (``spa_core.pretrained``), the reference too, so what both have comes from the checkpoint and
@@ -46,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,6 +68,7 @@ __all__ = [
     "build_detector",
     "HEAD_TYPES",
     "derived_seed",
+    "rank_seed",
     "init_reference_config",
     "pretrained_columns",
     "share_initial_weights",
@@ -96,6 +104,10 @@ class Detector(nn.Module):
             hc.nms_thresh,
             hc.max_detections,
         )
+        # Averages a count over the data-parallel ranks (set by the trainer of a multi-worker trial):
+        # the loss normaliser of every rank is then the batch's positives over all ranks. Used in
+        # training only, where every rank runs the same number of forwards.
+        self.count_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -112,7 +124,9 @@ class Detector(nn.Module):
         out: dict[str, Any] = {"backbone": bb}
         hw = (images.shape[-2], images.shape[-1])
         if targets is not None:
-            parts = fcos_loss(cls, ltrb, ctr, self.strides, targets)
+            parts = fcos_loss(
+                cls, ltrb, ctr, self.strides, targets, count_mean=self.count_mean if self.training else None
+            )
             task = parts["cls"] + parts["box"] + parts["ctr"]
             labels = None
             if bb.blocks:
@@ -151,6 +165,12 @@ def derived_seed(seed: int, *keys: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s per-step draws (global RNG, loader workers): ``seed`` itself on
+    rank 0 (a one-worker trial), an independent stream of ``seed`` on every other rank."""
+    return int(seed) if rank == 0 else derived_seed(seed, "rank", int(rank))
+
+
 def init_reference_config(cfg: TrialConfig) -> TrialConfig:
     """The config of the dense network whose initial weights ``cfg``'s model shares (see the module
     docstring): ``cfg`` with ``model.variant: dense``, ``model.spa: None``, ``extra_stage3_blocks: 0``."""
@@ -179,16 +199,17 @@ def share_initial_weights(model: nn.Module, reference: nn.Module) -> list[str]:
     return copied
 
 
-def set_selection_generators(model: nn.Module, seed: int) -> int:
+def set_selection_generators(model: nn.Module, seed: int, rank: int = 0) -> int:
     """Give every module with a ``generator`` attribute (SPA blocks) its own CPU generator seeded from
-    ``(seed, "select", stage, index)`` (its qualified name if it has no ``stage``/``index``); returns
-    how many were set."""
+    ``(seed, "select", stage, index)`` (its qualified name if it has no ``stage``/``index``), with
+    ``("rank", rank)`` appended on a rank other than 0; returns how many were set."""
     n = 0
     for name, m in model.named_modules():
         g = getattr(m, "generator", False)
         if not (g is None or isinstance(g, torch.Generator)):  # no such attribute, or something else
             continue
         key = (m.stage, m.index) if hasattr(m, "stage") and hasattr(m, "index") else (name,)
+        key += ("rank", int(rank)) if rank else ()
         m.generator = torch.Generator().manual_seed(derived_seed(seed, "select", *key))
         n += 1
     return n
@@ -212,13 +233,14 @@ def pretrained_columns(model: Detector) -> dict[str, Any]:
     return {"pretrained_missing": missing, "pretrained_sha256": load.sha256}
 
 
-def build_detector(cfg: TrialConfig) -> Detector:
+def build_detector(cfg: TrialConfig, rank: int = 0) -> Detector:
     """The detector of a trial: ``spa_core.build_backbone(cfg.model)`` + the head of ``cfg.head``, its
     initial weights shared with the dense reference of ``cfg.seed`` and its selection streams seeded
-    (see the module docstring). Built on the CPU; the caller's RNG state is left as it was."""
+    for data-parallel rank ``rank`` (see the module docstring). Built on the CPU; the caller's RNG
+    state is left as it was."""
     model = _seeded_build(cfg)
     reference = init_reference_config(cfg)
     if (reference.model, reference.head) != (cfg.model, cfg.head):
         share_initial_weights(model, _seeded_build(reference))
-    set_selection_generators(model, cfg.seed)
+    set_selection_generators(model, cfg.seed, rank)
     return model

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -89,13 +91,40 @@ def comm_backend(device: torch.device | str) -> str:
 
 def prepare_accelerator() -> torch.device:
     """The device of this worker; on a machine without CUDA, ``DS_ACCELERATOR=cpu`` so DeepSpeed
-    (imported after this) picks its CPU accelerator. Call before the first ``import deepspeed``."""
+    (imported after this) picks its CPU accelerator. Call before the first ``import deepspeed``.
+
+    With CUDA present, a ``DS_ACCELERATOR`` other than ``cuda`` (a job environment written for CPU
+    nodes) is removed with a warning: DeepSpeed would otherwise autocast for the CPU and the run
+    would train on the GPU in fp32 while its config says bf16. If DeepSpeed already chose another
+    accelerator in this process, that cannot be undone: ``RuntimeError``."""
     if torch.cuda.is_available():
+        requested = os.environ.get("DS_ACCELERATOR")
+        if requested is not None and requested != "cuda":
+            del os.environ["DS_ACCELERATOR"]
+            warnings.warn(
+                f"DS_ACCELERATOR={requested} ignored: CUDA is present and the trial runs on the GPU "
+                "(leave DS_ACCELERATOR unset on GPU nodes)",
+                stacklevel=2,
+            )
+        chosen = _deepspeed_accelerator()
+        if chosen is not None and chosen != "cuda":
+            raise RuntimeError(
+                f"DeepSpeed was imported in this process with its {chosen!r} accelerator (DS_ACCELERATOR="
+                f"{requested or chosen}) before the trial started, but CUDA is present: it would run the GPU "
+                "trial with the wrong accelerator. Unset DS_ACCELERATOR in the job environment of GPU nodes."
+            )
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     os.environ["DS_ACCELERATOR"] = "cpu"
     return torch.device("cpu")
+
+
+def _deepspeed_accelerator() -> str | None:
+    """The accelerator DeepSpeed already chose in this process (``None``: not chosen yet)."""
+    module = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(module, "ds_accelerator", None) if module is not None else None
+    return chosen.device_name() if chosen is not None else None
 
 
 def init_process_group(device: torch.device) -> bool:
@@ -136,6 +165,27 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return self.engine.get_lr()[0] if self.engine is not None else float("nan")
 
+    @property
+    def precision(self) -> str:
+        """The precision the engine runs in, as the engine reports it (not the config it was given: a
+        DeepSpeed without the ``torch_autocast`` key ignores it and trains in fp32): ``bf16``,
+        ``fp16`` or ``fp32``."""
+        e = self.engine
+        if e is None:
+            return "unknown"
+        autocast = getattr(e, "torch_autocast_enabled", None)
+        if autocast is not None and autocast():
+            return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(e.torch_autocast_dtype(), "fp32")
+        if e.bfloat16_enabled():
+            return "bf16"
+        return "fp16" if e.fp16_enabled() else "fp32"
+
+    @property
+    def lockstep_forward(self) -> bool:
+        """Whether a forward is collective (ZeRO-3 gathers parameters in it): every rank must then
+        run as many forwards (``evaluate_variant`` pads a shard that has fewer batches)."""
+        return self.ds_config.get("zero_optimization", {}).get("stage") == 3
+
     def setup(self, model: nn.Module, cfg: TrialConfig) -> Any:
         t0 = time.perf_counter()
         import deepspeed
@@ -154,6 +204,20 @@ class DeepSpeedBackend:
         )
         self.setup_s = time.perf_counter() - t0
         return self.engine
+
+    def save_state(self, folder: str, tag: str, client_state: dict[str, Any]) -> None:
+        """The engine's checkpoint (model, optimizer shards, schedule, counters) in ``folder/tag``
+        (collective: every rank writes its optimizer shard, rank 0 the model)."""
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_state(self, folder: str, tag: str) -> dict[str, Any]:
+        """Load ``folder/tag`` (``save_state``'s) into the engine; returns its client state."""
+        path, client = self.engine.load_checkpoint(
+            folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {folder}")
+        return client or {}
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # the engine divides by gradient_accumulation_steps

@@ -211,6 +211,19 @@ class GateMeter:
         self._per_image["gate_f1"].extend(f1.tolist())
         self._per_image["label_fraction"].extend((pos / tokens).tolist())
 
+    @classmethod
+    def merged(cls, meters: list[GateMeter]) -> GateMeter:
+        """One meter holding the images of ``meters`` in their order (their lists concatenated): the
+        meters of a sharded evaluation's batches, put back in batch order, give what one meter fed
+        every batch in that order gives."""
+        out = cls()
+        for m in meters:
+            for key, vals in m._per_image.items():
+                out._per_image[key].extend(vals)
+            for key, vals in m._per_block.items():
+                out._per_block[key].extend(vals)
+        return out
+
     def summary(self) -> dict[str, float]:
         """``gate_precision``, ``gate_recall``, ``gate_f1``, ``kept_fraction``, ``label_fraction`` (means
         over images) with ``*_std`` (spread over images), and ``kept_fraction_s{stage}b{index}``."""

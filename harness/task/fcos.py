@@ -12,6 +12,7 @@ would learn from (smaller than a stride) gets the location nearest its centre.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import numpy as np
@@ -149,15 +150,7 @@ def fcos_targets(
 
     # A box no location learns from (smaller than a stride, or between points) gets the location
     # nearest its centre on the level its size belongs to.
-    orphans = (~cand.any(0)).nonzero().flatten().tolist()
-    if orphans:
-        half = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
-        offsets = np.cumsum([0] + per_level)
-        for m in orphans:
-            lvl = next(i for i, (lo, hi) in enumerate(_ranges(strides)) if half[m] <= hi)
-            a, b = int(offsets[lvl]), int(offsets[lvl + 1])
-            d = (pts[a:b, 0] - cx[m]) ** 2 + (pts[a:b, 1] - cy[m]) ** 2
-            cand[a + int(d.argmin()), m] = True
+    cand |= _nearest_locations(pts, per_level, _ranges(strides), boxes) & ~cand.any(0, keepdim=True)
 
     area = torch.where(cand, area, torch.full_like(area, math.inf))
     best, idx = area.min(1)  # the smallest box wins an ambiguous location
@@ -165,6 +158,23 @@ def fcos_targets(
     cls = torch.where(pos, labels.to(pts.device)[idx], torch.full_like(idx, -1))
     box = torch.where(pos[:, None], boxes[idx], torch.zeros_like(boxes[idx]))
     return cls, box
+
+
+def _nearest_locations(
+    pts: torch.Tensor, per_level: list[int], ranges: list[tuple[float, float]], boxes: torch.Tensor
+) -> torch.Tensor:
+    """``(P, M)`` bool: for each box, the location nearest its centre (the first of equals) on the
+    level its size belongs to (the first whose range reaches half its longer side). Every box at
+    once, on the device: no loop over boxes, no host sync."""
+    half = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2  # (M,)
+    his = pts.new_tensor([hi for _, hi in ranges[:-1]])  # (L-1,): the last level takes the rest
+    level = (half[:, None] > his[None, :]).sum(1)  # (M,)
+    level_of = torch.cat([pts.new_full((n,), i, dtype=torch.int64) for i, n in enumerate(per_level)])  # (P,)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # (M, 2)
+    d = ((pts[:, None, :] - centre[None]) ** 2).sum(-1)  # (P, M)
+    d = torch.where(level_of[:, None] == level[None, :], d, torch.full_like(d, math.inf))
+    nearest = torch.zeros_like(d, dtype=torch.bool)
+    return nearest.scatter_(0, d.argmin(0, keepdim=True), True)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -208,35 +218,45 @@ def fcos_loss(
     ctr: list[torch.Tensor],
     strides: list[int],
     targets: list[dict],
+    count_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Focal (classes) + GIoU (boxes) + BCE (centerness), each normalised by the number of positive
-    locations in the batch. ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
+    locations in the batch (at least 1). ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``.
+
+    ``count_mean``: averages a 0-dim tensor over the data-parallel ranks (collective). With it the
+    normaliser is the mean positive count of all ranks, as FCOS's reference does: averaged over the
+    ranks, the gradient is then that of the whole global batch's loss over all its positives, not
+    a mean of per-rank ratios that weights a rank with few objects as much as one with many."""
     points = level_points([(x.shape[-2], x.shape[-1]) for x in cls], strides, cls[0].device)
     pts = torch.cat(points)
     cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
     tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"]) for t in targets))
     tcls, tbox = torch.stack(tc), torch.stack(tb)  # (B, P), (B, P, 4)
     pos = tcls >= 0
-    num_pos = max(1.0, float(pos.sum()))
-    onehot = torch.zeros_like(cls_f)
-    onehot[pos] = F.one_hot(tcls[pos], cls_f.shape[-1]).to(onehot)
+    count = pos.sum().to(torch.float32)
+    if count_mean is not None:
+        count = count_mean(count)
+    num_pos = count.clamp(min=1.0)  # a tensor: no device sync
+    # Every location is computed and the background weighted 0, rather than the positives gathered:
+    # no data-dependent shape, so no host sync, and every output stays in the graph when a batch has
+    # no positive at all.
+    onehot = (tcls[..., None] == torch.arange(cls_f.shape[-1], device=tcls.device)).to(cls_f)  # (B, P, K)
     loss_cls = _focal_loss(cls_f, onehot) / num_pos
-    if not pos.any():
-        zero = cls_f.sum() * 0 + ltrb_f.sum() * 0 + ctr_f.sum() * 0  # keeps every output in the graph
-        return {"cls": loss_cls, "box": zero, "ctr": zero, "num_pos": torch.tensor(0.0)}
-    p_xy = pts[None].expand(len(targets), -1, -1)[pos]  # (n, 2)
-    d = ltrb_f[pos]  # (n, 4)
-    pred_box = torch.cat([p_xy - d[:, :2], p_xy + d[:, 2:]], 1)
-    gt = tbox[pos]
-    loss_box = _giou_loss(pred_box, gt).sum() / num_pos
-    lr_ = torch.stack([p_xy[:, 0] - gt[:, 0], gt[:, 2] - p_xy[:, 0]], 1).clamp(min=0)
-    tb_ = torch.stack([p_xy[:, 1] - gt[:, 1], gt[:, 3] - p_xy[:, 1]], 1).clamp(min=0)
+    w = pos.to(cls_f)  # (B, P)
+    p_xy = pts[None].expand(len(targets), -1, -1)  # (B, P, 2)
+    pred_box = torch.cat([p_xy - ltrb_f[..., :2], p_xy + ltrb_f[..., 2:]], -1)  # (B, P, 4)
+    loss_box = (_giou_loss(pred_box.reshape(-1, 4), tbox.reshape(-1, 4)) * w.reshape(-1)).sum() / num_pos
+    lr_ = torch.stack([p_xy[..., 0] - tbox[..., 0], tbox[..., 2] - p_xy[..., 0]], -1).clamp(
+        min=0
+    )  # (B, P, 2)
+    tb_ = torch.stack([p_xy[..., 1] - tbox[..., 1], tbox[..., 3] - p_xy[..., 1]], -1).clamp(min=0)
     centerness = torch.sqrt(
-        (lr_.min(1).values / lr_.max(1).values.clamp(min=1e-6))
-        * (tb_.min(1).values / tb_.max(1).values.clamp(min=1e-6))
-    )
-    loss_ctr = F.binary_cross_entropy_with_logits(ctr_f[pos], centerness, reduction="sum") / num_pos
-    return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr, "num_pos": torch.tensor(num_pos)}
+        (lr_.min(-1).values / lr_.max(-1).values.clamp(min=1e-6))
+        * (tb_.min(-1).values / tb_.max(-1).values.clamp(min=1e-6))
+    )  # (B, P); 0 on the background (its box is zeros)
+    bce = F.binary_cross_entropy_with_logits(ctr_f, centerness, reduction="none")  # (B, P)
+    loss_ctr = (bce * w).sum() / num_pos
+    return {"cls": loss_cls, "box": loss_box, "ctr": loss_ctr, "num_pos": count.detach()}
 
 
 @torch.no_grad()

@@ -51,6 +51,11 @@ latency a user of the detector sees.
 - ``peak_mem_mb``: peak resident set of the process (CPU; reset at the trial's start where Linux
   allows) or ``torch.cuda.max_memory_allocated`` (CUDA), ``peak_mem_kind`` says which;
 - ``backbone_params`` (the task reports ``num_params`` for the whole detector).
+
+Each measurement runs on its own (``MEASUREMENTS``): one that fails gives no columns and is returned
+by name with its exception, the others still run, and the trial keeps its trained metrics
+(``harness.run.worker`` records the failure in the row). A trial finds most such failures before it
+trains: ``harness.task.probe`` runs a forward, a backward and the FLOP trace on one batch first.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from spa_core.contracts import check_attention_macs
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
+    "MEASUREMENTS",
     "measure",
     "paired_speedup",
     "reset_peak_memory",
@@ -231,6 +237,9 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
     return total
 
 
+MEASUREMENTS = ("inference_timing", "flops", "train_step_timing", "peak_memory", "paired_speedup")
+
+
 def real_images(images: torch.Tensor, targets: list[dict[str, Any]]) -> list[torch.Tensor]:
     """A padded batch ``images (B, 3, H, W)`` -> its images without the batch padding, those of one
     real size stacked together: ``[(B_k, 3, h_k, w_k)]`` in order of first appearance."""
@@ -241,9 +250,15 @@ def real_images(images: torch.Tensor, targets: list[dict[str, Any]]) -> list[tor
     return [torch.stack(g) for g in groups.values()]
 
 
-def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
-    """The measurement columns of a trial (see the module docstring). Every rank calls it (a
-    training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
+def measure(cfg, backend, detector: Detector) -> tuple[dict[str, Any], dict[str, BaseException]]:
+    """The measurement columns of a trial (see the module docstring) and the measurements that failed.
+
+    Each of ``MEASUREMENTS`` runs on its own: one that raises (fvcore cannot trace a plugin, the
+    timing runs out of memory) gives no columns and is returned in ``failed`` (name -> the
+    exception, with a note naming it), and the others still run, so a trained and evaluated trial
+    keeps every number it got. Every rank calls it (a training step is collective; ZeRO-3 gathers
+    parameters collectively); rank 0 reports. A failure is assumed to strike every rank alike (the
+    same model on the same batch), as a collective inside a measurement needs."""
     bc = cfg.bench
     device = backend.device
     engine = backend.engine
@@ -257,47 +272,59 @@ def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
         "bench_batch": int(images.shape[0]),
         "bench_padding_fraction": 1.0 - real / (images.shape[0] * images.shape[-2] * images.shape[-1]),
     }
+    failed: dict[str, BaseException] = {}
 
-    engine.eval()
-    forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device, sizes)
-    with torch.no_grad():
-        fwd = timed(forward, bc.warmup, bc.repeats, device)
-        infer = timed(lambda: engine(images, None, sizes), bc.warmup, bc.repeats, device)
-    out.update(
-        forward_ms=fwd["median"],
-        forward_ms_iqr=fwd["iqr"],
-        forward_samples_per_s=images.shape[0] / fwd["median"] * 1e3,
-        infer_ms=infer["median"],
-        infer_ms_iqr=infer["iqr"],
-        infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
-    )
+    def attempt(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        try:
+            out.update(fn())
+        except Exception as e:  # recorded in the row; the other measurements go on
+            e.add_note(f"measurement {name!r} after training")
+            failed[name] = e
+            warnings.warn(f"measurement {name!r} failed: {type(e).__name__}: {e}", stacklevel=2)
 
-    flop_batch, flop_targets = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)), size_divisor(cfg))
-    macs: Counter[str] = Counter()
-    unsupported: Counter[str] = Counter()
-    analytic = 0.0
-    with backend.gathered_parameters():
-        for part in real_images(flop_batch.to(device), flop_targets):  # each real size alone: no padding
-            with torch.no_grad():
-                blocks = detector.eval()(part)["backbone"].blocks
-            counted = fvcore_macs(detector, part)
-            for item in filter(None, counted.pop("unsupported").split(",")):
-                op, n = item.rsplit(":", 1)
-                unsupported[op] += int(n)
-            macs.update(counted)
-            analytic += analytic_attention_macs(cfg, blocks, (part.shape[-2], part.shape[-1]), part.shape[0])
-    b = flop_batch.shape[0]
-    out.update(
-        flop_images=b,
-        gmacs=macs["total"] / b / 1e9,
-        backbone_gmacs=macs["backbone"] / b / 1e9,
-        fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic / b / 1e9,
-        fvcore_unsupported_ops=",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
-        backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
-    )
+    def inference_timing() -> dict[str, Any]:
+        engine.eval()
+        forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device, sizes)
+        with torch.no_grad():
+            fwd = timed(forward, bc.warmup, bc.repeats, device)
+            infer = timed(lambda: engine(images, None, sizes), bc.warmup, bc.repeats, device)
+        return {
+            "forward_ms": fwd["median"],
+            "forward_ms_iqr": fwd["iqr"],
+            "forward_samples_per_s": images.shape[0] / fwd["median"] * 1e3,
+            "infer_ms": infer["median"],
+            "infer_ms_iqr": infer["iqr"],
+            "infer_samples_per_s": images.shape[0] / infer["median"] * 1e3,
+        }
 
-    if bc.train_step:
+    def flops() -> dict[str, Any]:
+        flop_batch, flop_targets = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)), size_divisor(cfg))
+        macs: Counter[str] = Counter()
+        unsupported: Counter[str] = Counter()
+        analytic = 0.0
+        with backend.gathered_parameters():
+            for part in real_images(flop_batch.to(device), flop_targets):  # each real size alone: no padding
+                with torch.no_grad():
+                    blocks = detector.eval()(part)["backbone"].blocks
+                counted = fvcore_macs(detector, part)
+                for item in filter(None, counted.pop("unsupported").split(",")):
+                    op, n = item.rsplit(":", 1)
+                    unsupported[op] += int(n)
+                macs.update(counted)
+                analytic += analytic_attention_macs(
+                    cfg, blocks, (part.shape[-2], part.shape[-1]), part.shape[0]
+                )
+        b = flop_batch.shape[0]
+        return {
+            "flop_images": b,
+            "gmacs": macs["total"] / b / 1e9,
+            "backbone_gmacs": macs["backbone"] / b / 1e9,
+            "fvcore_attn_gmacs": macs["attn"] / b / 1e9,
+            "analytic_attn_gmacs": analytic / b / 1e9,
+            "fvcore_unsupported_ops": ",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
+        }
+
+    def train_step_timing() -> dict[str, Any]:
         t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size, size_divisor(cfg))
         t_images, t_targets = t_images.to(device), to_device(t_targets, device)
         t_sizes = image_sizes(t_images, t_targets)
@@ -309,17 +336,29 @@ def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
             backend.backward(loss)
             backend.step()
 
-        step = timed(_step, bc.warmup, bc.repeats, device)
-        out.update(
-            train_step_ms=step["median"],
-            train_step_ms_iqr=step["iqr"],
-            train_step_samples_per_s=t_images.shape[0] * backend.world_size / step["median"] * 1e3,
-        )
-        engine.eval()
+        try:
+            step = timed(_step, bc.warmup, bc.repeats, device)
+        finally:
+            engine.eval()
+        return {
+            "train_step_ms": step["median"],
+            "train_step_ms_iqr": step["iqr"],
+            "train_step_samples_per_s": t_images.shape[0] * backend.world_size / step["median"] * 1e3,
+        }
+
+    def memory() -> dict[str, Any]:
+        mb, kind = peak_memory(device)
+        return {"peak_mem_mb": mb, "peak_mem_kind": kind}
+
+    out["backbone_params"] = sum(p.numel() for p in detector.backbone.parameters())
+    attempt("inference_timing", inference_timing)
+    attempt("flops", flops)
+    if bc.train_step:
+        attempt("train_step_timing", train_step_timing)
     out["bench_time_s"] = time.perf_counter() - t0
-    out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
-    out.update(paired_speedup(cfg, backend, detector, images, sizes))
-    return out
+    attempt("peak_memory", memory)  # before the dense twin exists
+    attempt("paired_speedup", lambda: paired_speedup(cfg, backend, detector, images, sizes))
+    return out, failed
 
 
 def _autocast_call(

@@ -64,11 +64,13 @@ def test_padding_is_a_negative_label_never_kept_and_never_counted(selection):
         y = labels[info.grid].reshape(2, -1)
         assert not y[pad].any() and y[real].any()  # negatives there: boxes never reach the padding
         assert info.kept_fraction == pytest.approx(float(info.counts.sum()) / float(real.sum()))
+    kept_share = sum(float(b.mask.sum()) for b in blocks) / sum(float(b.valid.sum()) for b in blocks)
+    assert float(_kept_fraction(blocks, images)) == pytest.approx(kept_share)  # the padding left out
     meter = GateMeter()
     meter.update(blocks, labels)
     kept = meter.summary()
     if selection == "all":  # every real token kept: the padding is not dropped compute
-        assert kept["kept_fraction"] == 1.0 and _kept_fraction(blocks) == 1.0
+        assert kept["kept_fraction"] == 1.0 and float(_kept_fraction(blocks, images)) == 1.0
         assert all(float(b.kept_fraction) == 1.0 for b in blocks)
         per_block = [v for k, v in kept.items() if re.fullmatch(r"kept_fraction_s\d+b\d+", k)]
         assert len(per_block) == len(blocks) and all(v == 1.0 for v in per_block)
@@ -168,7 +170,8 @@ def test_flops_are_counted_on_each_image_at_its_own_size(two_image_coco, monkeyp
         return out
 
     monkeypatch.setattr(measure_mod, "fvcore_macs", spy)
-    row = measure(cfg, _Backend(device=torch.device("cpu"), engine=det, world_size=1), det)
+    row, failed = measure(cfg, _Backend(device=torch.device("cpu"), engine=det, world_size=1), det)
+    assert not failed
     # the two images alone: 48 x 96 (h x w) and 96 x 48; the batch 96 x 96, half of it padding
     assert [shape for shape, _ in counted] == [(1, 3, 48, 96), (1, 3, 96, 48)]
     assert row["gmacs"] == pytest.approx(sum(total for _, total in counted) / 2 / 1e9)

@@ -1,5 +1,7 @@
 """harness/task/coco.py: a COCO set loads into the right targets, and every rule of the format is
-checked: an error naming the file and the id, or with ``skip_bad`` a skip counted by reason."""
+checked: an error naming the file and the id, or with ``skip_bad`` a skip counted by reason; a
+degenerate box (real COCO has two) is dropped and counted; a file is parsed once per process and
+kept as arrays."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
 from harness.task.coco import CocoDetection, DatasetError
 from harness.task.data import build_datasets, collate, fixed_batch
@@ -60,7 +65,6 @@ def test_two_image_coco_loads_boxes_and_labels(two_image_coco):
 # One bad second annotation per rule: (the change, the words the error carries).
 BAD_ANNOTATION = {
     "box_outside_image": (dict(bbox=[30, 2, 20, 5]), "lies outside its image a.png (40x20)"),
-    "degenerate_box": (dict(bbox=[2, 2, 0, 5]), "zero or negative width/height"),
     "malformed_box": (dict(bbox=[2, 2, "w", 5]), "is not 4 finite numbers"),
     "unknown_category": (dict(category_id=99), "category_id 99 is not in 'categories'"),
     "unknown_image": (dict(image_id=555), "image_id 555 is not in 'images'"),
@@ -278,3 +282,193 @@ def test_build_datasets_reads_a_coco_root(two_image_coco):
     assert len(train) == len(val) == 2
     with pytest.raises(DatasetError, match="data.root is not set"):
         build_datasets(DataConfig(dataset="coco"))
+
+
+@pytest.mark.parametrize("bbox", [[2, 2, 4, 0], [2, 2, 0, 5], [2, 2, 0, 0], [2, 2, -3, 4]])
+def test_a_degenerate_box_is_dropped_and_counted_not_refused(tmp_path, write_coco, bbox, caplog):
+    """COCO train2017's annotations 918 and 2206849 have a zero-height box: the set loads, as
+    mmdetection's and torchvision's loaders load it, and the log says what was dropped."""
+    ann = write_coco(tmp_path, [_img()], _anns(bbox=bbox))
+    for skip_bad in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="harness.task.coco"):
+            ds = CocoDetection(tmp_path / "images", ann, 40, skip_bad=skip_bad)
+        assert ds.dropped == {"degenerate_box": 1} and not ds.skipped
+        assert (
+            f"{ann}: dropped 1 annotation(s) with a zero or negative width or height (ids 2)" in caplog.text
+        )
+        assert ds[0][1]["labels"].tolist() == [0] and ds.coco_gt().getAnnIds() == [1]
+
+
+def test_the_task_reports_the_dropped_boxes_in_its_metrics(tmp_path, write_coco):
+    from harness.config import trial_from_dict
+    from harness.task.train import train_variant
+
+    imgs = [_img(11, "a.png", 64, 64), _img(12, "b.png", 64, 48)]
+    anns = [
+        {"id": 1, "image_id": 11, "category_id": 3, "bbox": [4, 4, 20, 20]},
+        {"id": 918, "image_id": 11, "category_id": 7, "bbox": [30, 30, 12, 0]},
+        {"id": 3, "image_id": 12, "category_id": 7, "bbox": [10, 10, 30, 20]},
+    ]
+    ann = write_coco(tmp_path, imgs, anns)
+    cfg = trial_from_dict(
+        {
+            "preset": "micro",
+            "head": {"num_classes": 2},
+            "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1},
+            "data": {
+                "dataset": "coco",
+                "root": str(tmp_path),
+                "train_images": "images",
+                "train_ann": ann.name,
+                "val_images": "images",
+                "val_ann": ann.name,
+                "image_size": 64,
+            },
+        }
+    )
+    metrics = train_variant(cfg, progress=False)
+    assert metrics["train_boxes_dropped"] == 1 and metrics["val_boxes_dropped"] == 1
+    assert math.isfinite(metrics["map"])
+
+
+def test_a_file_is_parsed_once_per_process_and_again_when_it_changes(tmp_path, write_coco, monkeypatch):
+    from harness.task import coco as coco_mod
+
+    parses = []
+    real = json.loads
+    monkeypatch.setattr(coco_mod.json, "loads", lambda raw: parses.append(1) or real(raw))
+    ann = write_coco(tmp_path, [_img()], _anns())
+    a = CocoDetection(tmp_path / "images", ann, 40)
+    b = CocoDetection(tmp_path / "images", ann, 64)  # another image size: the same index
+    assert len(parses) == 1 and a.index is b.index and b[0][0].shape == (3, 64, 64)
+    CocoDetection(tmp_path / "images", ann, 40, clip_boxes=True)  # other options: parsed again
+    assert len(parses) == 2
+    write_coco(tmp_path, [_img()], _anns(bbox=[2, 2, 5, 4]))  # same path, same size, other bytes
+    c = CocoDetection(tmp_path / "images", ann, 40)
+    assert len(parses) == 3 and c[0][1]["boxes"][1].tolist() == [2.0, 2.0, 7.0, 6.0]
+
+
+def test_the_index_is_arrays_without_polygons(tmp_path, write_coco):
+    """What loader workers fork: arrays, not an object per annotation, and no segmentation."""
+    import pickle
+
+    polygon = [[float(v) for v in range(2000)]]
+    anns = [
+        {"id": i + 1, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5], "segmentation": polygon}
+        for i in range(50)
+    ]
+    ann = write_coco(tmp_path, [_img()], anns)
+    ds = CocoDetection(tmp_path / "images", ann, 40)
+    arrays = [v for v in vars(ds.index).values() if isinstance(v, np.ndarray)]
+    assert len(arrays) == 10 and all(a.dtype != object for a in arrays)
+    assert len(pickle.dumps(ds)) < ann.stat().st_size / 50
+    assert "segmentation" not in ds.coco_gt().loadAnns([1])[0]
+    assert len(ds[0][1]["boxes"]) == 50
+
+
+# --- structural corruptions: each one still refuses the file, naming it (and the id it concerns) ---
+def _valid_coco() -> dict:
+    return {
+        "images": [
+            {"id": 11, "file_name": "a.png", "width": 40, "height": 20},
+            {"id": 12, "file_name": "b.png", "width": 40, "height": 20},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 11, "category_id": 3, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0},
+            {"id": 2, "image_id": 12, "category_id": 7, "bbox": [2, 2, 4, 4], "area": 16, "iscrowd": 0},
+            {"id": 3, "image_id": 12, "category_id": 3, "bbox": [9, 3, 6, 7], "area": 42, "iscrowd": 0},
+        ],
+        "categories": [{"id": 3, "name": "three"}, {"id": 7, "name": "seven"}],
+    }
+
+
+_NOT_AN_ID = st.one_of(
+    st.none(), st.text(max_size=3), st.floats(allow_nan=False), st.booleans(), st.just([1])
+)
+
+
+@st.composite
+def _corruption(draw):
+    """``(data or text, words the error must carry)`` for one random structural corruption."""
+    data = _valid_coco()
+    kind = draw(
+        st.sampled_from(
+            [
+                "truncate",
+                "not_list",
+                "drop_key",
+                "bad_id",
+                "duplicate_id",
+                "unknown_ref",
+                "bad_box",
+                "bad_image",
+            ]
+        )
+    )
+    section = draw(st.sampled_from(["images", "annotations", "categories"]))
+    entries = data[section]
+    i = draw(st.integers(0, len(entries) - 1))
+    what = {"images": "image", "annotations": "annotation", "categories": "category"}[section]
+    if kind == "truncate":
+        text = json.dumps(data)
+        return text[: draw(st.integers(0, len(text.rstrip()) - 2))], "malformed JSON"
+    if kind == "not_list":
+        data[section] = draw(st.one_of(st.none(), st.just({}), st.integers(), st.text(max_size=4)))
+        return data, f"missing or non-list {section!r}"
+    if kind == "drop_key":
+        if section == "annotations":
+            key = draw(st.sampled_from(["id", "image_id", "category_id", "bbox"]))
+        elif section == "images":
+            key = draw(st.sampled_from(["id", "file_name", "width", "height"]))
+        else:
+            key = "id"
+        ident = entries[i]["id"]
+        del entries[i][key]
+        return data, what if key == "id" else f"{what} id {ident}"
+    if kind == "bad_id":
+        entries[i]["id"] = draw(_NOT_AN_ID)
+        return data, what
+    if kind == "duplicate_id":
+        j = (i + 1) % len(entries)
+        entries[j]["id"] = entries[i]["id"]
+        return data, f"{what} id {entries[i]['id']} appears"
+    if kind == "unknown_ref":
+        a = draw(st.integers(0, 2))
+        key = draw(st.sampled_from(["image_id", "category_id"]))
+        data["annotations"][a][key] = draw(st.one_of(st.integers(100, 10**9), _NOT_AN_ID))
+        return data, f"annotation id {data['annotations'][a]['id']}: {key}"
+    if kind == "bad_box":
+        a = draw(st.integers(0, 2))
+        data["annotations"][a]["bbox"] = draw(
+            st.one_of(
+                st.lists(st.floats(-5, 50), min_size=0, max_size=3),
+                st.lists(st.floats(-5, 50), min_size=5, max_size=6),
+                st.just([1, 1, "w", 4]),
+                st.just([1, 1, None, 4]),
+                st.just("1 1 4 4"),
+                st.just([30, 1, 30, 4]),  # 20 px outside its 40 px wide image
+            )
+        )
+        return data, f"annotation id {data['annotations'][a]['id']}: bbox"
+    img = data["images"][draw(st.integers(0, 1))]
+    img[draw(st.sampled_from(["width", "height"]))] = draw(
+        st.one_of(st.integers(-5, 0), st.just(4.5), st.just("40"))
+    )
+    return data, f"image id {img['id']}"
+
+
+@given(corruption=_corruption())
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_structural_corruption_is_refused_with_the_file_and_id(tmp_path, corruption):
+    data, words = corruption
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for name in ("a.png", "b.png"):
+        if not (images / name).exists():
+            Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(images / name)
+    ann = tmp_path / "instances.json"
+    ann.write_text(data if isinstance(data, str) else json.dumps(data))
+    with pytest.raises(DatasetError) as err:
+        CocoDetection(images, ann, 40)
+    assert str(err.value).startswith(f"{ann}: ") and words in str(err.value), (str(err.value), words)

@@ -1,5 +1,7 @@
 """DeepSpeed config builder and DeepSpeedBackend on a one-process gloo group (CPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -143,3 +145,50 @@ def test_paired_speedup_times_a_plain_copy_under_zero3(one_process_group, tmp_pa
     assert out["paired_repeats"] == 2 and out["speedup_vs_dense"] > 0
     plain = torch.nn.Linear(2, 2)
     assert not zero3_partitioned(plain) and timing_copy(cfg, plain) is plain  # no ZeRO-3: the model itself
+
+
+def test_a_cpu_accelerator_is_cleared_when_cuda_is_present(monkeypatch):
+    """A job environment written for CPU nodes (DS_ACCELERATOR=cpu) on a GPU node: DeepSpeed would
+    autocast for the CPU and train on the GPU in fp32. The worker drops it, with a warning."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from harness.task.distributed import prepare_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    devices = []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    fresh = ModuleType("deepspeed.accelerator.real_accelerator")
+    fresh.ds_accelerator = None  # DeepSpeed not imported yet in this process: it will choose CUDA
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator.real_accelerator", fresh)
+    with pytest.warns(UserWarning, match="DS_ACCELERATOR=cpu ignored: CUDA is present"):
+        assert prepare_accelerator() == torch.device("cuda", 3)
+    assert "DS_ACCELERATOR" not in os.environ and devices == [3]
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # what a GPU node may set: kept, silently
+    assert prepare_accelerator() == torch.device("cuda", 3) and os.environ["DS_ACCELERATOR"] == "cuda"
+    # DeepSpeed imported earlier in this process with its CPU accelerator: too late to fix, refused
+    fresh.ds_accelerator = SimpleNamespace(device_name=lambda: "cpu")
+    with pytest.raises(RuntimeError, match="imported in this process with its 'cpu' accelerator"):
+        prepare_accelerator()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_row_precision_is_what_the_engine_runs(one_process_group, monkeypatch, precision, dtype):
+    from harness.task.distributed import DeepSpeedBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    backend = DeepSpeedBackend()
+    engine = backend.setup(model, _cfg(steps=1, batch_size=2, precision=precision, warmup_steps=1))
+    engine(torch.randn(2, 4))
+    assert seen == [dtype] and backend.precision == precision  # reported = observed
+    # a DeepSpeed that does not know the torch_autocast key (before 0.17.2) trains in fp32 whatever
+    # the config says; the engine's own answer is what the row records
+    monkeypatch.setattr(engine, "torch_autocast_enabled", lambda: False)
+    assert "torch_autocast" in backend.ds_config or precision == "fp32"
+    assert backend.precision == "fp32"

@@ -312,7 +312,8 @@ def test_the_timed_forward_never_runs_the_postprocessing(postprocess_calls):
     backend = SimpleNamespace(
         device=torch.device("cpu"), engine=det, world_size=1, gathered_parameters=nullcontext
     )
-    row = measure(cfg, backend, det)
+    row, failed = measure(cfg, backend, det)
+    assert failed == {}
     bc = cfg.bench
     assert len(postprocess_calls) == (bc.warmup + bc.repeats) + 1  # infer_ms's calls and the kept counts
     assert row["forward_ms"] > 0 and row["infer_ms"] > 0 and row["speedup_timed"] == "backbone+head"

@@ -196,8 +196,8 @@ def _record_batches(cfg, monkeypatch) -> dict[str, list]:
     seen: dict[str, list] = {"train": [], "eval": []}
     real = task_train.build_detector
 
-    def recording(c):
-        model = real(c)
+    def recording(c, **kw):
+        model = real(c, **kw)
 
         def hook(module, args):
             images, targets, sizes = args

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness.config import ConfigError, trial_from_dict
 from harness.task.detector import build_detector
 from harness.task.fcos import FCOSHead, fcos_loss, fcos_postprocess, fcos_targets, level_points, nms
 from spa_core import MODEL_VARIANTS
+from tests._syncs import count_host_syncs
 
 
 def test_targets_assign_by_size_centre_and_orphans():
@@ -120,3 +123,135 @@ def test_spa_stages_the_head_does_not_read_are_refused():
         3,
         4,
     )  # the default reads every SPA stage
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_the_normaliser_averaged_over_ranks_gives_the_global_batch_loss(split):
+    """Two ranks holding parts of one batch with different numbers of objects: with the positive
+    count averaged over the ranks (``count_mean``), the mean of the ranks' losses (what data
+    parallelism's gradient averaging optimises) is the loss of the whole batch. Normalised per rank,
+    it is not: a rank with one object would weigh as much as one with many."""
+    torch.manual_seed(0)
+    strides = [8, 16]
+    head = FCOSHead([8, 8], strides, num_classes=3, channels=8)
+    feats = [torch.randn(4, 8, 8, 8), torch.randn(4, 8, 4, 4)]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4, 30, 30]] * n) + torch.arange(n)[:, None] * 5,
+            "labels": torch.arange(n) % 3,
+        }
+        for n in (1, 5, 2, 0)
+    ]
+    cls, ltrb, ctr = head(feats)
+
+    def part(lo, hi, count_mean=None):
+        out = fcos_loss([c[lo:hi] for c in cls], [x[lo:hi] for x in ltrb], [x[lo:hi] for x in ctr], strides,
+                        targets[lo:hi], count_mean=count_mean)  # fmt: skip
+        return out, sum(out[k] for k in ("cls", "box", "ctr"))
+
+    whole, total = part(0, 4)
+    (pa, _), (pb, _) = part(0, split), part(split, 4)
+    mean_count = (pa["num_pos"] + pb["num_pos"]) / 2  # what all_reduce-mean gives each rank
+    assert pa["num_pos"] != pb["num_pos"]
+    _, la = part(0, split, lambda c: mean_count)
+    _, lb = part(split, 4, lambda c: mean_count)
+    torch.testing.assert_close((la + lb) / 2, total)
+    (_, la_local), (_, lb_local) = part(0, split), part(split, 4)
+    assert not torch.allclose((la_local + lb_local) / 2, total)  # per-rank normalisers differ
+
+
+# --- no host sync in target assignment and the loss; the same targets and loss as the per-box way ----
+def _orphans_ref(pts, per_level, strides, boxes, cand):
+    """What target assignment did before: a Python loop over the boxes no location learns from."""
+    from harness.task.fcos import _ranges
+
+    half = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    offsets = [0]
+    for n in per_level:
+        offsets.append(offsets[-1] + n)
+    cand = cand.clone()
+    for m in (~cand.any(0)).nonzero().flatten().tolist():
+        lvl = next(i for i, (lo, hi) in enumerate(_ranges(strides)) if half[m] <= hi)
+        a, b = offsets[lvl], offsets[lvl + 1]
+        d = (pts[a:b, 0] - cx[m]) ** 2 + (pts[a:b, 1] - cy[m]) ** 2
+        cand[a + int(d.argmin()), m] = True
+    return cand
+
+
+def _loss_ref(cls, ltrb, ctr, strides, targets):
+    """The loss as it was computed before: the positive locations gathered (boolean indexing)."""
+    import torch.nn.functional as F
+
+    from harness.task.fcos import _flatten, _focal_loss, _giou_loss
+
+    points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
+    pts = torch.cat(points)
+    cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
+    tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"]) for t in targets))
+    tcls, tbox = torch.stack(tc), torch.stack(tb)
+    pos = tcls >= 0
+    num_pos = max(1.0, float(pos.sum()))
+    onehot = torch.zeros_like(cls_f)
+    onehot[pos] = F.one_hot(tcls[pos], cls_f.shape[-1]).to(onehot)
+    out = {"cls": _focal_loss(cls_f, onehot) / num_pos}
+    if not pos.any():
+        return {**out, "box": torch.tensor(0.0), "ctr": torch.tensor(0.0)}
+    p_xy = pts[None].expand(len(targets), -1, -1)[pos]
+    d = ltrb_f[pos]
+    gt = tbox[pos]
+    out["box"] = _giou_loss(torch.cat([p_xy - d[:, :2], p_xy + d[:, 2:]], 1), gt).sum() / num_pos
+    lr_ = torch.stack([p_xy[:, 0] - gt[:, 0], gt[:, 2] - p_xy[:, 0]], 1).clamp(min=0)
+    tb_ = torch.stack([p_xy[:, 1] - gt[:, 1], gt[:, 3] - p_xy[:, 1]], 1).clamp(min=0)
+    c = torch.sqrt(
+        (lr_.min(1).values / lr_.max(1).values.clamp(min=1e-6))
+        * (tb_.min(1).values / tb_.max(1).values.clamp(min=1e-6))
+    )
+    out["ctr"] = F.binary_cross_entropy_with_logits(ctr_f[pos], c, reduction="sum") / num_pos
+    return out
+
+
+@st.composite
+def _image_boxes(draw, size=64):
+    """Up to 6 boxes anywhere on a ``size`` image, tiny ones (between points: orphans) included."""
+    n = draw(st.integers(0, 6))
+    boxes = []
+    for _ in range(n):
+        x0, y0 = draw(st.floats(0, size - 1)), draw(st.floats(0, size - 1))
+        w, h = draw(st.floats(0.5, size)), draw(st.floats(0.5, size))
+        boxes.append([x0, y0, min(size, x0 + w), min(size, y0 + h)])
+    labels = draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)}
+
+
+@pytest.mark.slow  # 40 examples of a head's forward and the loss twice: over a minute on a shared CPU
+@given(images=st.lists(_image_boxes(), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_targets_and_loss_as_before_without_a_host_sync(images, seed):
+    from harness.task import fcos as fcos_mod
+
+    torch.manual_seed(seed)
+    strides = [8, 16, 32]
+    points = level_points([(8, 8), (4, 4), (2, 2)], strides, torch.device("cpu"))
+    pts = torch.cat(points)
+    for t in images:  # the orphans get the locations the per-box loop gave them
+        if len(t["boxes"]):
+            b = t["boxes"]
+            nearest = fcos_mod._nearest_locations(pts, [64, 16, 4], fcos_mod._ranges(strides), b)
+            base = torch.zeros(len(pts), len(b), dtype=torch.bool)
+            assert torch.equal(
+                base | (nearest & ~base.any(0, keepdim=True)),
+                _orphans_ref(pts, [64, 16, 4], strides, b, base),
+            )
+    head = FCOSHead([8, 8, 8], strides, num_classes=3, channels=8)
+    feats = [torch.randn(len(images), 8, s, s) for s in (8, 4, 2)]
+    cls, ltrb, ctr = head(feats)
+    with count_host_syncs() as syncs:
+        out = fcos_loss(cls, ltrb, ctr, strides, images)
+    assert syncs.seen == []
+    ref = _loss_ref(cls, ltrb, ctr, strides, images)
+    for k in ("cls", "box", "ctr"):
+        torch.testing.assert_close(out[k], ref[k].to(out[k]), rtol=1e-5, atol=1e-6)
+    total = out["cls"] + out["box"] + out["ctr"]
+    total.backward()  # every output in the graph, positives or not
+    assert all(p.grad is not None for p in head.parameters())

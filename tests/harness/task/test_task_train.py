@@ -144,3 +144,17 @@ def test_supervised_gate_recalls_labelled_tokens_far_above_chance(cache):
     assert control["kept_fraction"] == pytest.approx(kept, abs=0.02)
     assert control["gate_recall"] < 1.5 * kept
     assert sup["gate_recall"] > 1.5 * control["gate_recall"]
+
+
+@pytest.mark.slow
+def test_the_training_loop_reads_the_device_once_per_step(cache):
+    """The loop's own reads of a step's numbers (losses, kept share) are one ``tolist``; target
+    assignment and the loss read nothing (the model's own reads are spa_core's, counted there)."""
+    from tests._syncs import count_host_syncs
+
+    cfg = _cfg(cache, train={"steps": 3, "grad_accum": 2})
+    with count_host_syncs() as syncs:
+        train_variant(cfg, progress=False)
+    loop = [what for what, where in syncs.seen if where.endswith(" train_variant")]
+    assert loop == ["tolist"] * 6  # 3 optimizer steps of 2 micro-steps
+    assert not [w for _, w in syncs.seen if "fcos_targets" in w or "fcos_loss" in w or "_nearest" in w]
