@@ -22,6 +22,7 @@ that died; ``error.txt`` keeps the whole traceback), or ``timeout`` (a watchdog 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -88,7 +89,16 @@ def trial_trainable(config: dict[str, Any], context: TrialContext, specs: dict[s
     if context.track is not None:
         context = replace(context, track_run=tracking.start_trial(context.track, spec.cfg, spec.config_hash))
     row: dict[str, Any] = {}
-    for attempt in range(1, spec.cfg.resources.retries + 2):
+    first, last = _next_attempt(exp, h, context.run.run_id), spec.cfg.resources.retries + 1
+    if first > last:  # Tune restarted a trial whose process died in its last attempt
+        row = failure_row(spec, context.run, status="failed", error_type="TrialProcessLost",
+                          error=f"the trial's process ended during attempt {last} of {last} (its node died?); "
+                          "no attempt is left", tb="", attempt=last, start=time.time())  # fmt: skip
+    for attempt in range(first, last + 1):
+        exp.write_bytes(
+            exp.trial_path(h, _ATTEMPT),
+            json.dumps({"run_id": context.run.run_id, "attempt": attempt}).encode(),
+        )
         row = _run_attempt(spec, context, exp, attempt)
         if row["status"] == "done":
             break
@@ -98,6 +108,19 @@ def trial_trainable(config: dict[str, Any], context: TrialContext, specs: dict[s
         Checkpointer(checkpoint_uri(spec, context.store_uri, context.experiment), 1).clear()
     tracking.finish_trial(context.track, context.track_run, row, points)
     tune.report({"status": row["status"], "wall_s": row.get("wall_s"), "overhead_s": row.get("overhead_s")})
+
+
+_ATTEMPT = "attempt.json"  # of a trial: the run and the attempt that last started
+
+
+def _next_attempt(exp: Experiment, h: str, run_id: str) -> int:
+    """The attempt this call of the trial starts with: 1, or the one after the attempt of this run
+    that last started. Tune restarts a trial whose process died with its node (its own retry, not
+    this function's); that attempt counts, so ``resources.retries`` bounds both kinds together."""
+    last = exp.read_json(exp.trial_path(h, _ATTEMPT))
+    if isinstance(last, dict) and last.get("run_id") == run_id and isinstance(last.get("attempt"), int):
+        return last["attempt"] + 1
+    return 1
 
 
 class _Watchdog:

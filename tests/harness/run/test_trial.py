@@ -1,5 +1,6 @@
 """The Tune function's bookkeeping without Ray: skip, retries, failure rows, timeouts, dead processes."""
 
+import dataclasses
 import json
 import os
 import threading
@@ -71,6 +72,44 @@ def test_exhausted_retries_leave_a_failed_row_with_the_error(setup, monkeypatch)
     assert row["error"].startswith("out of memory") and row["error_type"] == "MemoryError"
     assert "MemoryError: cannot allocate" in row["traceback"] and row["gmacs"] is None
     assert "MemoryError" in open(exp.trial_path(h, "error.txt")).read()
+
+
+class _ProcessDied(BaseException):
+    """Stands for the trial's process ending with its node: nothing after it runs in that process."""
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2])
+def test_an_attempt_whose_process_died_counts_when_tune_restarts_the_trial(setup, monkeypatch, retries):
+    """Tune restarts a trial whose process died with its node; the restarted call goes on with the
+    next attempt of the same run, so ``resources.retries`` bounds both kinds of retry together. A
+    later run (another run id) starts again at attempt 1."""
+    spec, h, ctx, exp, reports = setup
+    spec = dataclasses.replace(
+        spec,
+        cfg=dataclasses.replace(spec.cfg, resources=dataclasses.replace(spec.cfg.resources, retries=retries)),
+    )
+    calls = []
+
+    def dies_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise _ProcessDied
+        return _ok()
+
+    monkeypatch.setattr(trial_mod, "_fit", dies_once)
+    with pytest.raises(_ProcessDied):
+        trial_trainable({"trial": tune_payload(h)}, ctx, {h: spec})
+    assert exp.read_row(h) is None
+    trial_trainable({"trial": tune_payload(h)}, ctx, {h: spec})  # Tune's restart, same run
+    row = exp.read_row(h)
+    if retries == 0:
+        assert row["status"] == "failed" and row["error_type"] == "TrialProcessLost" and len(calls) == 1
+        assert "attempt 1 of 1" in row["error"]
+    else:
+        assert row["status"] == "done" and row["attempt"] == 2 and len(calls) == 2
+    later = dataclasses.replace(ctx, run=RunInfo("run-2", "abc123"), rerun=True)
+    trial_trainable({"trial": tune_payload(h)}, later, {h: spec})
+    assert exp.read_row(h)["attempt"] == 1
 
 
 def test_a_stored_row_is_not_run_again(setup, monkeypatch):
