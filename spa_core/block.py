@@ -8,7 +8,8 @@
     r = norm1(x);  s = gate(r, s_prev);  keep = policy(s, tokens=r)
     r_g = sigmoid(s) * w * r                        # w: the straight-through multiplier of the policy
                                                     #    (computed on the kept rows only; without
-                                                    #    gate_scaling: w * r)
+                                                    #    gate_scaling, or for a policy whose places
+                                                    #    are not the gate's: w * r)
     x = x + unpack(attn(pack(r_g, keep), places))   # kept tokens only; the others pass unchanged
     x = x + mlp(norm2(x))                           # on all tokens (default) or only the kept ones
 
@@ -235,7 +236,7 @@ class SPABlock(nn.Module):
         s = self.gate(r, prev)  # (B, N)
         sel = select_tokens(s, self.cfg, training=self.training, generator=self.generator, tokens=r)
         factor = sel.weight.to(s.dtype)  # (B, N)
-        if self.cfg.gate_scaling:
+        if self.cfg.gate_scaling and sel.gate_scaled:
             factor = torch.sigmoid(s) * factor
         order = window_order((H, W), self.window_size, self.shift, device=x.device)  # (N,)
         packed = pack(r, sel.mask, self.cfg.pack, cfg=self.cfg, order=order)
