@@ -11,6 +11,8 @@ and returns the counts with the mask. Registered in ``SELECTION_POLICIES`` (cont
 - ``topk``: the ``round(ratio * N)`` highest-scoring tokens of each image (uniform, as SparseViT).
 - ``random``: ``round(ratio * N)`` tokens of each image drawn uniformly (the control).
 - ``all``: every token (the keep-all control for the machinery itself).
+- ``none``: no token (the positive control: with ``mlp_on: selected`` every token skips every SPA
+  block, so the SPA stages reduce to their patch merges; a task that needs those blocks must lose).
 - ``gate_random`` / ``gate_norm``: compute-matched controls: the gate's count per image (its own
   decision), the places drawn at random / taken by a fixed score (feature norm).
 
@@ -36,6 +38,7 @@ __all__ = [
     "select_topk",
     "select_random",
     "select_all",
+    "select_none",
     "select_gate_random",
     "select_gate_norm",
     "feature_norm_scores",
@@ -147,6 +150,12 @@ def select_random(
 def select_all(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
     """Every token (the keep-all control: SPA's machinery with nothing dropped)."""
     return _from_mask(torch.ones(scores.shape, dtype=torch.bool, device=scores.device))
+
+
+@SELECTION_POLICIES.register("none")
+def select_none(scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None) -> Selection:
+    """No token (the positive control: with ``mlp_on: selected`` no SPA block computes anything)."""
+    return _from_mask(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device), gate_scaled=False)
 
 
 @SELECTION_POLICIES.register("gate_random")

@@ -79,7 +79,7 @@ def train_variant(
     ``eval_time_s``, ``num_params``."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed)
-    train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
+    train_ds, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=progress and backend.is_main)
     if train_ds.num_classes > cfg.head.num_classes:
         raise ValueError(
             f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "

@@ -630,3 +630,14 @@ def test_the_gate_scales_its_own_tokens():
         x = torch.randn(3, 8, 8, 24, generator=torch.Generator().manual_seed(1))
         outs.append(blk(x)[0].detach())
     assert not torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keep_none_skipping_the_block_is_the_identity(training):
+    """The positive control: ``selection: none`` with ``mlp_on: selected`` keeps no token, so the block
+    passes every token through unchanged (the SPA stage reduces to its patch merge)."""
+    blk = _block("containers", selection="none", mlp_on="selected", window=4, shift=2).train(training)
+    x = torch.randn(2, 8, 8, 24, generator=torch.Generator().manual_seed(3))
+    y, info = blk(x)
+    assert not info.mask.any() and info.counts.tolist() == [0, 0]
+    assert torch.equal(y, x)
