@@ -224,12 +224,25 @@ def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
     for split, i in _track(jobs, "generating the built-in dataset", progress and len(jobs) >= 200):
         split_code = 1 if split == "train" else 2
         rng = np.random.default_rng([*seed_words, split_code, i])
-        image, boxes = _compose(rng, ink, digits.target, pools[split], photos[split], params)
+        image, boxes, distractors, background = _compose(
+            rng, ink, digits.target, pools[split], photos[split], params
+        )
         name = f"{i:06d}.png"
         Image.fromarray(image).save(out / split / name, format="PNG")
         image_id = i + 1
         h, w = image.shape[:2]
-        coco[split]["images"].append({"id": image_id, "file_name": name, "width": w, "height": h})
+        coco[split]["images"].append(
+            {
+                "id": image_id,
+                "file_name": name,
+                "width": w,
+                "height": h,
+                # Provenance, not ground truth: the photograph under the clutter and the unlabelled
+                # digits' boxes ``[x, y, w, h, digit]`` (a loader reads only the four keys above).
+                "background": params["backgrounds"][split][background],
+                "distractors": [list(d) for d in distractors],
+            }
+        )
         anns = coco[split]["annotations"]
         for x, y, bw, bh, digit in boxes:
             anns.append(
@@ -247,10 +260,14 @@ def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
             json.dump(coco[split], f, sort_keys=True)
 
 
-def _background(rng: np.random.Generator, photos: list[np.ndarray], size: int, strokes: list[int]) -> np.ndarray:
-    """A cluttered (size, size, 3) float32 background: a random crop of one photograph (zoomed,
-    flipped, tinted), then random strokes, lines and blobs in random colours drawn over it."""
-    photo = photos[int(rng.integers(len(photos)))]
+def _background(
+    rng: np.random.Generator, photos: list[np.ndarray], size: int, strokes: list[int]
+) -> tuple[np.ndarray, int]:
+    """A cluttered (size, size, 3) float32 background and the index of its photograph: a random crop
+    of the photograph (zoomed, flipped, tinted), then random strokes, arcs and blobs in random colours
+    drawn over it."""
+    which = int(rng.integers(len(photos)))
+    photo = photos[which]
     zoom = rng.uniform(1.0, 3.0)  # crop a larger region and shrink it: varied texture scale
     side = min(photo.shape[0], photo.shape[1], int(size * zoom))
     y0 = int(rng.integers(0, photo.shape[0] - side + 1))
@@ -285,7 +302,7 @@ def _background(rng: np.random.Generator, photos: list[np.ndarray], size: int, s
             )
         else:  # a filled blob
             draw.ellipse([x - r / 2, y - r / 3, x + r / 2, y + r / 3], fill=color)
-    return np.asarray(canvas, dtype=np.float32).copy()
+    return np.asarray(canvas, dtype=np.float32).copy(), which
 
 
 def _compose(
@@ -295,16 +312,18 @@ def _compose(
     pool: dict[str, np.ndarray],
     photos: list[np.ndarray],
     params: dict[str, Any],
-) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
-    """One image (H, W, 3) uint8 and its labelled boxes ``(x, y, w, h, digit)``."""
+) -> tuple[np.ndarray, list[tuple[int, ...]], list[tuple[int, ...]], int]:
+    """One image (H, W, 3) uint8, its labelled boxes ``(x, y, w, h, digit)``, the distractors' boxes
+    (same form, unlabelled) and the index of its background photograph."""
     size = params["canvas"]
-    image = _background(rng, photos, size, params["strokes"])
+    image, background = _background(rng, photos, size, params["strokes"])
     n_obj = int(rng.integers(params["objects"][0], params["objects"][1] + 1))
     n_dis = int(rng.integers(params["distractors"][0], params["distractors"][1] + 1))
     # Objects and distractors in a random order, so neither is pasted on top of the other by rule.
     kinds = rng.permutation(np.array(["objects"] * n_obj + ["distractors"] * n_dis))
     placed: list[tuple[int, int, int, int]] = []
     boxes: list[tuple[int, int, int, int, int]] = []
+    distractors: list[tuple[int, int, int, int, int]] = []
     for kind in kinds:
         k = int(pool[kind][int(rng.integers(len(pool[kind])))])
         ph = int(round(rng.uniform(*params["digit_scale"]) * size))
@@ -340,9 +359,8 @@ def _compose(
         color = rng.uniform(190, 255, size=3) if light else rng.uniform(0, 60, size=3)
         image[ya:yb, xa:xb] = patch * (1 - a) + color.astype(np.float32) * a
         placed.append(box)
-        if kind == "objects":
-            boxes.append((*box, int(classes[k])))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), boxes
+        (boxes if kind == "objects" else distractors).append((*box, int(classes[k])))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), boxes, distractors, background
 
 
 @functools.lru_cache(maxsize=None)
