@@ -1,23 +1,23 @@
-"""The built-in detection set: large handwritten digits among look-alike distractors on cluttered
-photographs, generated once and cached.
+"""The built-in detection set: typeset digits among look-alike distractors on cluttered photographs,
+generated once and cached.
 
-It needs no download. Objects are scikit-learn's 1,797 real handwritten digits (``load_digits``,
-8x8), scaled up and pasted with the digit's own ink as alpha (so each box is tight). Digits of the
-classes in ``_LABELLED`` are the objects; digits of the other classes are pasted the same way, in
-the same sizes and colours, and left unlabelled: a detector (and a gate) must recognise a digit's
-shape, not find ink. Backgrounds are crops of real photographs that scikit-image and scikit-learn
-ship in their wheels, with procedural clutter (strokes, blobs, lines) drawn over them; the
-photographs are split between training and validation, so validation backgrounds are scenes that
-training never saw (and validation digits are other writers' than training's).
+It needs no download. Objects are the digits of ``LABELLED_DIGITS`` (0-4), typeset in one of ten
+fonts that matplotlib ships (DejaVu and STIX: sans, serif, mono, bold, oblique), rotated up to 15
+degrees, scaled to 12-45% of the canvas (15-58 px at 128) and pasted with their own ink as alpha
+(so each box is tight), in a colour that contrasts with what lies under them. Digits 5-9 are pasted
+the same way, in the same fonts, sizes and colours, and left unlabelled: a detector (and a gate)
+must recognise a digit's shape, not find ink. Backgrounds are crops of real photographs that
+scikit-image and scikit-learn ship in their wheels, zoomed, flipped and tinted, with procedural
+clutter (strokes, arcs, blobs in random colours) drawn over them. The photographs are split
+between training and validation, so validation backgrounds are scenes that training never saw.
+``glyphs: handwritten`` (``_GLYPHS``) pastes scikit-learn's 8x8 handwritten digits instead.
 
-Why large digits: an object spans several windows of the backbone's strides-16 and -32 stages
-(a window of 4 tokens there is 64 and 128 px), so telling a 3 from an 8 needs the attention that
-crosses those windows, which is the computation SPA selects for; and the objects' sizes put
-detection targets on the levels those stages feed (``harness.task.fcos``'s ranges).
-
-The set is written once as PNG images + COCO instances JSON under a folder named by a content hash
-of the generation parameters, and reused; the task reads it with the same loader as any COCO set on
-disk (``harness.task.coco.CocoDetection``).
+Every image comes from its own generator, seeded by (seed, split, index): the first images of a
+larger set are a smaller set's. Each image entry records its photograph (``background``) and its
+unlabelled digits' boxes (``distractors``), as provenance that no loader reads. The set is written
+once as PNG images + COCO instances JSON under a folder named by a content hash of the generation
+parameters (the generator's version among them), and reused; the task reads it with the same loader
+as any COCO set on disk (``harness.task.coco.CocoDetection``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _CANVAS = 128  # every image is _CANVAS x _CANVAS: no padding wasted at data.ima
 LABELLED_DIGITS = (0, 1, 2, 3, 4)  # the classes that are objects; digits 5-9 are unlabelled distractors
 _OBJECTS = (1, 3)  # labelled digits per image (inclusive range)
 _DISTRACTORS = (1, 3)  # unlabelled digits per image
-_DIGIT_SCALE = (0.25, 0.62)  # digit height as a fraction of the canvas: 32-79 px at 128
+_DIGIT_SCALE = (0.12, 0.45)  # digit height as a fraction of the canvas: 15-58 px at 128
 _MAX_OVERLAP = 0.1  # a pasted digit covers at most this fraction of the smaller box: none is hidden
 _INK = 0.2  # alpha above this is the digit; its extent is the box
 _FRINGE = 0.25  # scaled ink below this is transparent, above 1 - this opaque
