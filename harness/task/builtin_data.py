@@ -363,7 +363,7 @@ def _compose(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), boxes, distractors, background
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(name: str, px: int):
     import matplotlib
     from PIL import ImageFont

@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FCOSHead", "fcos_targets", "level_ranges", "fcos_loss", "fcos_postprocess", "level_points", "nms", "box_iou"]
+__all__ = [
+    "FCOSHead",
+    "fcos_targets",
+    "level_ranges",
+    "fcos_loss",
+    "fcos_postprocess",
+    "level_points",
+    "nms",
+    "box_iou",
+]
 
 
 def _groups(c: int) -> int:
@@ -133,9 +142,7 @@ def fcos_targets(
     boxes = boxes.to(pts)
     per_level = [len(x) for x in points]
     stride = torch.cat([pts.new_full((n,), float(s)) for n, s in zip(per_level, strides)])  # (P,)
-    lo_hi = torch.cat(
-        [pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, ranges)]
-    )  # (P, 2)
+    lo_hi = torch.cat([pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, ranges)])  # (P, 2)
     x, y = pts[:, 0:1], pts[:, 1:2]  # (P, 1)
     ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], -1)  # (P, M, 4)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2  # (M,)
@@ -220,7 +227,9 @@ def fcos_loss(
     points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
     pts = torch.cat(points)
     cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
-    tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"], radius, range_factor) for t in targets))
+    tc, tb = zip(
+        *(fcos_targets(points, strides, t["boxes"], t["labels"], radius, range_factor) for t in targets)
+    )
     tcls, tbox = torch.stack(tc), torch.stack(tb)  # (B, P), (B, P, 4)
     pos = tcls >= 0
     num_pos = max(1.0, float(pos.sum()))
