@@ -69,7 +69,7 @@ class DataConfig:
 @dataclass
 class HeadConfig:
     type: str = "fcos"  # small anchor-free head
-    num_classes: int = 10
+    num_classes: int = 5  # must equal the dataset's categories (the built-in set's: digits 0-4)
     in_stages: tuple[int, ...] = (2, 3, 4)  # 1-based backbone stages the head reads (every SPA stage)
     channels: int = 64
     # A level of stride s takes boxes whose reach (largest distance from a location to a side) is in
