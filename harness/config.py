@@ -58,6 +58,9 @@ class DataConfig:
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200
     data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
+    # builtin: True generates each trial's set from (data_seed, the trial's seed), so the seeds of a
+    # grid also sample the data and an interval over seeds includes data sampling; False: one set
+    seed_with_trial: bool = False
     cache_dir: str | None = None  # builtin: where generated sets live (default ~/.cache/spa-harness)
     skip_bad_annotations: bool = False  # False: a bad box/file raises; True: skipped and counted
     num_workers: int = 0  # DataLoader workers
@@ -66,9 +69,14 @@ class DataConfig:
 @dataclass
 class HeadConfig:
     type: str = "fcos"  # small anchor-free head
-    num_classes: int = 10
+    num_classes: int = 5  # must equal the dataset's categories (the built-in set's: digits 0-4)
     in_stages: tuple[int, ...] = (2, 3, 4)  # 1-based backbone stages the head reads (every SPA stage)
     channels: int = 64
+    # A level of stride s takes boxes whose reach (largest distance from a location to a side) is in
+    # (range_factor * s_prev, range_factor * s]: FCOS's 8 fits 800-px images; a smaller canvas needs less
+    range_factor: float = checked_field(8.0, range_=(0.0, None, False, None))
+    # centre sampling: a location learns a box if it lies within this many strides of the box's centre
+    center_radius: float = checked_field(1.5, range_=(0.0, None, False, None))
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
     max_detections: int = 100

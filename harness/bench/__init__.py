@@ -686,7 +686,7 @@ def time_grid(path: str, rounds: int = 40, warmup: int = 5, clock: str = "cpu") 
 
     grid = load_grid(path)
     cfg0 = grid.trials[0]
-    _, val_ds = build_datasets(cfg0.data, progress=False)
+    _, val_ds = build_datasets(cfg0.data, trial_seed=cfg0.seed, progress=False)
     images, _ = fixed_batch(val_ds, cfg0.bench.batch_size)
     models = {}
     for cfg in grid.trials:

@@ -38,10 +38,13 @@ def selection_labels(
     return selection_labels_from_boxes([t["boxes"] for t in targets], image_hw, grids, coverage=coverage)
 
 
-def build_datasets(cfg: DataConfig, *, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
-    """``(train, val)`` for ``cfg.dataset``: ``builtin`` (generated, cached) or ``coco`` (``cfg.root``)."""
+def build_datasets(
+    cfg: DataConfig, *, trial_seed: int | None = None, progress: bool = True
+) -> tuple[CocoDetection, CocoDetection]:
+    """``(train, val)`` for ``cfg.dataset``: ``builtin`` (generated, cached; ``trial_seed`` seeds it
+    with ``cfg.seed_with_trial``) or ``coco`` (``cfg.root``)."""
     if cfg.dataset == "builtin":
-        root = builtin_dataset(cfg, progress=progress)
+        root = builtin_dataset(cfg, trial_seed=trial_seed, progress=progress)
     elif cfg.dataset == "coco":
         if not cfg.root:
             raise DatasetError("data.dataset is 'coco' but data.root is not set")

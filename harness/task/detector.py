@@ -84,6 +84,7 @@ class Detector(nn.Module):
         self.strides = [cfg.model.patch_size * 2 ** (s - 1) for s in stages]
         channels = [backbone.stage_channels[s - 1] for s in stages]
         self.head = FCOSHead(channels, self.strides, hc.num_classes, hc.channels)
+        self.range_factor, self.center_radius = hc.range_factor, hc.center_radius
         self.spa_cfg = None if cfg.model.is_dense else cfg.model.spa
         self.score_thresh, self.nms_thresh, self.max_detections = (
             hc.score_thresh,
@@ -99,7 +100,7 @@ class Detector(nn.Module):
         out: dict[str, Any] = {"backbone": bb}
         hw = tuple(images.shape[-2:])
         if targets is not None:
-            parts = fcos_loss(cls, ltrb, ctr, self.strides, targets)
+            parts = fcos_loss(cls, ltrb, ctr, self.strides, targets, self.range_factor, self.center_radius)
             task = parts["cls"] + parts["box"] + parts["ctr"]
             labels = None
             if bb.blocks:

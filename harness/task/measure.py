@@ -248,7 +248,7 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
     device = backend.device
     engine = backend.engine
     t0 = time.perf_counter()
-    train_ds, val_ds = build_datasets(cfg.data, progress=False)
+    train_ds, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=False)
     images, targets = fixed_batch(val_ds, bc.batch_size)
     images, targets = images.to(device), to_device(targets, device)
     out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
@@ -377,7 +377,7 @@ def paired_speedup(
     device = backend.device
     bc = cfg.bench
     if images is None:
-        _, val_ds = build_datasets(cfg.data, progress=False)
+        _, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=False)
         images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
     dtype = next(detector.parameters()).dtype
     twin_cfg, baseline = speedup_baseline_config(cfg)

@@ -158,3 +158,8 @@ def test_gate_random_places_are_uniform():
     for _ in range(800):
         hits += select_tokens(s, _cfg("gate_random"), training=False, generator=g).mask[0].float()
     assert hits.sum() == 3200 and (hits - 400).abs().max() < 80  # binomial sd ~ 14
+
+
+def test_none_keeps_no_token():
+    sel = select_tokens(torch.randn(3, 17), _cfg("none"), training=True)
+    assert not sel.mask.any() and sel.counts.tolist() == [0] * 3 and not sel.gate_scaled
