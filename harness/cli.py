@@ -15,6 +15,9 @@ type, message, the user-code line it came from and its error.txt) and the compar
 On a Ray cluster (``--address``, ``RAY_ADDRESS``, or inside ``ray job submit``) ``--results`` must be
 a store every node sees: an object-store URI, a ``file://`` URI or a path with ``--results-shared``;
 a plain local path is refused (docs/cluster.md).
+``run`` (``--dry-run`` too) prints a ``warning:`` line on stderr for each base key that an axis
+overrides in every value (``harness.grid``), naming both places, and a ``rerun:`` line for each
+trial that runs again although a row of it is stored, saying why (``--dry-run``: in its state column).
 Exit status: 0 when every trial is done, 1 when some failed, 2 for a bad grid, plugin or arguments
 (one ``error:`` line, no traceback). ``run``, ``status`` and ``report`` print a ``warning:`` line
 for every row file of the store that cannot be read (its trial counts as not done).
@@ -41,6 +44,7 @@ from harness.plugins import (
     load_plugin,
     resolve_plugin_spec,
 )
+from harness.provenance import short_commit
 from harness.report import report_command, write_report_files
 from harness.results import Experiment, ResultsStore, damaged_files, load, split_uri, trial_states
 
@@ -92,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--smoke", action="store_true", help="few steps, little data: a quick end-to-end check")
     r.add_argument(
-        "--rerun", action="store_true", help="run every trial again, even those with a finished row"
+        "--rerun",
+        action="store_true",
+        help="run every trial again, even those with a finished row in this experiment or, by "
+        "config hash, in another experiment of RESULTS (which are otherwise reused, not run)",
     )
     r.add_argument(
         "--plugin",
@@ -101,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="plugin module or .py file registering variants (repeatable)",
     )
-    r.add_argument("--no-progress", action="store_true", help="no live progress view")
+    r.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no live table or summary lines: one line per trial start and end only",
+    )
     r.add_argument("--no-report", action="store_true", help="do not print the comparison table at the end")
     r.add_argument(
         "--track",
@@ -194,6 +205,8 @@ def _run(args: argparse.Namespace) -> int:
     except (GridError, UnsafeNameError, TrackingError) as e:
         _error(console, str(e))
         return 2
+    for w in grid.warnings:  # what the grid sets but no trial uses, before anything runs
+        print(f"warning: {w}", file=sys.stderr)
     experiment = args.name or grid.name
     problem = results_problem(args.results, cluster_address(args.address), shared=args.results_shared)
     if problem is not None:
@@ -218,11 +231,12 @@ def _run(args: argparse.Namespace) -> int:
             max_concurrent=args.max_concurrent,
             rerun=args.rerun,
             progress=not args.no_progress,
-            source=str(grid.source),
+            source=args.grid,  # as typed: under `ray job submit` grid.source is in Ray's temporary copy
             track=track,
             results_shared=args.results_shared,
             report_files=write_report_files,
             comparisons=grid.comparisons.to_dict(),
+            on_plan=lambda planned: _print_reruns(console, planned),
         )
     except TrackingError as e:
         _error(console, str(e))
@@ -230,12 +244,26 @@ def _run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for s in summary.states.values():
         counts[s] = counts.get(s, 0) + 1
+    reused = summary.reused
     console.print(
         f"{experiment}: "
         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         + f" in {summary.wall_s:.0f} s"
         + (" (resumed)" if summary.restored else "")
-        + f"\nresults: {summary.uri}"
+        + (
+            "; rows not run again: "
+            + ", ".join(
+                f"{n} reused from experiment {e}" if e != experiment else f"{n} kept from earlier runs"
+                for e, n in sorted(reused.items())
+            )
+            + " (--rerun runs them)"
+            if reused
+            else ""
+        )
+        + f"\nresults: {summary.uri}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
     if summary.tracking is not None:
         t = summary.tracking
@@ -257,6 +285,14 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as e:  # the report is a convenience here; the rows are what matter
             console.print(f"(no report: {type(e).__name__}: {e})", markup=False)
     return 0 if summary.ok else 1
+
+
+def _print_reruns(console: Any, planned: list) -> None:
+    """One line per trial that runs although the experiment has a row of it, saying why."""
+    for p in planned:
+        if p.state == "pending" and p.reason and p.reason != "--rerun":
+            console.print(f"rerun: {p.name} (seed {p.cfg.seed}): {p.reason}", markup=False, highlight=False,
+                          soft_wrap=True)  # fmt: skip
 
 
 def _print_failures(console: Any, summary: Any) -> None:
@@ -281,6 +317,8 @@ def _print_dry_run(console: Any, grid: Any, planned: list, trial_resources, args
     for p in planned:
         r = p.cfg.resources
         state = {"done": "done (kept)", "reused": f"reused from {p.reused_from}"}.get(p.state, "would run")
+        if p.reason:
+            state += f": {p.reason}"
         table.add_row(
             p.name,
             str(p.cfg.seed),
@@ -311,6 +349,7 @@ def _status(args: argparse.Namespace) -> int:
     for s in states:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
     console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    _warn_commits(states)
     df = load(args.results)
     done = df[df["status"] == "done"]
     if len(done) and "overhead_s" in done.columns:
@@ -322,10 +361,28 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_commits(states: list[dict[str, Any]]) -> None:
+    """A ``warning:`` line when the rows of one experiment come from more than one commit."""
+    by_exp: dict[str, dict[str, int]] = {}
+    for s in states:
+        if s.get("git_commit"):
+            commits = by_exp.setdefault(str(s.get("experiment")), {})
+            commits[str(s["git_commit"])] = commits.get(str(s["git_commit"]), 0) + 1
+    for exp, commits in by_exp.items():
+        if len(commits) > 1:
+            parts = ", ".join(f"{short_commit(c)} ({n})" for c, n in sorted(commits.items()))
+            print(f"warning: {exp}: the rows come from {len(commits)} commits: {parts}", file=sys.stderr)
+
+
 def _report(args: argparse.Namespace) -> int:
     _warn_damaged(args.results)
     text = report_command(
-        args.results, baseline=args.baseline, fmt=args.format, out=args.out, merge=args.merge
+        args.results,
+        baseline=args.baseline,
+        fmt=args.format,
+        out=args.out,
+        merge=args.merge,
+        warn=lambda w: print(f"warning: {w}", file=sys.stderr),
     )
     if args.out is None:
         print(text)

@@ -34,6 +34,7 @@ __all__ = [
     "trial_from_dict",
     "trial_to_dict",
     "config_hash",
+    "config_changes",
     "set_dotted",
     "get_dotted",
     "flatten_config",
@@ -69,9 +70,13 @@ class DataConfig:
 @dataclass
 class HeadConfig:
     type: str = "fcos"  # small anchor-free head
-    num_classes: int = 5  # must equal the dataset's categories (the built-in set's: digits 0-4)
+    num_classes: int = 3  # must equal the dataset's categories (the built-in set's: circle, triangle, square)
     in_stages: tuple[int, ...] = (2, 3, 4)  # 1-based backbone stages the head reads (every SPA stage)
     channels: int = 64
+    # 3x3 conv layers in each of the head's class and box towers (FCOS: 4). Each adds context around a
+    # location, which the head can then supply where the backbone's blocks did not: a light head
+    # leaves the context to the backbone, the part SPA changes.
+    num_convs: int = checked_field(2, range_=(0, None, True, None))
     # A level of stride s takes boxes whose reach (largest distance from a location to a side) is in
     # (range_factor * s_prev, range_factor * s]: FCOS's 8 fits 800-px images; a smaller canvas needs less
     range_factor: float = checked_field(8.0, range_=(0.0, None, False, None))
@@ -106,6 +111,9 @@ class BenchConfig:
     )  # the fixed evaluation batch for FLOPs and timings
     warmup: int = 2
     repeats: int = checked_field(7, range_=(1, None, True, None))
+    # FLOPs are counted over the first flop_images val images (all of them if fewer), traced in one
+    # batch: enough images that a kept fraction's difference shows in the GMACs columns
+    flop_images: int = checked_field(32, range_=(1, None, True, None))
     train_step: bool = True  # also time a training step
 
 
@@ -146,6 +154,9 @@ class TrialConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     seed: int = 0
     plugins: list[str] = field(default_factory=list)  # modules / files to import before building
+    # set by the grid: "registry:name" -> the source hash of each plugin entry the trial uses
+    # (harness.plugins.plugin_sources); hashed, so an edited plugin makes a new trial
+    plugin_sources: dict[str, str] = field(default_factory=dict)
     baseline: BaselineConfig | None = None  # set by the grid from its dense point; None: no dense point
     axis: dict[str, str] = field(
         default_factory=dict
@@ -208,6 +219,26 @@ def config_hash(cfg: TrialConfig | dict[str, Any], length: int = 12) -> str:
         _pop_dotted(d, key)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+_ABSENT = "(absent)"
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` of every hashed key whose value differs between two
+    config dicts (``trial_to_dict`` form; a key one of them lacks reads ``"(absent)"``), sorted."""
+    flat = []
+    for d in (old, new):
+        d = copy.deepcopy(d)
+        for key in _UNHASHED:
+            _pop_dotted(d, key)
+        flat.append(flatten_config(d))
+    a, b = flat
+    return [
+        (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if json.dumps(a.get(k, _ABSENT), default=str) != json.dumps(b.get(k, _ABSENT), default=str)
+    ]
 
 
 def get_dotted(d: dict[str, Any], key: str) -> Any:

@@ -18,7 +18,7 @@ import sysconfig
 import traceback
 from functools import cache
 
-__all__ = ["root_cause", "user_frame", "describe", "is_oom"]
+__all__ = ["root_cause", "user_frame", "describe", "is_oom", "is_user_file"]
 
 _SYSTEM_PACKAGES = ("harness", "spa_core", "kernels", "torch", "ray", "deepspeed")
 _FRAME_LINE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)', re.MULTILINE)
@@ -40,7 +40,9 @@ def _system_dirs() -> tuple[str, ...]:
     return tuple(dict.fromkeys(d.rstrip(os.sep) + os.sep for d in dirs))
 
 
-def _is_user_file(filename: str) -> bool:
+def is_user_file(filename: str) -> bool:
+    """A file outside this project's packages, torch, ray, deepspeed and the Python library: code of
+    the user's own (a plugin, a script)."""
     if not filename or filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
         return False
     path = os.path.realpath(filename)
@@ -69,11 +71,11 @@ def user_frame(exc: BaseException) -> tuple[str, int, str] | None:
             break
         seen = nxt
     for e in reversed(chain):
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if _is_user_file(f.filename)]
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if is_user_file(f.filename)]
         if frames:
             return frames[-1].filename, frames[-1].lineno or 0, frames[-1].name
     for e in reversed(chain):
-        found = [m for m in _FRAME_LINE.finditer(str(e)) if _is_user_file(m["file"])]
+        found = [m for m in _FRAME_LINE.finditer(str(e)) if is_user_file(m["file"])]
         if found:
             return found[-1]["file"], int(found[-1]["line"]), found[-1]["func"]
     return None

@@ -30,7 +30,9 @@ A grid is one YAML file (the built-in ones live in ``ablations/grids/``)::
 Merging under ``extends``: ``base``/``resources`` by dotted key (a child key replaces the parent's
 key and anything under or over it), ``axes`` by axis (``null`` removes a parent's axis), ``plugins``
 appended, ``points``/``exclude``/``seeds``/``name``/``description``/``equivalence_margin``/
-``contrasts`` replaced when given.
+``contrasts`` replaced when given. A base key
+that an axis overrides in every value reaches no crossed trial: ``Grid.warnings`` names both places
+(``_overridden_base_keys``), and the command line prints it.
 
 ``equivalence_margin`` and ``contrasts`` change no trial: they say how the report judges the rows
 (``harness.report.stats``) and travel to it in ``Grid.comparisons`` (the run writes them into the
@@ -55,10 +57,8 @@ Names that become parts of paths are plain names (``harness.names``: letters, di
 file's stem), each point's ``name`` and each label of a named axis. A crossed trial's name is made
 of its labels; where it names a folder it is mapped onto a plain name.
 
-One file for one format (about 900 lines): reading it with the line of every value, merging under
-``extends``, checking every key and name, and expanding the result share the located values
-(``_Val``, ``_Loc``) that every error message needs; split, each part would pass them across a module
-boundary.
+Reading, merging, checking and expanding share the located values (``_Val``, ``_Loc``: a value and
+the file, line and key an error about it names).
 """
 
 from __future__ import annotations
@@ -84,7 +84,13 @@ from harness.config import (
     trial_to_dict,
 )
 from harness.names import name_problem
-from harness.plugins import PluginError, load_entry_point_plugins, load_plugin, resolve_plugin_spec
+from harness.plugins import (
+    PluginError,
+    load_entry_point_plugins,
+    load_plugin,
+    plugin_sources,
+    resolve_plugin_spec,
+)
 from spa_core.config import ConfigError, config_rules, rule_problem
 
 __all__ = ["Grid", "GridError", "load_grid", "Comparisons", "Contrast", "BUILTIN_GRIDS_DIR", "TOP_LEVEL_KEYS"]
@@ -188,6 +194,8 @@ class Grid:
     plugins: list[str] = field(default_factory=list)  # resolved specs (absolute file paths, modules)
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # trial name -> {axis: value label}
     comparisons: Comparisons = field(default_factory=Comparisons)  # margin and contrasts for the report
+    # ``file:line: ...`` lines for what the grid sets but no trial uses (an axis overriding a base key)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.trials)
@@ -244,6 +252,13 @@ def load_grid(
 
 
 # --- reading YAML with line numbers -----------------------------------------------------------------
+# PyYAML's node tree already carries the line of every key; ``_Doc`` walks it once. ruamel.yaml's
+# round-trip loader (``.lc.key``/``.lc.item``) was tried in its place (2026-12, all four built-in grids,
+# test_grid.py and test_grid_fuzz.py): the walk stays (keys must be strings; its ScalarFloat,
+# TaggedScalar and HexInt values must become plain Python before they reach a config), it reads YAML
+# 1.2 unless pinned to 1.1 (``yes``, ``1e-3`` change meaning), its duplicate-key error loses the key's
+# path, and it parses 2-9x slower (median of 45 parses: default.yaml 12.8 -> 29.2 ms, smoke.yaml 1.5 ->
+# 11.6 ms). 47 lines against 64, for a new dependency and a worse error: not simpler, so not used.
 
 
 @dataclass(frozen=True)
@@ -306,6 +321,7 @@ class _Spec:
     margin: _Val | None = None  # equivalence_margin
     contrasts: list[tuple[Contrast, _Loc]] | None = None
     names_trials: bool = False  # has base:, axes: or points: (itself or through extends)
+    files: list[Path] = field(default_factory=list)  # this grid's file, then each it extends, in order
 
 
 class _Doc:
@@ -423,7 +439,7 @@ def _load_spec(file: Path, chain: tuple[Path, ...]) -> _Spec:
             raise doc.loc((key,)).error(
                 f"unknown top-level key; expected one of: {', '.join(TOP_LEVEL_KEYS)}"
             )
-    spec = _Spec(loc=_Loc(file, 1, "<grid>"))
+    spec = _Spec(loc=_Loc(file, 1, "<grid>"), files=[file])
 
     for key in ("name", "description"):
         if key in data:
@@ -600,6 +616,7 @@ def _merge(parent: _Spec, child: _Spec) -> _Spec:
     out.margin = child.margin if child.margin is not None else parent.margin
     out.contrasts = child.contrasts if child.contrasts is not None else parent.contrasts
     out.names_trials = parent.names_trials or child.names_trials
+    out.files = child.files + parent.files
     return out
 
 
@@ -631,8 +648,11 @@ def _check(key: str, v: _Val) -> None:
         raise v.loc.error("set seeds with the top-level `seeds:` key", key)
     if key == "plugins":
         raise v.loc.error("name plugins with the top-level `plugins:` key", key)
-    if key.split(".")[0] in ("baseline", "axis"):
-        raise v.loc.error(f"`{key.split('.')[0]}` is set by the grid itself (its dense point, its axes)", key)
+    if key.split(".")[0] in ("baseline", "axis", "plugin_sources"):
+        raise v.loc.error(
+            f"`{key.split('.')[0]}` is set by the grid itself (its dense point, its axes, its plugins' sources)",
+            key,
+        )
     d: dict[str, Any] = {}
     set_dotted(d, key, v.value)
     try:
@@ -754,10 +774,12 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
     trials: list[TrialConfig] = []
     hashes: dict[str, str] = {}
     for name, labels, cfg, loc in kept:
+        sources = plugin_sources(cfg)  # hashed: an edited plugin makes a new trial
         for seed in seeds:
             t = copy.deepcopy(cfg)
             t.seed = seed
             t.plugins = list(plugins)
+            t.plugin_sources = dict(sources)
             t.axis = dict(labels)  # the report's axis tables read these (axis.<axis> columns of the row)
             h = config_hash(t)
             if h in hashes:
@@ -779,7 +801,40 @@ def _expand(spec: _Spec, plugins: list[str], overrides: dict[str, Any]) -> Grid:
         plugins=list(plugins),
         labels={name: labels for name, labels, _, _ in kept},
         comparisons=comparisons,
+        warnings=_overridden_base_keys(spec, axes),
     )
+
+
+def _overridden_base_keys(spec: _Spec, axes: list[_Axis]) -> list[str]:
+    """A warning per base key that an axis sets in every one of its values (the same key, or one
+    above or below it), so the base value reaches no crossed trial: ``FILE:LINE: axis AXIS (set at
+    FILE:LINE) overrides KEY ...``. Not when the base value is one of the axis's values and both are
+    written in the same file (a grid that names the default beside its sweep); always when the base
+    key is in a grid that extends the axis's (the case a reader of the child file does not see)."""
+    out = []
+    rank = {f: i for i, f in enumerate(spec.files)}  # 0: the grid loaded; higher: what it extends
+
+    def overlaps(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+    for key, base in spec.base.items():
+        for axis in axes:
+            hits = [[v for k, v in av.diff.items() if overlaps(k, key)] for av in axis.values]
+            if not all(hits):
+                continue  # some value of the axis leaves the base key as it is
+            b_rank, a_rank = rank.get(base.loc.file, 0), rank.get(axis.loc.file, 0)
+            values = [v.value for vals in hits for v in vals]
+            if b_rank == a_rank and base.value in values:
+                continue
+            if b_rank > a_rank:
+                continue  # a grid sweeping a key its parent's base sets: the usual extension
+            where = f"{base.loc.file}:{base.loc.line}"
+            out.append(
+                f"{axis.loc.file}:{axis.loc.line}: axis {axis.key} overrides {key} = {base.value!r} set at "
+                f"{where} in every one of its values, so no crossed trial uses the base value; remove the "
+                f"axis with `axes: {{{axis.key}: null}}` in the grid, or drop the base key"
+            )
+    return out
 
 
 def _attach_baseline(variants: list[tuple[str, dict[str, str], TrialConfig, _Loc]]) -> None:

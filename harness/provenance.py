@@ -17,7 +17,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGES", "COMMIT_ENV", "project_commit", "package_versions", "device_name", "environment"]
+__all__ = [
+    "PACKAGES",
+    "COMMIT_ENV",
+    "project_commit",
+    "package_versions",
+    "device_name",
+    "environment",
+    "node_label",
+    "short_commit",
+]
 
 PACKAGES = ("torch", "deepspeed", "ray", "fvcore", "triton")
 _ROOT = Path(__file__).resolve().parent.parent
@@ -81,3 +90,24 @@ def environment(device: Any, workers: int) -> dict[str, Any]:
         hostname=socket.gethostname(),
     )
     return row
+
+
+def _given(value: Any) -> bool:
+    """Not None, NaN (a column of a DataFrame where a row lacks it) or empty."""
+    return value is not None and value == value and value != ""
+
+
+def node_label(hostname: Any, node_id: Any) -> str:
+    """``host (node 1a2b3c4d)``: the host and the first 8 hex digits of Ray's node id (56 in all;
+    two nodes on one machine share the host), either alone when the other is unknown."""
+    host = str(hostname) if _given(hostname) else ""
+    node = f"node {str(node_id)[:8]}" if _given(node_id) else ""
+    return f"{host} ({node})" if host and node else host or node
+
+
+def short_commit(commit: Any) -> str:
+    """A git commit's first 12 hex digits, with its ``+dirty`` mark; other values as they are."""
+    if not _given(commit):
+        return ""
+    head, plus, rest = str(commit).partition("+")
+    return (head[:12] if len(head) == 40 else head) + plus + rest

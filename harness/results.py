@@ -60,6 +60,7 @@ STATUSES = ("done", "failed", "timeout")
 REQUIRED_COLUMNS = ("experiment", "name", "status", "config_hash", "gmacs", "error")
 HEARTBEAT_S = 10.0  # a running trial touches running.json this often
 _STALE_S = 6 * HEARTBEAT_S  # a marker older than this belongs to a trial that is no longer running
+_WHERE = ("hostname", "node_id", "git_commit")  # where a trial ran and from which code, for ``status``
 _DETAIL_CHARS = 400  # of a failed trial's error in ``trial_states``: enough for its type, place and error.txt
 
 
@@ -371,8 +372,9 @@ def load(path: str | os.PathLike, *, dedupe: bool = True):
 
 
 def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Per trial of each experiment at ``path``: name, config_hash and state (done / failed /
-    timeout / running / interrupted / pending), for ``spa-harness status``."""
+    """Per trial of each experiment at ``path``: name, config_hash, state (done / failed / timeout /
+    running / interrupted / pending), the ``hostname`` and ``node_id`` it ran on (or runs on, from
+    its heartbeat) and the ``git_commit`` of its row, for ``spa-harness status``."""
     out = []
     now = time.time()
     for exp in _experiments_at(os.fspath(path)):
@@ -391,14 +393,19 @@ def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
                 "state": "pending",
                 "detail": "",
             }
+            if t.get("reason"):  # why the run planned it although a row of it was stored
+                entry["detail"] = str(t["reason"])[:_DETAIL_CHARS]
             damaged = exp.damaged(exp.trial_path(h, "row.json"), row=True) if row is None else None
             if damaged is not None:
                 entry["detail"] = f"damaged row file: {damaged}"
                 entry["damaged"] = damaged.path
             if row is not None:
                 entry["state"] = row.get("status", "?")
+                entry.update({k: row.get(k) for k in _WHERE})
                 if entry["state"] == "done":
                     entry["detail"] = f"{float(row.get('wall_s') or math.nan):.1f} s"
+                    if t.get("reused_from"):
+                        entry["detail"] += f", reused from {t['reused_from']}"
                 elif row.get("error"):  # its first line: type, message, where in user code, error.txt
                     entry["detail"] = str(row["error"]).splitlines()[0][:_DETAIL_CHARS]
             else:
@@ -406,6 +413,7 @@ def trial_states(path: str | os.PathLike) -> list[dict[str, Any]]:
                 if isinstance(marker, dict):
                     age = now - float(marker.get("heartbeat", 0))
                     entry["state"] = "running" if age < _STALE_S else "interrupted"
+                    entry.update({k: marker.get(k) for k in _WHERE})
                     entry["detail"] = (
                         f"attempt {marker.get('attempt', 1)}, started {time.ctime(marker.get('start_time', 0))}"
                     )

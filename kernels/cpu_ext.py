@@ -99,6 +99,8 @@ def _import_built(build_dir: Path, fingerprint: str):
     if fp != fingerprint or not Path(so_path).is_file():
         return None
     spec = importlib.util.spec_from_file_location(module_name, so_path)
+    if spec is None or spec.loader is None:
+        return None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

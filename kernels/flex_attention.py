@@ -132,10 +132,10 @@ def _mods(seq: Tensor, bias: PositionBias | None, dtype: torch.dtype):
     FlexAttention can run them per score inside its kernel, or on broadcast index tensors (eager)."""
     if bias is None:
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def same_sequence(b, h, q_idx, kv_idx):
             return (seq[q_idx] == seq[kv_idx]) & (seq[q_idx] >= 0)
 
-        return mask_mod, None
+        return same_sequence, None
 
     pos = bias.pos.to(torch.int32)
     row, col, region = pos[:, 0].contiguous(), pos[:, 1].contiguous(), pos[:, 2].contiguous()
@@ -416,7 +416,7 @@ def flex_varlen_attention(
         if q.is_cuda:
             # the main kernel always: under 128 queries Inductor would otherwise pick its decoding
             # kernel, made for few queries against a long cache, not for a block-diagonal batch
-            options = {"BACKEND": "TRITON", **options}
+            options = {"BACKEND": "TRITON", **options}  # type: ignore[dict-item]  # Inductor's options mix str and int
         o = _run_compiled(
             q4,
             k4,

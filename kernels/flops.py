@@ -65,11 +65,12 @@ def sdpa_macs(q_shape, k_shape, v_shape) -> int:
 # fvcore jit handles: handle(inputs: list[torch._C.Value], outputs: list[torch._C.Value]) -> MACs
 
 
-def _shape(value) -> list[int] | None:
+def _shape(value) -> list[int]:
     t = value.type()
-    if isinstance(t, torch._C.TensorType):
-        return t.sizes()
-    return None
+    sizes = t.sizes() if isinstance(t, torch._C.TensorType) else None
+    if sizes is None:  # every input a handle reads is a tensor the trace gave a shape
+        raise ValueError(f"fvcore handle: expected a tensor of known shape, got {t}")
+    return sizes
 
 
 def _const(value) -> Any:

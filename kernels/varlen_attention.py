@@ -26,8 +26,8 @@ instead, so that FLOPs are counted the same way on every path.
 FLOPs (counted by ``kernels.flops``): ``2 * H * D * sum_i n_i^2`` multiply-adds forward (QK^T and
 PV, ``n_i`` the length of sequence i); the bias adds none.
 
-One op, its layers in one file (about 500 lines) as flash-attention keeps its kernels: reference,
-torch path, C++ launcher, custom op with its autograd formula, public function, read top to bottom.
+The module reads top to bottom as flash-attention's kernels do: reference, torch path, C++ launcher,
+custom op with its autograd formula, public function.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def varlen_attention_ref(
 # Sequences shorter than _SHORT run together in one call, padded to the longest of them (a gather in,
 # a scatter out); the others one call each on views of q, k, v (no copies). Why: at SPA's sizes a
 # call's fixed cost is about that of its arithmetic, so many short sequences cost less as one call.
-# Where it matters is the training step's small stages (``python -m harness.bench --train-step``: 7x7
-# and 4x4 token stages, a few tokens per image and container); the block rows (``--strategies
+# Where it matters is the training step's small stages (``python -m harness.bench train-step``: 7x7
+# and 4x4 token stages, a few tokens per image and container); the block rows (``blocks --strategies
 # varlen,containers --impl torch``, 14x14 tokens, mostly longer sequences) time the same either way.
 # 16 is a round value, not a tuned one.
 _SHORT = 16
@@ -224,22 +224,25 @@ def _varlen_attention_torch(
     additive mask, baddbmm's input for a single sequence)."""
     T, H, D = q.shape
     wide = _score_dtype(q)
-    table = None if bias is None else bias.table.to(wide)
+    if bias is not None:
+        bias = bias._replace(table=bias.table.to(wide))  # the bias in the scores' dtype
     out = _output(q, cu_seqlens)
     bounds = cu_seqlens.tolist()
     R = _container_rows(bounds)
     if R:
         n_rows = bounds[-1] // R
-        rows = [t[: n_rows * R].view(n_rows, R, H, D).transpose(1, 2) for t in (q, k, v)]  # (rows, H, R, D)
+        qr, kr, vr = (
+            t[: n_rows * R].view(n_rows, R, H, D).transpose(1, 2) for t in (q, k, v)
+        )  # (rows, H, R, D)
         seq = sequence_ids(cu_seqlens, n_rows * R).view(n_rows, R)  # sequence of every slot
         mask = None
         if not bool((seq == seq[:, :1]).all()):  # some row holds several sequences: block-diagonal
             mask = (seq[:, :, None] == seq[:, None, :])[:, None]  # (rows, 1, R, R)
         if bias is not None:
             pos = bias.pos[: n_rows * R].view(n_rows, R, 3)
-            b = pair_bias(pos, pos, table, bias.window)  # (rows, H, R, R)
+            b = pair_bias(pos, pos, bias.table, bias.window)  # (rows, H, R, R)
             mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-        o = _attend(*rows, softmax_scale, mask)
+        o = _attend(qr, kr, vr, softmax_scale, mask)
         out[: n_rows * R] = o.transpose(1, 2).reshape(n_rows * R, H, D)
         bounds = [b for b in bounds if b >= n_rows * R]  # the last, partial row
     zero = q.new_zeros((), dtype=wide)  # baddbmm input, ignored (beta=0)
@@ -250,7 +253,7 @@ def _varlen_attention_torch(
             if bias is None:
                 scores = torch.baddbmm(zero, qi, ki, beta=0.0, alpha=softmax_scale)  # (H, n, n)
             else:
-                b = pair_bias(bias.pos[s:e], bias.pos[s:e], table, bias.window)  # (H, n, n)
+                b = pair_bias(bias.pos[s:e], bias.pos[s:e], bias.table, bias.window)  # (H, n, n)
                 scores = torch.baddbmm(b, qi, ki, alpha=softmax_scale)
             p = torch.softmax(scores, dim=-1).to(q.dtype)
             torch.bmm(p, v[s:e].transpose(0, 1), out=out[s:e].transpose(0, 1))
@@ -258,9 +261,10 @@ def _varlen_attention_torch(
         mask = c.mask
         if bias is not None:
             pos = _positions(bias, c)
-            b = pair_bias(pos, pos, table, bias.window)  # (G, H, P, P)
+            b = pair_bias(pos, pos, bias.table, bias.window)  # (G, H, P, P)
             mask = b if mask is None else b.masked_fill(~mask, float("-inf"))
-        _store(out, c, _attend(*_operands((q, k, v), c), softmax_scale, mask))
+        qg, kg, vg = _operands((q, k, v), c)
+        _store(out, c, _attend(qg, kg, vg, softmax_scale, mask))
     return out
 
 
@@ -281,14 +285,13 @@ def _varlen_attention_torch_backward(
     H = q.shape[1]
     dq, dk, dv = _output(q, cu_seqlens), _output(k, cu_seqlens), _output(v, cu_seqlens)
     wide = _score_dtype(q)
-    table = dtable = None
-    if bias is not None:
-        table = bias.table.to(wide)
-        dtable = torch.zeros_like(table)  # ((2M-1)^2, H)
+    table = None if bias is None else bias.table.to(wide)
+    dtable = None if table is None else torch.zeros_like(table)  # ((2M-1)^2, H)
     for c in _calls(cu_seqlens.tolist(), q.device):
         qg, kg, vg, dog = (t.to(wide) for t in _operands((q, k, v, dout), c))  # (G, H, P, D)
         s = (qg @ kg.transpose(-1, -2)) * softmax_scale  # (G, H, P, P)
-        if bias is not None:
+        idx = None
+        if bias is not None and table is not None:
             pos = _positions(bias, c)
             idx, allowed = relative_index(pos, pos, bias.window)  # (G, P, P): once for all heads
             s = (s + table[idx].permute(0, 3, 1, 2)).masked_fill(~allowed[:, None], float("-inf"))
@@ -302,9 +305,9 @@ def _varlen_attention_torch_backward(
         _store(dv, c, p.transpose(-1, -2) @ dog)
         _store(dq, c, (ds @ kg) * softmax_scale)
         _store(dk, c, (ds.transpose(-1, -2) @ qg) * softmax_scale)
-        if bias is not None:
+        if dtable is not None and idx is not None:
             dtable.index_add_(0, idx.reshape(-1), ds.permute(0, 2, 3, 1).reshape(-1, H))
-    if dtable is not None:
+    if bias is not None and dtable is not None:
         dtable = dtable.to(bias.table.dtype)
     return dq, dk, dv, dtable
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from kernels import varlen_attention
 from kernels.position_bias import PositionBias, empty_output, pair_bias
 from kernels.seqlens import sequence_ids
+from spa_core.contracts import check_attention
 from spa_core.pack import PackedTokens, containers_dense, containers_from_dense
 from spa_core.registry import PACK_STRATEGIES
 
@@ -48,6 +49,8 @@ def _grid_mask(filled: Tensor, pos: Tensor | None, bias: PositionBias | None) ->
     q_filled, k_filled = filled[:, None, :, None], filled[:, None, None, :]  # (R, 1, P, 1), (R, 1, 1, P)
     if bias is None:
         return k_filled | ~q_filled  # (R, 1, P, P) bool
+    if pos is None:
+        raise ValueError("_grid_mask: a position bias needs pos (R, P, 3)")
     b = pair_bias(pos, pos, bias.table, bias.window)  # (R, H, P, P), -inf across regions
     b = b.masked_fill(~k_filled, float("-inf"))
     return torch.where(q_filled, b, torch.zeros((), dtype=b.dtype, device=b.device))
@@ -68,9 +71,9 @@ def _padded_sdpa(
     R, P = shape
     T, H, D = q.shape
     flat = row * P + col  # (T,)
-    grid = [
+    qg, kg, vg = (
         t.new_zeros(R * P, H, D).index_copy(0, flat, t).view(R, P, H, D).transpose(1, 2) for t in (q, k, v)
-    ]
+    )  # (R, H, P, D) each
     filled = torch.zeros(R * P, dtype=torch.bool, device=q.device)
     filled = filled.scatter(0, flat, torch.ones_like(flat, dtype=torch.bool)).view(R, P)  # traceable
     pos = None
@@ -79,7 +82,7 @@ def _padded_sdpa(
     attn_mask = _grid_mask(filled, pos, bias)
     if attn_mask.is_floating_point():
         attn_mask = attn_mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(*grid, attn_mask=attn_mask, scale=scale)  # (R, H, P, D)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, scale=scale)  # (R, H, P, D)
     return out.transpose(1, 2).reshape(R * P, H, D).index_select(0, flat)
 
 
@@ -153,7 +156,8 @@ def packed_attention(
     if q.shape[0] == 0:
         return empty_output(q, bias)
     attend = PACK_STRATEGIES.get(packed.strategy).attend
-    return attend(q, k, v, packed, softmax_scale=softmax_scale, impl=impl, bias=bias)
+    out = attend(q, k, v, packed, softmax_scale=softmax_scale, impl=impl, bias=bias)
+    return check_attention(out, q, packed.strategy, attend)
 
 
 def containers_dense_attention(
@@ -180,7 +184,7 @@ def containers_dense_attention(
         attn_mask = attn_mask.masked_fill(~same_image[:, None] & filled[:, None, :, None], float("-inf"))
         attn_mask = attn_mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (qc, kc, vc)), attn_mask=attn_mask, scale=softmax_scale
+        qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=attn_mask, scale=softmax_scale
     )  # (B', H, L, D)
     return containers_from_dense(packed, out.transpose(1, 2))
 
@@ -229,7 +233,7 @@ class PackedAttention(nn.Module):
         T, C = x.shape
         q, k, v = self.qkv(x).view(T, 3, self.num_heads, self.head_dim).unbind(1)  # (T, H, D) each
         bias = None
-        if self.relative_position_bias_table is not None:
+        if self.window_size is not None:  # it holds the bias table
             if pos is None:
                 raise ValueError(
                     "PackedAttention with a position bias table needs pos (T, 3) of the packed tokens"

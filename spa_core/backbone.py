@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,7 @@ class SPABackbone(nn.Module):
                     drop_path=dpr[k],
                     pad_keys=cfg.pad_keys,
                 )
-                if i + 1 in spa_stages:
+                if i + 1 in spa_stages and cfg.spa is not None:  # spa_stages is empty without cfg.spa
                     blocks.append(SPABlock(cfg=cfg.spa, stage=i + 1, index=j, **common))
                 else:
                     blocks.append(SwinBlock(**common))
@@ -178,14 +179,14 @@ class SPABackbone(nn.Module):
         x = self.patch_embed(images)  # (B, H1, W1, C1)
         valid = None
         if image_sizes is not None:
-            grids = stage_grids(tuple(images.shape[-2:]), self.cfg.patch_size)
+            grids = stage_grids((images.shape[-2], images.shape[-1]), self.cfg.patch_size)
             valid = valid_masks(torch.as_tensor(image_sizes, device=x.device), grids, self.cfg.patch_size)
         masked = valid is not None and self.cfg.pad_keys == "mask"
         features, infos = [], []
         prev = None  # previous SPA block's score map (B, h, w)
         for i, blocks in enumerate(self.stages):
             v = valid[i] if valid is not None else None
-            for blk in blocks:
+            for blk in cast(nn.ModuleList, blocks):
                 if isinstance(blk, SPABlock):
                     x, info = blk(x, prev, v)
                     prev = info.logits.view(x.shape[0], *info.grid)
@@ -194,10 +195,10 @@ class SPABackbone(nn.Module):
                     infos.append(info)
                 else:
                     x = blk(x, v)
-            if masked:  # padding is merged into no real token and outputs nothing
+            if masked and v is not None:  # padding is merged into no real token and outputs nothing
                 x = x.masked_fill(~v[..., None], 0.0)
             f = self.norms[i](x)
-            if masked:
+            if masked and v is not None:
                 f = f.masked_fill(~v[..., None], 0.0)
             features.append(f.permute(0, 3, 1, 2).contiguous())  # (B, C_i, H_i, W_i)
             x = self.merges[i](x)

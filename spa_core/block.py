@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from kernels import pack_tokens, unpack_tokens
 from spa_core.attention import PackedAttention
 from spa_core.config import SPAConfig, check_config
+from spa_core.contracts import check_gate_scores
 from spa_core.gate import resize_scores
 from spa_core.pack import pack, unpack
 from spa_core.registry import GATES
@@ -90,7 +91,12 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        n = batch if sample is not None else x.shape[0]
+        if sample is None:
+            n = x.shape[0]
+        elif batch is None:
+            raise ValueError("DropPath: packed rows (sample given) need the batch size")
+        else:
+            n = batch
         m = x.new_empty(n).bernoulli_(keep) / keep  # (B,)
         m = m[sample] if sample is not None else m
         return x * m.view(-1, *([1] * (x.dim() - 1)))
@@ -334,7 +340,7 @@ class SPABlock(nn.Module):
         x = x.reshape(B, N, C)
         r = self.norm1(x)
         prev = resize_scores(prev_scores, (H, W)) if prev_scores is not None else None
-        s = self.gate(r, prev)  # (B, N)
+        s = check_gate_scores(self.gate(r, prev), r, self.cfg.gate, type(self.gate))  # (B, N)
         generator = self._generator_on(x.device)
         sel = select_tokens(s, self.cfg, training=self.training, generator=generator, tokens=r)
         keep, counts = sel.mask, sel.counts

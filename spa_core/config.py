@@ -192,7 +192,8 @@ def config_rules(cls: type, prefix: str = "") -> dict[str, dict[str, Any]]:
     rules: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        sub = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+        args = (hints[f.name], *typing.get_args(hints[f.name]))
+        sub = [a for a in args if isinstance(a, type) and dataclasses.is_dataclass(a)]
         if sub:
             rules.update(config_rules(sub[0], key + "."))
         elif f.metadata:
@@ -238,7 +239,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{path}: {value!r} does not fit {_tname(tp)}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return config_from_dict(tp, value, path)
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):

@@ -84,7 +84,8 @@ def selection_labels_from_masks(
     if coverage is not None and not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     m = (masks != 0).to(torch.float32)
-    return {tuple(g): _pool(m, tuple(g), coverage) for g in dict.fromkeys(tuple(g) for g in grids)}
+    distinct = dict.fromkeys((int(h), int(w)) for h, w in grids)  # lists or tuples, in order
+    return {g: _pool(m, g, coverage) for g in distinct}
 
 
 def selection_labels_from_boxes(

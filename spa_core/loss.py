@@ -14,6 +14,7 @@ from torch import Tensor
 
 from spa_core.block import SPABlockInfo
 from spa_core.config import SPAConfig
+from spa_core.contracts import check_supervision_loss
 from spa_core.registry import SUPERVISION_MODES
 
 __all__ = ["gate_loss", "supervision_labels", "supervision_none"]
@@ -58,4 +59,5 @@ def gate_loss(
     ``spa_cfg=None``, or no SPA blocks)."""
     if spa_cfg is None or not blocks:
         return _zero(blocks)
-    return SUPERVISION_MODES.get(spa_cfg.supervision)(blocks, labels, alpha=spa_cfg.alpha)
+    mode = SUPERVISION_MODES.get(spa_cfg.supervision)
+    return check_supervision_loss(mode(blocks, labels, alpha=spa_cfg.alpha), spa_cfg.supervision, mode)

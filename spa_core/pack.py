@@ -29,6 +29,7 @@ from torch import Tensor
 from kernels import container_seqlens, cu_seqlens_from_counts, pack_tokens, unpack_tokens
 from kernels._dispatch import untraced
 from spa_core.config import SPAConfig
+from spa_core.contracts import check_packed
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
@@ -204,7 +205,8 @@ def pack(
     (the SPA block passes the shifted-window order, so containers hold neighbours); ``indices`` always
     point into the raster ``(B*N)`` grid of ``x``.
     """
-    return PACK_STRATEGIES.get(strategy).pack(x, mask, cfg=cfg, order=order)
+    entry = PACK_STRATEGIES.get(strategy)
+    return check_packed(entry.pack(x, mask, cfg=cfg, order=order), x, mask, strategy, entry.pack)
 
 
 def unpack(
@@ -225,9 +227,15 @@ def unpack(
     return unpack_tokens(tokens, packed.indices, base.reshape(B * N, C), add=add).view(B, N, C)
 
 
+def _container_len(packed: PackedTokens, what: str) -> int:
+    if packed.container_len is None:
+        raise ValueError(f"{what} needs a containers pack, got strategy {packed.strategy!r}")
+    return packed.container_len
+
+
 def _slots(packed: PackedTokens) -> tuple[Tensor, Tensor]:
     """Container and slot of every packed token: (T,), (T,) int64."""
-    L = packed.container_len
+    L = _container_len(packed, "_slots")
     t = torch.arange(packed.tokens.shape[0], device=packed.tokens.device)
     return torch.div(t, L, rounding_mode="floor"), t % L
 
@@ -238,10 +246,9 @@ def containers_dense(packed: PackedTokens, tokens: Tensor | None = None) -> tupl
     True where query slot i may attend to key slot j: both filled and of the same image (block-diagonal).
     An empty slot attends to nothing; its output is meaningless and dropped by ``containers_from_dense``.
     """
-    if packed.container_len is None:
-        raise ValueError(f"containers_dense needs a containers pack, got strategy {packed.strategy!r}")
+    L = _container_len(packed, "containers_dense")
     tokens = packed.tokens if tokens is None else tokens
-    L, T = packed.container_len, tokens.shape[0]
+    T = tokens.shape[0]
     Bc = packed.num_containers
     cont, slot = _slots(packed)
     p = tokens.new_zeros(Bc * L, *tokens.shape[1:]).index_copy(0, cont * L + slot, tokens)
@@ -256,6 +263,6 @@ def containers_dense(packed: PackedTokens, tokens: Tensor | None = None) -> tupl
 
 def containers_from_dense(packed: PackedTokens, p: Tensor) -> Tensor:
     """Inverse of ``containers_dense`` on the token values: p (B', L, *F) -> (T, *F)."""
+    L = _container_len(packed, "containers_from_dense")
     cont, slot = _slots(packed)
-    L = packed.container_len
     return p.reshape(-1, *p.shape[2:]).index_select(0, cont * L + slot)

@@ -160,7 +160,7 @@ def _allowed_missing(name: str, cfg) -> bool:
     if name.startswith("norms.") or ".gate." in name:
         return True
     m = re.match(r"stages\.2\.(\d+)\.", name)
-    return bool(m) and int(m.group(1)) >= cfg.depths[2]
+    return m is not None and int(m.group(1)) >= cfg.depths[2]
 
 
 def _collapse(names: list[str], all_names: list[str]) -> list[str]:
@@ -236,7 +236,7 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
             f"{where}: {len(bad)} backbone weight(s) have no source in the {layout}-layout checkpoint, "
             f"first {bad[:3]} (depths {tuple(cfg.depths)}: does the checkpoint have as many blocks?)"
         )
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
     params.update(model.named_buffers())
     for target, value in plan.items():
         params[target].copy_(value.to(params[target].dtype))

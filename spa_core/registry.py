@@ -1,7 +1,8 @@
 """Registries: the extension points of SPA, in the manner of fvcore's ``Registry``.
 
 Each registry maps a name to an object (a function or a class) that meets the contract written in
-that registry's docstring. Built-in variants register themselves with the decorator at import; plugins
+that registry's docstring; ``spa_core.contracts`` checks it where the core receives the object's
+output, with an error naming the entry, its file and line, the rule and the shapes seen. Built-in variants register themselves with the decorator at import; plugins
 (``harness.plugins``) register theirs the same way, so a grid can name either.
 
     @SELECTION_POLICIES.register("topk")
@@ -19,6 +20,8 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+
+from spa_core.contracts import probe_pack_strategy
 
 __all__ = [
     "Registry",
@@ -59,9 +62,11 @@ def _builtin(obj: Any) -> str | None:
 class Registry:
     """A name -> object map that rejects duplicates and is loud about unknown names."""
 
-    def __init__(self, name: str, doc: str = "", check: Callable[[str, Any], None] | None = None) -> None:
+    def __init__(
+        self, name: str, doc: str = "", check: Callable[[str, Any, str], None] | None = None
+    ) -> None:
         self._name = name
-        self._check = check  # check(name, obj) raises when obj does not meet the registry's contract
+        self._check = check  # check(name, obj, origin) raises when obj does not meet the registry's contract
         self._obj: dict[str, Any] = {}
         self._origin: dict[str, str] = {}
         self.__doc__ = doc
@@ -77,16 +82,17 @@ class Registry:
             key = name or getattr(o, "__name__", None)
             if not key or not isinstance(key, str):
                 raise ValueError(f"registry {self._name!r}: a name is required for {o!r}")
+            # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
+            where = origin or _builtin(o) or _ORIGIN.get() or str(getattr(o, "__module__", "?"))
             if self._check is not None:
-                self._check(key, o)
+                self._check(key, o, where)
             if key in self._obj:
                 raise KeyError(
                     f"registry {self._name!r}: {key!r} is already registered "
                     f"(by {self._origin[key]}); choose another name"
                 )
             self._obj[key] = o
-            # spa_core's own entries are "builtin" even when a plugin's import pulls them in first
-            self._origin[key] = origin or _builtin(o) or _ORIGIN.get() or getattr(o, "__module__", "?")
+            self._origin[key] = where
             return o
 
         if obj is not None:
@@ -138,21 +144,26 @@ SELECTION_POLICIES = Registry(
       - ``cfg``: the block's ``SPAConfig`` (ratio, threshold, gumbel_tau, ...); ``training``: the
         block's mode; ``generator``: the block's own ``torch.Generator`` for any random draw (None:
         torch's global one), so a block's stream does not depend on other work;
-      - returns ``spa_core.select.Selection`` with ``mask`` (B, N) bool, ``counts`` (B,) int64 (a
-        different count per image allowed, 0 and N included), ``weight`` (B, N) float and
-        ``gate_scaled`` (False for a policy whose places are not the gate's: its tokens are not scaled
-        by the gate's scores).
+      - returns ``spa_core.select.Selection`` with ``mask`` (B, N) bool, ``counts`` (B,) int64 equal
+        to ``mask.sum(1)`` (a different count per image allowed, 0 and N included), ``weight``
+        (B, N) float, finite, all on the scores' device, and ``gate_scaled`` (False for a policy whose
+        places are not the gate's: its tokens are not scaled by the gate's scores).
     What the block does with it: the kept tokens (``mask``) are packed and attend; each enters
     attention as ``sigmoid(scores) * weight * r`` (``cfg.gate_scaling`` and ``gate_scaled``; without
     them ``weight * r``),
     so ``weight`` is the straight-through multiplier whose gradient reaches the gate (``gate``: value
     1 with the soft sample's gradient; ones when nothing is differentiable; a policy may return
     ``1 / sigmoid(scores)`` to cancel the scaling); the other tokens skip attention unchanged.
+    The policy also runs while fvcore traces the model to count FLOPs (``torch.jit.trace``): there a
+    shape such as ``scores.shape[1]`` is a 0-dim tensor, so Python arithmetic on it needs ``int()``
+    first (``round(tensor)`` raises), and in-place ops with a Python scalar source (``scatter_(1, idx,
+    True)``) cannot be traced: give them a tensor (``torch.ones_like(idx, dtype=torch.bool)``).
+    Checked where ``spa_core.select.select_tokens`` receives it (``spa_core.contracts``).
     """,
 )
 
 
-def _check_pack_strategy(name: str, obj: Any) -> None:
+def _check_pack_strategy(name: str, obj: Any, origin: str) -> None:
     missing = [a for a in ("pack", "attend", "attention_macs") if not callable(getattr(obj, a, None))]
     if missing:
         raise TypeError(
@@ -160,6 +171,8 @@ def _check_pack_strategy(name: str, obj: Any) -> None:
             f"attention_macs, its FLOP formula, which the harness's analytic counts read); missing: "
             f"{', '.join(missing)}"
         )
+    if origin != "builtin":  # the built-ins' probe is a test (tests/spa_core/test_contracts.py)
+        probe_pack_strategy(name, obj)  # its round trip on a small probe, before anything runs it
 
 
 PACK_STRATEGIES = Registry(
@@ -179,10 +192,13 @@ PACK_STRATEGIES = Registry(
         ``kernels.position_bias.PositionBias`` or None, to apply to every pair it lets attend;
         ``impl`` the kernel switch). The block projects the result and ``spa_core.pack.unpack``
         scatters it back as a residual on the kept tokens; the others pass unchanged;
-      - ``attention_macs(counts, num_tokens, dim, container_len) -> float``: multiply-adds of one SPA
-        block's gate, projections and attention for a batch whose images keep ``counts`` of
-        ``num_tokens`` tokens of ``dim`` channels, by the paper's formulas (the harness's
-        ``analytic_attn_gmacs`` column).
+      - ``attention_macs(counts, num_tokens, dim, container_len) -> float``: multiply-adds of what one
+        SPA block's gate scorer, projections and attention run with this strategy, for a batch whose
+        images keep ``counts`` of ``num_tokens`` tokens of ``dim`` channels (the harness's
+        ``analytic_attn_gmacs`` column, checked against fvcore's count; a finite number >= 0).
+    Checked where the core receives them (``spa_core.contracts``): a probe at registration (3 images
+    of 7 tokens keeping 0, 7 and 4; each kept token packed once, at its place, in ``order``, values
+    unchanged; ``attend``'s shape; ``attention_macs`` finite), and every pack's fields and shapes.
     """,
     check=_check_pack_strategy,
 )
@@ -192,8 +208,9 @@ GATES = Registry(
     """Gates: modules that score every token of an SPA block.
 
     Contract: a ``torch.nn.Module`` class constructed as ``cls(dim, cfg)`` whose forward is
-    ``(x (B, N, C), prev_scores (B, N) | None) -> scores (B, N)`` logits; ``prev_scores`` is the
-    previous SPA block's score map already resized to this block's resolution.
+    ``(x (B, N, C), prev_scores (B, N) | None) -> scores (B, N)`` floating-point logits without NaN,
+    on x's device; ``prev_scores`` is the previous SPA block's score map already resized to this
+    block's resolution. Checked where ``spa_core.block.SPABlock`` receives them.
     """,
 )
 
@@ -202,9 +219,16 @@ SUPERVISION_MODES = Registry(
     """Gate supervision modes: the auxiliary loss on the gate logits.
 
     Contract: ``fn(blocks, labels, *, alpha) -> scalar tensor``
-      - ``blocks``: the backbone output's per-SPA-block infos (gate logits (B, N), grid (H, W));
-      - ``labels``: dict mapping a grid (H, W) to (B, H, W) float selection labels, or None;
-      - returns the weighted loss to add to the task loss (zero for ``none``).
+      - ``blocks``: list of ``spa_core.block.SPABlockInfo``, one per SPA block in forward order, with
+        ``.logits`` (B, N) gate logits in raster order over ``.grid`` (H, W), ``.mask`` (B, N) bool
+        kept tokens, ``.counts`` (B,) int64, ``.kept_fraction`` (0-dim tensor), ``.stage`` (1-based)
+        and ``.index`` (block within the stage); empty for a model without SPA blocks;
+      - ``labels``: dict mapping a grid (H, W) to (B, H, W) float selection labels (1: an object
+        pixel falls in the token), or None;
+      - ``alpha``: the config's weight (``SPAConfig.alpha``);
+      - returns the weighted loss to add to the task loss (zero for ``none``): a finite
+        floating-point tensor of shape (), on the logits' graph so that it trains the gate. Checked
+        where ``spa_core.loss.gate_loss`` receives it.
     """,
 )
 

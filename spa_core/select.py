@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from spa_core.config import SPAConfig, check_config
+from spa_core.contracts import check_selection
 from spa_core.registry import SELECTION_POLICIES
 
 __all__ = [
@@ -75,9 +76,9 @@ def select_tokens(
     """scores: (B, N) gate logits, tokens: (B, N, C) what the gate scored -> ``Selection`` by the
     policy ``cfg.selection`` (``cfg`` checked first: ``ConfigError`` naming a bad field)."""
     check_config(cfg)
-    return SELECTION_POLICIES.get(cfg.selection)(
-        scores, cfg=cfg, training=training, generator=generator, tokens=tokens
-    )
+    policy = SELECTION_POLICIES.get(cfg.selection)
+    sel = policy(scores, cfg=cfg, training=training, generator=generator, tokens=tokens)
+    return check_selection(sel, scores, cfg.selection, policy)  # the contract, where the core receives it
 
 
 def _from_mask(mask: Tensor, weight: Tensor | None = None, *, gate_scaled: bool = True) -> Selection:

@@ -1,21 +1,30 @@
 """The pack strategies of SPA (Select and Pack Attention, arXiv 2410.23608), one registered object each:
 how the selected tokens are packed (``spa_core.pack``), how attention runs over the pack
-(``spa_core.attention``) and what that costs by the paper's formulas, together, so that a plugin
-strategy touches one place and the harness's analytic FLOP column reads every strategy's own formula.
+(``spa_core.attention``) and what that costs, together, so that a plugin strategy touches one place
+and the harness's analytic FLOP column reads every strategy's own formula.
 
-The paper's per-block formulas (multiply-adds; B images of N tokens, C channels, T kept, n_i the
-sequence lengths, L the container length, B' = ceil(T / L) containers): SPA
-``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` (the gate and the output projection over all N tokens, then
-the containers' qkv projection and scores/PV computed densely per container). The other strategies
-swap the container term: ``varlen`` ``3TC^2 + 2C sum_i n_i^2``; ``pad`` ``B(3 n_max C^2 + 2 n_max^2 C)``;
-``mask`` ``B(3NC^2 + 2N^2 C)``. These are upper bounds of what the kernels compute (the output
-projection runs on the T kept tokens, the varlen kernel computes one image's part of a container);
-fvcore's count of the traced ops is the measured figure.
+Each ``attention_macs`` counts what its strategy runs for one SPA block (multiply-adds; B images of
+N tokens, C channels, T kept, L the container length): the gate's scorer ``BNC`` and the qkv and
+output projections on the kept tokens ``4TC^2``, both the same for every strategy, plus the scores
+and weighted sum ``2C sum_s n_s^2`` over the sequences the strategy's attention runs:
+
+- ``containers``: the varlen kernel over sequences cut at image boundaries and at multiples of L
+  (``kernels.container_seqlens``): a container holding two images' tokens computes two blocks;
+- ``varlen``: one sequence per image, ``n_b`` its kept count;
+- ``pad``: every image padded to the batch's largest count, ``2C B max_b(n_b)^2``;
+- ``mask``: every image dense over all N positions, ``2C B N^2`` (no saving in attention).
+
+So the analytic column follows the kept tokens, and it equals fvcore's count of the same modules
+(the gate and attention modules of the traced model; ``tests/harness/task/test_measure.py``). The
+paper's own formula, ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B' = ceil(T / L)`` containers,
+counts the paper's dense-container implementation: every container full (L slots, L x L scores)
+and the output projection over all N tokens. It is an upper bound of the count here, and on maps
+smaller than a container it exceeds the dense block it replaces (the micro backbone at 64 px:
+stage 4 has 4 tokens a block, L = 16), whatever the kept fraction.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +32,7 @@ from spa_core.attention import attend_masked, attend_padded, attend_varlen
 from spa_core.pack import pack_containers, pack_mask, pack_pad, pack_varlen
 from spa_core.registry import PACK_STRATEGIES
 
-__all__ = ["PackStrategy"]
+__all__ = ["PackStrategy", "container_lengths"]
 
 
 @dataclass(frozen=True)
@@ -36,26 +45,43 @@ class PackStrategy:
     attention_macs: Callable[[Sequence[int], int, int, int], float]
 
 
-def _gate_and_out_proj(counts: Sequence[int], n: int, c: int) -> float:
-    return len(counts) * (n * c + n * c * c)
+def _gate_and_projections(counts: Sequence[int], n: int, c: int) -> float:
+    """The scorer over all B*N tokens, qkv and output projections over the T kept ones."""
+    return len(counts) * n * c + 4 * sum(counts) * c * c
+
+
+def container_lengths(counts: Sequence[int], container_len: int) -> list[int]:
+    """Lengths of the sequences of a containers pack: each image's tokens poured after the previous
+    image's into containers of ``container_len`` slots, cut at image and container boundaries (as
+    ``kernels.container_seqlens`` cuts ``cu_seqlens``)."""
+    out, pos = [], 0
+    for k in counts:
+        k = int(k)
+        while k > 0:
+            take = min(container_len - pos % container_len, k)
+            out.append(take)
+            pos += take
+            k -= take
+    return out
 
 
 def _containers_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
-    L = container_len
-    return _gate_and_out_proj(counts, n, c) + math.ceil(sum(counts) / L) * (3 * L * c * c + 2 * L * L * c)
+    seqs = container_lengths(counts, container_len)
+    return _gate_and_projections(counts, n, c) + 2 * c * sum(s * s for s in seqs)
 
 
 def _varlen_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
-    return _gate_and_out_proj(counts, n, c) + 3 * sum(counts) * c * c + 2 * c * sum(k * k for k in counts)
+    return _gate_and_projections(counts, n, c) + 2 * c * sum(int(k) ** 2 for k in counts)
 
 
 def _pad_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
-    longest = max(counts, default=0)
-    return _gate_and_out_proj(counts, n, c) + len(counts) * (3 * longest * c * c + 2 * longest * longest * c)
+    longest = max((int(k) for k in counts), default=0)
+    return _gate_and_projections(counts, n, c) + 2 * c * len(counts) * longest * longest
 
 
 def _mask_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
-    return _gate_and_out_proj(counts, n, c) + len(counts) * (3 * n * c * c + 2 * n * n * c)
+    attention = 2 * c * len(counts) * n * n if sum(counts) else 0  # nothing kept: attention is skipped
+    return _gate_and_projections(counts, n, c) + attention
 
 
 PACK_STRATEGIES.register(

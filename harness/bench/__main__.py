@@ -1,5 +1,7 @@
-"""``python -m harness.bench``: see ``harness.bench``."""
+"""``python -m harness.bench``: see ``harness.bench.cli``."""
 
-from harness.bench import main
+import sys
 
-raise SystemExit(main())
+from harness.bench.cli import main
+
+sys.exit(main())

@@ -19,7 +19,7 @@ file; ``comparisons=`` sets it for every experiment (rows given as a DataFrame h
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,17 +176,22 @@ def report_command(
     base: Mapping[str, Any] | None = None,
     merge: bool = False,
     comparisons: Comparisons | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> str:
     """``spa-harness report``: the report as text in ``fmt`` (md, csv, html, json; default: the
     suffix of ``out``, else md), returned. ``out`` a file (``report.html``): written there, plots
     embedded (html) or beside it in ``<stem>-plots/`` (md); ``out`` a folder: ``out/index.html`` or
-    ``out/report.<fmt>``, plots in ``out/plots/``, and for csv also each axis table and the failures.
-    Several experiments in ``results`` give one section each, unless ``merge``. ``comparisons``: see
-    ``build_reports``."""
+    ``out/report.<fmt>``, plots in ``out/plots/``, and for csv also each axis table, the failures and
+    the provenance. Several experiments in ``results`` give one section each, unless ``merge``.
+    ``comparisons``: see ``build_reports``. ``warn``: called with each report's provenance warning
+    (rows from several commits), whatever the format."""
     out_path = Path(out) if out is not None else None
     fmt = _format(fmt, out_path)
     is_file = out_path is not None and out_path.suffix.lstrip(".").lower() in FORMATS
     reports = build_reports(results, baseline, merge=merge, base=base, comparisons=comparisons)
+    for name, r in reports.items():
+        if warn is not None and r.provenance.warning:
+            warn((f"{name}: " if name else "") + r.provenance.warning.removeprefix("WARNING: "))
     several = len(reports) > 1
     if is_file:
         target, plots_dir, rel = (
@@ -243,6 +248,7 @@ def _write_csv_parts(reports: Mapping[str | None, Report], out: Path) -> None:
         if len(r.contrasts):
             r.contrasts.to_csv(out / f"{prefix}contrasts.csv")
         r.failures.to_csv(out / f"{prefix}failures.csv", index=False)
+        r.provenance.table.to_csv(out / f"{prefix}provenance.csv", index=False)
 
 
 def write_report(

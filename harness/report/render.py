@@ -11,7 +11,10 @@ the deltas cannot be told from noise. Under it: the contrasts the grid declares 
 own), the correction and the level of the MDE, and the noise: the spread of the per-seed differences
 and the baseline's own spread of mAP. CSV and JSON hold every column (all metrics, intervals, p-values,
 paired-seed counts) and the contrasts; HTML leads with the short table, the contrasts and the Pareto
-plot, then the axes, then every column.
+plot, then the axes, then every column. Every format says
+where the rows came from (``harness.report.provenance``): a Provenance section (Markdown, HTML,
+JSON) or per-variant columns (CSV, and JSON's table), and a warning above the table when its rows
+come from more than one commit.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.report import stats
+from harness.report import provenance, stats
 from harness.report.tables import TIMED_CALL, TIMED_FORWARD, Report, main_gmacs
 
 __all__ = [
@@ -367,6 +370,8 @@ def markdown(
     warn = _warning(report)
     if warn:
         parts += [*_wrap(f"**{warn}**"), ""]
+    if report.provenance.warning:
+        parts += [*_wrap(f"**{report.provenance.warning}**"), ""]
     parts += [*_wrap(_explanation(report)), ""]
     table, legend = _fitted(display_table(report))
     parts += [table, ""]
@@ -389,6 +394,7 @@ def markdown(
         parts += [f.to_markdown(index=False), ""]
     else:
         parts += ["None.", ""]
+    parts += provenance.markdown(report.provenance, level)
     if report.notes:
         parts += [f"{h}# Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     return "\n".join(parts)
@@ -455,6 +461,7 @@ def json_data(report: Report) -> dict[str, Any]:
         if len(report.failures)
         else [],
         "notes": report.notes,
+        "provenance": provenance.json_data(report.provenance),
     }
 
 
@@ -505,6 +512,7 @@ def html_section(
     warn = _warning(report)
     if warn:
         parts.append(f"<p class='warn'>{esc(warn)}</p>")
+    parts += [w for w in [provenance.html_warning(report.provenance)] if w]
     parts += [f"<p>{esc(_explanation(report))}</p>", _html_table(display_table(report))]
     if len(report.contrasts):
         parts += [f"<p>{esc(_CONTRASTS)}</p>", _html_table(contrast_table(report))]
@@ -536,6 +544,7 @@ def html_section(
         if len(report.failures)
         else "<p>None.</p>"
     )
+    parts.append(provenance.html_section(report.provenance, level))
     if report.notes:
         parts.append(
             f"<{h2}>Notes</{h2}><ul>"

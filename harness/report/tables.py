@@ -37,6 +37,7 @@ from harness.config import TrialConfig, flatten_config, trial_to_dict
 from harness.grid import Comparisons
 from harness.report import stats
 from harness.report.axes import AXIS_PREFIX, axis_tables_of, hashable, natural
+from harness.report.provenance import Provenance, provenance_of, variant_columns
 from harness.results import load
 
 __all__ = ["Report", "build_report", "compare", "axis_tables", "main_gmacs", "is_dense", "PAIRED_SPEEDUP"]
@@ -69,8 +70,8 @@ PAIRED_SPEEDUP = "speedup_vs_dense"  # timed per trial: the variant and the base
 TIMED_FORWARD, TIMED_CALL = "backbone+head", "inference call"
 _SPREAD = (f"{PAIRED_SPEEDUP}_q1", f"{PAIRED_SPEEDUP}_q3")  # its quartiles over the trial's pairs
 # Config keys that do not define a variant (the seed is paired over; the rest change no result).
-_NOT_VARIANT = {"seed", "name", "plugins", "resources.timeout_s", "resources.retries", "data.num_workers",
-                "data.cache_dir"}  # fmt: skip
+_NOT_VARIANT = {"seed", "name", "plugins", "plugin_sources", "resources.timeout_s", "resources.retries",
+                "data.num_workers", "data.cache_dir"}  # fmt: skip
 _DONE = "done"
 
 
@@ -95,6 +96,7 @@ class Report:
     contrasts: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per contrast (index: label)
     family: int = 0  # comparisons judged together (rows with a verdict and contrasts)
     mde_alpha: float = math.nan  # the level the minimum detectable effects are stated at
+    provenance: Provenance = field(default_factory=Provenance)  # commits, hosts, versions, devices
 
 
 def compare(results: pd.DataFrame | str | Path, baseline: str | None = None) -> pd.DataFrame:
@@ -124,7 +126,25 @@ def build_report(
     # and pandas' warning about fragmented frames would only bury the report under noise.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-        return _build_report(results, baseline, base, comparisons or Comparisons())
+        df = _load(results)
+        report = _build_report(df, baseline, base, comparisons or Comparisons())
+        _add_provenance(report, df)
+        return report
+
+
+def _add_provenance(report: Report, df: pd.DataFrame) -> None:
+    """The report's provenance (``harness.report.provenance``): its section, and per variant the
+    commits, hosts, versions and devices of its done rows as columns of the table."""
+    if not len(df):
+        return
+    key_cols = {k: c for k, c in _config_columns(df).items() if k not in _NOT_VARIANT}
+    done = (df["status"].astype(str) == _DONE) if "status" in df.columns else pd.Series(True, index=df.index)
+    variants = pd.concat([_variant_labels(df[done], key_cols), _variant_labels(df[~done], key_cols)])
+    report.provenance = provenance_of(df, variants.loc[df.index], done)
+    per_variant = variant_columns(df[done], variants[done[done].index])
+    # copy(): one block per dtype again (the table grew column by column; pandas warns on a
+    # fragmented frame when a renderer resets its index)
+    report.table = report.table.join(per_variant.drop(columns=report.table.columns, errors="ignore")).copy()
 
 
 def _build_report(
@@ -185,6 +205,8 @@ def _build_report(
     judged.update({("contrast", c): d for c, d in _add_contrasts(report, by_variant).items()})
     _judge(report, judged, row_base)
     table = report.table
+    if "verdict" in table:  # a variant with no verdict reads n/a in every format, as the Markdown shows it
+        table["verdict"] = table["verdict"].fillna("n/a")
     if len(groups) > 1:
         table.insert(1, "baseline", pd.Series([None] * len(table), index=table.index, dtype=object))
         for g, b in zip(groups, bases):

@@ -3,9 +3,15 @@
 ``GridCallback`` (a ``ray.tune.Callback``) follows every trial of the experiment: on a terminal it
 shows a live rich table (trials done / running / failed / pending, elapsed time and an ETA from the
 mean duration of finished trials); when stdout is not a terminal (a Ray job's log, CI, ``nohup``) it
-prints one line per trial event (started on which node, done with its mAP and speedup, failed with the
-reason) and a summary line at most every ``summary_every_s`` seconds. It only shows: rows are written
-by the trial and, for a trial whose process died, by ``harness.run.rows.DeadTrialRecorder``.
+prints one line per trial event (started on which node, done with its mAP and speedup and the host
+and node it ran on, failed with the reason) and a summary line at most every ``summary_every_s``
+seconds. With ``show=False`` (``--no-progress``) it still prints each trial's start and end line, so
+a job's log shows life, and nothing else. It only shows: rows are written by the trial and, for a
+trial whose process died, by ``harness.run.rows.DeadTrialRecorder``.
+
+``announce_stored`` prints, before any trial runs and whatever the view, one line per trial whose row
+is copied from another experiment (naming it) and one line for the trials kept from earlier runs of
+this experiment: a row that is not computed again is never a silent one.
 
 It holds only the store URI and the experiment name: Tune pickles it with the experiment state,
 and ``Tuner.restore`` brings it back; everything else is read from the store in ``setup``.
@@ -15,14 +21,16 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ray.tune import Callback
 
+from harness.provenance import node_label, short_commit
 from harness.results import Experiment
 from harness.run.rows import tune_trial_hash
 
-__all__ = ["GridCallback", "render_states"]
+__all__ = ["GridCallback", "announce_stored", "render_states"]
 
 _STYLE = {
     "done": "green",
@@ -36,12 +44,14 @@ _STYLE = {
 
 
 def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
-    """A rich table of trial states (``harness.results.trial_states`` entries or the live view's)."""
+    """A rich table of trial states (``harness.results.trial_states`` entries or the live view's):
+    trial, hash, workers, state, the node it ran on (or runs on), the commit of its row, detail."""
     from rich.table import Table
 
     table = Table(title=title or None, show_lines=False)
     several = len({s.get("experiment") for s in states}) > 1
-    for col in (["experiment"] if several else []) + ["trial", "hash", "workers", "state", "detail"]:
+    cols = ["trial", "hash", "workers", "state", "node", "commit", "detail"]
+    for col in (["experiment"] if several else []) + cols:
         table.add_column(col, overflow="fold")
     for s in states:
         st = s["state"]
@@ -50,16 +60,45 @@ def render_states(states: list[dict[str, Any]], title: str = "") -> Any:
             s["config_hash"],
             str(s.get("workers") or ""),
             f"[{_STYLE.get(st, 'white')}]{st}[/]",
+            node_label(s.get("hostname"), s.get("node_id")),
+            short_commit(s.get("git_commit")),
             s.get("detail", ""),
         ]
         table.add_row(*([str(s.get("experiment"))] if several else []), *cells)
     return table
 
 
+def _say(experiment: str, text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {experiment}: {text}", flush=True)
+
+
+def announce_stored(experiment: str, planned: Sequence[Any]) -> None:
+    """One line per planned trial (``harness.run.runner.PlannedTrial``) whose row is copied from
+    another experiment, naming it, and one line counting those kept from this experiment's earlier
+    runs; nothing when every trial runs."""
+    kept = [p for p in planned if p.state == "done"]
+    for p in planned:
+        if p.state == "reused":
+            _say(
+                experiment,
+                f"reused {p.name} ({p.config_hash}) from experiment {p.reused_from}: its done row is "
+                "copied, not run again (--rerun runs it)",
+            )
+    if kept:
+        _say(
+            experiment,
+            f"{len(kept)} trial(s) already done in this experiment, kept: "
+            + ", ".join(p.name for p in kept[:5])
+            + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+            + " (--rerun runs them again)",
+        )
+
+
 class GridCallback(Callback):
-    """``show``: report progress at all; ``lines``: log lines instead of the live table (None: when
-    stdout is not a terminal); ``summary_every_s``: the longest gap between two summary lines while
-    trials run (a summary also follows every trial that ends)."""
+    """``show``: the progress view (the live table or summary lines); without it, only one line per
+    trial start and end. ``lines``: log lines instead of the live table (None: when stdout is not a
+    terminal); ``summary_every_s``: the longest gap between two summary lines while trials run (a
+    summary also follows every trial that ends)."""
 
     def __init__(
         self,
@@ -100,13 +139,13 @@ class GridCallback(Callback):
                 "config_hash": t["config_hash"],
                 "workers": t.get("workers"),
                 "state": state,
-                "detail": "",
+                "detail": f"from {t['reused_from']}" if t.get("reused_from") else "",
                 "started": None,
             }
         self._durations: list[float] = []
         self._last_summary = time.time()
-        if self.lines is None:
-            self.lines = not sys.stdout.isatty()
+        if self.lines is None or not self.show:  # without the view: its start and end lines only
+            self.lines = not self.show or not sys.stdout.isatty()
         if self.show and self.lines:
             self._say_summary(f"{len(self._states)} trials: ")
         elif self.show:
@@ -145,8 +184,9 @@ class GridCallback(Callback):
             if result.get("wall_s") is not None:
                 self._durations.append(float(result["wall_s"]))
                 s["detail"] = f"{result['wall_s']:.1f} s"
+            row = self._exp.read_row(s["config_hash"]) or {}
+            s.update({k: row.get(k) for k in ("hostname", "node_id", "git_commit")})
             if result["status"] != "done":
-                row = self._exp.read_row(s["config_hash"]) or {}
                 s["detail"] = (row.get("error") or "").splitlines()[0][:90] if row.get("error") else ""
         self._event(self._ended(s), summary=True)
         self._refresh()
@@ -159,6 +199,7 @@ class GridCallback(Callback):
             return
         row = self._exp.read_row(s["config_hash"])
         s["state"] = row.get("status", "failed") if row else "failed"
+        s.update({k: (row or {}).get(k) for k in ("hostname", "node_id", "git_commit")})
         s["detail"] = (
             ((row or {}).get("error") or "").splitlines()[0][:90] if row and row.get("error") else ""
         )
@@ -185,16 +226,18 @@ class GridCallback(Callback):
             self._live.update(self._render())
 
     def _say(self, text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {self.experiment}: {text}", flush=True)
+        _say(self.experiment, text)
 
     def _say_summary(self, prefix: str = "") -> None:
         self._say(prefix + self._summary())
         self._last_summary = time.time()
 
     def _event(self, text: str, summary: bool = False) -> None:
-        if self.show and self.lines:
+        """A trial's start or end: a line, whatever ``show`` says (not on the live table, which
+        shows it); the summary after it only with ``show``."""
+        if self.lines:
             self._say(text)
-            if summary:
+            if summary and self.show:
                 self._say_summary()
 
     def _ended(self, s: dict[str, Any]) -> str:
@@ -206,7 +249,7 @@ class GridCallback(Callback):
             if isinstance(row.get("speedup_vs_dense"), int | float):
                 parts.append(f"speedup {row['speedup_vs_dense']:.2f}x")
             took = f" in {row['wall_s']:.0f} s" if isinstance(row.get("wall_s"), int | float) else ""
-            where = row.get("hostname") or str(row.get("node_id") or "")[:12]  # a node id is 56 hex digits
+            where = node_label(row.get("hostname"), row.get("node_id"))
             took += f" on {where}" if where else ""
             reused = " (reused a stored row)" if s["state"] == "reused" else ""
             return f"done {what}{took}{reused}" + (f": {', '.join(parts)}" if parts else "")

@@ -5,6 +5,21 @@ Every row of the store is built here, by the trial for what it ran (``base_row``
 metrics) and for its failures (``failure_row``), and by ``DeadTrialRecorder`` for a trial whose
 process died before it could write its own (the Linux OOM killer, Ray's memory monitor, a
 segfault, a lost node).
+
+A row, flat (what the report and users' scripts read):
+
+- identity and outcome: ``name``, ``experiment``, ``config_hash``, ``seed``, ``run_id``, ``attempt``,
+  ``status`` (done / failed / timeout), ``error``, ``error_type``, ``traceback`` (its tail);
+- the config as dotted columns (``model.spa.ratio``; ``model.spa`` null for dense; lists as tuples),
+  ``config_json``, and ``axis.<axis>`` the trial's value label on each grid axis;
+- the task's metrics (``harness.task.train.train_variant``) and the measurements
+  (``harness.task.measure``: ``gmacs``, timings, ``speedup_vs_dense``, memory, parameters);
+- the run: ``world_size``, ``workers``, ``zero_stage``, ``precision``, ``dp_param_max_diff`` (the
+  parameter checksum's spread across data-parallel ranks; 0 when in step), ``wall_s``, ``work_s``
+  (train_time_s + eval_time_s + bench_time_s + paired_time_s), ``overhead_s`` (wall_s - work_s),
+  ``startup_s``, ``deepspeed_setup_s``, ``prep_s``, ``worker_import_s``, ``node_id``, ``hostname``;
+- provenance: ``git_commit``, ``{torch,deepspeed,ray,fvcore,triton}_version``, ``python_version``,
+  ``device``, ``start_time``, ``end_time`` (epoch seconds).
 """
 
 from __future__ import annotations
@@ -47,16 +62,18 @@ TRACEBACK_LINES = 40
 @dataclass(frozen=True)
 class TrialSpec:
     """One grid point: the typed config and its content hash (the store's key). Tune's param space
-    holds it as ``{"config_hash": h, "spec": TrialSpec}`` (``tune_payload``): Tune keeps objects in
-    its object store and hands the trial function the object, but its callbacks and folder namer
-    see a placeholder, so they go by the hash."""
+    holds only the hash (``tune_payload``); the trial function gets the specs by hash through
+    ``tune.with_parameters``, which a restored run passes again. Objects in a param space would live
+    in the object store of the driver that made them, and a restored run's trials would get dead
+    references instead."""
 
     cfg: TrialConfig
     config_hash: str
 
 
-def tune_payload(spec: TrialSpec) -> dict[str, Any]:
-    return {"config_hash": spec.config_hash, "spec": spec}
+def tune_payload(config_hash: str) -> dict[str, Any]:
+    """One grid point of Tune's param space: plain data, which Tune saves and restores as it is."""
+    return {"config_hash": config_hash}
 
 
 def tune_trial_hash(trial: Any) -> str | None:
@@ -99,8 +116,11 @@ def base_row(spec: TrialSpec, run: RunInfo, attempt: int) -> dict[str, Any]:
     }
     row.update({f"{k}_version": v for k, v in package_versions().items()})
     row.update(node_id=node_id(), hostname=socket.gethostname())  # where the Tune trial's process ran
-    # The baseline's model and head stay in config_json; the row names it in speedup_baseline.
-    row.update(flatten_config({k: v for k, v in cfg_dict.items() if k not in ("baseline", "axis")}))
+    # The baseline's model and head stay in config_json; the row names it in speedup_baseline. So do
+    # the plugin sources: a trial's identity, not a setting a report compares variants by.
+    row.update(
+        flatten_config({k: v for k, v in cfg_dict.items() if k not in ("baseline", "axis", "plugin_sources")})
+    )
     row.update({f"axis.{k}": v for k, v in cfg.axis.items()})  # the report's axis tables
     return row
 

@@ -3,20 +3,26 @@
 ``run_grid(trials, results=..., experiment=...)``:
 
 1. plans: every trial is keyed by its config hash; one with a ``done`` row in this experiment is
-   kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte),
-   the rest are pending (``rerun=True``: all pending, old rows replaced when the new ones land);
-2. writes ``experiment.json`` (the trial list, and under ``report`` how the grid's rows are judged:
+   kept, one with a ``done`` row in another experiment of the store is copied over (byte for byte,
+   with ``reused.json`` naming where from), the rest are pending (``rerun=True``: all pending, old
+   rows replaced when the new ones land). Each copied trial gets a line naming the experiment it
+   came from, and the kept ones a line of their count, whatever the progress view
+   (``harness.run.progress.announce_stored``);
+2. writes ``experiment.json`` (the grid file as the user named it, the trial list with each trial's
+   state and, for a copied row, ``reused_from``, and under ``report`` how the grid's rows are judged:
    its equivalence margin and contrasts, ``harness.grid.Comparisons.to_dict``) and each trial's
-   ``config.json``;
+   ``config.json``; at the end the
+   trial states in ``experiment.json`` are those of the rows in the store;
 3. connects to Ray (``address`` / ``RAY_ADDRESS``: an existing cluster; otherwise an embedded local
    Ray bound to 127.0.0.1 with the dashboard off) and runs one Tune trial per pending grid point
-   (``harness.run.trial.trial_trainable``, given the trial's typed ``TrialSpec``) with that trial's resources, at most ``max_concurrent`` at a
+   (``harness.run.trial.trial_trainable``, given the trials' typed ``TrialSpec`` by hash) with that trial's resources, at most ``max_concurrent`` at a
    time. If the previous run of this experiment was interrupted (Ctrl-C, a killed driver) and
    its pending trials are a subset of that run's, its Tune state is restored (``Tuner.restore``);
    finished trials are never re-run, whichever way;
 4. with ``track`` (``--track mlflow[=URI]`` / ``wandb``): each trial that runs logs its config,
-   curves, final metrics and status to a run of its own under a parent run, which gets the report
-   files that ``report_files`` (the caller's renderer) writes (``harness.run.tracking``).
+   curves, final metrics and status to a run of its own under a parent run, each trial whose row
+   came from the store gets a closed run tagged reused, and the parent run gets the report files
+   that ``report_files`` (the caller's renderer) writes (``harness.run.tracking``).
 """
 
 from __future__ import annotations
@@ -36,20 +42,22 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray import tune
 
-from harness.config import TrialConfig, config_hash, trial_to_dict
+from harness.config import TrialConfig, config_changes, config_hash, trial_from_dict, trial_to_dict
 from harness.names import name_problem, safe_name
 from harness.provenance import project_commit
 from harness.results import Experiment, ResultsStore, join_uri
 from harness.run import tracking
-from harness.run.progress import GridCallback
+from harness.run.progress import GridCallback, announce_stored
 from harness.run.rows import DeadTrialRecorder, RunInfo, TrialSpec, tune_payload, tune_trial_hash
 from harness.run.trial import TrialContext, trial_trainable
+from spa_core.registry import ALL_REGISTRIES
 
 __all__ = [
     "PlannedTrial",
     "RunSummary",
     "SharedResultsError",
     "plan",
+    "rerun_reason",
     "trial_resources",
     "init_ray",
     "cluster_address",
@@ -64,7 +72,7 @@ log = logging.getLogger(__name__)
 _DRIVER_MEMORY = 64 * 2**20
 
 # Tune's state holds each trial's ``tune_payload``; a state written in another form is not restored.
-_TUNE_FORMAT = 2
+_TUNE_FORMAT = 3
 
 
 @dataclass
@@ -73,6 +81,9 @@ class PlannedTrial:
     config_hash: str
     state: str  # "pending", "done" (already in this experiment) or "reused" (copied from another)
     reused_from: str | None = None
+    # why a pending trial runs when the experiment has a row of it (its row failed, its plugin or
+    # config changed since, --rerun); None for a trial never run here
+    reason: str | None = None
 
     @property
     def name(self) -> str:
@@ -87,13 +98,22 @@ class RunSummary:
     states: dict[str, str] = field(default_factory=dict)  # config hash -> done / failed / timeout / ...
     restored: bool = False
     wall_s: float = 0.0
-    tracking: tracking.TrackRef | None = (
-        None  # harness.run.tracking.TrackRef of the grid's parent run (--track), when trials ran
-    )
+    tracking: tracking.TrackRef | None = None  # the grid's tracked run (--track)
 
     @property
     def ok(self) -> bool:
         return all(s == "done" for s in self.states.values())
+
+    @property
+    def reused(self) -> dict[str, int]:
+        """Experiment -> how many of this run's trials took their row from it instead of running
+        (this experiment's own name for rows kept from its earlier runs)."""
+        out: dict[str, int] = {}
+        for p in self.trials:
+            if p.state in ("done", "reused"):
+                source = p.reused_from or self.experiment
+                out[source] = out.get(source, 0) + 1
+        return out
 
 
 def trial_resources(cfg: TrialConfig) -> dict[str, float]:
@@ -152,6 +172,7 @@ def plan(
     exp = store.experiment(experiment)
     out: list[PlannedTrial] = []
     seen: dict[str, str] = {}
+    stored: dict[tuple[str, Any], dict[str, Any]] | None = None  # (name, seed) -> done row, read once
     for cfg in trials:
         h = config_hash(cfg)
         if h in seen:
@@ -161,7 +182,7 @@ def plan(
             continue
         seen[h] = cfg.name
         if rerun:
-            out.append(PlannedTrial(cfg, h, "pending"))
+            out.append(PlannedTrial(cfg, h, "pending", reason="--rerun"))
             continue
         row = exp.read_row(h)
         if row is not None and row.get("status") == "done":
@@ -170,9 +191,45 @@ def plan(
         other = store.find_done(h, exclude=experiment)
         if other is not None:
             out.append(PlannedTrial(cfg, h, "reused", reused_from=other.name))
+            continue
+        if row is not None:
+            reason = f"its stored row is {row.get('status')}"
         else:
-            out.append(PlannedTrial(cfg, h, "pending"))
+            if stored is None:
+                stored = {(r.get("name"), r.get("seed")): r for r in exp.rows() if r.get("status") == "done"}
+            reason = rerun_reason(cfg, stored.get((cfg.name, cfg.seed)))
+        out.append(PlannedTrial(cfg, h, "pending", reason=reason))
     return out
+
+
+def rerun_reason(cfg: TrialConfig, row: dict[str, Any] | None) -> str | None:
+    """Why ``cfg`` runs although ``row``, a finished row of a trial of the same name and seed, is
+    stored under another config hash: the plugin entries whose source changed (each with the file it
+    is registered from), or the config keys that changed. ``None`` without a row."""
+    if row is None:
+        return None
+    try:
+        old = json.loads(row.get("config_json") or "")
+    except (TypeError, ValueError):
+        return "the stored row of this trial has another config"
+    changes = config_changes(old, trial_to_dict(cfg))
+    plugins = [k for k, _, _ in changes if k.startswith("plugin_sources.")]
+    if plugins and len(plugins) == len(changes):
+        entries = []
+        for k in plugins:
+            registry, _, name = k[len("plugin_sources.") :].partition(":")
+            entries.append(f"{registry} {name!r} ({_origin(registry, name)})")
+        return f"plugin changed since the stored row: {'; '.join(entries)}"
+    shown = [f"{k} {a!r} -> {b!r}" for k, a, b in changes if not k.startswith("plugin_sources.")][:3]
+    more = len(changes) - len(shown)
+    return "config changed since the stored row: " + ", ".join(shown) + (f" (+{more} more)" if more else "")
+
+
+def _origin(registry: str, name: str) -> str:
+    try:
+        return ALL_REGISTRIES[registry].origin(name)
+    except KeyError:
+        return "not registered"
 
 
 def init_ray(address: str | None = None) -> bool:
@@ -248,13 +305,15 @@ def run_grid(
     results_shared: bool = False,
     report_files: Callable[[str, Path], list[Path]] | None = None,
     comparisons: dict[str, Any] | None = None,
+    on_plan: Callable[[list[PlannedTrial]], None] | None = None,
 ) -> RunSummary:
     """Run ``trials`` into ``results/<experiment>`` (see the module docstring). ``track``: a
     ``harness.run.tracking.TrackingSpec`` or its text (``mlflow``, ``mlflow=URI``, ``wandb``). On a cluster
     (``address``, ``RAY_ADDRESS``) ``results`` must be a store every node sees (``results_problem``);
     ``SharedResultsError`` otherwise, before anything runs. ``report_files(experiment_uri, folder)``
     writes the experiment's report into ``folder`` for the tracked parent run. ``comparisons``: the
-    grid's ``Comparisons.to_dict()``, kept in ``experiment.json`` for the report."""
+    grid's ``Comparisons.to_dict()``, kept in ``experiment.json`` for the report. ``on_plan(planned)``
+    is called once the trials are planned, before any runs (the command line prints why trials rerun)."""
     track = tracking.parse_track(track)  # a bad value fails before anything is written
     t_start = time.time()
     problem = results_problem(results, cluster_address(address), shared=results_shared)
@@ -264,9 +323,12 @@ def run_grid(
     store = ResultsStore(results)
     exp = store.experiment(experiment)
     planned = plan(trials, store, experiment, rerun=rerun)
+    if on_plan is not None:
+        on_plan(planned)
     for p in planned:
         if p.state == "reused":
             exp.copy_trial_from(store.experiment(p.reused_from), p.config_hash)
+    announce_stored(experiment, planned)
     pending = [p for p in planned if p.state == "pending"]
     for p in pending:
         exp.write_config(p.config_hash, trial_to_dict(p.cfg))
@@ -304,6 +366,8 @@ def run_grid(
                 "config_hash": p.config_hash,
                 "workers": p.cfg.resources.workers,
                 "state": p.state,
+                **({"reused_from": p.reused_from} if p.reused_from else {}),
+                **({"reason": p.reason} if p.reason else {}),
             }
             for p in planned
         ],
@@ -318,29 +382,52 @@ def run_grid(
     }
     exp.write_manifest(manifest)
     summary = RunSummary(experiment, exp.uri, planned)
-    if pending and track is not None:
-        summary.tracking = tracking.start_grid(
-            track,
-            experiment,
-            exp.uri,
-            harness_run_id=run_id,
-            git_commit=manifest["git_commit"],
-            source=source,
-            trials=len(pending),
-        )
+    if track is not None and planned:
+        summary.tracking = _track_grid(track, exp, planned, manifest, source)
     if pending:
         summary.restored = _run_tune(
             pending, exp, manifest, address, max_concurrent, progress, tune_name, restorable, summary.tracking
         )
         # Stopped early (Ctrl-C: Tune saves its state and returns)? Then the next run restores it.
         manifest["tune"]["finished"] = all(exp.read_row(p.config_hash) is not None for p in pending)
-        exp.write_manifest(manifest)
     for p in planned:
         row = exp.read_row(p.config_hash)
         summary.states[p.config_hash] = row.get("status", "?") if row else "pending"
+    # experiment.json ends as the store does: each trial's state is its row's (pending: no row)
+    for entry in manifest["trials"]:
+        entry["state"] = summary.states.get(entry["config_hash"], entry["state"])
+    manifest["updated"] = time.time()
+    exp.write_manifest(manifest)
     tracking.finish_grid(summary.tracking, exp.uri, summary.states, report_files)
     summary.wall_s = time.time() - t_start
     return summary
+
+
+def _track_grid(
+    track: tracking.TrackingSpec,
+    exp: Experiment,
+    planned: list[PlannedTrial],
+    manifest: dict[str, Any],
+    source: str | None,
+) -> tracking.TrackRef:
+    """Open the grid's tracked run and log one run per trial whose row came from the store, so the
+    grid has a run per trial even when none runs (the trials that run log their own)."""
+    stored = [p for p in planned if p.state in ("done", "reused")]
+    ref = tracking.start_grid(
+        track,
+        exp.name,
+        exp.uri,
+        harness_run_id=manifest["run_id"],
+        git_commit=manifest["git_commit"],
+        source=source,
+        trials=len(planned),
+        reused=len(stored),
+    )
+    for p in stored:
+        row = exp.read_row(p.config_hash)
+        if row is not None:
+            tracking.log_reused(ref, row, p.reused_from or exp.name)
+    return ref
 
 
 def _run_tune(
@@ -367,9 +454,16 @@ def _run_tune(
         by_hash = {p.config_hash: p.cfg for p in pending}
 
         def resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:
-            return tune.PlacementGroupFactory([trial_resources(by_hash[config["trial"]["config_hash"]])])
+            h = config["trial"]["config_hash"]
+            # a restored trial this run did not plan (its row landed after Tune's last save): the
+            # config the store keeps for it
+            cfg = by_hash.get(h) or trial_from_dict(exp.read_json(exp.trial_path(h, "config.json")) or {})
+            return tune.PlacementGroupFactory([trial_resources(cfg)])
 
-        trainable = tune.with_resources(tune.with_parameters(trial_trainable, context=context), resources)
+        specs = {p.config_hash: TrialSpec(p.cfg, p.config_hash) for p in pending}
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_trainable, context=context, specs=specs), resources
+        )
         tune_path = join_uri(exp.uri, tune_name)
         restored = False
         if restorable and tune.Tuner.can_restore(tune_path):
@@ -383,7 +477,7 @@ def _run_tune(
             )
             restored = True
         else:
-            payloads = [tune_payload(TrialSpec(p.cfg, p.config_hash)) for p in pending]
+            payloads = [tune_payload(p.config_hash) for p in pending]
             retries = max((p.cfg.resources.retries for p in pending), default=0)
             if max_concurrent is None:
                 max_concurrent = _default_concurrency(pending, ray.cluster_resources())

@@ -1,7 +1,7 @@
 """One trial: a Ray Tune trial that runs a DeepSpeed job under Ray Train and writes one result row.
 
-``trial_trainable(config, context)`` is the Tune function (one call per grid point; ``config["trial"]["spec"]``
-is its ``TrialSpec``). It skips a trial whose row is already in the store, then runs up to
+``trial_trainable(config, context)`` is the Tune function (one call per grid point; ``config["trial"]``
+holds its config hash and ``specs`` the typed ``TrialSpec`` of each). It skips a trial whose row is already in the store, then runs up to
 ``resources.retries + 1`` attempts of ``harness.run.worker.train_worker``:
 
 - ``resources.workers > 1``: a Ray Train ``TorchTrainer`` starts that many workers (``ScalingConfig``;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from ray import tune
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from harness.config import trial_from_dict
 from harness.results import HEARTBEAT_S, Experiment, join_uri
 from harness.run import tracking
 from harness.run.placement import release_placement_groups
@@ -43,6 +45,7 @@ from harness.run.rows import (
     error_tail,
     error_type,
     failure_row,
+    node_id,
 )
 from harness.run.worker import WorkerJob, train_worker
 
@@ -61,17 +64,21 @@ class TrialContext:
     track_run: str | None = None  # the trial's own run there (set in the trial's process)
 
 
-def trial_trainable(config: dict[str, Any], context: TrialContext) -> None:
-    """Ray Tune function of one grid point; ``config["trial"]`` is its ``tune_payload``."""
-    spec: TrialSpec = config["trial"]["spec"]
+def trial_trainable(config: dict[str, Any], context: TrialContext, specs: dict[str, TrialSpec]) -> None:
+    """Ray Tune function of one grid point: ``config["trial"]`` is its ``tune_payload`` (the config
+    hash), ``specs`` the run's pending trials by hash."""
+    h = config["trial"]["config_hash"]
     exp = Experiment(context.store_uri, context.experiment)
-    existing = exp.read_row(spec.config_hash)
+    existing = exp.read_row(h)
     if existing is not None and (
         (existing.get("status") == "done" and not context.rerun)
         or existing.get("run_id") == context.run.run_id
     ):
         tune.report({"status": existing.get("status"), "skipped": True})  # restored / re-scheduled
         return
+    spec = specs.get(h)
+    if spec is None:  # a restored trial this run did not plan: the config the store keeps for it
+        spec = TrialSpec(trial_from_dict(exp.read_json(exp.trial_path(h, "config.json")) or {}), h)
 
     if context.track is not None:
         context = replace(context, track_run=tracking.start_trial(context.track, spec.cfg, spec.config_hash))
@@ -158,7 +165,16 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         exp.write_row(h, row)
         tracking.finish_trial(context.track, context.track_run, row)
 
-    info = {"attempt": attempt, "start_time": start, "run_id": context.run.run_id, "pid": os.getpid()}
+    info = {
+        "attempt": attempt,
+        "start_time": start,
+        "run_id": context.run.run_id,
+        "pid": os.getpid(),
+        # where it runs, for `spa-harness status` while it does (a row says it once written)
+        "hostname": socket.gethostname(),
+        "node_id": node_id(),
+        "git_commit": context.run.git_commit,
+    }
     backstop = res.timeout_s if res.workers <= 1 else res.timeout_s + _WORKER_STOP_GRACE_S
     with _Watchdog(exp, h, backstop, _timeout, info):
         try:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from harness.plugins import load_entry_point_plugins, load_plugins
+from harness.plugins import check_plugin_sources, load_entry_point_plugins, load_plugins
 from harness.provenance import environment
 from harness.results import Experiment
 from harness.run import tracking
@@ -83,6 +83,7 @@ def _train_and_measure(
     cfg = job.spec.cfg
     load_entry_point_plugins()  # idempotent: what the driver loaded to expand the grid, here too
     load_plugins(cfg.plugins)
+    check_plugin_sources(cfg)  # the plugins as the trial's config (and hash) was made with them
     reset_peak_memory(device)
     logging.getLogger("harness").info("trial %s on rank %d of %d, device %s", cfg.name, rank, world, device)
     backend = DeepSpeedBackend(device)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator, Sized
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -68,7 +68,8 @@ class TrainBackend(Protocol):
 def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.AdamW:
     """AdamW at ``cfg.train.lr``; weight decay on weight matrices/kernels only (not norms, biases,
     gains or position tables: anything with fewer than 2 dims)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -157,6 +158,8 @@ class TorchBackend:
         (self._scaler.scale(loss) if self._scaler else loss).backward()
 
     def step(self) -> None:
+        if self._model is None or self._opt is None or self._sched is None:
+            raise RuntimeError("step() before setup(): the backend has no model and optimizer yet")
         self._micro += 1
         if self._micro % self._accum:
             return
@@ -185,7 +188,7 @@ class TorchBackend:
     ) -> torch.utils.data.Sampler | None:
         if not shuffle:
             return None
-        return _SeededRandomSampler(len(dataset), seed)
+        return _SeededRandomSampler(len(cast(Sized, dataset)), seed)
 
 
 class _SeededRandomSampler(torch.utils.data.Sampler[int]):

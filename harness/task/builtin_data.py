@@ -1,20 +1,20 @@
-"""The built-in detection set: typeset digits among look-alike distractors on cluttered photographs,
+"""The built-in detection set: filled shapes among look-alike distractors on cluttered photographs,
 generated once and cached.
 
-It needs no download. Objects are the digits of ``LABELLED_DIGITS`` (0-4), typeset in one of ten
-fonts that matplotlib ships (DejaVu and STIX: sans, serif, mono, bold, oblique), rotated up to 15
-degrees, scaled to 12-45% of the canvas (15-58 px at 128) and pasted with their own ink as alpha
-(so each box is tight), in a colour that contrasts with what lies under them. Digits 5-9 are pasted
-the same way, in the same fonts, sizes and colours, and left unlabelled: a detector (and a gate)
-must recognise a digit's shape, not find ink. Backgrounds are crops of real photographs that
+It needs no download. Objects are filled shapes of ``LABELLED_SHAPES`` (circle, triangle, square),
+rotated at random, 22-62% of the canvas wide (28-80 px at 128), in a random colour with a thin
+outline of the opposite colour. Shapes of ``DISTRACTOR_SHAPES`` (star, cross) are drawn the same way,
+in the same sizes and colours, and left unlabelled: a detector (and a gate) must tell a shape by its
+outline, not find a patch of colour. Its class is in the outline, which the patches of one window
+see only in part once the shape is larger than a window at the SPA stages' strides: the blocks that
+mix tokens across windows are what recognise it. Backgrounds are crops of real photographs that
 scikit-image and scikit-learn ship in their wheels, zoomed, flipped and tinted, with procedural
-clutter (strokes, arcs, blobs in random colours) drawn over them. The photographs are split
-between training and validation, so validation backgrounds are scenes that training never saw.
-``glyphs: handwritten`` (``_GLYPHS``) pastes scikit-learn's 8x8 handwritten digits instead.
+clutter (strokes and arcs in random colours) drawn over them. The photographs are split between
+training and validation, so validation backgrounds are scenes that training never saw.
 
 Every image comes from its own generator, seeded by (seed, split, index): the first images of a
 larger set are a smaller set's. Each image entry records its photograph (``background``) and its
-unlabelled digits' boxes (``distractors``), as provenance that no loader reads. The set is written
+unlabelled shapes' boxes (``distractors``), as provenance that no loader reads. The set is written
 once as PNG images + COCO instances JSON under a folder named by a content hash of the generation
 parameters (the generator's version among them), and reused; the task reads it with the same loader
 as any COCO set on disk (``harness.task.coco.CocoDetection``).
@@ -22,7 +22,6 @@ as any COCO set on disk (``harness.task.coco.CocoDetection``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -36,35 +35,19 @@ from PIL import Image, ImageDraw
 
 from harness.config import DataConfig
 
-__all__ = ["builtin_dataset", "builtin_params", "background_names", "LABELLED_DIGITS"]
+__all__ = ["builtin_dataset", "builtin_params", "background_names", "LABELLED_SHAPES", "DISTRACTOR_SHAPES"]
 
 # Generation parameters beyond DataConfig; all of them go into the cache folder's content hash, so
 # changing any (or the generator itself: bump the version) makes a new folder instead of reusing.
-_BUILTIN_VERSION = 2
+_BUILTIN_VERSION = 3
 _CANVAS = 128  # every image is _CANVAS x _CANVAS: no padding wasted at data.image_size 128
-LABELLED_DIGITS = (0, 1, 2, 3, 4)  # the classes that are objects; digits 5-9 are unlabelled distractors
-_OBJECTS = (1, 3)  # labelled digits per image (inclusive range)
-_DISTRACTORS = (1, 3)  # unlabelled digits per image
-_DIGIT_SCALE = (0.12, 0.45)  # digit height as a fraction of the canvas: 15-58 px at 128
-_MAX_OVERLAP = 0.1  # a pasted digit covers at most this fraction of the smaller box: none is hidden
-_INK = 0.2  # alpha above this is the digit; its extent is the box
-_FRINGE = 0.25  # scaled ink below this is transparent, above 1 - this opaque
-_VAL_DIGIT_FRACTION = 0.2  # val digits are other writers' digits than train's
+LABELLED_SHAPES = ("circle", "triangle", "square")  # the classes that are objects, in category order
+DISTRACTOR_SHAPES = ("star", "cross")  # drawn like the objects, never labelled
+_OBJECTS = (1, 3)  # labelled shapes per image (inclusive range)
+_DISTRACTORS = (1, 3)  # unlabelled shapes per image
+_SHAPE_SCALE = (0.22, 0.62)  # a shape's width across as a fraction of the canvas: 28-80 px at 128
+_MAX_OVERLAP = 0.05  # a shape covers at most this fraction of the smaller box: none is hidden
 _STROKES = (4, 12)  # procedural clutter items per image
-_GLYPHS = "fonts"  # "fonts": digits typeset in matplotlib's fonts; "handwritten": scikit-learn's 8x8 digits
-_FONTS = (
-    "DejaVuSans.ttf",
-    "DejaVuSans-Bold.ttf",
-    "DejaVuSerif.ttf",
-    "DejaVuSerif-Bold.ttf",
-    "DejaVuSansMono.ttf",
-    "DejaVuSansMono-Bold.ttf",
-    "DejaVuSans-Oblique.ttf",
-    "DejaVuSerif-Italic.ttf",
-    "STIXGeneral.ttf",
-    "STIXGeneralBol.ttf",
-)
-_ROTATION = 15.0  # degrees, either way
 # Photographs by split: (package, name). Validation scenes are never cropped for training.
 _TRAIN_BACKGROUNDS = (
     ("skimage", "astronaut"),
@@ -114,18 +97,13 @@ def builtin_params(cfg: DataConfig, trial_seed: int | None = None) -> dict[str, 
         "num_val": cfg.num_val,
         "seed": seed,
         "canvas": _CANVAS,
-        "labelled": list(LABELLED_DIGITS),
+        "labelled": list(LABELLED_SHAPES),
+        "distractor_shapes": list(DISTRACTOR_SHAPES),
         "objects": list(_OBJECTS),
         "distractors": list(_DISTRACTORS),
-        "digit_scale": list(_DIGIT_SCALE),
+        "shape_scale": list(_SHAPE_SCALE),
         "max_overlap": _MAX_OVERLAP,
-        "ink": _INK,
-        "fringe": _FRINGE,
-        "val_digit_fraction": _VAL_DIGIT_FRACTION,
         "strokes": list(_STROKES),
-        "glyphs": _GLYPHS,
-        "fonts": list(_FONTS),
-        "rotation": _ROTATION,
         "backgrounds": {"train": background_names("train"), "val": background_names("val")},
     }
 
@@ -184,34 +162,19 @@ def _load_photo(package: str, name: str) -> np.ndarray:
 
 
 def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    ink = (digits.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
     seed = params["seed"]
     seed_words = list(seed) if isinstance(seed, list) else [seed]
-    order = np.random.default_rng([*seed_words, 0]).permutation(len(ink))
-    n_val_digits = int(round(len(ink) * params["val_digit_fraction"]))
-    writers = {"val": order[:n_val_digits], "train": order[n_val_digits:]}
-    labelled = set(params["labelled"])
-    pools = {
-        split: {
-            "objects": np.array([k for k in idx if int(digits.target[k]) in labelled]),
-            "distractors": np.array([k for k in idx if int(digits.target[k]) not in labelled]),
-        }
-        for split, idx in writers.items()
-    }
     photos = {
         split: [_load_photo(*name.split(":", 1)) for name in params["backgrounds"][split]]
         for split in ("train", "val")
     }
-    label_of = {d: i + 1 for i, d in enumerate(params["labelled"])}  # digit -> COCO category id
-    categories = [{"id": label_of[d], "name": str(d), "supercategory": "digit"} for d in params["labelled"]]
+    label_of = {name: i + 1 for i, name in enumerate(params["labelled"])}  # shape -> COCO category id
+    categories = [{"id": i, "name": name, "supercategory": "shape"} for name, i in label_of.items()]
 
     jobs = [("train", i) for i in range(params["num_train"])] + [("val", i) for i in range(params["num_val"])]
     coco: dict[str, dict[str, Any]] = {
         split: {
-            "info": {"description": "spa-harness built-in digits", "params": params},
+            "info": {"description": "spa-harness built-in shapes", "params": params},
             "images": [],
             "annotations": [],
             "categories": categories,
@@ -224,9 +187,7 @@ def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
     for split, i in _track(jobs, "generating the built-in dataset", progress and len(jobs) >= 200):
         split_code = 1 if split == "train" else 2
         rng = np.random.default_rng([*seed_words, split_code, i])
-        image, boxes, distractors, background = _compose(
-            rng, ink, digits.target, pools[split], photos[split], params
-        )
+        image, boxes, distractors, background = _compose(rng, photos[split], params)
         name = f"{i:06d}.png"
         Image.fromarray(image).save(out / split / name, format="PNG")
         image_id = i + 1
@@ -238,18 +199,18 @@ def _generate(out: Path, params: dict[str, Any], *, progress: bool) -> None:
                 "width": w,
                 "height": h,
                 # Provenance, not ground truth: the photograph under the clutter and the unlabelled
-                # digits' boxes ``[x, y, w, h, digit]`` (a loader reads only the four keys above).
+                # shapes' boxes ``[x, y, w, h, shape]`` (a loader reads only the four keys above).
                 "background": params["backgrounds"][split][background],
                 "distractors": [list(d) for d in distractors],
             }
         )
         anns = coco[split]["annotations"]
-        for x, y, bw, bh, digit in boxes:
+        for x, y, bw, bh, shape in boxes:
             anns.append(
                 {
                     "id": len(anns) + 1,
                     "image_id": image_id,
-                    "category_id": label_of[digit],
+                    "category_id": label_of[shape],
                     "bbox": [x, y, bw, bh],
                     "area": bw * bh,
                     "iscrowd": 0,
@@ -264,7 +225,7 @@ def _background(
     rng: np.random.Generator, photos: list[np.ndarray], size: int, strokes: list[int]
 ) -> tuple[np.ndarray, int]:
     """A cluttered (size, size, 3) float32 background and the index of its photograph: a random crop
-    of the photograph (zoomed, flipped, tinted), then random strokes, arcs and blobs in random colours
+    of the photograph (zoomed, flipped, tinted), then random strokes and arcs in random colours
     drawn over it."""
     which = int(rng.integers(len(photos)))
     photo = photos[which]
@@ -275,23 +236,25 @@ def _background(
     crop = photo[y0 : y0 + side, x0 : x0 + side]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    image = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
+    image = np.asarray(
+        Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BILINEAR)
+    )
     image = image.astype(np.float32) * rng.uniform(0.7, 1.3, size=3)  # a colour cast per image
     canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(strokes[0], strokes[1] + 1))):
         color = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        kind = int(rng.integers(3))
+        kind = int(rng.integers(2))  # no filled blobs: one reads as a circle, a label it would not get
         x, y = rng.uniform(-0.1, 1.1, size=2) * size
         r = rng.uniform(0.03, 0.2) * size
-        if kind == 0:  # a straight stroke of digit-like width
+        if kind == 0:  # a straight stroke
             a = rng.uniform(0, np.pi)
             draw.line(
                 [(x - r * np.cos(a), y - r * np.sin(a)), (x + r * np.cos(a), y + r * np.sin(a))],
                 fill=color,
                 width=int(rng.integers(2, 8)),
             )
-        elif kind == 1:  # an arc: a piece of a ring, digit-like curvature
+        else:  # an arc: a piece of a ring
             start = rng.uniform(0, 360)
             draw.arc(
                 [x - r, y - r, x + r, y + r],
@@ -300,91 +263,89 @@ def _background(
                 fill=color,
                 width=int(rng.integers(2, 8)),
             )
-        else:  # a filled blob
-            draw.ellipse([x - r / 2, y - r / 3, x + r / 2, y + r / 3], fill=color)
     return np.asarray(canvas, dtype=np.float32).copy(), which
 
 
 def _compose(
-    rng: np.random.Generator,
-    ink: np.ndarray,
-    classes: np.ndarray,
-    pool: dict[str, np.ndarray],
-    photos: list[np.ndarray],
-    params: dict[str, Any],
-) -> tuple[np.ndarray, list[tuple[int, ...]], list[tuple[int, ...]], int]:
-    """One image (H, W, 3) uint8, its labelled boxes ``(x, y, w, h, digit)``, the distractors' boxes
+    rng: np.random.Generator, photos: list[np.ndarray], params: dict[str, Any]
+) -> tuple[np.ndarray, list[tuple[Any, ...]], list[tuple[Any, ...]], int]:
+    """One image (H, W, 3) uint8, its labelled boxes ``(x, y, w, h, shape)``, the distractors' boxes
     (same form, unlabelled) and the index of its background photograph."""
     size = params["canvas"]
-    image, background = _background(rng, photos, size, params["strokes"])
+    background, which = _background(rng, photos, size, params["strokes"])
+    canvas = Image.fromarray(np.clip(np.rint(background), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
     n_obj = int(rng.integers(params["objects"][0], params["objects"][1] + 1))
     n_dis = int(rng.integers(params["distractors"][0], params["distractors"][1] + 1))
-    # Objects and distractors in a random order, so neither is pasted on top of the other by rule.
+    # Objects and distractors in a random order, so neither is drawn on top of the other by rule.
     kinds = rng.permutation(np.array(["objects"] * n_obj + ["distractors"] * n_dis))
     placed: list[tuple[int, int, int, int]] = []
-    boxes: list[tuple[int, int, int, int, int]] = []
-    distractors: list[tuple[int, int, int, int, int]] = []
+    boxes: list[tuple[Any, ...]] = []
+    distractors: list[tuple[Any, ...]] = []
     for kind in kinds:
-        k = int(pool[kind][int(rng.integers(len(pool[kind])))])
-        ph = int(round(rng.uniform(*params["digit_scale"]) * size))
-        if params["glyphs"] == "fonts":
-            alpha = _typeset(rng, int(classes[k]), ph, params)
-            ph, pw = alpha.shape
-        else:
-            pw = int(round(ph * rng.uniform(0.7, 1.0)))  # the digits are taller than wide, as written
-            alpha = np.asarray(
-                Image.fromarray(ink[k], mode="F").resize((pw, ph), Image.BICUBIC), dtype=np.float32
-            )
-            # Faint ink (the scan's grey fringe, bicubic's ringing) is dropped, strokes saturate: the
-            # digit has a crisp edge and nothing of its rectangular patch shows.
-            alpha = np.clip((alpha - params["fringe"]) / (1.0 - 2 * params["fringe"]), 0.0, 1.0)
-        rows, cols = np.nonzero(alpha > params["ink"])
-        if rows.size == 0:
-            continue
-        by0, by1, bx0, bx1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        names = params["labelled"] if kind == "objects" else params["distractor_shapes"]
+        shape = names[int(rng.integers(len(names)))]
         for _attempt in range(30):
-            py = int(rng.integers(-int(by0), size - int(by1) + 1))
-            px = int(rng.integers(-int(bx0), size - int(bx1) + 1))
-            box = (px + int(bx0), py + int(by0), int(bx1 - bx0), int(by1 - by0))
-            if all(_overlap_xywh(box, b) <= params["max_overlap"] for b in placed):
+            r = rng.uniform(*params["shape_scale"]) * size / 2  # half the width across
+            cx, cy = rng.uniform(r, size - r, size=2)
+            points = _outline(shape, cx, cy, r, rng.uniform(0, 2 * np.pi))
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            x0, y0 = int(np.floor(max(0.0, min(xs)))), int(np.floor(max(0.0, min(ys))))
+            x1, y1 = int(np.ceil(min(size, max(xs)))), int(np.ceil(min(size, max(ys))))
+            box = (x0, y0, x1 - x0, y1 - y0)
+            if (
+                box[2] > 0
+                and box[3] > 0
+                and all(_overlap_xywh(box, b) <= params["max_overlap"] for b in placed)
+            ):
                 break
         else:
             continue
-        # The part of the digit's patch inside the canvas (the box itself always is).
-        ya, yb, xa, xb = max(py, 0), min(py + ph, size), max(px, 0), min(px + pw, size)
-        a = alpha[ya - py : yb - py, xa - px : xb - px, None]
-        patch = image[ya:yb, xa:xb]
-        # Ink that contrasts with what is under it: light digits on dark ground and vice versa.
-        light = patch[a[..., 0] > params["ink"]].mean() < 110
-        color = rng.uniform(190, 255, size=3) if light else rng.uniform(0, 60, size=3)
-        image[ya:yb, xa:xb] = patch * (1 - a) + color.astype(np.float32) * a
+        fill = rng.integers(0, 256, size=3)
+        draw.polygon(points, fill=tuple(int(c) for c in fill), outline=tuple(int(255 - c) for c in fill))
         placed.append(box)
-        (boxes if kind == "objects" else distractors).append((*box, int(classes[k])))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), boxes, distractors, background
+        (boxes if kind == "objects" else distractors).append((*box, str(shape)))
+    return np.asarray(canvas, dtype=np.uint8), boxes, distractors, which
 
 
-@functools.cache
-def _font(name: str, px: int):
-    import matplotlib
-    from PIL import ImageFont
-
-    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), px)
-
-
-def _typeset(rng: np.random.Generator, digit: int, height: int, params: dict[str, Any]) -> np.ndarray:
-    """Alpha (h, w) float32 of ``digit`` in a random font of ``params['fonts']``, rotated, its ink
-    ``height`` px tall."""
-    name = params["fonts"][int(rng.integers(len(params["fonts"])))]
-    font = _font(name, 96)
-    canvas = Image.new("L", (160, 160), 0)
-    ImageDraw.Draw(canvas).text((80, 80), str(digit), fill=255, font=font, anchor="mm")
-    canvas = canvas.rotate(rng.uniform(-params["rotation"], params["rotation"]), Image.BICUBIC)
-    ink = np.asarray(canvas)
-    rows, cols = np.nonzero(ink > 127)
-    glyph = canvas.crop((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1))
-    scale = height / glyph.height
-    width = max(2, int(round(glyph.width * scale * rng.uniform(0.85, 1.15))))
-    return np.asarray(glyph.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
+def _outline(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    """The polygon of ``shape`` centred at (cx, cy), ``r`` from the centre to its farthest point,
+    rotated by ``rot`` radians."""
+    if shape == "circle":
+        angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles]
+    corners = {"triangle": 3, "square": 4}
+    if shape in corners:
+        n = corners[shape]
+        return [
+            (cx + r * np.cos(rot + 2 * np.pi * k / n), cy + r * np.sin(rot + 2 * np.pi * k / n))
+            for k in range(n)
+        ]
+    if shape == "star":  # five points, inner radius 0.45 r
+        radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
+        return [
+            (cx + q * np.cos(rot + np.pi * k / 5), cy + q * np.sin(rot + np.pi * k / 5))
+            for k, q in enumerate(radii)
+        ]
+    if shape == "cross":  # arms 0.7 r wide
+        w = 0.35 * r
+        arms = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
+        c, s = np.cos(rot), np.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in arms]
+    raise ValueError(f"unknown shape {shape!r}")
 
 
 def _overlap_xywh(a: tuple[int, ...], b: tuple[int, ...]) -> float:

@@ -96,7 +96,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_to_label = {c: i for i, c in enumerate(self.label_to_cat)}
         self.class_names = {c: str(cats[c].get("name", c)) for c in self.label_to_cat}
 
-        images, dropped_images = self._images(data["images"])
+        images, dropped_images = self._valid_images(data["images"])
         anns_by_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
         kept_anns = []
         for ann in self._unique_annotations(data["annotations"]):
@@ -157,7 +157,7 @@ class CocoDetection(torch.utils.data.Dataset):
             cats[c["id"]] = c
         return cats
 
-    def _images(self, entries: list[Any]) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    def _valid_images(self, entries: list[Any]) -> tuple[dict[int, dict[str, Any]], set[int]]:
         """The valid images by id, and the ids of image entries that were dropped (``skip_bad``)."""
         ok: list[dict[str, Any]] = []
         dropped: set[int] = set()
@@ -317,7 +317,7 @@ class CocoDetection(torch.utils.data.Dataset):
         w, h = image.size
         scale = s / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        image = image.resize((nw, nh), Image.BILINEAR)
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, nh, nw)
         x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         out = torch.zeros(3, s, s)

@@ -71,7 +71,11 @@ HEAD_TYPES = ("fcos",)
 class Detector(nn.Module):
     """Backbone + FCOS head; see the module docstring for ``forward``."""
 
-    def __init__(self, backbone: nn.Module, cfg: TrialConfig) -> None:
+    # A MODEL_VARIANTS entry, any nn.Module meeting that registry's contract (``stage_channels``,
+    # ``label_grids``, a forward returning ``BackboneOutput``): typed by the contract, not a class.
+    backbone: Any
+
+    def __init__(self, backbone: Any, cfg: TrialConfig) -> None:
         super().__init__()
         hc = cfg.head
         if hc.type not in HEAD_TYPES:
@@ -83,7 +87,7 @@ class Detector(nn.Module):
         self.in_stages = stages
         self.strides = [cfg.model.patch_size * 2 ** (s - 1) for s in stages]
         channels = [backbone.stage_channels[s - 1] for s in stages]
-        self.head = FCOSHead(channels, self.strides, hc.num_classes, hc.channels)
+        self.head = FCOSHead(channels, self.strides, hc.num_classes, hc.channels, num_convs=hc.num_convs)
         self.range_factor, self.center_radius = hc.range_factor, hc.center_radius
         self.spa_cfg = None if cfg.model.is_dense else cfg.model.spa
         self.score_thresh, self.nms_thresh, self.max_detections = (
@@ -98,7 +102,7 @@ class Detector(nn.Module):
         feats = [bb.features[s - 1] for s in self.in_stages]
         cls, ltrb, ctr = self.head(feats)
         out: dict[str, Any] = {"backbone": bb}
-        hw = tuple(images.shape[-2:])
+        hw = (images.shape[-2], images.shape[-1])
         if targets is not None:
             parts = fcos_loss(cls, ltrb, ctr, self.strides, targets, self.range_factor, self.center_radius)
             task = parts["cls"] + parts["box"] + parts["ctr"]
@@ -156,7 +160,7 @@ def _seeded_build(cfg: TrialConfig) -> Detector:
 def share_initial_weights(model: nn.Module, reference: nn.Module) -> list[str]:
     """Copy into ``model`` every parameter and buffer of ``reference`` with the same qualified name and
     shape; returns the names copied."""
-    ref = dict(reference.named_parameters())
+    ref: dict[str, torch.Tensor] = dict(reference.named_parameters())
     ref.update(reference.named_buffers())
     copied = []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:

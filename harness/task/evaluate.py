@@ -180,7 +180,9 @@ class GateMeter:
     def update(self, blocks: list[Any], labels: dict[tuple[int, int], torch.Tensor] | None) -> None:
         if not blocks:
             return
-        tp = sel = pos = tokens = 0
+        B = blocks[0].mask.shape[0]
+        tp = sel = pos = torch.zeros(B, dtype=torch.long)  # per image, over all SPA blocks
+        tokens = 0
         for blk in blocks:
             mask = blk.mask.detach().bool().cpu()  # (B, N)
             kept = mask.float().mean(1)  # (B,)
@@ -212,6 +214,6 @@ class GateMeter:
             vals = np.array([v for v in self._per_image.get(key, []) if not math.isnan(v)], dtype=np.float64)
             out[key] = float(vals.mean()) if vals.size else math.nan
             out[f"{key}_std"] = float(vals.std()) if vals.size else math.nan
-        for key, vals in sorted(self._per_block.items()):
-            out[key] = float(np.mean(vals))
+        for key, per_image in sorted(self._per_block.items()):
+            out[key] = float(np.mean(per_image))
         return out

@@ -13,6 +13,7 @@ would learn from (smaller than a stride) gets the location nearest its centre.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -76,10 +77,11 @@ class FCOSHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for lat in self.lateral:  # lateral convs see backbone features of any scale: keep their gain
-            nn.init.kaiming_uniform_(lat.weight, a=1)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+            nn.init.kaiming_uniform_(cast(nn.Conv2d, lat).weight, a=1)
+        nn.init.constant_(cast(torch.Tensor, self.cls_logits.bias), -math.log((1 - prior_prob) / prior_prob))
 
     def forward(
         self, features: list[torch.Tensor]
@@ -224,7 +226,7 @@ def fcos_loss(
 ) -> dict[str, torch.Tensor]:
     """Focal (classes) + GIoU (boxes) + BCE (centerness), each normalised by the number of positive
     locations in the batch (``range_factor``, ``radius``: ``fcos_targets``). ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
-    points = level_points([x.shape[-2:] for x in cls], strides, cls[0].device)
+    points = level_points([(x.shape[-2], x.shape[-1]) for x in cls], strides, cls[0].device)
     pts = torch.cat(points)
     cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
     tc, tb = zip(
@@ -269,7 +271,7 @@ def fcos_postprocess(
 ) -> list[dict[str, torch.Tensor]]:
     """Per image: ``boxes (n, 4)`` xyxy pixels of the network's input (clipped to ``image_size``
     (h, w)), ``scores (n,)`` = sqrt(class prob * centerness), ``labels (n,)`` 0-based; class-wise NMS."""
-    points = torch.cat(level_points([x.shape[-2:] for x in cls], strides, cls[0].device))
+    points = torch.cat(level_points([(x.shape[-2], x.shape[-1]) for x in cls], strides, cls[0].device))
     prob = torch.sqrt(
         torch.sigmoid(_flatten(cls).float()) * torch.sigmoid(_flatten(ctr).float())
     )  # (B, P, K)

@@ -1,7 +1,9 @@
 """Per-trial measurements beyond the task metrics: FLOPs, timings, memory, parameters.
 
-All on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
-variant), after training, with the trial's real selection (the trained gate, or top-k / random).
+Timings on one fixed evaluation batch (the first ``bench.batch_size`` val images, the same for every
+variant), FLOPs on the first ``bench.flop_images`` val images (all of them when the split is smaller;
+``flop_images`` the number counted), after training, with the trial's real selection (the trained
+gate, or top-k / random).
 
 What SPA changes is the forward: the backbone and the detection head (``InferenceForward``). The
 detector's inference call adds the postprocessing (score threshold, NMS), whose cost depends on how
@@ -13,13 +15,13 @@ latency a user of the detector sees.
 
 - ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
   image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
-  ``fvcore_attn_gmacs`` the share of the attention modules and gates (what the paper's formulas cover);
-- ``analytic_attn_gmacs``: the paper's formulas for the same modules, per image, from this batch's
-  kept counts: W-MSA ``B(4NC^2 + 2M^2 NC)``, SPA ``B(NC + NC^2) + B'(3LC^2 + 2L^2 C)`` with ``B'``
-  containers of ``L`` tokens (varlen / pad / mask: the same terms over their own sequences). It is an
-  upper bound of what this implementation does: the formula counts each container's L x L scores
-  densely and the output projection over all N tokens, while the varlen kernel computes only the
-  blocks of one image inside a container and the projection runs on the kept tokens;
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates of every block (Swin and SPA);
+- ``analytic_attn_gmacs``: the same modules by formula, per image, from the kept counts of the same
+  images: Swin blocks W-MSA over the padded map, ``B(4 N_p C^2 + 2 M^2 N_p C)``; SPA blocks their pack
+  strategy's ``attention_macs`` (the gate's scorer, the projections on the kept tokens and attention
+  over the sequences the strategy runs: ``spa_core.strategies``). It follows the kept tokens and
+  equals ``fvcore_attn_gmacs`` (a difference means a kernel computes other than its formula says);
+  the paper's container formula, an upper bound of it, is in ``spa_core/strategies.py``;
 - ``forward_ms``: median wall time of ``InferenceForward`` (backbone and head, no postprocessing) on
   the trial's model, under ``train.precision``'s autocast; ``infer_ms``: of the whole inference call
   through the DeepSpeed engine (postprocessing included); ``train_step_ms``: of one training
@@ -29,7 +31,7 @@ latency a user of the detector sees.
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): ``InferenceForward``
   of the trial's model and of the grid's baseline model timed in this process, calls alternating and
   which goes first alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs
-  of baseline time / model time, ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` /
+  of baseline time / model time (``harness.task.timing.time_in_rotation``), ``*_q1`` / ``*_q3`` its quartiles, ``paired_model_ms`` /
   ``paired_dense_ms`` the medians, ``speedup_timed`` what was timed (``SPEEDUP_TIMED``). The baseline
   (``speedup_baseline_config``) is the grid's dense point (``cfg.baseline``, attached by the grid: for
   the paper's grid plain Swin-T, without the 4 extra stage-3 blocks the SPA model pays for), so the
@@ -50,12 +52,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 import warnings
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, cast
 
-import numpy as np
 import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
@@ -63,9 +67,11 @@ from torch import nn
 import kernels
 from harness.task.backend import autocast_dtype
 from harness.task.data import build_datasets, fixed_batch
-from harness.task.detector import build_detector
+from harness.task.detector import Detector, build_detector
+from harness.task.timing import quartiles, time_in_rotation
 from harness.task.train import to_device
 from spa_core.backbone import stage_grids
+from spa_core.contracts import check_attention_macs
 from spa_core.registry import PACK_STRATEGIES
 
 __all__ = [
@@ -76,7 +82,6 @@ __all__ = [
     "fvcore_macs",
     "analytic_attention_macs",
     "timed",
-    "timed_pairs",
     "dense_twin_config",
     "speedup_baseline_config",
     "timing_copy",
@@ -123,45 +128,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median and IQR (ms) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    q25, q50, q75 = np.percentile(times, [25, 50, 75])
-    return {"median": float(q50), "iqr": float(q75 - q25)}
-
-
-def timed_pairs(
-    a, b, warmup: int, repeats: int, device: torch.device, clock=time.perf_counter
-) -> tuple[list[float], list[float]]:
-    """Per-call times (ms) of ``a()`` and ``b()`` called in pairs, which goes first alternating, after
-    ``warmup`` pairs: machine load in a pair falls on both. ``clock``: seconds, wall time by default
-    (``time.process_time``: the process's CPU time, which waiting for a loaded machine does not add to)."""
-    for _ in range(warmup):
-        a()
-        b()
-    _sync(device)
-    ta, tb = [], []
-    for i in range(max(1, repeats)):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        t0 = clock()
-        first()
-        _sync(device)
-        t1 = clock()
-        second()
-        _sync(device)
-        t2 = clock()
-        d1, d2 = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-        ta.append(d1 if i % 2 == 0 else d2)
-        tb.append(d2 if i % 2 == 0 else d1)
-    return ta, tb
+def timed(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median and IQR (ms) of ``fn()`` over ``max(1, repeats)`` runs after ``warmup`` runs."""
+    times = time_in_rotation({"fn": fn}, max(1, repeats), warmup, sync=partial(_sync, device))["fn"]
+    q1, med, q3 = quartiles([1e3 * t for t in times])
+    return {"median": med, "iqr": q3 - q1}
 
 
 class InferenceForward(nn.Module):
@@ -175,7 +146,7 @@ class InferenceForward(nn.Module):
     ``forward(images: (B, 3, H, W))`` -> per head level ``cls (B, K, h, w)``, then every ``ltrb (B, 4,
     h, w)``, every ``ctr (B, 1, h, w)``, then the backbone's four stage features."""
 
-    def __init__(self, detector: nn.Module) -> None:
+    def __init__(self, detector: Detector) -> None:
         super().__init__()
         self.detector = detector
 
@@ -186,7 +157,7 @@ class InferenceForward(nn.Module):
         return (*cls, *ltrb, *ctr, *bb.features)
 
 
-def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+def fvcore_macs(detector: Detector, images: torch.Tensor) -> dict[str, Any]:
     """fvcore multiply-adds of the inference forward on ``images``: total, backbone, attention+gates
     (summed over the batch), and the ops fvcore could not count."""
     graph = InferenceForward(detector).eval()
@@ -213,9 +184,11 @@ def fvcore_macs(detector: nn.Module, images: torch.Tensor) -> dict[str, Any]:
 
 
 def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], batch: int) -> float:
-    """The paper's attention formulas summed over the backbone's blocks, for a batch of ``batch``
-    images of ``image_hw`` with the kept counts in ``blocks`` (``SPABlockInfo`` list): W-MSA for Swin
-    blocks, the pack strategy's ``attention_macs`` for SPA blocks."""
+    """Multiply-adds of the backbone's attention modules and gates by formula, summed over its blocks,
+    for a batch of ``batch`` images of ``image_hw`` with the kept counts in ``blocks``
+    (``SPABlockInfo`` list): W-MSA over the padded map for Swin blocks (its projections run on the
+    padded tokens too), the pack strategy's ``attention_macs`` for SPA blocks (checked: a finite
+    number >= 0)."""
     m = cfg.model
     depths = list(m.depths)
     depths[2] += m.extra_stage3_blocks
@@ -232,16 +205,18 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
         mh, mw = min(m.window_size, h), min(m.window_size, w)
         n_pad = math.ceil(h / mh) * mh * math.ceil(w / mw) * mw
         for j in range(depth):
-            if i + 1 not in spa_stages:  # W-MSA: B(4NC^2 + 2 M^2 N C)
-                total += batch * (4 * n * c * c + 2 * mh * mw * n_pad * c)
+            if i + 1 not in spa_stages:  # W-MSA: B(4 N_p C^2 + 2 M^2 N_p C)
+                total += batch * (4 * n_pad * c * c + 2 * mh * mw * n_pad * c)
                 continue
             k = counts.get((i + 1, j), [n] * batch)
+            assert strategy is not None and spa is not None  # an SPA stage of a model that is not dense
             # containers of one window's tokens (clipped where the map is smaller than the window)
-            total += strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
+            macs = strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
+            total += check_attention_macs(macs, spa.pack, strategy.attention_macs, k)
     return total
 
 
-def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
+def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
     """The measurement columns of a trial (see the module docstring). Every rank calls it (a
     training step is collective; ZeRO-3 gathers parameters collectively); rank 0 reports."""
     bc = cfg.bench
@@ -267,16 +242,22 @@ def measure(cfg, backend, detector: nn.Module) -> dict[str, Any]:
         infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
     )
 
+    flop_images = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)))[0].to(device)
     with backend.gathered_parameters():
         with torch.no_grad():
-            blocks = detector.eval()(images)["backbone"].blocks
-        macs = fvcore_macs(detector, images)
-    b = images.shape[0]
+            blocks = detector.eval()(flop_images)["backbone"].blocks
+        macs = fvcore_macs(detector, flop_images)
+    b = flop_images.shape[0]
     out.update(
+        flop_images=b,
         gmacs=macs["total"] / b / 1e9,
         backbone_gmacs=macs["backbone"] / b / 1e9,
         fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic_attention_macs(cfg, blocks, tuple(images.shape[-2:]), b) / b / 1e9,
+        analytic_attn_gmacs=analytic_attention_macs(
+            cfg, blocks, (flop_images.shape[-2], flop_images.shape[-1]), b
+        )
+        / b
+        / 1e9,
         fvcore_unsupported_ops=macs["unsupported"],
         backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
     )
@@ -366,7 +347,7 @@ def paired_speedup(
     ``speedup_baseline``: the ``InferenceForward`` of both models (backbone and head, no postprocessing;
     see the module docstring); empty for a dense trial.
     ``images``: the fixed evaluation batch on the device (default: loaded here); ``clock``: the
-    timer of ``timed_pairs``.
+    timer of ``harness.task.timing.time_in_rotation``.
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
     ``train.precision``, so the two calls of a pair differ only in the model. Under ZeRO-3 the trial's
@@ -389,18 +370,20 @@ def paired_speedup(
         was_training = model.training
         model.eval()
         try:
-            t_model, t_dense = timed_pairs(
-                _autocast_call(InferenceForward(model), images, cfg, device),
-                _autocast_call(InferenceForward(twin), images, cfg, device),
+            times = time_in_rotation(
+                {
+                    "model": _autocast_call(InferenceForward(cast(Detector, model)), images, cfg, device),
+                    "dense": _autocast_call(InferenceForward(twin), images, cfg, device),
+                },
+                max(1, bc.repeats),
                 bc.warmup,
-                bc.repeats,
-                device,
-                clock,
+                clock=clock,
+                sync=partial(_sync, device),
             )
         finally:
             model.train(was_training)
-    ratios = [d / m for d, m in zip(t_dense, t_model)]
-    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    t_model, t_dense = times["model"], times["dense"]
+    q1, med, q3 = quartiles([d / m for d, m in zip(t_dense, t_model)])
     del twin, model
     return {
         "speedup_baseline": baseline,
@@ -408,8 +391,8 @@ def paired_speedup(
         "speedup_vs_dense": float(med),
         "speedup_vs_dense_q1": float(q1),
         "speedup_vs_dense_q3": float(q3),
-        "paired_model_ms": float(np.median(t_model)),
-        "paired_dense_ms": float(np.median(t_dense)),
+        "paired_model_ms": 1e3 * statistics.median(t_model),
+        "paired_dense_ms": 1e3 * statistics.median(t_dense),
         "paired_repeats": int(max(1, bc.repeats)),
         "paired_time_s": time.perf_counter() - t0,
     }

@@ -28,6 +28,7 @@ from harness.task.coco import CocoDetection
 from harness.task.data import build_datasets, collate
 from harness.task.detector import Detector, build_detector, pretrained_columns
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
+from spa_core import contracts
 
 __all__ = ["train_variant", "evaluate_variant", "NonFiniteLossError", "seed_everything", "to_device"]
 
@@ -80,6 +81,7 @@ def train_variant(
     (``harness.task.detector.pretrained_columns``)."""
     backend = backend or TorchBackend()
     seed_everything(cfg.seed)
+    contracts.reset()  # value rules on this trial's first calls too (Ray reuses a worker's process)
     train_ds, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=progress and backend.is_main)
     if train_ds.num_classes != cfg.head.num_classes:
         # More categories than outputs cannot be learnt; more outputs than categories would emit labels

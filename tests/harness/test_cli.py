@@ -109,3 +109,56 @@ def test_run_keeps_the_grids_margin_and_contrasts_for_the_report(tmp_path, monke
     manifest = ResultsStore(str(tmp_path / "r")).experiment("g").read_manifest()
     assert Comparisons.from_dict(manifest["report"]) == load_grid(grid).comparisons
     assert manifest["report"]["equivalence_margin"] == 0.02
+
+
+def test_status_shows_each_trials_node_and_commit_and_warns_about_mixed_commits(tmp_path, capsys):
+    from harness.results import ResultsStore
+
+    exp = ResultsStore(str(tmp_path)).experiment("e")
+    trials = [{"name": n, "config_hash": f"h{n}"} for n in "abc"]
+    exp.write_manifest({"name": "e", "trials": trials})
+    for n, host, node, commit in (
+        ("a", "host-1", "1a2b3c4d" + "0" * 48, "1" * 40),
+        ("b", "host-1", "5e6f7a8b" + "0" * 48, "1" * 40),
+    ):
+        row = {"name": n, "config_hash": f"h{n}", "status": "done", "wall_s": 1.0, "gmacs": 1.0}
+        exp.write_row(f"h{n}", {**row, "hostname": host, "node_id": node, "git_commit": commit})
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    head = out.out.splitlines()[1]
+    assert "node" in head and "commit" in head
+    assert "host-1 (node 1a2b3c4d)" in out.out and "host-1 (node 5e6f7a8b)" in out.out
+    assert out.out.count("1" * 12) == 2 and "1" * 13 not in out.out  # commits shortened to 12 digits
+    assert out.err == ""  # one commit: no warning
+    exp.write_row(
+        "hc",
+        {
+            "name": "c",
+            "config_hash": "hc",
+            "status": "done",
+            "wall_s": 1.0,
+            "git_commit": "2" * 40 + "+dirty",
+        },
+    )
+    assert main(["status", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err == f"warning: e: the rows come from 2 commits: {'1' * 12} (2), {'2' * 12}+dirty (1)\n"
+
+
+def test_an_axis_overriding_a_base_key_is_a_warning_at_dry_run_and_at_the_start_of_run(
+    tmp_path, capsys, monkeypatch
+):
+    import harness.run.runner as runner
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"extends: {SMOKE}\nname: g\nbase:\n  model.spa.ratio: 0.1\n")
+    assert main(["run", str(grid), "--dry-run", "--results", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {SMOKE}:" in err and f"overrides model.spa.ratio = 0.1 set at {grid}:4" in err
+
+    def stop(*args, **kwargs):  # the run starts no trial here: the warning came before it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_grid", stop)
+    assert main(["run", str(grid), "--results", str(tmp_path / "r")]) == 130
+    assert "overrides model.spa.ratio = 0.1" in capsys.readouterr().err

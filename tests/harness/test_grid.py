@@ -525,3 +525,75 @@ def test_the_default_grid_declares_gate_against_gate_random():
         "the default grid asks where the gate looks at equal compute: gate vs gate-random"
     )
     assert grid.comparisons.equivalence_margin is not None
+
+
+# --- an axis that overrides a base key says so ---------------------------------------------------------
+
+
+def _parent(tmp_path: Path) -> Path:
+    return _write(tmp_path, "base:\n  preset: micro\n  model.spa.selection: topk\naxes:\n  model.spa.ratio: [0.25, 0.5]\n",
+                  "parent.yaml")  # fmt: skip
+
+
+def test_an_inherited_axis_overriding_the_childs_base_key_warns_naming_both_places(tmp_path):
+    _parent(tmp_path)
+    child = _write(
+        tmp_path, "extends: parent.yaml\nbase:\n  model.spa: {selection: topk, ratio: 0.1}\n", "child.yaml"
+    )
+    grid = load_grid(child)
+    assert {t.model.spa.ratio for t in grid.trials} == {0.25, 0.5}  # what the warning is about
+    [w] = grid.warnings
+    assert w.startswith(f"{tmp_path / 'parent.yaml'}:5: axis model.spa.ratio overrides model.spa.ratio = 0.1")
+    assert f"set at {tmp_path / 'child.yaml'}:3" in w
+    assert "`axes: {model.spa.ratio: null}`" in w  # and how to remove it
+
+
+def test_removing_the_inherited_axis_with_null_keeps_the_base_value_and_the_warning_goes(tmp_path):
+    _parent(tmp_path)
+    child = _write(tmp_path, "extends: parent.yaml\nbase:\n  model.spa.ratio: 0.1\naxes:\n  model.spa.ratio: null\n",
+                   "child.yaml")  # fmt: skip
+    grid = load_grid(child)
+    assert [t.model.spa.ratio for t in grid.trials] == [0.1] and grid.warnings == []
+
+
+@pytest.mark.parametrize(
+    "text, warns",
+    [
+        # one file: a base value no value of the axis keeps
+        ("base: {preset: micro, model.spa.ratio: 0.1}\naxes: {model.spa.ratio: [0.25, 0.5]}\n", True),
+        # one file: the base names one of the axis's values (a default beside its sweep)
+        ("base: {preset: micro, model.spa.ratio: 0.25}\naxes: {model.spa.ratio: [0.25, 0.5]}\n", False),
+        # a named axis setting the key in every value
+        (
+            "base: {preset: micro, model.spa.ratio: 0.1}\naxes:\n  s:\n    a: {model.spa.ratio: 0.3}\n"
+            "    b: {model.spa.ratio: 0.4, model.spa.pack: varlen}\n",
+            True,
+        ),
+        # an axis over a key above the base's: a whole model.spa mapping replaces model.spa.ratio
+        (
+            "base: {preset: micro, model.spa.ratio: 0.1}\naxes: {model.spa: [{selection: topk}, {selection: all}]}\n",
+            True,
+        ),
+        # a named axis leaving the key alone in one value: the base value reaches that trial
+        (
+            "base: {preset: micro, model.spa.ratio: 0.1}\naxes:\n  s:\n    a: {model.spa.ratio: 0.3}\n"
+            "    b: {model.spa.pack: varlen}\n",
+            False,
+        ),
+        # points are diffs over base by design
+        ("base: {preset: micro, model.spa.ratio: 0.1}\npoints: [{name: p, model.spa.ratio: 0.3}]\n", False),
+    ],
+)
+def test_which_overrides_warn(tmp_path, text, warns):
+    assert bool(load_grid(_write(tmp_path, text)).warnings) == warns
+
+
+def test_a_child_sweeping_a_key_its_parents_base_sets_does_not_warn(tmp_path):
+    _write(tmp_path, "base: {preset: micro, model.spa.ratio: 0.1}\n", "parent.yaml")
+    child = _write(tmp_path, "extends: parent.yaml\naxes: {model.spa.ratio: [0.25, 0.5]}\n", "child.yaml")
+    assert load_grid(child).warnings == []
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BUILTIN_GRIDS_DIR.glob("*.yaml")))
+def test_the_builtin_grids_warn_of_nothing(name, clean_registries):
+    assert load_grid(BUILTIN_GRIDS_DIR / name).warnings == []

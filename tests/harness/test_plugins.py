@@ -3,6 +3,7 @@ entry point, and the variants listing."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
@@ -93,11 +94,15 @@ def _fake_dist(tmp_path, entry_points: str):
 def test_plugin_by_entry_point(tmp_path, monkeypatch, clean_registries):
     _write_plugin(tmp_path / "tp_ep_module.py", "tp_ep_policy")
     (tmp_path / "tp_ep_hook.py").write_text(
+        "import dataclasses\n"
+        "from spa_core.attention import attend_varlen\n"
+        "from spa_core.pack import pack_varlen\n"
         "from spa_core.registry import PACK_STRATEGIES\n"
         "from spa_core.strategies import PackStrategy\n"
+        "def pack(x, mask, *, cfg, order=None):\n"
+        "    return dataclasses.replace(pack_varlen(x, mask, cfg=cfg, order=order), strategy='tp_ep_pack')\n"
         "def register():\n"
-        "    f = lambda *a, **k: None\n"
-        "    PACK_STRATEGIES.register('tp_ep_pack', PackStrategy(f, f, f))\n"
+        "    PACK_STRATEGIES.register('tp_ep_pack', PackStrategy(pack, attend_varlen, lambda *a: 0.0))\n"
     )
     _fake_dist(tmp_path, "[spa_harness.plugins]\nmod = tp_ep_module\nhook = tp_ep_hook:register\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -139,3 +144,111 @@ def test_list_variants_frame(clean_registries):
     topk = table[(table.registry == "selection_policy") & (table.name == "topk")]
     assert topk.origin.tolist() == ["builtin"]
     assert topk.object.tolist() == ["spa_core.select.select_topk"]
+
+
+# --- a plugin's source in a trial's identity ---------------------------------------------------------------
+
+
+def _grid(tmp_path, plugin):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        f"plugins: [{plugin}]\n"
+        "base: {preset: micro, model.spa.selection: tp_src_policy}\n"
+        "points: [{name: dense, model.variant: dense}, {name: spa}]\n"
+    )
+    return grid
+
+
+def _hashes(grid_file):
+    from harness.config import config_hash
+    from harness.grid import load_grid
+
+    with isolated_registries():
+        grid = load_grid(grid_file)
+        return {t.name: config_hash(t) for t in grid.trials}, {t.name: t.plugin_sources for t in grid.trials}
+
+
+def test_an_edited_plugin_makes_a_new_trial_and_a_moved_one_does_not(tmp_path):
+    plugin = _write_plugin(tmp_path / "src_policy.py", "tp_src_policy")
+    first, sources = _hashes(_grid(tmp_path, plugin))
+    assert sources["dense"] == {} and list(sources["spa"]) == ["selection_policy:tp_src_policy"]
+    assert sources["spa"]["selection_policy:tp_src_policy"].startswith("sha256:")
+
+    plugin.write_text(plugin.read_text() + "# a comment is an edit too\n")
+    edited, _ = _hashes(_grid(tmp_path, plugin))
+    assert edited["spa"] != first["spa"]  # the plugin's trial is a new trial
+    assert edited["dense"] == first["dense"]  # a trial that uses none of its entries is not
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    moved = other / "renamed.py"
+    moved.write_bytes(plugin.read_bytes())
+    again, _ = _hashes(_grid(other, moved))
+    assert again == edited  # the content, not the path, is the identity
+
+
+def test_the_file_defining_a_registered_object_counts_too(tmp_path, monkeypatch):
+    """A plugin that registers a function imported from a helper file of its own: editing the helper
+    makes a new trial."""
+    (tmp_path / "tp_helper_mod.py").write_text(
+        "from spa_core.select import select_topk\n"
+        "def helper_policy(scores, *, cfg, training, generator=None, tokens=None):\n"
+        "    return select_topk(scores, cfg=cfg, training=training)\n"
+    )
+    plugin = tmp_path / "src_policy.py"
+    plugin.write_text(
+        "from spa_core.registry import SELECTION_POLICIES\n"
+        "from tp_helper_mod import helper_policy\n"
+        "SELECTION_POLICIES.register('tp_src_policy', helper_policy)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first, _ = _hashes(_grid(tmp_path, plugin))
+    sys.modules.pop("tp_helper_mod", None)
+    (tmp_path / "tp_helper_mod.py").write_text((tmp_path / "tp_helper_mod.py").read_text() + "# edited\n")
+    second, _ = _hashes(_grid(tmp_path, plugin))
+    assert second["spa"] != first["spa"]
+
+
+def test_an_entry_points_distribution_version_is_part_of_its_source(tmp_path, monkeypatch):
+    from harness.plugins import entry_source
+
+    _write_plugin(tmp_path / "tp_ep_module.py", "tp_ep_policy")
+    _fake_dist(tmp_path, "[spa_harness.plugins]\nmod = tp_ep_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sources = []
+    for version in ("1.0", "2.0"):
+        (tmp_path / "tp_dist-1.0.dist-info" / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: tp-dist\nVersion: {version}\n"
+        )
+        sys.modules.pop("tp_ep_module", None)  # a fresh process imports it anew: here too
+        with isolated_registries():
+            load_entry_point_plugins()
+            sources.append(entry_source("selection_policy", "tp_ep_policy"))
+    assert sources[0] != sources[1] and all(s.startswith("sha256:") for s in sources)
+    assert entry_source("selection_policy", "topk") is None  # a built-in has no plugin source
+
+
+def test_a_trial_whose_plugin_changed_after_expansion_refuses_to_run(tmp_path):
+    from harness.grid import load_grid
+    from harness.plugins import PluginChangedError, check_plugin_sources
+
+    plugin = _write_plugin(tmp_path / "src_policy.py", "tp_src_policy")
+    with isolated_registries():
+        trial = [t for t in load_grid(_grid(tmp_path, plugin)).trials if t.name == "spa"][0]
+        check_plugin_sources(trial)  # as expanded
+    plugin.write_text(plugin.read_text() + "# edited while the grid ran\n")
+    with isolated_registries():
+        load_plugins(trial.plugins)  # what the trial's worker does
+        with pytest.raises(
+            PluginChangedError, match=r"selection_policy 'tp_src_policy' \(file .*src_policy.py\)"
+        ):
+            check_plugin_sources(trial)
+
+
+def test_a_grid_may_not_set_plugin_sources(tmp_path):
+    from harness.grid import GridError, load_grid
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("base: {preset: micro, plugin_sources: {a: b}}\n")
+    with pytest.raises(GridError, match="set by the grid itself"):
+        load_grid(grid)

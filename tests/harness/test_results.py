@@ -120,6 +120,21 @@ def test_trial_states_cover_done_failed_running_interrupted_pending(tmp_path):
     assert not (tmp_path / "e" / "trials" / "h3" / "running.json").exists()  # the row replaces the marker
 
 
+def test_trial_states_say_where_a_trial_ran_or_runs_and_from_which_commit(tmp_path):
+    where = {"hostname": "node-a", "node_id": "f" * 56, "git_commit": "c" * 40}
+    exp = _experiment(tmp_path, "e", [_row("h1", **where), _row("h2", status="failed")])
+    manifest = exp.read_manifest()
+    manifest["trials"][0]["reused_from"] = "older"
+    manifest["trials"].append({"name": "r", "config_hash": "h3"})
+    exp.write_manifest(manifest)
+    exp.heartbeat("h3", {"attempt": 1, "start_time": time.time(), "hostname": "node-b", "node_id": "e" * 56})
+    by = {s["config_hash"]: s for s in trial_states(tmp_path)}
+    assert {k: by["h1"][k] for k in where} == where
+    assert by["h1"]["detail"].endswith(", reused from older")
+    assert (by["h2"]["hostname"], by["h2"]["git_commit"]) == (None, None)  # the row does not say
+    assert (by["h3"]["state"], by["h3"]["hostname"], by["h3"]["node_id"]) == ("running", "node-b", "e" * 56)
+
+
 def test_uri_stores_and_object_store_writes(tmp_path, monkeypatch):
     uri = f"file://{tmp_path}/store"
     _experiment(uri, "e", [_row("h1")])

@@ -5,6 +5,9 @@ Budget, per call: selection (every policy, training and evaluation) 0; pack 1 (t
 every size after it needs); unpack 0; the SPA block's forward 1 (its pack's) with the GPU's attention
 path (FlexAttention: its layout and block mask are built on the device; the kernel itself is not
 counted here); the backward 0; a Swin block 0 once its cached index and mask are on the device.
+These are the budgets of a trial's steady state: the contracts' value rules (``spa_core.contracts``)
+read results back on purpose during each entry's first ``VALUE_CHECKS`` calls, so the budgets are
+counted with the value rules done (``test_value_rules_stop_syncing_after_the_first_calls``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 import spa_core.strategies  # noqa: F401  (registers the pack strategies)
+from spa_core import contracts
 from spa_core.block import SPABlock, SwinBlock
 from spa_core.config import SPAConfig
 from spa_core.pack import pack, unpack
@@ -23,6 +27,29 @@ from spa_core.select import select_tokens
 from tests._syncs import count_host_syncs
 
 STRATEGIES = list(PACK_STRATEGIES)
+
+
+@pytest.fixture(autouse=True)
+def steady_state_contracts():
+    """The contracts as in a trial's steady state: shape rules only (their value rules are done)."""
+    with contracts.checking("off"):
+        yield
+
+
+def test_value_rules_stop_syncing_after_the_first_calls():
+    """In the default mode the value rules read back on each entry's first VALUE_CHECKS calls of a
+    trial, then never: the steady state the budgets below hold for."""
+    scores = torch.randn(2, 64)
+    cfg = SPAConfig(selection="topk", ratio=0.5)
+    with contracts.checking("first"):
+        contracts.reset()
+        with count_host_syncs() as first:
+            select_tokens(scores, cfg, training=True)
+        for _ in range(contracts.VALUE_CHECKS):
+            select_tokens(scores, cfg, training=True)
+        with count_host_syncs() as later:
+            select_tokens(scores, cfg, training=True)
+    assert len(first.seen) > 0 and later.seen == [], (first.seen, later.seen)
 
 
 @pytest.fixture(autouse=True)

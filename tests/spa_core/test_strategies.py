@@ -1,5 +1,6 @@
 """spa_core/strategies.py: one registered object per pack strategy (pack, attend, FLOP formula); a
-strategy without its formula is refused; the formulas against hand counts; a plugin strategy runs."""
+strategy without its formula is refused; the formulas against hand counts (their agreement with
+fvcore: tests/harness/task/test_measure.py); a plugin strategy runs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from spa_core.block import SPABlock
 from spa_core.config import SPAConfig
 from spa_core.pack import pack_varlen
 from spa_core.registry import PACK_STRATEGIES
-from spa_core.strategies import PackStrategy
+from spa_core.strategies import PackStrategy, container_lengths
 
 
 def test_every_builtin_is_one_object_with_its_formula():
@@ -34,12 +35,23 @@ def test_a_strategy_without_a_flop_formula_is_refused_at_registration(bad):
 
 def test_formulas_against_hand_counts():
     counts, n, c, L = [5, 0, 9], 16, 8, 4
-    gate_proj = 3 * (16 * 8 + 16 * 64)  # B(NC + NC^2)
+    gate_proj = 3 * 16 * 8 + 4 * 14 * 64  # the scorer over B*N tokens, qkv and projection over T = 14
     f = {name: PACK_STRATEGIES.get(name).attention_macs(counts, n, c, L) for name in PACK_STRATEGIES}
-    assert f["containers"] == gate_proj + 4 * (3 * 4 * 64 + 2 * 16 * 8)  # ceil(14 / 4) = 4 containers
-    assert f["varlen"] == gate_proj + 3 * 14 * 64 + 2 * 8 * (25 + 81)
-    assert f["pad"] == gate_proj + 3 * (3 * 9 * 64 + 2 * 81 * 8)
-    assert f["mask"] == gate_proj + 3 * (3 * 16 * 64 + 2 * 256 * 8)
+    # containers of 4: image 0 -> 4 | 1, image 2 -> 3 | 4 | 2 (cut at image and container boundaries)
+    assert f["containers"] == gate_proj + 2 * 8 * (16 + 1 + 9 + 16 + 4)
+    assert f["varlen"] == gate_proj + 2 * 8 * (25 + 81)
+    assert f["pad"] == gate_proj + 2 * 8 * 3 * 81  # every image padded to 9
+    assert f["mask"] == gate_proj + 2 * 8 * 3 * 256  # every image dense over N = 16
+    assert PACK_STRATEGIES.get("mask").attention_macs([0, 0], n, c, L) == 2 * 16 * 8  # attention skipped
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 9], [0], [16, 16], [1, 2, 3, 4, 5, 6], [7]])
+@pytest.mark.parametrize("L", [1, 3, 4, 16, 50])
+def test_container_lengths_are_the_kernels_cuts(counts, L):
+    from kernels import container_seqlens
+
+    cu = container_seqlens(torch.tensor(counts), L)[0].long()
+    assert container_lengths(counts, L) == (cu[1:] - cu[:-1]).tolist()
 
 
 def test_a_plugin_strategy_packs_attends_and_counts_through_its_own_object():
@@ -55,6 +67,8 @@ def test_a_plugin_strategy_packs_attends_and_counts_through_its_own_object():
         return dataclasses.replace(pack_varlen(x, mask, cfg=cfg, order=order), strategy="plugin_pack")
 
     PACK_STRATEGIES.register("plugin_pack", PackStrategy(pack, attend, lambda counts, n, c, L: 42.0))
+    assert calls == ["pack", "attend"]  # the registration's probe (spa_core.contracts)
+    calls.clear()
     try:
         torch.manual_seed(0)
         blk = SPABlock(8, 2, 2, SPAConfig(selection="topk", ratio=0.5, pack="plugin_pack")).eval()

@@ -320,3 +320,19 @@ def test_each_variant_compared_with_the_dense_of_its_own_context():
     # an explicit baseline serves every variant
     forced = compare(pd.DataFrame(rows), baseline=t.loc[small, "baseline"])
     assert forced.loc[large, "map_delta"] == pytest.approx(0.27 - 0.10)
+
+
+def test_csv_verdict_reads_n_a_where_the_markdown_does():
+    """A variant with no verdict (here: no dense variant shares its training steps) reads ``n/a`` in
+    the CSV as in the Markdown, not a blank cell."""
+    rows = []
+    for s in range(3):
+        rows.append(_row("dense", s, "dense", map=0.30 + 0.01 * s))
+        rows.append(_row("topk", s, map=0.31 + 0.01 * s))
+        rows.append({**_row("topk-long", s, map=0.35), "config.train.steps": 20})
+    df = pd.DataFrame(rows)
+    table = pd.read_csv(io.StringIO(report_command(df, fmt="csv")), index_col=0, keep_default_na=False)
+    verdicts = dict(zip(table.index, table["verdict"]))
+    long = [v for v in verdicts if "20" in v or "long" in v]
+    assert long and all(verdicts[v] == "n/a" for v in long), verdicts
+    assert "" not in verdicts.values()

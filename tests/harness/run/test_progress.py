@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 
-from harness.config import TrialConfig
 from harness.results import Experiment
 from harness.run.progress import GridCallback
-from harness.run.rows import TrialSpec, tune_payload
+from harness.run.rows import tune_payload
 
 
 class _Trial:
     def __init__(self, h, node="127.0.0.1"):
-        self.config = {"trial": tune_payload(TrialSpec(TrialConfig(), h))}
+        self.config = {"trial": tune_payload(h)}
         self.node_ip = node
 
 
@@ -114,3 +113,51 @@ def test_a_dead_trials_error_is_read_from_tunes_local_error_file(tmp_path):
     )
     Trial.error_file = str(tmp_path / "absent.txt")
     assert "without an error report" in _tune_error(Trial())
+
+
+def test_without_the_view_each_trial_still_logs_its_start_and_end(tmp_path, capsys, monkeypatch):
+    """--no-progress (show=False), on a terminal or not: a start line and an end line per trial,
+    with the host and short node id it ran on; no summary lines, no live table."""
+    for tty in (False, True):
+        monkeypatch.setattr("sys.stdout.isatty", lambda tty=tty: tty, raising=False)
+        exp = Experiment(str(tmp_path / str(tty)), "exp")
+        exp.write_manifest({"run_id": "r1", "trials": [{"name": "t0", "config_hash": "h0", "workers": 1}]})
+        cb = GridCallback(exp.store_uri, "exp", show=False)
+        cb.setup()
+        assert cb._live is None
+        cb.on_trial_start(0, [], _Trial("h0"))
+        node = "ab12cd34" + "0" * 48
+        exp.write_row(
+            "h0", {"status": "done", "config_hash": "h0", "wall_s": 5.0, "hostname": "hx", "node_id": node}
+        )
+        cb.on_trial_result(0, [], _Trial("h0"), {"status": "done", "wall_s": 5.0})
+        for _ in range(3):
+            cb.on_step_begin(0, [])
+        cb.on_experiment_end([])
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 2, out
+        assert out[0].endswith("exp: started t0 (h0) on 127.0.0.1")
+        assert out[1].endswith("exp: done t0 (h0) in 5 s on hx (node ab12cd34)")
+
+
+def test_stored_rows_are_announced_per_reused_trial_and_counted_when_kept(capsys):
+    from types import SimpleNamespace as P
+
+    from harness.run.progress import announce_stored
+
+    planned = [
+        P(name="a", config_hash="h1", state="reused", reused_from="older"),
+        P(name="b", config_hash="h2", state="pending", reused_from=None),
+        *[P(name=f"k{i}", config_hash=f"k{i}", state="done", reused_from=None) for i in range(7)],
+    ]
+    announce_stored("exp", planned)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    assert out[0].endswith(
+        "exp: reused a (h1) from experiment older: its done row is copied, not run again (--rerun runs it)"
+    )
+    assert out[1].endswith(
+        "7 trial(s) already done in this experiment, kept: k0, k1, k2, k3, k4 and 2 more (--rerun runs them again)"
+    )
+    announce_stored("exp", planned[1:2])
+    assert capsys.readouterr().out == ""  # every trial runs: nothing to say

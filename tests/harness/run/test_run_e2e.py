@@ -4,7 +4,9 @@ Smoke-sized grids on CPU: the built-in 3-trial smoke grid (dense on 2 workers, S
 reuse of finished trials and failure isolation (resume after the driver is SIGKILLed: test_soak.py).
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,7 @@ DONE_COLUMNS = [
     "num_params",
     "backbone_params",
     "gmacs",
+    "flop_images",
     "backbone_gmacs",
     "analytic_attn_gmacs",
     "fvcore_attn_gmacs",
@@ -93,9 +96,19 @@ def _rows(store, experiment):
 
 def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
     store = tmp_path / "results"
-    _cli("run", SMOKE, "--smoke", "--results", store, "--no-progress", env=env)
+    grid = SMOKE.relative_to(ROOT)  # as a user in the checkout names it
+    first = _cli("run", grid, "--smoke", "--results", store, "--no-progress", env=env)
     df = load(store / "smoke")
     assert len(df) == 3 and set(df["status"]) == {"done"}, df[["name", "status", "error"]]
+    # --no-progress: still a start and an end line per trial, the end naming host and node
+    for name, h in zip(df["name"], df["config_hash"]):
+        assert f"smoke: started {name} ({h})" in first.stdout, first.stdout
+        assert re.search(
+            rf"smoke: done {re.escape(name)} \({h}\) in \d+ s on \S+ \(node [0-9a-f]{{8}}\)", first.stdout
+        )
+    manifest = json.loads((store / "smoke" / "experiment.json").read_text())
+    assert manifest["source"] == str(grid)  # not the resolved path
+    assert {t["state"] for t in manifest["trials"]} == {"done"}  # true at the end, not "pending"
     missing = [c for c in DONE_COLUMNS if c not in df.columns or df[c].isna().any()]
     assert not missing, missing
     assert "model.spa.ratio" in df.columns and "model.spa" in df.columns  # null for the dense baseline
@@ -128,8 +141,9 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
     )
     assert "3 done" in again.stdout
     assert _rows(store, "smoke") == before
-    # An overlapping grid under another experiment name reuses them too (copied, not re-run).
-    _cli(
+    assert "3 trial(s) already done in this experiment, kept" in again.stdout
+    # An overlapping grid under another experiment name reuses them too (copied, not re-run), and says so.
+    copy = _cli(
         "run",
         SMOKE,
         "--smoke",
@@ -143,8 +157,12 @@ def test_smoke_grid_end_to_end_then_reused(tmp_path, env):
         timeout=120,
     )
     assert _rows(store, "copy") == before
+    for name, h in zip(df["name"], df["config_hash"]):
+        assert f"copy: reused {name} ({h}) from experiment smoke" in copy.stdout, copy.stdout
+    assert "rows not run again: 3 reused from experiment smoke (--rerun runs them)" in copy.stdout
     status = _cli("status", store / "copy", env=env, timeout=60)
-    assert "3 done" in status.stdout
+    assert "3 done" in status.stdout and status.stdout.count("reused from smoke") == 3
+    assert len(re.findall(r"\(node [0-9a-f]{8}\)", status.stdout)) == 3
 
 
 def test_failures_are_recorded_and_the_grid_goes_on(tmp_path, env):

@@ -353,6 +353,29 @@ def test_smoke_grid_tracked_in_mlflow(tmp_path):
     assert parent[0].info.status == "FINISHED" and parent[0].data.tags["trials_done"] == "3"
     assert all("_track_points" not in r for r in rows.values())  # the curve stays out of the rows
 
+    # The same grid under another name: every row is reused (no trial runs), and the new experiment
+    # still gets its grid run and one run per trial, tagged reused, naming where the rows came from.
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(ROOT / "ablations" / "grids" / "smoke.yaml")]
+    cmd += ["--smoke", "--results", str(store), "--name", "smoke-copy", "--no-progress", "--no-report"]
+    p = subprocess.run(
+        [*cmd, "--track", "mlflow"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("from experiment smoke: its done row is copied") == 3, p.stdout
+    client = mlflow.tracking.MlflowClient((store / "smoke-copy" / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("smoke-copy").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kind") == "grid"]
+    reused = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    assert len(parent) == 1 and len(reused) == 3
+    for run in reused:
+        row = rows[run.data.tags["config_hash"]]
+        assert (run.data.tags["reused"], run.data.tags["reused_from"]) == ("true", "smoke")
+        assert run.data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert (
+            run.data.metrics["map"] == pytest.approx(row["map"])
+            and run.data.tags["git_commit"] == row["git_commit"]
+        )
+
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")  # one Ray at a time (scripts/test.sh)

@@ -49,7 +49,7 @@ def test_a_retry_after_an_exception_finishes_the_trial(setup, monkeypatch):
         return _ok()
 
     monkeypatch.setattr(trial_mod, "_fit", flaky)
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     row = exp.read_row(h)
     assert row["status"] == "done" and row["attempt"] == 2 and len(calls) == 2
     assert row["work_s"] == 1.75 and row["overhead_s"] == pytest.approx(row["wall_s"] - 1.75)
@@ -65,7 +65,7 @@ def test_exhausted_retries_leave_a_failed_row_with_the_error(setup, monkeypatch)
         raise MemoryError("cannot allocate 40 GiB")
 
     monkeypatch.setattr(trial_mod, "_fit", oom)
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     row = exp.read_row(h)
     assert row["status"] == "failed" and row["attempt"] == 2
     assert row["error"].startswith("out of memory") and row["error_type"] == "MemoryError"
@@ -77,11 +77,11 @@ def test_a_stored_row_is_not_run_again(setup, monkeypatch):
     spec, h, ctx, exp, reports = setup
     monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: pytest.fail("must not run"))
     exp.write_row(h, {"status": "done", "config_hash": h, "run_id": "older"})
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     exp.write_row(
         h, {"status": "timeout", "config_hash": h, "run_id": "run-1"}
     )  # this run's (Tune retried it)
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     assert [r["skipped"] for r in reports] == [True, True]
 
 
@@ -90,7 +90,7 @@ def test_rerun_replaces_a_done_row_of_an_earlier_run(setup, monkeypatch):
     monkeypatch.setattr(trial_mod, "_fit", _ok)
     exp.write_row(h, {"status": "done", "config_hash": h, "run_id": "older", "gmacs": 9.0})
     ctx.rerun = True
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     row = exp.read_row(h)
     assert row["run_id"] == "run-1" and row["gmacs"] == 0.1
 
@@ -120,7 +120,7 @@ def test_a_row_names_the_baseline_but_does_not_spread_it_into_columns(setup, mon
     spec = TrialSpec(cfg, config_hash(cfg))
     assert spec.config_hash == config_hash(trial_from_dict({"name": "t", "preset": "micro"}))  # not hashed
     monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: ({**_ok()[0], "speedup_baseline": "dense"}, 0.01))
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     row = exp.read_row(spec.config_hash)
     assert row["status"] == "done" and row["speedup_baseline"] == "dense"
     assert not any(k.startswith("baseline") for k in row if k != "speedup_baseline")
@@ -136,7 +136,7 @@ def test_flatten_config_keeps_dense_spa_as_null():
 
 class _DeadTrial:
     def __init__(self, spec, error):
-        self.config = {"trial": tune_payload(spec)}
+        self.config = {"trial": tune_payload(spec.config_hash)}
         self._error = error
 
     def get_error(self):
@@ -236,7 +236,7 @@ def test_a_failed_trial_points_at_the_user_code_and_its_error_file(setup, monkey
     mod_spec.loader.exec_module(mod)
     monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: mod.select(None))
     exp.write_manifest({"trials": [{"name": "t", "config_hash": h}]})
-    trial_trainable({"trial": tune_payload(spec)}, ctx)
+    trial_trainable({"trial": tune_payload(spec.config_hash)}, ctx, {spec.config_hash: spec})
     row = exp.read_row(h)
     error_file = exp.trial_path(h, "error.txt")
     assert row["status"] == "failed" and row["error_type"] == "IndexError"
@@ -246,3 +246,14 @@ def test_a_failed_trial_points_at_the_user_code_and_its_error_file(setup, monkey
     assert "my_selection.py" in open(error_file).read()
     (state,) = trial_states(tmp_path)
     assert state["state"] == "failed" and state["detail"] == row["error"]
+
+
+def test_a_restored_trial_the_run_did_not_plan_runs_from_its_stored_config(setup, monkeypatch):
+    """Tune's state holds only config hashes: a trial it restores that this run's specs lack (its row
+    landed after Tune's last save, then was removed) takes the config the store keeps for it."""
+    spec, h, ctx, exp, reports = setup
+    exp.write_config(h, trial_to_dict(spec.cfg))
+    seen = []
+    monkeypatch.setattr(trial_mod, "_fit", lambda s, *a, **k: (seen.append(s), _ok())[1])
+    trial_trainable({"trial": tune_payload(h)}, ctx, {})
+    assert seen == [spec] and exp.read_row(h)["status"] == "done"

@@ -1,12 +1,14 @@
-"""Measurements: the paper's formulas by hand, fvcore counts with the real selection, timings, memory."""
+"""Measurements: the FLOP formulas by hand and against fvcore's count, fvcore with the real selection,
+timings, memory."""
 
-import math
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness.config import BaselineConfig, trial_from_dict
 from harness.task.measure import (
@@ -19,7 +21,6 @@ from harness.task.measure import (
     reset_peak_memory,
     speedup_baseline_config,
     timed,
-    timed_pairs,
 )
 
 
@@ -38,6 +39,16 @@ def test_dense_formula_by_hand():
     assert analytic_attention_macs(cfg, [], (64, 64), batch=3) == 3 * expect
 
 
+def test_dense_formula_counts_the_padded_map():
+    """72 px: grids 18x18, 9x9, 5x5, 3x3; Swin pads each to windows of 4 (the last clipped to 3)
+    before its projections, which run on the padding too."""
+    cfg = _cfg(variant="dense")
+    expect = 0
+    for hp, c, m2 in [(20, 16, 16), (12, 32, 16), (8, 64, 16), (3, 128, 9)]:
+        expect += 4 * hp * hp * c * c + 2 * m2 * hp * hp * c
+    assert analytic_attention_macs(cfg, [], (72, 72), batch=1) == expect
+
+
 def test_spa_containers_formula_by_hand():
     cfg = _cfg(spa_stages=[3], spa={"pack": "containers", "container_len": 8})
     counts = torch.tensor([5, 9])  # two images keep 14 of 16 tokens at stage 3: two containers of 8
@@ -46,9 +57,43 @@ def test_spa_containers_formula_by_hand():
         2 * (4 * h * w * c * c + 2 * min(4, h) * min(4, w) * h * w * c)
         for (h, w), c in [((16, 16), 16), ((8, 8), 32), ((2, 2), 128)]
     )
-    n, c, L = 16, 64, 8
-    spa_part = 2 * (n * c + n * c * c) + math.ceil(14 / L) * (3 * L * c * c + 2 * L * L * c)
+    n, c = 16, 64
+    # the scorer on 2 x 16 tokens, projections on 14; sequences 5 | 3 (container 0), 6 (container 1)
+    spa_part = 2 * n * c + 4 * 14 * c * c + 2 * c * (25 + 9 + 36)
     assert analytic_attention_macs(cfg, [block], (64, 64), batch=2) == dense_part + spa_part
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    pack=st.sampled_from(["containers", "varlen", "pad", "mask"]),
+    selection=st.sampled_from(["topk", "random", "gate", "all"]),
+    ratio=st.sampled_from([0.0, 0.1, 0.41, 0.43, 1.0]),
+    size=st.sampled_from([(64, 64), (40, 56), (72, 72), (100, 36)]),
+    stages=st.sampled_from([(3, 4), (2, 3, 4), (4,)]),
+    container_len=st.sampled_from([None, 3, 7]),
+    mlp_on=st.sampled_from(["all", "selected"]),
+    batch=st.integers(1, 3),
+)
+def test_the_analytic_column_equals_fvcore_and_follows_the_kept_tokens(
+    pack, selection, ratio, size, stages, container_len, mlp_on, batch
+):
+    """The formula and the traced count of the attention modules and gates agree exactly, for any
+    strategy, selection, kept fraction, map size (padded, clipped windows) and container length."""
+    from harness.task.detector import build_detector
+
+    spa = {"pack": pack, "selection": selection, "ratio": ratio, "container_len": container_len,
+           "mlp_on": mlp_on}  # fmt: skip
+    cfg = trial_from_dict({"preset": "micro", "model": {"spa_stages": list(stages), "spa": spa},
+                           "head": {"in_stages": [2, 3, 4]}})  # fmt: skip
+    torch.manual_seed(0)
+    det = build_detector(cfg).eval()
+    images = torch.randn(batch, 3, *size)
+    with torch.no_grad():
+        blocks = det(images)["backbone"].blocks
+    analytic = analytic_attention_macs(cfg, blocks, size, batch)
+    assert analytic == fvcore_macs(det, images)["attn"]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -88,26 +133,6 @@ def test_peak_memory_sees_a_big_allocation():
     x += 1
     peak, _ = peak_memory(device)
     assert kind == "rss_peak" and peak >= base + 48
-
-
-def test_timed_pairs_alternate_which_goes_first():
-    calls = []
-    ta, tb = timed_pairs(
-        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, repeats=4, device=torch.device("cpu")
-    )
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
-    assert len(ta) == len(tb) == 4
-    # A clock that each call advances by its own cost: every time must be its own call's, whichever
-    # went first (a fake clock, so machine load cannot blur the check).
-    now = [0.0]
-
-    def cost(seconds):
-        return lambda: now.__setitem__(0, now[0] + seconds)
-
-    slow, fast = timed_pairs(
-        cost(0.020), cost(0.005), warmup=1, repeats=5, device=torch.device("cpu"), clock=lambda: now[0]
-    )
-    assert slow == pytest.approx([20.0] * 5) and fast == pytest.approx([5.0] * 5)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -223,6 +248,7 @@ def test_a_plugin_pack_strategy_brings_its_own_flop_formula_into_the_row():
         return dataclasses.replace(pack_varlen(x, mask, cfg=cfg, order=order), strategy="plugin_formula")
 
     PACK_STRATEGIES.register("plugin_formula", PackStrategy(pack, attend_varlen, formula))
+    seen.clear()  # the registration's probe called it once (spa_core.contracts)
     try:
         cfg = _cfg(spa_stages=[3], spa={"pack": "plugin_formula"})
         block = SimpleNamespace(stage=3, index=0, counts=torch.tensor([5, 9]))
@@ -292,14 +318,15 @@ def test_the_timed_forward_never_runs_the_postprocessing(postprocess_calls):
 
 @pytest.mark.filterwarnings("ignore")
 def test_the_bench_times_every_grid_model_without_postprocessing(postprocess_calls, tmp_path):
-    from harness.bench import time_grid
+    from harness.bench.common import Timing
+    from harness.bench.grid import GridRunner
 
     grid = tmp_path / "g.yaml"
     grid.write_text(
         "base: {preset: micro, data: {image_size: 64, num_train: 8, num_val: 4}, bench: {batch_size: 2}}\n"
         "points:\n  - {name: dense, model.variant: dense}\n  - {name: keep-all, model.spa.selection: all}\n"
     )
-    rows = time_grid(str(grid), rounds=3, warmup=1)
+    rows = list(GridRunner(grid, Timing(reps=3, warmup=1)).rows())
     assert [r["model"] for r in rows] == ["dense", "keep-all"]
     assert len(postprocess_calls) == 2  # one inference call per model for its kept fraction, none timed
 
