@@ -53,9 +53,22 @@ class DataConfig:
     train_ann: str = "annotations/instances_train.json"
     val_images: str = "val"
     val_ann: str = "annotations/instances_val.json"
-    image_size: int = checked_field(
-        128, range_=(1, None, True, None)
-    )  # images are resized (keeping aspect, padded) to this square size
+    # "square": the longer side resized to image_size and padded to image_size x image_size inside the
+    # image (a batch of equal squares; the model is not told about the padding). "keep_ratio": Swin's
+    # detection pipeline: resized to fit `scale` (long, short), the batch padded to its largest image
+    # (rounded up to size_divisor) and the padding's extent passed to the model (harness/task/transforms.py)
+    resize: str = checked_field("square", choices=("square", "keep_ratio"))
+    image_size: int = checked_field(128, range_=(1, None, True, None))  # square: the side
+    scale: tuple[int, ...] = (1333, 800)  # keep_ratio: (long, short) limits of evaluation and training
+    # keep_ratio multi-scale training: a short side drawn per image from this list (long <= scale[0]);
+    # empty: scale[1]. Swin's 3x recipe: 480, 512, ..., 800
+    train_short_sides: tuple[int, ...] = ()
+    flip: float = checked_field(0.0, range_=(0.0, 1.0, True, True))  # training: horizontal flip probability
+    # keep_ratio training: probability of Swin's 3x crop policy (resize, random crop, multi-scale resize)
+    crop_prob: float = checked_field(0.0, range_=(0.0, 1.0, True, True))
+    # a batch's height and width are rounded up to this; None: the backbone's total stride (keep_ratio),
+    # 1 (square: every image is the same square already)
+    size_divisor: int | None = checked_field(None, range_=(1, None, True, None))
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200
     data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
@@ -89,12 +102,20 @@ class HeadConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = checked_field(300, range_=(1, None, True, None))
+    steps: int = checked_field(300, range_=(1, None, True, None))  # optimizer steps (unless epochs is set)
+    # passes over the train split; when set it replaces steps (rounded to whole optimizer steps)
+    epochs: float | None = checked_field(None, range_=(0.0, None, False, None))
     batch_size: int = checked_field(16, range_=(1, None, True, None))  # micro-batch per worker
     grad_accum: int = checked_field(1, range_=(1, None, True, None))
     lr: float = checked_field(1e-3, range_=(0.0, None, False, None))
     weight_decay: float = 0.05
     warmup_steps: int = 20
+    # learning rate after warmup: "cosine" (to 1% of lr at the last step) or "step" (lr, times
+    # decay_gamma at each of decay_epochs or decay_steps: Swin's 1x recipe decays at epochs 8 and 11)
+    schedule: str = checked_field("cosine", choices=("cosine", "step"))
+    decay_epochs: tuple[float, ...] = ()
+    decay_steps: tuple[int, ...] = ()
+    decay_gamma: float = checked_field(0.1, range_=(0.0, None, False, None))
     zero_stage: int = checked_field(0, range_=(0, 3, True, True))  # DeepSpeed ZeRO stage
     precision: str = checked_field(
         "auto", choices=("auto", "bf16", "fp16", "fp32")
@@ -176,8 +197,10 @@ _UNHASHED = (
 )
 
 
-def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
-    """A ``TrialConfig`` from a (possibly partial) dict; ``model`` keys override the preset's."""
+def trial_from_dict(data: dict[str, Any], *, partial: bool = False) -> TrialConfig:
+    """A ``TrialConfig`` from a (possibly partial) dict; ``model`` keys override the preset's.
+    ``partial``: ``data`` sets a few keys only (a grid file's key checked alone), so the rules between
+    keys (the head reads every SPA stage, ``_check_pipeline``) wait for the whole trial."""
     data = copy.deepcopy(data or {})
     preset = data.get("preset", TrialConfig.preset)
     model = data.pop("model", {}) or {}
@@ -190,8 +213,33 @@ def trial_from_dict(data: dict[str, Any]) -> TrialConfig:
     cfg.model = config_from_dict(BackboneConfig, {**base, **model}, "model")
     if cfg.model.variant == "dense":
         cfg.model.spa = None
-    _check_head_reads_spa(cfg)
+    if not partial:
+        _check_head_reads_spa(cfg)
+        _check_pipeline(cfg)
     return cfg
+
+
+def _check_pipeline(cfg: TrialConfig) -> None:
+    """The data and schedule keys that depend on each other (each field's own range is its rule)."""
+    d, t = cfg.data, cfg.train
+    if len(d.scale) != 2 or min(d.scale) < 1 or d.scale[0] < d.scale[1]:
+        raise ConfigError(f"data.scale: expected [long, short], positive, long >= short, got {list(d.scale)}")
+    if any(s < 1 for s in d.train_short_sides):
+        raise ConfigError(f"data.train_short_sides: expected positive sides, got {list(d.train_short_sides)}")
+    if d.resize == "square" and (d.train_short_sides or d.crop_prob):
+        raise ConfigError(
+            "data.train_short_sides and data.crop_prob need data.resize: keep_ratio "
+            "(square images have one size)"
+        )
+    if t.decay_epochs and t.decay_steps:
+        raise ConfigError("train.decay_epochs and train.decay_steps: set one of them, not both")
+    if t.schedule == "step" and not (t.decay_epochs or t.decay_steps):
+        raise ConfigError("train.schedule 'step' needs train.decay_epochs or train.decay_steps")
+    if t.schedule != "step" and (t.decay_epochs or t.decay_steps):
+        raise ConfigError("train.decay_epochs / train.decay_steps are read by train.schedule: step only")
+    for key, values in (("decay_epochs", t.decay_epochs), ("decay_steps", t.decay_steps)):
+        if any(v <= 0 for v in values) or list(values) != sorted(values):
+            raise ConfigError(f"train.{key}: expected increasing positive values, got {list(values)}")
 
 
 def _check_head_reads_spa(cfg: TrialConfig) -> None:
@@ -289,6 +337,7 @@ def smoke_overrides() -> dict[str, Any]:
     """What ``--smoke`` changes: few steps, little data, small benchmark (a quick end-to-end check)."""
     return {
         "train.steps": 4,
+        "train.epochs": None,
         "train.batch_size": 4,
         "train.log_every": 2,
         "data.num_train": 48,

@@ -656,7 +656,7 @@ def _check(key: str, v: _Val) -> None:
     d: dict[str, Any] = {}
     set_dotted(d, key, v.value)
     try:
-        trial_from_dict(d)
+        trial_from_dict(d, partial=True)  # rules between keys: when the whole trial resolves
     except ConfigError as e:
         raise v.loc.error(str(e), key) from None
     except KeyError as e:

@@ -360,6 +360,7 @@ class SPABlock(nn.Module):
             rows, kept, factor, is_pad = self._padded(r, keep, factor, real, (H, W))
         else:
             rows, kept, is_pad = r, keep, None
+            Hp, Wp = H, W
         Np = rows.shape[1]
         order = window_order((H, W), self.window_size, self.shift, device=x.device, padded=with_padding)
         packed = pack(rows, kept, self.cfg.pack, cfg=self._pack_cfg((H, W)), order=order)

@@ -2,7 +2,8 @@
 
 Modes registered in ``SUPERVISION_MODES`` (contract in ``spa_core/registry.py``):
 ``labels`` (BCE-with-logits of every SPA block's gate logits against the selection labels at its grid,
-mean over the block's tokens, summed over blocks, times alpha; the paper's alpha is 0.01) and ``none``
+mean over the block's real tokens, summed over blocks, times alpha; the paper's alpha is 0.01; a batch's
+padding, ``SPABlockInfo.valid`` False, is left out: a padded image's loss is its unpadded loss) and ``none``
 (no auxiliary loss: the gate learns from the task loss alone, through the ``sigmoid(s)`` scaling).
 """
 
@@ -30,7 +31,8 @@ def _zero(blocks: list[SPABlockInfo]) -> Tensor:
 def supervision_labels(
     blocks: list[SPABlockInfo], labels: dict[tuple[int, int], Tensor] | None, *, alpha: float
 ) -> Tensor:
-    """alpha * sum over blocks of mean BCE-with-logits(logits (B, N), labels[grid] (B, H, W))."""
+    """alpha * sum over blocks of mean BCE-with-logits(logits (B, N), labels[grid] (B, H, W)) over
+    the block's real tokens (``info.valid (B, N)``; every token when None)."""
     if not blocks:
         return _zero(blocks)
     if labels is None:
@@ -42,7 +44,12 @@ def supervision_labels(
                 f"no selection labels at grid {info.grid} (block stage {info.stage}); have {sorted(labels)}"
             )
         y = labels[info.grid].to(info.logits.device, info.logits.dtype).reshape(info.logits.shape)
-        total = total + F.binary_cross_entropy_with_logits(info.logits, y)
+        if info.valid is None:
+            total = total + F.binary_cross_entropy_with_logits(info.logits, y)
+            continue
+        real = info.valid.to(info.logits.dtype)  # (B, N)
+        bce = F.binary_cross_entropy_with_logits(info.logits, y, reduction="none")
+        total = total + (bce * real).sum() / real.sum().clamp(min=1)
     return alpha * total
 
 

@@ -3,10 +3,13 @@ how the selected tokens are packed (``spa_core.pack``), how attention runs over 
 (``spa_core.attention``) and what that costs, together, so that a plugin strategy touches one place
 and the harness's analytic FLOP column reads every strategy's own formula.
 
-Each ``attention_macs`` counts what its strategy runs for one SPA block (multiply-adds; B images of
-N tokens, C channels, T kept, L the container length): the gate's scorer ``BNC`` and the qkv and
-output projections on the kept tokens ``4TC^2``, both the same for every strategy, plus the scores
-and weighted sum ``2C sum_s n_s^2`` over the sequences the strategy's attention runs:
+Each ``attention_macs`` counts what its strategy runs for one SPA block (multiply-adds; B images, N
+the positions the block packs from, C channels, T packed tokens, L the container length): the qkv
+and output projections on the packed tokens ``4TC^2``, the same for every strategy, plus the scores
+and weighted sum ``2C sum_s n_s^2`` over the sequences the strategy's attention runs. N and the
+per-image counts are those of the map the block packs: padded to whole windows where Swin pads it
+(an image that keeps all its tokens packs the padding too, as Swin attends over it). The gate's
+scorer, ``BNC`` over the real tokens, is not the strategy's: the harness adds it.
 
 - ``containers``: the varlen kernel over sequences cut at image boundaries and at multiples of L
   (``kernels.container_seqlens``): a container holding two images' tokens computes two blocks;
@@ -45,9 +48,9 @@ class PackStrategy:
     attention_macs: Callable[[Sequence[int], int, int, int], float]
 
 
-def _gate_and_projections(counts: Sequence[int], n: int, c: int) -> float:
-    """The scorer over all B*N tokens, qkv and output projections over the T kept ones."""
-    return len(counts) * n * c + 4 * sum(counts) * c * c
+def _projections(counts: Sequence[int], c: int) -> float:
+    """The qkv and output projections over the T packed tokens."""
+    return 4 * sum(int(k) for k in counts) * c * c
 
 
 def container_lengths(counts: Sequence[int], container_len: int) -> list[int]:
@@ -67,21 +70,21 @@ def container_lengths(counts: Sequence[int], container_len: int) -> list[int]:
 
 def _containers_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
     seqs = container_lengths(counts, container_len)
-    return _gate_and_projections(counts, n, c) + 2 * c * sum(s * s for s in seqs)
+    return _projections(counts, c) + 2 * c * sum(s * s for s in seqs)
 
 
 def _varlen_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
-    return _gate_and_projections(counts, n, c) + 2 * c * sum(int(k) ** 2 for k in counts)
+    return _projections(counts, c) + 2 * c * sum(int(k) ** 2 for k in counts)
 
 
 def _pad_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
     longest = max((int(k) for k in counts), default=0)
-    return _gate_and_projections(counts, n, c) + 2 * c * len(counts) * longest * longest
+    return _projections(counts, c) + 2 * c * len(counts) * longest * longest
 
 
 def _mask_macs(counts: Sequence[int], n: int, c: int, container_len: int) -> float:
     attention = 2 * c * len(counts) * n * n if sum(counts) else 0  # nothing kept: attention is skipped
-    return _gate_and_projections(counts, n, c) + attention
+    return _projections(counts, c) + attention
 
 
 PACK_STRATEGIES.register(

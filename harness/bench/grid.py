@@ -16,7 +16,7 @@ import torch
 
 from harness.bench.common import Runner, Timing
 from harness.grid import load_grid
-from harness.task.data import build_datasets, fixed_batch
+from harness.task.data import build_datasets, fixed_batch, image_sizes, size_divisor
 from harness.task.detector import build_detector
 from harness.task.measure import InferenceForward
 from harness.task.timing import quartiles
@@ -36,7 +36,9 @@ class GridRunner(Runner):
         self.grid = load_grid(path)
         cfg0 = self.grid.trials[0]
         _, val_ds = build_datasets(cfg0.data, progress=False)
-        self.images, _ = fixed_batch(val_ds, cfg0.bench.batch_size)  # (B, 3, H, W)
+        # (B, 3, H, W); a keep-ratio grid's padded to its largest image, the padding known to every model
+        self.images, targets = fixed_batch(val_ds, cfg0.bench.batch_size, size_divisor(cfg0))
+        self.sizes = image_sizes(self.images, targets)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         models = {}
@@ -48,9 +50,11 @@ class GridRunner(Runner):
         kept = {}
         with torch.inference_mode():
             for name, m in models.items():
-                blocks = m(self.images)["backbone"].blocks
+                blocks = m(self.images, None, self.sizes)["backbone"].blocks
                 kept[name] = statistics.fmean(float(b.kept_fraction) for b in blocks) if blocks else 1.0
-        times = self.timing.time({n: partial(InferenceForward(m), self.images) for n, m in models.items()})
+        times = self.timing.time(
+            {n: partial(InferenceForward(m), self.images, self.sizes) for n, m in models.items()}
+        )
         base = statistics.median(times["dense"]) if "dense" in times else None
         for name in models:
             q1, med, q3 = quartiles(times[name])

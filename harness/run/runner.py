@@ -512,8 +512,10 @@ def _run_tune(
 def _default_concurrency(pending: list[PlannedTrial], cluster: dict[str, float]) -> int | None:
     """A multi-worker trial's Tune function reserves no CPU (its Ray Train workers do), so Tune alone
     would start every such trial at once and leave most waiting for workers while their time limits
-    run. Cap the trials in flight at what the cluster could run side by side if each were the
-    smallest of them; ``None`` (Tune's own accounting) when every trial runs in one process."""
+    run (Ray Train gives up after ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default). Cap
+    the trials in flight at what the cluster could run side by side if each were the largest of
+    them, so that a 2-worker trial next to a 1-worker one never waits for a CPU the other holds;
+    ``None`` (Tune's own accounting) when every trial runs in one process."""
     if all(p.cfg.resources.workers <= 1 for p in pending):
         return None
     limits = []
@@ -521,7 +523,7 @@ def _default_concurrency(pending: list[PlannedTrial], cluster: dict[str, float])
         ("CPU", lambda r: r.workers * r.cpus_per_worker),
         ("GPU", lambda r: r.workers * r.gpus_per_worker),
     ):
-        need = min(per(p.cfg.resources) for p in pending)
+        need = max(per(p.cfg.resources) for p in pending)
         if need > 0:
             limits.append(int(cluster.get(key, 0) // need))
     return max(1, min(limits)) if limits else None

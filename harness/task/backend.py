@@ -2,7 +2,8 @@
 
 ``TorchBackend`` is the single-process implementation (plain PyTorch, CPU or one GPU).
 ``harness.task.distributed.DeepSpeedBackend`` implements the same protocol on DeepSpeed; both build the
-optimizer and schedule with ``build_optimizer`` / ``warmup_cosine`` below so they train alike.
+optimizer and schedule with ``harness.task.optim`` (``build_optimizer``, ``build_scheduler``) so they
+train alike.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from harness.config import TrialConfig
+from harness.task.optim import build_optimizer, build_scheduler
 
-__all__ = ["TrainBackend", "TorchBackend", "build_optimizer", "warmup_cosine", "autocast_dtype"]
+__all__ = ["TrainBackend", "TorchBackend", "autocast_dtype"]
 
 
 @runtime_checkable
@@ -27,9 +29,10 @@ class TrainBackend(Protocol):
     Attributes: ``device`` (``torch.device``: where batches go), ``rank`` and ``world_size`` (data
     parallel), ``is_main`` (rank 0: the one that reports).
 
-    - ``setup(model, cfg) -> module``: move ``model`` to ``device``, build AdamW + warmup-cosine
-      (``build_optimizer``, ``warmup_cosine``; ``cfg.train``: lr, weight_decay, warmup_steps, steps,
-      grad_accum, grad_clip, precision) and return the callable to run forward with (the model
+    - ``setup(model, cfg) -> module``: move ``model`` to ``device``, build AdamW and its schedule
+      (``harness.task.optim.build_optimizer`` / ``build_scheduler``; ``cfg.train`` resolved to steps:
+      lr, weight_decay, warmup_steps, steps, schedule, grad_accum, grad_clip, precision) and return
+      the callable to run forward with (the model
       itself, a DDP wrapper or a DeepSpeed engine); ``module(images, targets)`` returns the
       detector's output dict.
     - ``backward(loss)``: back-propagate one micro-batch's loss (unscaled: the backend divides by
@@ -63,31 +66,6 @@ class TrainBackend(Protocol):
     def sampler(
         self, dataset: torch.utils.data.Dataset, shuffle: bool, seed: int
     ) -> torch.utils.data.Sampler | None: ...
-
-
-def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.AdamW:
-    """AdamW at ``cfg.train.lr``; weight decay on weight matrices/kernels only (not norms, biases,
-    gains or position tables: anything with fewer than 2 dims)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.999))
-
-
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.01) -> float:
-    """LR multiplier at optimizer step ``step``: linear warmup over ``warmup`` steps, then cosine from
-    1 to ``floor`` at ``total`` (for ``torch.optim.lr_scheduler.LambdaLR``)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -144,8 +122,7 @@ class TorchBackend:
         tc = cfg.train
         self._model = model.to(self.device)
         self._opt = build_optimizer(model, cfg)
-        total, warmup = tc.steps, tc.warmup_steps
-        self._sched = torch.optim.lr_scheduler.LambdaLR(self._opt, lambda s: warmup_cosine(s, total, warmup))
+        self._sched = build_scheduler(self._opt, tc)
         self._dtype = autocast_dtype(tc.precision, self.device)
         self._scaler = torch.amp.GradScaler(self.device.type) if self._dtype == torch.float16 else None
         self._accum = max(1, tc.grad_accum)

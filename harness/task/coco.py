@@ -1,10 +1,10 @@
 """COCO-format detection sets on disk (images folder + instances JSON), checked against every rule
 of the format before anything trains or is scored on them.
 
-``CocoDetection`` reads the instances file, validates it, resizes each image keeping its aspect
-ratio, pads it to a square and moves the boxes with it. The rules (each one a ``DatasetError``
-naming the file and the offending id, or with ``skip_bad=True`` a skip counted by reason in
-``dataset.skipped`` and reported in one log line):
+``CocoDetection`` reads the instances file, validates it, and gives each image and its boxes through
+a ``harness.task.transforms.DetectionTransform`` (resize, and in training flip, multi-scale, crop).
+The rules (each one a ``DatasetError`` naming the file and the offending id, or with ``skip_bad=True``
+a skip counted by reason in ``dataset.skipped`` and reported in one log line):
 
 - the file is a JSON object whose ``images``, ``annotations`` and ``categories`` are lists;
 - categories: objects with an integer ``id``, ids unique (always an error: the label space cannot
@@ -34,14 +34,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["DatasetError", "CocoDetection", "IMAGENET_MEAN", "IMAGENET_STD"]
+from harness.task.transforms import DetectionTransform, augment_rng
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["DatasetError", "CocoDetection"]
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +59,17 @@ def _is_number(v: Any) -> bool:
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """A COCO-format detection set: ``dataset[i] -> (image (3, S, S) float, target)``.
+    """A COCO-format detection set: ``dataset[i] -> (image (3, h, w) float, target)``.
 
-    Each image is resized so its longer side is ``image_size`` (aspect kept), normalised with the
-    ImageNet mean/std and padded to ``S x S`` at the bottom/right (padding is 0 after normalising).
-    ``target``: ``boxes (n, 4)`` float32 xyxy pixels of the resized image, ``labels (n,)`` int64
-    (0-based contiguous over the sorted category ids: ``label_to_cat[label]`` is the COCO id),
-    ``image_id`` int, ``scale`` float (resized / original), ``orig_size`` (h, w).
+    ``transform`` (a ``DetectionTransform``; default: ``square`` at ``image_size``, no augmentation)
+    resizes each image, normalises it with the ImageNet mean/std and moves the boxes with it; ``square``
+    pads it to ``S x S`` at the bottom/right (0 after normalising), ``keep_ratio`` leaves the padding to
+    the batch (``harness.task.data.collate``). ``dataset[i]`` (an int) is never augmented;
+    ``dataset[(i, stream)]`` draws the augmentation from ``augment_rng(stream)`` (the keys
+    ``AugmentedSampler`` yields). ``target``: ``boxes (n, 4)`` float32 xyxy pixels of the transformed
+    image, ``labels (n,)`` int64 (0-based contiguous over the sorted category ids:
+    ``label_to_cat[label]`` is the COCO id), ``image_id`` int, ``scale`` float (resized / original),
+    ``orig_size`` (h, w), ``image_size`` (h, w) the image's real extent, ``flipped`` bool.
 
     Crowd annotations (``iscrowd=1``) are not training targets but stay in ``coco_gt()`` for
     evaluation, as COCO intends. ``skipped`` counts what ``skip_bad=True`` dropped, by reason
@@ -82,10 +84,12 @@ class CocoDetection(torch.utils.data.Dataset):
         skip_bad: bool = False,
         *,
         clip_boxes: bool = False,
+        transform: DetectionTransform | None = None,
     ):
         self.images_dir = Path(images_dir)
         self.ann_file = Path(ann_file)
         self.image_size = int(image_size)
+        self.transform = transform or DetectionTransform("square", self.image_size)
         self.skip_bad = skip_bad
         self.clip_boxes = clip_boxes
         self.skipped: Counter[str] = Counter()
@@ -310,30 +314,23 @@ class CocoDetection(torch.utils.data.Dataset):
             )
         return image
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, key: int | tuple[int, tuple[int, ...]]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, rng = (int(key[0]), augment_rng(key[1])) if isinstance(key, tuple) else (int(key), None)
         info = self.image_info(index)
         image = self.load_image(index)
-        s = self.image_size
         w, h = image.size
-        scale = s / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, nh, nw)
-        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-        out = torch.zeros(3, s, s)
-        out[:, :nh, :nw] = x
-
         anns = [a for a in self._anns[info["id"]] if not a["iscrowd"]]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        # Scale by the actual resize factors (rounding makes them differ slightly per axis).
-        boxes *= torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float64)
         labels = torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        sample = self.transform(image, boxes, rng)
         target = {
-            "boxes": boxes.float(),
-            "labels": labels,
+            "boxes": sample.boxes.float(),
+            "labels": labels[sample.keep],
             "image_id": info["id"],
-            "scale": scale,
+            "scale": sample.scale,
             "orig_size": (h, w),
+            "image_size": sample.image_size,
+            "flipped": sample.flipped,
         }
-        return out, target
+        return sample.image, target

@@ -1,7 +1,9 @@
 """The detector the harness trains: an SPA (or dense Swin) backbone from ``spa_core`` plus a small
 anchor-free head (``harness.task.fcos``) over one or two of its stages.
 
-``Detector.forward(images, targets=None)`` returns a dict: ``backbone`` (the ``BackboneOutput``),
+``Detector.forward(images, targets=None, image_sizes=None)`` returns a dict: ``backbone`` (the
+``BackboneOutput``; ``image_sizes (B, 2)``, each image's real (height, width) in a padded batch, goes to
+the backbone, which treats the rest as padding: ``spa_core.backbone``),
 with targets ``loss = task_loss + gate_loss``, ``task_loss``, ``gate_loss`` and
 ``selection_labels`` (``{(H, W): (B, H, W)}`` at the grids the backbone asks for; None for a dense
 backbone), and in eval mode ``detections`` (per image ``boxes (n, 4)`` xyxy pixels of the input,
@@ -96,9 +98,16 @@ class Detector(nn.Module):
             hc.max_detections,
         )
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """images: (B, 3, S, S); targets: per image ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``."""
-        bb = self.backbone(images)
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: list[dict[str, Any]] | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """images: (B, 3, H, W); targets: per image ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``;
+        image_sizes: (B, 2) int real (height, width) per image of a padded batch, or None (all real;
+        ``harness.task.data.image_sizes`` gives it for a batch)."""
+        bb = self.backbone(images, image_sizes)
         feats = [bb.features[s - 1] for s in self.in_stages]
         cls, ltrb, ctr = self.head(feats)
         out: dict[str, Any] = {"backbone": bb}

@@ -7,9 +7,9 @@ runs as DeepSpeed's ``torch_autocast`` with fp32 master weights; fp16 is refused
 
 ``DeepSpeedBackend`` reuses the ``torch.distributed`` group that is already there (Ray Train's
 ``TorchConfig`` makes one per multi-worker trial; ``init_process_group()`` makes a one-process group
-for a trial that runs in its Tune trial's own process) and builds the same AdamW + warmup-cosine as
-``TorchBackend``, handing both to ``deepspeed.initialize``. The communication backend follows the
-device: gloo with ``DS_ACCELERATOR=cpu`` on CPU, nccl on CUDA (``comm_backend``).
+for a trial that runs in its Tune trial's own process) and builds the same AdamW and schedule as
+``TorchBackend`` (``harness.task.optim``), handing both to ``deepspeed.initialize``. The
+communication backend follows the device: gloo with ``DS_ACCELERATOR=cpu`` on CPU, nccl on CUDA (``comm_backend``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.config import TrialConfig
-from harness.task.backend import build_optimizer, warmup_cosine
+from harness.task.optim import build_optimizer, build_scheduler
 
 __all__ = [
     "DeepSpeedBackend",
@@ -143,8 +143,7 @@ class DeepSpeedBackend:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.model = model.to(self.device)
         optimizer = build_optimizer(model, cfg)
-        total, warmup = cfg.train.steps, cfg.train.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+        scheduler = build_scheduler(optimizer, cfg.train)
         self.ds_config = deepspeed_config(cfg, self.device, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,

@@ -166,11 +166,13 @@ class GateMeter:
     """Per-image gate metrics over a dataset, fed batch by batch.
 
     ``update(blocks, labels)``: ``blocks`` are the backbone's ``SPABlockInfo`` (``stage``, ``index``,
-    ``mask (B, N)`` bool, ``grid (H, W)``), ``labels`` ``{(H, W): (B, H, W) float}`` selection labels.
+    ``mask (B, N)`` bool, ``grid (H, W)``, ``valid (B, N)`` bool real tokens or None), ``labels``
+    ``{(H, W): (B, H, W) float}`` selection labels. Batch padding (``valid`` False) counts nowhere: it
+    is never selected and never labelled, and shares are of an image's real tokens.
     Per image, the counts of all SPA blocks are pooled: precision = |selected & labelled| / |selected|,
     recall = |selected & labelled| / |labelled|, F1 their harmonic mean (an image that selects
     nothing has no precision, one without labelled tokens no recall: left out of that mean).
-    ``kept_fraction`` is the selected share of all SPA-block tokens of an image; per block too.
+    ``kept_fraction`` is the selected share of the real SPA-block tokens of an image; per block too.
     """
 
     def __init__(self) -> None:
@@ -182,17 +184,20 @@ class GateMeter:
             return
         B = blocks[0].mask.shape[0]
         tp = sel = pos = torch.zeros(B, dtype=torch.long)  # per image, over all SPA blocks
-        tokens = 0
+        tokens: torch.Tensor | int = 0
         for blk in blocks:
             mask = blk.mask.detach().bool().cpu()  # (B, N)
-            kept = mask.float().mean(1)  # (B,)
+            valid = getattr(blk, "valid", None)
+            real = mask.shape[1] if valid is None else valid.detach().cpu().sum(1)  # (B,) or N
+            kept = mask.sum(1) / torch.as_tensor(real).clamp(min=1)  # (B,)
             self._per_block[f"kept_fraction_s{blk.stage}b{blk.index}"].extend(kept.tolist())
-            tokens = tokens + mask.shape[1]
+            tokens = tokens + real
             sel = sel + mask.sum(1)
             if labels is not None:
                 y = labels[tuple(blk.grid)].detach().cpu().reshape(mask.shape[0], -1) > 0.5  # (B, N)
                 tp = tp + (mask & y).sum(1)
                 pos = pos + y.sum(1)
+        tokens = torch.as_tensor(tokens).clamp(min=1)  # (B,)
         self._per_image["kept_fraction"].extend((sel.float() / tokens).tolist())
         if labels is None:
             return

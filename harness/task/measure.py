@@ -15,11 +15,15 @@ latency a user of the detector sees.
 
 - ``gmacs``: fvcore's count of the inference forward (backbone + detection head; NMS excluded), per
   image, in GMACs (fvcore counts one multiply-add as one flop); ``backbone_gmacs`` the backbone's share;
-  ``fvcore_attn_gmacs`` the share of the attention modules and gates of every block (Swin and SPA);
+  ``fvcore_attn_gmacs`` the share of the attention modules and gates of every block (Swin and SPA).
+  Counted on each image at its own size (the images of one size together): a keep-ratio batch's
+  padding is not counted, so the dense model is not charged for padding that SPA never selects and a
+  GMACs delta is selection's alone (``bench_padding_fraction``: the share of the timed batch's pixels
+  that is padding; a ``square`` batch has none, its padding being part of each image);
 - ``analytic_attn_gmacs``: the same modules by formula, per image, from the kept counts of the same
   images: Swin blocks W-MSA over the padded map, ``B(4 N_p C^2 + 2 M^2 N_p C)``; SPA blocks their pack
-  strategy's ``attention_macs`` (the gate's scorer, the projections on the kept tokens and attention
-  over the sequences the strategy runs: ``spa_core.strategies``). It follows the kept tokens and
+  strategy's ``attention_macs`` (the projections on the packed tokens and attention over the
+  sequences the strategy runs: ``spa_core.strategies``) plus the gate's scorer ``BNC``. It follows the kept tokens and
   equals ``fvcore_attn_gmacs`` (a difference means a kernel computes other than its formula says);
   the paper's container formula, an upper bound of it, is in ``spa_core/strategies.py``;
 - ``forward_ms``: median wall time of ``InferenceForward`` (backbone and head, no postprocessing) on
@@ -27,7 +31,8 @@ latency a user of the detector sees.
   through the DeepSpeed engine (postprocessing included); ``train_step_ms``: of one training
   micro-step (forward, backward, optimizer step through the engine); each after ``bench.warmup`` runs,
   over ``bench.repeats``; ``*_iqr`` the inter-quartile range; ``*_samples_per_s`` from the median (a
-  training step counts the samples of every worker);
+  training step counts the samples of every worker). The timed batches are padded, their padding known
+  to the model: the dense model computes it, SPA never selects it (``bench_padding_fraction``);
 - ``speedup_vs_dense`` (``paired_speedup``, last, after the peak memory is read): ``InferenceForward``
   of the trial's model and of the grid's baseline model timed in this process, calls alternating and
   which goes first alternating, ``bench.repeats`` pairs after ``bench.warmup``: the median over pairs
@@ -66,7 +71,7 @@ from torch import nn
 
 import kernels
 from harness.task.backend import autocast_dtype
-from harness.task.data import build_datasets, fixed_batch
+from harness.task.data import build_datasets, fixed_batch, image_sizes, size_divisor
 from harness.task.detector import Detector, build_detector
 from harness.task.timing import quartiles, time_in_rotation
 from harness.task.train import to_device
@@ -143,15 +148,18 @@ class InferenceForward(nn.Module):
     not: a trace drops work whose result reaches no output, and the eager forward computes all four
     stages (fvcore would otherwise leave out, say, the layer norm of a stage the head does not read).
 
-    ``forward(images: (B, 3, H, W))`` -> per head level ``cls (B, K, h, w)``, then every ``ltrb (B, 4,
-    h, w)``, every ``ctr (B, 1, h, w)``, then the backbone's four stage features."""
+    ``forward(images: (B, 3, H, W), image_sizes: (B, 2) | None)`` -> per head level ``cls (B, K, h,
+    w)``, then every ``ltrb (B, 4, h, w)``, every ``ctr (B, 1, h, w)``, then the backbone's four stage
+    features. ``image_sizes``: each image's real extent in a padded batch (``harness.task.data``)."""
 
     def __init__(self, detector: Detector) -> None:
         super().__init__()
         self.detector = detector
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        bb = self.detector.backbone(images)
+    def forward(
+        self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        bb = self.detector.backbone(images, image_sizes)
         feats = [bb.features[s - 1] for s in self.detector.in_stages]
         cls, ltrb, ctr = self.detector.head(feats)
         return (*cls, *ltrb, *ctr, *bb.features)
@@ -210,10 +218,27 @@ def analytic_attention_macs(cfg, blocks: list[Any], image_hw: tuple[int, int], b
                 continue
             k = counts.get((i + 1, j), [n] * batch)
             assert strategy is not None and spa is not None  # an SPA stage of a model that is not dense
+            # The block packs from the map padded to whole windows when it has Swin's position bias;
+            # an image that keeps every real token packs the padding too (spa_core.block).
+            if n_pad != n and spa.position_bias == "swin":
+                positions, packed = n_pad, [n_pad if kb == n else kb for kb in k]
+            else:
+                positions, packed = n, k
             # containers of one window's tokens (clipped where the map is smaller than the window)
-            macs = strategy.attention_macs(k, n, c, spa.container_len or mh * mw)
-            total += check_attention_macs(macs, spa.pack, strategy.attention_macs, k)
+            macs = strategy.attention_macs(packed, positions, c, spa.container_len or mh * mw)
+            total += batch * n * c  # the gate's scorer over the real tokens
+            total += check_attention_macs(macs, spa.pack, strategy.attention_macs, packed)
     return total
+
+
+def real_images(images: torch.Tensor, targets: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """A padded batch ``images (B, 3, H, W)`` -> its images without the batch padding, those of one
+    real size stacked together: ``[(B_k, 3, h_k, w_k)]`` in order of first appearance."""
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for img, t in zip(images, targets):
+        h, w = t.get("image_size", img.shape[-2:])
+        groups.setdefault((int(h), int(w)), []).append(img[:, :h, :w])
+    return [torch.stack(g) for g in groups.values()]
 
 
 def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
@@ -224,15 +249,20 @@ def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
     engine = backend.engine
     t0 = time.perf_counter()
     train_ds, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=False)
-    images, targets = fixed_batch(val_ds, bc.batch_size)
+    images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
     images, targets = images.to(device), to_device(targets, device)
-    out: dict[str, Any] = {"bench_batch": int(images.shape[0])}
+    sizes = image_sizes(images, targets)
+    real = sum(p.shape[0] * p.shape[-2] * p.shape[-1] for p in real_images(images, targets))
+    out: dict[str, Any] = {
+        "bench_batch": int(images.shape[0]),
+        "bench_padding_fraction": 1.0 - real / (images.shape[0] * images.shape[-2] * images.shape[-1]),
+    }
 
     engine.eval()
-    forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device)
+    forward = _autocast_call(InferenceForward(detector).eval(), images, cfg, device, sizes)
     with torch.no_grad():
         fwd = timed(forward, bc.warmup, bc.repeats, device)
-        infer = timed(lambda: engine(images), bc.warmup, bc.repeats, device)
+        infer = timed(lambda: engine(images, None, sizes), bc.warmup, bc.repeats, device)
     out.update(
         forward_ms=fwd["median"],
         forward_ms_iqr=fwd["iqr"],
@@ -242,34 +272,40 @@ def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
         infer_samples_per_s=images.shape[0] / infer["median"] * 1e3,
     )
 
-    flop_images = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)))[0].to(device)
+    flop_batch, flop_targets = fixed_batch(val_ds, min(bc.flop_images, len(val_ds)), size_divisor(cfg))
+    macs: Counter[str] = Counter()
+    unsupported: Counter[str] = Counter()
+    analytic = 0.0
     with backend.gathered_parameters():
-        with torch.no_grad():
-            blocks = detector.eval()(flop_images)["backbone"].blocks
-        macs = fvcore_macs(detector, flop_images)
-    b = flop_images.shape[0]
+        for part in real_images(flop_batch.to(device), flop_targets):  # each real size alone: no padding
+            with torch.no_grad():
+                blocks = detector.eval()(part)["backbone"].blocks
+            counted = fvcore_macs(detector, part)
+            for item in filter(None, counted.pop("unsupported").split(",")):
+                op, n = item.rsplit(":", 1)
+                unsupported[op] += int(n)
+            macs.update(counted)
+            analytic += analytic_attention_macs(cfg, blocks, (part.shape[-2], part.shape[-1]), part.shape[0])
+    b = flop_batch.shape[0]
     out.update(
         flop_images=b,
         gmacs=macs["total"] / b / 1e9,
         backbone_gmacs=macs["backbone"] / b / 1e9,
         fvcore_attn_gmacs=macs["attn"] / b / 1e9,
-        analytic_attn_gmacs=analytic_attention_macs(
-            cfg, blocks, (flop_images.shape[-2], flop_images.shape[-1]), b
-        )
-        / b
-        / 1e9,
-        fvcore_unsupported_ops=macs["unsupported"],
+        analytic_attn_gmacs=analytic / b / 1e9,
+        fvcore_unsupported_ops=",".join(f"{k}:{n}" for k, n in sorted(unsupported.items())),
         backbone_params=sum(p.numel() for p in detector.backbone.parameters()),
     )
 
     if bc.train_step:
-        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size)
+        t_images, t_targets = fixed_batch(train_ds, cfg.train.batch_size, size_divisor(cfg))
         t_images, t_targets = t_images.to(device), to_device(t_targets, device)
+        t_sizes = image_sizes(t_images, t_targets)
         engine.train()
 
         def _step() -> None:
             with backend.autocast():
-                loss = engine(t_images, t_targets)["loss"]
+                loss = engine(t_images, t_targets, t_sizes)["loss"]
             backend.backward(loss)
             backend.step()
 
@@ -282,18 +318,20 @@ def measure(cfg, backend, detector: Detector) -> dict[str, Any]:
         engine.eval()
     out["bench_time_s"] = time.perf_counter() - t0
     out["peak_mem_mb"], out["peak_mem_kind"] = peak_memory(device)  # before the dense twin exists
-    out.update(paired_speedup(cfg, backend, detector, images))
+    out.update(paired_speedup(cfg, backend, detector, images, sizes))
     return out
 
 
-def _autocast_call(forward: nn.Module, images: torch.Tensor, cfg, device: torch.device):
-    """``forward(images)`` without gradients under the autocast of ``train.precision`` (what the
+def _autocast_call(
+    forward: nn.Module, images: torch.Tensor, cfg, device: torch.device, sizes: torch.Tensor | None = None
+):
+    """``forward(images, sizes)`` without gradients under the autocast of ``train.precision`` (what the
     DeepSpeed engine's own forward applies), as a function of no arguments for the timers."""
     amp = autocast_dtype(cfg.train.precision, device)
 
     def run() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            forward(images)
+            forward(images, sizes)
 
     return run
 
@@ -341,12 +379,19 @@ def speedup_baseline_config(cfg) -> tuple[Any, str]:
 
 
 def paired_speedup(
-    cfg, backend, detector: nn.Module, images: torch.Tensor | None = None, *, clock=time.perf_counter
+    cfg,
+    backend,
+    detector: nn.Module,
+    images: torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
+    *,
+    clock=time.perf_counter,
 ) -> dict[str, Any]:
     """``speedup_vs_dense`` and its quartiles against ``speedup_baseline_config(cfg)``, named in
     ``speedup_baseline``: the ``InferenceForward`` of both models (backbone and head, no postprocessing;
     see the module docstring); empty for a dense trial.
-    ``images``: the fixed evaluation batch on the device (default: loaded here); ``clock``: the
+    ``images``: the fixed evaluation batch on the device, ``sizes`` its ``image_sizes`` (default: both
+    loaded here); ``clock``: the
     timer of ``harness.task.timing.time_in_rotation``.
 
     Both models run as plain modules (not through the DeepSpeed engine), under the autocast of
@@ -359,7 +404,9 @@ def paired_speedup(
     bc = cfg.bench
     if images is None:
         _, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=False)
-        images = fixed_batch(val_ds, bc.batch_size)[0].to(device)
+        images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
+        images = images.to(device)
+        sizes = image_sizes(images, targets)
     dtype = next(detector.parameters()).dtype
     twin_cfg, baseline = speedup_baseline_config(cfg)
     twin = build_detector(twin_cfg).to(device=device, dtype=dtype).eval()
@@ -372,8 +419,10 @@ def paired_speedup(
         try:
             times = time_in_rotation(
                 {
-                    "model": _autocast_call(InferenceForward(cast(Detector, model)), images, cfg, device),
-                    "dense": _autocast_call(InferenceForward(twin), images, cfg, device),
+                    "model": _autocast_call(
+                        InferenceForward(cast(Detector, model)), images, cfg, device, sizes
+                    ),
+                    "dense": _autocast_call(InferenceForward(twin), images, cfg, device, sizes),
                 },
                 max(1, bc.repeats),
                 bc.warmup,

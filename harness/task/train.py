@@ -5,14 +5,16 @@ entry point, independent of Ray and usable with or without DeepSpeed (through a 
 columns to make a result row): losses, COCO mAP, gate metrics, steps and throughput.
 
 Trials of one seed are paired: the seed fixes the training batches (the sampler's permutation per
-epoch and the loader's generator; the data has no random augmentation), the evaluation images (the
-first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
+epoch and the loader's generator) and their augmentation (flips, scales, crops: drawn per sample from
+``(seed, rank, epoch, position)``, ``harness.task.transforms.AugmentedSampler``), the evaluation
+images (the first ``train.eval_images`` of the val split, in order), the initial weights a variant shares with the
 dense model and selection's random streams (``harness.task.detector``). No loader draws from torch's
 global RNG, which is left to what the variant itself consumes (stochastic depth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -25,9 +27,11 @@ import torch
 from harness.config import TrialConfig
 from harness.task.backend import TorchBackend, TrainBackend
 from harness.task.coco import CocoDetection
-from harness.task.data import build_datasets, collate
+from harness.task.data import build_datasets, collate_fn, image_sizes
 from harness.task.detector import Detector, build_detector, pretrained_columns
 from harness.task.evaluate import GateMeter, coco_map, to_coco_detections
+from harness.task.optim import resolve_schedule
+from harness.task.transforms import AugmentedSampler
 from spa_core import contracts
 
 __all__ = ["train_variant", "evaluate_variant", "NonFiniteLossError", "seed_everything", "to_device"]
@@ -67,7 +71,7 @@ def train_variant(
     ``on_log(step, metrics)`` (rank 0 only) is called every ``cfg.train.log_every`` micro-steps and
     at the last one with ``step`` (1-based micro-step) and the means over the steps since the
     previous call of ``task_loss``, ``gate_loss``, ``loss`` and ``kept_fraction`` (the kept share of
-    all SPA-block tokens of the batch; 1 for the dense model).
+    the real SPA-block tokens of the batch, batch padding left out; 1 for the dense model).
 
     Deterministic from ``cfg.seed`` (and ``cfg.data.data_seed`` for the built-in set) on a given
     machine and thread count. Raises ``NonFiniteLossError`` if the loss is NaN/inf.
@@ -76,7 +80,8 @@ def train_variant(
     ``MAP_KEYS`` (``map``, ``map_50``, ``map_75``, ``map_small``, ``map_medium``, ``map_large``),
     ``gate_precision``/``gate_recall``/``gate_f1``/``kept_fraction``/``label_fraction`` with ``*_std``
     (spread over val images) and ``kept_fraction_s{stage}b{index}`` per SPA block (dense: kept
-    fraction 1, gate metrics NaN), ``steps``, ``train_samples_per_s``, ``train_time_s``,
+    fraction 1, gate metrics NaN), ``steps`` (optimizer steps: ``train.epochs`` resolved),
+    ``train_samples_per_s``, ``train_time_s``,
     ``eval_time_s``, ``num_params``, ``pretrained_missing`` and ``pretrained_sha256``
     (``harness.task.detector.pretrained_columns``)."""
     backend = backend or TorchBackend()
@@ -90,21 +95,24 @@ def train_variant(
             f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "
             f"{cfg.head.num_classes}; set head.num_classes to {train_ds.num_classes}"
         )
+    cfg = dataclasses.replace(cfg, train=resolve_schedule(cfg.train, len(train_ds), backend.world_size))
     model = build_detector(cfg)
     pretrained = pretrained_columns(model)
     num_params = sum(p.numel() for p in model.parameters())
     module = backend.setup(model, cfg)
 
     tc = cfg.train
-    sampler = backend.sampler(train_ds, True, cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    order = backend.sampler(train_ds, True, cfg.seed)
+    if order is None:
+        order = torch.utils.data.RandomSampler(train_ds, generator=generator)
+    sampler = AugmentedSampler(order, cfg.seed, backend.rank)
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_size=tc.batch_size,
         sampler=sampler,
-        shuffle=sampler is None,
         generator=generator,
-        collate_fn=collate,
+        collate_fn=collate_fn(cfg),
         drop_last=len(train_ds) >= tc.batch_size,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
@@ -123,7 +131,7 @@ def train_variant(
         images, targets = next(batches)
         images, targets = images.to(backend.device), to_device(targets, backend.device)
         with backend.autocast():
-            out = module(images, targets)
+            out = module(images, targets, image_sizes(images, targets))
         loss = out["loss"]
         task, gate, total = (
             float(out["task_loss"].detach()),
@@ -174,11 +182,14 @@ def train_variant(
 
 
 def _kept_fraction(blocks: list[Any]) -> float:
-    """Kept share of all SPA-block tokens of a batch (``mask (B, N)`` per block); 1 without blocks."""
+    """Kept share of the real SPA-block tokens of a batch (``mask (B, N)`` per block, ``valid (B, N)``
+    its real tokens: batch padding is neither kept nor dropped); 1 without blocks."""
     if not blocks:
         return 1.0
     kept = sum(int(b.mask.detach().sum()) for b in blocks)
-    return kept / sum(b.mask.numel() for b in blocks)
+    valid = [getattr(b, "valid", None) for b in blocks]
+    real = sum(b.mask.numel() if v is None else int(v.sum()) for b, v in zip(blocks, valid))
+    return kept / max(real, 1)
 
 
 @torch.no_grad()
@@ -205,7 +216,7 @@ def evaluate_variant(
         subset,
         batch_size=cfg.train.batch_size,
         shuffle=False,
-        collate_fn=collate,
+        collate_fn=collate_fn(cfg),
         num_workers=cfg.data.num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
@@ -218,7 +229,7 @@ def evaluate_variant(
     for images, targets in loader:
         images, targets = images.to(backend.device), to_device(targets, backend.device)
         with backend.autocast():
-            out = module(images, targets)
+            out = module(images, targets, image_sizes(images, targets))
         detections += to_coco_detections(out["detections"], targets, dataset.label_to_cat)
         image_ids += [t["image_id"] for t in targets]
         blocks = out["backbone"].blocks

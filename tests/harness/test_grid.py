@@ -597,3 +597,20 @@ def test_a_child_sweeping_a_key_its_parents_base_sets_does_not_warn(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in BUILTIN_GRIDS_DIR.glob("*.yaml")))
 def test_the_builtin_grids_warn_of_nothing(name, clean_registries):
     assert load_grid(BUILTIN_GRIDS_DIR / name).warnings == []
+
+
+@pytest.mark.parametrize("where", ["base", "axis"])
+def test_rules_between_keys_wait_for_the_whole_trial(tmp_path, where):
+    """``head.in_stages`` read alone would break the head-reads-every-SPA-stage rule against the
+    default ``model.spa_stages``; with the trial's own ``spa_stages`` it holds: the grid loads. A
+    trial that really breaks it is refused, naming the file."""
+    both = "  model.spa_stages: [2, 3]\n  head.in_stages: [2, 3]\n"
+    if where == "base":
+        text = BASE + both
+    else:
+        text = BASE + "axes:\n  shallow:\n    two: {model.spa_stages: [2, 3], head.in_stages: [2, 3]}\n"
+    grid = load_grid(_write(tmp_path, text))
+    assert {tuple(t.head.in_stages) for t in grid.trials} == {(2, 3)}
+    bad = _write(tmp_path, BASE + "  head.in_stages: [2, 3]\n", "bad.yaml")
+    err = _error(bad)
+    assert "bad.yaml" in str(err) and "head.in_stages" in str(err)

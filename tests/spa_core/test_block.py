@@ -230,7 +230,7 @@ def test_gradcheck_containers_every_jacobian_entry(fixed_policy):
 
 @settings(
     derandomize=True,
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],  # the policy's mask is set per example
 )
@@ -241,9 +241,10 @@ def test_gradcheck_containers_every_jacobian_entry(fixed_policy):
     mlp_on=st.sampled_from(["all", "selected"]),
     gate_scaling=st.booleans(),
     container_form=st.sampled_from(["varlen", "dense"]),
+    hw=st.sampled_from([(4, 4), (3, 5)]),  # 3x5: padded to whole windows of 2
 )
 def test_every_parameter_gets_a_gradient_whatever_is_kept(
-    fixed_policy, mask_with_counts, counts, strategy, position_bias, mlp_on, gate_scaling, container_form
+    fixed_policy, mask_with_counts, counts, strategy, position_bias, mlp_on, gate_scaling, container_form, hw
 ):
     """Which parameters get a gradient does not depend on what the images keep: under DeepSpeed ZeRO a
     rank whose images keep no token in a block must fill the same gradient buckets as the others.
@@ -260,7 +261,9 @@ def test_every_parameter_gets_a_gradient_whatever_is_kept(
     )
     blk.cfg.gate_scaling = gate_scaling
     blk.attn.container_form = container_form
-    x = torch.randn(len(counts), 4, 4, 8)
+    n = hw[0] * hw[1]
+    counts = [min(k, n) for k in counts]
+    x = torch.randn(len(counts), *hw, 8)
 
     def grads(mask):
         fixed_policy.mask = mask
@@ -268,8 +271,8 @@ def test_every_parameter_gets_a_gradient_whatever_is_kept(
         blk(x)[0].pow(2).sum().backward()
         return {n: p.grad for n, p in blk.named_parameters() if p.grad is not None}
 
-    got = grads(mask_with_counts(counts, 16, seed=len(counts)))
-    full = grads(torch.ones(len(counts), 16, dtype=torch.bool))
+    got = grads(mask_with_counts(counts, n, seed=len(counts)))
+    full = grads(torch.ones(len(counts), n, dtype=torch.bool))
     assert set(got) == set(full)
     if gate_scaling:  # the gate reaches the loss through the scaled tokens: every parameter is used
         assert set(got) == {n for n, _ in blk.named_parameters()}

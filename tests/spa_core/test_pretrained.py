@@ -6,7 +6,6 @@ listed; wrong checkpoints fail naming the key."""
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 import torch
@@ -14,56 +13,14 @@ import torch
 from spa_core.backbone import SPABackbone, build_backbone
 from spa_core.config import SPAConfig, backbone_preset
 from spa_core.pretrained import PretrainedError, checkpoint_layout, load_pretrained, read_checkpoint
+from tests._timm import TIMM_ARGS, import_timm, timm_swin
 
-_TORCHVISION_OPS: list = []  # keeps the op declarations below alive
-
-
-def _import_timm():
-    """timm, which needs torchvision. PyPI's torchvision wheels are CUDA builds: on a CPU-only torch
-    their C++ ops do not load, and torchvision (0.28) then fails at import, registering a fake kernel
-    for its ``nms`` op, which does not exist. timm's Swin uses none of torchvision's ops, so the two
-    ops it registers at import are declared here (schemas without kernels: a call would fail) and the
-    import is retried."""
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_OPS.append(lib)
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        import torchvision  # noqa: F401
-    import timm
-
-    return timm
-
-
-timm = _import_timm()
+# A timm Swin of this project's presets' shapes, random weights (tests/_timm.py).
+_TIMM_ARGS, _timm_model = TIMM_ARGS, timm_swin
+import_timm()
 from timm.models.swin_transformer import SwinTransformer  # noqa: E402
 
-# This project's presets and the timm SwinTransformer arguments of the same architecture.
-_TIMM_ARGS = {
-    "tiny": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4),
-    "micro": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4),
-}
 _KEEP_ALL = SPAConfig(selection="all", pack="containers", gate_scaling=False)
-
-
-def _timm_model(preset: str, img_size: int = 128, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if preset == "swin_t":
-        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10)
-    else:
-        model = SwinTransformer(img_size=img_size, num_classes=10, **_TIMM_ARGS[preset])
-    with (
-        torch.no_grad()
-    ):  # every weight away from its init (LayerNorms at 1/0, biases at 0 would hide a swap)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 def _official(timm_state: dict) -> dict:

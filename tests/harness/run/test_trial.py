@@ -181,7 +181,8 @@ def test_default_concurrency_caps_multi_worker_trials():
 
     assert _default_concurrency([planned(1), planned(1)], {"CPU": 2}) is None  # Tune counts these itself
     assert _default_concurrency([planned(2)] * 5, {"CPU": 2}) == 1
-    assert _default_concurrency([planned(2), planned(1)], {"CPU": 2}) == 2
+    assert _default_concurrency([planned(2), planned(1)], {"CPU": 2}) == 1  # the 2-worker one needs both
+    assert _default_concurrency([planned(2), planned(1)], {"CPU": 5}) == 2
     assert _default_concurrency([planned(4, gpus=1)] * 3, {"CPU": 64, "GPU": 8}) == 2
     assert _default_concurrency([planned(2)], {"CPU": 1}) == 1  # never 0
 

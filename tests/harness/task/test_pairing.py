@@ -200,9 +200,13 @@ def _record_batches(cfg, monkeypatch) -> dict[str, list]:
         model = real(c)
 
         def hook(module, args):
-            images, targets = args
+            images, targets, sizes = args
             seen["train" if module.training else "eval"].append(
-                (images.clone(), [(t["image_id"], t["boxes"].clone(), t["labels"].clone()) for t in targets])
+                (
+                    images.clone(),
+                    [(t["image_id"], t["boxes"].clone(), t["labels"].clone()) for t in targets],
+                    None if sizes is None else sizes.clone(),
+                )
             )
 
         model.register_forward_pre_hook(hook)
@@ -217,8 +221,10 @@ def _record_batches(cfg, monkeypatch) -> dict[str, list]:
 def _same_batches(a: list, b: list) -> bool:
     if len(a) != len(b):
         return False
-    for (ia, ta), (ib, tb) in zip(a, b):
+    for (ia, ta, sa), (ib, tb, sb) in zip(a, b):
         if not torch.equal(ia, ib) or len(ta) != len(tb):
+            return False
+        if (sa is None) != (sb is None) or (sa is not None and not torch.equal(sa, sb)):
             return False
         for (ida, ba, la), (idb, bb, lb) in zip(ta, tb):
             if ida != idb or not torch.equal(ba, bb) or not torch.equal(la, lb):
@@ -226,18 +232,33 @@ def _same_batches(a: list, b: list) -> bool:
     return True
 
 
-def test_variants_of_one_seed_see_the_same_training_batches_and_eval_images(cache, monkeypatch):
+# Swin's pipeline: keep-ratio, multi-scale, flips and crops drawn per sample (and a padded batch)
+KEEP_RATIO = {
+    "resize": "keep_ratio",
+    "scale": [96, 64],
+    "train_short_sides": [48, 64],
+    "flip": 0.5,
+    "crop_prob": 0.5,
+}
+
+
+@pytest.mark.parametrize("data", [{}, KEEP_RATIO], ids=["square", "keep_ratio"])
+def test_variants_of_one_seed_see_the_same_training_batches_and_eval_images(cache, monkeypatch, data):
     # 12 images in batches of 4: 5 steps cross into the second epoch (a new permutation)
     runs = {
-        name: _record_batches(_cfg(model, cache=cache, train={"steps": 5}), monkeypatch)
+        name: _record_batches(_cfg(model, cache=cache, train={"steps": 5}, data=data), monkeypatch)
         for name, model in VARIANTS.items()
     }
     ref = runs["dense"]
-    assert len(ref["train"]) == 5 and sum(len(t) for _, t in ref["eval"]) == 4
+    assert len(ref["train"]) == 5 and sum(len(t) for _, t, _ in ref["eval"]) == 4
     for name, seen in runs.items():
         assert _same_batches(seen["train"], ref["train"]), name
         assert _same_batches(seen["eval"], ref["eval"]), name
-    other = _record_batches(_cfg(VARIANTS["dense"], seed=1, cache=cache, train={"steps": 5}), monkeypatch)
+    padded = [s is not None for _, _, s in ref["train"] + ref["eval"]]
+    assert all(padded) if data else not any(padded)  # keep-ratio batches are padded, squares never
+    other = _record_batches(
+        _cfg(VARIANTS["dense"], seed=1, cache=cache, train={"steps": 5}, data=data), monkeypatch
+    )
     assert not _same_batches(other["train"], ref["train"])  # the seed picks the order
     assert _same_batches(other["eval"], ref["eval"])  # evaluation: the first images, in order
 

@@ -1,4 +1,4 @@
-"""harness/task/backend.py: the TrainBackend protocol, TorchBackend, the LR schedule."""
+"""harness/task/backend.py: the TrainBackend protocol, TorchBackend (its schedule: test_optim.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from harness.config import trial_from_dict
-from harness.task.backend import TorchBackend, TrainBackend, autocast_dtype, warmup_cosine
-
-
-def test_warmup_cosine():
-    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
-    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
-    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
-    assert warmup_cosine(55, 100, 10) == pytest.approx(0.505)
-    assert warmup_cosine(100, 100, 10) == pytest.approx(0.01)
-    assert warmup_cosine(0, 5, 0) == pytest.approx(1.0)
+from harness.task.backend import TorchBackend, TrainBackend, autocast_dtype
 
 
 def test_autocast_dtype():

@@ -16,7 +16,13 @@ from PIL import Image
 
 from harness.config import DataConfig
 from harness.task import builtin_data
-from harness.task.builtin_data import LABELLED_DIGITS, background_names, builtin_dataset, builtin_params
+from harness.task.builtin_data import (
+    DISTRACTOR_SHAPES,
+    LABELLED_SHAPES,
+    background_names,
+    builtin_dataset,
+    builtin_params,
+)
 from harness.task.coco import CocoDetection
 
 
@@ -99,11 +105,11 @@ def test_builtin_is_reused_and_well_formed(tmp_path):
     assert (root / "train" / "000000.png").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temp folder left behind
     coco = _coco(root, "train")
-    assert [c["name"] for c in coco["categories"]] == [str(d) for d in LABELLED_DIGITS]
+    assert [c["name"] for c in coco["categories"]] == list(LABELLED_SHAPES)
     for img in coco["images"]:
         assert img["width"] == img["height"] == builtin_data._CANVAS
     ds = CocoDetection(root / "train", root / "annotations" / "instances_train.json", 128)  # strict
-    assert len(ds) == 6 and ds.num_classes == len(LABELLED_DIGITS)
+    assert len(ds) == 6 and ds.num_classes == len(LABELLED_SHAPES)
 
 
 def test_validation_backgrounds_are_never_seen_in_training(tmp_path):
@@ -119,10 +125,10 @@ def test_validation_backgrounds_are_never_seen_in_training(tmp_path):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
-def test_every_image_has_labelled_digits_and_unlabelled_distractors(tmp_path_factory, seed):
-    """Any seed: boxes lie inside the canvas and cover ink; labelled boxes are digits of the labelled
-    classes, distractors digits of the others, and none is in the annotations; no two digits overlap
-    by more than ``_MAX_OVERLAP`` of the smaller box."""
+def test_every_image_has_labelled_shapes_and_unlabelled_distractors(tmp_path_factory, seed):
+    """Any seed: boxes lie inside the canvas and cover something drawn; labelled boxes are shapes of the
+    labelled classes, distractors shapes of the others, and none is in the annotations; no two shapes
+    overlap by more than ``_MAX_OVERLAP`` of the smaller box."""
     root = builtin_dataset(
         DataConfig(cache_dir=str(tmp_path_factory.mktemp("prop")), num_train=4, num_val=2, data_seed=seed),
         progress=False,
@@ -130,15 +136,15 @@ def test_every_image_has_labelled_digits_and_unlabelled_distractors(tmp_path_fac
     size = builtin_data._CANVAS
     for split in ("train", "val"):
         coco = _coco(root, split)
-        cat_digit = {c["id"]: int(c["name"]) for c in coco["categories"]}
+        cat_shape = {c["id"]: c["name"] for c in coco["categories"]}
         n_distractors = 0
         for img in coco["images"]:
             anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
-            labelled = [(*a["bbox"], cat_digit[a["category_id"]]) for a in anns]
+            labelled = [(*a["bbox"], cat_shape[a["category_id"]]) for a in anns]
             distractors = [tuple(d) for d in img["distractors"]]
             n_distractors += len(distractors)
-            assert all(d[4] in LABELLED_DIGITS for d in labelled)
-            assert all(d[4] not in LABELLED_DIGITS for d in distractors)
+            assert all(d[4] in LABELLED_SHAPES for d in labelled)
+            assert all(d[4] in DISTRACTOR_SHAPES for d in distractors)
             pixels = np.asarray(Image.open(root / split / img["file_name"]), dtype=np.int16)
             boxes = labelled + distractors
             for x, y, w, h, _ in boxes:
