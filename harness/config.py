@@ -185,6 +185,10 @@ class TrialConfig:
 
 
 # Keys that do not change what a trial computes: left out of the content hash.
+# The built-in generator's version (``harness.task.builtin_data``): bumped whenever its images change.
+# Part of a built-in trial's hash, so rows computed on an older set are never reused as this one's.
+BUILTIN_DATA_VERSION = 4
+
 _UNHASHED = (
     "name",
     "resources.timeout_s",
@@ -265,6 +269,9 @@ def config_hash(cfg: TrialConfig | dict[str, Any], length: int = 12) -> str:
     d = trial_to_dict(cfg) if isinstance(cfg, TrialConfig) else copy.deepcopy(cfg)
     for key in _UNHASHED:
         _pop_dotted(d, key)
+    data = d.get("data")
+    if isinstance(data, dict) and data.get("dataset", "builtin") == "builtin":
+        data["builtin_version"] = BUILTIN_DATA_VERSION
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 

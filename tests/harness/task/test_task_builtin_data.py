@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from harness.config import DataConfig
+from harness.config import DataConfig, config_hash, trial_from_dict
 from harness.task import builtin_data
 from harness.task.builtin_data import (
     DISTRACTOR_SHAPES,
@@ -170,3 +170,15 @@ def test_builtin_crash_leaves_no_half_set(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         builtin_dataset(_small(tmp_path), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_generators_version_is_part_of_a_builtin_trials_hash(monkeypatch):
+    """Rows computed on an older built-in set are never reused as the current one's: the version is
+    hashed for built-in trials, and a COCO trial's hash does not depend on it."""
+    import harness.config as config
+
+    builtin, coco = trial_from_dict({}), trial_from_dict({"data": {"dataset": "coco", "root": "/data/coco"}})
+    before = config_hash(builtin), config_hash(coco)
+    monkeypatch.setattr(config, "BUILTIN_DATA_VERSION", config.BUILTIN_DATA_VERSION + 1)
+    assert config_hash(builtin) != before[0]
+    assert config_hash(coco) == before[1]
