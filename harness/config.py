@@ -72,6 +72,9 @@ class DataConfig:
     num_train: int = 1200  # builtin: images generated for train / val
     num_val: int = 200
     data_seed: int = 0  # builtin: generation seed (the content hash names the cache folder)
+    # builtin: True generates each trial's set from (data_seed, the trial's seed), so the seeds of a
+    # grid also sample the data and an interval over seeds includes data sampling; False: one set
+    seed_with_trial: bool = False
     cache_dir: str | None = None  # builtin: where generated sets live (default ~/.cache/spa-harness)
     skip_bad_annotations: bool = False  # False: a bad box/file raises; True: skipped and counted
     num_workers: int = 0  # DataLoader workers
@@ -80,9 +83,18 @@ class DataConfig:
 @dataclass
 class HeadConfig:
     type: str = "fcos"  # small anchor-free head
-    num_classes: int = 10
+    num_classes: int = 3  # must equal the dataset's categories (the built-in set's: circle, triangle, square)
     in_stages: tuple[int, ...] = (2, 3, 4)  # 1-based backbone stages the head reads (every SPA stage)
     channels: int = 64
+    # 3x3 conv layers in each of the head's class and box towers (FCOS: 4). Each adds context around a
+    # location, which the head can then supply where the backbone's blocks did not: a light head
+    # leaves the context to the backbone, the part SPA changes.
+    num_convs: int = checked_field(2, range_=(0, None, True, None))
+    # A level of stride s takes boxes whose reach (largest distance from a location to a side) is in
+    # (range_factor * s_prev, range_factor * s]: FCOS's 8 fits 800-px images; a smaller canvas needs less
+    range_factor: float = checked_field(8.0, range_=(0.0, None, False, None))
+    # centre sampling: a location learns a box if it lies within this many strides of the box's centre
+    center_radius: float = checked_field(1.5, range_=(0.0, None, False, None))
     score_thresh: float = 0.05
     nms_thresh: float = 0.6
     max_detections: int = 100
@@ -177,6 +189,10 @@ class TrialConfig:
 
 
 # Keys that do not change what a trial computes: left out of the content hash.
+# The built-in generator's version (``harness.task.builtin_data``): bumped whenever its images change.
+# Part of a built-in trial's hash, so rows computed on an older set are never reused as this one's.
+BUILTIN_DATA_VERSION = 4
+
 _UNHASHED = (
     "name",
     "resources.timeout_s",
@@ -259,6 +275,9 @@ def config_hash(cfg: TrialConfig | dict[str, Any], length: int = 12) -> str:
     d = trial_to_dict(cfg) if isinstance(cfg, TrialConfig) else copy.deepcopy(cfg)
     for key in _UNHASHED:
         _pop_dotted(d, key)
+    data = d.get("data")
+    if isinstance(data, dict) and data.get("dataset", "builtin") == "builtin":
+        data["builtin_version"] = BUILTIN_DATA_VERSION
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 

@@ -8,7 +8,8 @@
     r = norm1(x);  s = gate(r, s_prev);  keep = policy(s, tokens=r)
     r_g = sigmoid(s) * w * r                        # w: the straight-through multiplier of the policy
                                                     #    (computed on the kept rows only; without
-                                                    #    gate_scaling: w * r)
+                                                    #    gate_scaling, or for a policy whose places
+                                                    #    are not the gate's: w * r)
     x = x + unpack(attn(pack(r_g, keep), places))   # kept tokens only; the others pass unchanged
     x = x + mlp(norm2(x))                           # on all tokens (default) or only the kept ones
 
@@ -348,7 +349,7 @@ class SPABlock(nn.Module):
             keep = keep & real
             counts = keep.sum(1, dtype=torch.int64)
         factor = sel.weight.to(s.dtype)  # (B, N)
-        if self.cfg.gate_scaling:
+        if self.cfg.gate_scaling and sel.gate_scaled:
             factor = torch.sigmoid(s) * factor
         Hp, Wp = padded_size((H, W), self.window_size)
         # only a block with Swin's position bias can be its Swin block; without it padding is never packed

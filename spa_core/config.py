@@ -48,7 +48,7 @@ def checked_field(
 class SPAConfig:
     selection: str = checked_field(
         "gate", registry="selection_policy"
-    )  # gate | topk | random | all | gate_random | gate_norm
+    )  # gate | topk | random | all | none | gate_random | gate_norm
     ratio: float = checked_field(0.5, range_=(0.0, 1.0, True, True))  # kept fraction per image (topk, random)
     threshold: float = checked_field(
         0.5, range_=(0.0, 1.0, False, False)

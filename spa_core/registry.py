@@ -148,10 +148,12 @@ SELECTION_POLICIES = Registry(
         block's mode; ``generator``: the block's own ``torch.Generator`` for any random draw (None:
         torch's global one), so a block's stream does not depend on other work;
       - returns ``spa_core.select.Selection`` with ``mask`` (B, N) bool, ``counts`` (B,) int64 equal
-        to ``mask.sum(1)`` (a different count per image allowed, 0 and N included) and ``weight``
-        (B, N) float, finite, all on the scores' device.
+        to ``mask.sum(1)`` (a different count per image allowed, 0 and N included), ``weight``
+        (B, N) float, finite, all on the scores' device, and ``gate_scaled`` (False for a policy whose
+        places are not the gate's: its tokens are not scaled by the gate's scores).
     What the block does with it: the kept tokens (``mask``) are packed and attend; each enters
-    attention as ``sigmoid(scores) * weight * r`` (``cfg.gate_scaling``; without it ``weight * r``),
+    attention as ``sigmoid(scores) * weight * r`` (``cfg.gate_scaling`` and ``gate_scaled``; without
+    them ``weight * r``),
     so ``weight`` is the straight-through multiplier whose gradient reaches the gate (``gate``: value
     1 with the soft sample's gradient; ones when nothing is differentiable; a policy may return
     ``1 / sigmoid(scores)`` to cancel the scaling); the other tokens skip attention unchanged.

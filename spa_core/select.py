@@ -11,6 +11,8 @@ and returns the counts with the mask. Registered in ``SELECTION_POLICIES`` (cont
 - ``topk``: the ``round(ratio * N)`` highest-scoring tokens of each image (uniform, as SparseViT).
 - ``random``: ``round(ratio * N)`` tokens of each image drawn uniformly (the control).
 - ``all``: every token (the keep-all control for the machinery itself).
+- ``none``: no token (the positive control: with ``mlp_on: selected`` every token skips every SPA
+  block, so the SPA stages reduce to their patch merges; a task that needs those blocks must lose).
 - ``gate_random`` / ``gate_norm``: compute-matched controls: the gate's count per image (its own
   decision), the places drawn at random / taken by a fixed score (feature norm).
 
@@ -22,6 +24,10 @@ what it keeps of the padding.
 Host syncs: none. Counts stay on the device (the pack reads them, once); ``round(ratio * N)`` is
 known from shapes; random draws come from a generator on the scores' device (``SPABlock`` keeps one
 there) and are float32, as is the gate's whole decision.
+
+``random``, ``gate_random`` and ``gate_norm`` choose places that are not the gate's, so their kept
+tokens enter attention unscaled (``Selection.gate_scaled`` False) whatever ``cfg.gate_scaling`` says:
+a control must not borrow the gate's scores at its places.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "select_topk",
     "select_random",
     "select_all",
+    "select_none",
     "select_gate_random",
     "select_gate_norm",
     "feature_norm_scores",
@@ -52,11 +59,16 @@ __all__ = [
 @dataclass
 class Selection:
     """mask: (B, N) bool kept tokens; counts: (B,) int64 kept per image; weight: (B, N) float32
-    multiplier for the kept tokens (the straight-through estimator of ``gate``; ones otherwise)."""
+    multiplier for the kept tokens (the straight-through estimator of ``gate``; ones otherwise);
+    gate_scaled: whether the block may scale the kept tokens by the gate's ``sigmoid(scores)``
+    (``cfg.gate_scaling``). A policy whose places are not the gate's (``random``, ``gate_random``,
+    ``gate_norm``) sets it False: scaling its tokens by the gate's scores at those places would hand
+    the control the gate's placement information (and the gate the control's gradient)."""
 
     mask: Tensor
     counts: Tensor
     weight: Tensor
+    gate_scaled: bool = True
 
 
 def select_tokens(
@@ -95,10 +107,10 @@ def _takes_valid(policy) -> bool:
     return known
 
 
-def _from_mask(mask: Tensor, weight: Tensor | None = None) -> Selection:
+def _from_mask(mask: Tensor, weight: Tensor | None = None, *, gate_scaled: bool = True) -> Selection:
     if weight is None:
         weight = torch.ones(mask.shape, dtype=torch.float32, device=mask.device)
-    return Selection(mask=mask, counts=mask.sum(1, dtype=torch.int64), weight=weight)
+    return Selection(mask=mask, counts=mask.sum(1, dtype=torch.int64), weight=weight, gate_scaled=gate_scaled)
 
 
 def _ratio_count(n: int, ratio: float) -> int:
@@ -192,11 +204,12 @@ def select_topk(
 def select_random(
     scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
 ) -> Selection:
-    """``round(ratio*N)`` tokens of every image drawn uniformly, ignoring the scores (the control)."""
+    """``round(ratio*N)`` tokens of every image drawn uniformly, ignoring the scores (the control);
+    unscaled by the gate."""
     u = _uniform(scores, generator)
     if valid is not None:
-        return _from_mask(_kept_by_rank(_among(u, valid), _ratio_counts(valid, cfg.ratio)))
-    return _from_mask(_top_mask(u, _ratio_count(scores.shape[1], cfg.ratio)))
+        return _from_mask(_kept_by_rank(_among(u, valid), _ratio_counts(valid, cfg.ratio)), gate_scaled=False)
+    return _from_mask(_top_mask(u, _ratio_count(scores.shape[1], cfg.ratio)), gate_scaled=False)
 
 
 @SELECTION_POLICIES.register("all")
@@ -207,15 +220,27 @@ def select_all(
     return _from_mask(_real(torch.ones(scores.shape, dtype=torch.bool, device=scores.device), valid))
 
 
+@SELECTION_POLICIES.register("none")
+def select_none(
+    scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
+) -> Selection:
+    """No token (the positive control: with ``mlp_on: selected`` no SPA block computes anything)."""
+    return _from_mask(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device), gate_scaled=False)
+
+
 @SELECTION_POLICIES.register("gate_random")
 def select_gate_random(
     scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
 ) -> Selection:
     """As many tokens per image as the gate keeps (its decision, as ``gate``), at uniformly random
     places: spends exactly the gate's compute, so gate vs gate_random separates *where* the gate looks
-    from *how much* it keeps. No straight-through weight (the places are not the gate's)."""
+    from *how much* it keeps. No straight-through weight and no gate scaling (the places are not the
+    gate's): the kept tokens enter attention unscaled, as with ``gate_scaling: false``."""
     hard, _ = _gate_decision(scores, cfg, training, generator)
-    return _from_mask(_kept_by_rank(_among(_uniform(scores, generator), valid), _real(hard, valid).sum(1)))
+    return _from_mask(
+        _kept_by_rank(_among(_uniform(scores, generator), valid), _real(hard, valid).sum(1)),
+        gate_scaled=False,
+    )
 
 
 def feature_norm_scores(tokens: Tensor) -> Tensor:
@@ -230,8 +255,12 @@ def select_gate_norm(
     scores: Tensor, *, cfg: SPAConfig, training: bool, generator=None, tokens=None, valid=None
 ) -> Selection:
     """As many tokens per image as the gate keeps, at the places of highest feature norm
-    (``feature_norm_scores``, a fixed score that nothing learns): the gate's compute, a fixed rule."""
+    (``feature_norm_scores``, a fixed score that nothing learns): the gate's compute, a fixed rule;
+    unscaled by the gate, as ``gate_random``."""
     if tokens is None:
         raise ValueError("selection 'gate_norm' needs the block's tokens (tokens=(B, N, C))")
     hard, _ = _gate_decision(scores, cfg, training, generator)
-    return _from_mask(_kept_by_rank(_among(feature_norm_scores(tokens), valid), _real(hard, valid).sum(1)))
+    return _from_mask(
+        _kept_by_rank(_among(feature_norm_scores(tokens), valid), _real(hard, valid).sum(1)),
+        gate_scaled=False,
+    )

@@ -104,11 +104,13 @@ def build_transforms(cfg: DataConfig) -> tuple[DetectionTransform, DetectionTran
     return train, DetectionTransform(resize=cfg.resize, image_size=cfg.image_size, scale=scale)
 
 
-def build_datasets(cfg: DataConfig, *, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
-    """``(train, val)`` for ``cfg.dataset``: ``builtin`` (generated, cached) or ``coco`` (``cfg.root``),
-    with ``build_transforms(cfg)``."""
+def build_datasets(
+    cfg: DataConfig, *, trial_seed: int | None = None, progress: bool = True
+) -> tuple[CocoDetection, CocoDetection]:
+    """``(train, val)`` for ``cfg.dataset``: ``builtin`` (generated, cached; ``trial_seed`` seeds it
+    with ``cfg.seed_with_trial``) or ``coco`` (``cfg.root``), with ``build_transforms(cfg)``."""
     if cfg.dataset == "builtin":
-        root = builtin_dataset(cfg, progress=progress)
+        root = builtin_dataset(cfg, trial_seed=trial_seed, progress=progress)
     elif cfg.dataset == "coco":
         if not cfg.root:
             raise DatasetError("data.dataset is 'coco' but data.root is not set")

@@ -97,7 +97,8 @@ class Detector(nn.Module):
         self.in_stages = stages
         self.strides = [cfg.model.patch_size * 2 ** (s - 1) for s in stages]
         channels = [backbone.stage_channels[s - 1] for s in stages]
-        self.head = FCOSHead(channels, self.strides, hc.num_classes, hc.channels)
+        self.head = FCOSHead(channels, self.strides, hc.num_classes, hc.channels, num_convs=hc.num_convs)
+        self.range_factor, self.center_radius = hc.range_factor, hc.center_radius
         self.spa_cfg = None if cfg.model.is_dense else cfg.model.spa
         self.score_thresh, self.nms_thresh, self.max_detections = (
             hc.score_thresh,
@@ -125,8 +126,9 @@ class Detector(nn.Module):
         hw = (images.shape[-2], images.shape[-1])
         if targets is not None:
             parts = fcos_loss(
-                cls, ltrb, ctr, self.strides, targets, count_mean=self.count_mean if self.training else None
-            )
+                cls, ltrb, ctr, self.strides, targets, self.range_factor, self.center_radius,
+                count_mean=self.count_mean if self.training else None,
+            )  # fmt: skip
             task = parts["cls"] + parts["box"] + parts["ctr"]
             labels = None
             if bb.blocks:

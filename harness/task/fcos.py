@@ -4,7 +4,8 @@ Anchor-free: every location of every level predicts class scores (sigmoid, focal
 distances to the four sides of its box (GIoU loss) and a centerness (BCE) that down-weights
 off-centre predictions at test time. The levels are the backbone stages the head reads, merged
 top-down as in an FPN. Targets use FCOS's size ranges per level (a level of stride ``s`` takes
-boxes whose largest side distance lies in ``(4s, 8s]``; the first level takes everything smaller,
+boxes whose largest side distance lies in ``(k s_prev, k s]``, FCOS's ``k = 8`` for 800-px images,
+scaled down for small canvases by ``head.range_factor``; the first level takes everything smaller,
 the last everything larger) and centre sampling (radius 1.5 strides); a box that no location
 would learn from (smaller than a stride) gets the location nearest its centre.
 """
@@ -20,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FCOSHead", "fcos_targets", "fcos_loss", "fcos_postprocess", "level_points", "nms", "box_iou"]
+__all__ = [
+    "FCOSHead",
+    "fcos_targets",
+    "level_ranges",
+    "fcos_loss",
+    "fcos_postprocess",
+    "level_points",
+    "nms",
+    "box_iou",
+]
 
 
 def _groups(c: int) -> int:
@@ -106,8 +116,10 @@ def level_points(
     return out
 
 
-def _ranges(strides: list[int]) -> list[tuple[float, float]]:
-    his = [8.0 * s for s in strides[:-1]] + [math.inf]
+def level_ranges(strides: list[int], factor: float = 8.0) -> list[tuple[float, float]]:
+    """``(lo, hi]`` of the reach each level takes: ``hi = factor * stride`` (FCOS: 8), the first level
+    from 0, the last to infinity."""
+    his = [factor * s for s in strides[:-1]] + [math.inf]
     los = [0.0] + his[:-1]
     return list(zip(los, his))
 
@@ -118,21 +130,22 @@ def fcos_targets(
     boxes: torch.Tensor,
     labels: torch.Tensor,
     radius: float = 1.5,
+    range_factor: float = 8.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's targets over all levels' points (concatenated, ``P`` in all).
 
     ``boxes (M, 4)`` xyxy pixels, ``labels (M,)``. Returns ``cls (P,)`` int64 (-1 background) and
-    ``box (P, 4)`` the assigned ground-truth box (xyxy) of each location (zeros for background)."""
+    ``box (P, 4)`` the assigned ground-truth box (xyxy) of each location (zeros for background).
+    ``range_factor`` scales the levels' size ranges (``level_ranges``)."""
     pts = torch.cat(points)  # (P, 2)
     p = pts.shape[0]
+    ranges = level_ranges(strides, range_factor)
     if boxes.numel() == 0:
         return torch.full((p,), -1, dtype=torch.int64, device=pts.device), pts.new_zeros(p, 4)
     boxes = boxes.to(pts)
     per_level = [len(x) for x in points]
     stride = torch.cat([pts.new_full((n,), float(s)) for n, s in zip(per_level, strides)])  # (P,)
-    lo_hi = torch.cat(
-        [pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, _ranges(strides))]
-    )  # (P, 2)
+    lo_hi = torch.cat([pts.new_tensor(rng).expand(n, 2) for n, rng in zip(per_level, ranges)])  # (P, 2)
     x, y = pts[:, 0:1], pts[:, 1:2]  # (P, 1)
     ltrb = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], -1)  # (P, M, 4)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2  # (M,)
@@ -150,7 +163,7 @@ def fcos_targets(
 
     # A box no location learns from (smaller than a stride, or between points) gets the location
     # nearest its centre on the level its size belongs to.
-    cand |= _nearest_locations(pts, per_level, _ranges(strides), boxes) & ~cand.any(0, keepdim=True)
+    cand |= _nearest_locations(pts, per_level, ranges, boxes) & ~cand.any(0, keepdim=True)
 
     area = torch.where(cand, area, torch.full_like(area, math.inf))
     best, idx = area.min(1)  # the smallest box wins an ambiguous location
@@ -218,10 +231,13 @@ def fcos_loss(
     ctr: list[torch.Tensor],
     strides: list[int],
     targets: list[dict],
+    range_factor: float = 8.0,
+    radius: float = 1.5,
     count_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Focal (classes) + GIoU (boxes) + BCE (centerness), each normalised by the number of positive
-    locations in the batch (at least 1). ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``.
+    locations in the batch (at least 1). ``targets[i]``: ``boxes (n, 4)`` xyxy pixels, ``labels (n,)``;
+    ``range_factor``, ``radius``: ``fcos_targets``.
 
     ``count_mean``: averages a 0-dim tensor over the data-parallel ranks (collective). With it the
     normaliser is the mean positive count of all ranks, as FCOS's reference does: averaged over the
@@ -230,7 +246,9 @@ def fcos_loss(
     points = level_points([(x.shape[-2], x.shape[-1]) for x in cls], strides, cls[0].device)
     pts = torch.cat(points)
     cls_f, ltrb_f, ctr_f = _flatten(cls).float(), _flatten(ltrb).float(), _flatten(ctr).float()[..., 0]
-    tc, tb = zip(*(fcos_targets(points, strides, t["boxes"], t["labels"]) for t in targets))
+    tc, tb = zip(
+        *(fcos_targets(points, strides, t["boxes"], t["labels"], radius, range_factor) for t in targets)
+    )
     tcls, tbox = torch.stack(tc), torch.stack(tb)  # (B, P), (B, P, 4)
     pos = tcls >= 0
     count = pos.sum().to(torch.float32)

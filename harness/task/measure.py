@@ -263,7 +263,7 @@ def measure(cfg, backend, detector: Detector) -> tuple[dict[str, Any], dict[str,
     device = backend.device
     engine = backend.engine
     t0 = time.perf_counter()
-    train_ds, val_ds = build_datasets(cfg.data, progress=False)
+    train_ds, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=False)
     images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
     images, targets = images.to(device), to_device(targets, device)
     sizes = image_sizes(images, targets)
@@ -442,7 +442,7 @@ def paired_speedup(
     device = backend.device
     bc = cfg.bench
     if images is None:
-        _, val_ds = build_datasets(cfg.data, progress=False)
+        _, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=False)
         images, targets = fixed_batch(val_ds, bc.batch_size, size_divisor(cfg))
         images = images.to(device)
         sizes = image_sizes(images, targets)

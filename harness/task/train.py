@@ -125,11 +125,13 @@ def train_variant(
     backend = backend or TorchBackend()
     seed_everything(cfg.seed, backend.rank)
     contracts.reset()  # value rules on this trial's first calls too (Ray reuses a worker's process)
-    train_ds, val_ds = build_datasets(cfg.data, progress=progress and backend.is_main)
-    if train_ds.num_classes > cfg.head.num_classes:
+    train_ds, val_ds = build_datasets(cfg.data, trial_seed=cfg.seed, progress=progress and backend.is_main)
+    if train_ds.num_classes != cfg.head.num_classes:
+        # More categories than outputs cannot be learnt; more outputs than categories would emit labels
+        # that name no category of the set.
         raise ValueError(
             f"{train_ds.ann_file} has {train_ds.num_classes} categories but head.num_classes is "
-            f"{cfg.head.num_classes}"
+            f"{cfg.head.num_classes}; set head.num_classes to {train_ds.num_classes}"
         )
     cfg = dataclasses.replace(cfg, train=resolve_schedule(cfg.train, len(train_ds), backend.world_size))
     model = build_detector(cfg, rank=backend.rank)

@@ -803,3 +803,48 @@ def test_an_evaluation_under_inference_mode_does_not_break_later_training(cls):
     y = blk(x)
     (y[0] if isinstance(y, tuple) else y).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("policy", ["random", "gate_random", "gate_norm"])
+@pytest.mark.parametrize("training", [True, False])
+def test_controls_do_not_borrow_the_gates_scores(policy, training):
+    """A control whose places are not the gate's enters attention unscaled: with ``gate_scaling`` on
+    it computes exactly what it computes with it off (the same draws), and in training no gradient of
+    its output reaches the gate's weights (the gate's count is a hard decision; no score scales a token)."""
+    outs, grads = [], []
+    for scaling in (True, False):
+        blk = _block("containers", selection=policy, ratio=0.4, gate_scaling=scaling, window=4, shift=2)
+        blk.train(training)
+        blk.generator = torch.Generator().manual_seed(7)
+        x = torch.randn(3, 8, 8, 24, generator=torch.Generator().manual_seed(1))
+        y, info = blk(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), info.mask))
+        grads.append(blk.gate.score.weight.grad)
+    assert torch.equal(outs[0][1], outs[1][1])
+    assert 0 < int(outs[0][1].sum()) < outs[0][1].numel()  # some kept, some not: scaling would show
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=0, rtol=0)
+    for g in grads:
+        assert g is None or not g.any()
+
+
+def test_the_gate_scales_its_own_tokens():
+    """The counterpart: the gate's kept tokens are scaled by its scores, so ``gate_scaling`` changes
+    the output (the test above would catch a block that ignored the flag for every policy)."""
+    outs = []
+    for scaling in (True, False):
+        blk = _block("containers", selection="gate", gate_scaling=scaling, window=4, shift=2).eval()
+        x = torch.randn(3, 8, 8, 24, generator=torch.Generator().manual_seed(1))
+        outs.append(blk(x)[0].detach())
+    assert not torch.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keep_none_skipping_the_block_is_the_identity(training):
+    """The positive control: ``selection: none`` with ``mlp_on: selected`` keeps no token, so the block
+    passes every token through unchanged (the SPA stage reduces to its patch merge)."""
+    blk = _block("containers", selection="none", mlp_on="selected", window=4, shift=2).train(training)
+    x = torch.randn(2, 8, 8, 24, generator=torch.Generator().manual_seed(3))
+    y, info = blk(x)
+    assert not info.mask.any() and info.counts.tolist() == [0, 0]
+    assert torch.equal(y, x)

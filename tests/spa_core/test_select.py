@@ -164,7 +164,7 @@ def test_gate_random_places_are_uniform():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    selection=st.sampled_from(["gate", "topk", "random", "all", "gate_random", "gate_norm"]),
+    selection=st.sampled_from(["gate", "topk", "random", "all", "none", "gate_random", "gate_norm"]),
     ratio=st.floats(0.0, 1.0),
     training=st.booleans(),
     shape=st.tuples(st.integers(1, 4), st.integers(1, 40)),
@@ -222,3 +222,8 @@ def test_a_plugin_policy_without_valid_is_called_as_before():
         assert seen == [1] and sel.mask.all()
     finally:
         SELECTION_POLICIES.unregister("no_valid_param")
+
+
+def test_none_keeps_no_token():
+    sel = select_tokens(torch.randn(3, 17), _cfg("none"), training=True)
+    assert not sel.mask.any() and sel.counts.tolist() == [0] * 3 and not sel.gate_scaled
