@@ -47,7 +47,7 @@ __all__ = [
 class DataConfig:
     dataset: str = checked_field(
         "builtin", choices=("builtin", "coco")
-    )  # "builtin" (generated from scikit-learn's digits + photos) or "coco"
+    )  # "builtin" (shapes on photographs, generated: harness.task.builtin_data) or "coco"
     root: str | None = None  # coco: folder holding the files below
     train_images: str = "train"  # coco: image folder, relative to root
     train_ann: str = "annotations/instances_train.json"
