@@ -1,7 +1,8 @@
 """ablations/grids/paper-smoke.yaml end to end (``spa-harness run`` on an embedded Ray, as a user runs
-it): paper.yaml's recipe and pipeline at CI size on a COCO-format folder the built-in generator writes
-(non-square images, keep-ratio resize, flips, multi-scale, crops, padded batches), every model loading a
-timm Swin of the micro preset's shape saved with random weights, the step schedule in epochs."""
+it): paper.yaml's recipe and pipeline at CI size on a COCO-format folder the built-in generator writes,
+resized to non-square images of several shapes (keep-ratio resize, flips, multi-scale, crops, padded
+batches), every model loading a timm Swin of the micro preset's shape saved with random weights, the
+step schedule in epochs."""
 
 from __future__ import annotations
 
@@ -27,12 +28,40 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
+# (height, width) the generated squares are resized to, in turn: landscape, portrait and square shapes
+# of several sizes, as COCO's are (the built-in generator draws fixed squares)
+_SHAPES = [(96, 160), (160, 96), (128, 200), (112, 112)]
+
+
+def _reshape(folder: Path) -> None:
+    """Resize every image of a generated COCO folder to ``_SHAPES`` in turn, boxes scaled with it."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        ann = folder / "annotations" / f"instances_{split}.json"
+        coco = json.loads(ann.read_text())
+        scale = {}
+        for k, img in enumerate(coco["images"]):
+            h, w = _SHAPES[k % len(_SHAPES)]
+            path = folder / split / img["file_name"]
+            Image.open(path).convert("RGB").resize((w, h)).save(path)
+            scale[img["id"]] = (w / img["width"], h / img["height"])
+            img["width"], img["height"] = w, h
+        for a in coco["annotations"]:
+            sx, sy = scale[a["image_id"]]
+            x, y, bw, bh = a["bbox"]
+            a["bbox"] = [x * sx, y * sy, bw * sx, bh * sy]
+            a["area"] = bw * sx * bh * sy
+        ann.write_text(json.dumps(coco))
+
+
 def test_the_paper_grid_at_ci_size_takes_every_path(tmp_path):
     ckpt = tmp_path / "swin_micro_timm.pth"
     torch.save(timm_swin("micro").state_dict(), ckpt)
     folder = builtin_dataset(
         DataConfig(num_train=16, num_val=8, cache_dir=str(tmp_path / "gen")), progress=False
     )
+    _reshape(folder)
     sizes = {
         (i["height"], i["width"])
         for i in json.loads((folder / "annotations/instances_val.json").read_text())["images"]

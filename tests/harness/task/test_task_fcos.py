@@ -163,7 +163,7 @@ def test_the_normaliser_averaged_over_ranks_gives_the_global_batch_loss(split):
 # --- no host sync in target assignment and the loss; the same targets and loss as the per-box way ----
 def _orphans_ref(pts, per_level, strides, boxes, cand):
     """What target assignment did before: a Python loop over the boxes no location learns from."""
-    from harness.task.fcos import _ranges
+    from harness.task.fcos import level_ranges
 
     half = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / 2
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
@@ -172,7 +172,7 @@ def _orphans_ref(pts, per_level, strides, boxes, cand):
         offsets.append(offsets[-1] + n)
     cand = cand.clone()
     for m in (~cand.any(0)).nonzero().flatten().tolist():
-        lvl = next(i for i, (lo, hi) in enumerate(_ranges(strides)) if half[m] <= hi)
+        lvl = next(i for i, (lo, hi) in enumerate(level_ranges(strides)) if half[m] <= hi)
         a, b = offsets[lvl], offsets[lvl + 1]
         d = (pts[a:b, 0] - cx[m]) ** 2 + (pts[a:b, 1] - cy[m]) ** 2
         cand[a + int(d.argmin()), m] = True
@@ -237,7 +237,7 @@ def test_targets_and_loss_as_before_without_a_host_sync(images, seed):
     for t in images:  # the orphans get the locations the per-box loop gave them
         if len(t["boxes"]):
             b = t["boxes"]
-            nearest = fcos_mod._nearest_locations(pts, [64, 16, 4], fcos_mod._ranges(strides), b)
+            nearest = fcos_mod._nearest_locations(pts, [64, 16, 4], fcos_mod.level_ranges(strides), b)
             base = torch.zeros(len(pts), len(b), dtype=torch.bool)
             assert torch.equal(
                 base | (nearest & ~base.any(0, keepdim=True)),

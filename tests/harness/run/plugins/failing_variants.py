@@ -10,13 +10,13 @@ EXPLODE_MESSAGE = "boom: the explode variant fails in its forward on purpose"
 
 
 class _Exploding(SPABackbone):
-    def forward(self, images):
+    def forward(self, images, image_sizes=None):
         raise RuntimeError(EXPLODE_MESSAGE)
 
 
 class _NaNFeatures(SPABackbone):
-    def forward(self, images):
-        out = super().forward(images)
+    def forward(self, images, image_sizes=None):
+        out = super().forward(images, image_sizes)
         out.features = [f * float("nan") for f in out.features]
         return out
 
