@@ -32,6 +32,7 @@ a control must not borrow the gate's scores at its places.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -90,21 +91,14 @@ def select_tokens(
     return check_selection(sel, scores, cfg.selection, policy)  # the contract, where the core receives it
 
 
-_TAKES_VALID: dict[object, bool] = {}
-
-
+@functools.cache
 def _takes_valid(policy) -> bool:
     """Whether a policy has a ``valid`` parameter (cached: this runs on every block's forward)."""
-    known = _TAKES_VALID.get(policy)
-    if known is None:
-        try:
-            params = inspect.signature(policy).parameters
-        except (TypeError, ValueError):
-            params = {}  # type: ignore[assignment]
-        known = _TAKES_VALID[policy] = "valid" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-        )
-    return known
+    try:
+        params = inspect.signature(policy).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "valid" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _from_mask(mask: Tensor, weight: Tensor | None = None, *, gate_scaled: bool = True) -> Selection:
