@@ -33,7 +33,8 @@ base:
   preset: micro
   model.spa.selection: topk
   data: {image_size: 64, num_train: 48, num_val: 16}
-  train: {steps: 4, batch_size: 4, warmup_steps: 1, log_every: 2}
+  # long enough (a few seconds) that a kill seen while a trial runs lands before its row does
+  train: {steps: 40, batch_size: 4, warmup_steps: 1, log_every: 10}
   bench: {batch_size: 2, warmup: 1, repeats: 3}
 resources: {workers: 1, cpus_per_worker: 1, timeout_s: 300}
 axes:
@@ -144,7 +145,6 @@ def test_driver_killed_three_times_each_trial_done_once(tmp_path, env):
         "harness.cli",
         "run",
         str(grid),
-        "--smoke",
         "--results",
         str(store),
         "--max-concurrent",
