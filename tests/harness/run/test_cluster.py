@@ -82,7 +82,8 @@ def _head_commit() -> str:
 def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_factory, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    # One CPU per node: the two one-worker trials run one per node, the 2-worker trial spans both.
+    # One CPU per node: the 2-worker trial can only run with a worker on each node. The largest trial
+    # takes the whole cluster, so trials run one at a time and each Tune function's node is Ray's choice.
     cluster, _ = cluster_factory(
         dict(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=0),
         dict(num_cpus=1),
@@ -122,7 +123,7 @@ def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_
     assert sorted(df["status"]) == ["done"] * 3
     assert df["node_id"].notna().all() and df["hostname"].notna().all()
     assert all(isinstance(n, str) and len(n) == 56 for n in df["node_id"])  # Ray's hex node ids
-    assert df["node_id"].nunique() == 2, df[["name", "node_id"]]  # both nodes ran trials
+    assert set(df["node_id"]) <= {n.node_id for n in cluster.list_all_nodes()}, df[["name", "node_id"]]
     # the job's working_dir has no .git: the commit comes from the runtime env
     assert set(df["git_commit"]) == {commit}
     assert {s["state"] for s in trial_states(store / "smoke")} == {"done"}
