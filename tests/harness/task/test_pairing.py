@@ -1,5 +1,5 @@
 """Paired trials: one seed fixes everything that is not the variant (harness/task/detector.py's and
-train.py's pairing, harness/grid.py's baseline, harness/task/measure.py's speedup baseline).
+train.py's pairing, harness/grid/expand.py's baseline, harness/task/measure.py's speedup baseline).
 
 Trials of one seed share the initial weights of what they share with dense (by name and shape), the
 training batches and evaluation images, and selection's random streams (one generator per SPA block,

@@ -1,4 +1,4 @@
-"""harness/grid.py under fuzzing: any YAML document, and the shipped grids with keys deleted or
+"""harness/grid/ under fuzzing: any YAML document, and the shipped grids with keys deleted or
 duplicated, values of the wrong type and random scalars, either load or raise ``GridError`` with one
 line naming the file; never another exception."""
 
