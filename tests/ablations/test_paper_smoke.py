@@ -20,6 +20,7 @@ import torch
 from harness.config import DataConfig
 from harness.results import load
 from harness.task.builtin_data import builtin_dataset
+from harness.task.transforms import resize_boxes
 from tests._timm import timm_swin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,18 +41,18 @@ def _reshape(folder: Path) -> None:
     for split in ("train", "val"):
         ann = folder / "annotations" / f"instances_{split}.json"
         coco = json.loads(ann.read_text())
-        scale = {}
+        sizes = {}  # image id -> (old, new) (height, width)
         for k, img in enumerate(coco["images"]):
             h, w = _SHAPES[k % len(_SHAPES)]
             path = folder / split / img["file_name"]
             Image.open(path).convert("RGB").resize((w, h)).save(path)
-            scale[img["id"]] = (w / img["width"], h / img["height"])
+            sizes[img["id"]] = ((img["height"], img["width"]), (h, w))
             img["width"], img["height"] = w, h
         for a in coco["annotations"]:
-            sx, sy = scale[a["image_id"]]
             x, y, bw, bh = a["bbox"]
-            a["bbox"] = [x * sx, y * sy, bw * sx, bh * sy]
-            a["area"] = bw * sx * bh * sy
+            box = resize_boxes(torch.tensor([[x, y, x + bw, y + bh]]), *sizes[a["image_id"]])[0].tolist()
+            a["bbox"] = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            a["area"] = a["bbox"][2] * a["bbox"][3]
         ann.write_text(json.dumps(coco))
 
 
