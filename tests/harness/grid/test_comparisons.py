@@ -3,6 +3,8 @@ checked against the grid's variants, merged under `extends` and carried to the r
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from harness.config import config_hash
@@ -54,14 +56,22 @@ def test_extends_replaces_the_margin_and_the_contrasts_when_given(tmp_path):
     assert err.file == str((tmp_path / "parent.yaml").resolve()) and "unknown variant 'gate'" in str(err)
 
 
-def test_the_default_grid_declares_gate_against_gate_random():
+def test_the_default_grid_contrasts_the_gate_with_random_places_at_equal_compute():
+    """The default grid's contrast asks where the gate looks: its two rows keep the same share of each
+    image's tokens and differ in nothing but the policy that places them."""
     grid = load_grid(BUILTIN_GRIDS_DIR / "default.yaml")
-    names = {t.name for t in grid.trials}
+    by_name = {t.name: t for t in grid.trials if t.seed == grid.seeds[0]}
     for c in grid.comparisons.contrasts:
-        assert {c.a, c.b} <= names
-    assert any({c.a, c.b} == {"gate", "gate-random"} for c in grid.comparisons.contrasts), (
-        "the default grid asks where the gate looks at equal compute: gate vs gate-random"
-    )
+        assert {c.a, c.b} <= by_name.keys()
+    assert [(c.a, c.b) for c in grid.comparisons.contrasts] == [("gate", "random")]
+    gate, rand = by_name["gate"], by_name["random"]
+    assert (gate.model.spa.selection, rand.model.spa.selection) == ("topk", "random")
+    assert gate.model.spa.ratio == rand.model.spa.ratio
+    def without_policy(t):
+        return dataclasses.replace(t.model, spa=dataclasses.replace(t.model.spa, selection=""))
+
+    assert without_policy(gate) == without_policy(rand)
+    assert (gate.head, gate.data, gate.train, gate.seed) == (rand.head, rand.data, rand.train, rand.seed)
     assert grid.comparisons.equivalence_margin is not None
 
 

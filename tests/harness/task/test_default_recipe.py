@@ -61,12 +61,13 @@ def test_every_level_an_spa_stage_feeds_gets_positive_locations(trials):
 
 
 def test_the_exact_null_computes_what_dense_computes(trials):
-    """keep-all with ``gate_scaling: false`` at the default recipe, built for seed 0 as a trial builds it
-    (weights shared with the dense baseline), gives dense's loss, detections and gradients on a batch of
-    built-in images, up to float32 rounding (every stage map of a 128-px image is a multiple of the
+    """keep-all with ``gate_scaling: false`` and no gate loss at the default recipe, built for seed 0 as a
+    trial builds it (weights shared with the dense baseline), gives the loss dense trains on and its
+    gradients on a batch of built-in images, up to float32 rounding (every stage map of a 128-px image is a multiple of the
     window, where a containers SPA block is its Swin block)."""
     dense_cfg, null_cfg = trials["dense"], trials["keep-all"]
-    assert null_cfg.model.spa.selection == "all" and not null_cfg.model.spa.gate_scaling
+    spa = null_cfg.model.spa
+    assert (spa.selection, spa.gate_scaling, spa.supervision) == ("all", False, "none")
     train, _ = build_datasets(dense_cfg.data, trial_seed=0, progress=False)
     images, targets = collate([train[i] for i in range(4)])
     results = []
@@ -74,8 +75,8 @@ def test_the_exact_null_computes_what_dense_computes(trials):
         model = build_detector(cfg).train()
         out = model(images, targets)
         named = {n: p for n, p in model.named_parameters() if ".gate." not in n}
-        grads = torch.autograd.grad(out["task_loss"], list(named.values()), allow_unused=True)
-        results.append((out["task_loss"].detach(), dict(zip(named, grads))))
+        grads = torch.autograd.grad(out["loss"], list(named.values()), allow_unused=True)
+        results.append((out["loss"].detach(), dict(zip(named, grads))))
     (loss_d, grads_d), (loss_n, grads_n) = results
     torch.testing.assert_close(loss_n, loss_d, rtol=1e-5, atol=1e-6)
     assert grads_d.keys() == grads_n.keys()
