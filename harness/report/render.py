@@ -502,6 +502,11 @@ def _full(t: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _prose(text: str) -> str:
+    """A line of the text report as HTML: escaped, its Markdown code spans (`dense`) as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def html_section(
     report: Report, images: Mapping[str, bytes], level: int = 1, title: str | None = None
 ) -> str:
@@ -513,12 +518,12 @@ def html_section(
     if warn:
         parts.append(f"<p class='warn'>{esc(warn)}</p>")
     parts += [w for w in [provenance.html_warning(report.provenance)] if w]
-    parts += [f"<p>{esc(_explanation(report))}</p>", _html_table(display_table(report))]
+    parts += [f"<p>{_prose(_explanation(report))}</p>", _html_table(display_table(report))]
     if len(report.contrasts):
-        parts += [f"<p>{esc(_CONTRASTS)}</p>", _html_table(contrast_table(report))]
+        parts += [f"<p>{_prose(_CONTRASTS)}</p>", _html_table(contrast_table(report))]
     for line in (_judgement(report), _noise_floor(report)):
         if line:
-            parts.append(f"<p>{esc(line)}</p>")
+            parts.append(f"<p>{_prose(line)}</p>")
     shown = set()
     if "accuracy_vs_gmacs" in images:
         parts.append(f"<div class='plots'>{_img('accuracy_vs_gmacs', images['accuracy_vs_gmacs'])}</div>")

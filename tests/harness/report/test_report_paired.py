@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -254,6 +255,10 @@ def test_contrasts_are_shown_under_the_main_table_and_in_every_format(tmp_path):
     assert data["verdicts"]["family"] == 8 and data["verdicts"]["equivalence_margin"] == 0.01
     page = report_command(rows, fmt="html", comparisons=comparisons)
     assert page.index("<td>gate vs random-0.5</td>") < page.index("Every column")
+    # the prose above and under the tables renders its code spans: no stray backticks on the page
+    prose = re.findall(r"<p>(.*?)</p>", page, flags=re.S)
+    assert any("<code>contrasts:</code>" in p for p in prose) and any("<code>dense</code>" in p for p in prose)
+    assert not any("`" in p for p in prose)
     report_command(rows, fmt="csv", out=tmp_path, comparisons=comparisons)
     assert pd.read_csv(tmp_path / "contrasts.csv", index_col=0).loc["topk", "verdict"] == "equivalent"
 
