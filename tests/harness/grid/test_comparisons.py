@@ -67,6 +67,7 @@ def test_the_default_grid_contrasts_the_gate_with_random_places_at_equal_compute
     gate, rand = by_name["gate"], by_name["random"]
     assert (gate.model.spa.selection, rand.model.spa.selection) == ("topk", "random")
     assert gate.model.spa.ratio == rand.model.spa.ratio
+
     def without_policy(t):
         return dataclasses.replace(t.model, spa=dataclasses.replace(t.model.spa, selection=""))
 

@@ -257,7 +257,9 @@ def test_contrasts_are_shown_under_the_main_table_and_in_every_format(tmp_path):
     assert page.index("<td>gate vs random-0.5</td>") < page.index("Every column")
     # the prose above and under the tables renders its code spans: no stray backticks on the page
     prose = re.findall(r"<p>(.*?)</p>", page, flags=re.S)
-    assert any("<code>contrasts:</code>" in p for p in prose) and any("<code>dense</code>" in p for p in prose)
+    assert any("<code>contrasts:</code>" in p for p in prose) and any(
+        "<code>dense</code>" in p for p in prose
+    )
     assert not any("`" in p for p in prose)
     report_command(rows, fmt="csv", out=tmp_path, comparisons=comparisons)
     assert pd.read_csv(tmp_path / "contrasts.csv", index_col=0).loc["topk", "verdict"] == "equivalent"
