@@ -63,8 +63,8 @@ def test_every_level_an_spa_stage_feeds_gets_positive_locations(trials):
 def test_the_exact_null_computes_what_dense_computes(trials):
     """keep-all with ``gate_scaling: false`` and no gate loss at the default recipe, built for seed 0 as a
     trial builds it (weights shared with the dense baseline), gives the loss dense trains on and its
-    gradients on a batch of built-in images, up to float32 rounding (every stage map of a 128-px image is a multiple of the
-    window, where a containers SPA block is its Swin block)."""
+    gradients on a batch of built-in images, up to float32 rounding (every stage map of a 128-px image
+    is a multiple of the window, where a containers SPA block is its Swin block)."""
     dense_cfg, null_cfg = trials["dense"], trials["keep-all"]
     spa = null_cfg.model.spa
     assert (spa.selection, spa.gate_scaling, spa.supervision) == ("all", False, "none")
