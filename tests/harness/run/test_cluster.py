@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 def cluster_factory(monkeypatch):
     """Start ``Cluster(head_args, *node_args)`` bound to 127.0.0.1; shut down after the test."""
     import ray._private.ray_constants as ray_constants
+    import ray._private.utils as ray_utils
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1, not the routable IP
@@ -46,8 +47,17 @@ def cluster_factory(monkeypatch):
 
     def make(head: dict, *nodes: dict):
         # Nodes sharing 127.0.0.1 need ports of their own (the dashboard agents' default is one port).
-        cluster = Cluster(initialize_head=True, head_node_args={**_local_node(), **head})
+        head_dir = _own_temp_dir()
+        cluster = Cluster(
+            initialize_head=True, head_node_args={**_local_node(), "temp_dir": head_dir, **head}
+        )
         started.append(cluster)
+        # The head too has a temp dir of its own (docs/cluster.md: every node its own), so nothing of
+        # this cluster's is in /tmp/ray beside the embedded Rays of the other test worker. A job's
+        # driver finds its cluster by "auto": the address file in the head's temp dir, written here as
+        # `ray start --head --temp-dir` writes it (Cluster writes it to /tmp/ray); without it "auto"
+        # takes any GCS running on the machine.
+        ray_utils.write_ray_address(cluster.gcs_address, head_dir)
         added = [cluster.add_node(**_local_node(), temp_dir=_own_temp_dir(), **n) for n in nodes]
         cluster.wait_for_nodes()
         return cluster, added
@@ -89,35 +99,46 @@ def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_
         dict(num_cpus=1),
     )
     client = JobSubmissionClient("http://" + cluster.head_node.address_info["webui_url"])
-    store = tmp_path / "results"  # one folder both nodes see (they share this machine's disk)
     commit = _head_commit() or "0" * 40
-    submit = lambda: client.submit_job(  # noqa: E731
-        entrypoint=f"{sys.executable} -m harness.cli run {SMOKE} --smoke --results file://{store} "
-        "--no-progress --no-report",
-        runtime_env={
-            "working_dir": str(ROOT),
-            "excludes": [".git", "results", "*.egg-info"],
-            "env_vars": {
-                "DS_ACCELERATOR": "cpu",
-                "SPA_HARNESS_GIT_COMMIT": commit,
-                "SPA_HARNESS_CACHE": str(tmp_path / "cache"),
+
+    def run_job(store: Path) -> tuple[object, str]:
+        submit = lambda: client.submit_job(  # noqa: E731
+            entrypoint=f"{sys.executable} -m harness.cli run {SMOKE} --smoke --results file://{store} "
+            "--no-progress --no-report",
+            runtime_env={
+                "working_dir": str(ROOT),
+                "excludes": [".git", "results", "*.egg-info"],
+                "env_vars": {
+                    "DS_ACCELERATOR": "cpu",
+                    "SPA_HARNESS_GIT_COMMIT": commit,
+                    "SPA_HARNESS_CACHE": str(tmp_path / "cache"),
+                },
             },
-        },
-    )
-    for _ in range(60):  # the head's job agent comes up a little after the node
-        try:
-            job = submit()
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e):
-                raise
-            time.sleep(1)
-    deadline = time.time() + 600
-    while not client.get_job_status(job).is_terminal():
-        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
+        )
+        for _ in range(60):  # the head's job agent comes up a little after the node
+            try:
+                job = submit()
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e):
+                    raise
+                time.sleep(1)
+        deadline = time.time() + 600
+        while not client.get_job_status(job).is_terminal():
+            assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+            time.sleep(2)
+        return client.get_job_status(job), client.get_job_logs(job)
+
+    # one folder both nodes see (they share this machine's disk)
+    store = tmp_path / "results"
+    status, logs = run_job(store)
+    if status == JobStatus.FAILED and "Failed to download runtime_env file package" in logs:
+        # Ray's own GCS package store lost the uploaded working_dir under a running job once in CI
+        # (ray-project/ray#36703, open upstream; not reproduced here): the submission is Ray's, so it
+        # gets one more, into a fresh store. Any other failure, or this one twice, fails the test.
+        store = tmp_path / "results-resubmitted"
+        status, logs = run_job(store)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "smoke: 3 done" in logs
     df = load(store / "smoke")
     assert sorted(df["status"]) == ["done"] * 3
