@@ -82,3 +82,16 @@ def test_the_exact_null_computes_what_dense_computes(trials):
     assert grads_d.keys() == grads_n.keys()
     for name, g in grads_d.items():
         torch.testing.assert_close(grads_n[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_default_long_is_the_default_grid_with_twice_the_steps_on_the_same_images():
+    """``default-long.yaml`` says it is ``default.yaml`` with only the schedule changed: the same trials
+    (names, seeds, every config field but ``train``), the same comparisons, twice the optimizer steps
+    and the same number of training images per trial."""
+    short, long = load_grid(GRID), load_grid(GRID.with_name("default-long.yaml"))
+    assert [(t.name, t.seed) for t in long.trials] == [(t.name, t.seed) for t in short.trials]
+    for s, lg in zip(short.trials, long.trials):
+        assert dataclasses.replace(lg, train=s.train) == s, s.name
+        assert lg.train.steps == 2 * s.train.steps
+        assert lg.train.steps * lg.train.batch_size == s.train.steps * s.train.batch_size
+    assert long.comparisons == short.comparisons and long.seeds == short.seeds
