@@ -102,7 +102,7 @@ def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_
     commit = _head_commit() or "0" * 40
 
     def run_job(store: Path) -> tuple[object, str]:
-        submit = lambda: client.submit_job(  # noqa: E731
+        submit = dict(
             entrypoint=f"{sys.executable} -m harness.cli run {SMOKE} --smoke --results file://{store} "
             "--no-progress --no-report",
             runtime_env={
@@ -117,7 +117,7 @@ def test_smoke_grid_as_a_ray_job_runs_on_both_nodes_into_a_shared_store(cluster_
         )
         for _ in range(60):  # the head's job agent comes up a little after the node
             try:
-                job = submit()
+                job = client.submit_job(**submit)
                 break
             except RuntimeError as e:
                 if "No available agent" not in str(e):
