@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -287,5 +289,26 @@ def _fit_ray_train(job: WorkerJob, context: TrialContext, attempt: int) -> Any:
             failure_config=failure,
         ),
     )
-    result = trainer.fit()  # raises TrainingFailedError (with the worker's traceback) if a worker failed
+    with _worker_group_may_wait_until(job.deadline):
+        result = trainer.fit()  # raises TrainingFailedError (with the worker's traceback) if a worker failed
     return result.return_value
+
+
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def _worker_group_may_wait_until(deadline: float) -> Iterator[None]:
+    """Ray Train fails a fit whose workers have not all started within ``START_TIMEOUT_VAR`` (60 s by
+    default). Workers that import torch and DeepSpeed on a busy node, or that wait for the CPUs of the
+    previous trial's placement group, can take longer; the trial's ``resources.timeout_s`` is the
+    bound the grid set, so the worker group may wait until the trial's deadline. A value the user set
+    is kept. ``TorchTrainer.fit`` reads the variable in this process and passes it to its controller."""
+    if not math.isfinite(deadline) or START_TIMEOUT_VAR in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_VAR] = f"{max(1.0, deadline - time.time()):.0f}"
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_VAR, None)

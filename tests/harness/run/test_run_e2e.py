@@ -199,9 +199,8 @@ points:
     )
     assert p.returncode == 1, p.stderr[-3000:]  # some trials failed: not a success
     df = load(store).set_index("name")
-    assert (
-        df.loc["ok2", "status"] == "done" and df.loc["ok2", "world_size"] == 2 and df.loc["ok2", "gmacs"] > 0
-    )
+    ok2 = df.loc["ok2"]
+    assert ok2["status"] == "done" and ok2["world_size"] == 2 and ok2["gmacs"] > 0, ok2.get("error")
     explode = df.loc["explode"]
     assert explode["status"] == "failed" and "boom: the explode variant fails" in explode["error"]
     assert explode["error_type"] == "RuntimeError" and "failing_variants.py" in explode["traceback"]
