@@ -1,9 +1,27 @@
-"""Fixtures shared by the test packages: the compiled FlexAttention path forced onto the CPU."""
+"""Fixtures shared by the test packages: the compiled FlexAttention path forced onto the CPU; a check
+that pytest-xdist keeps each ``xdist_group`` on one worker."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``scripts/test.sh`` runs the tests that start a Ray (an embedded one, or a two-node cluster)
+    under ``--dist loadgroup`` so that each group runs on one worker, one test at a time. pytest-xdist
+    3.8 groups a test by renaming its node id to ``test@group`` on the worker; under pytest 9.2 the
+    rename no longer takes (pytest-dev/pytest-xdist#1386) and the groups silently spread over the
+    workers: two embedded Rays and two clusters at once on 2 cores, whose trials then miss Ray Train's
+    start timeouts. Such a test fails at once, saying why."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker("xdist_group"):
+        if "@" not in item.nodeid:
+            pytest.fail(
+                f"--dist loadgroup did not keep this test in its xdist_group: pytest {pytest.__version__} "
+                "with this pytest-xdist loses the groups (pytest-dev/pytest-xdist#1386); pyproject.toml "
+                "pins a pytest that keeps them",
+                pytrace=False,
+            )
 
 
 class CompiledFlex:
