@@ -520,7 +520,7 @@ def _run_tune(
 def _default_concurrency(pending: list[PlannedTrial], cluster: dict[str, float]) -> int | None:
     """A multi-worker trial's Tune function reserves no CPU (its Ray Train workers do), so Tune alone
     would start every such trial at once and leave most waiting for workers while their time limits
-    run (Ray Train gives up after ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default). Cap
+    run (a worker group waits for its workers until its trial's deadline: ``harness.run.trial``). Cap
     the trials in flight at what the cluster could run side by side if each were the largest of
     them, so that a 2-worker trial next to a 1-worker one never waits for a CPU the other holds;
     ``None`` (Tune's own accounting) when every trial runs in one process."""
