@@ -307,7 +307,8 @@ def _worker_group_may_wait_until(deadline: float) -> Iterator[None]:
     if not math.isfinite(deadline) or START_TIMEOUT_VAR in os.environ:
         yield
         return
-    os.environ[START_TIMEOUT_VAR] = f"{max(1.0, deadline - time.time()):.0f}"
+    # rounded up: Ray Train's limit ends after the deadline, so the trial is recorded as a timeout
+    os.environ[START_TIMEOUT_VAR] = str(max(1, math.ceil(deadline - time.time())))
     try:
         yield
     finally:

@@ -52,7 +52,8 @@ def test_the_worker_group_waits_until_the_trials_deadline(tmp_path_factory, left
         now = time.time()
         value = float(_fit(tmp_path_factory.mktemp("t"), monkeypatch, now + left, fail=fail))
         assert value >= 1.0  # never 0 or negative: Ray Train would give up at once
-        assert abs(value - max(1.0, left)) <= 2.0 + 1e-6 * abs(left)
+        # rounded up from the time left when the fit starts (a moment after the test read the clock)
+        assert max(1.0, left) - 0.5 <= value <= max(1.0, left) + 1.0 + 1e-6 * abs(left)
         assert START_TIMEOUT_VAR not in os.environ  # restored for the process's next trial
 
 
