@@ -23,3 +23,7 @@ rm -f "$PIN"
 # Build the C++ CPU kernels now (about a minute, once per machine and torch version; cached under
 # ~/.cache/torch_extensions) rather than in the first test or trial that runs attention.
 .venv/bin/python -m kernels.cpu_ext
+# And DeepSpeed's shared-memory collectives, which its first CPU initialisation would build (about 30 s):
+# a trial ended by its deadline during that build leaves torch's lock file behind, and every later
+# DeepSpeed start on the machine would wait on it for good.
+DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null

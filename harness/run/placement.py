@@ -1,6 +1,6 @@
 """Placement groups of a trial's Ray Train attempts: where their workers go (``placement_strategy``),
 rank 0 records its group in the store, and the trial removes the groups of earlier attempts before it
-retries.
+retries, and its own before its watchdog ends its process (the last resort of a stuck trial).
 
 Ray ties a placement group to the job, not to the Train controller that made it: when a node dies
 with the trial's process, the dead attempt's group keeps the CPUs it holds on the surviving nodes,
@@ -35,7 +35,7 @@ def placement_strategy(cfg: TrialConfig) -> str:
 
 
 def release_placement_groups(exp: Experiment, h: str) -> None:
-    """Remove the placement groups that earlier attempts of trial ``h`` recorded."""
+    """Remove the placement groups that attempts of trial ``h`` recorded and Ray still holds."""
     recorded = exp.read_json(exp.trial_path(h, _PLACEMENT_GROUPS)) or []
     table = ray.util.placement_group_table()
     for pg_id in recorded if isinstance(recorded, list) else []:

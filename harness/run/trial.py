@@ -162,10 +162,14 @@ class _Watchdog:
             self._beat()
 
 
-# A multi-worker trial is stopped by its workers (each ends its process at the deadline, so Ray
-# Train tears the worker group and its placement group down); the trial's own watchdog waits this
-# much longer before it ends the trial's process as a last resort.
-_WORKER_STOP_GRACE_S = 60.0
+# A multi-worker trial is stopped by its workers: each ends its process at the deadline once its
+# function runs, and Ray Train then removes the worker group and its placement group. A worker group
+# still starting at the deadline gets there later (its actors import torch and DeepSpeed: over two
+# minutes for two workers on a loaded 2-core machine). Ending the trial's process before that ends
+# Ray Train's controller with it, and the placement group it made outlives it (Ray scopes it to the
+# job: its CPUs stay taken until the run ends and every later multi-worker trial waits for them), so
+# the trial's own watchdog, the last resort, waits this much longer.
+_WORKER_STOP_GRACE_S = 300.0
 
 
 def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attempt: int) -> dict[str, Any]:
@@ -196,6 +200,8 @@ def _run_attempt(spec: TrialSpec, context: TrialContext, exp: Experiment, attemp
         row = _failure("timeout", msg, "Timeout", tail)
         exp.write_row(h, row)
         tracking.finish_trial(context.track, context.track_run, row)
+        if res.workers > 1:  # the process ends with Ray Train's controller: free what it cannot
+            release_placement_groups(exp, h)
 
     info = {
         "attempt": attempt,

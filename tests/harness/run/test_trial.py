@@ -147,6 +147,28 @@ def test_watchdog_beats_then_times_out(tmp_path, monkeypatch):
         time.sleep(0.1)  # leaving the block stops the watchdog
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_the_last_resort_frees_the_placement_groups_of_a_multi_worker_trial(setup, monkeypatch, workers):
+    """Past its deadline and the workers' grace, the watchdog ends the trial's process, and Ray
+    Train's controller with it: the placement groups its rank 0 recorded would keep their CPUs until
+    the run ends, so the watchdog removes them first (a one-worker trial has none)."""
+    _, _, ctx, exp, _ = setup
+    cfg = trial_from_dict(
+        {"name": "t", "preset": "micro", "resources": {"workers": workers, "timeout_s": 0.2}}
+    )
+    spec = TrialSpec(cfg, config_hash(cfg))
+    released, exits, fired = [], [], threading.Event()
+    monkeypatch.setattr(trial_mod, "_WORKER_STOP_GRACE_S", 0.1)
+    monkeypatch.setattr(trial_mod, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(trial_mod, "release_placement_groups", lambda e, h: released.append(h))
+    monkeypatch.setattr(os, "_exit", lambda code: (exits.append(code), fired.set()))
+    monkeypatch.setattr(trial_mod, "_fit", lambda *a, **k: (fired.wait(10), _ok())[1])  # a stuck fit
+    row = trial_mod._run_attempt(spec, ctx, exp, attempt=1)  # returns once the watchdog has fired
+    assert exits == [3] and exp.read_row(spec.config_hash)["status"] == "timeout"
+    assert released == ([spec.config_hash] if workers > 1 else [])
+    assert row["status"] == "done"  # the fake fit returns after the watchdog: the process would be gone
+
+
 def test_a_row_names_the_baseline_but_does_not_spread_it_into_columns(setup, monkeypatch):
     """The grid's baseline (model and head of its dense point) is in config_json; the row's config
     columns are the trial's own."""
