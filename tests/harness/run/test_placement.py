@@ -10,6 +10,7 @@ from harness.run.rows import RunInfo, TrialSpec
 from harness.run.runner import trial_placement_group
 from harness.run.trial import TrialContext
 from harness.run.worker import WorkerJob
+from tests.harness.run._fake_trainer import install_fake_trainer
 
 
 def _cfg(workers, gpus):
@@ -30,19 +31,9 @@ def test_several_gpu_workers_are_packed_on_one_node(workers, gpus, strategy):
 
 @pytest.mark.parametrize("gpus, strategy", [(1, "STRICT_PACK"), (0, "PACK")])
 def test_ray_train_gets_the_strategy(tmp_path, monkeypatch, gpus, strategy):
-    seen = {}
-
-    class Trainer:
-        def __init__(self, fn, *, train_loop_config, scaling_config, torch_config, run_config):
-            seen.update(scaling=scaling_config, backend=torch_config.backend)
-
-        def fit(self):
-            return type("Result", (), {"return_value": {}})()
-
-    monkeypatch.setattr(trial_mod, "TorchTrainer", Trainer)
-    monkeypatch.setattr(trial_mod, "release_placement_groups", lambda *a: None)
+    seen = install_fake_trainer(monkeypatch)
     cfg = _cfg(8, gpus)
     job = WorkerJob(TrialSpec(cfg, config_hash(cfg)), str(tmp_path), "exp", launched=0.0)
     trial_mod._fit_ray_train(job, TrialContext(str(tmp_path), "exp", RunInfo("r", "c")), attempt=1)
-    assert seen["scaling"].placement_strategy == strategy and seen["scaling"].num_workers == 8
-    assert seen["backend"] == ("nccl" if gpus else "gloo")
+    assert seen["scaling_config"].placement_strategy == strategy and seen["scaling_config"].num_workers == 8
+    assert seen["torch_config"].backend == ("nccl" if gpus else "gloo")

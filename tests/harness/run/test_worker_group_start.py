@@ -15,24 +15,11 @@ from harness.run import trial as trial_mod
 from harness.run.rows import RunInfo, TrialSpec
 from harness.run.trial import START_TIMEOUT_VAR, TrialContext
 from harness.run.worker import WorkerJob
+from tests.harness.run._fake_trainer import install_fake_trainer
 
 
 def _fit(tmp_path, monkeypatch, deadline, fail=False):
-    seen = {}
-
-    class Trainer:
-        def __init__(self, fn, **kwargs):
-            pass
-
-        def fit(self):
-            # what TorchTrainer.fit reads (ray.train.v2 ... get_env_vars_to_propagate) and passes on
-            seen["value"] = os.environ.get(START_TIMEOUT_VAR)
-            if fail:
-                raise RuntimeError("the worker group failed")
-            return type("Result", (), {"return_value": {}})()
-
-    monkeypatch.setattr(trial_mod, "TorchTrainer", Trainer)
-    monkeypatch.setattr(trial_mod, "release_placement_groups", lambda *a: None)
+    seen = install_fake_trainer(monkeypatch, fail=fail)
     cfg = trial_from_dict({"preset": "micro", "resources": {"workers": 2}})
     job = WorkerJob(TrialSpec(cfg, config_hash(cfg)), str(tmp_path), "exp", launched=0.0, deadline=deadline)
     context = TrialContext(str(tmp_path), "exp", RunInfo("r", "c"))
@@ -41,7 +28,7 @@ def _fit(tmp_path, monkeypatch, deadline, fail=False):
             trial_mod._fit_ray_train(job, context, attempt=1)
     else:
         trial_mod._fit_ray_train(job, context, attempt=1)
-    return seen["value"]
+    return seen["start_timeout"]
 
 
 @settings(max_examples=25, deadline=None)
