@@ -61,6 +61,13 @@ static_assert(VecI::size() == kW, "one int32 lane per float lane (the bias gathe
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// k-steps a tile sums in its registers before they join its running total: the sum over K is two
+// levels (K / kKB partial sums of kKB terms), so its rounding grows with about kKB + K / kKB steps
+// instead of K. P V sums over a whole sequence (K = n up to a few hundred) in float, and with one
+// column vector per row (a head dim of 1-16) a single running sum erred up to 2.6x torch's float32
+// matmul, which sums in blocks too.
+constexpr int64_t kKB = 32;
+
 // c[r, :cols] = alpha[r] * sum_k a[r * lda + k] * b[k * ldb + :cols] for r < R, in T (float or
 // double). b must be readable for V vectors of columns (zero padding); only the first `cols` columns
 // of c are written.
@@ -69,21 +76,32 @@ inline void tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, co
                  int64_t cols) {
   using VT = at::vec::Vectorized<T>;
   constexpr int64_t w = VT::size();
-  VT acc[R][V];
+  VT acc[R][V], total[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = VT(T(0));
-  for (int64_t k = 0; k < K; ++k) {
-    VT bv[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) bv[v] = VT::loadu(b + k * ldb + v * w);
+    for (int v = 0; v < V; ++v) total[r][v] = VT(T(0));
+  for (int64_t k0 = 0; k0 < K; k0 += kKB) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const VT av(a[r * lda + k]);
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      for (int v = 0; v < V; ++v) acc[r][v] = VT(T(0));
+    const int64_t k1 = std::min<int64_t>(K, k0 + kKB);
+    for (int64_t k = k0; k < k1; ++k) {
+      VT bv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) bv[v] = VT::loadu(b + k * ldb + v * w);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const VT av(a[r * lda + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      }
     }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) total[r][v] = total[r][v] + acc[r][v];
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -92,9 +110,9 @@ inline void tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, co
     for (int v = 0; v < V; ++v) {
       const int64_t n = std::min<int64_t>(w, cols - v * w);
       if (n == w) {
-        (acc[r][v] * s).store(c + r * ldc + v * w);
+        (total[r][v] * s).store(c + r * ldc + v * w);
       } else if (n > 0) {
-        (acc[r][v] * s).store(c + r * ldc + v * w, n);
+        (total[r][v] * s).store(c + r * ldc + v * w, n);
       }
     }
   }

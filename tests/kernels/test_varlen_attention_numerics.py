@@ -177,6 +177,21 @@ def test_cpp_large_logits_on_short_sequences(counts, H, D, magnitude):
         _check("cpp", (counts, H, D, 1.0, magnitude, 0, 1, "contiguous", seed), backward=False)
 
 
+@settings(max_examples=30, **SETTINGS)
+@given(
+    counts=st.lists(st.integers(100, 600), min_size=1, max_size=2),
+    D=st.integers(1, 16),
+    scale=st.floats(0.25, 1.0),
+    magnitude=st.sampled_from([1.0, 2.0, 4.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_long_sequences_of_small_heads(counts, D, scale, magnitude, seed):
+    """P V sums over a whole sequence with one column vector per row: a single running float sum
+    erred past the bound on an AVX-512 machine (a 300-token sequence, head dim 1: 2.6x torch's error,
+    whose float32 matmul sums in blocks); the kernel sums in blocks of 32 steps."""
+    _check("cpp", (counts, 1, D, scale, magnitude, 0, 1, "contiguous", seed), backward=False)
+
+
 @pytest.mark.parametrize("impl", ["cpp", "torch", "ref"])
 def test_head_dim_one_with_an_odd_stride(impl):
     """(T, H, 1) with stride 7 over the head dim: torch calls it contiguous, every path takes it."""
