@@ -153,8 +153,14 @@ class Checkpointer:
         if backend.rank == 0:
             marker = {"tag": tag, "optimizer_step": optimizer_step, "micro_step": state.micro_step,
                       "world_size": backend.world_size, "time": time.time()}  # fmt: skip
-            with self.fs.open_output_stream(f"{self.path}/{_LATEST}") as f:
+            # written then renamed on a local disk: a process killed mid-write leaves the previous
+            # marker, not an empty one (a PUT to an object store is atomic already)
+            target = f"{self.path}/{_LATEST}"
+            partial = f"{target}.tmp-{os.getpid()}" if self.local else target
+            with self.fs.open_output_stream(partial) as f:
                 f.write(json.dumps(marker).encode())
+            if partial != target:
+                os.replace(partial, target)
             if previous is not None and previous["tag"] != tag:
                 self._delete(f"{self.path}/{previous['tag']}")
         _barrier(backend.world_size)
