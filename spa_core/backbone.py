@@ -1,6 +1,6 @@
 """The SPA backbone (SPT, arXiv 2410.23608) and its dense baseline: a four-stage Swin-style hierarchy.
 
-Patch embedding (stride ``patch_size``), then four stages of blocks at strides 4/8/16/32 (patch 4)
+Patch embedding (stride ``patch_size``; ``stem`` says how: ``PatchEmbed``), then four stages of blocks at strides 4/8/16/32 (patch 4)
 with patch merging between them. Stages named in ``spa_stages`` are built from SPA blocks, the others
 from Swin blocks (shifted windows every second block in both); ``extra_stage3_blocks`` deepens stage 3
 (the paper adds 4, paid for by the savings). The dense baseline (``variant="dense"``, ``spa=None`` or
@@ -56,12 +56,25 @@ class BackboneOutput:
 
 
 class PatchEmbed(nn.Module):
-    """images (B, 3, H, W) -> tokens (B, ceil(H/p), ceil(W/p), C): a stride-p conv, then LayerNorm."""
+    """images (B, 3, H, W) -> tokens (B, ceil(H/p), ceil(W/p), C), then LayerNorm. ``stem="patch"``
+    (Swin): one stride-p conv (``proj``). ``"patch2"``: a 2 x 2 stride-2 conv to C/2 channels
+    (``proj``), LayerNorm over channels (``mid_norm``), GELU, a (p/2) x (p/2) conv of that stride
+    (``proj2``). Both read each p x p patch alone: a token depends on its own pixels only."""
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+    def __init__(self, patch_size: int, in_chans: int, dim: int, stem: str = "patch") -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        if stem == "patch":
+            self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        elif stem == "patch2":
+            if patch_size % 2 or dim < 2:
+                raise ValueError(f"stem 'patch2' needs an even patch_size and embed_dim >= 2, got {patch_size}, {dim}")
+            self.proj = nn.Conv2d(in_chans, dim // 2, kernel_size=2, stride=2)
+            self.mid_norm = nn.LayerNorm(dim // 2)
+            self.proj2 = nn.Conv2d(dim // 2, dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+        else:
+            raise ValueError(f"unknown stem {stem!r}; known: patch, patch2")
+        self.stem = stem
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,7 +82,11 @@ class PatchEmbed(nn.Module):
         ph, pw = (-x.shape[2]) % p, (-x.shape[3]) % p
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
+        x = self.proj(x)
+        if self.stem == "patch2":
+            x = F.gelu(self.mid_norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            x = self.proj2(x)
+        return self.norm(x.permute(0, 2, 3, 1))  # (B, H/p, W/p, C)
 
 
 class PatchMerging(nn.Module):
@@ -138,7 +155,7 @@ class SPABackbone(nn.Module):
         depths = list(cfg.depths)
         depths[2] += cfg.extra_stage3_blocks
         self.stage_channels = [cfg.embed_dim * 2**i for i in range(4)]
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.stem)
         dpr = torch.linspace(0, cfg.drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.merges = nn.ModuleList()

@@ -193,6 +193,11 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
         raise PretrainedError(
             f"pretrained weights load into spa_core's SPABackbone, not {type(model).__name__}"
         )
+    if getattr(cfg, "stem", "patch") != "patch":
+        raise PretrainedError(
+            f"a Swin checkpoint holds a one-conv patch embedding; model.stem {cfg.stem!r} has no source "
+            "in it: set model.stem: patch to load pretrained weights"
+        )
     if isinstance(source, Mapping):
         state, where, digest = _unwrap(source, "state dict"), "<state dict>", None
     else:

@@ -287,18 +287,20 @@ def test_keep_all_swin_t_is_the_dense_swin_t_at_800_by_1216():
         torch.testing.assert_close(g_spa[name], g_dense[name], atol=1e-4 * scale, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("stem", ["patch", "patch2"])
 @pytest.mark.parametrize("variant", ["dense", "spa"])
-def test_an_image_padded_into_a_batch_keeps_its_features(variant):
-    """``pad_keys: mask`` with ``image_sizes``: a 100 x 76 image alone and the same image padded (with
+def test_an_image_padded_into_a_batch_keeps_its_features(variant, stem):
+    """``pad_keys: mask`` with ``image_sizes``: a 100 x 75 image alone and the same image padded (with
     zeros, at the bottom/right) into a 128 x 128 batch beside another image give the same features
-    on its real tokens (dense and keep-all SPA), zero features on its padding; ``attend`` does not."""
-    img = torch.randn(1, 3, 100, 76, dtype=torch.float64)
+    on its real tokens (dense and keep-all SPA, either stem), zero features on its padding; ``attend``
+    does not."""
+    img = torch.randn(1, 3, 100, 75, dtype=torch.float64)
     batch = torch.zeros(2, 3, 128, 128, dtype=torch.float64)
-    batch[0, :, :100, :76] = img[0]
+    batch[0, :, :100, :75] = img[0]
     batch[1] = torch.randn(3, 128, 128, dtype=torch.float64)
-    sizes = torch.tensor([[100, 76], [128, 128]])
+    sizes = torch.tensor([[100, 75], [128, 128]])
     for pad_keys in ("mask", "attend"):
-        dense, spa = _keep_all_twins(pad_keys=pad_keys)
+        dense, spa = _keep_all_twins(pad_keys=pad_keys, stem=stem)
         model = dense if variant == "dense" else spa
         with torch.no_grad():
             alone = model(img).features
@@ -351,3 +353,31 @@ def test_mlp_on_selected_skips_exactly_the_unselected_tokens_mlp(strategy):
         skipped += (len(blk.counts) * h * w - int(blk.counts.sum())) * (5 * C + 2 * C * 4 * C)
     assert len(blocks) == 3 and skipped > 0
     assert totals[0] - totals[1] == skipped
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    stem=st.sampled_from(["patch", "patch2"]),
+    patch=st.sampled_from([2, 4, 6, 8]),
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    data=st.data(),
+)
+def test_a_token_of_either_stem_reads_only_its_own_patch(stem, patch, h, w, data):
+    """Changing one pixel of an image of any size changes the stage-1 token of its patch and no
+    other, for Swin's one-conv embedding and the two-conv one: the patch grid (and with it padding's
+    place and the selection labels' grid) does not depend on the stem."""
+    from spa_core.backbone import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch, 3, 8, stem).double()
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    y, x2 = data.draw(st.integers(0, h - 1)), x.clone()
+    xx = data.draw(st.integers(0, w - 1))
+    x2[1, :, y, xx] += 1.0
+    with torch.no_grad():
+        a, b = embed(x), embed(x2)
+    assert a.shape == (2, -(-h // patch), -(-w // patch), 8)
+    changed = (a - b).abs().amax(-1) > 1e-12
+    assert not changed[0].any()
+    assert changed[1].nonzero().tolist() == [[y // patch, xx // patch]]
