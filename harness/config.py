@@ -230,7 +230,7 @@ def trial_from_dict(data: dict[str, Any], *, partial: bool = False) -> TrialConf
 
 
 def _check_pipeline(cfg: TrialConfig) -> None:
-    """The data and schedule keys that depend on each other (each field's own range is its rule)."""
+    """The data, schedule and model keys that depend on each other (each field's own range is its rule)."""
     d, t = cfg.data, cfg.train
     if len(d.scale) != 2 or min(d.scale) < 1 or d.scale[0] < d.scale[1]:
         raise ConfigError(f"data.scale: expected [long, short], positive, long >= short, got {list(d.scale)}")
@@ -250,6 +250,14 @@ def _check_pipeline(cfg: TrialConfig) -> None:
     for key, values in (("decay_epochs", t.decay_epochs), ("decay_steps", t.decay_steps)):
         if any(v <= 0 for v in values) or list(values) != sorted(values):
             raise ConfigError(f"train.{key}: expected increasing positive values, got {list(values)}")
+    m = cfg.model
+    if m.stem == "patch2" and m.patch_size % 2:
+        raise ConfigError(f"model.stem 'patch2' splits a patch in two steps: model.patch_size must be even, got {m.patch_size}")
+    if m.stem != "patch" and m.pretrained:
+        raise ConfigError(
+            f"model.pretrained loads a Swin checkpoint, whose patch embedding is one conv: model.stem "
+            f"{m.stem!r} would have no source in it; set model.stem: patch"
+        )
 
 
 def _check_head_reads_spa(cfg: TrialConfig) -> None:

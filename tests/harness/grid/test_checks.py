@@ -4,6 +4,8 @@ the whole trial."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from harness.grid import load_grid
@@ -37,6 +39,24 @@ def test_rules_between_keys_wait_for_the_whole_trial(tmp_path, where):
     bad = write(tmp_path, BASE + "  head.in_stages: [2, 3]\n", "bad.yaml")
     err = grid_error(bad)
     assert "bad.yaml" in str(err) and "head.in_stages" in str(err)
+
+
+@pytest.mark.parametrize(
+    "keys,match",
+    [
+        ("  model.stem: patch2\n  model.pretrained: swin.pth\n", r"model\.stem 'patch2'.*set model\.stem: patch"),
+        ("  model.stem: patch2\n  model.patch_size: 3\n", r"patch_size must be even, got 3"),
+        ("  model.stem: conv\n", r"model\.stem.*patch2"),
+    ],
+)
+def test_a_stem_that_cannot_work_is_refused_before_anything_runs(tmp_path, keys, match):
+    """A two-conv stem under a Swin checkpoint (which has one conv to load) or with an odd patch, or a
+    stem that does not exist: the grid does not load, and the error says what to set."""
+    err = grid_error(write(tmp_path, BASE + keys, "bad.yaml"))
+    assert "bad.yaml" in str(err)
+    assert re.search(match, str(err)), str(err)
+    ok = write(tmp_path, BASE + "  model.stem: patch2\n", "ok.yaml")
+    assert {t.model.stem for t in load_grid(ok).trials} == {"patch2"}
 
 
 # --- bad grids: one error naming file, line, key and what was expected ------------------------------
