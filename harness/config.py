@@ -252,7 +252,9 @@ def _check_pipeline(cfg: TrialConfig) -> None:
             raise ConfigError(f"train.{key}: expected increasing positive values, got {list(values)}")
     m = cfg.model
     if m.stem == "patch2" and m.patch_size % 2:
-        raise ConfigError(f"model.stem 'patch2' splits a patch in two steps: model.patch_size must be even, got {m.patch_size}")
+        raise ConfigError(
+            f"model.stem 'patch2' splits a patch in two steps: model.patch_size must be even, got {m.patch_size}"
+        )
     if m.stem != "patch" and m.pretrained:
         raise ConfigError(
             f"model.pretrained loads a Swin checkpoint, whose patch embedding is one conv: model.stem "

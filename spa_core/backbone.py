@@ -68,7 +68,9 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         elif stem == "patch2":
             if patch_size % 2 or dim < 2:
-                raise ValueError(f"stem 'patch2' needs an even patch_size and embed_dim >= 2, got {patch_size}, {dim}")
+                raise ValueError(
+                    f"stem 'patch2' needs an even patch_size and embed_dim >= 2, got {patch_size}, {dim}"
+                )
             self.proj = nn.Conv2d(in_chans, dim // 2, kernel_size=2, stride=2)
             self.mid_norm = nn.LayerNorm(dim // 2)
             self.proj2 = nn.Conv2d(dim // 2, dim, kernel_size=patch_size // 2, stride=patch_size // 2)

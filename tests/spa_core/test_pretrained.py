@@ -209,4 +209,6 @@ def test_loading_refuses_another_model():
 def test_a_two_conv_stem_is_refused_with_the_setting_that_loads():
     """A Swin checkpoint has one patch-embedding conv: a ``patch2`` stem would keep its own random
     stem under "pretrained" weights, so loading names the setting instead."""
-    _expect_error(_timm_model("micro").state_dict(), r"model\.stem 'patch2'.*set model\.stem: patch", stem="patch2")
+    _expect_error(
+        _timm_model("micro").state_dict(), r"model\.stem 'patch2'.*set model\.stem: patch", stem="patch2"
+    )

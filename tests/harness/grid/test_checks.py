@@ -44,7 +44,10 @@ def test_rules_between_keys_wait_for_the_whole_trial(tmp_path, where):
 @pytest.mark.parametrize(
     "keys,match",
     [
-        ("  model.stem: patch2\n  model.pretrained: swin.pth\n", r"model\.stem 'patch2'.*set model\.stem: patch"),
+        (
+            "  model.stem: patch2\n  model.pretrained: swin.pth\n",
+            r"model\.stem 'patch2'.*set model\.stem: patch",
+        ),
         ("  model.stem: patch2\n  model.patch_size: 3\n", r"patch_size must be even, got 3"),
         ("  model.stem: conv\n", r"model\.stem.*patch2"),
     ],
