@@ -280,11 +280,28 @@ def trial_to_dict(cfg: TrialConfig) -> dict[str, Any]:
     return config_to_dict(cfg)
 
 
+# Keys added after stores existed, with the value that computes what a config without the key did: at
+# that value the key is left out of the hash (and of ``config_changes``), so the rows of a store made
+# before the key existed keep their keys instead of every trial running again.
+_HASHED_UNLESS = {"model.stem": "patch"}
+
+
+def _drop_unhashed(d: dict[str, Any]) -> None:
+    for key in _UNHASHED:
+        _pop_dotted(d, key)
+    for key, old in _HASHED_UNLESS.items():
+        try:
+            value = get_dotted(d, key)
+        except KeyError:
+            continue
+        if value == old:
+            _pop_dotted(d, key)
+
+
 def config_hash(cfg: TrialConfig | dict[str, Any], length: int = 12) -> str:
     """Content hash of what a trial computes (canonical JSON, sha256), the results store's key."""
     d = trial_to_dict(cfg) if isinstance(cfg, TrialConfig) else copy.deepcopy(cfg)
-    for key in _UNHASHED:
-        _pop_dotted(d, key)
+    _drop_unhashed(d)
     data = d.get("data")
     if isinstance(data, dict) and data.get("dataset", "builtin") == "builtin":
         data["builtin_version"] = BUILTIN_DATA_VERSION
@@ -301,8 +318,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
     flat = []
     for d in (old, new):
         d = copy.deepcopy(d)
-        for key in _UNHASHED:
-            _pop_dotted(d, key)
+        _drop_unhashed(d)
         flat.append(flatten_config(d))
     a, b = flat
     return [

@@ -137,3 +137,29 @@ def test_a_reused_row_is_announced_with_the_live_view_off_and_nothing_else_is_pr
     reuse = [ln for ln in lines if "reused" in ln and "from experiment first" in ln and ln.startswith("[")]
     assert len(reuse) == len(names)
     assert not any("tracking:" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("grid", ["smoke.yaml", "default.yaml", "paper.yaml"])
+def test_a_key_added_at_its_old_behaviour_keeps_the_hash_a_store_knows(grid):
+    """A row stored before ``model.stem`` existed has no such key in its config: at ``patch`` (what
+    every backbone computed then) the trial's hash and its changes against that row are those of the
+    config without the key, so the row is reused; ``patch2`` computes something else and hashes
+    apart, and the change names it."""
+    from harness.config import config_changes
+    from harness.run.runner import rerun_reason
+
+    for cfg in load_grid(Path(__file__).parents[3] / "ablations" / "grids" / grid).trials:
+        d = trial_to_dict(cfg)
+        before = json.loads(json.dumps(d))
+        del before["model"]["stem"]
+        if cfg.model.stem == "patch":
+            assert config_hash(cfg) == config_hash(before)
+            assert config_changes(before, d) == []
+        else:
+            assert config_hash(cfg) != config_hash(before)
+            assert rerun_reason(cfg, {"config_json": json.dumps(before)}) == (
+                f"config changed since the stored row: model.stem '(absent)' -> {cfg.model.stem!r}"
+            )
+        other = json.loads(json.dumps(d))
+        other["model"]["stem"] = "patch2" if cfg.model.stem == "patch" else "patch"
+        assert config_hash(other) != config_hash(cfg)
