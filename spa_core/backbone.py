@@ -1,11 +1,12 @@
 """The SPA backbone (SPT, arXiv 2410.23608) and its dense baseline: a four-stage Swin-style hierarchy.
 
-Patch embedding (stride ``patch_size``; ``stem`` says how: ``PatchEmbed``), then four stages of blocks at strides 4/8/16/32 (patch 4)
-with patch merging between them. Stages named in ``spa_stages`` are built from SPA blocks, the others
-from Swin blocks (shifted windows every second block in both); ``extra_stage3_blocks`` deepens stage 3
-(the paper adds 4, paid for by the savings). The dense baseline (``variant="dense"``, ``spa=None`` or
-no ``spa_stages``) is the same network with Swin blocks everywhere. Any image size works: the image
-is padded to the patch size, odd maps are padded before merging, windows are padded or clipped.
+Patch embedding (stride ``patch_size``; ``cfg.stem`` says how: ``PatchEmbed``), then four stages of
+blocks at strides 4/8/16/32 (patch 4) with patch merging between them. Stages named in
+``spa_stages`` are built from SPA blocks, the others from Swin blocks (shifted windows every second
+block in both); ``extra_stage3_blocks`` deepens stage 3 (the paper adds 4, paid for by the savings).
+The dense baseline (``variant="dense"``, ``spa=None`` or no ``spa_stages``) is the same network with
+Swin blocks everywhere. Any image size works: the image is padded to the patch size, odd maps are
+padded before merging, windows are padded or clipped.
 
 ``forward(images, image_sizes=None) -> BackboneOutput(features, blocks, valid)``: the four stage maps
 (each layer-normed, as Swin for detection), one ``SPABlockInfo`` per SPA block in forward order, and
