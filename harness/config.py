@@ -21,6 +21,7 @@ from spa_core.config import (
     checked_field,
     config_from_dict,
     config_to_dict,
+    stem_problem,
 )
 
 __all__ = [
@@ -250,16 +251,9 @@ def _check_pipeline(cfg: TrialConfig) -> None:
     for key, values in (("decay_epochs", t.decay_epochs), ("decay_steps", t.decay_steps)):
         if any(v <= 0 for v in values) or list(values) != sorted(values):
             raise ConfigError(f"train.{key}: expected increasing positive values, got {list(values)}")
-    m = cfg.model
-    if m.stem == "patch2" and m.patch_size % 2:
-        raise ConfigError(
-            f"model.stem 'patch2' splits a patch in two steps: model.patch_size must be even, got {m.patch_size}"
-        )
-    if m.stem != "patch" and m.pretrained:
-        raise ConfigError(
-            f"model.pretrained loads a Swin checkpoint, whose patch embedding is one conv: model.stem "
-            f"{m.stem!r} would have no source in it; set model.stem: patch"
-        )
+    problem = stem_problem(cfg.model)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_head_reads_spa(cfg: TrialConfig) -> None:

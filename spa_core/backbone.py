@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spa_core.block import SPABlock, SPABlockInfo, SwinBlock
-from spa_core.config import BackboneConfig
+from spa_core.config import BackboneConfig, stem_problem
 from spa_core.pretrained import load_pretrained
 from spa_core.registry import MODEL_VARIANTS
 
@@ -153,6 +153,9 @@ class SPABackbone(nn.Module):
         bad = [s for s in cfg.spa_stages if s not in (1, 2, 3, 4)]
         if bad:
             raise ValueError(f"spa_stages are 1-based stage numbers in 1..4, got {cfg.spa_stages}")
+        problem = stem_problem(cfg)
+        if problem:
+            raise ValueError(problem)
         self.cfg = cfg
         spa_stages = () if cfg.is_dense else tuple(cfg.spa_stages)
         depths = list(cfg.depths)

@@ -131,6 +131,20 @@ BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def stem_problem(cfg: BackboneConfig) -> str | None:
+    """What keeps ``cfg.stem`` from building (``patch2`` halves a patch twice: an even ``patch_size``)
+    or from loading ``cfg.pretrained`` (a Swin checkpoint has Swin's one-conv ``patch`` embedding), or
+    None. The grid loader asks before anything runs, the backbone when it is built."""
+    if cfg.stem == "patch2" and cfg.patch_size % 2:
+        return f"model.stem 'patch2' splits a patch in two steps: model.patch_size must be even, got {cfg.patch_size}"
+    if cfg.stem != "patch" and cfg.pretrained:
+        return (
+            f"model.pretrained loads a Swin checkpoint, whose patch embedding is one conv: model.stem "
+            f"{cfg.stem!r} would have no source in it; set model.stem: patch"
+        )
+    return None
+
+
 def backbone_preset(name: str, **overrides: Any) -> BackboneConfig:
     """A ``BackboneConfig`` from a named size, with overrides (``spa=None`` for the dense baseline)."""
     if name not in BACKBONE_PRESETS:

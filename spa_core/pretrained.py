@@ -193,7 +193,7 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
         raise PretrainedError(
             f"pretrained weights load into spa_core's SPABackbone, not {type(model).__name__}"
         )
-    if getattr(cfg, "stem", "patch") != "patch":
+    if cfg.stem != "patch":
         raise PretrainedError(
             f"a Swin checkpoint holds a one-conv patch embedding; model.stem {cfg.stem!r} has no source "
             "in it: set model.stem: patch to load pretrained weights"
